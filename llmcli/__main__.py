@@ -1,0 +1,5 @@
+import sys
+
+from llmcli.cli import main
+
+sys.exit(main())

@@ -1,0 +1,112 @@
+"""`llmcli generate`: one prompt in, streamed text out."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+
+from llmcli.cli import app
+from llmcli.cli.common import (
+    DEVICE_OPT,
+    DTYPE_OPT,
+    MODEL_ARG,
+    Device,
+    DType,
+    err_console,
+    human_bytes,
+    load_model,
+)
+from llmcli.errors import LlmcliError
+
+
+def read_prompt(prompt: str | None) -> str:
+    """-p TEXT, `-p -` or piped stdin."""
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    if prompt is None:
+        raise LlmcliError("no prompt: pass -p TEXT, or pipe text on stdin", exit_code=2)
+    return prompt
+
+
+def prompt_token_ids(loaded, text: str, chat: bool | None, system: str | None) -> list[int]:
+    """Render the prompt as one user turn when chatting, else tokenize it as is."""
+    tok = loaded.tokenizer
+    use_chat = tok.chat_template is not None if chat is None else chat
+    if not use_chat:
+        if system:
+            raise LlmcliError("--system needs --chat", exit_code=2)
+        ids = tok.encode(text)
+        bos = loaded.config.bos_token_id
+        if getattr(loaded.model, "add_bos", False) and bos is not None:
+            ids = [bos, *ids]
+        return ids
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def stop_token_ids(loaded) -> list[int]:
+    ids = list(loaded.config.eos_token_ids)
+    if loaded.tokenizer.eos_token_id is not None and loaded.tokenizer.eos_token_id not in ids:
+        ids.append(loaded.tokenizer.eos_token_id)
+    return ids + [i for i in getattr(loaded.model, "extra_stop_ids", []) if i not in ids]
+
+
+@app.command("generate")
+def generate_command(
+    model: str | None = MODEL_ARG,
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Prompt text; '-' (or a pipe) reads stdin."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=0, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="1 = off; >1 discourages repeats."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for sampling."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
+    chat: bool | None = typer.Option(None, "--chat/--raw",
+                                     help="Wrap the prompt in the chat template (default when there is one)."),
+    system: str | None = typer.Option(None, "--system", help="System message (chat mode)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
+    device: Device = DEVICE_OPT,
+    dtype: DType = DTYPE_OPT,
+) -> None:
+    """Generate text from a prompt, streaming it to stdout (stats on stderr)."""
+    from llmcli.generate import Generation, SamplingParams
+
+    sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    sampling.validate()
+    text = read_prompt(prompt)
+    loaded = load_model(model, device, dtype)
+    ids = prompt_token_ids(loaded, text, chat, system)
+    gen = Generation(loaded.model, loaded.tokenizer, ids, max_new_tokens, sampling,
+                     stop_ids=stop_token_ids(loaded), stop_strings=stop)
+    if as_json:
+        for _ in gen:
+            pass
+    else:
+        for piece in gen:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    res = gen.result
+    if as_json:
+        print(json.dumps({
+            "model": loaded.name,
+            "prompt_tokens": res.prompt_tokens,
+            "generated_tokens": len(res.token_ids),
+            "token_ids": res.token_ids,
+            "text": res.text,
+            "finish_reason": res.finish_reason,
+            "prefill_tokens_per_s": round(res.prefill_tokens_per_s, 3),
+            "decode_tokens_per_s": round(res.decode_tokens_per_s, 3),
+            "peak_memory_bytes": res.peak_memory_bytes,
+        }, ensure_ascii=False))
+        return
+    err_console.print(
+        f"prompt {res.prompt_tokens} tok, {res.prefill_tokens_per_s:.1f} tok/s | "
+        f"generated {len(res.token_ids)} tok, {res.decode_tokens_per_s:.1f} tok/s | "
+        f"peak memory {human_bytes(res.peak_memory_bytes)} | {res.finish_reason}",
+        style="dim",
+    )

@@ -1,0 +1,96 @@
+"""Model directory -> ready model: config, device and dtype choice, weights, tokenizer."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmcli.config import ModelConfig, load_config
+from llmcli.errors import LlmcliError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name not in DEVICES:
+        raise LlmcliError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}", exit_code=2)
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if name == "cuda" and not cuda:
+        raise LlmcliError("--device cuda: CUDA is not available on this machine", exit_code=2)
+    if name == "mps" and not mps:
+        raise LlmcliError("--device mps: MPS is not available on this machine", exit_code=2)
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """auto: the checkpoint's dtype (FP8 checkpoints: bfloat16); float32 when it is unknown."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise LlmcliError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}", exit_code=2)
+        return DTYPES[name]
+    saved = (cfg.torch_dtype or "").replace("torch.", "")
+    if cfg.fp8_block_size is not None:
+        return torch.bfloat16
+    if saved in DTYPES:
+        if saved == "float16" and device.type == "cpu":
+            return torch.bfloat16  # CPU float16 matmuls are slow; bfloat16 keeps the range
+        return DTYPES[saved]
+    return torch.float32
+
+
+def model_class(cfg: ModelConfig):
+    if cfg.family in ("qwen", "qwen2", "qwen3"):
+        from llmcli.models.qwen import QwenForCausalLM
+
+        return QwenForCausalLM
+    if cfg.family in ("deepseek_v2", "deepseek_v3"):
+        from llmcli.models.deepseek import DeepseekForCausalLM
+
+        return DeepseekForCausalLM
+    raise LlmcliError(f"no model implementation for {cfg.family!r}")
+
+
+def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device):
+    from llmcli.weights import load_weights, materialise
+
+    cls = model_class(cfg)
+    model = materialise(lambda: cls(cfg), dtype, device)
+    notes = load_weights(model, model_dir)
+    model.eval()
+    return model, notes
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    config: ModelConfig
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def load_model(name: str, path: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    from llmcli.tokenizer import Tokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise LlmcliError(f"{path} is not a directory")
+    dev = resolve_device(device)
+    cfg = load_config(path)
+    dt = resolve_dtype(dtype, cfg, dev)
+    start = time.perf_counter()
+    tokenizer = Tokenizer.from_dir(path)
+    with torch.inference_mode(False):
+        model, notes = build_model(cfg, path, dt, dev)
+    return LoadedModel(name, path, cfg, model, tokenizer, dev, dt, time.perf_counter() - start, notes)
