@@ -35,6 +35,21 @@ DEVICE_OPT = typer.Option(Device.auto, "--device", help="auto picks cuda, then m
 DTYPE_OPT = typer.Option(DType.auto, "--dtype", help="auto uses the checkpoint's dtype.")
 
 
+# Original-Qwen attention options (generate, chat); `apply_attention_overrides` applies them.
+NO_LOGN_OPT = typer.Option(False, "--no-logn", help="Original Qwen: switch LogN attention scaling off.")
+NO_NTK_OPT = typer.Option(False, "--no-ntk", help="Original Qwen: switch dynamic NTK RoPE off.")
+WINDOW_OPT = typer.Option(
+    None, "--window",
+    help="Per-layer attention windows: 'A:B' spreads sizes from the first to the last layer, "
+         "or a comma list with one size per layer (default: full attention).",
+)
+
+
+def apply_attention_overrides(loaded, no_logn: bool, no_ntk: bool, window: str | None) -> None:
+    if no_logn or no_ntk or window:
+        raise LlmcliError("--no-logn, --no-ntk and --window are not built yet", exit_code=2)
+
+
 def not_built(command: str) -> None:
     raise LlmcliError(f"`llmcli {command}` is not built yet", exit_code=2)
 

@@ -69,6 +69,9 @@ def generate_command(
                                      help="Wrap the prompt in the chat template (default when there is one)."),
     system: str | None = typer.Option(None, "--system", help="System message (chat mode)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
+    no_logn: bool = NO_LOGN_OPT,
+    no_ntk: bool = NO_NTK_OPT,
+    window: str | None = WINDOW_OPT,
     device: Device = DEVICE_OPT,
     dtype: DType = DTYPE_OPT,
 ) -> None:
@@ -79,6 +82,7 @@ def generate_command(
     sampling.validate()
     text = read_prompt(prompt)
     loaded = load_model(model, device, dtype)
+    apply_attention_overrides(loaded, no_logn, no_ntk, window)
     ids = prompt_token_ids(loaded, text, chat, system)
     gen = Generation(loaded.model, loaded.tokenizer, ids, max_new_tokens, sampling,
                      stop_ids=stop_token_ids(loaded), stop_strings=stop)

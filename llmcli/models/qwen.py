@@ -114,6 +114,24 @@ class QwenForCausalLM(nn.Module):
         ]
         return Cache(layers, max_len)
 
+    def attention_info(self, index: int, cache: Cache | None = None) -> dict:
+        """Facts about layer `index`'s attention for `trace` (no computation involved)."""
+        cfg = self.config
+        window = self.model.layers[index].self_attn.window
+        return {
+            "type": "sliding" if window else "full",
+            "window": window,
+            "heads": cfg.num_heads,
+            "kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim,
+            "rope_base": cfg.rope_theta,
+            "yarn_factor": cfg.rope_scaling.factor if cfg.rope_scaling.type == "yarn" else None,
+            "rope_scale": self.rope_scale,
+            "logn_scale": None,
+            "ntk_alpha": None,
+            "cache_bytes_per_token": 2 * cfg.num_kv_heads * cfg.head_dim * self.lm_head.weight.element_size(),
+        }
+
     def forward(self, input_ids: torch.Tensor, cache: Cache, recorder=None, last_only: bool = False):
         """input_ids [B, T] continue the sequence held in `cache`; returns logits [B, T or 1, vocab]."""
         start, t = cache.length, input_ids.shape[1]

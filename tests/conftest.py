@@ -1,0 +1,65 @@
+"""Shared test fixtures: an isolated llmcli cache, in-process CLI runs, tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmcli.cli import main
+
+
+@pytest.fixture(scope="session")
+def llmcli_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("llmcli-home")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, llmcli_home, tmp_path_factory):
+    """Every test uses a private llmcli cache (shared within the session so demos build once)
+    and an empty Hugging Face cache, with no model chosen by the environment."""
+    monkeypatch.setenv("LLMCLI_HOME", str(llmcli_home))
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("LLMCLI_MODEL", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `llmcli ARGS...` in-process: returns (exit_code, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def write_byte_tokenizer(directory: Path, vocab_size: int, chat_template: str | None = None) -> None:
+    """A tokenizer.json whose ids all fit in `vocab_size`: the demo's byte-level BPE, trained smaller."""
+    from llmcli.demo import CHATML_TEMPLATE, build_demo_tokenizer, write_tokenizer
+
+    tok = build_demo_tokenizer(vocab_size=min(vocab_size, 512))
+    write_tokenizer(directory, tok, chat_template or CHATML_TEMPLATE)
+
+
+def save_hf_model(model, directory: Path, vocab_size: int | None = None) -> Path:
+    """Save a transformers model as safetensors with a small tokenizer next to it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    write_byte_tokenizer(directory, vocab_size or model.config.vocab_size)
+    # transformers writes generation_config.json with eos ids we did not ask for: keep tests explicit.
+    gen = directory / "generation_config.json"
+    if gen.exists():
+        data = json.loads(gen.read_text())
+        data.pop("eos_token_id", None)
+        gen.write_text(json.dumps(data))
+    return directory
+
+
+def seeded(seed: int = 0) -> None:
+    torch.manual_seed(seed)
