@@ -6,6 +6,7 @@ Nothing here reads files or prints: modules take tensors (and a cache) and retur
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +126,19 @@ def attention_mask(
     if window is not None:
         allowed &= key > query - window
     return allowed, False
+
+
+# -- observation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RouterChoice:
+    """What a MoE router decided for each token, recorded for `trace` (nothing is recomputed)."""
+
+    experts: torch.Tensor  # [T, k] expert ids, highest weight first
+    weights: torch.Tensor  # [T, k] the weights the expert outputs are mixed with
+    scores: torch.Tensor  # [T, E] router probabilities (softmax or sigmoid), before any choice bias
+    groups: torch.Tensor | None = None  # [T, topk_group] groups kept by group-limited routing
 
 
 # -- caches --------------------------------------------------------------------------------------
