@@ -1,4 +1,4 @@
-"""Checkpoint reading: safetensors (single or sharded), memory-mapped, one tensor at a time.
+"""Checkpoint reading: safetensors (single or sharded), one tensor at a time.
 
 The model is built on the meta device, materialised uninitialised in the target dtype and device,
 and each checkpoint tensor is converted and copied straight into its parameter, so peak memory is
@@ -10,81 +10,140 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from llmcli.errors import LlmcliError
 
 SCALE_SUFFIX = "_scale_inv"
 
 
+# safetensors dtype codes -> torch dtypes.
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass
+class TensorEntry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """Parse a safetensors header (8-byte little-endian length + JSON) and check it fits the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file too short")
+            length = struct.unpack("<Q", head)[0]
+            if length > size - 8 or length > 100_000_000:
+                raise ValueError("header length exceeds the file")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise LlmcliError(f"{path} is not a readable safetensors file: {exc}") from exc
+    base = 8 + length
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LlmcliError(f"{path}: bad header entry for {name}: {exc}") from exc
+        if base + end > size:
+            raise LlmcliError(f"{path} is truncated: tensor {name} ends past the end of the file")
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise LlmcliError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape}")
+        entries[name] = TensorEntry(path, dtype, shape, base + begin, end - begin)
+    return entries
+
+
 class Checkpoint:
-    """Names and lazily read tensors of a safetensors checkpoint directory."""
+    """Names and lazily read tensors of a safetensors checkpoint directory.
+
+    Tensors are read with plain file reads, straight into their destination when possible. Unlike
+    a memory map, this keeps the file's pages out of the process's resident memory, so loading
+    costs one copy of the weights (plus at most one tensor when a dtype conversion is needed)."""
 
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
-        self._stack = ExitStack()
-        self._handles: dict[str, object] = {}
-        self.files = self._shard_map()
+        self.entries = self._read_entries()
+        self._handles: dict[Path, object] = {}
 
-    def _shard_map(self) -> dict[str, str]:
-        """tensor name -> file name."""
+    def _read_entries(self) -> dict[str, TensorEntry]:
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise LlmcliError(f"{index} is not a valid safetensors index: {exc}") from exc
-            for name in set(weight_map.values()):
+            files = sorted(set(weight_map.values()))
+            for name in files:
                 if not (self.dir / name).is_file():
                     raise LlmcliError(f"{self.dir / name} is listed in the index but missing")
-            return dict(weight_map)
-        files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+        else:
+            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            weight_map = None
         if not files:
-            if list(self.dir.glob("*.bin")) or list(self.dir.glob("*.pt")) or list(self.dir.glob("*.pth")):
+            if any(self.dir.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth")):
                 raise LlmcliError(
                     f"{self.dir} has only pickle weights (.bin/.pt); llmcli loads safetensors only "
                     "because pickle files can execute code"
                 )
             raise LlmcliError(f"{self.dir} has no *.safetensors weights")
-        mapping = {}
+        entries: dict[str, TensorEntry] = {}
         for name in files:
-            for key in self._open(name).keys():
-                mapping[key] = name
-        return mapping
-
-    def _open(self, file_name: str):
-        handle = self._handles.get(file_name)
-        if handle is None:
-            path = self.dir / file_name
-            try:
-                handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise LlmcliError(f"{path} is not a readable safetensors file: {exc}") from exc
-            self._handles[file_name] = handle
-        return handle
+            entries.update(read_header(self.dir / name))
+        if weight_map is not None:
+            missing = [n for n in weight_map if n not in entries]
+            if missing:
+                raise LlmcliError(f"tensor {missing[0]} is listed in {index.name} but not in {weight_map[missing[0]]}")
+        return entries
 
     def names(self) -> list[str]:
-        return list(self.files)
+        return list(self.entries)
 
     def file_of(self, name: str) -> Path:
-        return self.dir / self.files[name]
+        return self.entries[name].file
 
-    def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._open(self.files[name]).get_tensor(name)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise LlmcliError(f"cannot read tensor {name} from {self.file_of(name)}: {exc}") from exc
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name].shape
 
-    def shape(self, name: str) -> list[int]:
-        return list(self._open(self.files[name]).get_slice(name).get_shape())
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read a tensor. With `out` (a contiguous CPU tensor of the same dtype and shape) the bytes
+        go straight into it and `out` is returned: no temporary copy."""
+        entry = self.entries[name]
+        direct = (out is not None and out.device.type == "cpu" and out.dtype == entry.dtype
+                  and tuple(out.shape) == entry.shape and out.is_contiguous())
+        target = out if direct else torch.empty(entry.shape, dtype=entry.dtype)
+        if entry.nbytes:
+            view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+            handle = self._handles.get(entry.file)
+            if handle is None:
+                handle = self._handles[entry.file] = open(entry.file, "rb")  # noqa: SIM115
+            handle.seek(entry.start)
+            if handle.readinto(view) != entry.nbytes:
+                raise LlmcliError(f"{entry.file} ended while reading tensor {name}")
+        return target
 
     def close(self) -> None:
-        self._stack.close()
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
 
     def __enter__(self):
@@ -117,8 +176,8 @@ def checkpoint_tensors(ckpt: Checkpoint, fp8_block: tuple[int, int] | None, dtyp
                 raise LlmcliError(f"{name} in {ckpt.file_of(name)} has no matching weight")
             continue
 
-        def load(name=name):
-            tensor = ckpt.get(name)
+        def load(name=name, out=None):
+            tensor = ckpt.get(name, out)
             if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                 scale_name = name + SCALE_SUFFIX
                 if scale_name not in present:
@@ -160,7 +219,13 @@ def load_weights(model: torch.nn.Module, model_dir: Path, progress: Callable[[in
     with Checkpoint(model_dir) as ckpt, torch.no_grad():
         for name, load in checkpoint_tensors(ckpt, fp8_block, dtype):
             source = ckpt.file_of(name)
-            pieces = adapt(name, load) if adapt else [(name, load())]
+            if adapt is None:
+                if name in tied:
+                    continue  # a tied head saved alongside the embedding: same values
+                param = params.get(name)
+                pieces = [(name, load(out=param.data if param is not None else None))]
+            else:
+                pieces = adapt(name, load)
             if pieces is None:
                 continue
             for target, tensor in pieces:
@@ -174,7 +239,8 @@ def load_weights(model: torch.nn.Module, model_dir: Path, progress: Callable[[in
                         f"tensor {name} in {source} has shape {tuple(tensor.shape)}, "
                         f"expected {tuple(param.shape)}"
                     )
-                param.copy_(tensor.to(param.dtype))
+                if tensor.data_ptr() != param.data_ptr():  # not already read in place
+                    param.copy_(tensor.to(param.dtype))
                 seen.add(target)
                 if progress:
                     progress(tensor.numel() * param.element_size())
