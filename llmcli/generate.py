@@ -90,7 +90,7 @@ class GenerationResult:
     prompt_tokens: int
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = "length"  # "stop" (eos or stop string) or "length"
+    finish_reason: str = "length"  # "stop" (eos or stop string), "length" or "interrupted" (stop())
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     peak_memory_bytes: int = 0
@@ -118,6 +118,7 @@ class Generation:
         self.stop_ids = set(stop_ids or [])
         self.stop_strings = [s for s in stop_strings if s]
         self.recorder = recorder
+        self.stop_requested = False  # set by stop(), e.g. from a Ctrl-C handler
         self.device = next(model.parameters()).device
         if not self.prompt_ids:
             raise LlmcliError("the prompt is empty")
@@ -132,6 +133,10 @@ class Generation:
             )
         self.max_new_tokens = max(0, min(max_new_tokens, limit - before - len(self.prompt_ids)))
         self.result = GenerationResult(prompt_tokens=len(self.prompt_ids))
+
+    def stop(self) -> None:
+        """Ask a running generation to end before its next token (finish_reason "interrupted")."""
+        self.stop_requested = True
 
     def _new_cache(self):
         return self.model.make_cache(1, len(self.prompt_ids) + self.max_new_tokens)
@@ -167,6 +172,9 @@ class Generation:
                 synchronize(self.device)
                 t1 = time.perf_counter()
                 res.prefill_seconds = t1 - t0
+            if self.stop_requested:  # checked between tokens, so the cache holds prompt + token_ids exactly
+                res.finish_reason = "interrupted"
+                break
             if token in self.stop_ids:
                 res.finish_reason = "stop"
                 break

@@ -1,9 +1,252 @@
-"""`llmcli chat`: not built yet."""
+"""`llmcli chat`: a multi-turn conversation in the terminal, or one reply per stdin line in a pipe.
+
+The session logic (cache reuse, templates, commands) is in `llmcli/chat.py`; this module reads input,
+shows replies (reasoning dimmed and labelled) and handles Ctrl-C / Ctrl-D.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+import typer
 
 from llmcli.cli import app
-from llmcli.cli.common import not_built
+from llmcli.cli.common import (
+    DEVICE_OPT,
+    DTYPE_OPT,
+    MODEL_ARG,
+    NO_LOGN_OPT,
+    NO_NTK_OPT,
+    WINDOW_OPT,
+    Device,
+    DType,
+    apply_attention_overrides,
+    err_console,
+    human_bytes,
+    load_model,
+)
+from llmcli.errors import LlmcliError
+
+PROMPT, MORE = ">>> ", "... "
+DIM, ITALIC, RESET, ERASE_LINE = "\x1b[2m", "\x1b[3m", "\x1b[0m", "\r\x1b[2K"
 
 
-@app.command("chat", help="(not built yet)")
-def chat_command() -> None:
-    not_built("chat")
+class ReplyPrinter:
+    """Writes a streamed reply. Plain mode writes the text as generated (minus reasoning when hidden);
+    decorated mode labels the reasoning and dims it, or shows a placeholder while it is hidden."""
+
+    def __init__(self, out, decorate: bool, hide_thinking: bool, reasoning_open: bool, color: bool):
+        from llmcli.chat import ThinkSplitter
+
+        self.out, self.decorate, self.hide, self.color = out, decorate, hide_thinking, color
+        self.splitter = ThinkSplitter(reasoning_open) if decorate or hide_thinking else None
+        self.section: str | None = None  # "think" or "answer" once something was shown
+
+    def _style(self, text: str, *codes: str) -> str:
+        return "".join(codes) + text + RESET if self.color else text
+
+    def write(self, piece: str) -> None:
+        if self.splitter is None:
+            self.out.write(piece)
+        else:
+            for thinking, text in self.splitter.feed(piece):
+                self._show(thinking, text)
+        self.out.flush()
+
+    def finish(self) -> None:
+        if self.splitter is not None:
+            for thinking, text in self.splitter.flush():
+                self._show(thinking, text)
+            if self.section == "think" and self.hide and self.decorate:
+                self.out.write(self._erase())
+        self.out.write("\n")
+        self.out.flush()
+
+    def _erase(self) -> str:
+        return ERASE_LINE if self.color else "\n"
+
+    def _show(self, thinking: bool, text: str) -> None:
+        if thinking:
+            if self.section != "think" and self.decorate:
+                if self.section == "answer":
+                    self.out.write("\n")
+                self.out.write(self._style("thinking…" if self.hide else "thinking", DIM, ITALIC))
+                if not self.hide:
+                    self.out.write("\n")
+            self.section = "think"
+            if not self.hide:
+                self.out.write(self._style(text, DIM))
+            return
+        if self.section == "think" and self.decorate:
+            self.out.write(self._erase() if self.hide else "\n\n")
+        self.section = "answer"
+        self.out.write(text)
+
+
+def notify(message: str, style: str = "dim") -> None:
+    err_console.print(message, style=style, markup=False)
+
+
+def stream_reply(turn, printer: ReplyPrinter, interactive: bool) -> None:
+    """Show one reply and its stats. Interactively, the first Ctrl-C stops the reply at the next token
+    (the cache stays consistent); a second one interrupts at once (e.g. during a long prefill)."""
+    for notice in turn.notices:
+        notify(notice, "yellow")
+
+    def on_sigint(signum, frame):
+        if turn.generation.stop_requested:
+            raise KeyboardInterrupt
+        turn.stop()
+
+    handle = interactive and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if handle else None
+    try:
+        for piece in turn:
+            printer.write(piece)
+    except KeyboardInterrupt:
+        if not interactive:
+            raise
+    finally:
+        if handle:
+            signal.signal(signal.SIGINT, previous)
+    printer.finish()
+    from llmcli.chat import turn_summary
+
+    notify(turn_summary(turn.stats))
+
+
+def setup_readline():
+    """Line editing and a persistent history, from the standard library."""
+    try:
+        import readline
+    except ImportError:  # e.g. Windows without pyreadline
+        return None
+    from llmcli.demo import cache_home
+
+    path = cache_home() / "chat_history"
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+    return path
+
+
+def save_readline(path) -> None:
+    if path is None:
+        return
+    import readline
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        readline.write_history_file(path)
+    except OSError:
+        pass
+
+
+def handle_line(session, line: str, make_printer, interactive: bool) -> bool:
+    """Process one input (command or message); returns False when the session should end."""
+    from llmcli.chat import is_command, run_command, user_text
+
+    try:
+        if is_command(line):
+            result = run_command(session, line, human_bytes)
+            if result.message:
+                notify(result.message, "default")
+            if result.exit:
+                return False
+            turn = result.turn
+        else:
+            turn = session.send(user_text(line))
+    except LlmcliError as e:
+        notify(f"error: {e}", "red")
+        return True
+    if turn is not None:
+        stream_reply(turn, make_printer(turn), interactive)
+    return True
+
+
+def run_interactive(session, make_printer) -> None:
+    from llmcli.chat import read_message
+
+    history = setup_readline()
+    # \001 \002 tell readline that the colour codes take no room on the line.
+    color = history is not None and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    prompt = f"\001\x1b[1;32m\002{PROMPT}\001\x1b[0m\002" if color else PROMPT
+    notify(f"chatting with {session.loaded.name} (context {session.max_context} tokens); "
+           "/help for commands, Ctrl-D to quit")
+    try:
+        while True:
+            try:
+                text = read_message(input, prompt, MORE)
+            except EOFError:
+                sys.stdout.write("\n")
+                return
+            except KeyboardInterrupt:  # at the prompt: drop the line, like a shell
+                sys.stdout.write("\n")
+                continue
+            try:
+                if text.strip() and not handle_line(session, text, make_printer, interactive=True):
+                    return
+            except KeyboardInterrupt:  # between the prompt and the reply: the session settles itself
+                sys.stdout.write("\n")
+    finally:
+        save_readline(history)
+
+
+def run_script(session, make_printer) -> None:
+    """Each stdin line is one user message (or command); replies go to stdout undecorated."""
+    for raw in sys.stdin:
+        line = raw.rstrip("\r\n")
+        if line.strip() and not handle_line(session, line, make_printer, interactive=False):
+            return
+
+
+@app.command("chat")
+def chat_command(
+    model: str | None = MODEL_ARG,
+    system: str | None = typer.Option(None, "--system", "-s", help="System message."),
+    max_new_tokens: int = typer.Option(2048, "--max-new-tokens", "-n", min=1, help="Most tokens per reply."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="1 = off; >1 discourages repeats."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for sampling (turn k uses seed + k)."),
+    max_context: int | None = typer.Option(
+        None, "--max-context", help="Tokens of context to keep (KV cache size); oldest turns are dropped "
+                                    "beyond it. Default: the model's context, at most 8192."),
+    hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show <think> reasoning."),
+    think: bool | None = typer.Option(None, "--think/--no-think",
+                                      help="Qwen3: switch reasoning on or off (enable_thinking)."),
+    no_logn: bool = NO_LOGN_OPT,
+    no_ntk: bool = NO_NTK_OPT,
+    window: str | None = WINDOW_OPT,
+    device: Device = DEVICE_OPT,
+    dtype: DType = DTYPE_OPT,
+) -> None:
+    """Chat with a model. In a terminal: line editing, /help for commands, Ctrl-C stops a reply,
+    Ctrl-D quits. With piped stdin: each line is one message and replies go to stdout."""
+    from llmcli.chat import ChatSession
+    from llmcli.cli.generate import stop_token_ids
+    from llmcli.generate import SamplingParams
+
+    sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    sampling.validate()
+    loaded = load_model(model, device, dtype)
+    apply_attention_overrides(loaded, no_logn, no_ntk, window)
+    session = ChatSession(loaded, sampling, max_new_tokens, max_context, system, think,
+                          stop_ids=stop_token_ids(loaded))
+    interactive = sys.stdin.isatty()
+    color = interactive and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+    def make_printer(turn) -> ReplyPrinter:
+        return ReplyPrinter(sys.stdout, interactive, hide_thinking, turn.reasoning_open, color)
+
+    if interactive:
+        run_interactive(session, make_printer)
+    else:
+        run_script(session, make_printer)
