@@ -1,26 +1,20 @@
-"""Model name -> local directory: local paths, built-in demos, aliases, the Hugging Face cache."""
+"""Model name -> local directory: local paths, built-in demos, aliases, the Hugging Face cache,
+and a download when the model is not on disk yet (unless offline)."""
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmcli.download import LOADABLE_PATTERNS, find_snapshot  # noqa: F401  (LOADABLE_PATTERNS: public name)
 from llmcli.errors import LlmcliError
-from llmcli.registry import ALIASES
+from llmcli.registry import ALIASES, DEMO_MODELS
 
 DEFAULT_MODEL = "demo-qwen"
-# What llmcli loads from a repository; never *.py (no remote code) and never pickle weights.
-LOADABLE_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "qwen.tiktoken",
-]
+# An implicit download bigger than this asks first (or needs --yes).
+ASK_ABOVE_BYTES = 20 * 10**9
 
 
 @dataclass
@@ -29,10 +23,16 @@ class ResolvedModel:
     path: Path
     repo: str | None = None
     is_demo: bool = False
+    complete: bool = True  # False: only config/tokenizer files are here (see `resolve(weights=False)`)
+    remote_bytes: int | None = None  # what a full download would fetch, when the Hub was asked
 
 
 def default_model_name() -> str:
     return os.environ.get("LLMCLI_MODEL") or DEFAULT_MODEL
+
+
+def is_demo_name(name: str) -> bool:
+    return name.startswith("demo-") or name in DEMO_MODELS
 
 
 def _looks_like_path(name: str) -> bool:
@@ -41,35 +41,69 @@ def _looks_like_path(name: str) -> bool:
 
 
 def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
-    """The local snapshot of `repo` in the HF cache, or None when it is not there."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        path = snapshot_download(repo, revision=revision, local_files_only=True,
-                                 allow_patterns=LOADABLE_PATTERNS)
-    except Exception:  # huggingface_hub raises several types for "not in the cache"
-        return None
-    path = Path(path)
-    return path if (path / "config.json").is_file() else None
+    """The complete local snapshot of `repo` in the HF cache, or None when it is not there."""
+    return find_snapshot(repo, revision)
 
 
-def resolve(name: str | None) -> ResolvedModel:
-    from llmcli.demo import ensure_demo, is_demo
+def repo_of(name: str) -> str:
+    """The Hub repo id for an alias or repo id; an error for anything else."""
+    alias = ALIASES.get(name.lower())
+    repo = alias.repo if alias else name
+    if "/" not in repo:
+        raise LlmcliError(f"unknown model {name!r}: not a directory, alias or repo id (aliases: `llmcli list`)")
+    return repo
 
+
+def resolve(name: str | None, yes: bool = False, weights: bool = True) -> ResolvedModel:
+    """Find the model on disk, downloading it when it is not there. With `weights=False` (for `show`),
+    a model that is not on disk gets only its small metadata files."""
     name = name or default_model_name()
-    if is_demo(name):
+    if is_demo_name(name):
+        from llmcli.demo import ensure_demo  # imports torch: only when a demo is asked for
+
         return ResolvedModel(name, ensure_demo(name), is_demo=True)
     path = Path(name).expanduser()
     if path.is_dir():
         return ResolvedModel(name, path)
     if _looks_like_path(name) or path.exists():
         raise LlmcliError(f"no such model directory: {name}")
-    alias = ALIASES.get(name.lower())
-    repo = alias.repo if alias else name
-    if "/" not in repo:
-        known = ", ".join(sorted(ALIASES))
-        raise LlmcliError(f"unknown model {name!r}: not a directory, alias or repo id (aliases: {known})")
+    repo = repo_of(name)
     snapshot = cached_snapshot(repo)
-    if snapshot is None:
-        raise LlmcliError(f"{name} is not downloaded; run: llmcli download {name}")
-    return ResolvedModel(name, snapshot, repo=repo)
+    if snapshot is not None:
+        return ResolvedModel(name, snapshot, repo=repo)
+    if not weights:
+        partial = find_snapshot(repo, complete=False)
+        if partial is not None:
+            return ResolvedModel(name, partial, repo=repo, complete=False)
+    return _download_missing(name, repo, yes, weights)
+
+
+def _download_missing(name: str, repo: str, yes: bool, weights: bool) -> ResolvedModel:
+    from llmcli import download as dl
+
+    try:
+        plan = dl.plan_download(repo)
+    except dl.HubUnreachable as exc:
+        raise LlmcliError(f"{name} is not downloaded and {exc}; run `llmcli download {name}` "
+                          "with network access") from exc
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False)
+    if not weights:
+        meta = plan.subset(dl.METADATA_PATTERNS)
+        dl.fetch(meta, quiet=True)
+        return ResolvedModel(name, meta.destination, repo=repo, complete=False, remote_bytes=plan.total_bytes)
+    size = dl.human_bytes(plan.missing_bytes)
+    if plan.missing_bytes > ASK_ABOVE_BYTES and not yes:
+        question = f"{name} is not downloaded; fetch {repo} ({size})?"
+        if not (sys.stdin.isatty() and err.is_terminal):
+            raise LlmcliError(f"{name} is not downloaded and is {size}: run `llmcli download {name}` "
+                              "first, or pass --yes")
+        from rich.prompt import Confirm
+
+        if not Confirm.ask(question, console=err, default=False):
+            raise LlmcliError(f"not downloading {name}; `llmcli download {name}` fetches it later")
+    dl.check_disk_space(plan)
+    err.print(f"{name} is not on disk: downloading {repo} ({size})", style="yellow")
+    path = dl.fetch(plan)
+    return ResolvedModel(name, path, repo=repo)

@@ -39,28 +39,75 @@ DTYPE_OPT = typer.Option(DType.auto, "--dtype", help="auto uses the checkpoint's
 NO_LOGN_OPT = typer.Option(False, "--no-logn", help="Original Qwen: switch LogN attention scaling off.")
 NO_NTK_OPT = typer.Option(False, "--no-ntk", help="Original Qwen: switch dynamic NTK RoPE off.")
 WINDOW_OPT = typer.Option(
-    None, "--window",
-    help="Per-layer attention windows: 'A:B' spreads sizes from the first to the last layer, "
-         "or a comma list with one size per layer (default: full attention).",
+    None, "--window", metavar="A:B|N|LIST",
+    help="Per-layer sliding attention windows in tokens: 'A:B' spreads sizes evenly from the first layer "
+         "to the last (e.g. 512:2048), 'N' gives every layer N, 'full' none, or a comma list with one size "
+         "(or 'full') per layer. Default: the model's own (full attention for original Qwen).",
 )
 
 
+def _window_size(text: str, spec: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise LlmcliError(f"--window {spec!r}: {text.strip()!r} is not a positive number of tokens", exit_code=2)
+    return size
+
+
+def parse_window_spec(spec: str, num_layers: int) -> list[int | None]:
+    """'A:B' -> sizes linear in the layer index from A (first layer) to B (last); 'N' -> N everywhere;
+    'a,b,...' -> one size or 'full' per layer. None means full attention."""
+    spec = spec.strip()
+    if spec.lower() == "full":
+        return [None] * num_layers
+    if ":" in spec:
+        parts = spec.split(":")
+        if len(parts) != 2:
+            raise LlmcliError(f"--window {spec!r}: expected A:B, N or a comma list", exit_code=2)
+        first, last = (_window_size(p, spec) for p in parts)
+        steps = max(num_layers - 1, 1)
+        return [round(first + (last - first) * i / steps) for i in range(num_layers)]
+    if "," in spec:
+        items = [item.strip() for item in spec.split(",")]
+        if len(items) != num_layers:
+            raise LlmcliError(f"--window: {len(items)} sizes given for {num_layers} layers", exit_code=2)
+        return [None if item.lower() == "full" else _window_size(item, spec) for item in items]
+    return [_window_size(spec, spec)] * num_layers
+
+
 def apply_attention_overrides(loaded, no_logn: bool, no_ntk: bool, window: str | None) -> None:
-    if no_logn or no_ntk or window:
-        raise LlmcliError("--no-logn, --no-ntk and --window are not built yet", exit_code=2)
+    """Apply --no-logn / --no-ntk (original Qwen only) and --window to a loaded model."""
+    model, cfg = loaded.model, loaded.config
+    if (no_logn or no_ntk) and cfg.family != "qwen":
+        flag = "--no-logn" if no_logn else "--no-ntk"
+        raise LlmcliError(f"{flag} applies to original Qwen models only; {loaded.name} is {cfg.family}", exit_code=2)
+    windows = None
+    if window is not None:
+        if not hasattr(model, "set_attention_options"):
+            raise LlmcliError(f"--window is not supported for {cfg.family} models", exit_code=2)
+        windows = parse_window_spec(window, cfg.num_layers)
+    if no_logn or no_ntk or windows is not None:
+        model.set_attention_options(use_logn_attn=False if no_logn else None,
+                                    use_dynamic_ntk=False if no_ntk else None, windows=windows)
 
 
 def not_built(command: str) -> None:
     raise LlmcliError(f"`llmcli {command}` is not built yet", exit_code=2)
 
 
-def load_model(model: str | None, device: Device, dtype: DType, quiet: bool = False):
+# A model that is not on disk is downloaded first; above 20 GB only with --yes (or a yes at the prompt).
+YES_OPT = typer.Option(False, "--yes", "-y", help="Download a missing model without asking, even above 20 GB.")
+
+
+def load_model(model: str | None, device: Device, dtype: DType, quiet: bool = False, yes: bool = False):
     """Resolve and load a model, with a spinner on stderr and the demo notice when it applies."""
     from llmcli import hub
     from llmcli.demo import DEMO_NOTICE
     from llmcli.loader import load_model as load
 
-    resolved = hub.resolve(model)
+    resolved = hub.resolve(model, yes=yes)
     if resolved.is_demo:
         err_console.print(DEMO_NOTICE.format(name=resolved.name), style="yellow")
     show = not quiet and sys.stderr.isatty()

@@ -1,9 +1,277 @@
-"""`llmcli download`: not built yet."""
+"""`llmcli download`, `llmcli list`, `llmcli show`: getting models onto the machine and knowing what they are."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
 
 from llmcli.cli import app
-from llmcli.cli.common import not_built
+from llmcli.cli.common import MODEL_ARG, err_console
+from llmcli.errors import LlmcliError
+
+BIG_MODEL_PARAMS_B = 100  # aliases above this get a size warning
 
 
-@app.command("download", help="(not built yet)")
-def download_command() -> None:
-    not_built("download")
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _fmt_params(n: float | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+# -- download -------------------------------------------------------------------------------------
+
+
+@app.command("download")
+def download_command(
+    model: str = typer.Argument(..., metavar="MODEL", help="Alias (see `llmcli list`) or Hugging Face repo id."),
+    revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit (default: main)."),
+    token: str | None = typer.Option(None, "--token",
+                                     help="Hugging Face token (default: HF_TOKEN or `hf auth login`'s)."),
+    include: list[str] = typer.Option([], "--include", help="Fetch only files matching this glob (repeatable)."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Skip files matching this glob (repeatable)."),
+    local_dir: Path | None = typer.Option(None, "--local-dir", help="Put the files in this folder, not the HF cache."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the files and sizes; transfer nothing."),
+) -> None:
+    """Download a model into the Hugging Face cache (only the files llmcli loads; never code or pickles)."""
+    from llmcli import download as dl
+    from llmcli.hub import is_demo_name, repo_of
+    from llmcli.registry import ALIASES
+
+    if is_demo_name(model):
+        from llmcli.demo import ensure_demo
+
+        path = ensure_demo(model)
+        err_console.print(f"{model} is built in: nothing to download", style="dim")
+        print(path)
+        return
+    if Path(model).expanduser().is_dir():
+        raise LlmcliError(f"{model} is a local directory: nothing to download", exit_code=2)
+    repo = repo_of(model)
+    alias = ALIASES.get(model.lower())
+    if alias and alias.params_b > BIG_MODEL_PARAMS_B:
+        err_console.print(f"warning: {model} has {alias.params_b:.0f}B parameters ({alias.note}); it needs "
+                          "hundreds of GB of disk and memory", style="yellow")
+    try:
+        plan = dl.plan_download(repo, revision, include or None, exclude or None, token, local_dir)
+    except dl.HubUnreachable as exc:
+        raise LlmcliError(f"cannot download {model}: {exc}") from exc
+    _print_plan_summary(plan)
+    if dry_run:
+        _print_plan_files(plan)
+        return
+    dl.check_disk_space(plan)
+    already = not plan.missing
+    path = dl.fetch(plan)
+    err_console.print(f"{repo} is {'already here' if already else 'ready'}", style="green")
+    print(path)
+
+
+def _print_plan_summary(plan) -> None:
+    from llmcli.download import human_bytes
+
+    done = [f for f in plan.files if f.done]
+    line = f"{plan.repo} @ {plan.commit[:12]}: {len(plan.files)} files, {human_bytes(plan.total_bytes)}"
+    if done:
+        line += f" ({len(done)} already here; {human_bytes(plan.missing_bytes)} to fetch)"
+    err_console.print(line)
+    if plan.never:
+        shown = ", ".join(plan.never[:4]) + (", ..." if len(plan.never) > 4 else "")
+        err_console.print(f"not fetched (code or pickle): {shown}", style="dim")
+
+
+def _print_plan_files(plan) -> None:
+    import shutil
+
+    from llmcli.download import _existing_parent, human_bytes
+
+    for f in plan.files:
+        print(f"{human_bytes(f.size):>10}  {'here   ' if f.done else 'to fetch'}  {f.path}")
+    free = shutil.disk_usage(_existing_parent(plan.destination)).free
+    print(f"total {human_bytes(plan.total_bytes)}, to fetch {human_bytes(plan.missing_bytes)}, "
+          f"free {human_bytes(free)}, into {plan.destination}")
+
+
+# -- list -----------------------------------------------------------------------------------------
+
+
+def _model_rows() -> list[dict]:
+    """Aliases (with their download state) and every runnable model in the HF cache."""
+    from llmcli import download as dl
+    from llmcli.config import load_config, model_type_of, read_json
+    from llmcli.demo import BUILDERS, DEMO_VERSION, cache_home
+    from llmcli.registry import ALIASES
+    from llmcli.show import count_config
+
+    rows, seen = [], set()
+    for alias in ALIASES.values():
+        if not alias.repo:
+            if alias.name not in BUILDERS:
+                continue
+            built = cache_home() / "demo" / f"{alias.name}-v{DEMO_VERSION}"
+            rows.append(_row(alias.name, None, alias.family, alias.params_b * 1e9, "built-in",
+                             dl.folder_bytes(built) if built.is_dir() else None, alias.note, None))
+            continue
+        seen.add(alias.repo.lower())
+        folder = dl.repo_folder(alias.repo)
+        snapshot = dl.find_snapshot(alias.repo)
+        state = "yes" if snapshot else "partial" if folder.is_dir() else "no"
+        rows.append(_row(alias.name, alias.repo, alias.family, alias.params_b * 1e9, state,
+                         dl.folder_bytes(folder) if folder.is_dir() else None, alias.note, snapshot))
+    cache = dl.hub_cache_dir()
+    for folder in sorted(cache.glob("models--*")) if cache.is_dir() else []:
+        repo = folder.name[len("models--"):].replace("--", "/")
+        if repo.lower() in seen:
+            continue
+        snapshot = dl.find_snapshot(repo, complete=False)
+        if snapshot is None:
+            continue
+        try:
+            family = model_type_of(read_json(snapshot / "config.json"))
+        except LlmcliError:
+            continue
+        if family not in SUPPORTED_FAMILIES:
+            continue
+        try:
+            params = count_config(load_config(snapshot)).total
+        except LlmcliError:  # still listed; `show` explains what is wrong with it
+            params = None
+        state = "yes" if dl.snapshot_is_complete(snapshot) else "partial"
+        rows.append(_row(repo, repo, family, params, state, dl.folder_bytes(folder), "in the HF cache", snapshot))
+    return rows
+
+
+SUPPORTED_FAMILIES = ("qwen", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3")
+
+
+def _row(name, repo, family, params, downloaded, size, note, path) -> dict:
+    return {"name": name, "repo": repo, "family": family, "params": int(params) if params else None,
+            "downloaded": downloaded, "size_on_disk": size, "note": note, "path": str(path) if path else None}
+
+
+@app.command("list")
+def list_command(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """Known aliases and the runnable models in the Hugging Face cache."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmcli.download import human_bytes
+
+    rows = _model_rows()
+    if as_json:
+        _print_json(rows)
+        return
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=200)  # piped: one row per line, no wrapping
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("MODEL", "FAMILY", "PARAMS", "DOWNLOADED", "SIZE", "REPO", "NOTE"):
+        table.add_column(column, no_wrap=column != "NOTE", overflow="ellipsis")
+    styles = {"yes": "green", "built-in": "cyan", "partial": "yellow", "no": "dim"}
+    for r in rows:
+        size = human_bytes(r["size_on_disk"]) if r["size_on_disk"] else "-"
+        table.add_row(r["name"], r["family"], _fmt_params(r["params"]),
+                      f"[{styles[r['downloaded']]}]{r['downloaded']}[/]", size, r["repo"] or "-", r["note"] or "")
+    console.print(table)
+
+
+# -- show -----------------------------------------------------------------------------------------
+
+
+@app.command("show")
+def show_command(
+    model: str | None = MODEL_ARG,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
+    """What a model is: architecture, parameters, experts, context, RoPE, cache size. Reads no weights; a model
+    that is not on disk gets only its config and tokenizer files."""
+    from llmcli import hub
+    from llmcli.show import describe
+
+    resolved = hub.resolve(model, weights=False)
+    facts = describe(resolved.path, resolved.name, resolved.repo, resolved.remote_bytes)
+    if as_json:
+        _print_json(facts)
+        return
+    _render_facts(facts)
+
+
+def _render_facts(f: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmcli.download import human_bytes
+
+    t = Table(box=None, show_header=False, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+
+    def add(key, value):
+        if value is not None and value != "":
+            t.add_row(key, str(value))
+
+    add("model", f["name"] + (f"  ({f['repo']})" if f["repo"] and f["repo"] != f["name"] else ""))
+    add("family", f"{f['family']}  ({f['architecture']})")
+    params = _fmt_params(f["params_total"])
+    if f["params_active"] != f["params_total"]:
+        params += f", {_fmt_params(f['params_active'])} active per token"
+    if f["params_mtp"]:
+        params += f" (+{_fmt_params(f['params_mtp'])} multi-token prediction, unused)"
+    if f["params_source"] == "config":
+        params += "  [computed from config.json]"
+    add("parameters", params)
+    add("layers", f["layers"])
+    add("hidden size", f"{f['hidden_size']} (MLP {f['intermediate_size']})")
+    a = f["attention"]
+    if a["kind"] == "MLA":
+        q = f"q_lora {a['q_lora_rank']}" if a["q_lora_rank"] else "no q_lora"
+        add("attention", f"MLA, {f['heads']} heads, {q}, kv_lora {a['kv_lora_rank']}, "
+                         f"qk {a['qk_nope_head_dim']}+{a['qk_rope_head_dim']} (rope), v {a['v_head_dim']}")
+    else:
+        extras = [x for x, on in (("qkv bias", a["qkv_bias"]), ("q/k norm", a["qk_norm"])) if on]
+        add("attention", f"{a['kind']}, {f['heads']} heads, {f['kv_heads']} kv heads, head dim {f['head_dim']}"
+            + "".join(f", {x}" for x in extras))
+    e = f["experts"]
+    if e:
+        add("experts", f"{e['routed']} routed + {e['shared']} shared, {e['per_token']} per token, "
+                       f"{e['groups']} groups ({e['groups_per_token']} per token), {e['scoring']} / "
+                       f"{e['topk_method']}, {e['moe_layers']} MoE + {e['dense_layers']} dense layers")
+    add("vocabulary", f["vocab_size"])
+    context = f"{f['context_length']:,} tokens"
+    if f["seq_length"]:
+        context += f" (trained at {f['seq_length']:,})"
+    add("context", context)
+    r = f["rope"]
+    rope = f"base {r['base']:g}"
+    if r["scaling"]:
+        s = r["scaling"]
+        rope += f", {s['type']} x{s['factor']:g} from {s['original_max_position_embeddings']}"
+    add("rope", rope)
+    if f["family"] == "qwen":
+        add("logn / ntk", f"LogN {'on' if f['logn_attention'] else 'off'}, "
+                          f"dynamic NTK {'on' if f['dynamic_ntk'] else 'off'}")
+    add("attention window", f["window"]["summary"])
+    disk = f["dtype_on_disk"] or f["dtype_config"] or "unknown"
+    if f["fp8"]:
+        block = f["fp8_block_size"]
+        disk += f" (FP8{' blocks ' + 'x'.join(map(str, block)) if block else ''}; runs in {f['run_dtype']})"
+    add("dtype on disk", disk)
+    kv = f["kv_cache"]
+    cache = f"{human_bytes(kv['bytes_per_token'])} per token ({kv['kind']}, {kv['dtype']})"
+    if "expanded_bytes_per_token" in kv:
+        cache += f"; expanded K/V would be {human_bytes(kv['expanded_bytes_per_token'])}"
+    add("kv cache", cache)
+    add("chat template", f["chat_template"] or "none")
+    add("tokenizer", f["tokenizer"] or "missing")
+    size = human_bytes(f["size_on_disk"])
+    if not f["weights_on_disk"]:
+        size += " (weights not downloaded"
+        size += f"; {human_bytes(f['download_bytes'])} on the Hub)" if f["download_bytes"] else ")"
+    add("on disk", size)
+    add("path", f["path"])
+    Console(highlight=False).print(t)

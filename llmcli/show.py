@@ -1,0 +1,315 @@
+"""What a model is, from config.json and the safetensors headers, without reading any weights.
+
+Parameter counts come from the checkpoint's tensor shapes when the weights are on disk (exact), else
+from the config (the same shapes, computed). FP8 scale tensors are not parameters; DeepSeek-V3's
+multi-token-prediction layer (`model.layers.{num_layers}`) is counted apart, since generation skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmcli.config import ModelConfig, load_config
+from llmcli.errors import LlmcliError
+
+# safetensors dtype -> torch name
+DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "I64": "int64", "I32": "int32", "I16": "int16",
+    "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+# safetensors dtype -> bytes per element
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+LAYER_RE = re.compile(r"^(?:model\.layers|transformer\.h)\.(\d+)\.")
+ROUTED_EXPERT_RE = re.compile(r"\.mlp\.experts\.")  # per-expert (experts.7.up_proj) or fused (experts.gate_up_proj)
+SCALE_SUFFIX = "_scale_inv"  # FP8 block scales
+NOT_PARAMETERS = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")  # buffers in old checkpoints
+
+
+@dataclass
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES.get(self.dtype, 0)
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensor table of a .safetensors file: an 8-byte little-endian length, then that much JSON."""
+    try:
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise ValueError("file is shorter than its header")
+            (length,) = struct.unpack("<Q", raw_len)
+            if length > 100 * 2**20:
+                raise ValueError(f"header claims {length} bytes")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError) as exc:
+        raise LlmcliError(f"{path} is not a readable safetensors file: {exc}") from exc
+    return {
+        name: TensorInfo(str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+        for name, entry in header.items() if name != "__metadata__"
+    }
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise LlmcliError(f"{index} is not a valid safetensors index: {exc}") from exc
+        return [model_dir / s for s in shards]
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def checkpoint_tensors(model_dir: Path) -> dict[str, TensorInfo] | None:
+    """All tensors of the checkpoint by name, or None when its weights are not (all) on disk."""
+    files = checkpoint_files(model_dir)
+    if not files or not all(f.is_file() for f in files):
+        return None
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        tensors.update(read_safetensors_header(f))
+    return tensors
+
+
+# -- parameter counts -------------------------------------------------------------------------------
+
+
+@dataclass
+class ParamCount:
+    total: int  # everything generation uses
+    active: int  # per token (MoE: k of E routed experts, no embedding table; dense: = total)
+    mtp: int = 0  # multi-token-prediction layers (not used for generation)
+    source: str = "checkpoint"  # or "config"
+    dtype_bytes: dict[str, int] = field(default_factory=dict)  # on-disk bytes per dtype
+
+
+def count_checkpoint(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> ParamCount:
+    total = mtp = 0
+    routed: dict[int, int] = {}
+    dtype_bytes: dict[str, int] = {}
+    for name, t in tensors.items():
+        dtype = DTYPE_NAMES.get(t.dtype, t.dtype)
+        dtype_bytes[dtype] = dtype_bytes.get(dtype, 0) + t.nbytes
+        if name.endswith(SCALE_SUFFIX) or name.endswith(NOT_PARAMETERS):
+            continue
+        match = LAYER_RE.match(name)
+        layer = int(match.group(1)) if match else None
+        if layer is not None and layer >= cfg.num_layers:
+            mtp += t.numel
+            continue
+        total += t.numel
+        if layer is not None and ROUTED_EXPERT_RE.search(name):
+            routed[layer] = routed.get(layer, 0) + t.numel
+    return ParamCount(total, total - _inactive(cfg, routed), mtp, "checkpoint", dtype_bytes)
+
+
+def _inactive(cfg: ModelConfig, routed: dict[int, int]) -> int:
+    """What a token of a MoE model does not compute with: the routed experts it is not sent to (all the
+    same size, k of E run) and, as DeepSeek counts its "activated" parameters, the embedding table
+    (a lookup of one row; unless it doubles as the output head). Dense models: nothing."""
+    if not cfg.n_routed_experts:
+        return 0
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    embedding = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+    return embedding + sum(r - r * k // e for r in routed.values())
+
+
+def count_config(cfg: ModelConfig) -> ParamCount:
+    """The parameter count the config implies (used when the weights are not on disk)."""
+    h, v = cfg.hidden_size, cfg.vocab_size
+    total = v * h + h + (0 if cfg.tie_word_embeddings else v * h)  # embeddings, final norm, head
+    routed: dict[int, int] = {}
+    for i in range(cfg.num_layers):
+        total += 2 * h + _attention_params(cfg)  # two norms + attention
+        if cfg.is_moe_layer(i):
+            e, mi = cfg.n_routed_experts, cfg.moe_intermediate_size
+            bias = e if cfg.topk_method == "noaux_tc" else 0  # V3's e_score_correction_bias
+            total += e * h + bias + 3 * h * mi * (e + cfg.n_shared_experts)
+            routed[i] = 3 * h * mi * e
+        else:
+            total += 3 * h * cfg.intermediate_size
+    return ParamCount(total, total - _inactive(cfg, routed), 0, "config")
+
+
+def _attention_params(cfg: ModelConfig) -> int:
+    h = cfg.hidden_size
+    if cfg.family.startswith("deepseek"):
+        heads, nope, rope, vd, kvl = (cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                                      cfg.v_head_dim, cfg.kv_lora_rank)
+        q_out = heads * (nope + rope)
+        q = h * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * q_out if cfg.q_lora_rank else h * q_out
+        return q + h * (kvl + rope) + kvl + kvl * heads * (nope + vd) + heads * vd * h
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    bias = (q + 2 * kv) if cfg.attention_bias else 0
+    norms = 2 * cfg.head_dim if cfg.qk_norm else 0
+    return h * (q + 2 * kv) + bias + q * h + norms
+
+
+# -- the rest of the facts --------------------------------------------------------------------------
+
+
+def run_dtype(cfg: ModelConfig) -> str:
+    """The dtype llmcli computes in by default. Mirrors loader.resolve_dtype("auto") without importing torch:
+    FP8 checkpoints run in bfloat16, unknown ones in float32 (CPU runs float16 as bfloat16: same size)."""
+    saved = (cfg.torch_dtype or "").replace("torch.", "")
+    if cfg.fp8_block_size is not None:
+        return "bfloat16"
+    return saved if saved in ("float32", "bfloat16", "float16") else "float32"
+
+
+def kv_cache(cfg: ModelConfig, dtype: str) -> dict:
+    """Bytes of cache each token adds across all layers. MLA caches the compressed latent c_kv and the
+    shared rotary key instead of per-head keys and values."""
+    elem = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
+    if cfg.family.startswith("deepseek"):
+        values = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        expanded = cfg.num_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+        return {"kind": "latent (MLA)", "dtype": dtype, "values_per_layer": values,
+                "bytes_per_token": values * elem * cfg.num_layers,
+                "expanded_bytes_per_token": expanded * elem * cfg.num_layers}
+    values = 2 * cfg.num_kv_heads * cfg.head_dim
+    return {"kind": "keys and values", "dtype": dtype, "values_per_layer": values,
+            "bytes_per_token": values * elem * cfg.num_layers}
+
+
+def window_schedule(cfg: ModelConfig) -> dict:
+    windows = list(cfg.layer_windows or [None] * cfg.num_layers)
+    sliding = [i for i, w in enumerate(windows) if w]
+    if not sliding:
+        return {"summary": "full causal attention on every layer", "layer_windows": windows}
+    sizes = sorted({windows[i] for i in sliding})
+    return {"summary": f"sliding window {', '.join(map(str, sizes))} on {len(sliding)} of {len(windows)} layers "
+                       f"({_ranges(sliding)}), full attention elsewhere", "layer_windows": windows}
+
+
+def _ranges(indices: list[int]) -> str:
+    parts, start = [], indices[0]
+    for prev, cur in zip(indices, indices[1:] + [None], strict=True):
+        if cur != prev + 1:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return "layers " + ", ".join(parts)
+
+
+def chat_template_source(model_dir: Path, family: str) -> str | None:
+    if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
+        return "checkpoint"
+    config = model_dir / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            if json.loads(config.read_text(encoding="utf-8")).get("chat_template"):
+                return "checkpoint"
+        except (ValueError, AttributeError):
+            pass
+    if family == "qwen":
+        return "built-in ChatML"
+    return None
+
+
+def _rope(cfg: ModelConfig) -> dict:
+    s = cfg.rope_scaling
+    scaling = None if s.type == "default" else {
+        "type": s.type, "factor": s.factor, "original_max_position_embeddings": s.original_max_position_embeddings,
+        "mscale": s.mscale, "mscale_all_dim": s.mscale_all_dim,
+    }
+    return {"base": cfg.rope_theta, "scaling": scaling,
+            "rotary_dim": cfg.rotary_dim or (cfg.qk_rope_head_dim if cfg.family.startswith("deepseek") else
+                                             cfg.head_dim)}
+
+
+def _experts(cfg: ModelConfig) -> dict | None:
+    if not cfg.is_moe:
+        return None
+    moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+    return {
+        "routed": cfg.n_routed_experts, "shared": cfg.n_shared_experts, "per_token": cfg.num_experts_per_tok,
+        "groups": cfg.n_group, "groups_per_token": cfg.topk_group, "intermediate_size": cfg.moe_intermediate_size,
+        "moe_layers": len(moe_layers), "dense_layers": cfg.num_layers - len(moe_layers),
+        "scoring": cfg.scoring_func, "topk_method": cfg.topk_method,
+        "routed_scaling_factor": cfg.routed_scaling_factor, "norm_topk_prob": cfg.norm_topk_prob,
+    }
+
+
+def _attention(cfg: ModelConfig) -> dict:
+    if cfg.family.startswith("deepseek"):
+        return {"kind": "MLA", "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
+                "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
+                "v_head_dim": cfg.v_head_dim}
+    kind = "MHA" if cfg.num_kv_heads == cfg.num_heads else "GQA" if cfg.num_kv_heads > 1 else "MQA"
+    return {"kind": kind, "qkv_bias": cfg.attention_bias, "qk_norm": cfg.qk_norm}
+
+
+def disk_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file())
+
+
+def describe(model_dir: Path, name: str | None = None, repo: str | None = None,
+             remote_bytes: int | None = None) -> dict:
+    """Every fact `show` reports, as a JSON-ready dict."""
+    model_dir = Path(model_dir)
+    cfg = load_config(model_dir)
+    tensors = checkpoint_tensors(model_dir)
+    params = count_checkpoint(cfg, tensors) if tensors is not None else count_config(cfg)
+    dtype = run_dtype(cfg)
+    on_disk = max(params.dtype_bytes, key=params.dtype_bytes.get) if params.dtype_bytes else None
+    fp8 = cfg.fp8_block_size is not None or any(d.startswith("float8") for d in params.dtype_bytes)
+    raw = cfg.raw
+    return {
+        "name": name or str(model_dir),
+        "path": str(model_dir),
+        "repo": repo,
+        "weights_on_disk": tensors is not None,
+        "family": cfg.family,
+        "architecture": (raw.get("architectures") or [None])[0],
+        "params_total": params.total,
+        "params_active": params.active,
+        "params_mtp": params.mtp,
+        "params_source": params.source,
+        "layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,  # per projection (original Qwen: half its config's)
+        "vocab_size": cfg.vocab_size,
+        "heads": cfg.num_heads,
+        "kv_heads": None if cfg.family.startswith("deepseek") else cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "attention": _attention(cfg),
+        "experts": _experts(cfg),
+        "context_length": cfg.max_position_embeddings,
+        "seq_length": cfg.seq_length,
+        "rope": _rope(cfg),
+        "logn_attention": cfg.use_logn_attn,
+        "dynamic_ntk": cfg.use_dynamic_ntk,
+        "window": window_schedule(cfg),
+        "tied_embeddings": cfg.tie_word_embeddings,
+        "dtype_config": (cfg.torch_dtype or "").replace("torch.", "") or None,
+        "dtype_on_disk": on_disk,
+        "dtype_bytes_on_disk": params.dtype_bytes,
+        "fp8": fp8,
+        "fp8_block_size": list(cfg.fp8_block_size) if cfg.fp8_block_size else None,
+        "run_dtype": dtype,
+        "kv_cache": kv_cache(cfg, dtype),
+        "chat_template": chat_template_source(model_dir, cfg.family),
+        "tokenizer": "tokenizer.json" if (model_dir / "tokenizer.json").is_file()
+        else "qwen.tiktoken" if (model_dir / "qwen.tiktoken").is_file() else None,
+        "eos_token_ids": cfg.eos_token_ids,
+        "size_on_disk": disk_bytes(model_dir),
+        "download_bytes": remote_bytes,
+    }
