@@ -169,6 +169,10 @@ class Tokenizer:
         config = _read_json(config_file) if config_file.is_file() else {}
         if not isinstance(config, dict):
             raise LlmcliError(f"{config_file} is not a JSON object")
+        if not tok_file.is_file():  # original Qwen ships neither a chat template nor an eos token: use its ChatML
+            from llmcli.qwen_tiktoken import TOKENIZER_DEFAULTS
+
+            config = {**TOKENIZER_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
 
         # Newer checkpoints keep the template in its own file, which transformers prefers over the config.
         chat_template = None

@@ -1,17 +1,28 @@
-"""Qwen2 / Qwen2.5 / Qwen3 dense decoder.
+"""Qwen (original), Qwen2 / Qwen2.5 and Qwen3 dense decoders.
 
-Module attribute names equal the checkpoint tensor names (`model.layers.3.self_attn.q_proj.weight`),
-so loading is a rename-free state dict. The cache is an object passed in; an optional recorder
-observes named points (`resid_pre`, `attn_out`, ...) without changing any result.
+Module attribute names equal the Qwen2 checkpoint tensor names (`model.layers.3.self_attn.q_proj.weight`),
+so loading Qwen2/3 is a rename-free state dict; original Qwen checkpoints (`transformer.h.3.attn.c_attn`)
+are renamed and split on the way in (`qwen1_checkpoint_tensors`). The cache is an object passed in; an
+optional recorder observes named points (`resid_pre`, `attn_out`, ...) without changing any result.
+
+Original Qwen adds two long-context tricks relative to its training length S = seq_length:
+- LogN: the query at 0-based position p is scaled by ln(p+1)/ln(S) once p+1 > S (keys never are);
+- dynamic NTK: the RoPE base grows with the prompt length L, chosen once at prefill and kept in the cache
+  because every cached key was rotated with it.
 """
 
 from __future__ import annotations
+
+import math
+import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmcli.config import ModelConfig
+from llmcli.config_qwen1 import IM_END_ID, IM_START_ID
+from llmcli.errors import LlmcliError
 from llmcli.models.layers import (
     Cache,
     KVLayerCache,
@@ -19,9 +30,31 @@ from llmcli.models.layers import (
     SwiGLU,
     apply_rope,
     attention_mask,
+    default_inv_freq,
     rope_cos_sin,
     rope_inv_freq,
 )
+
+# The reference code's LogN table and the Qwen README's NTK claim cover 32K positions.
+QWEN1_NTK_CONTEXT = 32768
+
+
+def ntk_alpha(length: int, seq_length: int) -> int:
+    """Dynamic-NTK alpha for a prefill of `length` tokens: 2^ceil(log2(L/S) + 1) - 1, at least 1.
+    math.log(x, 2) as in the reference: at exact powers of two its rounding decides the ceiling."""
+    return max(2 ** math.ceil(math.log(length / seq_length, 2) + 1) - 1, 1)
+
+
+def ntk_base(base: float, alpha: float, dim: int) -> float:
+    """RoPE base after NTK-aware scaling by alpha over `dim` rotary dims."""
+    return base * alpha ** (dim / (dim - 2))
+
+
+def logn_scale(start: int, length: int, seq_length: int) -> torch.Tensor:
+    """LogN factors [length, 1] for queries at positions start..start+length-1: ln(p+1)/ln(S) beyond S,
+    else 1 (computed in float64 like the reference's Python table)."""
+    p1 = torch.arange(start + 1, start + length + 1, dtype=torch.float64)
+    return torch.where(p1 > seq_length, p1.log() / math.log(seq_length), 1.0)[:, None]
 
 
 class Attention(nn.Module):
@@ -29,6 +62,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.window = window
+        # Partial rotary (original Qwen's rotary_pct < 1): only the first rotary_dim dims are rotated.
+        self.rotary_dim = cfg.rotary_dim if cfg.rotary_dim and cfg.rotary_dim < cfg.head_dim else None
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
@@ -39,7 +74,18 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, layer_cache: KVLayerCache, start: int) -> torch.Tensor:
+    def _rope(self, x, cos, sin):
+        if self.rotary_dim is None and cos.dtype == x.dtype:
+            return apply_rope(x, cos, sin)  # Qwen2/3: in the model's dtype
+        # Original Qwen rotates in float32 and casts back, possibly only the first rotary_dim dims.
+        y = x.to(cos.dtype)
+        if self.rotary_dim is None:
+            y = apply_rope(y, cos, sin)
+        else:
+            y = torch.cat((apply_rope(y[..., :self.rotary_dim], cos, sin), y[..., self.rotary_dim:]), dim=-1)
+        return y.to(x.dtype)
+
+    def forward(self, x, cos, sin, layer_cache: KVLayerCache, start: int, q_scale=None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
@@ -47,11 +93,17 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        scale = None
+        if q_scale is not None:  # LogN: a float for one query (folded into the softmax scale), else [T, 1]
+            if isinstance(q_scale, float):
+                scale = q_scale / math.sqrt(self.head_dim)
+            else:
+                q = q * q_scale
         k, v = layer_cache.update(start, k, v)
         mask, causal = attention_mask(start, t, k.shape[2], self.window, x.device)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads
+            q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=self.num_kv_heads != self.num_heads
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -65,8 +117,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache: Cache, start: int, recorder=None) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache.layers[self.index], start)
+    def forward(self, x, cos, sin, cache: Cache, start: int, recorder=None, q_scale=None) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache.layers[self.index], start, q_scale)
         mid = x + attn
         mlp = self.mlp(self.post_attention_layernorm(mid))
         out = mid + mlp
@@ -85,21 +137,95 @@ class QwenBody(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+# Original Qwen tensor names -> ours (the fused c_attn is handled separately).
+_QWEN1_NAMES = [
+    (re.compile(r"transformer\.wte\.weight"), "model.embed_tokens.weight"),
+    (re.compile(r"transformer\.ln_f\.weight"), "model.norm.weight"),
+    (re.compile(r"lm_head\.weight"), "lm_head.weight"),
+    (re.compile(r"transformer\.h\.(\d+)\.ln_1\.weight"), r"model.layers.\1.input_layernorm.weight"),
+    (re.compile(r"transformer\.h\.(\d+)\.ln_2\.weight"), r"model.layers.\1.post_attention_layernorm.weight"),
+    (re.compile(r"transformer\.h\.(\d+)\.attn\.c_proj\.weight"), r"model.layers.\1.self_attn.o_proj.weight"),
+    # MLP = c_proj(w1(x) * silu(w2(x))): w2 is the gate, w1 the up projection.
+    (re.compile(r"transformer\.h\.(\d+)\.mlp\.w2\.weight"), r"model.layers.\1.mlp.gate_proj.weight"),
+    (re.compile(r"transformer\.h\.(\d+)\.mlp\.w1\.weight"), r"model.layers.\1.mlp.up_proj.weight"),
+    (re.compile(r"transformer\.h\.(\d+)\.mlp\.c_proj\.weight"), r"model.layers.\1.mlp.down_proj.weight"),
+]
+_QWEN1_C_ATTN = re.compile(r"transformer\.h\.(\d+)\.attn\.c_attn\.(weight|bias)")
+# Buffers some exports saved: recomputed here, never loaded.
+_QWEN1_SKIP = re.compile(r".*(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)")
+
+
+def qwen1_checkpoint_tensors(name: str, load) -> list[tuple[str, torch.Tensor]] | None:
+    """Map one original-Qwen tensor to ours; c_attn rows are Q|K|V (each head-major) and split three ways."""
+    if _QWEN1_SKIP.fullmatch(name):
+        return None
+    fused = _QWEN1_C_ATTN.fullmatch(name)
+    if fused:
+        layer, kind = fused.groups()
+        tensor = load()
+        if tensor.shape[0] % 3:
+            raise LlmcliError(f"{name} has {tensor.shape[0]} rows; a fused Q|K|V needs a multiple of 3")
+        q, k, v = tensor.chunk(3, dim=0)
+        prefix = f"model.layers.{layer}.self_attn"
+        return [(f"{prefix}.q_proj.{kind}", q), (f"{prefix}.k_proj.{kind}", k), (f"{prefix}.v_proj.{kind}", v)]
+    for pattern, target in _QWEN1_NAMES:
+        if pattern.fullmatch(name):
+            return [(pattern.sub(target, name), load())]
+    return [(name, load())]  # unknown: the loader names it as unexpected
+
+
 class QwenForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.model = QwenBody(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Only original Qwen needs renaming; Qwen2/3 keep the loader's direct path.
+        self.checkpoint_tensors = qwen1_checkpoint_tensors if cfg.family == "qwen" else None
+        if cfg.family == "qwen":
+            self.extra_stop_ids = [IM_END_ID, IM_START_ID]  # chat turns end here (eos is <|endoftext|>)
+        self.rope_dtype = torch.float32 if cfg.family == "qwen" else None  # None: the activations' dtype
+        self.set_attention_options()
         self.init_buffers()
 
     def init_buffers(self, device=None) -> None:
         """(Re)compute the non-checkpoint tensors, e.g. after materialising from the meta device."""
         cfg = self.config
-        inv_freq, self.rope_scale = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        inv_freq, self.rope_scale = rope_inv_freq(self.rope_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def rope_dim(self) -> int:
+        return self.config.rotary_dim or self.config.head_dim
+
+    def set_attention_options(self, use_logn_attn: bool | None = None, use_dynamic_ntk: bool | None = None,
+                              windows: list[int | None] | None = None) -> None:
+        """Switch LogN / dynamic NTK (original Qwen only) and set per-layer windows (None = full attention).
+        The config is updated too, so that it keeps describing what the model does."""
+        cfg = self.config
+        if use_logn_attn is not None:
+            cfg.use_logn_attn = use_logn_attn
+        if use_dynamic_ntk is not None:
+            cfg.use_dynamic_ntk = use_dynamic_ntk
+        if windows is not None:
+            if len(windows) != cfg.num_layers:
+                raise LlmcliError(f"{len(windows)} attention windows given for {cfg.num_layers} layers")
+            cfg.layer_windows = list(windows)
+            for layer, window in zip(self.model.layers, windows, strict=True):
+                layer.self_attn.window = window
+        # Plain attributes: forward reads these without touching the config.
+        qwen1 = cfg.family == "qwen" and bool(cfg.seq_length)
+        self.seq_length = cfg.seq_length
+        self.use_logn = qwen1 and cfg.use_logn_attn
+        self.dynamic_ntk = qwen1 and cfg.use_dynamic_ntk
+
+    @property
+    def context_limit(self) -> int:
+        """Longest sequence: max_position_embeddings, or 32K for original Qwen with dynamic NTK."""
+        limit = self.config.max_position_embeddings
+        return max(limit, QWEN1_NTK_CONTEXT) if self.dynamic_ntk else limit
 
     def tied_parameters(self) -> set[str]:
         return {"lm_head.weight"} if self.config.tie_word_embeddings else set()
@@ -114,21 +240,41 @@ class QwenForCausalLM(nn.Module):
         ]
         return Cache(layers, max_len)
 
+    def _ntk_inv_freq(self, cache: Cache, start: int, length: int) -> torch.Tensor:
+        """A prefill from position 0 chooses alpha from its length; later calls reuse it (cached keys were
+        rotated with it)."""
+        if start == 0:
+            alpha = ntk_alpha(length, self.seq_length)
+            inv_freq = self.inv_freq
+            if alpha > 1:
+                base = ntk_base(self.config.rope_theta, alpha, self.rope_dim)
+                inv_freq = default_inv_freq(self.rope_dim, base).to(self.inv_freq.device)
+            cache.state["ntk_alpha"], cache.state["inv_freq"] = alpha, inv_freq
+            return inv_freq
+        return cache.state.get("inv_freq", self.inv_freq)
+
     def attention_info(self, index: int, cache: Cache | None = None) -> dict:
         """Facts about layer `index`'s attention for `trace` (no computation involved)."""
         cfg = self.config
         window = self.model.layers[index].self_attn.window
+        length = cache.length if cache is not None else 0
+        rope_base, alpha, logn = cfg.rope_theta, None, None
+        if self.dynamic_ntk:
+            alpha = cache.state.get("ntk_alpha", 1) if cache is not None and length else 1
+            rope_base = ntk_base(cfg.rope_theta, alpha, self.rope_dim)
+        if self.use_logn:  # range of the factors applied to the queries held in the cache
+            logn = (1.0, max(1.0, math.log(length) / math.log(self.seq_length)) if length else 1.0)
         return {
             "type": "sliding" if window else "full",
             "window": window,
             "heads": cfg.num_heads,
             "kv_heads": cfg.num_kv_heads,
             "head_dim": cfg.head_dim,
-            "rope_base": cfg.rope_theta,
+            "rope_base": rope_base,
             "yarn_factor": cfg.rope_scaling.factor if cfg.rope_scaling.type == "yarn" else None,
             "rope_scale": self.rope_scale,
-            "logn_scale": None,
-            "ntk_alpha": None,
+            "logn_scale": logn,
+            "ntk_alpha": alpha,
             "cache_bytes_per_token": 2 * cfg.num_kv_heads * cfg.head_dim * self.lm_head.weight.element_size(),
         }
 
@@ -139,9 +285,16 @@ class QwenForCausalLM(nn.Module):
             raise ValueError(f"sequence of {start + t} tokens exceeds the cache ({cache.max_len})")
         x = self.model.embed_tokens(input_ids)
         positions = torch.arange(start, start + t, device=input_ids.device)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, x.dtype)
+        inv_freq = self._ntk_inv_freq(cache, start, t) if self.dynamic_ntk else self.inv_freq
+        cos, sin = rope_cos_sin(positions, inv_freq, self.rope_scale, self.rope_dtype or x.dtype)
+        q_scale = None
+        if self.use_logn and start + t > self.seq_length:
+            if t == 1:  # decode: one Python float, no tensor work
+                q_scale = math.log(start + 1) / math.log(self.seq_length)
+            else:
+                q_scale = logn_scale(start, t, self.seq_length).to(device=x.device, dtype=x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, start, recorder)
+            x = layer(x, cos, sin, cache, start, recorder, q_scale)
         cache.length = start + t
         if last_only:
             x = x[:, -1:]
