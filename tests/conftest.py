@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,18 @@ import torch
 from llmcli.cli import main
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def llmcli_home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("llmcli-home")
+    """Set for the whole session, so module-scoped fixtures never touch the user's real caches."""
+    home = tmp_path_factory.mktemp("llmcli-home")
+    saved = dict(os.environ)
+    os.environ.update({"LLMCLI_HOME": str(home), "HF_HOME": str(tmp_path_factory.getbasetemp() / "hf-home"),
+                       "HF_HUB_OFFLINE": "1"})
+    for name in ("LLMCLI_MODEL", "HF_TOKEN"):
+        os.environ.pop(name, None)
+    yield home
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True)
