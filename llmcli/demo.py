@@ -136,8 +136,57 @@ def build_demo_qwen(directory: Path) -> None:
     write_tokenizer(directory, tok)
 
 
+def build_demo_deepseek(directory: Path) -> None:
+    """A tiny DeepSeek-V3-shaped model: q_lora, MLA, a dense first layer, then MoE layers with
+    group-limited sigmoid routing (noaux_tc), a shared expert and YaRN."""
+    from safetensors.torch import save_file
+
+    from llmcli.config import config_from_dict
+    from llmcli.models.deepseek import DeepseekForCausalLM
+
+    tok = build_demo_tokenizer()
+    raw = {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": 512,
+        "hidden_size": 128,
+        "intermediate_size": 320,
+        "moe_intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "q_lora_rank": 96,
+        "kv_lora_rank": 64,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 32,
+        "n_routed_experts": 16,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 4,
+        "n_group": 4,
+        "topk_group": 2,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "tie_word_embeddings": False,
+        "eos_token_id": tok.token_to_id("<|im_end|>"),
+        "torch_dtype": "float32",
+    }
+    model = DeepseekForCausalLM(config_from_dict(raw))
+    save_file(random_state_dict(model, seed=1), str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(raw, indent=2))
+    write_tokenizer(directory, tok)
+
+
 # name -> builder(directory). Other families add their demo here.
-BUILDERS: dict[str, Callable[[Path], None]] = {"demo-qwen": build_demo_qwen}
+BUILDERS: dict[str, Callable[[Path], None]] = {"demo-qwen": build_demo_qwen, "demo-deepseek": build_demo_deepseek}
 
 
 def is_demo(name: str) -> bool:

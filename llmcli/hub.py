@@ -12,7 +12,7 @@ from llmcli.download import LOADABLE_PATTERNS, find_snapshot  # noqa: F401  (LOA
 from llmcli.errors import LlmcliError
 from llmcli.registry import ALIASES, DEMO_MODELS
 
-DEFAULT_MODEL = "demo-qwen"
+DEFAULT_MODEL = "demo-deepseek"
 # An implicit download bigger than this asks first (or needs --yes).
 ASK_ABOVE_BYTES = 20 * 10**9
 

@@ -1,0 +1,370 @@
+"""DeepSeek V2 / V3 / R1: Multi-head Latent Attention (MLA) and DeepSeekMoE.
+
+Module attribute names equal the checkpoint tensor names, so loading needs no renaming; only the
+multi-token-prediction layer (`model.layers.{num_layers}`) is skipped.
+
+MLA keeps one latent per token: c_kv (kv_lora_rank values, normalised) and one rope key k_pe shared by
+all heads. The cache stores just those two, side by side in one row of kv_lora_rank + qk_rope_head_dim
+values. A prompt is run in the expanded form (kv_b_proj turns the latents into per-head keys and
+values); a decode step runs in the absorbed form directly on the cache: kv_b_proj's key half is folded
+into the query and its value half applied after the attention, so nothing per-head is ever stored.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcli.config import ModelConfig
+from llmcli.config_deepseek import rope_interleaved
+from llmcli.models.layers import Cache, RMSNorm, RouterChoice, SwiGLU, rope_inv_freq, yarn_mscale
+
+LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the fixed default, not rms_norm_eps
+FORMS = ("auto", "expanded", "absorbed")
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
+
+
+class LatentLayerCache:
+    """One MLA layer's cache: [B, max_len, kv_lora_rank + qk_rope_head_dim] = normalised c_kv, then the
+    rotated k_pe. One tensor, so that the absorbed form scores [q_latent | q_pe] against it in one product."""
+
+    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype, device):
+        self.kv_lora_rank = kv_lora_rank
+        self.kv = torch.zeros(batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+
+    def update(self, start: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        """Store tokens start..start+T-1 (c_kv [B, T, rank], k_pe [B, T, rope]); return all rows so far."""
+        end = start + c_kv.shape[1]
+        self.kv[:, start:end, : self.kv_lora_rank] = c_kv
+        self.kv[:, start:end, self.kv_lora_rank:] = k_pe
+        return self.kv[:, :end]
+
+    def bytes_per_token(self) -> int:
+        return self.kv.shape[-1] * self.kv.element_size()
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """RoPE on the last dim of x with cos/sin [T, d/2]. Pairs are (x0, x1), (x2, x3)... when interleaved
+    (DeepSeek's checkpoint layout), else (x_i, x_{i+d/2}). The result is written half-split either way:
+    queries and keys share the layout, so their dot products are those of the checkpoint's layout."""
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def causal_mask(start: int, length: int, total: int, device) -> torch.Tensor:
+    """[length, total] boolean: query at position start+i sees keys 0..start+i."""
+    query = torch.arange(start, start + length, device=device)[:, None]
+    return torch.arange(total, device=device)[None, :] <= query
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rank = cfg.kv_lora_rank
+        self.interleaved = rope_interleaved(cfg)
+        q_dim = cfg.num_heads * (self.nope + self.rope)
+        self.q_lora = cfg.q_lora_rank is not None
+        if not self.q_lora:
+            self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.rank + self.rope, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.rank, cfg.num_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.softmax_scale = softmax_scale(cfg)
+        self._absorbed_weights: tuple | None = None
+
+    def forward(self, x, cos, sin, layer_cache: LatentLayerCache, start: int, absorbed: bool) -> torch.Tensor:
+        b, t, _ = x.shape
+        if self.q_lora:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q_nope, q_pe = q.view(b, t, self.num_heads, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        q_pe = rotate_pairs(q_pe, cos, sin, self.interleaved)
+        k_pe = rotate_pairs(k_pe, cos, sin, self.interleaved)
+        latent = layer_cache.update(start, self.kv_a_layernorm(c_kv), k_pe)
+        attend = self._absorbed if absorbed else self._expanded
+        out = attend(q_nope, q_pe, latent, start)  # [B, H, T, v_dim]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _expanded(self, q_nope, q_pe, latent, start: int) -> torch.Tensor:
+        """Per-head keys and values from the latents through kv_b_proj, then ordinary attention."""
+        b, h, t, _ = q_nope.shape
+        total = latent.shape[1]
+        c_kv, k_pe = latent.split([self.rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(b, total, h, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, None].expand(b, h, total, self.rope)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        mask = None if t == 1 or start == 0 else causal_mask(start, t, total, q.device)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=start == 0 and t > 1, scale=self.softmax_scale
+        )
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head into W_UK [H, nope, rank] and W_UV^T [H, rank, v_dim], contiguous so
+        that the per-step batched products read them once instead of copying strided views every step.
+        Rebuilt whenever kv_b_proj's weight is replaced or changed in place."""
+        weight = self.kv_b_proj.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self._absorbed_weights is None or self._absorbed_weights[0] != key:
+            w = weight.detach().view(self.num_heads, self.nope + self.v_dim, self.rank)
+            w_uk = w[:, : self.nope].contiguous()
+            w_uv_t = w[:, self.nope:].transpose(1, 2).contiguous()
+            self._absorbed_weights = (key, w_uk, w_uv_t)
+        return self._absorbed_weights[1], self._absorbed_weights[2]
+
+    def _absorbed(self, q_nope, q_pe, latent, start: int) -> torch.Tensor:
+        """score = (q_nope W_UK) . c_kv + q_pe . k_pe; output = (p . c_kv) W_UV, on the latent cache itself.
+        All heads share the one latent, so heads fold into the query axis of a single-head attention."""
+        b, h, t, _ = q_nope.shape
+        total = latent.shape[1]
+        w_uk, w_uv_t = self.absorbed_weights()
+        q_latent = torch.bmm(q_nope.transpose(0, 1).reshape(h, b * t, self.nope), w_uk)  # [H, B*T, rank]
+        q_latent = q_latent.view(h, b, t, self.rank).transpose(0, 1)
+        q = torch.cat((q_latent, q_pe), dim=-1).reshape(b, 1, h * t, self.rank + self.rope)
+        mask = None if t == 1 else causal_mask(start, t, total, q.device).repeat(h, 1)
+        out = F.scaled_dot_product_attention(
+            q, latent[:, None], latent[:, None, :, : self.rank], attn_mask=mask, scale=self.softmax_scale
+        )  # [B, 1, H*T, rank]
+        out = torch.bmm(out.view(b, h, t, self.rank).transpose(0, 1).reshape(h, b * t, self.rank), w_uv_t)
+        return out.view(h, b, t, self.v_dim).transpose(0, 1)
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    """(qk_nope + qk_rope)^-0.5, times mscale^2 under YaRN: the longer context sharpens the softmax."""
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    s = cfg.rope_scaling
+    if s.type == "yarn" and s.mscale_all_dim:
+        m = yarn_mscale(s.factor, float(s.mscale_all_dim))
+        scale *= m * m
+    return scale
+
+
+class Router(nn.Module):
+    """Chooses num_experts_per_tok experts per token. Scores (softmax or sigmoid) come from float32
+    logits; noaux_tc adds e_score_correction_bias for choosing only, the weights use unbiased scores."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.method, self.scoring = cfg.num_experts_per_tok, cfg.topk_method, cfg.scoring_func
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.normalise, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if self.method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts))
+
+    def keep_float32(self) -> None:
+        """Routing is decided in float32 (a bf16 bias would blur close choices); the weights are tiny."""
+        for name, param in list(self._parameters.items()):
+            if param is not None and param.dtype != torch.float32:
+                setattr(self, name, nn.Parameter(param.detach().float(), requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> RouterChoice:
+        """x [N, hidden] -> choice for each of the N tokens."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias if self.method == "noaux_tc" else scores
+        groups = None
+        if self.method != "greedy":
+            grouped = choice.view(x.shape[0], self.n_group, -1)
+            if self.method == "noaux_tc":
+                group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_score = grouped.amax(dim=-1)
+            groups = group_score.topk(self.topk_group, dim=-1).indices
+            kept = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, groups, True)
+            choice = choice.masked_fill(~kept.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
+        experts = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if self.normalise and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights, order = (weights * self.scaling).sort(dim=-1, descending=True)
+        return RouterChoice(experts=experts.gather(1, order), weights=weights, scores=scores, groups=groups)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = nn.ModuleList(
+            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
+        )
+        if cfg.n_shared_experts:
+            self.shared_experts = SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    def forward(self, x: torch.Tensor, index: int, recorder=None) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        choice = self.gate(flat)
+        routed = self.run_experts(flat, choice).view(x.shape)
+        shared = self.shared_experts(x) if hasattr(self, "shared_experts") else None
+        if recorder is not None:
+            recorder.record(index, "router", choice)
+            recorder.record(index, "routed_out", routed)
+            if shared is not None:
+                recorder.record(index, "shared_out", shared)
+        return routed if shared is None else routed + shared
+
+    def run_experts(self, x: torch.Tensor, choice: RouterChoice) -> torch.Tensor:
+        """Each expert that got tokens runs once on all of them; outputs are weighted and summed per token."""
+        k = choice.experts.shape[1]
+        ids = choice.experts.reshape(-1)
+        order = ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        token = order // k
+        counts = torch.bincount(ids, minlength=len(self.experts)).tolist()
+        inputs = x[token]
+        outputs, begin = [], 0
+        for expert, count in enumerate(counts):
+            if count:
+                outputs.append(self.experts[expert](inputs[begin: begin + count]))
+                begin += count
+        weighted = torch.cat(outputs).float() * choice.weights.reshape(-1)[order, None]
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        return out.index_add_(0, token, weighted).to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(index)
+        self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, cache: Cache, start: int, absorbed: bool, recorder=None) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache.layers[self.index], start, absorbed)
+        mid = x + attn
+        h = self.post_attention_layernorm(mid)
+        mlp = self.mlp(h, self.index, recorder) if self.is_moe else self.mlp(h)
+        out = mid + mlp
+        if recorder is not None:
+            for name, value in (("resid_pre", x), ("attn_out", attn), ("resid_mid", mid),
+                                ("mlp_out", mlp), ("resid_post", out)):
+                recorder.record(self.index, name, value)
+        return out
+
+
+class DeepseekBody(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekForCausalLM(nn.Module):
+    # DeepSeek tokenizers prepend BOS (add_bos_token); raw prompts get it too, when the config names one.
+    add_bos = True
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # "auto": expanded for prompts, absorbed for single-token steps; tests force one form.
+        self.attention_form = "auto"
+        self._skipped_mtp = 0
+        self.init_buffers()
+
+    def init_buffers(self, device=None) -> None:
+        """(Re)compute the non-checkpoint tensors, e.g. after materialising from the meta device."""
+        cfg = self.config
+        inv_freq, self.rope_scale = rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        for layer in self.model.layers:
+            if layer.is_moe:
+                layer.mlp.gate.keep_float32()
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def tied_parameters(self) -> set[str]:
+        return {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+
+    def checkpoint_tensors(self, name: str, load):
+        """Skip the multi-token-prediction layers (model.layers.{num_layers} and up): generation never
+        uses them. Everything else loads under its own name."""
+        match = _LAYER_INDEX.match(name)
+        if match and int(match.group(1)) >= self.config.num_layers:
+            self._skipped_mtp += 1
+            return None
+        return [(name, load())]
+
+    @property
+    def load_notes(self) -> list[str]:
+        if not self._skipped_mtp:
+            return []
+        return [f"skipped {self._skipped_mtp} multi-token-prediction tensors "
+                f"(model.layers.{self.config.num_layers}.*): not used for generation"]
+
+    def make_cache(self, batch: int, max_len: int, dtype=None, device=None) -> Cache:
+        cfg = self.config
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        device = device or self.model.embed_tokens.weight.device
+        layers = [LatentLayerCache(batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
+                  for _ in range(cfg.num_layers)]
+        return Cache(layers, max_len)
+
+    def attention_info(self, index: int, cache: Cache | None = None) -> dict:
+        """Facts about layer `index`'s attention for `trace` (no computation involved)."""
+        cfg = self.config
+        attn = self.model.layers[index].self_attn
+        element = cache.layers[index].kv.element_size() if cache is not None else self.lm_head.weight.element_size()
+        return {
+            "type": "mla",
+            "window": None,
+            "heads": cfg.num_heads,
+            "kv_heads": 1,  # one latent shared by every head
+            "head_dim": cfg.qk_nope_head_dim + cfg.qk_rope_head_dim,
+            "rope_base": cfg.rope_theta,
+            "yarn_factor": cfg.rope_scaling.factor if cfg.rope_scaling.type == "yarn" else None,
+            "rope_scale": self.rope_scale,
+            "logn_scale": None,
+            "ntk_alpha": None,
+            "cache_bytes_per_token": (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * element,
+            "kv_lora_rank": cfg.kv_lora_rank,
+            "q_lora_rank": cfg.q_lora_rank,
+            "qk_rope_head_dim": cfg.qk_rope_head_dim,
+            "v_head_dim": cfg.v_head_dim,
+            "softmax_scale": attn.softmax_scale,
+            "rope_interleaved": attn.interleaved,
+        }
+
+    def rope_cos_sin(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, qk_rope_head_dim / 2], computed in float32, scaled by the YaRN attention factor."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        return (freqs.cos() * self.rope_scale).to(dtype), (freqs.sin() * self.rope_scale).to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, cache: Cache, recorder=None, last_only: bool = False):
+        """input_ids [B, T] continue the sequence held in `cache`; returns logits [B, T or 1, vocab]."""
+        if self.attention_form not in FORMS:
+            raise ValueError(f"attention_form must be one of {FORMS}, got {self.attention_form!r}")
+        start, t = cache.length, input_ids.shape[1]
+        if start + t > cache.max_len:
+            raise ValueError(f"sequence of {start + t} tokens exceeds the cache ({cache.max_len})")
+        absorbed = self.attention_form == "absorbed" or (self.attention_form == "auto" and t == 1 and start > 0)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope_cos_sin(torch.arange(start, start + t, device=input_ids.device), x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, start, absorbed, recorder)
+        cache.length = start + t
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        if recorder is not None:
+            recorder.record(None, "final_norm", x)
+        return self.lm_head(x)
