@@ -63,6 +63,10 @@ def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: t
     cls = model_class(cfg)
     model = materialise(lambda: cls(cfg), dtype, device)
     notes = load_weights(model, model_dir)
+    if device.type == "cpu":
+        from llmcli.models.packed import pack_linears
+
+        pack_linears(model, keep=getattr(model, "keeps_dense_weight", lambda name: False))
     model.eval()
     return model, notes
 

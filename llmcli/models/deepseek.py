@@ -292,6 +292,10 @@ class DeepseekForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def keeps_dense_weight(self, module_name: str) -> bool:
+        """The absorbed decode form reads kv_b_proj's weight directly, so it must stay a plain tensor."""
+        return module_name.endswith("kv_b_proj")
+
     def tied_parameters(self) -> set[str]:
         return {"lm_head.weight"} if self.config.tie_word_embeddings else set()
 
@@ -323,7 +327,8 @@ class DeepseekForCausalLM(nn.Module):
         """Facts about layer `index`'s attention for `trace` (no computation involved)."""
         cfg = self.config
         attn = self.model.layers[index].self_attn
-        element = cache.layers[index].kv.element_size() if cache is not None else self.lm_head.weight.element_size()
+        element = (cache.layers[index].kv.element_size() if cache is not None
+                   else self.model.embed_tokens.weight.element_size())
         return {
             "type": "mla",
             "window": None,

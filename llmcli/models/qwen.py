@@ -259,6 +259,7 @@ class QwenForCausalLM(nn.Module):
         window = self.model.layers[index].self_attn.window
         length = cache.length if cache is not None else 0
         rope_base, alpha, logn = cfg.rope_theta, None, None
+        element = self.model.embed_tokens.weight.element_size()
         if self.dynamic_ntk:
             alpha = cache.state.get("ntk_alpha", 1) if cache is not None and length else 1
             rope_base = ntk_base(cfg.rope_theta, alpha, self.rope_dim)
@@ -275,7 +276,7 @@ class QwenForCausalLM(nn.Module):
             "rope_scale": self.rope_scale,
             "logn_scale": logn,
             "ntk_alpha": alpha,
-            "cache_bytes_per_token": 2 * cfg.num_kv_heads * cfg.head_dim * self.lm_head.weight.element_size(),
+            "cache_bytes_per_token": 2 * cfg.num_kv_heads * cfg.head_dim * element,
         }
 
     def forward(self, input_ids: torch.Tensor, cache: Cache, recorder=None, last_only: bool = False):

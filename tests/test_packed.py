@@ -1,0 +1,52 @@
+"""oneDNN-prepacked bfloat16 linears on CPU: same results as F.linear, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmcli.demo import ensure_demo
+from llmcli.loader import load_model
+from llmcli.models.packed import PackedLinear, pack_linears, prepacking_available
+
+pytestmark = pytest.mark.skipif(not prepacking_available(), reason="torch build without oneDNN")
+
+
+def test_packed_linear_is_bit_identical():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 160, bias=True).to(torch.bfloat16)
+    for rows in (1, 3, 40):
+        x = torch.randn(2, rows, 96, dtype=torch.bfloat16)
+        assert torch.equal(PackedLinear(linear)(x), linear(x))
+
+
+@pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek"])
+def test_packed_model_matches_plain_bfloat16(name, monkeypatch):
+    path = ensure_demo(name)
+    packed = load_model(name, path, "cpu", "bfloat16").model
+    assert any(isinstance(m, PackedLinear) for m in packed.modules())
+    monkeypatch.setenv("LLMCLI_PREPACK", "0")
+    prepacking_available.cache_clear()
+    try:
+        plain = load_model(name, path, "cpu", "bfloat16").model
+    finally:
+        prepacking_available.cache_clear()
+    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+    ids = torch.arange(3, 43)[None]
+    with torch.inference_mode():
+        a_cache, b_cache = packed.make_cache(1, 48), plain.make_cache(1, 48)
+        assert torch.equal(packed(ids, a_cache), plain(ids, b_cache))
+        step = torch.tensor([[7]])
+        assert torch.equal(packed(step, a_cache), plain(step, b_cache))
+
+
+def test_tied_and_kept_weights_stay_plain():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({
+        "embed": torch.nn.Embedding(10, 8), "head": torch.nn.Linear(8, 10, bias=False),
+        "kept": torch.nn.Linear(8, 8), "packed": torch.nn.Linear(8, 8),
+    }).to(torch.bfloat16)
+    model["head"].weight = model["embed"].weight
+    assert pack_linears(model, keep=lambda name: name == "kept") == 1
+    assert isinstance(model["packed"], PackedLinear)
+    assert isinstance(model["head"], torch.nn.Linear) and isinstance(model["kept"], torch.nn.Linear)
