@@ -1,9 +1,199 @@
-"""`llmcli bench`: not built yet."""
+"""`llmcli bench`: llama-bench-like speed table, optionally side by side with transformers."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import sys
+from contextlib import nullcontext
+from enum import Enum
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
 
 from llmcli.cli import app
-from llmcli.cli.common import not_built
+from llmcli.cli.common import DEVICE_OPT, DTYPE_OPT, MODEL_ARG, Device, DType, err_console, human_bytes, load_model
+from llmcli.errors import LlmcliError
 
 
-@app.command("bench", help="(not built yet)")
-def bench_command() -> None:
-    not_built("bench")
+class Compare(str, Enum):
+    transformers = "transformers"
+
+
+def parse_counts(text: str, flag: str) -> list[int]:
+    """'128,512' -> [128, 512]; every value a positive integer."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            raise LlmcliError(f"{flag} takes positive integers separated by commas, got {text!r}", exit_code=2)
+        values.append(int(part))
+    return values
+
+
+def _stat(stat, scale: float = 1.0, digits: int = 1) -> str:
+    return f"{stat.mean * scale:.{digits}f} ± {stat.std * scale:.{digits}f}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _times(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}×"
+
+
+def render_table(report, compared: bool) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name, justify in (("backend", "left"), ("test", "left"), ("prefill tok/s", "right"),
+                          ("decode tok/s", "right"), ("TTFT ms", "right"), ("peak mem", "right"),
+                          ("BW use", "right")):
+        table.add_column(name, justify=justify)
+    if compared:
+        table.add_column("pp llmcli/tf", justify="right")
+        table.add_column("tg llmcli/tf", justify="right")
+    for row in report.rows:
+        w = row.workload
+        test = f"pp{w.prompt_tokens}+tg{w.gen_tokens}" + (f" ×{w.batch}" if w.batch > 1 else "")
+        cells = [row.backend, test, _stat(row.prefill_tokens_per_s), _stat(row.decode_tokens_per_s),
+                 _stat(row.ttft_s, 1000), human_bytes(row.peak_memory_bytes), _percent(row.bandwidth_fraction)]
+        if compared:
+            ratio = row.ratio or {}
+            cells += [_times(ratio.get("prefill")), _times(ratio.get("decode"))]
+        table.add_row(*cells)
+    return table
+
+
+def header_lines(report, active_note: str | None) -> list[str]:
+    env = report.env
+    bw = env["memory_bandwidth_bytes_per_s"]
+    first = report.rows[0] if report.rows else None
+    per_token = f" | decode reads {human_bytes(first.decode_bytes_per_step / first.workload.batch)} of weights/token" \
+        if first else ""
+    lines = [
+        f"model {report.model} | {report.parameters / 1e6:.1f}M parameters, "
+        f"weights {human_bytes(report.weights_bytes)}{per_token}",
+        f"llmcli {env['llmcli']} | torch {env['torch']}"
+        + (f" | transformers {env['transformers']} ({env.get('transformers_attn_implementation')})"
+           if "transformers" in env else "")
+        + f" | {report.device}: {env['device_name']} | {env['threads']} threads | {report.dtype}"
+        + f" | memory bandwidth {bw / 1e9:.1f} GB/s ({env['memory_bandwidth_source']})"
+        + (f" | load {env['load_average_1m']}" if "load_average_1m" in env else ""),
+    ]
+    if active_note:
+        lines.append(active_note)
+    return lines
+
+
+def write_output(target: str, text: str) -> None:
+    if target == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        with open(target, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+    except OSError as exc:
+        raise LlmcliError(f"cannot write {target}: {exc.strerror or exc}") from exc
+
+
+def csv_text(report) -> str:
+    import io
+
+    from llmcli.bench import CSV_COLUMNS, csv_rows
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(csv_rows(report))
+    return buffer.getvalue()
+
+
+@app.command("bench")
+def bench_command(
+    model: str | None = MODEL_ARG,
+    prompt_tokens: str = typer.Option("128,512", "--prompt-tokens", "-p",
+                                      help="Prompt lengths, comma-separated (random token ids)."),
+    gen_tokens: str = typer.Option("128", "--gen-tokens", "-n",
+                                   help="Tokens to generate per run, comma-separated (EOS ignored)."),
+    batch: str = typer.Option("1", "--batch", "-b", help="Batch sizes, comma-separated."),
+    repeat: int = typer.Option(5, "--repeat", "-r", min=1, help="Timed runs per test."),
+    warmup: int = typer.Option(1, "--warmup", "-w", min=0, help="Untimed runs per test first."),
+    compare: Compare | None = typer.Option(None, "--compare",
+                                           help="Also run the same weights and workload in this backend."),
+    json_out: str | None = typer.Option(None, "--json", metavar="FILE|-", help="Write results as JSON."),
+    csv_out: str | None = typer.Option(None, "--csv", metavar="FILE|-", help="Write results as CSV."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the random prompt tokens."),
+    threads: int | None = typer.Option(None, "--threads", "-t", min=1,
+                                       help="CPU threads for torch (default: torch's choice)."),
+    remeasure_bandwidth: bool = typer.Option(False, "--remeasure-bandwidth",
+                                             help="Measure memory bandwidth again instead of using the cached value."),
+    device: Device = DEVICE_OPT,
+    dtype: DType = DTYPE_OPT,
+) -> None:
+    """Measure prefill and decode speed, time to first token, peak memory and bandwidth use."""
+    from llmcli import bench
+
+    if json_out == "-" and csv_out == "-":
+        raise LlmcliError("--json - and --csv - cannot both write to stdout", exit_code=2)
+    workloads = [
+        bench.Workload(p, n, b) for b, p, n in itertools.product(
+            parse_counts(batch, "--batch"), parse_counts(prompt_tokens, "-p"), parse_counts(gen_tokens, "-n"))
+    ]
+    settings = bench.BenchSettings(workloads, repeat=repeat, warmup=warmup, seed=seed)
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        report, moe_note = measure(model, device, dtype, settings, compare, remeasure_bandwidth)
+    finally:
+        torch.set_num_threads(previous_threads)  # matters when called in-process (tests)
+    # The table goes to stdout unless a machine-readable format took stdout; piped output gets a
+    # wide console so the table never wraps into unreadable cells.
+    console = err_console if "-" in (json_out, csv_out) else Console(
+        highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+    for line in header_lines(report, moe_note):
+        console.print(line, style="dim", markup=False)
+    console.print(render_table(report, compare is not None))
+    if json_out:
+        write_output(json_out, json.dumps(report.as_dict(), indent=2) + "\n")
+    if csv_out:
+        write_output(csv_out, csv_text(report))
+
+
+def measure(model, device, dtype, settings, compare, remeasure_bandwidth):
+    """Load, run every workload on every backend, return (BenchReport, MoE note or None)."""
+    from llmcli import bench
+
+    loaded = load_model(model, device, dtype)
+    mine = bench.LlmcliBackend(loaded.model, loaded.device)
+    bench.validate(settings, loaded.model)  # fail before the slow parts
+    reference = None
+    if compare is Compare.transformers:
+        reference = bench.TransformersBackend(loaded.path, loaded.device, loaded.dtype, loaded.config.family)
+    show = sys.stderr.isatty()
+    status = err_console.status("measuring memory bandwidth") if show else nullcontext()
+    with status:
+        bandwidth, source = bench.machine_bandwidth(loaded.device, remeasure=remeasure_bandwidth)
+
+        def progress(text: str) -> None:
+            if show:
+                status.update(text)
+
+        rows = bench.run_bench(mine, settings, bandwidth, reference, progress)
+    if reference is not None:
+        reference.close()
+    env = bench.environment(loaded.device, loaded.dtype, bandwidth, source, reference)
+    report = bench.BenchReport(
+        model=loaded.name, path=str(loaded.path), device=loaded.device.type, dtype=env["dtype"], env=env,
+        settings=settings, weights_bytes=mine.weights_bytes, parameters=mine.parameters, rows=rows,
+    )
+    moe_note = None
+    if loaded.config.is_moe:
+        counts = sorted({(r.workload.batch, r.active_experts) for r in rows})
+        moe_note = "MoE: routed experts read per layer per decode step: " + ", ".join(
+            f"batch {b}: {a:.1f} of {loaded.config.n_routed_experts}" for b, a in counts)
+    return report, moe_note

@@ -1,0 +1,615 @@
+"""Benchmark runner: prefill/decode speed, time to first token, memory and bandwidth use.
+
+Workloads follow llama-bench / mlx_lm.benchmark: random prompt tokens, greedy decoding with EOS
+ignored (every run decodes exactly `gen_tokens` tokens), warm-up runs, then `repeat` timed runs
+reported as mean ± sample std. Backends (llmcli, optionally transformers on the same weights) run
+the identical token ids and alternate run by run, so drift on a shared machine hits both alike.
+The loop talks to the model and its cache directly (the generic `Generation` is batch 1).
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import json
+import math
+import os
+import platform
+import re
+import resource
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmcli.errors import LlmcliError
+from llmcli.generate import context_limit, synchronize
+
+# -- statistics ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float  # sample standard deviation (n - 1); 0 for a single run
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat:
+        if not values:
+            return cls(0.0, 0.0)
+        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    def as_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std}
+
+
+@dataclass
+class Workload:
+    prompt_tokens: int
+    gen_tokens: int
+    batch: int = 1
+
+    @property
+    def decode_steps(self) -> int:
+        return self.gen_tokens - 1  # the first token comes from the prefill
+
+
+@dataclass
+class RunTiming:
+    prefill_s: float  # start (cache allocation included) -> first token ready = TTFT
+    decode_s: float  # the remaining gen_tokens - 1 forward passes
+    token_ids: list[list[int]] = field(default_factory=list, repr=False)  # [batch][gen_tokens] greedy ids
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(ids) for ids in self.token_ids)
+
+
+def prompt_ids(workload: Workload, vocab_size: int, seed: int) -> torch.Tensor:
+    """The same random ids for every backend; seeded by the prompt length so -p lists are stable."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + workload.prompt_tokens)
+    return torch.randint(0, vocab_size, (workload.batch, workload.prompt_tokens), generator=gen)
+
+
+# -- memory --------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(field_name: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.M)
+    return int(match.group(1)) if match else None
+
+
+def _reset_rss_peak() -> bool:
+    """Linux >= 4.0: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _proc_status_kib("VmHWM") is not None
+
+
+class PeakMemory:
+    """Peak memory of one run: CUDA allocator peak on CUDA, else the process's peak RSS.
+
+    CPU choice: the kernel's own high-water mark (VmHWM), reset before each run through
+    /proc/self/clear_refs, is exact and costs nothing while the run is timed. ru_maxrss cannot be
+    reset (it would report the loading peak, or the other backend's), and a sampling thread would
+    miss short peaks and steal a core on small machines. Without /proc we fall back to ru_maxrss
+    and say so (`method`)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = "cuda_max_allocated" if device.type == "cuda" else "rss_hwm"
+        self.base = 0
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        elif self.method == "rss_hwm" and _reset_rss_peak():
+            self.base = (_proc_status_kib("VmRSS") or 0) * 1024
+        else:
+            self.method, self.base = "ru_maxrss_lifetime", 0
+
+    def stop(self) -> tuple[int, int | None]:
+        """(peak bytes, bytes the run added above what was resident when it started, if known)."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.method == "rss_hwm":
+            peak = (_proc_status_kib("VmHWM") or 0) * 1024
+        else:  # Linux reports KiB, macOS bytes; the lifetime peak, so no per-run increase
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+            return int(peak), None
+        return int(peak), max(int(peak) - self.base, 0)
+
+
+# -- memory bandwidth ----------------------------------------------------------------------------
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple MPS ({platform.machine()})"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_bandwidth(device: torch.device, buffer_bytes: int | None = None, repeats: int = 6) -> float:
+    """Memory bandwidth in bytes/s from a large copy (read + write = 2x the buffer per copy).
+
+    Buffers are far larger than any cache; the first copy (page faults) is not counted and the
+    best later copy is kept, as STREAM does. Decoding mostly reads, so this is a slight
+    underestimate on machines where writes are slower."""
+    if buffer_bytes is None:
+        buffer_bytes = (1 << 30) if device.type in ("cuda", "mps") else (512 << 20)
+    n = buffer_bytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for i in range(repeats + 1):
+        synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    del src, dst
+    return 2 * buffer_bytes / best
+
+
+def _machine_key(device: torch.device) -> str:
+    # CPU copy bandwidth depends on the thread count, so it is part of the key.
+    threads = f"|threads={torch.get_num_threads()}" if device.type == "cpu" else ""
+    return f"{socket.gethostname()}|{device.type}|{device_name(device)}{threads}"
+
+
+def machine_bandwidth(device: torch.device, cache_file: Path | None = None,
+                      remeasure: bool = False) -> tuple[float, str]:
+    """(bytes/s, "cached" | "measured"): measured once per machine and device, then cached."""
+    if cache_file is None:
+        from llmcli.demo import cache_home
+
+        cache_file = cache_home() / "bandwidth.json"
+    key = _machine_key(device)
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    entry = known.get(key)
+    if not remeasure and isinstance(entry, dict) and entry.get("bytes_per_s", 0) > 0:
+        return float(entry["bytes_per_s"]), "cached"
+    value = measure_bandwidth(device)
+    known[key] = {"bytes_per_s": value, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": "copy"}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=2))
+        tmp.replace(cache_file)
+    except OSError:
+        pass  # a read-only cache only costs a re-measurement next time
+    return value, "measured"
+
+
+# -- bytes read per decode step ------------------------------------------------------------------
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    try:
+        return t.data_ptr()
+    except RuntimeError:  # opaque layouts (oneDNN-prepacked weights) have no data pointer; never tied
+        return id(t)
+
+
+def weight_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors by name: parameters and persistent buffers (transformers keeps DeepSeek's
+    e_score_correction_bias as a buffer, llmcli keeps prepacked CPU weights as buffers), tied ones once."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = _storage_key(t)
+        if key not in seen:
+            seen.add(key)
+            out[name] = t
+    return out
+
+
+def parameter_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes, count) of the weights (`weight_tensors`)."""
+    tensors = weight_tensors(model).values()
+    return sum(t.numel() * t.element_size() for t in tensors), sum(t.numel() for t in tensors)
+
+
+def decode_weight_bytes(model: nn.Module, batch: int = 1, active_experts: float | None = None) -> int:
+    """Weight bytes one decode step reads: every parameter, except that the input embedding reads
+    only `batch` rows (unless it doubles as the LM head) and MoE layers read only the active routed
+    experts (top-k for one sequence; `active_experts` = distinct experts per layer for a batch)."""
+    cfg = model.config
+    total, _ = parameter_bytes(model)
+    if not cfg.tie_word_embeddings:
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                w = module.weight
+                total -= w.numel() * w.element_size()
+                total += min(batch, w.shape[0]) * w[0].numel() * w.element_size()
+    if cfg.is_moe:
+        moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+        experts = [t for name, t in weight_tensors(model).items() if ".experts." in name]
+        if experts:  # per expert, whatever the storage (one module per expert or stacked)
+            per_expert = sum(p.numel() * p.element_size() for p in experts) / (cfg.n_routed_experts * moe_layers)
+        else:
+            size = next(m.weight.element_size() for m in model.modules() if isinstance(m, nn.Embedding))
+            per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * size
+        if active_experts is None:
+            active_experts = min(cfg.n_routed_experts, batch * cfg.num_experts_per_tok)
+        total -= round((cfg.n_routed_experts - active_experts) * per_expert * moe_layers)
+    return int(total)
+
+
+class ExpertCounter:
+    """Recorder that counts distinct routed experts per MoE layer per decode step (batch > 1)."""
+
+    def __init__(self):
+        self.counts: list[int] = []
+        self.decoding = False
+
+    def record(self, layer, name, value) -> None:
+        if self.decoding and name == "router":
+            self.counts.append(int(value.experts.unique().numel()))
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.counts) if self.counts else None
+
+
+# -- backends ------------------------------------------------------------------------------------
+
+
+class LlmcliBackend:
+    name = "llmcli"
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.model, self.device = model, device
+        self.weights_bytes, self.parameters = parameter_bytes(model)
+
+    def run(self, ids: torch.Tensor, gen_tokens: int, recorder=None) -> RunTiming:
+        model, device = self.model, self.device
+        batch, length = ids.shape
+        ids = ids.to(device)
+        with torch.inference_mode():
+            synchronize(device)
+            t0 = time.perf_counter()
+            cache = model.make_cache(batch, length + gen_tokens)
+            logits = model(ids, cache, recorder=recorder, last_only=True)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            synchronize(device)
+            t1 = time.perf_counter()
+            tokens = [token]  # kept on the device: no host sync inside the timed loop
+            if recorder is not None:
+                recorder.decoding = True
+            for _ in range(gen_tokens - 1):
+                logits = model(token, cache, recorder=recorder)
+                token = logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(token)
+            synchronize(device)
+            t2 = time.perf_counter()
+            if recorder is not None:
+                recorder.decoding = False
+        return RunTiming(t1 - t0, t2 - t1, torch.cat(tokens, 1).tolist())
+
+    def close(self) -> None:
+        pass
+
+
+class TransformersBackend:
+    """The same checkpoint in transformers (default attention, its default dynamic cache); same loop."""
+
+    name = "transformers"
+
+    def __init__(self, path: Path, device: torch.device, dtype: torch.dtype, family: str):
+        try:
+            import transformers
+        except ImportError as exc:
+            raise LlmcliError(
+                "--compare transformers needs the transformers package (pip install transformers)"
+            ) from exc
+        if family == "qwen":
+            raise LlmcliError(
+                "--compare transformers: original Qwen has no built-in transformers implementation "
+                "(it needs trust_remote_code, which llmcli never enables)"
+            )
+        self.version = transformers.__version__
+        from transformers.utils import logging as hf_logging
+
+        bar_was_on, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+        hf_logging.disable_progress_bar()  # bench owns the terminal
+        hf_logging.set_verbosity_error()
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        except Exception as exc:  # transformers raises many types; the message is what matters
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LlmcliError(f"--compare transformers: transformers could not load {path}: {first}") from exc
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bar_was_on:
+                hf_logging.enable_progress_bar()
+        self.model = model.to(device).eval()
+        self.device = device
+        self.attn_implementation = getattr(model.config, "_attn_implementation", None)
+        self.weights_bytes, self.parameters = parameter_bytes(self.model)
+        # transformers 5.x renamed `past_key_values` to `cache`; use whichever forward takes.
+        accepted = inspect.signature(self.model.forward).parameters
+        self.cache_kw = "cache" if "cache" in accepted else "past_key_values"
+
+    def _cache_of(self, out):
+        cache = getattr(out, "cache", None)
+        return cache if cache is not None else out.past_key_values
+
+    def run(self, ids: torch.Tensor, gen_tokens: int, recorder=None) -> RunTiming:
+        model, device = self.model, self.device
+        ids = ids.to(device)
+        with torch.inference_mode():
+            synchronize(device)
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            synchronize(device)
+            t1 = time.perf_counter()
+            tokens = [token]
+            for _ in range(gen_tokens - 1):
+                out = model(input_ids=token, use_cache=True, **{self.cache_kw: self._cache_of(out)})
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(token)
+            synchronize(device)
+            t2 = time.perf_counter()
+        return RunTiming(t1 - t0, t2 - t1, torch.cat(tokens, 1).tolist())
+
+    def close(self) -> None:
+        self.model = None  # free the second copy of the weights before anything else runs
+        gc.collect()
+
+
+# -- runner --------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchRow:
+    backend: str
+    workload: Workload
+    runs: list[RunTiming]
+    weights_bytes: int
+    decode_bytes_per_step: int
+    bandwidth_bytes_per_s: float
+    peak_memory_bytes: int
+    run_memory_bytes: int | None
+    peak_memory_method: str
+    active_experts: float | None = None
+    ratio: dict | None = None  # llmcli / transformers, on llmcli rows when compared
+
+    @property
+    def prefill_tokens_per_s(self) -> Stat:
+        w = self.workload
+        return Stat.of([w.batch * w.prompt_tokens / r.prefill_s for r in self.runs])
+
+    @property
+    def decode_tokens_per_s(self) -> Stat:
+        w = self.workload
+        if w.decode_steps == 0:
+            return Stat(0.0, 0.0)
+        return Stat.of([w.batch * w.decode_steps / r.decode_s for r in self.runs])
+
+    @property
+    def ttft_s(self) -> Stat:
+        return Stat.of([r.prefill_s for r in self.runs])
+
+    @property
+    def bandwidth_fraction(self) -> float | None:
+        """Weight bytes read per second while decoding, as a fraction of the measured bandwidth."""
+        w = self.workload
+        if w.decode_steps == 0 or not self.bandwidth_bytes_per_s:
+            return None
+        steps_per_s = self.decode_tokens_per_s.mean / w.batch
+        return self.decode_bytes_per_step * steps_per_s / self.bandwidth_bytes_per_s
+
+    def as_dict(self) -> dict:
+        w = self.workload
+        out = {
+            "backend": self.backend,
+            "prompt_tokens": w.prompt_tokens,
+            "gen_tokens": w.gen_tokens,
+            "batch": w.batch,
+            "decode_steps": w.decode_steps,
+            "prefill_tokens_per_s": self.prefill_tokens_per_s.as_dict(),
+            "decode_tokens_per_s": self.decode_tokens_per_s.as_dict(),
+            "ttft_s": self.ttft_s.as_dict(),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "run_memory_bytes": self.run_memory_bytes,
+            "peak_memory_method": self.peak_memory_method,
+            "weights_bytes": self.weights_bytes,
+            "decode_weight_bytes_per_token": self.decode_bytes_per_step / w.batch,
+            "bandwidth_fraction": self.bandwidth_fraction,
+            "runs": [{"prefill_s": r.prefill_s, "decode_s": r.decode_s,
+                      "generated_tokens": r.generated_tokens} for r in self.runs],
+        }
+        if self.active_experts is not None:
+            out["active_experts_per_moe_layer"] = self.active_experts
+        if self.ratio is not None:
+            out["ratio_vs_transformers"] = self.ratio
+        return out
+
+
+@dataclass
+class BenchSettings:
+    workloads: list[Workload]
+    repeat: int = 5
+    warmup: int = 1
+    seed: int = 0
+
+
+def validate(settings: BenchSettings, model: nn.Module) -> None:
+    if settings.repeat < 1:
+        raise LlmcliError("--repeat must be >= 1", exit_code=2)
+    if settings.warmup < 0:
+        raise LlmcliError("--warmup must be >= 0", exit_code=2)
+    limit = context_limit(model)
+    for w in settings.workloads:
+        if w.prompt_tokens < 1 or w.gen_tokens < 1 or w.batch < 1:
+            raise LlmcliError("prompt length, generated tokens and batch must all be >= 1", exit_code=2)
+        if w.prompt_tokens + w.gen_tokens > limit:
+            raise LlmcliError(
+                f"{w.prompt_tokens} prompt + {w.gen_tokens} generated tokens exceed the context ({limit} tokens)",
+                exit_code=2,
+            )
+
+
+def run_bench(llmcli: LlmcliBackend, settings: BenchSettings, bandwidth: float,
+              reference: TransformersBackend | None = None,
+              progress: Callable[[str], None] | None = None) -> list[BenchRow]:
+    """Rows in display order: per workload, llmcli then (if given) the reference backend."""
+    model, device = llmcli.model, llmcli.device
+    validate(settings, model)
+    backends = [b for b in (llmcli, reference) if b is not None]
+    memory = PeakMemory(device)
+    rows: list[BenchRow] = []
+    for w in settings.workloads:
+        ids = prompt_ids(w, model.config.vocab_size, settings.seed)
+        label = f"pp{w.prompt_tokens} tg{w.gen_tokens} b{w.batch}"
+        counter = ExpertCounter() if model.config.is_moe and w.batch > 1 else None
+        for i in range(settings.warmup):
+            for b in backends:
+                if progress:
+                    progress(f"{label}: {b.name} warm-up {i + 1}/{settings.warmup}")
+                b.run(ids, w.gen_tokens, recorder=counter if b is llmcli and i == 0 else None)
+        active = None
+        if model.config.is_moe:  # one sequence: exactly top-k; a batch: as counted, else an upper bound
+            cfg = model.config
+            active = counter.mean if counter is not None else None
+            if active is None:
+                active = float(min(cfg.n_routed_experts, w.batch * cfg.num_experts_per_tok))
+        step_bytes = decode_weight_bytes(model, w.batch, active)
+        timings: dict[str, list[RunTiming]] = {b.name: [] for b in backends}
+        peaks: dict[str, list[tuple[int, int | None]]] = {b.name: [] for b in backends}
+        for i in range(settings.repeat):
+            for b in backends:  # alternate backends run by run: drift hits both alike
+                if progress:
+                    progress(f"{label}: {b.name} run {i + 1}/{settings.repeat}")
+                memory.start()
+                timings[b.name].append(b.run(ids, w.gen_tokens))
+                peaks[b.name].append(memory.stop())
+        for b in backends:
+            added = [a for _, a in peaks[b.name] if a is not None]
+            rows.append(BenchRow(
+                backend=b.name, workload=w, runs=timings[b.name], weights_bytes=b.weights_bytes,
+                decode_bytes_per_step=step_bytes, bandwidth_bytes_per_s=bandwidth,
+                peak_memory_bytes=max(p for p, _ in peaks[b.name]),
+                run_memory_bytes=max(added) if added else None, peak_memory_method=memory.method,
+                active_experts=active,
+            ))
+        if reference is not None:
+            mine, theirs = rows[-2], rows[-1]
+            mine.ratio = {
+                "prefill": _ratio(mine.prefill_tokens_per_s.mean, theirs.prefill_tokens_per_s.mean),
+                "decode": _ratio(mine.decode_tokens_per_s.mean, theirs.decode_tokens_per_s.mean),
+            }
+    return rows
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if a and b else None
+
+
+# -- environment and output ----------------------------------------------------------------------
+
+
+def environment(device: torch.device, dtype: torch.dtype, bandwidth: float, bandwidth_source: str,
+                reference: TransformersBackend | None = None) -> dict:
+    from llmcli import __version__
+
+    env = {
+        "llmcli": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "memory_bandwidth_bytes_per_s": bandwidth,
+        "memory_bandwidth_source": bandwidth_source,
+    }
+    if hasattr(os, "getloadavg"):
+        env["load_average_1m"] = round(os.getloadavg()[0], 2)  # a loaded machine gives noisy numbers
+    if reference is not None:
+        env["transformers"] = reference.version
+        env["transformers_attn_implementation"] = reference.attn_implementation
+    return env
+
+
+@dataclass
+class BenchReport:
+    model: str
+    path: str
+    device: str
+    dtype: str
+    env: dict
+    settings: BenchSettings
+    weights_bytes: int
+    parameters: int
+    rows: list[BenchRow] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "path": self.path,
+            "device": self.device,
+            "dtype": self.dtype,
+            "env": self.env,
+            "settings": {"repeat": self.settings.repeat, "warmup": self.settings.warmup, "seed": self.settings.seed},
+            "weights_bytes": self.weights_bytes,
+            "parameters": self.parameters,
+            "results": [row.as_dict() for row in self.rows],
+        }
+
+
+CSV_COLUMNS = [
+    "model", "device", "dtype", "backend", "batch", "prompt_tokens", "gen_tokens",
+    "prefill_tokens_per_s_mean", "prefill_tokens_per_s_std", "decode_tokens_per_s_mean", "decode_tokens_per_s_std",
+    "ttft_s_mean", "ttft_s_std", "peak_memory_bytes", "run_memory_bytes", "weights_bytes",
+    "decode_weight_bytes_per_token", "bandwidth_fraction", "prefill_ratio_vs_transformers",
+    "decode_ratio_vs_transformers",
+]
+
+
+def csv_rows(report: BenchReport) -> list[dict]:
+    out = []
+    for row in report.rows:
+        d = row.as_dict()
+        flat = {"model": report.model, "device": report.device, "dtype": report.dtype}
+        for key in CSV_COLUMNS[3:]:
+            stat, _, part = key.rpartition("_")
+            if isinstance(d.get(stat), dict) and part in ("mean", "std"):
+                flat[key] = d[stat][part]
+            elif key.endswith("_ratio_vs_transformers"):
+                flat[key] = (d.get("ratio_vs_transformers") or {}).get(key.split("_")[0])
+            else:
+                flat[key] = d.get(key)
+        out.append(flat)
+    return out
