@@ -46,8 +46,10 @@ def test_bfloat16_load_converts_each_tensor(reference):
     model, single, _ = reference
     m = load_model("t", single, "cpu", "bfloat16").model
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
-    expected = model.model.layers[1].mlp.up_proj.weight.to(torch.bfloat16)
-    assert torch.equal(m.model.layers[1].mlp.up_proj.weight, expected)
+    expected = model.model.embed_tokens.weight.to(torch.bfloat16)
+    assert torch.equal(m.model.embed_tokens.weight, expected)
+    expected = model.model.layers[1].self_attn.q_proj.bias.to(torch.bfloat16)
+    assert torch.equal(m.model.layers[1].self_attn.q_proj.bias, expected)
 
 
 def test_checkpoint_reads_exact_bytes(reference):
