@@ -63,6 +63,10 @@ def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: t
     cls = model_class(cfg)
     model = materialise(lambda: cls(cfg), dtype, device)
     notes = load_weights(model, model_dir)
+    with torch.no_grad():
+        for module in list(model.modules()):
+            if hasattr(module, "fuse_projections"):
+                module.fuse_projections()
     if device.type == "cpu":
         from llmcli.models.packed import pack_linears
 

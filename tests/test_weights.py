@@ -48,8 +48,10 @@ def test_bfloat16_load_converts_each_tensor(reference):
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     expected = model.model.embed_tokens.weight.to(torch.bfloat16)
     assert torch.equal(m.model.embed_tokens.weight, expected)
-    expected = model.model.layers[1].self_attn.q_proj.bias.to(torch.bfloat16)
-    assert torch.equal(m.model.layers[1].self_attn.q_proj.bias, expected)
+    expected = model.model.layers[1].self_attn.k_proj.bias.to(torch.bfloat16)  # k follows q in the fused qkv
+    q_size = model.model.layers[1].self_attn.q_proj.out_features
+    fused_bias = m.model.layers[1].self_attn.qkv_proj.bias
+    assert torch.equal(fused_bias[q_size: q_size + expected.numel()], expected)
 
 
 def test_checkpoint_reads_exact_bytes(reference):

@@ -20,7 +20,7 @@ from torch import nn
 
 from llmcli.config import ModelConfig
 from llmcli.config_deepseek import rope_interleaved
-from llmcli.models.layers import Cache, RMSNorm, RouterChoice, SwiGLU, rope_inv_freq, yarn_mscale
+from llmcli.models.layers import Cache, RMSNorm, RouterChoice, SwiGLU, fuse_linears, rope_inv_freq, yarn_mscale
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the fixed default, not rms_norm_eps
 FORMS = ("auto", "expanded", "absorbed")
@@ -84,15 +84,23 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.softmax_scale = softmax_scale(cfg)
         self._absorbed_weights: tuple | None = None
+        self.in_sizes: list[int] | None = None
+
+    def fuse_projections(self) -> None:
+        """After loading: the two products of the layer input (q_a or q, and kv_a) become one."""
+        first = "q_a_proj" if self.q_lora else "q_proj"
+        self.in_sizes = fuse_linears(self, [first, "kv_a_proj_with_mqa"], "in_proj")
 
     def forward(self, x, cos, sin, layer_cache: LatentLayerCache, start: int, absorbed: bool) -> torch.Tensor:
         b, t, _ = x.shape
-        if self.q_lora:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        if self.in_sizes is not None:
+            q, kv = self.in_proj(x).split(self.in_sizes, dim=-1)
         else:
-            q = self.q_proj(x)
+            q, kv = (self.q_a_proj(x) if self.q_lora else self.q_proj(x)), self.kv_a_proj_with_mqa(x)
+        if self.q_lora:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope, q_pe = q.view(b, t, self.num_heads, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)
         q_pe = rotate_pairs(q_pe, cos, sin, self.interleaved)
         k_pe = rotate_pairs(k_pe, cos, sin, self.interleaved)
         latent = layer_cache.update(start, self.kv_a_layernorm(c_kv), k_pe)
@@ -220,6 +228,9 @@ class MoE(nn.Module):
 
     def run_experts(self, x: torch.Tensor, choice: RouterChoice) -> torch.Tensor:
         """Each expert that got tokens runs once on all of them; outputs are weighted and summed per token."""
+        if x.shape[0] == 1:  # one token (decode): no grouping needed, just its k experts
+            outputs = torch.cat([self.experts[e](x) for e in choice.experts[0].tolist()])
+            return (outputs.float() * choice.weights[0, :, None]).sum(0, keepdim=True).to(x.dtype)
         k = choice.experts.shape[1]
         ids = choice.experts.reshape(-1)
         order = ids.argsort(stable=True)  # (token, slot) pairs grouped by expert

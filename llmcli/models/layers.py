@@ -29,6 +29,27 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def fuse_linears(parent: nn.Module, names: list[str], fused_name: str) -> list[int] | None:
+    """Replace the nn.Linear children `names` of `parent`, which all read the same input, by one
+    linear `fused_name` whose output is their concatenation. Decoding is a string of one-row
+    products, each bound by streaming its weight: one larger product streams better than several
+    small ones and saves calls. Returns the output sizes to split by (None if nothing was fused)."""
+    parts = [getattr(parent, name, None) for name in names]
+    if not all(type(p) is nn.Linear for p in parts):
+        return None
+    weight = torch.cat([p.weight.detach() for p in parts])
+    fused = nn.Linear(parts[0].in_features, weight.shape[0], bias=any(p.bias is not None for p in parts),
+                      device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:  # a part without bias contributes zeros
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() if p.bias is not None else weight.new_zeros(
+            p.out_features) for p in parts]), requires_grad=False)
+    for name in names:
+        delattr(parent, name)
+    setattr(parent, fused_name, fused)
+    return [p.out_features for p in parts]
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); attribute names follow the Llama-style checkpoints."""
 
@@ -37,8 +58,16 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.fused = False
+
+    def fuse_projections(self) -> None:
+        """After loading: gate and up become one product (`gate_up_proj`)."""
+        self.fused = fuse_linears(self, ["gate_proj", "up_proj"], "gate_up_proj") is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -31,6 +31,7 @@ from llmcli.models.layers import (
     apply_rope,
     attention_mask,
     default_inv_freq,
+    fuse_linears,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -73,6 +74,11 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv_sizes: list[int] | None = None
+
+    def fuse_projections(self) -> None:
+        """After loading: q, k and v become one product (`qkv_proj`)."""
+        self.qkv_sizes = fuse_linears(self, ["q_proj", "k_proj", "v_proj"], "qkv_proj")
 
     def _rope(self, x, cos, sin):
         if self.rotary_dim is None and cos.dtype == x.dtype:
@@ -87,9 +93,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, layer_cache: KVLayerCache, start: int, q_scale=None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qkv_sizes is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

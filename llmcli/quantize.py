@@ -1,0 +1,86 @@
+"""Weight-only int8 quantisation with one scale per output channel.
+
+Decoding reads every active weight once per token, so halving the bytes of bf16 weights nearly
+halves the time of a memory-bound decode step. Activations stay in the model's dtype; only the
+weights are stored as int8 and rescaled after the matrix product.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: w ≈ q * scale[:, None], |q| <= 127."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+@functools.cache
+def packed_kernel_works(device_type: str, dtype: torch.dtype) -> bool:
+    """torch's int8 weight-only kernel exists for some devices and dtypes only: probe once."""
+    op = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+    if op is None:
+        return False
+    try:
+        x = torch.ones(1, 64, dtype=dtype, device=device_type)
+        w = torch.ones(64, 64, dtype=torch.int8, device=device_type)
+        out = torch._weight_int8pack_mm(x, w, torch.ones(64, dtype=dtype, device=device_type))
+        return bool(torch.allclose(out.float(), torch.full_like(out.float(), 64.0)))
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+class Int8Linear(nn.Module):
+    """A drop-in replacement for nn.Linear holding int8 weights and per-output-channel scales."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = quantize_weight(linear.weight.detach())
+        dtype = linear.weight.dtype
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scale.to(dtype))
+        self.bias = linear.bias
+        self.packed = packed_kernel_works(q.device.type, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.packed and x2.dtype == self.scales.dtype:
+            out = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales)
+        else:  # correct everywhere, just not as fast: dequantise on the fly
+            out = F.linear(x2, self.weight.to(x2.dtype)) * self.scales.to(x2.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+def quantize_model(model: nn.Module, skip=lambda name: False) -> int:
+    """Replace every nn.Linear (one at a time, so peak memory grows by one layer) with Int8Linear.
+    Tied weights are untied for the linear. Returns the number of layers quantised."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and not skip(full):
+                setattr(module, child_name, Int8Linear(child))
+                count += 1
+    return count
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers that hold weights (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
