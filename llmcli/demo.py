@@ -14,8 +14,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from llmcli.errors import LlmcliError
 
 DEMO_VERSION = 1
@@ -89,8 +87,10 @@ def write_tokenizer(directory: Path, tok, template: str = CHATML_TEMPLATE) -> No
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
-def random_state_dict(model: torch.nn.Module, seed: int, skip: set[str] = frozenset()) -> dict:
+def random_state_dict(model, seed: int, skip: set[str] = frozenset()) -> dict:
     """Deterministic random weights: normal(0, 0.02) for matrices, ones for norms, small biases."""
+    import torch  # imported on use: `list` and `download` never need it
+
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, param in sorted(model.state_dict().items()):
@@ -204,6 +204,8 @@ def ensure_demo(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
+        import torch
+
         with torch.inference_mode(False):
             builder(tmp)
         try:

@@ -57,20 +57,29 @@ def model_class(cfg: ModelConfig):
     raise LlmcliError(f"no model implementation for {cfg.family!r}")
 
 
-def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device):
+QUANTIZE_MODES = ("int8",)
+
+
+def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
+                quantize: str | None = None):
     from llmcli.weights import load_weights, materialise
 
     cls = model_class(cfg)
     model = materialise(lambda: cls(cfg), dtype, device)
     notes = load_weights(model, model_dir)
+    keep = getattr(model, "keeps_dense_weight", lambda name: False)
     with torch.no_grad():
         for module in list(model.modules()):
             if hasattr(module, "fuse_projections"):
                 module.fuse_projections()
+        if quantize == "int8":
+            from llmcli.quantize import quantize_model
+
+            quantize_model(model, skip=keep)
     if device.type == "cpu":
         from llmcli.models.packed import pack_linears
 
-        pack_linears(model, keep=getattr(model, "keeps_dense_weight", lambda name: False))
+        pack_linears(model, keep=keep)
     model.eval()
     return model, notes
 
@@ -88,7 +97,8 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
 
 
-def load_model(name: str, path: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(name: str, path: Path, device: str = "auto", dtype: str = "auto",
+               quantize: str | None = None) -> LoadedModel:
     from llmcli.tokenizer import Tokenizer
 
     path = Path(path)
@@ -97,8 +107,10 @@ def load_model(name: str, path: Path, device: str = "auto", dtype: str = "auto")
     dev = resolve_device(device)
     cfg = load_config(path)
     dt = resolve_dtype(dtype, cfg, dev)
+    if quantize not in (None, *QUANTIZE_MODES):
+        raise LlmcliError(f"unknown --quantize {quantize!r}; choose {', '.join(QUANTIZE_MODES)}", exit_code=2)
     start = time.perf_counter()
     tokenizer = Tokenizer.from_dir(path)
     with torch.inference_mode(False):
-        model, notes = build_model(cfg, path, dt, dev)
+        model, notes = build_model(cfg, path, dt, dev, quantize)
     return LoadedModel(name, path, cfg, model, tokenizer, dev, dt, time.perf_counter() - start, notes)

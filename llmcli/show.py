@@ -257,6 +257,24 @@ def _attention(cfg: ModelConfig) -> dict:
     return {"kind": kind, "qkv_bias": cfg.attention_bias, "qk_norm": cfg.qk_norm}
 
 
+def _weight_sizes(cfg: ModelConfig, tensors: dict[str, TensorInfo] | None, dtype: str) -> dict | None:
+    """Bytes of the weights once loaded in the run dtype, and with --quantize int8 (MTP layers skipped)."""
+    from llmcli.quantize import int8_size
+
+    if tensors is None:
+        return None
+    element = DTYPE_BYTES.get({"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(dtype, "BF16"), 2)
+    shapes = {}
+    for name, t in tensors.items():
+        match = LAYER_RE.match(name)
+        if name.endswith(SCALE_SUFFIX) or name.endswith(NOT_PARAMETERS) or (
+                match and int(match.group(1)) >= cfg.num_layers):
+            continue
+        shapes[name] = t.shape
+    tied = (cfg.vocab_size, cfg.hidden_size) if cfg.tie_word_embeddings else None
+    return {dtype: sum(math.prod(s) for s in shapes.values()) * element, "int8": int8_size(shapes, element, tied)}
+
+
 def disk_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file())
 
@@ -306,6 +324,7 @@ def describe(model_dir: Path, name: str | None = None, repo: str | None = None,
         "fp8_block_size": list(cfg.fp8_block_size) if cfg.fp8_block_size else None,
         "run_dtype": dtype,
         "kv_cache": kv_cache(cfg, dtype),
+        "weight_bytes": _weight_sizes(cfg, tensors, dtype),
         "chat_template": chat_template_source(model_dir, cfg.family),
         "tokenizer": "tokenizer.json" if (model_dir / "tokenizer.json").is_file()
         else "qwen.tiktoken" if (model_dir / "qwen.tiktoken").is_file() else None,

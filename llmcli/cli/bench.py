@@ -9,13 +9,24 @@ import sys
 from contextlib import nullcontext
 from enum import Enum
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from llmcli.cli import app
-from llmcli.cli.common import DEVICE_OPT, DTYPE_OPT, MODEL_ARG, Device, DType, err_console, human_bytes, load_model
+from llmcli.cli.common import (
+    DEVICE_OPT,
+    DTYPE_OPT,
+    MODEL_ARG,
+    QUANTIZE_OPT,
+    YES_OPT,
+    Device,
+    DType,
+    Quantize,
+    err_console,
+    human_bytes,
+    load_model,
+)
 from llmcli.errors import LlmcliError
 
 
@@ -133,6 +144,8 @@ def bench_command(
                                              help="Measure memory bandwidth again instead of using the cached value."),
     device: Device = DEVICE_OPT,
     dtype: DType = DTYPE_OPT,
+    yes: bool = YES_OPT,
+    quantize: Quantize | None = QUANTIZE_OPT,
 ) -> None:
     """Measure prefill and decode speed, time to first token, peak memory and bandwidth use."""
     from llmcli import bench
@@ -144,11 +157,13 @@ def bench_command(
             parse_counts(batch, "--batch"), parse_counts(prompt_tokens, "-p"), parse_counts(gen_tokens, "-n"))
     ]
     settings = bench.BenchSettings(workloads, repeat=repeat, warmup=warmup, seed=seed)
+    import torch  # here, not at import time: every llmcli command would pay for it
+
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        report, moe_note = measure(model, device, dtype, settings, compare, remeasure_bandwidth)
+        report, moe_note = measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes, quantize)
     finally:
         torch.set_num_threads(previous_threads)  # matters when called in-process (tests)
     # The table goes to stdout unless a machine-readable format took stdout; piped output gets a
@@ -164,11 +179,11 @@ def bench_command(
         write_output(csv_out, csv_text(report))
 
 
-def measure(model, device, dtype, settings, compare, remeasure_bandwidth):
+def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=False, quantize=None):
     """Load, run every workload on every backend, return (BenchReport, MoE note or None)."""
     from llmcli import bench
 
-    loaded = load_model(model, device, dtype)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize)
     mine = bench.LlmcliBackend(loaded.model, loaded.device)
     bench.validate(settings, loaded.model)  # fail before the slow parts
     reference = None
@@ -187,6 +202,7 @@ def measure(model, device, dtype, settings, compare, remeasure_bandwidth):
     if reference is not None:
         reference.close()
     env = bench.environment(loaded.device, loaded.dtype, bandwidth, source, reference)
+    env["quantize"] = quantize.value if quantize else None
     report = bench.BenchReport(
         model=loaded.name, path=str(loaded.path), device=loaded.device.type, dtype=env["dtype"], env=env,
         settings=settings, weights_bytes=mine.weights_bytes, parameters=mine.parameters, rows=rows,

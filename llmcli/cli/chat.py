@@ -20,9 +20,12 @@ from llmcli.cli.common import (
     MODEL_ARG,
     NO_LOGN_OPT,
     NO_NTK_OPT,
+    QUANTIZE_OPT,
     WINDOW_OPT,
+    YES_OPT,
     Device,
     DType,
+    Quantize,
     apply_attention_overrides,
     err_console,
     human_bytes,
@@ -227,6 +230,8 @@ def chat_command(
     window: str | None = WINDOW_OPT,
     device: Device = DEVICE_OPT,
     dtype: DType = DTYPE_OPT,
+    yes: bool = YES_OPT,
+    quantize: Quantize | None = QUANTIZE_OPT,
 ) -> None:
     """Chat with a model. In a terminal: line editing, /help for commands, Ctrl-C stops a reply,
     Ctrl-D quits. With piped stdin: each line is one message and replies go to stdout."""
@@ -236,7 +241,7 @@ def chat_command(
 
     sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     sampling.validate()
-    loaded = load_model(model, device, dtype)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     session = ChatSession(loaded, sampling, max_new_tokens, max_context, system, think,
                           stop_ids=stop_token_ids(loaded))

@@ -101,7 +101,19 @@ def not_built(command: str) -> None:
 YES_OPT = typer.Option(False, "--yes", "-y", help="Download a missing model without asking, even above 20 GB.")
 
 
-def load_model(model: str | None, device: Device, dtype: DType, quiet: bool = False, yes: bool = False):
+class Quantize(str, Enum):
+    int8 = "int8"
+
+
+QUANTIZE_OPT = typer.Option(
+    None, "--quantize",
+    help="int8: weight-only int8 with a scale per output channel for every linear layer (about half the "
+         "bytes of bfloat16 per decoded token; use with --dtype bfloat16).",
+)
+
+
+def load_model(model: str | None, device: Device, dtype: DType, quiet: bool = False, yes: bool = False,
+               quantize: Quantize | None = None):
     """Resolve and load a model, with a spinner on stderr and the demo notice when it applies."""
     from llmcli import hub
     from llmcli.demo import DEMO_NOTICE
@@ -110,12 +122,12 @@ def load_model(model: str | None, device: Device, dtype: DType, quiet: bool = Fa
     resolved = hub.resolve(model, yes=yes)
     if resolved.is_demo:
         err_console.print(DEMO_NOTICE.format(name=resolved.name), style="yellow")
-    show = not quiet and sys.stderr.isatty()
-    if show:
+    args = (resolved.name, resolved.path, device.value, dtype.value, quantize.value if quantize else None)
+    if not quiet and sys.stderr.isatty():
         with err_console.status(f"loading {resolved.name}"):
-            loaded = load(resolved.name, resolved.path, device.value, dtype.value)
+            loaded = load(*args)
     else:
-        loaded = load(resolved.name, resolved.path, device.value, dtype.value)
+        loaded = load(*args)
     for note in loaded.notes:
         err_console.print(f"note: {note}", style="dim")
     return loaded

@@ -14,9 +14,12 @@ from llmcli.cli.common import (
     MODEL_ARG,
     NO_LOGN_OPT,
     NO_NTK_OPT,
+    QUANTIZE_OPT,
     WINDOW_OPT,
+    YES_OPT,
     Device,
     DType,
+    Quantize,
     apply_attention_overrides,
     err_console,
     human_bytes,
@@ -78,6 +81,8 @@ def generate_command(
     window: str | None = WINDOW_OPT,
     device: Device = DEVICE_OPT,
     dtype: DType = DTYPE_OPT,
+    yes: bool = YES_OPT,
+    quantize: Quantize | None = QUANTIZE_OPT,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout (stats on stderr)."""
     from llmcli.generate import Generation, SamplingParams
@@ -85,7 +90,7 @@ def generate_command(
     sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     sampling.validate()
     text = read_prompt(prompt)
-    loaded = load_model(model, device, dtype)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     ids = prompt_token_ids(loaded, text, chat, system)
     gen = Generation(loaded.model, loaded.tokenizer, ids, max_new_tokens, sampling,

@@ -17,6 +17,7 @@ from llmcli.cli.common import (
     NO_LOGN_OPT,
     NO_NTK_OPT,
     WINDOW_OPT,
+    YES_OPT,
     Device,
     DType,
     apply_attention_overrides,
@@ -67,6 +68,7 @@ def trace_command(
     window: str | None = WINDOW_OPT,
     device: Device = DEVICE_OPT,
     dtype: DType = DTYPE_OPT,
+    yes: bool = YES_OPT,
 ) -> None:
     from llmcli.cli.generate import prompt_token_ids, stop_token_ids
     from llmcli.trace import DEFAULT_PROMPT, build_trace_json, parse_layer_specs, run_trace, select_layers
@@ -74,7 +76,7 @@ def trace_command(
 
     parse_layer_specs(layer)  # bad syntax fails before the model loads
     text = sys.stdin.read() if prompt == "-" else (prompt if prompt is not None else DEFAULT_PROMPT)
-    loaded = load_model(model, device, dtype)
+    loaded = load_model(model, device, dtype, yes=yes)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     layers = select_layers(layer, loaded.config.num_layers, loaded.name)
     ids = prompt_token_ids(loaded, text, chat, None)

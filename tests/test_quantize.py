@@ -1,0 +1,75 @@
+"""Weight-only int8: reconstruction error, closeness to bfloat16, the size `show` reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmcli.demo import ensure_demo
+from llmcli.loader import load_model
+from llmcli.quantize import Int8Linear, quantize_weight, weight_bytes
+
+
+def test_reconstruction_error_is_within_half_a_step():
+    w = torch.randn(64, 300, generator=torch.Generator().manual_seed(0))
+    q, scale = quantize_weight(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    error = (q.float() * scale[:, None] - w).abs()
+    assert (error <= scale[:, None] / 2 + 1e-7).all()  # rounding to the nearest of 255 levels per row
+    assert torch.allclose(q.float().abs().amax(1), torch.full((64,), 127.0))  # each row uses the full range
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_equals_the_dequantised_product(dtype):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96, bias=True).to(dtype)
+    layer = Int8Linear(linear)
+    x = torch.randn(3, 5, 128, dtype=dtype)
+    dequantised = (layer.weight.float() * layer.scales.float()[:, None])
+    expected = x.float() @ dequantised.T + linear.bias.float()
+    tolerance = 1e-4 if dtype == torch.float32 else 0.05
+    assert (layer(x).float() - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+@pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek"])
+def test_int8_model_stays_close_to_bfloat16(name, monkeypatch):
+    monkeypatch.setenv("LLMCLI_PREPACK", "0")  # plain tensors, so weight_bytes can count them
+    from llmcli.models.packed import prepacking_available
+
+    prepacking_available.cache_clear()
+    path = ensure_demo(name)
+    try:
+        bf16 = load_model(name, path, "cpu", "bfloat16").model
+        int8 = load_model(name, path, "cpu", "bfloat16", quantize="int8").model
+    finally:
+        prepacking_available.cache_clear()
+    assert any(isinstance(m, Int8Linear) for m in int8.modules())
+    assert weight_bytes(int8) < 0.7 * weight_bytes(bf16)
+    ids = torch.arange(3, 43)[None]
+    with torch.inference_mode():
+        a, b = bf16(ids, bf16.make_cache(1, 40)), int8(ids, int8.make_cache(1, 40))
+    cosine = torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0)
+    assert cosine > 0.99
+
+
+def test_show_reports_the_int8_size(run_cli, monkeypatch):
+    monkeypatch.setenv("LLMCLI_PREPACK", "0")
+    from llmcli.models.packed import prepacking_available
+
+    prepacking_available.cache_clear()
+    try:
+        model = load_model("demo-qwen", ensure_demo("demo-qwen"), "cpu", "float32", quantize="int8").model
+    finally:
+        prepacking_available.cache_clear()
+    code, out, err = run_cli("show", "demo-qwen", "--json")
+    assert code == 0, err
+    sizes = json.loads(out)["weight_bytes"]
+    buffers = {n: b for n, b in model.named_buffers() if n != "inv_freq"}  # rope frequencies are not weights
+    actual = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(buffers.values()))
+    assert sizes["int8"] == actual
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(ensure_demo("demo-qwen") / "model.safetensors")
+    assert sizes["float32"] == sum(t.numel() * 4 for t in checkpoint.values())
