@@ -144,10 +144,15 @@ class MLAttention(nn.Module):
         q_latent = torch.bmm(q_nope.transpose(0, 1).reshape(h, b * t, self.nope), w_uk)  # [H, B*T, rank]
         q_latent = q_latent.view(h, b, t, self.rank).transpose(0, 1)
         q = torch.cat((q_latent, q_pe), dim=-1).reshape(b, 1, h * t, self.rank + self.rope)
-        mask = None if t == 1 else causal_mask(start, t, total, q.device).repeat(h, 1)
-        out = F.scaled_dot_product_attention(
-            q, latent[:, None], latent[:, None, :, : self.rank], attn_mask=mask, scale=self.softmax_scale
-        )  # [B, 1, H*T, rank]
+        if t == 1:  # a decode step: two small float32 products beat SDPA's general math path here
+            cached = latent.float()
+            scores = torch.matmul(q[:, 0].float(), cached.transpose(1, 2)) * self.softmax_scale  # [B, H, total]
+            out = torch.matmul(scores.softmax(dim=-1), cached[..., : self.rank])[:, None].to(q.dtype)
+        else:
+            mask = causal_mask(start, t, total, q.device).repeat(h, 1)
+            out = F.scaled_dot_product_attention(
+                q, latent[:, None], latent[:, None, :, : self.rank], attn_mask=mask, scale=self.softmax_scale
+            )  # [B, 1, H*T, rank]
         out = torch.bmm(out.view(b, h, t, self.rank).transpose(0, 1).reshape(h, b * t, self.rank), w_uv_t)
         return out.view(h, b, t, self.v_dim).transpose(0, 1)
 
