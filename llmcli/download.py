@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llmcli.errors import LlmcliError
+from llmcli.units import human_bytes
 
 # What llmcli loads from a repository (top-level files only).
 LOADABLE_PATTERNS = [
@@ -143,13 +144,6 @@ def folder_bytes(folder: Path) -> int:
                     pass
     return total
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 # -- choosing files --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from llmcli.errors import LlmcliError
+from llmcli.units import human_bytes  # noqa: F401  (the commands import it from here)
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -132,10 +133,3 @@ def load_model(model: str | None, device: Device, dtype: DType, quiet: bool = Fa
         err_console.print(f"note: {note}", style="dim")
     return loaded
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

@@ -20,7 +20,16 @@ from torch import nn
 
 from llmcli.config import ModelConfig
 from llmcli.config_deepseek import rope_interleaved
-from llmcli.models.layers import Cache, RMSNorm, RouterChoice, SwiGLU, fuse_linears, rope_inv_freq, yarn_mscale
+from llmcli.models.layers import (
+    Cache,
+    RMSNorm,
+    RouterChoice,
+    SwiGLU,
+    fuse_linears,
+    record_residuals,
+    rope_inv_freq,
+    yarn_mscale,
+)
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the fixed default, not rms_norm_eps
 FORMS = ("auto", "expanded", "absorbed")
@@ -268,10 +277,7 @@ class DecoderLayer(nn.Module):
         h = self.post_attention_layernorm(mid)
         mlp = self.mlp(h, self.index, recorder) if self.is_moe else self.mlp(h)
         out = mid + mlp
-        if recorder is not None:
-            for name, value in (("resid_pre", x), ("attn_out", attn), ("resid_mid", mid),
-                                ("mlp_out", mlp), ("resid_post", out)):
-                recorder.record(self.index, name, value)
+        record_residuals(recorder, self.index, x, attn, mid, mlp, out)
         return out
 
 

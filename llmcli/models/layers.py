@@ -170,6 +170,14 @@ class RouterChoice:
     groups: torch.Tensor | None = None  # [T, topk_group] groups kept by group-limited routing
 
 
+def record_residuals(recorder, index: int, resid_pre, attn_out, resid_mid, mlp_out, resid_post) -> None:
+    """Hand a decoder layer's named points to the recorder (`trace`); a no-op without one."""
+    if recorder is not None:
+        for name, value in (("resid_pre", resid_pre), ("attn_out", attn_out), ("resid_mid", resid_mid),
+                            ("mlp_out", mlp_out), ("resid_post", resid_post)):
+            recorder.record(index, name, value)
+
+
 # -- caches --------------------------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ from llmcli.models.layers import (
     attention_mask,
     default_inv_freq,
     fuse_linears,
+    record_residuals,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -132,10 +133,7 @@ class DecoderLayer(nn.Module):
         mid = x + attn
         mlp = self.mlp(self.post_attention_layernorm(mid))
         out = mid + mlp
-        if recorder is not None:
-            for name, value in (("resid_pre", x), ("attn_out", attn), ("resid_mid", mid),
-                                ("mlp_out", mlp), ("resid_post", out)):
-                recorder.record(self.index, name, value)
+        record_residuals(recorder, self.index, x, attn, mid, mlp, out)
         return out
 
 
