@@ -36,7 +36,8 @@ with open("/proc/self/clear_refs", "w") as f:
 base = status("VmRSS")
 loaded = load_model("bench", Path(sys.argv[1]), "cpu", sys.argv[2])
 peak = status("VmHWM")
-weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in loaded.model.parameters()}.values())
+from llmcli.bench import parameter_bytes
+weights = parameter_bytes(loaded.model)[0]
 print(json.dumps({"baseline_rss": base, "peak_rss": peak, "weights_bytes": weights,
                   "load_seconds": loaded.load_seconds}))
 """

@@ -69,9 +69,8 @@ def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: t
     notes = load_weights(model, model_dir)
     keep = getattr(model, "keeps_dense_weight", lambda name: False)
     with torch.no_grad():
-        for module in list(model.modules()):
-            if hasattr(module, "fuse_projections"):
-                module.fuse_projections()
+        for module in [m for m in model.modules() if hasattr(m, "fuse_projections")]:  # parents only
+            module.fuse_projections()
         if quantize == "int8":
             from llmcli.quantize import quantize_model
 

@@ -85,8 +85,10 @@ def int8_size(tensors: dict[str, tuple[int, ...]], element: int, tied_head: tupl
 def quantize_model(model: nn.Module, skip=lambda name: False) -> int:
     """Replace every nn.Linear (one at a time, so peak memory grows by one layer) with Int8Linear.
     Tied weights are untied for the linear. Returns the number of layers quantised."""
+    from llmcli.models.packed import parents_of_linears
+
     count = 0
-    for name, module in list(model.named_modules()):
+    for name, module in parents_of_linears(model):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, nn.Linear) and not skip(full):

@@ -55,7 +55,7 @@ def pack_linears(model: nn.Module, keep=lambda name: False) -> int:
         return 0
     shared = _shared_weights(model)
     count = 0
-    for name, module in list(model.named_modules()):
+    for name, module in parents_of_linears(model):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if (isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16
@@ -63,6 +63,13 @@ def pack_linears(model: nn.Module, keep=lambda name: False) -> int:
                 setattr(module, child_name, PackedLinear(child))
                 count += 1
     return count
+
+
+def parents_of_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules with nn.Linear children. Collect parents only: a list holding the children themselves
+    would keep every replaced weight alive until the end, doubling peak memory."""
+    return [(name, module) for name, module in model.named_modules()
+            if any(isinstance(child, nn.Linear) for child in module.children())]
 
 
 def _shared_weights(model: nn.Module) -> set[int]:
