@@ -58,9 +58,7 @@ def chat_tokenizer(tokenizer, family: str | None):
     if tokenizer.chat_template is not None:
         return tokenizer
     if family == "qwen":
-        from llmcli.tokenizer import Tokenizer
-
-        return Tokenizer.from_tokenizers(tokenizer._tok, tokenizer.config, chat_template=chatml_template())
+        return tokenizer.with_chat_template(chatml_template())
     raise LlmcliError("this model has no chat template; use `llmcli generate --raw` instead")
 
 

@@ -141,6 +141,10 @@ class Tokenizer:
                         chat_template: str | list | None = None) -> Tokenizer:
         return cls(tok, config, chat_template)
 
+    def with_chat_template(self, chat_template: str) -> Tokenizer:
+        """The same vocabulary and special tokens with another chat template."""
+        return Tokenizer(self._tok, self.config, chat_template)
+
     @classmethod
     def from_dir(cls, path: Path) -> Tokenizer:
         import tokenizers
