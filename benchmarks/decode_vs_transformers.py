@@ -55,7 +55,7 @@ def checkpoint_dir() -> Path:
 
 
 def run(dtype: str, path: Path, args, bandwidth: float) -> list[bench.BenchRow]:
-    loaded = load_model("qwen2.5-0.5b-shape", path, "cpu", dtype)
+    loaded = load_model("qwen2.5-0.5b-shape", path, "cpu", dtype, compile=args.compile)
     mine = bench.LlmcliBackend(loaded.model, loaded.device)
     theirs = bench.TransformersBackend(path, loaded.device, loaded.dtype, loaded.config.family)
     settings = bench.BenchSettings([bench.Workload(args.prompt, args.gen, 1)], repeat=args.repeat,
@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--gen", type=int, default=64)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true", help="llmcli with --compile (the warm-up compiles)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,7 +91,7 @@ def main() -> None:
     env = bench.environment(device, torch.float32, bandwidth, source)
     import transformers
 
-    print(f"Qwen2.5-0.5B shape (random weights), prompt {args.prompt}, {args.gen} new tokens, greedy, batch 1, "
+    print(f"Qwen2.5-0.5B shape (random weights), llmcli {'compiled' if args.compile else 'eager'}, prompt {args.prompt}, {args.gen} new tokens, greedy, batch 1, "
           f"{args.warmup} warm-up + {args.repeat} runs each")
     print(f"torch {env['torch']} | transformers {transformers.__version__} | {env['device_name']} | "
           f"{env['threads']} threads | memory bandwidth {bandwidth / 1e9:.1f} GB/s ({source}) | "

@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--gen", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--compile", action="store_true", help="llmcli with --compile (the warm-up compiles)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,13 +101,13 @@ def main() -> None:
     env = bench.environment(device, torch.float32, bandwidth, source)
     import transformers
 
-    print(f"DeepSeek-V3 shape (random weights, {args.dtype}), prompt {args.prompt}, {args.gen} new tokens, "
+    print(f"DeepSeek-V3 shape (random weights, {args.dtype}), llmcli {'compiled' if args.compile else 'eager'}, prompt {args.prompt}, {args.gen} new tokens, "
           f"greedy, batch 1, {args.warmup} warm-up + {args.repeat} runs each")
     print(f"torch {env['torch']} | transformers {transformers.__version__} | {env['device_name']} | "
           f"{env['threads']} threads | memory bandwidth {bandwidth / 1e9:.1f} GB/s ({source}) | "
           f"load average at start {os.getloadavg()[0]:.2f}")
     started = time.perf_counter()
-    loaded = load_model("deepseek-v3-shape", path, "cpu", args.dtype)
+    loaded = load_model("deepseek-v3-shape", path, "cpu", args.dtype, compile=args.compile)
     mine = bench.LlmcliBackend(loaded.model, loaded.device)
     theirs = bench.TransformersBackend(path, loaded.device, loaded.dtype, loaded.config.family)
     settings = bench.BenchSettings([bench.Workload(args.prompt, args.gen, 1)], repeat=args.repeat,

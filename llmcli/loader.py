@@ -61,7 +61,7 @@ QUANTIZE_MODES = ("int8",)
 
 
 def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
-                quantize: str | None = None):
+                quantize: str | None = None, compile: bool = False):
     from llmcli.weights import load_weights, materialise
 
     cls = model_class(cfg)
@@ -75,11 +75,18 @@ def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: t
             from llmcli.quantize import quantize_model
 
             quantize_model(model, skip=keep)
-    if device.type == "cpu":
+        if compile:  # the compiled step reads experts from stacks, and plain weights (not oneDNN-packed)
+            for module in [m for m in model.modules() if hasattr(m, "stack_experts")]:
+                module.stack_experts()
+    if device.type == "cpu" and not compile:
         from llmcli.models.packed import pack_linears
 
         pack_linears(model, keep=keep)
     model.eval()
+    if compile:
+        from llmcli.compile import enable_compiled_decode
+
+        enable_compiled_decode(model, device)
     return model, notes
 
 
@@ -97,7 +104,7 @@ class LoadedModel:
 
 
 def load_model(name: str, path: Path, device: str = "auto", dtype: str = "auto",
-               quantize: str | None = None) -> LoadedModel:
+               quantize: str | None = None, compile: bool = False) -> LoadedModel:
     from llmcli.tokenizer import Tokenizer
 
     path = Path(path)
@@ -111,5 +118,5 @@ def load_model(name: str, path: Path, device: str = "auto", dtype: str = "auto",
     start = time.perf_counter()
     tokenizer = Tokenizer.from_dir(path)
     with torch.inference_mode(False):
-        model, notes = build_model(cfg, path, dt, dev, quantize)
+        model, notes = build_model(cfg, path, dt, dev, quantize, compile)
     return LoadedModel(name, path, cfg, model, tokenizer, dev, dt, time.perf_counter() - start, notes)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmcli.models.layers import few_rows, one_row_linear
+
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: w ≈ q * scale[:, None], |q| <= 127."""
@@ -52,6 +54,8 @@ class Int8Linear(nn.Module):
         self.packed = packed_kernel_works(q.device.type, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if few_rows(x):  # compiled decode step: one fused loop reading the int8 rows
+            return one_row_linear(x, self.weight, self.bias, self.scales)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.packed and x2.dtype == self.scales.dtype:

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from llmcli.cli import app
 from llmcli.cli.common import (
+    COMPILE_OPT,
     DEVICE_OPT,
     DTYPE_OPT,
     MODEL_ARG,
@@ -146,6 +147,7 @@ def bench_command(
     dtype: DType = DTYPE_OPT,
     yes: bool = YES_OPT,
     quantize: Quantize | None = QUANTIZE_OPT,
+    compile: bool = COMPILE_OPT,
 ) -> None:
     """Measure prefill and decode speed, time to first token, peak memory and bandwidth use."""
     from llmcli import bench
@@ -163,7 +165,7 @@ def bench_command(
     if threads:
         torch.set_num_threads(threads)
     try:
-        report, moe_note = measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes, quantize)
+        report, moe_note = measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes, quantize, compile)
     finally:
         torch.set_num_threads(previous_threads)  # matters when called in-process (tests)
     # The table goes to stdout unless a machine-readable format took stdout; piped output gets a
@@ -179,11 +181,12 @@ def bench_command(
         write_output(csv_out, csv_text(report))
 
 
-def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=False, quantize=None):
+def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=False, quantize=None,
+            compile=False):
     """Load, run every workload on every backend, return (BenchReport, MoE note or None)."""
     from llmcli import bench
 
-    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile)
     mine = bench.LlmcliBackend(loaded.model, loaded.device)
     bench.validate(settings, loaded.model)  # fail before the slow parts
     reference = None
@@ -203,6 +206,7 @@ def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=Fa
         reference.close()
     env = bench.environment(loaded.device, loaded.dtype, bandwidth, source, reference)
     env["quantize"] = quantize.value if quantize else None
+    env["compile"] = compile
     report = bench.BenchReport(
         model=loaded.name, path=str(loaded.path), device=loaded.device.type, dtype=env["dtype"], env=env,
         settings=settings, weights_bytes=mine.weights_bytes, parameters=mine.parameters, rows=rows,

@@ -15,6 +15,7 @@ import typer
 
 from llmcli.cli import app
 from llmcli.cli.common import (
+    COMPILE_OPT,
     DEVICE_OPT,
     DTYPE_OPT,
     MODEL_ARG,
@@ -232,6 +233,7 @@ def chat_command(
     dtype: DType = DTYPE_OPT,
     yes: bool = YES_OPT,
     quantize: Quantize | None = QUANTIZE_OPT,
+    compile: bool = COMPILE_OPT,
 ) -> None:
     """Chat with a model. In a terminal: line editing, /help for commands, Ctrl-C stops a reply,
     Ctrl-D quits. With piped stdin: each line is one message and replies go to stdout."""
@@ -241,7 +243,7 @@ def chat_command(
 
     sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     sampling.validate()
-    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     session = ChatSession(loaded, sampling, max_new_tokens, max_context, system, think,
                           stop_ids=stop_token_ids(loaded))

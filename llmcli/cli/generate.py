@@ -9,6 +9,7 @@ import typer
 
 from llmcli.cli import app
 from llmcli.cli.common import (
+    COMPILE_OPT,
     DEVICE_OPT,
     DTYPE_OPT,
     MODEL_ARG,
@@ -83,6 +84,7 @@ def generate_command(
     dtype: DType = DTYPE_OPT,
     yes: bool = YES_OPT,
     quantize: Quantize | None = QUANTIZE_OPT,
+    compile: bool = COMPILE_OPT,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout (stats on stderr)."""
     from llmcli.generate import Generation, SamplingParams
@@ -90,7 +92,7 @@ def generate_command(
     sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     sampling.validate()
     text = read_prompt(prompt)
-    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     ids = prompt_token_ids(loaded, text, chat, system)
     gen = Generation(loaded.model, loaded.tokenizer, ids, max_new_tokens, sampling,

@@ -22,10 +22,13 @@ from llmcli.config import ModelConfig
 from llmcli.config_deepseek import rope_interleaved
 from llmcli.models.layers import (
     Cache,
+    Linear,
     RMSNorm,
     RouterChoice,
     SwiGLU,
+    few_rows,
     fuse_linears,
+    one_row_linear,
     record_residuals,
     rope_inv_freq,
     yarn_mscale,
@@ -44,8 +47,12 @@ class LatentLayerCache:
         self.kv_lora_rank = kv_lora_rank
         self.kv = torch.zeros(batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
 
-    def update(self, start: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
-        """Store tokens start..start+T-1 (c_kv [B, T, rank], k_pe [B, T, rope]); return all rows so far."""
+    def update(self, start, c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        """Store tokens start..start+T-1 (c_kv [B, T, rank], k_pe [B, T, rope]); return all rows so far.
+        A tensor `start` is the compiled decode step: one row written in place, the whole buffer returned."""
+        if isinstance(start, torch.Tensor):
+            self.kv.index_copy_(1, start.view(1), torch.cat((c_kv, k_pe), dim=-1))
+            return self.kv
         end = start + c_kv.shape[1]
         self.kv[:, start:end, : self.kv_lora_rank] = c_kv
         self.kv[:, start:end, self.kv_lora_rank:] = k_pe
@@ -82,15 +89,15 @@ class MLAttention(nn.Module):
         q_dim = cfg.num_heads * (self.nope + self.rope)
         self.q_lora = cfg.q_lora_rank is not None
         if not self.q_lora:
-            self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=False)
+            self.q_proj = Linear(cfg.hidden_size, q_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.rank + self.rope, bias=cfg.attention_bias)
+            self.q_b_proj = Linear(cfg.q_lora_rank, q_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.rank + self.rope, bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.rank, cfg.num_heads * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.kv_b_proj = Linear(self.rank, cfg.num_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(cfg.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.softmax_scale = softmax_scale(cfg)
         self._absorbed_weights: tuple | None = None
         self.in_sizes: list[int] | None = None
@@ -135,6 +142,8 @@ class MLAttention(nn.Module):
         """kv_b_proj split per head into W_UK [H, nope, rank] and W_UV^T [H, rank, v_dim], contiguous so
         that the per-step batched products read them once instead of copying strided views every step.
         Rebuilt whenever kv_b_proj's weight is replaced or changed in place."""
+        if torch.compiler.is_compiling():  # built by the eager prefill that always comes first
+            return self._absorbed_weights[1], self._absorbed_weights[2]
         weight = self.kv_b_proj.weight
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if self._absorbed_weights is None or self._absorbed_weights[0] != key:
@@ -150,6 +159,8 @@ class MLAttention(nn.Module):
         b, h, t, _ = q_nope.shape
         total = latent.shape[1]
         w_uk, w_uv_t = self.absorbed_weights()
+        if isinstance(start, torch.Tensor):
+            return self._absorbed_static(q_nope, q_pe, latent, start, w_uk, w_uv_t)
         q_latent = torch.bmm(q_nope.transpose(0, 1).reshape(h, b * t, self.nope), w_uk)  # [H, B*T, rank]
         q_latent = q_latent.view(h, b, t, self.rank).transpose(0, 1)
         q = torch.cat((q_latent, q_pe), dim=-1).reshape(b, 1, h * t, self.rank + self.rope)
@@ -164,6 +175,22 @@ class MLAttention(nn.Module):
             )  # [B, 1, H*T, rank]
         out = torch.bmm(out.view(b, h, t, self.rank).transpose(0, 1).reshape(h, b * t, self.rank), w_uv_t)
         return out.view(h, b, t, self.v_dim).transpose(0, 1)
+
+
+    def _absorbed_static(self, q_nope, q_pe, latent, start, w_uk, w_uv_t) -> torch.Tensor:
+        """The absorbed form for the compiled decode step: one query per sequence over the whole static
+        cache, rows after `start` masked. The per-head products are multiply-and-sum, which inductor
+        streams (its bmm path is slow for one row)."""
+        dtype = q_nope.dtype
+        q_latent = (q_nope.float().unsqueeze(-1) * w_uk.float()[:, None]).sum(-2).to(dtype)  # [B, H, 1, rank]
+        q = torch.cat((q_latent, q_pe), dim=-1)[:, :, 0].float()  # [B, H, rank + rope]
+        cached = latent.float()
+        scores = torch.matmul(q, cached.transpose(1, 2)) * self.softmax_scale  # [B, H, max_len]
+        hidden = torch.arange(latent.shape[1], device=latent.device) > start
+        probs = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
+        mixed = torch.matmul(probs, cached[..., : self.rank]).to(dtype)  # [B, H, rank]
+        out = (mixed.float().unsqueeze(-1) * w_uv_t.float()).sum(-2).to(dtype)  # [B, H, v_dim]
+        return out[:, :, None]
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
@@ -240,8 +267,43 @@ class MoE(nn.Module):
                 recorder.record(index, "shared_out", shared)
         return routed if shared is None else routed + shared
 
+    def stack_experts(self) -> None:
+        """For the compiled decode step: all experts' weights in one stacked tensor per projection, so a
+        step reads its k experts with one gathered multiply-and-sum instead of 2k separate products. The
+        experts keep working as before on views into the stacks. Each expert is moved, then freed, in
+        turn, and the stacks' pages are only touched as they are filled, so memory does not grow."""
+        for name in ("gate_up_proj", "down_proj"):
+            first = getattr(self.experts[0], name)
+            for attr in ("weight", "scales"):  # scales: int8 experts
+                part = getattr(first, attr, None)
+                if part is None:
+                    continue
+                stack = torch.empty((len(self.experts), *part.shape), dtype=part.dtype, device=part.device)
+                for index, expert in enumerate(self.experts):
+                    linear = getattr(expert, name)
+                    stack[index].copy_(getattr(linear, attr).detach())
+                    if isinstance(linear._parameters.get(attr), nn.Parameter):
+                        linear._parameters[attr] = nn.Parameter(stack[index], requires_grad=False)
+                    else:
+                        linear._buffers[attr] = stack[index]
+                self.register_buffer(f"{name}_{attr}_stack", stack, persistent=False)
+
+    def _run_stacked(self, x: torch.Tensor, choice: RouterChoice) -> torch.Tensor:
+        """The compiled decode step's experts: x [N, hidden] (a few tokens), each through its k experts,
+        reading only the chosen rows of the stacks. Rounds like the eager path: bf16 between products."""
+        def project(inputs, name):
+            weight = getattr(self, f"{name}_weight_stack")[choice.experts]  # [N, k, out, in]
+            scales = getattr(self, f"{name}_scales_stack", None)
+            return one_row_linear(inputs, weight, scales=None if scales is None else scales[choice.experts])
+
+        gate, up = project(x[:, None, :], "gate_up_proj").chunk(2, dim=-1)  # [N, k, I] each
+        outputs = project(F.silu(gate) * up, "down_proj")  # [N, k, hidden]
+        return (outputs.float() * choice.weights[..., None]).sum(1).to(x.dtype)
+
     def run_experts(self, x: torch.Tensor, choice: RouterChoice) -> torch.Tensor:
         """Each expert that got tokens runs once on all of them; outputs are weighted and summed per token."""
+        if few_rows(x) and hasattr(self, "gate_up_proj_weight_stack"):
+            return self._run_stacked(x, choice)
         if x.shape[0] == 1:  # one token (decode): no grouping needed, just its k experts
             outputs = torch.cat([self.experts[e](x) for e in choice.experts[0].tolist()])
             return (outputs.float() * choice.weights[0, :, None]).sum(0, keepdim=True).to(x.dtype)
@@ -297,10 +359,11 @@ class DeepseekForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DeepseekBody(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # "auto": expanded for prompts, absorbed for single-token steps; tests force one form.
         self.attention_form = "auto"
         self._skipped_mtp = 0
+        self.compiled_decode = None  # set by llmcli.compile for --compile
         self.init_buffers()
 
     def init_buffers(self, device=None) -> None:
@@ -376,6 +439,23 @@ class DeepseekForCausalLM(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         return (freqs.cos() * self.rope_scale).to(dtype), (freqs.sin() * self.rope_scale).to(dtype)
 
+    def prepare_decode_step(self) -> None:
+        """Before compiling: build what the step reads but must not build inside the graph."""
+        for layer in self.model.layers:
+            layer.self_attn.absorbed_weights()
+
+    def decode_inputs(self, cache: Cache) -> dict:
+        return {}
+
+    def decode_step(self, input_ids: torch.Tensor, position: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """One token per sequence at `position` (a 0-dim tensor), absorbed MLA over the whole static cache:
+        fixed shapes and no Python numbers that change per step, so `--compile` compiles it once."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope_cos_sin(position.view(1), x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, position, True)
+        return self.lm_head(self.model.norm(x))
+
     def forward(self, input_ids: torch.Tensor, cache: Cache, recorder=None, last_only: bool = False):
         """input_ids [B, T] continue the sequence held in `cache`; returns logits [B, T or 1, vocab]."""
         if self.attention_form not in FORMS:
@@ -383,6 +463,9 @@ class DeepseekForCausalLM(nn.Module):
         start, t = cache.length, input_ids.shape[1]
         if start + t > cache.max_len:
             raise ValueError(f"sequence of {start + t} tokens exceeds the cache ({cache.max_len})")
+        if self.compiled_decode is not None and t == 1 and start > 0 and recorder is None \
+                and self.attention_form == "auto":
+            return self.compiled_decode(input_ids, cache)
         absorbed = self.attention_form == "absorbed" or (self.attention_form == "auto" and t == 1 and start > 0)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope_cos_sin(torch.arange(start, start + t, device=input_ids.device), x.dtype)

@@ -29,16 +29,43 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) written as a multiply and a float32 sum over the input dim, for the compiled
+    decode step: inductor turns this into one streaming loop over the weight (any dtype, int8 included,
+    with `scales` per output row), while its matmul path calls the slow unpacked one-row GEMM."""
+    out = (x.float().unsqueeze(-2) * weight.float()).sum(-1)
+    if scales is not None:
+        out = out.to(x.dtype) * scales.to(x.dtype)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.to(x.dtype)
+
+
+def few_rows(x: torch.Tensor) -> bool:
+    """True inside a compiled decode step (a handful of rows, so the product is weight-bound)."""
+    return torch.compiler.is_compiling() and x.numel() <= 8 * x.shape[-1]
+
+
+class Linear(nn.Linear):
+    """nn.Linear that, inside a compiled decode step, runs as `one_row_linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if few_rows(x):
+            return one_row_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 def fuse_linears(parent: nn.Module, names: list[str], fused_name: str) -> list[int] | None:
     """Replace the nn.Linear children `names` of `parent`, which all read the same input, by one
     linear `fused_name` whose output is their concatenation. Decoding is a string of one-row
     products, each bound by streaming its weight: one larger product streams better than several
     small ones and saves calls. Returns the output sizes to split by (None if nothing was fused)."""
     parts = [getattr(parent, name, None) for name in names]
-    if not all(type(p) is nn.Linear for p in parts):
+    if not all(type(p) in (nn.Linear, Linear) for p in parts):
         return None
     weight = torch.cat([p.weight.detach() for p in parts])
-    fused = nn.Linear(parts[0].in_features, weight.shape[0], bias=any(p.bias is not None for p in parts),
+    fused = Linear(parts[0].in_features, weight.shape[0], bias=any(p.bias is not None for p in parts),
                       device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if fused.bias is not None:  # a part without bias contributes zeros
@@ -55,9 +82,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
         self.fused = False
 
     def fuse_projections(self) -> None:
@@ -143,7 +170,14 @@ def attention_mask(
 ) -> tuple[torch.Tensor | None, bool]:
     """Mask for queries at positions start..start+length-1 over keys 0..total-1: key j is visible to
     query i when i - window < j <= i. Returns (boolean mask [length, total] or None, is_causal) so that
-    the common cases use scaled_dot_product_attention's fast paths."""
+    the common cases use scaled_dot_product_attention's fast paths. A tensor `start` is the compiled
+    decode step (one query over the whole static cache): always a mask, built without Python ints."""
+    if isinstance(start, torch.Tensor):
+        key = torch.arange(total, device=device)[None, :]
+        allowed = key <= start
+        if window is not None:
+            allowed &= key > start - window
+        return allowed, False
     unwindowed = window is None or window >= total
     if unwindowed and length == 1:
         return None, False  # a single new query sees every cached key
@@ -155,6 +189,22 @@ def attention_mask(
     if window is not None:
         allowed &= key > query - window
     return allowed, False
+
+
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                        scale: float | None) -> torch.Tensor:
+    """Attention of one query per head (q [B, H, 1, D]) over a whole static cache (k, v [B, KV, L, D],
+    H a multiple of KV) where `allowed` [1, L] marks the visible keys. Written as products and sums in
+    float32 so that the compiled decode step fuses it into a few loops: SDPA's CPU kernel costs ~200 us
+    per call for a single query."""
+    b, h, _, d = q.shape
+    kv_heads = k.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    q = q.float().view(b, kv_heads, h // kv_heads, 1, d)
+    scores = (q * k.float()[:, :, None]).sum(-1) * scale  # [B, KV, G, L]
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    out = (probs[..., None] * v.float()[:, :, None]).sum(-2)  # [B, KV, G, D]
+    return out.view(b, h, 1, -1).to(v.dtype)
 
 
 # -- observation ---------------------------------------------------------------------------------
@@ -213,7 +263,14 @@ class KVLayerCache:
         self.k = torch.zeros(batch, kv_heads, max_len, k_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch, kv_heads, max_len, v_dim, dtype=dtype, device=device)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, start, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, kv_heads, T, dim] at start..; return the keys/values attended to. A tensor
+        `start` is the compiled decode step: one token written in place, the whole buffer returned
+        (fixed shapes; the mask hides the unwritten rows)."""
+        if isinstance(start, torch.Tensor):
+            self.k.index_copy_(2, start.view(1), k)
+            self.v.index_copy_(2, start.view(1), v)
+            return self.k, self.v
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v

@@ -26,12 +26,14 @@ from llmcli.errors import LlmcliError
 from llmcli.models.layers import (
     Cache,
     KVLayerCache,
+    Linear,
     RMSNorm,
     SwiGLU,
     apply_rope,
     attention_mask,
     default_inv_freq,
     fuse_linears,
+    one_query_attention,
     record_residuals,
     rope_cos_sin,
     rope_inv_freq,
@@ -66,10 +68,10 @@ class Attention(nn.Module):
         self.window = window
         # Partial rotary (original Qwen's rotary_pct < 1): only the first rotary_dim dims are rotated.
         self.rotary_dim = cfg.rotary_dim if cfg.rotary_dim and cfg.rotary_dim < cfg.head_dim else None
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -113,6 +115,8 @@ class Attention(nn.Module):
                 q = q * q_scale
         k, v = layer_cache.update(start, k, v)
         mask, causal = attention_mask(start, t, k.shape[2], self.window, x.device)
+        if isinstance(start, torch.Tensor):  # the compiled decode step
+            return self.o_proj(one_query_attention(q, k, v, mask, scale).transpose(1, 2).reshape(b, t, -1))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=self.num_kv_heads != self.num_heads
         )
@@ -187,12 +191,13 @@ class QwenForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = QwenBody(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # Only original Qwen needs renaming; Qwen2/3 keep the loader's direct path.
         self.checkpoint_tensors = qwen1_checkpoint_tensors if cfg.family == "qwen" else None
         if cfg.family == "qwen":
             self.extra_stop_ids = [IM_END_ID, IM_START_ID]  # chat turns end here (eos is <|endoftext|>)
         self.rope_dtype = torch.float32 if cfg.family == "qwen" else None  # None: the activations' dtype
+        self.compiled_decode = None  # set by llmcli.compile for --compile
         self.set_attention_options()
         self.init_buffers()
 
@@ -287,11 +292,36 @@ class QwenForCausalLM(nn.Module):
             "cache_bytes_per_token": 2 * cfg.num_kv_heads * cfg.head_dim * element,
         }
 
+    def prepare_decode_step(self) -> None:
+        pass
+
+    def decode_inputs(self, cache: Cache) -> dict:
+        """What the compiled step takes from outside: the RoPE frequencies (dynamic NTK keeps the
+        prefill's) and the LogN factor for the new position (a tensor, 1 up to seq_length)."""
+        inv_freq = cache.state.get("inv_freq", self.inv_freq) if self.dynamic_ntk else self.inv_freq
+        q_scale = None
+        if self.use_logn:
+            factor = max(1.0, math.log(cache.length + 1) / math.log(self.seq_length))
+            q_scale = torch.tensor(factor, dtype=self.model.embed_tokens.weight.dtype, device=inv_freq.device)
+        return {"inv_freq": inv_freq, "q_scale": q_scale}
+
+    def decode_step(self, input_ids: torch.Tensor, position: torch.Tensor, cache: Cache, inv_freq: torch.Tensor,
+                    q_scale: torch.Tensor | None) -> torch.Tensor:
+        """One token per sequence at `position` (a 0-dim tensor) over the whole static cache, masked: fixed
+        shapes and no Python numbers that change per step, so `--compile` compiles it once."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position.view(1), inv_freq, self.rope_scale, self.rope_dtype or x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, position, None, q_scale)
+        return self.lm_head(self.model.norm(x))
+
     def forward(self, input_ids: torch.Tensor, cache: Cache, recorder=None, last_only: bool = False):
         """input_ids [B, T] continue the sequence held in `cache`; returns logits [B, T or 1, vocab]."""
         start, t = cache.length, input_ids.shape[1]
         if start + t > cache.max_len:
             raise ValueError(f"sequence of {start + t} tokens exceeds the cache ({cache.max_len})")
+        if self.compiled_decode is not None and t == 1 and start > 0 and recorder is None:
+            return self.compiled_decode(input_ids, cache)
         x = self.model.embed_tokens(input_ids)
         positions = torch.arange(start, start + t, device=input_ids.device)
         inv_freq = self._ntk_inv_freq(cache, start, t) if self.dynamic_ntk else self.inv_freq

@@ -1,0 +1,68 @@
+"""`--compile`: the single-token decode step through torch.compile (inductor).
+
+Decoding is one token at a time, and eager PyTorch pays a dispatch per small op (norms, RoPE, the
+router) and a oneDNN call per product. The model's `decode_step` has fixed shapes (the static cache is
+read whole and masked, the position is a tensor), so inductor compiles it once into a handful of
+fused C++ loops; one-row products are written as multiply-and-sum so that they become streaming loops
+over the weights (see `layers.one_row_linear`). Prompts (prefill) stay eager.
+
+Compiled artefacts are kept in torch's on-disk caches (under llmcli's cache directory unless
+TORCHINDUCTOR_CACHE_DIR is set), so later runs with the same model shape reuse them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+from llmcli.demo import cache_home
+
+
+# Inductor inlines cheap producers into their consumers; for a one-row product that means recomputing
+# the input (e.g. the RMSNorm of the residual) for every weight row, which measured 19 GB/s against 29
+# when the input is computed once (benchmarks/compile_gemv.py). A low threshold makes it compute once.
+INDUCTOR_OPTIONS = {"realize_opcount_threshold": int(os.environ.get("LLMCLI_REALIZE_THRESHOLD", "8"))}
+
+
+def use_persistent_cache() -> None:
+    """Point inductor's caches at llmcli's cache directory (it defaults to a temporary directory)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home() / "inductor"))
+
+
+class CompiledDecode:
+    """Called by the model's forward for single-token steps after a prefill."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        use_persistent_cache()
+        self.model = model
+        # CUDA: CUDA graphs replay the whole step without launching kernels one by one.
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        self.step = torch.compile(model.decode_step, fullgraph=True, mode=mode, options=INDUCTOR_OPTIONS)
+        self.compile_seconds: float | None = None
+        self.on_compiled: Callable[[float], None] | None = None  # told the first compile time, once
+        self._compiled_shapes: set[tuple] = set()
+
+    def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        start = cache.length
+        position = torch.tensor(start, device=input_ids.device)
+        shape = (tuple(input_ids.shape), cache.max_len)
+        first = shape not in self._compiled_shapes
+        began = time.perf_counter()
+        logits = self.step(input_ids, position, cache, **self.model.decode_inputs(cache))
+        cache.length = start + 1
+        if first:  # includes compiling (or loading the compiled code from the cache)
+            self._compiled_shapes.add(shape)
+            if self.compile_seconds is None:
+                self.compile_seconds = time.perf_counter() - began
+                if self.on_compiled is not None:
+                    self.on_compiled(self.compile_seconds)
+        return logits
+
+
+def enable_compiled_decode(model: torch.nn.Module, device: torch.device) -> CompiledDecode:
+    model.prepare_decode_step()
+    model.compiled_decode = CompiledDecode(model, device)
+    return model.compiled_decode
