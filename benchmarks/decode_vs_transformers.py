@@ -91,7 +91,9 @@ def main() -> None:
     env = bench.environment(device, torch.float32, bandwidth, source)
     import transformers
 
-    print(f"Qwen2.5-0.5B shape (random weights), llmcli {'compiled' if args.compile else 'eager'}, prompt {args.prompt}, {args.gen} new tokens, greedy, batch 1, "
+    mode = "compiled" if args.compile else "eager"
+    print(f"Qwen2.5-0.5B shape (random weights), llmcli {mode}, prompt {args.prompt}, {args.gen} new tokens, "
+          "greedy, batch 1, "
           f"{args.warmup} warm-up + {args.repeat} runs each")
     print(f"torch {env['torch']} | transformers {transformers.__version__} | {env['device_name']} | "
           f"{env['threads']} threads | memory bandwidth {bandwidth / 1e9:.1f} GB/s ({source}) | "

@@ -101,7 +101,9 @@ def main() -> None:
     env = bench.environment(device, torch.float32, bandwidth, source)
     import transformers
 
-    print(f"DeepSeek-V3 shape (random weights, {args.dtype}), llmcli {'compiled' if args.compile else 'eager'}, prompt {args.prompt}, {args.gen} new tokens, "
+    mode = "compiled" if args.compile else "eager"
+    print(f"DeepSeek-V3 shape (random weights, {args.dtype}), llmcli {mode}, prompt {args.prompt}, "
+          f"{args.gen} new tokens, "
           f"greedy, batch 1, {args.warmup} warm-up + {args.repeat} runs each")
     print(f"torch {env['torch']} | transformers {transformers.__version__} | {env['device_name']} | "
           f"{env['threads']} threads | memory bandwidth {bandwidth / 1e9:.1f} GB/s ({source}) | "

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from llmcli.demo import cache_home
-
+from llmcli.models.layers import FEW_ROWS
 
 # Inductor inlines cheap producers into their consumers; for a one-row product that means recomputing
 # the input (e.g. the RMSNorm of the residual) for every weight row, which measured 19 GB/s against 29
@@ -44,6 +44,13 @@ class CompiledDecode:
         self.compile_seconds: float | None = None
         self.on_compiled: Callable[[float], None] | None = None  # told the first compile time, once
         self._compiled_shapes: set[tuple] = set()
+
+    @staticmethod
+    def accepts(input_ids: torch.Tensor, cache, recorder) -> bool:
+        """One new token for up to FEW_ROWS sequences after a prefill, and nobody observing (trace
+        records intermediate values, which only the eager path hands out)."""
+        batch, length = input_ids.shape
+        return length == 1 and batch <= FEW_ROWS and cache.length > 0 and recorder is None
 
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         start = cache.length

@@ -463,7 +463,7 @@ class DeepseekForCausalLM(nn.Module):
         start, t = cache.length, input_ids.shape[1]
         if start + t > cache.max_len:
             raise ValueError(f"sequence of {start + t} tokens exceeds the cache ({cache.max_len})")
-        if self.compiled_decode is not None and t == 1 and start > 0 and recorder is None \
+        if self.compiled_decode is not None and self.compiled_decode.accepts(input_ids, cache, recorder) \
                 and self.attention_form == "auto":
             return self.compiled_decode(input_ids, cache)
         absorbed = self.attention_form == "absorbed" or (self.attention_form == "auto" and t == 1 and start > 0)

@@ -42,9 +42,12 @@ def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.to(x.dtype)
 
 
+FEW_ROWS = 8  # the most sequences a compiled decode step takes (beyond that, products are not weight-bound)
+
+
 def few_rows(x: torch.Tensor) -> bool:
     """True inside a compiled decode step (a handful of rows, so the product is weight-bound)."""
-    return torch.compiler.is_compiling() and x.numel() <= 8 * x.shape[-1]
+    return torch.compiler.is_compiling() and x.numel() <= FEW_ROWS * x.shape[-1]
 
 
 class Linear(nn.Linear):

@@ -1,0 +1,87 @@
+"""--compile: the compiled decode step gives the eager step's tokens and logits (float32, so the only
+difference is the order of float32 sums), compiles once per cache shape, and is what actually runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch._dynamo
+
+from llmcli.demo import ensure_demo
+from llmcli.loader import load_model
+from tests.test_qwen1 import S, prompt_of, qwen1_tensors, random_weights, write_qwen1
+
+pytestmark = pytest.mark.slow  # each test compiles (seconds to tens of seconds on 2 cores)
+
+
+def decode(model, prompt: torch.Tensor, steps: int, compiled: bool) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Prefill `prompt` [B, T], then `steps` greedy steps; the compiled step is switched on or off."""
+    step_fn = model.compiled_decode
+    model.compiled_decode = step_fn if compiled else None
+    try:
+        cache = model.make_cache(prompt.shape[0], prompt.shape[1] + steps)
+        with torch.inference_mode():
+            logits = model(prompt, cache, last_only=True)
+            tokens, all_logits = [], []
+            for i in range(steps):
+                token = logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(token[:, 0].tolist())
+                # After the first compiled step, any recompile would mean the step is not shape-stable.
+                with torch._dynamo.config.patch(error_on_recompile=compiled and i > 0):
+                    logits = model(token, cache)
+                all_logits.append(logits.float())
+        return tokens, all_logits
+    finally:
+        model.compiled_decode = step_fn
+
+
+def assert_same_decoding(model, prompt, steps, atol=1e-4):
+    eager_tokens, eager_logits = decode(model, prompt, steps, compiled=False)
+    tokens, logits = decode(model, prompt, steps, compiled=True)
+    assert model.compiled_decode.compile_seconds is not None  # the compiled step did run
+    assert tokens == eager_tokens
+    worst = max((a - b).abs().max().item() for a, b in zip(logits, eager_logits, strict=True))
+    assert worst < atol, worst
+
+
+@pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek"])
+def test_compiled_greedy_tokens_and_logits_equal_eager(name):
+    loaded = load_model(name, ensure_demo(name), device="cpu", dtype="float32", compile=True)
+    prompt = torch.randint(0, loaded.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert_same_decoding(loaded.model, prompt, steps=16)
+
+
+def test_compiled_moe_with_a_batch_of_two():
+    """Two sequences: each gathers its own experts from the stacks."""
+    loaded = load_model("demo-deepseek", ensure_demo("demo-deepseek"), device="cpu", dtype="float32", compile=True)
+    prompt = torch.randint(0, loaded.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    assert_same_decoding(loaded.model, prompt, steps=6)
+
+
+def test_compiled_qwen1_logn_ntk_and_windows_across_seq_length(tmp_path):
+    """Original Qwen: a prompt longer than seq_length (NTK alpha > 1, LogN on), decoding further with a
+    sliding window on one layer: all of it is read from outside the graph or masked inside it."""
+    path = write_qwen1(tmp_path / "qwen1", qwen1_tensors(random_weights()))
+    loaded = load_model("tiny-qwen1", path, device="cpu", dtype="float32", compile=True)
+    loaded.model.set_attention_options(windows=[None, 5, None])
+    prompt = torch.tensor([prompt_of(S + 3)])
+    assert_same_decoding(loaded.model, prompt, steps=8)
+
+
+def test_compiled_int8_matches_eager_int8():
+    loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="float32", quantize="int8",
+                        compile=True)
+    prompt = torch.randint(0, loaded.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2))
+    assert_same_decoding(loaded.model, prompt, steps=8)
+
+
+def test_generate_with_compile_gives_the_same_tokens(run_cli):
+    args = ("generate", "demo-deepseek", "-p", "a b c", "-n", "12", "--raw", "--json")
+    code, out, _ = run_cli(*args)
+    assert code == 0
+    code, out_compiled, err = run_cli(*args, "--compile")
+    assert code == 0, err
+    assert json.loads(out_compiled)["token_ids"] == json.loads(out)["token_ids"]
+    assert "decode step compiled in" in err
