@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from llmcli.demo import cache_home
+from llmcli.errors import LlmcliError
 from llmcli.models.layers import FEW_ROWS
 
 # Inductor inlines cheap producers into their consumers; for a one-row product that means recomputing
@@ -38,7 +39,9 @@ class CompiledDecode:
     def __init__(self, model: torch.nn.Module, device: torch.device):
         use_persistent_cache()
         self.model = model
-        # CUDA: CUDA graphs replay the whole step without launching kernels one by one.
+        self.device = device
+        # CUDA: CUDA graphs replay the whole step without launching kernels one by one (not yet measured:
+        # no GPU was lent to the sessions that wrote this).
         mode = "reduce-overhead" if device.type == "cuda" else None
         self.step = torch.compile(model.decode_step, fullgraph=True, mode=mode, options=INDUCTOR_OPTIONS)
         self.compile_seconds: float | None = None
@@ -57,8 +60,18 @@ class CompiledDecode:
         position = torch.tensor(start, device=input_ids.device)
         shape = (tuple(input_ids.shape), cache.max_len)
         first = shape not in self._compiled_shapes
+        if first and self.device.type == "cuda":
+            # CUDA graphs replay fixed addresses: the cache must be one of them (written in place).
+            for tensor in cache.tensors():
+                torch._dynamo.mark_static_address(tensor)
         began = time.perf_counter()
-        logits = self.step(input_ids, position, cache, **self.model.decode_inputs(cache))
+        try:
+            logits = self.step(input_ids, position, cache, **self.model.decode_inputs(cache))
+        except Exception as exc:  # inductor errors are pages long (e.g. no C++ compiler): one line
+            if not first:
+                raise
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise LlmcliError(f"--compile failed ({type(exc).__name__}: {message}); run without --compile") from exc
         cache.length = start + 1
         if first:  # includes compiling (or loading the compiled code from the cache)
             self._compiled_shapes.add(shape)

@@ -85,3 +85,27 @@ def test_generate_with_compile_gives_the_same_tokens(run_cli):
     assert code == 0, err
     assert json.loads(out_compiled)["token_ids"] == json.loads(out)["token_ids"]
     assert "decode step compiled in" in err
+
+
+def test_a_failing_compile_is_one_clear_error(monkeypatch):
+    from llmcli.compile import CompiledDecode
+    from llmcli.errors import LlmcliError
+
+    loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="float32", compile=True)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("C++ compile error\nmany lines of compiler output")
+
+    monkeypatch.setattr(loaded.model.compiled_decode, "step", broken)
+    assert isinstance(loaded.model.compiled_decode, CompiledDecode)
+    cache = loaded.model.make_cache(1, 8)
+    with torch.inference_mode():
+        loaded.model(torch.tensor([[1, 2, 3]]), cache)
+        with pytest.raises(LlmcliError, match=r"^--compile failed \(RuntimeError: C\+\+ compile error\); run without"):
+            loaded.model(torch.tensor([[4]]), cache)
+
+
+def test_cache_tensors_are_the_storage():
+    loaded = load_model("demo-deepseek", ensure_demo("demo-deepseek"), device="cpu", dtype="float32")
+    cache = loaded.model.make_cache(1, 8)
+    assert [t.data_ptr() for t in cache.tensors()] == [layer.kv.data_ptr() for layer in cache.layers]

@@ -254,6 +254,10 @@ class Cache:
         """Forget everything after the first `length` tokens (chat reuses a common prefix)."""
         self.length = min(self.length, length)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every storage tensor of every layer (the compiled step writes them in place)."""
+        return [t for layer in self.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+
     def bytes_per_token(self) -> int:
         """Bytes stored per token, summed over layers."""
         return sum(layer.bytes_per_token() for layer in self.layers)
