@@ -36,6 +36,8 @@ def use_persistent_cache() -> None:
 class CompiledDecode:
     """Called by the model's forward for single-token steps after a prefill."""
 
+    BUCKET = 256  # cache positions: the attended part grows in steps of this many
+
     def __init__(self, model: torch.nn.Module, device: torch.device):
         use_persistent_cache()
         self.model = model
@@ -55,18 +57,33 @@ class CompiledDecode:
         batch, length = input_ids.shape
         return length == 1 and batch <= FEW_ROWS and cache.length > 0 and recorder is None
 
+    def _attended_part(self, cache):
+        """CPU: the cache cut to the next multiple of BUCKET past the new token, its length marked
+        dynamic, so one compiled step serves every length and reads ~what is in use (an 8K chat cache
+        read whole doubled a 0.5B model's step)."""
+        length = min(cache.max_len, (cache.length // self.BUCKET + 1) * self.BUCKET)
+        view = cache.prefix_view(length)
+        for layer in view.layers:
+            for tensor in vars(layer).values():
+                if isinstance(tensor, torch.Tensor):
+                    torch._dynamo.mark_dynamic(tensor, layer.length_dim)
+        return view
+
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         start = cache.length
         position = torch.tensor(start, device=input_ids.device)
-        shape = (tuple(input_ids.shape), cache.max_len)
+        shape = tuple(input_ids.shape)
         first = shape not in self._compiled_shapes
-        if first and self.device.type == "cuda":
-            # CUDA graphs replay fixed addresses: the cache must be one of them (written in place).
-            for tensor in cache.tensors():
-                torch._dynamo.mark_static_address(tensor)
+        if self.device.type == "cuda":
+            view = cache
+            if first:  # CUDA graphs replay fixed addresses: the cache must be one of them (written in place)
+                for tensor in cache.tensors():
+                    torch._dynamo.mark_static_address(tensor)
+        else:
+            view = self._attended_part(cache)
         began = time.perf_counter()
         try:
-            logits = self.step(input_ids, position, cache, **self.model.decode_inputs(cache))
+            logits = self.step(input_ids, position, view, **self.model.decode_inputs(cache))
         except Exception as exc:  # inductor errors are pages long (e.g. no C++ compiler): one line
             if not first:
                 raise

@@ -16,6 +16,15 @@ from tests.test_qwen1 import S, prompt_of, qwen1_tensors, random_weights, write_
 pytestmark = pytest.mark.slow  # each test compiles (seconds to tens of seconds on 2 cores)
 
 
+@pytest.fixture(autouse=True)
+def _small_buckets(monkeypatch):
+    """The attended part of the cache grows every 4 positions, so every test crosses several sizes
+    (and error_on_recompile below proves one compiled step serves them all)."""
+    from llmcli.compile import CompiledDecode
+
+    monkeypatch.setattr(CompiledDecode, "BUCKET", 4)
+
+
 def decode(model, prompt: torch.Tensor, steps: int, compiled: bool) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Prefill `prompt` [B, T], then `steps` greedy steps; the compiled step is switched on or off."""
     step_fn = model.compiled_decode

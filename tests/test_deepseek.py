@@ -281,7 +281,7 @@ def test_cache_contents_equal_transformers_latents(v3):
         reference(torch.tensor([ids]), cache=theirs, use_cache=True)
     rank = model.config.kv_lora_rank
     for ours, hf in zip(cache.layers, theirs.layers, strict=True):
-        rows = ours.kv[0, : len(ids)]
+        rows = ours.kv[: len(ids), 0]
         assert (rows[:, :rank] - hf.keys[0, 0]).abs().max() <= 1e-5
         assert (rows[:, rank:] - hf.values[0, 0]).abs().max() <= 1e-5
 

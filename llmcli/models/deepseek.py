@@ -40,23 +40,32 @@ _LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class LatentLayerCache:
-    """One MLA layer's cache: [B, max_len, kv_lora_rank + qk_rope_head_dim] = normalised c_kv, then the
-    rotated k_pe. One tensor, so that the absorbed form scores [q_latent | q_pe] against it in one product."""
+    """One MLA layer's cache: normalised c_kv then the rotated k_pe, one row of kv_lora_rank +
+    qk_rope_head_dim values per token, stored sequence-major [max_len, B, row] so that the first n
+    positions are one contiguous block (the compiled step reads such prefixes). Callers see [B, n, row]:
+    one tensor, so that the absorbed form scores [q_latent | q_pe] against it in one product."""
+
+    length_dim = 0
 
     def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype, device):
         self.kv_lora_rank = kv_lora_rank
-        self.kv = torch.zeros(batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+        self.kv = torch.zeros(max_len, batch, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+
+    def prefix_view(self, length: int) -> LatentLayerCache:
+        view = object.__new__(LatentLayerCache)
+        view.kv_lora_rank, view.kv = self.kv_lora_rank, self.kv[:length]
+        return view
 
     def update(self, start, c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
         """Store tokens start..start+T-1 (c_kv [B, T, rank], k_pe [B, T, rope]); return all rows so far.
         A tensor `start` is the compiled decode step: one row written in place, the whole buffer returned."""
         if isinstance(start, torch.Tensor):
-            self.kv.index_copy_(1, start.view(1), torch.cat((c_kv, k_pe), dim=-1))
-            return self.kv
+            self.kv.index_copy_(0, start.view(1), torch.cat((c_kv, k_pe), dim=-1).transpose(0, 1))
+            return self.kv.transpose(0, 1)
         end = start + c_kv.shape[1]
-        self.kv[:, start:end, : self.kv_lora_rank] = c_kv
-        self.kv[:, start:end, self.kv_lora_rank:] = k_pe
-        return self.kv[:, :end]
+        self.kv[start:end, :, : self.kv_lora_rank] = c_kv.transpose(0, 1)
+        self.kv[start:end, :, self.kv_lora_rank:] = k_pe.transpose(0, 1)
+        return self.kv[:end].transpose(0, 1)
 
     def bytes_per_token(self) -> int:
         return self.kv.shape[-1] * self.kv.element_size()

@@ -254,6 +254,13 @@ class Cache:
         """Forget everything after the first `length` tokens (chat reuses a common prefix)."""
         self.length = min(self.length, length)
 
+    def prefix_view(self, length: int) -> Cache:
+        """The same storage cut to its first `length` positions: the compiled step attends to every
+        position it is given (masked past the current one), so a shorter view is less to read."""
+        view = Cache([layer.prefix_view(length) for layer in self.layers], length)
+        view.length, view.state = self.length, self.state
+        return view
+
     def tensors(self) -> list[torch.Tensor]:
         """Every storage tensor of every layer (the compiled step writes them in place)."""
         return [t for layer in self.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
@@ -264,24 +271,33 @@ class Cache:
 
 
 class KVLayerCache:
-    """Keys and values of one attention layer: [B, kv_heads, max_len, head_dim] each."""
+    """Keys and values of one attention layer, stored sequence-major: [max_len, B, kv_heads, head_dim]
+    each, so that the first n positions are one contiguous block whatever max_len is (the compiled
+    step reads such prefixes). Callers see [B, kv_heads, n, head_dim] views."""
+
+    length_dim = 0
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, k_dim: int, v_dim: int, dtype, device):
-        self.k = torch.zeros(batch, kv_heads, max_len, k_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(batch, kv_heads, max_len, v_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(max_len, batch, kv_heads, k_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(max_len, batch, kv_heads, v_dim, dtype=dtype, device=device)
+
+    def prefix_view(self, length: int) -> KVLayerCache:
+        view = object.__new__(KVLayerCache)
+        view.k, view.v = self.k[:length], self.v[:length]
+        return view
 
     def update(self, start, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, kv_heads, T, dim] at start..; return the keys/values attended to. A tensor
         `start` is the compiled decode step: one token written in place, the whole buffer returned
         (fixed shapes; the mask hides the unwritten rows)."""
         if isinstance(start, torch.Tensor):
-            self.k.index_copy_(2, start.view(1), k)
-            self.v.index_copy_(2, start.view(1), v)
-            return self.k, self.v
+            self.k.index_copy_(0, start.view(1), k.permute(2, 0, 1, 3))
+            self.v.index_copy_(0, start.view(1), v.permute(2, 0, 1, 3))
+            return self.k.permute(1, 2, 0, 3), self.v.permute(1, 2, 0, 3)
         end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        self.k[start:end] = k.permute(2, 0, 1, 3)
+        self.v[start:end] = v.permute(2, 0, 1, 3)
+        return self.k[:end].permute(1, 2, 0, 3), self.v[:end].permute(1, 2, 0, 3)
 
     def bytes_per_token(self) -> int:
-        return (self.k[0, :, 0].numel() + self.v[0, :, 0].numel()) * self.k.element_size()
+        return (self.k[0, 0].numel() + self.v[0, 0].numel()) * self.k.element_size()
