@@ -118,3 +118,14 @@ def test_cache_tensors_are_the_storage():
     loaded = load_model("demo-deepseek", ensure_demo("demo-deepseek"), device="cpu", dtype="float32")
     cache = loaded.model.make_cache(1, 8)
     assert [t.data_ptr() for t in cache.tensors()] == [layer.kv.data_ptr() for layer in cache.layers]
+
+
+def test_bench_with_compile_says_so(run_cli, tmp_path):
+    out_json = tmp_path / "bench.json"
+    code, out, err = run_cli("bench", "demo-qwen", "-p", "8", "-n", "4", "-r", "1", "-w", "1", "--compile",
+                             "--json", str(out_json))
+    assert code == 0, err
+    assert "compiled decode" in out
+    report = json.loads(out_json.read_text())
+    assert report["env"]["compile"] is True
+    assert report["results"][0]["decode_tokens_per_s"]["mean"] > 0

@@ -92,6 +92,8 @@ def header_lines(report, active_note: str | None) -> list[str]:
         + (f" | transformers {env['transformers']} ({env.get('transformers_attn_implementation')})"
            if "transformers" in env else "")
         + f" | {report.device}: {env['device_name']} | {env['threads']} threads | {report.dtype}"
+        + (f" | {env['quantize']}" if env.get("quantize") else "")
+        + (" | compiled decode" if env.get("compile") else "")
         + f" | memory bandwidth {bw / 1e9:.1f} GB/s ({env['memory_bandwidth_source']})"
         + (f" | load {env['load_average_1m']}" if "load_average_1m" in env else ""),
     ]
