@@ -47,6 +47,8 @@ class CompiledDecode:
         mode = "reduce-overhead" if device.type == "cuda" else None
         self.step = torch.compile(model.decode_step, fullgraph=True, mode=mode, options=INDUCTOR_OPTIONS)
         self.compile_seconds: float | None = None
+        # Steps that compiled (or loaded compiled code) and their time: generation stats leave them out.
+        self.compiling_steps, self.compiling_seconds = 0, 0.0
         self.on_compiled: Callable[[float], None] | None = None  # told the first compile time, once
         self._compiled_shapes: set[tuple] = set()
 
@@ -92,6 +94,8 @@ class CompiledDecode:
         cache.length = start + 1
         if first:  # includes compiling (or loading the compiled code from the cache)
             self._compiled_shapes.add(shape)
+            self.compiling_steps += 1
+            self.compiling_seconds += time.perf_counter() - began
             if self.compile_seconds is None:
                 self.compile_seconds = time.perf_counter() - began
                 if self.on_compiled is not None:

@@ -162,6 +162,8 @@ class Generation:
         hold = max((len(s) for s in self.stop_strings), default=1) - 1
         pending = ""  # decoded text held back because it may be the start of a stop string
         stopped_by_string = False
+        compiled = getattr(self.model, "compiled_decode", None)
+        compiling_before = (compiled.compiling_steps, compiled.compiling_seconds) if compiled else (0, 0.0)
         synchronize(self.device)
         t0 = time.perf_counter()
         logits = self.model(torch.tensor([self.prompt_ids], device=self.device), cache,
@@ -195,6 +197,9 @@ class Generation:
                 res.decode_steps += 1
         synchronize(self.device)
         res.decode_seconds = time.perf_counter() - t1
+        if compiled is not None:  # a step that compiled is not a measure of decoding speed
+            res.decode_steps -= compiled.compiling_steps - compiling_before[0]
+            res.decode_seconds -= compiled.compiling_seconds - compiling_before[1]
         if not stopped_by_string:
             pending += decoder.flush()
             cut = self._find_stop(pending)

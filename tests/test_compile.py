@@ -129,3 +129,15 @@ def test_bench_with_compile_says_so(run_cli, tmp_path):
     report = json.loads(out_json.read_text())
     assert report["env"]["compile"] is True
     assert report["results"][0]["decode_tokens_per_s"]["mean"] > 0
+
+
+def test_generation_stats_leave_out_the_compiling_step():
+    from llmcli.generate import Generation
+
+    loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="float32", compile=True)
+    gen = Generation(loaded.model, loaded.tokenizer, [1, 2, 3], max_new_tokens=6, stop_ids=[])
+    for _ in gen:
+        pass
+    assert len(gen.result.token_ids) == 6
+    assert gen.result.decode_steps == 4  # 5 steps after the prefill; the first one compiled
+    assert 0 < gen.result.decode_seconds < loaded.model.compiled_decode.compiling_seconds + 5
