@@ -140,4 +140,4 @@ def test_generation_stats_leave_out_the_compiling_step():
         pass
     assert len(gen.result.token_ids) == 6
     assert gen.result.decode_steps == 4  # 5 steps after the prefill; the first one compiled
-    assert 0 < gen.result.decode_seconds < loaded.model.compiled_decode.compiling_seconds + 5
+    assert 0 < gen.result.decode_seconds < loaded.model.compiled_decode.compiling_seconds  # it is not in there
