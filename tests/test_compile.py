@@ -62,6 +62,23 @@ def test_compiled_greedy_tokens_and_logits_equal_eager(name):
     assert_same_decoding(loaded.model, prompt, steps=16)
 
 
+def parity_cases():
+    from tests import test_deepseek, test_qwen_parity
+
+    return [(module, name) for module in (test_qwen_parity, test_deepseek) for name in sorted(module.CASES)]
+
+
+@pytest.mark.parametrize(("module", "name"), parity_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_compiled_matches_eager_on_every_parity_checkpoint(module, name, tmp_path):
+    """The transformers-checked checkpoints (windows, YaRN, qk-norm, tied heads, V2/V3 routing, with
+    and without q_lora): compiled decoding equals eager decoding, which equals transformers."""
+    kind, overrides = module.CASES[name]
+    module.build_reference(kind, overrides, tmp_path)
+    loaded = load_model(name, tmp_path, device="cpu", dtype="float32", compile=True)
+    prompt = torch.tensor([module.prompt_ids(tmp_path)])
+    assert_same_decoding(loaded.model, prompt, steps=10)
+
+
 def test_compiled_moe_with_a_batch_of_two():
     """Two sequences: each gathers its own experts from the stacks."""
     loaded = load_model("demo-deepseek", ensure_demo("demo-deepseek"), device="cpu", dtype="float32", compile=True)
