@@ -40,6 +40,10 @@ class CompiledDecode:
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
         use_persistent_cache()
+        # Dynamo keeps one compiled entry per model object under the same `decode_step` code, and
+        # gives up after recompile_limit (8): a process that loads several models (notebooks, tests)
+        # needs more.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         self.model = model
         self.device = device
         # CUDA: CUDA graphs replay the whole step without launching kernels one by one (not yet measured:

@@ -151,6 +151,7 @@ def test_bench_with_compile_says_so(run_cli, tmp_path):
 def test_generation_stats_leave_out_the_compiling_step():
     from llmcli.generate import Generation
 
+    torch._dynamo.reset()  # else a model of the same structure compiled earlier in this process is reused
     loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="float32", compile=True)
     gen = Generation(loaded.model, loaded.tokenizer, [1, 2, 3], max_new_tokens=6, stop_ids=[])
     for _ in gen:
