@@ -53,6 +53,7 @@ class CompiledDecode:
         self.compile_seconds: float | None = None
         # Steps that compiled (or loaded compiled code) and their time: generation stats leave them out.
         self.compiling_steps, self.compiling_seconds = 0, 0.0
+        self.on_compiling: Callable[[], None] | None = None  # called once, before the first compile
         self.on_compiled: Callable[[float], None] | None = None  # told the first compile time, once
         self._compiled_shapes: set[tuple] = set()
 
@@ -87,6 +88,8 @@ class CompiledDecode:
                     torch._dynamo.mark_static_address(tensor)
         else:
             view = self._attended_part(cache)
+        if first and self.compile_seconds is None and self.on_compiling is not None:
+            self.on_compiling()
         began = time.perf_counter()
         try:
             logits = self.step(input_ids, position, view, **self.model.decode_inputs(cache))

@@ -110,7 +110,7 @@ def test_generate_with_compile_gives_the_same_tokens(run_cli):
     code, out_compiled, err = run_cli(*args, "--compile")
     assert code == 0, err
     assert json.loads(out_compiled)["token_ids"] == json.loads(out)["token_ids"]
-    assert "decode step compiled in" in err
+    assert "compiling the decode step" in err and "decode step compiled in" in err
 
 
 def test_a_failing_compile_is_one_clear_error(monkeypatch):

@@ -121,6 +121,11 @@ COMPILE_OPT = typer.Option(
 )
 
 
+def announce_compile() -> None:
+    err_console.print("note: compiling the decode step (a minute or more the first time for a model shape; "
+                      "seconds once cached)", style="dim")
+
+
 def report_compile_time(seconds: float) -> None:
     err_console.print(f"note: decode step compiled in {seconds:.1f} s (cached for later runs)", style="dim")
 
@@ -144,6 +149,7 @@ def load_model(model: str | None, device: Device, dtype: DType, quiet: bool = Fa
     for note in loaded.notes:
         err_console.print(f"note: {note}", style="dim")
     if compile and not quiet:
+        loaded.model.compiled_decode.on_compiling = announce_compile
         loaded.model.compiled_decode.on_compiled = report_compile_time
     return loaded
 
