@@ -79,9 +79,11 @@ def test_compiled_matches_eager_on_every_parity_checkpoint(module, name, tmp_pat
     assert_same_decoding(loaded.model, prompt, steps=10)
 
 
-def test_compiled_moe_with_a_batch_of_two():
-    """Two sequences: each gathers its own experts from the stacks."""
-    loaded = load_model("demo-deepseek", ensure_demo("demo-deepseek"), device="cpu", dtype="float32", compile=True)
+@pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek"])
+def test_compiled_batch_of_two(name):
+    """Two sequences: per-sequence attention over the shared-position cache; with MoE each sequence
+    gathers its own experts from the stacks."""
+    loaded = load_model(name, ensure_demo(name), device="cpu", dtype="float32", compile=True)
     prompt = torch.randint(0, loaded.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     assert_same_decoding(loaded.model, prompt, steps=6)
 
