@@ -1,10 +1,11 @@
 """`--compile`: the single-token decode step through torch.compile (inductor).
 
 Decoding is one token at a time, and eager PyTorch pays a dispatch per small op (norms, RoPE, the
-router) and a oneDNN call per product. The model's `decode_step` has fixed shapes (the static cache is
-read whole and masked, the position is a tensor), so inductor compiles it once into a handful of
-fused C++ loops; one-row products are written as multiply-and-sum so that they become streaming loops
-over the weights (see `layers.one_row_linear`). Prompts (prefill) stay eager.
+router) and a oneDNN call per product. The model's `decode_step` has no Python number that changes
+from step to step (the position is a tensor; on CPU the cache is read up to the next multiple of 256
+positions, a dynamic length, with the rows past the position masked), so inductor compiles it once
+into a handful of fused C++ loops. One-row products are written as multiply-and-sum so that they
+become streaming loops over the weights (see `layers.one_row_linear`). Prompts (prefill) stay eager.
 
 Compiled artefacts are kept in torch's on-disk caches (under llmcli's cache directory unless
 TORCHINDUCTOR_CACHE_DIR is set), so later runs with the same model shape reuse them.
@@ -40,7 +41,7 @@ class CompiledDecode:
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
         use_persistent_cache()
-        # Dynamo keeps one compiled entry per model object under the same `decode_step` code, and
+        # Dynamo keeps one compiled entry per model structure under the same `decode_step` code and
         # gives up after recompile_limit (8): a process that loads several models (notebooks, tests)
         # needs more.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
@@ -70,10 +71,8 @@ class CompiledDecode:
         read whole doubled a 0.5B model's step)."""
         length = min(cache.max_len, (cache.length // self.BUCKET + 1) * self.BUCKET)
         view = cache.prefix_view(length)
-        for layer in view.layers:
-            for tensor in vars(layer).values():
-                if isinstance(tensor, torch.Tensor):
-                    torch._dynamo.mark_dynamic(tensor, layer.length_dim)
+        for tensor in view.tensors():  # sequence-major: the length is dim 0
+            torch._dynamo.mark_dynamic(tensor, 0)
         return view
 
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:

@@ -45,8 +45,6 @@ class LatentLayerCache:
     positions are one contiguous block (the compiled step reads such prefixes). Callers see [B, n, row]:
     one tensor, so that the absorbed form scores [q_latent | q_pe] against it in one product."""
 
-    length_dim = 0
-
     def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype, device):
         self.kv_lora_rank = kv_lora_rank
         self.kv = torch.zeros(max_len, batch, kv_lora_rank + rope_dim, dtype=dtype, device=device)
@@ -185,10 +183,9 @@ class MLAttention(nn.Module):
         out = torch.bmm(out.view(b, h, t, self.rank).transpose(0, 1).reshape(h, b * t, self.rank), w_uv_t)
         return out.view(h, b, t, self.v_dim).transpose(0, 1)
 
-
     def _absorbed_static(self, q_nope, q_pe, latent, start, w_uk, w_uv_t) -> torch.Tensor:
-        """The absorbed form for the compiled decode step: one query per sequence over the whole static
-        cache, rows after `start` masked. The per-head products are multiply-and-sum, which inductor
+        """The absorbed form for the compiled decode step: one query per sequence over all the cache rows
+        it is handed, those after `start` masked. The per-head products are multiply-and-sum, which inductor
         streams (its bmm path is slow for one row)."""
         dtype = q_nope.dtype
         q_latent = (q_nope.float().unsqueeze(-1) * w_uk.float()[:, None]).sum(-2).to(dtype)  # [B, H, 1, rank]
@@ -457,8 +454,9 @@ class DeepseekForCausalLM(nn.Module):
         return {}
 
     def decode_step(self, input_ids: torch.Tensor, position: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """One token per sequence at `position` (a 0-dim tensor), absorbed MLA over the whole static cache:
-        fixed shapes and no Python numbers that change per step, so `--compile` compiles it once."""
+        """One token per sequence at `position` (a 0-dim tensor), absorbed MLA over every row of the cache it
+        is handed (masked past `position`): no Python number changes from step to step, so `--compile`
+        compiles it once."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope_cos_sin(position.view(1), x.dtype)
         for layer in self.model.layers:

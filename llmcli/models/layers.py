@@ -262,7 +262,8 @@ class Cache:
         return view
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every storage tensor of every layer (the compiled step writes them in place)."""
+        """Every storage tensor of every layer, each sequence-major ([max_len, ...]): the compiled step
+        writes them in place."""
         return [t for layer in self.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
 
     def bytes_per_token(self) -> int:
@@ -275,8 +276,6 @@ class KVLayerCache:
     each, so that the first n positions are one contiguous block whatever max_len is (the compiled
     step reads such prefixes). Callers see [B, kv_heads, n, head_dim] views."""
 
-    length_dim = 0
-
     def __init__(self, batch: int, kv_heads: int, max_len: int, k_dim: int, v_dim: int, dtype, device):
         self.k = torch.zeros(max_len, batch, kv_heads, k_dim, dtype=dtype, device=device)
         self.v = torch.zeros(max_len, batch, kv_heads, v_dim, dtype=dtype, device=device)
@@ -288,8 +287,8 @@ class KVLayerCache:
 
     def update(self, start, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, kv_heads, T, dim] at start..; return the keys/values attended to. A tensor
-        `start` is the compiled decode step: one token written in place, the whole buffer returned
-        (fixed shapes; the mask hides the unwritten rows)."""
+        `start` is the compiled decode step: one token written in place, every row returned (the mask
+        hides the unwritten ones)."""
         if isinstance(start, torch.Tensor):
             self.k.index_copy_(0, start.view(1), k.permute(2, 0, 1, 3))
             self.v.index_copy_(0, start.view(1), v.permute(2, 0, 1, 3))

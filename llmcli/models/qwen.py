@@ -307,8 +307,9 @@ class QwenForCausalLM(nn.Module):
 
     def decode_step(self, input_ids: torch.Tensor, position: torch.Tensor, cache: Cache, inv_freq: torch.Tensor,
                     q_scale: torch.Tensor | None) -> torch.Tensor:
-        """One token per sequence at `position` (a 0-dim tensor) over the whole static cache, masked: fixed
-        shapes and no Python numbers that change per step, so `--compile` compiles it once."""
+        """One token per sequence at `position` (a 0-dim tensor), attending to every row of the cache it is
+        handed (masked past `position`): no Python number changes from step to step, so `--compile`
+        compiles it once."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position.view(1), inv_freq, self.rope_scale, self.rope_dtype or x.dtype)
         for layer in self.model.layers:
