@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from llmcli.errors import LlmcliError
 from llmcli.generate import Generation, SamplingParams, context_limit
 
@@ -217,7 +219,8 @@ class ChatSession:
             raise LlmcliError(f"--max-context must be between 2 and the model's context ({limit} tokens)",
                               exit_code=2)
         self.max_context = max_context or min(limit, DEFAULT_MAX_CONTEXT)
-        self.cache = self.model.make_cache(1, self.max_context)
+        with torch.inference_mode():  # like every other cache: one kind of tensor for the compiled step
+            self.cache = self.model.make_cache(1, self.max_context)
         self.cached_ids: list[int] = []  # the tokens whose keys/values the cache holds, in order
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.turns_started = 0

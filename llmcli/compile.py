@@ -65,6 +65,15 @@ class CompiledDecode:
         batch, length = input_ids.shape
         return length == 1 and batch <= FEW_ROWS and cache.length > 0 and recorder is None
 
+    def warm_up(self, batch: int = 1) -> None:
+        """Compile now (a one-token prompt, then one step on a tiny cache) instead of at the first
+        decode step of the first reply; the compiled step serves every cache length afterwards."""
+        with torch.inference_mode():  # generate, chat and bench make their tensors in inference mode too
+            ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+            cache = self.model.make_cache(batch, 2)
+            self.model(ids, cache)
+            self.model(ids, cache)
+
     def _attended_part(self, cache):
         """CPU: the cache cut to the next multiple of BUCKET past the new token, its length marked
         dynamic, so one compiled step serves every length and reads ~what is in use (an 8K chat cache

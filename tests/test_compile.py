@@ -161,3 +161,17 @@ def test_generation_stats_leave_out_the_compiling_step():
     assert len(gen.result.token_ids) == 6
     assert gen.result.decode_steps == 4  # 5 steps after the prefill; the first one compiled
     assert 0 < gen.result.decode_seconds < loaded.model.compiled_decode.compiling_seconds  # it is not in there
+
+
+@pytest.mark.parametrize("command", [("generate", "-p", "a b c", "--raw"), ("chat",)])
+def test_cli_compiles_before_the_prompt_and_never_again(command, run_cli, monkeypatch):
+    """The CLI compiles at load (on a tiny cache); the real prompt's steps, whatever the cache size,
+    reuse that code: a recompile here would stall the first reply."""
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        code, out, err = run_cli(command[0], "demo-deepseek", *command[1:], "-n", "6", "--compile")
+    assert code == 0, err
+    assert "decode step compiled in" in err

@@ -148,8 +148,19 @@ def load_model(model: str | None, device: Device, dtype: DType, quiet: bool = Fa
         loaded = load(*args)
     for note in loaded.notes:
         err_console.print(f"note: {note}", style="dim")
-    if compile and not quiet:
-        loaded.model.compiled_decode.on_compiling = announce_compile
-        loaded.model.compiled_decode.on_compiled = report_compile_time
+    if compile:
+        compile_now(loaded.model.compiled_decode, quiet)
     return loaded
+
+
+def compile_now(compiled, quiet: bool) -> None:
+    """Compile before the first prompt, with a spinner in a terminal, rather than mid-reply."""
+    if not quiet:
+        compiled.on_compiling = announce_compile
+        compiled.on_compiled = report_compile_time
+    if not quiet and sys.stderr.isatty():
+        with err_console.status("compiling the decode step"):
+            compiled.warm_up()
+    else:
+        compiled.warm_up()
 
