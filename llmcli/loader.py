@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,16 @@ def model_class(cfg: ModelConfig):
 QUANTIZE_MODES = ("int8",)
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only). Moving thousands of MiB-sized expert weights
+    into stacks leaves the old ones as free heap chunks that the stacks (separately mapped) never reuse:
+    measured +430 MiB resident on the DeepSeek-V3-shaped benchmark model without this."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
                 quantize: str | None = None, compile: bool = False):
     from llmcli.weights import load_weights, materialise
@@ -78,6 +89,7 @@ def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: t
         if compile:  # the compiled step reads experts from stacks, and plain weights (not oneDNN-packed)
             for module in [m for m in model.modules() if hasattr(m, "stack_experts")]:
                 module.stack_experts()
+                release_freed_memory()
     if device.type == "cpu" and not compile:
         from llmcli.models.packed import pack_linears
 
