@@ -115,9 +115,10 @@ QUANTIZE_OPT = typer.Option(
 
 COMPILE_OPT = typer.Option(
     False, "--compile",
-    help="Compile the one-token decode step with torch.compile (inductor; CUDA graphs on CUDA). The first "
-         "run compiles (tens of seconds, reported once); later runs reuse the compiled code from the cache. "
-         "Prompts run uncompiled.",
+    help="Compile the one-token decode step with torch.compile (inductor; CUDA graphs on CUDA): decoding "
+         "about 1.7x faster on CPU. Compiles while loading, about a minute the first time for a model shape, "
+         "seconds once cached; needs a C++ compiler. Prompts run uncompiled, on weights not reordered for "
+         "oneDNN, so prefill is 10-25% slower.",
 )
 
 
