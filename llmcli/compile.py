@@ -67,7 +67,10 @@ class CompiledDecode:
 
     def warm_up(self, batch: int = 1) -> None:
         """Compile now (a one-token prompt, then one step on a tiny cache) instead of at the first
-        decode step of the first reply; the compiled step serves every cache length afterwards."""
+        decode step of the first reply; the compiled step serves every cache length afterwards. Not on
+        CUDA, where the step reads the whole static cache: its size is only known at the first step."""
+        if self.device.type == "cuda":
+            return
         with torch.inference_mode():  # generate, chat and bench make their tensors in inference mode too
             ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
             cache = self.model.make_cache(batch, 2)
