@@ -98,9 +98,10 @@ def test_compiled_qwen1_logn_ntk_and_windows_across_seq_length(tmp_path):
     assert_same_decoding(loaded.model, prompt, steps=8)
 
 
-def test_compiled_int8_matches_eager_int8():
-    loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="float32", quantize="int8",
-                        compile=True)
+@pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek"])
+def test_compiled_int8_matches_eager_int8(name):
+    """int8 weights (for DeepSeek: stacked int8 experts with their scales) in the compiled loops."""
+    loaded = load_model(name, ensure_demo(name), device="cpu", dtype="float32", quantize="int8", compile=True)
     prompt = torch.randint(0, loaded.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2))
     assert_same_decoding(loaded.model, prompt, steps=8)
 
