@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -57,6 +58,7 @@ class CompiledDecode:
         self.on_compiling: Callable[[], None] | None = None  # called once, before the first compile
         self.on_compiled: Callable[[float], None] | None = None  # told the first compile time, once
         self._compiled_shapes: set[tuple] = set()
+        self._last_view: weakref.ref | None = None  # the previous step's prefix view
 
     @staticmethod
     def accepts(input_ids: torch.Tensor, cache, recorder) -> bool:
@@ -83,8 +85,10 @@ class CompiledDecode:
         read whole doubled a 0.5B model's step)."""
         length = min(cache.max_len, (cache.length // self.BUCKET + 1) * self.BUCKET)
         view = cache.prefix_view(length)
-        for tensor in view.tensors():  # sequence-major: the length is dim 0
-            torch._dynamo.mark_dynamic(tensor, 0)
+        if self._last_view is None or self._last_view() is not view:  # a new view (the cache keeps it)
+            for tensor in view.tensors():  # sequence-major: the length is dim 0
+                torch._dynamo.mark_dynamic(tensor, 0)
+            self._last_view = weakref.ref(view)  # weak: the cache's memory goes with the cache
         return view
 
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:

@@ -245,6 +245,7 @@ class Cache:
         self.max_len = max_len
         self.length = 0
         self.state: dict = {}
+        self._prefix: Cache | None = None  # the last prefix_view
 
     def reset(self) -> None:
         self.length = 0
@@ -257,7 +258,9 @@ class Cache:
     def prefix_view(self, length: int) -> Cache:
         """The same storage cut to its first `length` positions: the compiled step attends to every
         position it is given (masked past the current one), so a shorter view is less to read."""
-        view = Cache([layer.prefix_view(length) for layer in self.layers], length)
+        view = self._prefix
+        if view is None or view.max_len != length:  # kept: the next steps mostly ask for the same rows
+            view = self._prefix = Cache([layer.prefix_view(length) for layer in self.layers], length)
         view.length, view.state = self.length, self.state
         return view
 
