@@ -73,10 +73,17 @@ def test_compiled_matches_eager_on_every_parity_checkpoint(module, name, tmp_pat
     """The transformers-checked checkpoints (windows, YaRN, qk-norm, tied heads, V2/V3 routing, with
     and without q_lora): compiled decoding equals eager decoding, which equals transformers."""
     kind, overrides = module.CASES[name]
-    module.build_reference(kind, overrides, tmp_path)
+    reference = module.build_reference(kind, overrides, tmp_path)
     loaded = load_model(name, tmp_path, device="cpu", dtype="float32", compile=True)
     prompt = torch.tensor([module.prompt_ids(tmp_path)])
     assert_same_decoding(loaded.model, prompt, steps=10)
+    # And straight against the oracle: transformers on prompt + the compiled run's tokens.
+    tokens, logits = decode(loaded.model, prompt, steps=10, compiled=True)
+    sequence = torch.cat([prompt, torch.tensor([[t[0] for t in tokens]])], dim=1)
+    with torch.inference_mode():
+        expected = reference(sequence).logits[0, prompt.shape[1]:]
+    ours = torch.cat([step[0, -1:] for step in logits])
+    assert (ours - expected).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek"])
