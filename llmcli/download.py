@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -80,8 +81,13 @@ def repo_folder(repo: str, cache: Path | None = None) -> Path:
     return (cache or hub_cache_dir()) / ("models--" + repo.replace("/", "--"))
 
 
+_NUMBERED_SHARD = re.compile(r"(.+)-(\d+)-of-(\d+)\.safetensors")
+
+
 def snapshot_is_complete(path: Path) -> bool:
-    """config.json and every weight file: all shards of the index, or at least one *.safetensors."""
+    """config.json and every weight file: all shards of the index, or at least one *.safetensors, and
+    never part of a numbered set (`model-00001-of-00002`): a download that failed before the index
+    arrived must not look complete."""
     if not (path / "config.json").is_file():
         return False
     index = path / "model.safetensors.index.json"
@@ -91,7 +97,15 @@ def snapshot_is_complete(path: Path) -> bool:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False
         return all((path / shard).is_file() for shard in shards)
-    return any(p.is_file() for p in path.glob("*.safetensors"))
+    names = {p.name for p in path.glob("*.safetensors") if p.is_file()}
+    for name in names:
+        numbered = _NUMBERED_SHARD.fullmatch(name)
+        if numbered:
+            stem, digits, total = numbered.group(1), len(numbered.group(2)), int(numbered.group(3))
+            if any(f"{stem}-{i:0{digits}d}-of-{numbered.group(3)}.safetensors" not in names
+                   for i in range(1, total + 1)):
+                return False
+    return bool(names)
 
 
 def _read_ref(folder: Path, revision: str) -> str | None:
