@@ -497,7 +497,9 @@ def fetch(plan: DownloadPlan, quiet: bool = False, workers: int = WORKERS) -> Pa
     leaves the completed files in place (a re-run skips them) and no partial file behind."""
     from huggingface_hub import hf_hub_download
 
-    todo = list(plan.missing)
+    # Small files (config, index, tokenizer) first: a run that fails on a shard still leaves the index
+    # that says which shards are missing.
+    todo = sorted(plan.missing, key=lambda f: f.path.endswith(".safetensors"))
     if not todo:
         if plan.local_dir is None:
             write_ref(plan.repo, plan.revision, plan.commit)
