@@ -85,6 +85,10 @@ def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: t
         if quantize == "int8":
             from llmcli.quantize import quantize_model
 
+            if device.type == "cpu":
+                from llmcli.int8_kernel import build
+
+                notes.append(build()[1])
             quantize_model(model, skip=keep)
         if compile:  # the compiled step reads experts from stacks, and plain weights (not oneDNN-packed)
             for module in [m for m in model.modules() if hasattr(m, "stack_experts")]:

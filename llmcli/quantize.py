@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcli.models.layers import few_rows, one_row_linear
+from llmcli import int8_kernel
+from llmcli.models.layers import FEW_ROWS, few_rows, one_row_linear
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,27 +42,39 @@ def packed_kernel_works(device_type: str, dtype: torch.dtype) -> bool:
 
 
 class Int8Linear(nn.Module):
-    """A drop-in replacement for nn.Linear holding int8 weights and per-output-channel scales."""
+    """A drop-in replacement for nn.Linear holding int8 weights and per-output-channel scales.
+
+    On CPU, where the int8 decode kernel builds and the shape fits its blocks, `weight` is stored in
+    the kernel's blocked layout (see int8_kernel.py); `int8_weight()` gives it back as [out, in]."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, scale = quantize_weight(linear.weight.detach())
         dtype = linear.weight.dtype
-        self.register_buffer("weight", q)
+        self.blocked = int8_kernel.usable(q)
+        self.register_buffer("weight", int8_kernel.to_blocks(q) if self.blocked else q)
         self.register_buffer("scales", scale.to(dtype))
         self.bias = linear.bias
         self.packed = packed_kernel_works(q.device.type, dtype)
 
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 weight as [out, in] (a copy when stored in blocks)."""
+        return int8_kernel.from_blocks(self.weight) if self.blocked else self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if few_rows(x):  # compiled decode step: one fused loop reading the int8 rows
+        if self.blocked and x.numel() <= FEW_ROWS * x.shape[-1]:  # decoding: the int8 kernel
+            out = int8_kernel.gemv(x, self.weight, self.scales)
+            return out if self.bias is None else out + self.bias
+        if few_rows(x):  # compiled decode step without the kernel: one fused loop reading the int8 rows
             return one_row_linear(x, self.weight, self.bias, self.scales)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        weight = self.int8_weight()
         if self.packed and x2.dtype == self.scales.dtype:
-            out = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales)
+            out = torch._weight_int8pack_mm(x2.contiguous(), weight, self.scales)
         else:  # correct everywhere, just not as fast: dequantise on the fly
-            out = F.linear(x2, self.weight.to(x2.dtype)) * self.scales.to(x2.dtype)
+            out = F.linear(x2, weight.to(x2.dtype)) * self.scales.to(x2.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)

@@ -105,10 +105,14 @@ def test_compiled_qwen1_logn_ntk_and_windows_across_seq_length(tmp_path):
     assert_same_decoding(loaded.model, prompt, steps=8)
 
 
+@pytest.mark.parametrize("kernel", ["1", "0"])  # llmcli's int8 kernel in the graph, or inductor's own loops
 @pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek"])
-def test_compiled_int8_matches_eager_int8(name):
-    """int8 weights (for DeepSeek: stacked int8 experts with their scales) in the compiled loops."""
+def test_compiled_int8_matches_eager_int8(name, kernel, monkeypatch):
+    """int8 weights (for DeepSeek: stacked int8 experts with their scales) in the compiled step."""
+    monkeypatch.setenv("LLMCLI_INT8_KERNEL", kernel)
     loaded = load_model(name, ensure_demo(name), device="cpu", dtype="float32", quantize="int8", compile=True)
+    blocked = {m.blocked for m in loaded.model.modules() if hasattr(m, "blocked")}
+    assert blocked == {kernel == "1"}
     prompt = torch.randint(0, loaded.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2))
     assert_same_decoding(loaded.model, prompt, steps=8)
 

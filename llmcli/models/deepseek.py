@@ -298,8 +298,14 @@ class MoE(nn.Module):
         """The compiled decode step's experts: x [N, hidden] (a few tokens), each through its k experts,
         reading only the chosen rows of the stacks. Rounds like the eager path: bf16 between products."""
         def project(inputs, name):
-            weight = getattr(self, f"{name}_weight_stack")[choice.experts]  # [N, k, out, in]
+            stack = getattr(self, f"{name}_weight_stack")
             scales = getattr(self, f"{name}_scales_stack", None)
+            if stack.dim() == 5:  # int8 in the int8 kernel's blocks: it picks each row's expert itself
+                from llmcli.int8_kernel import gemv
+
+                rows = inputs.expand(*choice.experts.shape, inputs.shape[-1])
+                return gemv(rows, stack, scales, choice.experts.reshape(-1))
+            weight = stack[choice.experts]  # [N, k, out, in]
             return one_row_linear(inputs, weight, scales=None if scales is None else scales[choice.experts])
 
         gate, up = project(x[:, None, :], "gate_up_proj").chunk(2, dim=-1)  # [N, k, I] each

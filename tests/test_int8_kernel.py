@@ -1,0 +1,79 @@
+"""The int8 decode kernel (llmcli/kernels/int8_gemv.cpp): layout, products, per-row experts, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmcli import int8_kernel
+from llmcli.quantize import quantize_weight
+
+pytestmark = pytest.mark.skipif(not int8_kernel.build()[0], reason="the int8 kernel cannot be built here")
+
+
+def test_blocks_round_trip_and_are_stored_in_reading_order():
+    w = torch.randint(-127, 128, (24, 48), dtype=torch.int8)
+    blocks = int8_kernel.to_blocks(w)
+    assert blocks.shape == (3, 3, 8, 16) and blocks.is_contiguous()
+    assert torch.equal(int8_kernel.from_blocks(blocks), w)
+    # the first 128 bytes are the first 16 inputs of rows 0..7, then the next 16 inputs of the same rows
+    assert torch.equal(blocks.flatten()[:128].view(8, 16), w[:8, :16])
+    assert torch.equal(blocks.flatten()[128:256].view(8, 16), w[:8, 16:32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_product_equals_float64_reference(dtype, rows):
+    torch.manual_seed(rows)
+    q, scale = quantize_weight(torch.randn(200, 336))
+    scale = scale.to(dtype)
+    x = torch.randn(rows, 336).to(dtype)
+    got = int8_kernel.gemv(x, int8_kernel.to_blocks(q), scale)
+    expected = (x.double() @ q.double().T) * scale.double()
+    assert got.dtype == dtype and got.shape == (rows, 200)
+    rounding = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    assert ((got.double() - expected).abs() <= rounding * expected.abs() + 1e-5 * expected.abs().max()).all()
+
+
+def test_each_row_goes_through_its_own_expert():
+    torch.manual_seed(0)
+    weights = [quantize_weight(torch.randn(64, 32)) for _ in range(4)]
+    stack = torch.stack([int8_kernel.to_blocks(q) for q, _ in weights])
+    scales = torch.stack([s for _, s in weights])
+    experts = torch.tensor([[3, 0], [1, 3]])  # 2 tokens x 2 experts each
+    x = torch.randn(2, 2, 32)
+    got = int8_kernel.gemv(x, stack, scales, experts.reshape(-1))
+    assert got.shape == (2, 2, 64)
+    for t in range(2):
+        for j in range(2):
+            q, s = weights[experts[t, j]]
+            assert torch.allclose(got[t, j], (x[t, j] @ q.float().T) * s, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_are_refused_not_read_out_of_bounds():
+    q = int8_kernel.to_blocks(torch.zeros(16, 32, dtype=torch.int8))[None]
+    scales = torch.ones(1, 16)
+    with pytest.raises(RuntimeError, match="inputs"):
+        torch.ops.llmcli.int8_gemv(torch.ones(1, 48), q, scales, None)
+    with pytest.raises(RuntimeError, match="expert out of range"):
+        torch.ops.llmcli.int8_gemv(torch.ones(1, 32), q, scales, torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="scales"):
+        torch.ops.llmcli.int8_gemv(torch.ones(1, 32), q, scales.double(), None)
+
+
+def test_compiled_graph_calls_the_kernel():
+    q, scale = quantize_weight(torch.randn(64, 32))
+    blocks = int8_kernel.to_blocks(q)
+    x = torch.randn(1, 32)
+    compiled = torch.compile(lambda x: int8_kernel.gemv(torch.relu(x), blocks, scale) + 1, fullgraph=True)
+    assert torch.allclose(compiled(x), int8_kernel.gemv(torch.relu(x), blocks, scale) + 1)
+
+
+def test_disabled_kernel_leaves_row_major_weights(monkeypatch):
+    from llmcli.quantize import Int8Linear
+
+    monkeypatch.setenv("LLMCLI_INT8_KERNEL", "0")
+    usable, note = int8_kernel.build()
+    layer = Int8Linear(torch.nn.Linear(32, 64))
+    assert not usable and "disabled" in note
+    assert not layer.blocked and layer.weight.shape == (64, 32)
