@@ -45,7 +45,7 @@ def main() -> None:
 
     def each(product, matrices):
         return lambda: [product(inputs[w.shape[-1] if w.dim() == 2 else w.shape[1] * w.shape[3]], w, s)
-                        for w, s in zip(matrices, scales)]
+                        for w, s in zip(matrices, scales, strict=True)]
 
     paths = {}
     usable, note = int8_kernel.build()

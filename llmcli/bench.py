@@ -241,16 +241,18 @@ def parameter_bytes(model: nn.Module) -> tuple[int, int]:
 
 def decode_weight_bytes(model: nn.Module, batch: int = 1, active_experts: float | None = None) -> int:
     """Weight bytes one decode step reads: every parameter, except that the input embedding reads
-    only `batch` rows (unless it doubles as the LM head) and MoE layers read only the active routed
-    experts (top-k for one sequence; `active_experts` = distinct experts per layer for a batch)."""
+    only `batch` rows (unless it doubles as the LM head: a tied head not quantised to its own int8
+    copy) and MoE layers read only the active routed experts (top-k for one sequence;
+    `active_experts` = distinct experts per layer for a batch)."""
     cfg = model.config
     total, _ = parameter_bytes(model)
-    if not cfg.tie_word_embeddings:
-        for module in model.modules():
-            if isinstance(module, nn.Embedding):
-                w = module.weight
-                total -= w.numel() * w.element_size()
-                total += min(batch, w.shape[0]) * w[0].numel() * w.element_size()
+    read_by_others = {_storage_key(t) for m in model.modules() if not isinstance(m, nn.Embedding)
+                      for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and _storage_key(module.weight) not in read_by_others:
+            w = module.weight
+            total -= w.numel() * w.element_size()
+            total += min(batch, w.shape[0]) * w[0].numel() * w.element_size()
     if cfg.is_moe:
         moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
         experts = [t for name, t in weight_tensors(model).items() if ".experts." in name]

@@ -90,10 +90,13 @@ def to_blocks(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(out // ROWS, ROWS, inputs // CHUNK, CHUNK).permute(0, 2, 1, 3).contiguous()
 
 
-def from_blocks(blocks: torch.Tensor) -> torch.Tensor:
-    """The inverse of `to_blocks` (a row-major copy, for products over many rows)."""
+def from_blocks(blocks: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The inverse of `to_blocks`: a row-major copy (converted to `dtype` in the same pass), for products
+    over many rows."""
     groups, chunks, rows, chunk = blocks.shape
-    return blocks.permute(0, 2, 1, 3).reshape(groups * rows, chunks * chunk)
+    out = torch.empty(groups * rows, chunks * chunk, dtype=dtype or blocks.dtype, device=blocks.device)
+    out.view(groups, rows, chunks, chunk).copy_(blocks.permute(0, 2, 1, 3))
+    return out
 
 
 def gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,

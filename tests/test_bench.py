@@ -249,6 +249,22 @@ def test_decode_bytes_dense(tied):
     assert total == 2 * count == 2 * (2 * layer + h + head * (1 if tied else 2))
 
 
+def test_decode_bytes_int8_with_a_tied_head():
+    """int8 gives the tied head its own int8 copy: the bf16 embedding table is then only indexed."""
+    from llmcli.models.qwen import QwenForCausalLM
+    from llmcli.quantize import Int8Linear, quantize_model
+
+    model = QwenForCausalLM(qwen_config(True)).to(torch.bfloat16)
+    with torch.no_grad():
+        quantize_model(model)
+    h, v = 32, 1000
+    int8_bytes = sum(m.weight.numel() + 2 * m.scales.numel() + (0 if m.bias is None else 2 * m.bias.numel())
+                     for m in model.modules() if isinstance(m, Int8Linear))
+    norms = 2 * (2 * 2 * h + h)  # two per layer and the final one, bf16
+    assert bench.decode_weight_bytes(model, batch=1) == int8_bytes + norms + 2 * h  # one embedding row
+    assert bench.parameter_bytes(model)[0] == int8_bytes + norms + 2 * v * h  # the table is still held
+
+
 def test_weight_bytes_match_the_checkpoint_in_bfloat16(run_cli, tmp_path):
     """On CPU, bfloat16 linears are prepacked into opaque oneDNN tensors; they still count, once."""
     from safetensors import safe_open

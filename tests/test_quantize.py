@@ -21,7 +21,7 @@ def test_reconstruction_error_is_within_half_a_step():
     assert torch.allclose(q.float().abs().amax(1), torch.full((64,), 127.0))  # each row uses the full range
 
 
-@pytest.mark.parametrize("rows", [1, 5, 15])  # 1 and 5: decoding (the int8 kernel); 15: a prompt
+@pytest.mark.parametrize("rows", [1, 5, 15, 40])  # 1, 5: decoding (the int8 kernel); 15, 40: prompts
 @pytest.mark.parametrize("out_features", [96, 100])  # 100 rows do not fit the kernel's blocks of 8
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_equals_the_dequantised_product(dtype, out_features, rows):
