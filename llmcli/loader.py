@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,25 +72,66 @@ def release_freed_memory() -> None:
         pass
 
 
+def prepare_weights(module: torch.nn.Module, quantize: str | None, keep, prefix: str = "") -> None:
+    """Fuse projections that read the same input and quantise, within `module`: a decoder layer as soon
+    as its tensors are loaded, then the whole model (parts already done are left alone)."""
+    for part in [m for m in module.modules() if hasattr(m, "fuse_projections")]:  # parents only
+        if not getattr(part, "projections_fused", False):
+            part.fuse_projections()
+            part.projections_fused = True
+    if quantize == "int8":
+        from llmcli.quantize import quantize_model
+
+        quantize_model(module, skip=lambda name: keep(prefix + name))
+
+
+class LayerwisePreparation:
+    """Called with each parameter name as it is loaded: prepares each decoder layer once all of its
+    tensors are in. With --quantize int8 the bfloat16 weights of a finished layer are freed before the
+    next one is read (the model is allocated but untouched pages take no memory), so the load peaks at
+    about the int8 model plus one layer instead of the whole model in bfloat16 (measured: 1.97x the
+    int8 weights before, on the Qwen2.5-0.5B shape)."""
+
+    LAYER = re.compile(r"^(.*?\.layers\.\d+\.)")
+
+    def __init__(self, model: torch.nn.Module, quantize: str | None, keep):
+        self.model, self.quantize, self.keep = model, quantize, keep
+        self.pending: dict[str, set[str]] = {}
+        for name in model.state_dict():
+            match = self.LAYER.match(name)
+            if match:
+                self.pending.setdefault(match.group(1), set()).add(name)
+
+    def __call__(self, name: str) -> None:
+        match = self.LAYER.match(name)
+        remaining = self.pending.get(match.group(1)) if match else None
+        if remaining is None:
+            return
+        remaining.discard(name)
+        if not remaining:
+            prefix = match.group(1)
+            del self.pending[prefix]
+            with torch.no_grad():
+                prepare_weights(self.model.get_submodule(prefix[:-1]), self.quantize, self.keep, prefix)
+            release_freed_memory()
+
+
 def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
                 quantize: str | None = None, compile: bool = False):
     from llmcli.weights import load_weights, materialise
 
     cls = model_class(cfg)
     model = materialise(lambda: cls(cfg), dtype, device)
-    notes = load_weights(model, model_dir)
     keep = getattr(model, "keeps_dense_weight", lambda name: False)
+    notes = []
+    if quantize == "int8" and device.type == "cpu":
+        from llmcli.int8_kernel import build
+
+        notes.append(build()[1])
+    notes = load_weights(model, model_dir, loaded=LayerwisePreparation(model, quantize, keep)) + notes
     with torch.no_grad():
-        for module in [m for m in model.modules() if hasattr(m, "fuse_projections")]:  # parents only
-            module.fuse_projections()
-        if quantize == "int8":
-            from llmcli.quantize import quantize_model
-
-            if device.type == "cpu":
-                from llmcli.int8_kernel import build
-
-                notes.append(build()[1])
-            quantize_model(model, skip=keep)
+        prepare_weights(model, quantize, keep)  # what is outside the layers (the head), and any layer left
+        release_freed_memory()
         if compile:  # the compiled step reads experts from stacks, and plain weights (not oneDNN-packed)
             for module in [m for m in model.modules() if hasattr(m, "stack_experts")]:
                 module.stack_experts()

@@ -15,16 +15,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli import int8_kernel
+from llmcli.int8_kernel import CHUNK, ROWS, to_blocks
 from llmcli.models.layers import FEW_ROWS, few_rows, one_row_linear
 
 INT8PACK_ROWS = 16  # the most rows `_weight_int8pack_mm` gets; more go through a converted weight
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: w ≈ q * scale[:, None], |q| <= 127."""
-    w = weight.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+def quantize_weight(weight: torch.Tensor, blocked: bool = False,
+                    chunk_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: w ≈ q * scale[:, None], |q| <= 127; with `blocked`, q comes in the int8
+    kernel's blocks (`int8_kernel.to_blocks`). Rows are converted a few MiB at a time, straight into
+    the result: whole-matrix temporaries of a 151936-row head cost 2 GiB of peak memory."""
+    rows, columns = weight.shape
+    shape = (rows // ROWS, columns // CHUNK, ROWS, CHUNK) if blocked else (rows, columns)
+    q = torch.empty(shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    step = max(1, chunk_elements // max(1, columns)) // ROWS * ROWS or ROWS
+    for begin in range(0, rows, step):
+        w = weight[begin: begin + step].float()
+        s = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        chunk = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+        if blocked:
+            q[begin // ROWS: (begin + step) // ROWS] = to_blocks(chunk)
+        else:
+            q[begin: begin + step] = chunk
+        scale[begin: begin + step] = s
     return q, scale
 
 
@@ -52,10 +67,10 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = quantize_weight(linear.weight.detach())
+        self.blocked = int8_kernel.usable(linear.weight)
+        q, scale = quantize_weight(linear.weight.detach(), blocked=self.blocked)
         dtype = linear.weight.dtype
-        self.blocked = int8_kernel.usable(q)
-        self.register_buffer("weight", int8_kernel.to_blocks(q) if self.blocked else q)
+        self.register_buffer("weight", q)
         self.register_buffer("scales", scale.to(dtype))
         self.bias = linear.bias
         self.packed = packed_kernel_works(q.device.type, dtype)

@@ -202,8 +202,10 @@ def materialise(model_factory: Callable[[], torch.nn.Module], dtype, device) -> 
     return model
 
 
-def load_weights(model: torch.nn.Module, model_dir: Path, progress: Callable[[int], None] | None = None) -> list[str]:
-    """Copy every checkpoint tensor into `model`. Returns notes (e.g. skipped tensors) for the caller.
+def load_weights(model: torch.nn.Module, model_dir: Path, progress: Callable[[int], None] | None = None,
+                 loaded: Callable[[str], None] | None = None) -> list[str]:
+    """Copy every checkpoint tensor into `model`, telling `loaded` each parameter name as it is filled.
+    Returns notes (e.g. skipped tensors) for the caller.
 
     The model may define `checkpoint_tensors(name, load) -> list[(param_name, tensor)] | None`
     (None: skip the tensor) to rename, split or drop tensors."""
@@ -233,7 +235,8 @@ def load_weights(model: torch.nn.Module, model_dir: Path, progress: Callable[[in
                     continue  # a tied head saved alongside the embedding: same values
                 param = params.get(target)
                 if param is None:
-                    raise LlmcliError(f"unexpected tensor {name} in {source}")
+                    what = "appears twice" if target in seen else "is unexpected"
+                    raise LlmcliError(f"tensor {name} in {source} {what}")
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise LlmcliError(
                         f"tensor {name} in {source} has shape {tuple(tensor.shape)}, "
@@ -242,9 +245,12 @@ def load_weights(model: torch.nn.Module, model_dir: Path, progress: Callable[[in
                 if tensor.data_ptr() != param.data_ptr():  # not already read in place
                     param.copy_(tensor.to(param.dtype))
                 seen.add(target)
+                del params[target]  # no reference left here: `loaded` may replace it (int8) and free it
+                if loaded:
+                    loaded(target)
                 if progress:
                     progress(tensor.numel() * param.element_size())
-                del tensor
+                del tensor, param
     missing = sorted(expected - seen)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -21,6 +21,38 @@ def test_reconstruction_error_is_within_half_a_step():
     assert torch.allclose(q.float().abs().amax(1), torch.full((64,), 127.0))  # each row uses the full range
 
 
+def test_blocked_quantisation_in_chunks_equals_whole_matrix_blocks():
+    from llmcli.int8_kernel import to_blocks
+
+    w = torch.randn(56, 32, generator=torch.Generator().manual_seed(1))
+    q, scale = quantize_weight(w)
+    q_blocks, scale_blocks = quantize_weight(w, blocked=True, chunk_elements=24 * 32)  # 3 chunks of 24 rows
+    assert torch.equal(q_blocks, to_blocks(q)) and torch.equal(scale_blocks, scale)
+    assert torch.equal(quantize_weight(w, chunk_elements=100)[0], q)  # chunks smaller than a block
+
+
+def test_layers_are_quantised_as_they_load(monkeypatch):
+    """Each decoder layer is fused and quantised once, as soon as its tensors are in, so the whole model is
+    never held in bfloat16; what is outside the layers (the head) is done at the end."""
+    import llmcli.loader as loader
+
+    calls = []
+    original = loader.prepare_weights
+
+    def spy(module, quantize, keep, prefix=""):
+        linears = sum(isinstance(m, torch.nn.Linear) and not isinstance(m, Int8Linear) for m in module.modules())
+        calls.append((prefix, linears))
+        original(module, quantize, keep, prefix)
+
+    monkeypatch.setattr(loader, "prepare_weights", spy)
+    loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), "cpu", "bfloat16", quantize="int8")
+    layers = loaded.config.num_layers
+    assert [prefix for prefix, _ in calls] == sorted(f"model.layers.{i}." for i in range(layers)) + [""]
+    assert all(linears > 0 for _, linears in calls[:-1])
+    assert calls[-1][1] == 1  # at the end only the head is left to quantise
+    assert not any(type(m) is torch.nn.Linear for m in loaded.model.modules())
+
+
 @pytest.mark.parametrize("rows", [1, 5, 15, 40])  # 1, 5: decoding (the int8 kernel); 15, 40: prompts
 @pytest.mark.parametrize("out_features", [96, 100])  # 100 rows do not fit the kernel's blocks of 8
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
