@@ -8,6 +8,7 @@ hook (e.g. original Qwen splits its fused QKV); FP8 block-quantised weights are 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import struct
@@ -188,12 +189,31 @@ def checkpoint_tensors(ckpt: Checkpoint, fp8_block: tuple[int, int] | None, dtyp
         yield name, load
 
 
+INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                  "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def parameters_left_uninitialised():
+    """Modules initialise their parameters in __init__. On the meta device that computes nothing, yet
+    torch runs a meta `normal_` through torch._dynamo, and importing that costs ~75 MiB of resident
+    memory (8% of a 0.5B model in bfloat16) in runs that never compile."""
+    saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
+    for name in saved:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
 def materialise(model_factory: Callable[[], torch.nn.Module], dtype, device) -> torch.nn.Module:
     """Build the model on the meta device, then allocate (without initialising) in dtype/device."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in dtype: no second copy to convert
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), parameters_left_uninitialised():
             model = model_factory()
     finally:
         torch.set_default_dtype(previous)

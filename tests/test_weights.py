@@ -109,3 +109,28 @@ def test_peak_memory_while_loading_is_about_one_copy(tmp_path):
     r = json.loads(out.strip().splitlines()[-1])
     assert r["weights"] > 60 * 2**20
     assert r["growth"] < 1.35 * r["weights"], r
+
+
+def test_loading_and_decoding_without_compile_never_imports_dynamo():
+    """Building on the meta device must not run meta arithmetic (rope) or parameter init: torch sends
+    both through torch._dynamo, whose import alone costs ~75 MiB of resident memory."""
+    import subprocess
+    import sys
+
+    from llmcli.demo import ensure_demo
+
+    code = (
+        "import sys, torch\n"
+        "from llmcli.loader import load_model\n"
+        "for name in ('demo-qwen', 'demo-deepseek'):\n"
+        "    m = load_model(name, sys.argv[1 if name == 'demo-qwen' else 2], 'cpu', 'bfloat16').model\n"
+        "    with torch.inference_mode():\n"
+        "        cache = m.make_cache(1, 8)\n"
+        "        m(torch.tensor([[1, 2, 3]]), cache)\n"
+        "        m(torch.tensor([[4]]), cache)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    paths = [str(ensure_demo("demo-qwen")), str(ensure_demo("demo-deepseek"))]
+    result = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
