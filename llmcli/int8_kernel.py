@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import platform
 import time
@@ -28,7 +29,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
 def build() -> tuple[bool, str]:
-    """Build (or load the cached build of) the kernel: (usable, a note for the user)."""
+    """Build (or load the cached build of) the kernel: (usable, a note for the user, empty if none)."""
     if os.environ.get("LLMCLI_INT8_KERNEL", "1") == "0":
         return False, "int8 decode kernel disabled (LLMCLI_INT8_KERNEL=0)"
     return load_once()
@@ -46,16 +47,26 @@ def load_once() -> tuple[bool, str]:
     name = f"llmcli_int8_{key.hexdigest()[:12]}"
     directory = cache_home() / "extensions" / name
     start = time.perf_counter()
+    # torch logs a page-wide warning when the compiler is not the one it was built with: say it in one line
+    cpp_logger = logging.getLogger(cpp_extension.__name__)
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                            build_directory=str(directory), is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, an unsupported platform: fall back, say why
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return False, f"int8 decode kernel unavailable ({reason[:160]}); using torch's slower int8 paths"
+        if reason.startswith("Error building extension"):
+            reason = f"the C++ build failed; `ninja -C {directory}` shows why"
+        return False, f"int8 decode kernel unavailable ({reason[:200]}); using torch's slower int8 paths"
+    finally:
+        cpp_logger.setLevel(level)
     register_fake()
     seconds = time.perf_counter() - start
-    return True, f"int8 decode kernel ready ({'built' if seconds > 2 else 'loaded'} in {seconds:.1f} s)"
+    if seconds < 2:  # loaded from the cache: nothing worth saying
+        return True, ""
+    return True, f"built the int8 decode kernel in {seconds:.1f} s (cached for later runs)"
 
 
 def cpu_model() -> str:

@@ -127,7 +127,7 @@ def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: t
     if quantize == "int8" and device.type == "cpu":
         from llmcli.int8_kernel import build
 
-        notes.append(build()[1])
+        notes += [note for note in build()[1:] if note]
     notes = load_weights(model, model_dir, loaded=LayerwisePreparation(model, quantize, keep)) + notes
     with torch.no_grad():
         prepare_weights(model, quantize, keep)  # what is outside the layers (the head), and any layer left

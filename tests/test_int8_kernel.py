@@ -77,3 +77,26 @@ def test_disabled_kernel_leaves_row_major_weights(monkeypatch):
     layer = Int8Linear(torch.nn.Linear(32, 64))
     assert not usable and "disabled" in note
     assert not layer.blocked and layer.weight.shape == (64, 32)
+
+
+def test_without_a_compiler_int8_still_runs_and_says_why(tmp_path):
+    """A fresh cache and no usable C++ compiler: the build fails, the note names the fallback, and
+    generation gives the same tokens as with the kernel (greedy, float32)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from llmcli.demo import ensure_demo
+
+    path = str(ensure_demo("demo-qwen"))
+    args = [sys.executable, "-m", "llmcli", "generate", path, "-p", "a b c", "-n", "8", "--raw", "--json",
+            "--quantize", "int8", "--dtype", "float32"]
+    env = dict(os.environ, LLMCLI_HOME=str(tmp_path / "home"), CXX="/nonexistent/c++")
+    broken = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert broken.returncode == 0, broken.stderr
+    assert "int8 decode kernel unavailable" in broken.stderr and "slower int8 paths" in broken.stderr
+    working = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert working.returncode == 0, working.stderr
+    assert "unavailable" not in working.stderr
+    assert json.loads(broken.stdout)["token_ids"] == json.loads(working.stdout)["token_ids"]
