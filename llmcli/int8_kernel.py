@@ -38,35 +38,49 @@ def build() -> tuple[bool, str]:
 @functools.cache
 def load_once() -> tuple[bool, str]:
     """Once per process: a library registers its ops when loaded, and a second registration aborts."""
+    start = time.perf_counter()
+    try:
+        compile_library("llmcli", FLAGS)
+    except KernelBuildError as exc:
+        return False, f"int8 decode kernel unavailable ({exc}); using torch's slower int8 paths"
+    register_fake()
+    seconds = time.perf_counter() - start
+    if seconds < 2:  # loaded from the cache: nothing worth saying
+        return True, ""
+    return True, f"built the int8 decode kernel in {seconds:.1f} s (cached for later runs)"
+
+
+class KernelBuildError(Exception):
+    pass
+
+
+def compile_library(namespace: str, flags: list[str]) -> None:
+    """Build the source with `flags` (or reuse the cached build) and load it: its op is then
+    torch.ops.<namespace>.int8_gemv. Other namespaces are for tests (e.g. the portable loop)."""
     from torch.utils import cpp_extension
 
     from llmcli.demo import cache_home
 
+    flags = [*flags, f"-DLLMCLI_OPS_NAMESPACE={namespace}"]
     # -march=native code runs only on CPUs like this one: the build is keyed by the CPU too.
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *FLAGS, cpu_model()]).encode())
-    name = f"llmcli_int8_{key.hexdigest()[:12]}"
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *flags, cpu_model()]).encode())
+    name = f"{namespace}_int8_{key.hexdigest()[:12]}"
     directory = cache_home() / "extensions" / name
-    start = time.perf_counter()
     # torch logs a page-wide warning when the compiler is not the one it was built with: say it in one line
     cpp_logger = logging.getLogger(cpp_extension.__name__)
     level = cpp_logger.level
     cpp_logger.setLevel(logging.ERROR)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+        cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                            build_directory=str(directory), is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, an unsupported platform: fall back, say why
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if reason.startswith("Error building extension"):
             reason = f"the C++ build failed; `ninja -C {directory}` shows why"
-        return False, f"int8 decode kernel unavailable ({reason[:200]}); using torch's slower int8 paths"
+        raise KernelBuildError(reason[:200]) from exc
     finally:
         cpp_logger.setLevel(level)
-    register_fake()
-    seconds = time.perf_counter() - start
-    if seconds < 2:  # loaded from the cache: nothing worth saying
-        return True, ""
-    return True, f"built the int8 decode kernel in {seconds:.1f} s (cached for later runs)"
 
 
 def cpu_model() -> str:

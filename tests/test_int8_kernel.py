@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -100,3 +102,19 @@ def test_without_a_compiler_int8_still_runs_and_says_why(tmp_path):
     assert working.returncode == 0, working.stderr
     assert "unavailable" not in working.stderr
     assert json.loads(broken.stdout)["token_ids"] == json.loads(working.stdout)["token_ids"]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64-v3 is an x86 target")
+def test_portable_loop_for_cpus_without_avx512_gives_the_same_products():
+    """The kernel's plain C++ loop (what CPUs without AVX-512 run), built here for AVX2 only."""
+    try:
+        int8_kernel.compile_library("llmcli_portable_test", ["-O3", "-march=x86-64-v3", "-fopenmp"])
+    except int8_kernel.KernelBuildError as exc:
+        pytest.skip(f"no AVX2 build: {exc}")
+    torch.manual_seed(0)
+    weights = [quantize_weight(torch.randn(40, 96)) for _ in range(3)]
+    stack = torch.stack([int8_kernel.to_blocks(q) for q, _ in weights])
+    scales = torch.stack([s for _, s in weights])
+    x, experts = torch.randn(5, 96), torch.tensor([2, 0, 1, 1, 2])
+    portable = torch.ops.llmcli_portable_test.int8_gemv(x, stack, scales, experts)
+    assert torch.allclose(portable, torch.ops.llmcli.int8_gemv(x, stack, scales, experts), rtol=1e-5, atol=1e-5)

@@ -91,5 +91,11 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY(llmcli, m) { m.def("int8_gemv(Tensor x, Tensor w, Tensor scales, Tensor? experts) -> Tensor"); }
-TORCH_LIBRARY_IMPL(llmcli, CPU, m) { m.impl("int8_gemv", &int8_gemv); }
+#ifndef LLMCLI_OPS_NAMESPACE
+#define LLMCLI_OPS_NAMESPACE llmcli
+#endif
+
+TORCH_LIBRARY(LLMCLI_OPS_NAMESPACE, m) {
+  m.def("int8_gemv(Tensor x, Tensor w, Tensor scales, Tensor? experts) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) { m.impl("int8_gemv", &int8_gemv); }
