@@ -59,20 +59,16 @@ def compile_library(namespace: str, flags: list[str]) -> None:
     torch.ops.<namespace>.int8_gemv. Other namespaces are for tests (e.g. the portable loop)."""
     from torch.utils import cpp_extension
 
-    from llmcli.demo import cache_home
-
+    directory = build_directory(namespace, flags)
     flags = [*flags, f"-DLLMCLI_OPS_NAMESPACE={namespace}"]
-    # -march=native code runs only on CPUs like this one: the build is keyed by the CPU too.
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *flags, cpu_model()]).encode())
-    name = f"{namespace}_int8_{key.hexdigest()[:12]}"
-    directory = cache_home() / "extensions" / name
+    remove_stale_lock(directory / "lock")
     # torch logs a page-wide warning when the compiler is not the one it was built with: say it in one line
     cpp_logger = logging.getLogger(cpp_extension.__name__)
     level = cpp_logger.level
     cpp_logger.setLevel(logging.ERROR)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        cpp_extension.load(directory.name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                            build_directory=str(directory), is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, an unsupported platform: fall back, say why
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -81,6 +77,28 @@ def compile_library(namespace: str, flags: list[str]) -> None:
         raise KernelBuildError(reason[:200]) from exc
     finally:
         cpp_logger.setLevel(level)
+
+
+def build_directory(namespace: str, flags: list[str]) -> Path:
+    """Where a build lives, keyed by source, torch version, flags and CPU (-march=native code runs only
+    on CPUs like this one)."""
+    from llmcli.demo import cache_home
+
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *flags, cpu_model()]).encode())
+    return cache_home() / "extensions" / f"{namespace}_int8_{key.hexdigest()[:12]}"
+
+
+STALE_LOCK_SECONDS = 300  # a build takes 5-30 s
+
+
+def remove_stale_lock(lock: Path) -> None:
+    """torch's builder waits, without limit, for the lock file of a build in progress to go away; a build
+    killed mid-way leaves it behind, which would hang every later run."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def cpu_model() -> str:

@@ -118,3 +118,27 @@ def test_portable_loop_for_cpus_without_avx512_gives_the_same_products():
     x, experts = torch.randn(5, 96), torch.tensor([2, 0, 1, 1, 2])
     portable = torch.ops.llmcli_portable_test.int8_gemv(x, stack, scales, experts)
     assert torch.allclose(portable, torch.ops.llmcli.int8_gemv(x, stack, scales, experts), rtol=1e-5, atol=1e-5)
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_one():
+    import os
+    import time
+
+    flags = ["-O3", "-fopenmp"]
+    lock = int8_kernel.build_directory("llmcli_lock_test", flags) / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    old = time.time() - int8_kernel.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    int8_kernel.compile_library("llmcli_lock_test", flags)  # would wait forever on the lock
+    assert not lock.exists()
+    q = int8_kernel.to_blocks(torch.ones(8, 16, dtype=torch.int8))[None]
+    assert torch.equal(torch.ops.llmcli_lock_test.int8_gemv(torch.ones(1, 16), q, torch.ones(1, 8), None),
+                       torch.full((1, 8), 16.0))
+
+
+def test_a_recent_lock_is_left_alone(tmp_path):
+    lock = tmp_path / "lock"
+    lock.touch()
+    int8_kernel.remove_stale_lock(lock)
+    assert lock.exists()
