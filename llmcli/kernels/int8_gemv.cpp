@@ -89,6 +89,29 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return out;
 }
 
+// The weight back as row-major [N, K] in `dtype` (for products over many rows: a prompt), in one pass.
+at::Tensor int8_unblock(const at::Tensor& w, at::ScalarType dtype) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 4 && w.is_contiguous() && w.size(2) == kRows &&
+                  w.size(3) == kChunk, "int8_unblock: w must be int8 blocks [N/8, K/16, 8, 16]");
+  const int64_t blocks = w.size(0), chunks = w.size(1), K = chunks * kChunk;
+  at::Tensor out = at::empty({blocks * kRows, K}, w.options().dtype(dtype));
+  AT_DISPATCH_ALL_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "int8_unblock", [&] {
+    const int8_t* wp = w.const_data_ptr<int8_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {  // read in stored order, write 8 rows side by side
+        const int8_t* src = wp + b * kRows * K;
+        for (int64_t c = 0; c < chunks; ++c)
+          for (int64_t r = 0; r < kRows; ++r, src += kChunk) {
+            scalar_t* dst = op + (b * kRows + r) * K + c * kChunk;
+            for (int64_t j = 0; j < kChunk; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+          }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 #ifndef LLMCLI_OPS_NAMESPACE
@@ -97,5 +120,9 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 
 TORCH_LIBRARY(LLMCLI_OPS_NAMESPACE, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scales, Tensor? experts) -> Tensor");
+  m.def("int8_unblock(Tensor w, ScalarType dtype) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) { m.impl("int8_gemv", &int8_gemv); }
+TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) {
+  m.impl("int8_gemv", &int8_gemv);
+  m.impl("int8_unblock", &int8_unblock);
+}
