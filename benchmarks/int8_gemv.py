@@ -1,9 +1,11 @@
 """One decode step's worth of int8 one-row products (Qwen2.5-0.5B shapes), through each path torch and
 llmcli offer, with the weights read from memory (the set is 15x the last-level cache).
 
-    python benchmarks/int8_gemv.py [--repeats 5]
+    python benchmarks/int8_gemv.py [--repeats 5] [--rows 1,2,4,8,16,24,32]
 
-Prints ms per step and GB/s of int8 weights read, best of the repeats, and bf16 for comparison.
+Prints ms per step and GB/s of int8 weights read, best of the repeats, and bf16 for comparison. With
+--rows: the int8 kernel against a GEMM on the converted weight for products over that many rows (where
+`Int8Linear` switches from one to the other).
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ def best_ms(step, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rows", help="comma-separated row counts: kernel vs converted-weight GEMM")
     args = parser.parse_args()
+    if args.rows:
+        compare_rows([int(r) for r in args.rows.split(",")], args.repeats)
+        return
     torch.manual_seed(0)
     weights = [quantize_weight(torch.randn(shape) * 0.02) for shape in SHAPES]
     q = [w for w, _ in weights]
@@ -66,6 +72,20 @@ def main() -> None:
     bf16_bytes = sum(w.numel() * 2 for w in bf16)
     ms = best_ms(lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in bf16], args.repeats)
     print(f"{'bf16 F.linear (reference)':46s} {ms:7.1f} ms/step  {bf16_bytes / ms / 1e6:5.1f} GB/s of bf16 weights")
+
+
+def compare_rows(counts: list[int], repeats: int) -> None:
+    if not int8_kernel.build()[0]:
+        raise SystemExit(int8_kernel.build()[1])
+    torch.manual_seed(0)
+    blocks = [int8_kernel.to_blocks(quantize_weight(torch.randn(9728, 896))[0]) for _ in range(6)]  # 52 MB
+    scale = torch.rand(9728, dtype=torch.bfloat16)
+    for rows in counts:
+        x = torch.randn(rows, 896, dtype=torch.bfloat16)
+        kernel = best_ms(lambda x=x: [int8_kernel.gemv(x, b, scale) for b in blocks], repeats) / len(blocks)
+        gemm = best_ms(lambda x=x: [torch.nn.functional.linear(x, int8_kernel.from_blocks(b, x.dtype)) * scale
+                                    for b in blocks], repeats) / len(blocks)
+        print(f"{rows:3d} rows x 9728x896: int8 kernel {kernel:6.2f} ms   converted weight + GEMM {gemm:6.2f} ms")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ from torch import nn
 
 from llmcli import int8_kernel
 from llmcli.int8_kernel import CHUNK, ROWS, to_blocks
-from llmcli.models.layers import FEW_ROWS, few_rows, one_row_linear
+from llmcli.models.layers import few_rows, one_row_linear
 
 INT8PACK_ROWS = 16  # the most rows `_weight_int8pack_mm` gets; more go through a converted weight
+# The most rows the int8 kernel gets: beyond ~20 it is compute-bound and a GEMM on the converted weight
+# wins (benchmarks/int8_gemv.py --rows; 9728x896: 1.77 vs 1.82 ms at 16 rows, 2.41 vs 2.16 ms at 24).
+KERNEL_ROWS = 16
 
 
 def quantize_weight(weight: torch.Tensor, blocked: bool = False,
@@ -83,7 +86,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if self.blocked and rows <= FEW_ROWS:  # decoding: the int8 kernel
+        if self.blocked and rows <= KERNEL_ROWS:  # decoding (and short prompts): the int8 kernel
             out = int8_kernel.gemv(x, self.weight, self.scales)
             return out if self.bias is None else out + self.bias
         if few_rows(x):  # compiled decode step without the kernel: one fused loop reading the int8 rows
@@ -92,7 +95,7 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         # torch's int8 kernel is compute-bound: beyond a few rows, a GEMM on the weight converted to the
         # activations' dtype (int8 values are exact in bf16) is 2-2.6x faster (128 and 512 rows, 0.5B shapes).
-        if self.packed and rows <= INT8PACK_ROWS and x2.dtype == self.scales.dtype:
+        if not self.blocked and self.packed and rows <= INT8PACK_ROWS and x2.dtype == self.scales.dtype:
             out = torch._weight_int8pack_mm(x2.contiguous(), self.int8_weight(), self.scales)
         else:
             out = F.linear(x2, self.int8_weight(x2.dtype)) * self.scales.to(x2.dtype)

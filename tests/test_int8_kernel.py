@@ -26,7 +26,7 @@ def test_blocks_round_trip_and_are_stored_in_reading_order():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 16])
 def test_product_equals_float64_reference(dtype, rows):
     torch.manual_seed(rows)
     q, scale = quantize_weight(torch.randn(200, 336))
@@ -39,12 +39,14 @@ def test_product_equals_float64_reference(dtype, rows):
     assert ((got.double() - expected).abs() <= rounding * expected.abs() + 1e-5 * expected.abs().max()).all()
 
 
-def test_each_row_goes_through_its_own_expert():
+# consecutive rows through the same expert share one pass over its blocks (up to 3 at a time)
+@pytest.mark.parametrize("choice", [[[3, 0], [1, 3]], [[3, 3], [3, 1]], [[2, 2], [2, 2]]])
+def test_each_row_goes_through_its_own_expert(choice):
     torch.manual_seed(0)
     weights = [quantize_weight(torch.randn(64, 32)) for _ in range(4)]
     stack = torch.stack([int8_kernel.to_blocks(q) for q, _ in weights])
     scales = torch.stack([s for _, s in weights])
-    experts = torch.tensor([[3, 0], [1, 3]])  # 2 tokens x 2 experts each
+    experts = torch.tensor(choice)  # 2 tokens x 2 experts each
     x = torch.randn(2, 2, 32)
     got = int8_kernel.gemv(x, stack, scales, experts.reshape(-1))
     assert got.shape == (2, 2, 64)

@@ -19,29 +19,38 @@ namespace {
 constexpr int64_t kRows = 8;    // output rows per block
 constexpr int64_t kChunk = 16;  // inputs per chunk (one AVX-512 register of floats)
 
-// sums[r] = sum_k x[k] * w[r][k] for the kRows rows of one block.
-inline void block_dot(const float* x, const int8_t* w, int64_t K, float* sums) {
+// sums[p][r] = sum_k x[p][k] * w[r][k] for the kRows rows of one block and P input rows (x[p] is
+// x + p * K): each weight vector is converted once for all P of them (beyond one row the loop is
+// compute-bound). P <= 3 keeps the 8P accumulators in the 32 AVX-512 registers.
+template <int P>
+inline void block_dot(const float* x, const int8_t* w, int64_t K, float (*sums)[kRows]) {
 #if defined(__AVX512F__)
-  __m512 acc[kRows];
-  for (auto& a : acc) a = _mm512_setzero_ps();
+  __m512 acc[P][kRows];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += kChunk, w += kRows * kChunk) {
-    const __m512 xv = _mm512_loadu_ps(x + k);
+    __m512 xv[P];
+    for (int p = 0; p < P; ++p) xv[p] = _mm512_loadu_ps(x + p * K + k);
     for (int64_t r = 0; r < kRows; ++r) {
       const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * kChunk));
-      acc[r] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), acc[r]);
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+      for (int p = 0; p < P; ++p) acc[p][r] = _mm512_fmadd_ps(xv[p], wv, acc[p][r]);
     }
   }
-  for (int64_t r = 0; r < kRows; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int p = 0; p < P; ++p)
+    for (int64_t r = 0; r < kRows; ++r) sums[p][r] = _mm512_reduce_add_ps(acc[p][r]);
 #else  // the compiler vectorises this form on other CPUs (16 independent lanes per row)
-  float acc[kRows][kChunk] = {};
+  float acc[P][kRows][kChunk] = {};
   for (int64_t k = 0; k < K; k += kChunk, w += kRows * kChunk)
     for (int64_t r = 0; r < kRows; ++r)
-      for (int64_t j = 0; j < kChunk; ++j) acc[r][j] += x[k + j] * static_cast<float>(w[r * kChunk + j]);
-  for (int64_t r = 0; r < kRows; ++r) {
-    float s = 0.f;
-    for (int64_t j = 0; j < kChunk; ++j) s += acc[r][j];
-    sums[r] = s;
-  }
+      for (int p = 0; p < P; ++p)
+        for (int64_t j = 0; j < kChunk; ++j) acc[p][r][j] += x[p * K + k + j] * static_cast<float>(w[r * kChunk + j]);
+  for (int p = 0; p < P; ++p)
+    for (int64_t r = 0; r < kRows; ++r) {
+      float s = 0.f;
+      for (int64_t j = 0; j < kChunk; ++j) s += acc[p][r][j];
+      sums[p][r] = s;
+    }
 #endif
 }
 
@@ -73,15 +82,24 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     const int8_t* wp = w.const_data_ptr<int8_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      float sums[kRows];
+      float sums[3][kRows];
       for (int64_t b = begin; b < end; ++b) {
-        for (int64_t m = 0; m < M; ++m) {  // rows sharing a matrix find its block in cache
+        for (int64_t m = 0; m < M;) {
           const int64_t e = ids ? ids[m] : 0;
-          block_dot(xfp + m * K, wp + (e * blocks + b) * kRows * K, K, sums);
-          for (int64_t r = 0; r < kRows; ++r) {
-            const int64_t n = b * kRows + r;
-            op[m * N + n] = static_cast<scalar_t>(sums[r] * static_cast<float>(sp[e * N + n]));
-          }
+          // consecutive rows through the same matrix share one pass over its block
+          int64_t P = 1;
+          while (P < 3 && m + P < M && (ids ? ids[m + P] : 0) == e) ++P;
+          const float* xm = xfp + m * K;
+          const int8_t* block = wp + (e * blocks + b) * kRows * K;
+          if (P == 3) block_dot<3>(xm, block, K, sums);
+          else if (P == 2) block_dot<2>(xm, block, K, sums);
+          else block_dot<1>(xm, block, K, sums);
+          for (int64_t p = 0; p < P; ++p)
+            for (int64_t r = 0; r < kRows; ++r) {
+              const int64_t n = b * kRows + r;
+              op[(m + p) * N + n] = static_cast<scalar_t>(sums[p][r] * static_cast<float>(sp[e * N + n]));
+            }
+          m += P;
         }
       }
     });
