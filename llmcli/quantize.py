@@ -16,7 +16,7 @@ from torch import nn
 
 from llmcli import int8_kernel
 from llmcli.int8_kernel import CHUNK, ROWS, to_blocks
-from llmcli.models.layers import few_rows, one_row_linear
+from llmcli.models.layers import one_row, one_row_linear
 
 INT8PACK_ROWS = 16  # the most rows `_weight_int8pack_mm` gets; more go through a converted weight
 # The most rows the int8 kernel gets: beyond ~20 it is compute-bound and a GEMM on the converted weight
@@ -89,7 +89,7 @@ class Int8Linear(nn.Module):
         if self.blocked and rows <= KERNEL_ROWS:  # decoding (and short prompts): the int8 kernel
             out = int8_kernel.gemv(x, self.weight, self.scales)
             return out if self.bias is None else out + self.bias
-        if few_rows(x):  # compiled decode step without the kernel: one fused loop reading the int8 rows
+        if one_row(x):  # compiled decode step without the kernel: one fused loop reading the int8 rows
             return one_row_linear(x, self.weight, self.bias, self.scales)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)

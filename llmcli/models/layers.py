@@ -50,11 +50,17 @@ def few_rows(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() and x.numel() <= FEW_ROWS * x.shape[-1]
 
 
+def one_row(x: torch.Tensor) -> bool:
+    """A compiled decode step of one sequence. With several rows inductor's multiply-and-sum loop reads
+    the weight once per row (0.5B shape, batch 4: 26.6 tok/s against 51.6 through torch's product)."""
+    return torch.compiler.is_compiling() and x.numel() == x.shape[-1]
+
+
 class Linear(nn.Linear):
-    """nn.Linear that, inside a compiled decode step, runs as `one_row_linear`."""
+    """nn.Linear that, inside a compiled decode step of one sequence, runs as `one_row_linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if few_rows(x):
+        if one_row(x):
             return one_row_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
