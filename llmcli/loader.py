@@ -72,9 +72,11 @@ def release_freed_memory() -> None:
         pass
 
 
-def prepare_weights(module: torch.nn.Module, quantize: str | None, keep, prefix: str = "") -> None:
-    """Fuse projections that read the same input and quantise, within `module`: a decoder layer as soon
-    as its tensors are loaded, then the whole model (parts already done are left alone)."""
+def prepare_weights(module: torch.nn.Module, quantize: str | None, keep, prefix: str = "",
+                    pack: bool = False) -> None:
+    """Fuse projections that read the same input, quantise, and reorder bfloat16 linears for oneDNN
+    (`pack`), within `module`: a decoder layer as soon as its tensors are loaded, then the whole model
+    (parts already done are left alone)."""
     for part in [m for m in module.modules() if hasattr(m, "fuse_projections")]:  # parents only
         if not getattr(part, "projections_fused", False):
             part.fuse_projections()
@@ -83,19 +85,23 @@ def prepare_weights(module: torch.nn.Module, quantize: str | None, keep, prefix:
         from llmcli.quantize import quantize_model
 
         quantize_model(module, skip=lambda name: keep(prefix + name))
+    if pack:
+        from llmcli.models.packed import pack_linears
+
+        pack_linears(module, keep=lambda name: keep(prefix + name))
 
 
 class LayerwisePreparation:
     """Called with each parameter name as it is loaded: prepares each decoder layer once all of its
-    tensors are in. With --quantize int8 the bfloat16 weights of a finished layer are freed before the
-    next one is read (the model is allocated but untouched pages take no memory), so the load peaks at
-    about the int8 model plus one layer instead of the whole model in bfloat16 (measured: 1.97x the
-    int8 weights before, on the Qwen2.5-0.5B shape)."""
+    tensors are in, and frees what that replaced before the next layer is read (the model is allocated
+    but untouched pages take no memory). So the load peaks at about the final model plus one layer
+    instead of the loaded and the final weights together. Measured on the Qwen2.5-0.5B shape, int8: 1.97x
+    the weights before; DeepSeek-V3 shape, bfloat16 reordered for oneDNN: 1.21x before."""
 
     LAYER = re.compile(r"^(.*?\.layers\.\d+\.)")
 
-    def __init__(self, model: torch.nn.Module, quantize: str | None, keep):
-        self.model, self.quantize, self.keep = model, quantize, keep
+    def __init__(self, model: torch.nn.Module, quantize: str | None, keep, pack: bool):
+        self.model, self.quantize, self.keep, self.pack = model, quantize, keep, pack
         self.pending: dict[str, set[str]] = {}
         for name in model.state_dict():
             match = self.LAYER.match(name)
@@ -112,7 +118,7 @@ class LayerwisePreparation:
             prefix = match.group(1)
             del self.pending[prefix]
             with torch.no_grad():
-                prepare_weights(self.model.get_submodule(prefix[:-1]), self.quantize, self.keep, prefix)
+                prepare_weights(self.model.get_submodule(prefix[:-1]), self.quantize, self.keep, prefix, self.pack)
             release_freed_memory()
 
 
@@ -128,18 +134,17 @@ def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: t
         from llmcli.int8_kernel import build
 
         notes += [note for note in build()[1:] if note]
-    notes = load_weights(model, model_dir, loaded=LayerwisePreparation(model, quantize, keep)) + notes
+    # The compiled step reads plain weights (not oneDNN-packed) and experts from stacks.
+    pack = device.type == "cpu" and not compile
+    notes = load_weights(model, model_dir, loaded=LayerwisePreparation(model, quantize, keep, pack)) + notes
     with torch.no_grad():
-        prepare_weights(model, quantize, keep)  # what is outside the layers (the head), and any layer left
+        # what is outside the layers (the head), and any layer left
+        prepare_weights(model, quantize, keep, pack=pack)
         release_freed_memory()
-        if compile:  # the compiled step reads experts from stacks, and plain weights (not oneDNN-packed)
+        if compile:
             for module in [m for m in model.modules() if hasattr(m, "stack_experts")]:
                 module.stack_experts()
                 release_freed_memory()
-    if device.type == "cpu" and not compile:
-        from llmcli.models.packed import pack_linears
-
-        pack_linears(model, keep=keep)
     model.eval()
     if compile:
         from llmcli.compile import enable_compiled_decode

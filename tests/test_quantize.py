@@ -39,10 +39,10 @@ def test_layers_are_quantised_as_they_load(monkeypatch):
     calls = []
     original = loader.prepare_weights
 
-    def spy(module, quantize, keep, prefix=""):
+    def spy(module, quantize, keep, prefix="", pack=False):
         linears = sum(isinstance(m, torch.nn.Linear) and not isinstance(m, Int8Linear) for m in module.modules())
         calls.append((prefix, linears))
-        original(module, quantize, keep, prefix)
+        original(module, quantize, keep, prefix, pack)
 
     monkeypatch.setattr(loader, "prepare_weights", spy)
     loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), "cpu", "bfloat16", quantize="int8")
