@@ -109,3 +109,27 @@ def test_show_reports_the_int8_size(run_cli, monkeypatch):
 
     checkpoint = load_file(ensure_demo("demo-qwen") / "model.safetensors")
     assert sizes["float32"] == sum(t.numel() * 4 for t in checkpoint.values())
+
+
+def test_moe_experts_are_quantised_one_by_one_before_their_layer(monkeypatch):
+    """A DeepSeek-V3 MoE layer is 22 GB in bfloat16: each expert is quantised as soon as it is loaded."""
+    import llmcli.loader as loader
+
+    calls = []
+    original = loader.prepare_weights
+
+    def spy(module, quantize, keep, prefix="", pack=False):
+        calls.append(prefix)
+        original(module, quantize, keep, prefix, pack)
+
+    monkeypatch.setattr(loader, "prepare_weights", spy)
+    loaded = load_model("demo-deepseek", ensure_demo("demo-deepseek"), "cpu", "bfloat16", quantize="int8")
+    cfg = loaded.config
+    for layer in range(cfg.num_layers):
+        prefix = f"model.layers.{layer}."
+        experts = [c for c in calls if c.startswith(prefix + "mlp.experts.")]
+        if cfg.is_moe_layer(layer):
+            assert sorted(experts) == sorted(f"{prefix}mlp.experts.{e}." for e in range(cfg.n_routed_experts))
+            assert max(calls.index(e) for e in experts) < calls.index(prefix)  # all experts, then the layer
+        else:
+            assert experts == []
