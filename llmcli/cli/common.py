@@ -110,7 +110,7 @@ QUANTIZE_OPT = typer.Option(
     None, "--quantize",
     help="int8: weight-only int8 with a scale per output channel for every linear layer (about half the "
          "bytes of bfloat16 per decoded token; use with --dtype bfloat16). On CPU, decoding runs on llmcli's "
-         "int8 kernel, built once with the C++ compiler (about 8 s): 2.1-2.4x bfloat16's decode speed.",
+         "int8 kernel, built once with the C++ compiler (about 8 s): 2.0-2.4x bfloat16's decode speed.",
 )
 
 
