@@ -137,7 +137,8 @@ def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: t
     if quantize == "int8" and device.type == "cpu":
         from llmcli.int8_kernel import build
 
-        notes += [note for note in build()[1:] if note]
+        note = build()[1]
+        notes += [note] if note else []
     # The compiled step reads plain weights (not oneDNN-packed) and experts from stacks.
     pack = device.type == "cpu" and not compile
     notes = load_weights(model, model_dir, loaded=LayerwisePreparation(model, quantize, keep, pack)) + notes

@@ -33,7 +33,7 @@ def quantize_weight(weight: torch.Tensor, blocked: bool = False,
     shape = (rows // ROWS, columns // CHUNK, ROWS, CHUNK) if blocked else (rows, columns)
     q = torch.empty(shape, dtype=torch.int8, device=weight.device)
     scale = torch.empty(rows, dtype=torch.float32, device=weight.device)
-    step = max(1, chunk_elements // max(1, columns)) // ROWS * ROWS or ROWS
+    step = max(ROWS, chunk_elements // max(1, columns) // ROWS * ROWS)  # whole blocks of rows
     for begin in range(0, rows, step):
         w = weight[begin: begin + step].float()
         s = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0

@@ -45,11 +45,6 @@ def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 FEW_ROWS = 8  # the most sequences a compiled decode step takes (beyond that, products are not weight-bound)
 
 
-def few_rows(x: torch.Tensor) -> bool:
-    """True inside a compiled decode step (a handful of rows, so the product is weight-bound)."""
-    return torch.compiler.is_compiling() and x.numel() <= FEW_ROWS * x.shape[-1]
-
-
 def one_row(x: torch.Tensor) -> bool:
     """A compiled decode step of one sequence. With several rows inductor's multiply-and-sum loop reads
     the weight once per row (0.5B shape, batch 4: 26.6 tok/s against 51.6 through torch's product)."""
