@@ -73,10 +73,10 @@ def release_freed_memory() -> None:
 
 
 def prepare_weights(module: torch.nn.Module, quantize: str | None, keep, prefix: str = "",
-                    pack: bool = False) -> None:
-    """Fuse projections that read the same input, quantise, and reorder bfloat16 linears for oneDNN
-    (`pack`), within `module`: a decoder layer as soon as its tensors are loaded, then the whole model
-    (parts already done are left alone)."""
+                    pack: bool = False, compiled: bool = False) -> None:
+    """Fuse projections that read the same input, quantise, and reorder bfloat16 linears for CPU products
+    (`pack`; for a `compiled` step only into layouts it can read), within `module`: a decoder layer as soon
+    as its tensors are loaded, then the whole model (parts already done are left alone)."""
     for part in [m for m in module.modules() if hasattr(m, "fuse_projections")]:  # parents only
         if not getattr(part, "projections_fused", False):
             part.fuse_projections()
@@ -88,7 +88,7 @@ def prepare_weights(module: torch.nn.Module, quantize: str | None, keep, prefix:
     if pack:
         from llmcli.models.packed import pack_linears
 
-        pack_linears(module, keep=lambda name: keep(prefix + name))
+        pack_linears(module, keep=lambda name: keep(prefix + name), compiled=compiled)
 
 
 class LayerwisePreparation:
@@ -101,8 +101,8 @@ class LayerwisePreparation:
 
     UNITS = (re.compile(r"^(.*?\.layers\.\d+\.mlp\.experts\.\d+\.)"), re.compile(r"^(.*?\.layers\.\d+\.)"))
 
-    def __init__(self, model: torch.nn.Module, quantize: str | None, keep, pack: bool):
-        self.model, self.quantize, self.keep, self.pack = model, quantize, keep, pack
+    def __init__(self, model: torch.nn.Module, quantize: str | None, keep, pack: bool, compiled: bool = False):
+        self.model, self.quantize, self.keep, self.pack, self.compiled = model, quantize, keep, pack, compiled
         self.pending: dict[str, set[str]] = {}
         for name in model.state_dict():
             for prefix in self.prefixes(name):
@@ -121,7 +121,8 @@ class LayerwisePreparation:
             if not remaining:
                 del self.pending[prefix]
                 with torch.no_grad():
-                    prepare_weights(self.model.get_submodule(prefix[:-1]), self.quantize, self.keep, prefix, self.pack)
+                    prepare_weights(self.model.get_submodule(prefix[:-1]), self.quantize, self.keep, prefix, self.pack,
+                                    self.compiled)
                 if prefix == self.prefixes(prefix)[-1]:  # a whole layer: trimming after every expert took 8 ms each
                     release_freed_memory()
 
@@ -134,17 +135,18 @@ def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: t
     model = materialise(lambda: cls(cfg), dtype, device)
     keep = getattr(model, "keeps_dense_weight", lambda name: False)
     notes = []
-    if quantize == "int8" and device.type == "cpu":
-        from llmcli.int8_kernel import build
+    if device.type == "cpu" and (quantize == "int8" or dtype == torch.bfloat16):
+        from llmcli import bf16_kernel, int8_kernel
 
-        note = build()[1]
+        note = (int8_kernel if quantize == "int8" else bf16_kernel).build()[1]
         notes += [note] if note else []
-    # The compiled step reads plain weights (not oneDNN-packed) and experts from stacks.
-    pack = device.type == "cpu" and not compile
-    notes = load_weights(model, model_dir, loaded=LayerwisePreparation(model, quantize, keep, pack)) + notes
+    # bfloat16 linears are reordered for CPU products; the compiled step reads plain or kernel layouts only.
+    pack = device.type == "cpu"
+    preparation = LayerwisePreparation(model, quantize, keep, pack, compile)
+    notes = load_weights(model, model_dir, loaded=preparation) + notes
     with torch.no_grad():
         # what is outside the layers (the head), and any layer left
-        prepare_weights(model, quantize, keep, pack=pack)
+        prepare_weights(model, quantize, keep, pack=pack, compiled=compile)
         release_freed_memory()
         if compile:
             for module in [m for m in model.modules() if hasattr(m, "stack_experts")]:

@@ -7,7 +7,7 @@ import platform
 import pytest
 import torch
 
-from llmcli import int8_kernel
+from llmcli import cpu_kernels, int8_kernel
 from llmcli.quantize import quantize_weight
 
 pytestmark = pytest.mark.skipif(not int8_kernel.build()[0], reason="the int8 kernel cannot be built here")
@@ -101,7 +101,7 @@ def test_without_a_compiler_int8_still_runs_and_says_why(tmp_path):
     env = dict(os.environ, LLMCLI_HOME=str(tmp_path / "home"), CXX="/nonexistent/c++")
     broken = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert broken.returncode == 0, broken.stderr
-    assert "int8 decode kernel unavailable" in broken.stderr and "slower int8 paths" in broken.stderr
+    assert "CPU kernels unavailable" in broken.stderr and "slower paths" in broken.stderr
     working = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert working.returncode == 0, working.stderr
     assert "unavailable" not in working.stderr
@@ -112,8 +112,8 @@ def test_without_a_compiler_int8_still_runs_and_says_why(tmp_path):
 def test_portable_loop_for_cpus_without_avx512_gives_the_same_products():
     """The kernel's plain C++ loop (what CPUs without AVX-512 run), built here for AVX2 only."""
     try:
-        int8_kernel.compile_library("llmcli_portable_test", ["-O3", "-march=x86-64-v3", "-fopenmp"])
-    except int8_kernel.KernelBuildError as exc:
+        cpu_kernels.compile_library("llmcli_portable_test", ["-O3", "-march=x86-64-v3", "-fopenmp"])
+    except cpu_kernels.KernelBuildError as exc:
         pytest.skip(f"no AVX2 build: {exc}")
     torch.manual_seed(0)
     weights = [quantize_weight(torch.randn(40, 96)) for _ in range(3)]
@@ -129,12 +129,12 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_one():
     import time
 
     flags = ["-O3", "-fopenmp"]
-    lock = int8_kernel.build_directory("llmcli_lock_test", flags) / "lock"
+    lock = cpu_kernels.build_directory("llmcli_lock_test", flags) / "lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.touch()
-    old = time.time() - int8_kernel.STALE_LOCK_SECONDS - 60
+    old = time.time() - cpu_kernels.STALE_LOCK_SECONDS - 60
     os.utime(lock, (old, old))
-    int8_kernel.compile_library("llmcli_lock_test", flags)  # would wait forever on the lock
+    cpu_kernels.compile_library("llmcli_lock_test", flags)  # would wait forever on the lock
     assert not lock.exists()
     q = int8_kernel.to_blocks(torch.ones(8, 16, dtype=torch.int8))[None]
     assert torch.equal(torch.ops.llmcli_lock_test.int8_gemv(torch.ones(1, 16), q, torch.ones(1, 8), None),
@@ -144,5 +144,5 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_one():
 def test_a_recent_lock_is_left_alone(tmp_path):
     lock = tmp_path / "lock"
     lock.touch()
-    int8_kernel.remove_stale_lock(lock)
+    cpu_kernels.remove_stale_lock(lock)
     assert lock.exists()

@@ -1,4 +1,5 @@
-"""oneDNN-prepacked bfloat16 linears on CPU: same results as F.linear, bit for bit."""
+"""oneDNN-prepacked bfloat16 linears on CPU (where llmcli's bfloat16 kernel does not run): same results as
+F.linear, bit for bit."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from llmcli.loader import load_model
 from llmcli.models.packed import PackedLinear, pack_linears, prepacking_available
 
 pytestmark = pytest.mark.skipif(not prepacking_available(), reason="torch build without oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def _without_bf16_kernel(monkeypatch):
+    """Where the bfloat16 kernel runs it takes precedence (tests/test_bf16_kernel.py): set it aside."""
+    monkeypatch.setenv("LLMCLI_BF16_KERNEL", "0")
 
 
 def test_packed_linear_is_bit_identical():
@@ -62,8 +69,8 @@ def test_layers_are_reordered_as_they_load(monkeypatch):
     packed_after_call = []
     original = loader.prepare_weights
 
-    def spy(module, quantize, keep, prefix="", pack=False):
-        original(module, quantize, keep, prefix, pack)
+    def spy(module, quantize, keep, prefix="", pack=False, compiled=False):
+        original(module, quantize, keep, prefix, pack, compiled)
         packed_after_call.append((prefix, pack, any(isinstance(m, PackedLinear) for m in module.modules())))
 
     monkeypatch.setattr(loader, "prepare_weights", spy)

@@ -39,10 +39,10 @@ def test_layers_are_quantised_as_they_load(monkeypatch):
     calls = []
     original = loader.prepare_weights
 
-    def spy(module, quantize, keep, prefix="", pack=False):
+    def spy(module, quantize, keep, prefix="", pack=False, compiled=False):
         linears = sum(isinstance(m, torch.nn.Linear) and not isinstance(m, Int8Linear) for m in module.modules())
         calls.append((prefix, linears))
-        original(module, quantize, keep, prefix, pack)
+        original(module, quantize, keep, prefix, pack, compiled)
 
     monkeypatch.setattr(loader, "prepare_weights", spy)
     loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), "cpu", "bfloat16", quantize="int8")
@@ -118,9 +118,9 @@ def test_moe_experts_are_quantised_one_by_one_before_their_layer(monkeypatch):
     calls = []
     original = loader.prepare_weights
 
-    def spy(module, quantize, keep, prefix="", pack=False):
+    def spy(module, quantize, keep, prefix="", pack=False, compiled=False):
         calls.append(prefix)
-        original(module, quantize, keep, prefix, pack)
+        original(module, quantize, keep, prefix, pack, compiled)
 
     monkeypatch.setattr(loader, "prepare_weights", spy)
     loaded = load_model("demo-deepseek", ensure_demo("demo-deepseek"), "cpu", "bfloat16", quantize="int8")

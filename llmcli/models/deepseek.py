@@ -301,11 +301,14 @@ class MoE(nn.Module):
         def project(inputs, name):
             stack = getattr(self, f"{name}_weight_stack")
             scales = getattr(self, f"{name}_scales_stack", None)
-            if stack.dim() == 5:  # int8 in the int8 kernel's blocks: it picks each row's expert itself
-                from llmcli.int8_kernel import gemv
+            if stack.dim() == 5:  # in the int8 or bf16 kernel's blocks: it picks each row's expert itself
+                from llmcli import bf16_kernel, int8_kernel
 
                 rows = inputs.expand(*choice.experts.shape, inputs.shape[-1])
-                return gemv(rows, stack, scales, choice.experts.reshape(-1))
+                if stack.dtype == torch.int8:
+                    return int8_kernel.gemv(rows, stack, scales, choice.experts.reshape(-1))
+                out = bf16_kernel.linear(rows, stack, experts=choice.experts.reshape(-1))
+                return out[..., :getattr(self.experts[0], name).out_features]  # outputs padded to whole panels
             weight = stack[choice.experts]  # [N, k, out, in]
             return one_row_linear(inputs, weight, scales=None if scales is None else scales[choice.experts])
 

@@ -1,10 +1,12 @@
-"""oneDNN-prepacked linear layers for CPU decoding.
+"""Linear layers with their weights reordered once, at load, for fast CPU products.
 
 Measured with benchmarks/cpu_gemv.py on this project's 2-core x86 machine: a bfloat16 F.linear with
-one input row streams weights at a fraction of the memory bandwidth, while the same product on a
-weight reordered once into oneDNN's blocked layout is several times faster and gives bit-identical
-results. Decoding is one-row products all the way down, so llmcli packs every bfloat16 linear
-layer of a CPU model at load (the original weight is released, so memory does not grow).
+one input row streams weights at a fraction of the memory bandwidth. Where llmcli's bfloat16 kernel
+runs (AVX512-BF16, see bf16_kernel.py), each bfloat16 linear stores its weight in the kernel's panels
+(`BlockedLinear`), for eager and compiled runs alike. Elsewhere, eager runs reorder it into oneDNN's
+blocked layout (`PackedLinear`: several times faster for one row, bit-identical results); compiled runs
+keep plain weights, which inductor's loops read well. The original weight is released either way, so
+memory does not grow.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 
 import torch
 from torch import nn
+
+from llmcli import bf16_kernel
 
 
 @functools.cache
@@ -47,21 +51,48 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
-def pack_linears(model: nn.Module, keep=lambda name: False) -> int:
-    """Swap each CPU bfloat16 nn.Linear for a PackedLinear, one at a time. Layers whose weight other
-    code reads directly (`keep(name)` true) or that share their weight (tied heads) stay as they are.
-    Returns the number of layers packed."""
-    if not prepacking_available():
-        return 0
+class BlockedLinear(nn.Module):
+    """nn.Linear with its bfloat16 weight in the bfloat16 kernel's panels (`weight`: [out/64, in/2, 64, 2],
+    outputs padded to whole panels)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", bf16_kernel.to_blocks(linear.weight.detach()))
+        self.padding = self.weight.shape[0] * bf16_kernel.PANEL - self.out_features
+        bias = linear.bias
+        if bias is not None and self.padding:
+            bias = nn.Parameter(torch.cat([bias.detach(), bias.new_zeros(self.padding)]), requires_grad=False)
+        self.bias = bias
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = bf16_kernel.linear(x, self.weight, self.bias)
+        return out[..., :self.out_features] if self.padding else out
+
+
+def pack_linears(model: nn.Module, keep=lambda name: False, compiled: bool = False) -> int:
+    """Swap each CPU bfloat16 nn.Linear for a BlockedLinear where the kernel runs, else (not `compiled`)
+    a PackedLinear, one at a time. Layers whose weight other code reads directly (`keep(name)` true) or
+    that share their weight (tied heads) stay as they are. Returns the number of layers swapped."""
     shared = _shared_weights(model)
     count = 0
     for name, module in parents_of_linears(model):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if (isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16
-                    and child.weight.device.type == "cpu" and id(child.weight) not in shared and not keep(full)):
+            if (not isinstance(child, nn.Linear) or child.weight.dtype != torch.bfloat16
+                    or child.weight.device.type != "cpu" or id(child.weight) in shared or keep(full)):
+                continue
+            if bf16_kernel.usable(child.weight):
+                setattr(module, child_name, BlockedLinear(child))
+            elif not compiled and prepacking_available():
                 setattr(module, child_name, PackedLinear(child))
-                count += 1
+            else:
+                continue
+            count += 1
     return count
 
 

@@ -1,0 +1,77 @@
+"""The bfloat16 CPU kernel: products for any number of rows from weights stored in 64-output panels,
+from `kernels/bf16_gemm.cpp` (built with the int8 kernel, see cpu_kernels.py).
+
+Decoding and prompts want different things from a weight layout. torch's one-row product on a plain
+weight streams it at about 16 GB/s here; oneDNN's prepacked layout reaches 22-33 GB/s for one row and
+~430 GFLOP/s for prompts, but it is an opaque tensor that a compiled step cannot read, so --compile kept
+plain weights and lost ~10% on prompts. One layout read by one kernel serves both, eager and compiled:
+measured (benchmarks/bf16_gemm.py) 42 GB/s for one row and 440-450 GFLOP/s for 128-512 rows.
+
+It needs AVX512-BF16 (dot products of bf16 pairs into float32 sums, e.g. AMD Zen 4, Intel Cooper
+Lake / Sapphire Rapids and later). Elsewhere llmcli keeps oneDNN and torch's own paths.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from llmcli import cpu_kernels
+
+PANEL = 64  # outputs per panel (kPanel in the C++ source)
+
+
+def build() -> tuple[bool, str]:
+    """(usable, a note for the user, empty if none)."""
+    if os.environ.get("LLMCLI_BF16_KERNEL", "1") == "0":
+        return False, "bfloat16 CPU kernel disabled (LLMCLI_BF16_KERNEL=0)"
+    loaded, note = cpu_kernels.load_once()
+    if not loaded:
+        return False, note
+    return bool(torch.ops.llmcli.bf16_linear_fast()), note  # no AVX512-BF16: oneDNN is faster
+
+
+def fits(shape: torch.Size | tuple[int, ...]) -> bool:
+    """Can an [out, in] weight be stored in panels? (Outputs are padded to whole panels.)"""
+    return len(shape) == 2 and shape[1] % 2 == 0 and shape[1] > 0 and shape[0] > 0
+
+
+def usable(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and fits(weight.shape)
+            and build()[0])
+
+
+def to_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> [ceil(out/64), in/2, 64, 2]: each panel of 64 outputs stored pair of inputs by pair; the
+    last panel padded with zero rows (products then give zeros there, cut off by `linear`'s callers)."""
+    out, inputs = weight.shape
+    panels = -(-out // PANEL)
+    if panels * PANEL != out:
+        weight = torch.cat([weight, weight.new_zeros(panels * PANEL - out, inputs)])
+    return weight.reshape(panels, PANEL, inputs // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def from_blocks(blocks: torch.Tensor, out: int | None = None) -> torch.Tensor:
+    """The inverse of `to_blocks`: the weight as [out, in] (a copy)."""
+    panels, pairs = blocks.shape[:2]
+    return blocks.permute(0, 2, 1, 3).reshape(panels * PANEL, pairs * 2)[:out]
+
+
+def rows_of(blocks: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the weight, [*ids.shape, in], gathered from the panels (an embedding lookup on a
+    head tied to the embedding)."""
+    rows = blocks[ids // PANEL, :, ids % PANEL, :]  # [*ids.shape, in/2, 2]
+    return rows.reshape(*ids.shape, blocks.shape[1] * 2)
+
+
+def linear(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None = None,
+           experts: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T + bias for x [..., in] in bfloat16, with the outputs of padding rows (zeros) at the end.
+    `blocks` is one matrix [out/64, in/2, 64, 2], or a stack [E, ...] with `experts` naming each row's
+    matrix. `bias` covers the padded outputs too."""
+    if blocks.dim() == 4:
+        blocks = blocks.unsqueeze(0)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.ops.llmcli.bf16_linear(rows, blocks, bias, experts)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
