@@ -11,7 +11,7 @@ import torch
 from llmcli import bf16_kernel, cpu_kernels
 from llmcli.demo import ensure_demo
 from llmcli.loader import load_model
-from llmcli.models.packed import BlockedLinear, PackedLinear
+from llmcli.models.packed import BlockedEmbedding, BlockedLinear, PackedLinear, pack_linears
 
 pytestmark = pytest.mark.skipif(not bf16_kernel.build()[0], reason="no AVX512-BF16 build of the kernel here")
 
@@ -110,6 +110,30 @@ def test_portable_loop_gives_the_same_products_and_says_it_is_slow():
     assert_rounded_from(torch.ops.llmcli_portable_test.bf16_linear(x, stack, bias, None), reference(x, w, bias))
 
 
+def test_a_head_tied_to_the_embedding_shares_one_copy_of_panels():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(130, 32), "head": torch.nn.Linear(32, 130, bias=False),
+                                 "other": torch.nn.Linear(32, 32)}).to(torch.bfloat16)
+    model["head"].weight = model["embed"].weight
+    plain = {name: module.weight.clone() for name, module in model.items()}
+    assert pack_linears(model) == 2
+    embed, head = model["embed"], model["head"]
+    assert isinstance(embed, BlockedEmbedding) and isinstance(head, BlockedLinear)
+    assert embed.weight is head.weight and head.weight.shape == (3, 16, 64, 2)  # 130 rows padded to 192
+    ids = torch.tensor([[0, 129, 64], [7, 7, 100]])
+    assert torch.equal(embed(ids), plain["embed"][ids])
+    x = torch.randn(2, 32).bfloat16()
+    assert_rounded_from(head(x), reference(x, plain["head"]))
+
+
+def test_a_weight_shared_beyond_embedding_and_head_stays_plain():
+    model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(64, 32), "head": torch.nn.Linear(32, 64, bias=False),
+                                 "probe": torch.nn.Linear(32, 64, bias=False)}).to(torch.bfloat16)
+    model["head"].weight = model["probe"].weight = model["embed"].weight
+    assert pack_linears(model) == 0
+    assert type(model["embed"]) is torch.nn.Embedding and type(model["head"]) is torch.nn.Linear
+
+
 @pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek"])
 def test_bfloat16_models_use_the_kernel_and_match_onednn(name, monkeypatch):
     """Every bfloat16 linear but the tied or directly-read ones is stored in panels; logits agree with the
@@ -118,6 +142,8 @@ def test_bfloat16_models_use_the_kernel_and_match_onednn(name, monkeypatch):
     blocked = load_model(name, path, "cpu", "bfloat16").model
     assert any(isinstance(m, BlockedLinear) for m in blocked.modules())
     assert not any(isinstance(m, PackedLinear) for m in blocked.modules())
+    if blocked.config.tie_word_embeddings:
+        assert blocked.model.embed_tokens.weight is blocked.lm_head.weight
     monkeypatch.setenv("LLMCLI_BF16_KERNEL", "0")
     packed = load_model(name, path, "cpu", "bfloat16").model
     assert not any(isinstance(m, BlockedLinear) for m in packed.modules())
