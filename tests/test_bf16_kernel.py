@@ -34,6 +34,11 @@ def test_blocks_round_trip_and_rows_can_be_looked_up():
     assert blocks.shape == (3, 48, 64, 2)
     assert torch.equal(blocks[1, 5, 7], w[64 + 7, 10:12])  # panel 1, input pair 5, output 7
     assert torch.equal(bf16_kernel.from_blocks(blocks), w)
+    rearranged = w.clone()
+    in_place = bf16_kernel.to_blocks(rearranged, in_place=True)
+    assert in_place.data_ptr() == rearranged.data_ptr() and torch.equal(in_place, blocks)
+    tall = torch.randn(64 * 40, 8).bfloat16()  # more than one step of 16 panels
+    assert torch.equal(bf16_kernel.to_blocks(tall.clone(), in_place=True), bf16_kernel.to_blocks(tall))
     ids = torch.tensor([[0, 63, 64, 191], [5, 5, 130, 1]])
     assert torch.equal(bf16_kernel.rows_of(blocks, ids), w[ids])
     assert bf16_kernel.fits((128, 96)) and bf16_kernel.fits((96, 96)) and not bf16_kernel.fits((128, 95))

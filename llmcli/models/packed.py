@@ -53,12 +53,13 @@ class PackedLinear(nn.Module):
 
 class BlockedLinear(nn.Module):
     """nn.Linear with its bfloat16 weight in the bfloat16 kernel's panels (`weight`: [out/64, in/2, 64, 2],
-    outputs padded to whole panels)."""
+    outputs padded to whole panels). With `consume`, `linear`'s weight is rearranged in place where it can
+    be (and `linear` must not be used again)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, consume: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", bf16_kernel.to_blocks(linear.weight.detach()))
+        self.register_buffer("weight", bf16_kernel.to_blocks(linear.weight.detach(), in_place=consume))
         self.padding = self.weight.shape[0] * bf16_kernel.PANEL - self.out_features
         bias = linear.bias
         if bias is not None and self.padding:
@@ -99,7 +100,7 @@ def block_tied_head(model: nn.Module) -> bool:
             continue
         if sum(t is module.weight for _, t in model.named_parameters(remove_duplicate=False)) != 2:
             continue  # a third holder would keep reading the plain weight
-        head = BlockedLinear(module)
+        head = BlockedLinear(module, consume=True)
         setattr(parent, name, head)
         setattr(tied[0], tied[1], BlockedEmbedding(head))
         return True
@@ -120,7 +121,7 @@ def pack_linears(model: nn.Module, keep=lambda name: False, compiled: bool = Fal
                     or child.weight.device.type != "cpu" or id(child.weight) in shared or keep(full)):
                 continue
             if bf16_kernel.usable(child.weight):
-                setattr(module, child_name, BlockedLinear(child))
+                setattr(module, child_name, BlockedLinear(child, consume=True))
             elif not compiled and prepacking_available():
                 setattr(module, child_name, PackedLinear(child))
             else:
