@@ -496,6 +496,9 @@ def run_bench(llmcli: LlmcliBackend, settings: BenchSettings, bandwidth: float,
         ids = prompt_ids(w, model.config.vocab_size, settings.seed)
         label = f"pp{w.prompt_tokens} tg{w.gen_tokens} b{w.batch}"
         counter = ExpertCounter() if model.config.is_moe and w.batch > 1 else None
+        compiled = getattr(model, "compiled_decode", None)
+        if compiled is not None and counter is not None and w.batch <= compiled.max_batch:
+            compiled.warm_up(w.batch)  # the counting warm-up run is eager (recorders see eager steps only)
         for i in range(settings.warmup):
             for b in backends:
                 if progress:

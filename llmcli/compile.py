@@ -35,6 +35,11 @@ def use_persistent_cache() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home() / "inductor"))
 
 
+def experts_in_kernel_blocks(model: torch.nn.Module) -> bool:
+    stacks = [m.gate_up_proj_weight_stack for m in model.modules() if hasattr(m, "gate_up_proj_weight_stack")]
+    return bool(stacks) and all(stack.dim() == 5 for stack in stacks)
+
+
 class CompiledDecode:
     """Called by the model's forward for single-token steps after a prefill."""
 
@@ -49,8 +54,10 @@ class CompiledDecode:
         self.model = model
         self.device = device
         # MoE: inductor's loop over experts gathered for several tokens measured 269 ms a step at batch 4
-        # (DeepSeek-V3 shape; eager: 50 ms), so only single sequences are compiled there.
-        self.max_batch = 1 if getattr(model.config, "is_moe", False) else FEW_ROWS
+        # (DeepSeek-V3 shape; eager: 50 ms), so only single sequences are compiled there, unless the
+        # experts are in a CPU kernel's blocks (bf16 or int8), which picks each row's expert itself.
+        moe = getattr(model.config, "is_moe", False)
+        self.max_batch = FEW_ROWS if not moe or experts_in_kernel_blocks(model) else 1
         # CUDA: CUDA graphs replay the whole step without launching kernels one by one (not yet measured:
         # no GPU was lent to the sessions that wrote this).
         mode = "reduce-overhead" if device.type == "cuda" else None

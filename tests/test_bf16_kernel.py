@@ -175,3 +175,44 @@ def test_compiled_bfloat16_step_gives_the_eager_tokens(name):
     assert tokens == eager_tokens
     worst = max((a - b).abs().max().item() for a, b in zip(logits, eager_logits, strict=True))
     assert worst < 0.05 * max(b.abs().max().item() for b in eager_logits), worst
+
+
+@pytest.mark.slow
+def test_moe_batches_compile_when_experts_are_in_panels():
+    """The kernel picks each row's expert from the stacked panels, so MoE batches compile too (float32
+    MoE models decode batches eagerly: tests/test_compile.py)."""
+    from llmcli.compile import experts_in_kernel_blocks
+    from llmcli.models.layers import FEW_ROWS
+    from tests.test_compile import decode
+
+    loaded = load_model("demo-deepseek", ensure_demo("demo-deepseek"), device="cpu", dtype="bfloat16", compile=True)
+    model = loaded.model
+    assert experts_in_kernel_blocks(model) and model.compiled_decode.max_batch == FEW_ROWS
+    prompt = torch.randint(0, loaded.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    eager_tokens, _ = decode(model, prompt, 6, compiled=False)
+    tokens, _ = decode(model, prompt, 6, compiled=True)
+    assert (2, 1) in model.compiled_decode._compiled_shapes
+    assert tokens == eager_tokens
+
+
+@pytest.mark.slow
+def test_bench_compiles_a_moe_batch_before_timing_it():
+    """The warm-up run that counts a batch's experts is eager (recorders see eager steps only): the batch's
+    compiled step must still be built before the timed runs, not inside the first one."""
+    from llmcli import bench
+
+    loaded = load_model("demo-deepseek", ensure_demo("demo-deepseek"), device="cpu", dtype="bfloat16", compile=True)
+    compiled = loaded.model.compiled_decode
+    backend = bench.LlmcliBackend(loaded.model, loaded.device)
+    shapes_at_timed_runs = []
+    original = backend.run
+
+    def run(ids, gen_tokens, recorder=None):
+        if recorder is None:
+            shapes_at_timed_runs.append(set(compiled._compiled_shapes))
+        return original(ids, gen_tokens, recorder=recorder)
+
+    backend.run = run
+    settings = bench.BenchSettings([bench.Workload(5, 4, batch=2)], repeat=1, warmup=1)
+    bench.run_bench(backend, settings, bandwidth=1e10)
+    assert shapes_at_timed_runs and all((2, 1) in shapes for shapes in shapes_at_timed_runs)

@@ -295,9 +295,9 @@ class MoE(nn.Module):
                 self.register_buffer(f"{name}_{attr}_stack", stack, persistent=False)
 
     def _run_stacked(self, x: torch.Tensor, choice: RouterChoice) -> torch.Tensor:
-        """The compiled decode step's experts: x [1, hidden] (MoE models compile single sequences) through
-        its k experts, reading only the chosen rows of the stacks. Rounds like the eager path: bf16
-        between products."""
+        """The compiled decode step's experts: x [N, hidden] through each row's k experts, reading only the
+        chosen rows of the stacks (N = 1 unless the stacks are in a kernel's blocks). Rounds like the
+        eager path: bf16 between products."""
         def project(inputs, name):
             stack = getattr(self, f"{name}_weight_stack")
             scales = getattr(self, f"{name}_scales_stack", None)
@@ -318,7 +318,8 @@ class MoE(nn.Module):
 
     def run_experts(self, x: torch.Tensor, choice: RouterChoice) -> torch.Tensor:
         """Each expert that got tokens runs once on all of them; outputs are weighted and summed per token."""
-        if one_row(x) and hasattr(self, "gate_up_proj_weight_stack"):
+        stack = getattr(self, "gate_up_proj_weight_stack", None)
+        if stack is not None and (one_row(x) or (torch.compiler.is_compiling() and stack.dim() == 5)):
             return self._run_stacked(x, choice)
         if x.shape[0] == 1:  # one token (decode): no grouping needed, just its k experts
             outputs = torch.cat([self.experts[e](x) for e in choice.experts[0].tolist()])
