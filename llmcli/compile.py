@@ -4,8 +4,10 @@ Decoding is one token at a time, and eager PyTorch pays a dispatch per small op 
 router) and a oneDNN call per product. The model's `decode_step` has no Python number that changes
 from step to step (the position is a tensor; on CPU the cache is read up to the next multiple of 256
 positions, a dynamic length, with the rows past the position masked), so inductor compiles it once
-into a handful of fused C++ loops. One-row products are written as multiply-and-sum so that they
-become streaming loops over the weights (see `layers.one_row_linear`). Prompts (prefill) stay eager.
+into a handful of fused C++ loops. Products call llmcli's CPU kernels where they run (bfloat16 panels,
+int8 blocks: the same weights and ops as eager); elsewhere one-row products are written as
+multiply-and-sum so that they become streaming loops over the weights (see `layers.one_row_linear`).
+Prompts (prefill) stay eager.
 
 Compiled artefacts are kept in torch's on-disk caches (under llmcli's cache directory unless
 TORCHINDUCTOR_CACHE_DIR is set), so later runs with the same model shape reuse them.

@@ -110,16 +110,16 @@ QUANTIZE_OPT = typer.Option(
     None, "--quantize",
     help="int8: weight-only int8 with a scale per output channel for every linear layer (about half the "
          "bytes of bfloat16 per decoded token; use with --dtype bfloat16). On CPU, decoding runs on llmcli's "
-         "int8 kernel, built once with the C++ compiler (about 8 s): 2.0-2.4x bfloat16's decode speed.",
+         "int8 kernel, built once with the C++ compiler (about 8 s): 1.7-2.0x bfloat16's decode speed.",
 )
 
 
 COMPILE_OPT = typer.Option(
     False, "--compile",
     help="Compile the one-token decode step with torch.compile (inductor; CUDA graphs on CUDA): decoding "
-         "about 1.7x faster on CPU. Compiles while loading, about a minute the first time for a model shape, "
-         "seconds once cached; needs a C++ compiler. Prompts run uncompiled, on weights not reordered for "
-         "oneDNN, so prefill is 10-25% slower. Batches of up to 8 sequences are compiled (MoE models: one).",
+         "1.3-1.4x faster than eager on CPU in bfloat16. Compiles while loading, about a minute the first time "
+         "for a model shape, seconds once cached; needs a C++ compiler. Prompts run uncompiled. Batches of up "
+         "to 8 sequences are compiled (MoE models: one, unless the CPU kernels hold the experts).",
 )
 
 
