@@ -106,6 +106,10 @@ def test_without_a_compiler_int8_still_runs_and_says_why(tmp_path):
     assert working.returncode == 0, working.stderr
     assert "unavailable" not in working.stderr
     assert json.loads(broken.stdout)["token_ids"] == json.loads(working.stdout)["token_ids"]
+    bf16 = [*args[:-4], "--dtype", "bfloat16"]  # no int8: bfloat16 linears fall back to oneDNN's layout
+    broken = subprocess.run(bf16, capture_output=True, text=True, env=env, timeout=300)
+    assert broken.returncode == 0 and "CPU kernels unavailable" in broken.stderr, broken.stderr
+    assert len(json.loads(broken.stdout)["token_ids"]) == 8
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64-v3 is an x86 target")
