@@ -29,7 +29,7 @@ def build() -> tuple[bool, str]:
     loaded, note = cpu_kernels.load_once()
     if not loaded:
         return False, note
-    return bool(torch.ops.llmcli.bf16_linear_fast()), note  # no AVX512-BF16: oneDNN is faster
+    return bool(torch.ops.llmcli.built_with_avx512_bf16()), note  # no AVX512-BF16: oneDNN is faster
 
 
 def fits(shape: torch.Size | tuple[int, ...]) -> bool:

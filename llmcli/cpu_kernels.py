@@ -113,3 +113,7 @@ def register_fake() -> None:
     @torch.library.register_fake("llmcli::bf16_linear")
     def _(x, w, bias, experts):
         return x.new_empty(x.shape[0], w.shape[1] * w.shape[3])
+
+    @torch.library.register_fake("llmcli::int8_gemm")
+    def _(x, w, scales, bias):
+        return x.new_empty(x.shape[0], w.shape[0] * w.shape[2])

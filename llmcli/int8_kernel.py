@@ -28,6 +28,11 @@ def build() -> tuple[bool, str]:
     return cpu_kernels.load_once()
 
 
+def gemm_usable() -> bool:
+    """Is `int8_gemm` (bfloat16 activations, several rows) built with AVX512-BF16?"""
+    return build()[0] and bool(torch.ops.llmcli.built_with_avx512_bf16())
+
+
 def fits(shape: torch.Size | tuple[int, ...]) -> bool:
     """Can a [out, in] weight be stored in the kernel's blocks?"""
     return len(shape) == 2 and shape[0] % ROWS == 0 and shape[1] % CHUNK == 0
@@ -57,4 +62,12 @@ def gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
         blocks, scales = blocks.unsqueeze(0), scales.unsqueeze(0)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.ops.llmcli.int8_gemv(rows, blocks, scales.to(x.dtype), experts)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def gemm(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(x @ w.T) * scales + bias for bfloat16 x [..., in] with several rows: each block of 8 weight rows is
+    converted to bfloat16 once per call and reused by every row (`gemm_usable()` first)."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.ops.llmcli.int8_gemm(rows, blocks, scales.to(x.dtype), bias)
     return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -22,6 +22,9 @@ INT8PACK_ROWS = 16  # the most rows `_weight_int8pack_mm` gets; more go through 
 # The most rows the int8 kernel gets: beyond ~20 it is compute-bound and a GEMM on the converted weight
 # wins (benchmarks/int8_gemv.py --rows; 9728x896: 1.77 vs 1.82 ms at 16 rows, 2.41 vs 2.16 ms at 24).
 KERNEL_ROWS = 16
+# From this many bfloat16 rows, `int8_kernel.gemm` beats the row-by-row kernel where it runs (9728x896:
+# 0.68 vs 0.56 ms at 4 rows, 1.82 vs 1.21 at 16; 3 rows: 0.34 vs 0.54).
+GEMM_ROWS = 4
 
 
 def quantize_weight(weight: torch.Tensor, blocked: bool = False,
@@ -86,6 +89,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        if self.blocked and rows >= GEMM_ROWS and x.dtype == torch.bfloat16 and int8_kernel.gemm_usable():
+            return int8_kernel.gemm(x, self.weight, self.scales, self.bias)  # prompts, batches
         if self.blocked and rows <= KERNEL_ROWS:  # decoding (and short prompts): the int8 kernel
             out = int8_kernel.gemv(x, self.weight, self.scales)
             return out if self.bias is None else out + self.bias

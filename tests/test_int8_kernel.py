@@ -39,6 +39,36 @@ def test_product_equals_float64_reference(dtype, rows):
     assert ((got.double() - expected).abs() <= rounding * expected.abs() + 1e-5 * expected.abs().max()).all()
 
 
+@pytest.mark.parametrize("rows", [1, 4, 7, 40])
+@pytest.mark.parametrize("shape", [(200, 336), (64, 4864)])
+def test_many_row_product_equals_float64_reference(shape, rows):
+    """`int8_gemm` (bfloat16 rows, prompts and batches): within bfloat16 rounding of the exact product."""
+    if not int8_kernel.gemm_usable():
+        pytest.skip("int8_gemm needs AVX512-BF16")
+    torch.manual_seed(rows)
+    q, scale = quantize_weight(torch.randn(shape))
+    scale, bias = scale.bfloat16(), torch.randn(shape[0]).bfloat16()
+    x = torch.randn(2, rows, shape[1]).bfloat16()
+    got = int8_kernel.gemm(x, int8_kernel.to_blocks(q), scale, bias)
+    expected = (x.double() @ q.double().T) * scale.double() + bias.double()
+    assert got.dtype == torch.bfloat16 and got.shape == (2, rows, shape[0])
+    assert ((got.double() - expected).abs() <= 2**-8 * expected.abs() + 1e-4 * expected.abs().max()).all()
+
+
+def test_int8_linear_takes_the_many_row_product_from_four_bfloat16_rows(monkeypatch):
+    from llmcli.quantize import GEMM_ROWS, Int8Linear
+
+    if not int8_kernel.gemm_usable():
+        pytest.skip("int8_gemm needs AVX512-BF16")
+    layer = Int8Linear(torch.nn.Linear(64, 128).bfloat16())
+    calls = []
+    monkeypatch.setattr(int8_kernel, "gemm", lambda *a: calls.append(a[0].shape) or torch.zeros(1))
+    for rows in (GEMM_ROWS - 1, GEMM_ROWS, 40):
+        layer(torch.randn(rows, 64).bfloat16())
+    layer(torch.randn(40, 64))  # float32 rows: not this product
+    assert calls == [(GEMM_ROWS, 64), (40, 64)]
+
+
 # consecutive rows through the same expert share one pass over its blocks (up to 3 at a time)
 @pytest.mark.parametrize("choice", [[[3, 0], [1, 3]], [[3, 3], [3, 1]], [[2, 2], [2, 2]]])
 def test_each_row_goes_through_its_own_expert(choice):
@@ -65,6 +95,17 @@ def test_bad_inputs_are_refused_not_read_out_of_bounds():
         torch.ops.llmcli.int8_gemv(torch.ones(1, 32), q, scales, torch.tensor([1]))
     with pytest.raises(RuntimeError, match="scales"):
         torch.ops.llmcli.int8_gemv(torch.ones(1, 32), q, scales.double(), None)
+
+
+def test_many_row_product_refuses_bad_inputs():
+    q = int8_kernel.to_blocks(torch.zeros(16, 32, dtype=torch.int8))
+    scales = torch.ones(16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="inputs"):
+        torch.ops.llmcli.int8_gemm(torch.zeros(4, 48, dtype=torch.bfloat16), q, scales, None)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        torch.ops.llmcli.int8_gemm(torch.zeros(4, 32), q, scales, None)
+    with pytest.raises(RuntimeError, match="scales"):
+        torch.ops.llmcli.int8_gemm(torch.zeros(4, 32, dtype=torch.bfloat16), q, scales[:8], None)
 
 
 def test_compiled_graph_calls_the_kernel():
@@ -126,6 +167,11 @@ def test_portable_loop_for_cpus_without_avx512_gives_the_same_products():
     x, experts = torch.randn(5, 96), torch.tensor([2, 0, 1, 1, 2])
     portable = torch.ops.llmcli_portable_test.int8_gemv(x, stack, scales, experts)
     assert torch.allclose(portable, torch.ops.llmcli.int8_gemv(x, stack, scales, experts), rtol=1e-5, atol=1e-5)
+    q, scale = weights[0]
+    x = torch.randn(9, 96).bfloat16()
+    expected = (x.double() @ q.double().T) * scale.bfloat16().double()
+    portable = torch.ops.llmcli_portable_test.int8_gemm(x, stack[0], scale.bfloat16(), None)
+    assert ((portable.double() - expected).abs() <= 2**-8 * expected.abs() + 1e-4 * expected.abs().max()).all()
 
 
 def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_one():

@@ -126,8 +126,8 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::opti
   return out;
 }
 
-// Whether bf16_linear was built with AVX512-BF16 (else it runs the slow portable loop).
-bool bf16_linear_fast() {
+// Whether the library was built with AVX512-BF16: else bf16_linear and int8_gemm run slow portable loops.
+bool built_with_avx512_bf16() {
 #if defined(__AVX512BF16__)
   return true;
 #else
@@ -143,6 +143,6 @@ bool bf16_linear_fast() {
 
 TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
   m.def("bf16_linear(Tensor x, Tensor w, Tensor? bias, Tensor? experts) -> Tensor");
-  m.def("bf16_linear_fast() -> bool", &bf16_linear_fast);
+  m.def("built_with_avx512_bf16() -> bool", &built_with_avx512_bf16);
 }
 TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) { m.impl("bf16_linear", &bf16_linear); }

@@ -8,9 +8,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__)
+#include <algorithm>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
 
@@ -130,6 +134,118 @@ at::Tensor int8_unblock(const at::Tensor& w, at::ScalarType dtype) {
   return out;
 }
 
+// Prompts: x [M, K] bfloat16 (M large) through an int8 weight in blocks. Per block of 8 rows, the weight
+// is converted once to bfloat16 in its stored order (exact: |q| <= 127), in a buffer that stays in L1,
+// then every 6 rows of x reuse it: with AVX512-BF16 each dot-product instruction multiplies 16 inputs of
+// one x row (8 pairs, the same 16 for both halves of the register) by 2 weight rows, and the 8 pair sums
+// per weight row are added at the end. The conversion is paid once per block, not once per row.
+#if defined(__AVX512BF16__)
+template <int M>
+inline void block_gemm_bf16(const c10::BFloat16* x, int64_t K, const c10::BFloat16* wb, float (*sums)[kRows]) {
+  __m512 acc[M][4];  // acc[m][j]: lanes 0-7 pair sums of weight row 2j, lanes 8-15 of row 2j+1
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += kChunk, wb += kRows * kChunk) {
+    __m512bh b[4];
+    for (int j = 0; j < 4; ++j) b[j] = (__m512bh)_mm512_loadu_si512(wb + j * 2 * kChunk);
+    for (int m = 0; m < M; ++m) {
+      const __m512bh a = (__m512bh)_mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * K + k)));
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], a, b[j]);
+    }
+  }
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  auto pair_sums = [&](__m512 a, __m512 b) {  // lane i: a[2i] + a[2i+1] (i < 8), then the same for b
+    return _mm512_add_ps(_mm512_permutex2var_ps(a, even, b), _mm512_permutex2var_ps(a, odd, b));
+  };
+  for (int m = 0; m < M; ++m) {
+    const __m512 rows0123 = pair_sums(acc[m][0], acc[m][1]);  // 4 partial sums per row, rows 0-3
+    const __m512 rows4567 = pair_sums(acc[m][2], acc[m][3]);
+    const __m512 halves = pair_sums(rows0123, rows4567);  // 2 per row, rows 0-7
+    _mm256_storeu_ps(sums[m], _mm512_castps512_ps256(pair_sums(halves, halves)));
+  }
+}
+#endif
+
+// out [M, N] = (x @ w.T) * scales (+ bias), x bfloat16; w [N/8, K/16, 8, 16] int8; scales, bias [N].
+at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
+              "int8_gemm: x must be 2-D, contiguous, bfloat16, CPU");
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 4 && w.is_contiguous() && w.size(2) == kRows &&
+                  w.size(3) == kChunk, "int8_gemm: w must be int8 blocks [N/8, K/16, 8, 16]");
+  const int64_t M = x.size(0), K = x.size(1), blocks = w.size(0), N = blocks * kRows;
+  TORCH_CHECK(w.size(1) * kChunk == K, "int8_gemm: x has ", K, " inputs, w ", w.size(1) * kChunk);
+  TORCH_CHECK(scales.numel() == N && scales.is_contiguous() && scales.scalar_type() == at::kBFloat16,
+              "int8_gemm: scales must be [N] bfloat16");
+  TORCH_CHECK(!bias.has_value() || (bias->numel() == N && bias->is_contiguous() &&
+                                    bias->scalar_type() == at::kBFloat16), "int8_gemm: bias must be [N] bfloat16");
+  const c10::BFloat16* bp = bias.has_value() ? bias->const_data_ptr<c10::BFloat16>() : nullptr;
+  const c10::BFloat16* xp = x.const_data_ptr<c10::BFloat16>();
+  const c10::BFloat16* sp = scales.const_data_ptr<c10::BFloat16>();
+  const int8_t* wp = w.const_data_ptr<int8_t>();
+  at::Tensor out = at::empty({M, N}, x.options());
+  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<c10::BFloat16> wb(kRows * K);  // one block, converted
+    float sums[6][kRows];
+    for (int64_t b = begin; b < end; ++b) {
+      const int8_t* q = wp + b * kRows * K;
+#if defined(__AVX512BF16__)
+      for (int64_t i = 0; i < kRows * K; i += 16) {
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i))));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(wb.data() + i), (__m256i)_mm512_cvtneps_pbh(v));
+      }
+#else
+      for (int64_t i = 0; i < kRows * K; ++i) wb[i] = c10::BFloat16(static_cast<float>(q[i]));
+#endif
+      for (int64_t m = 0; m < M; m += 6) {
+        const int64_t rows = std::min<int64_t>(6, M - m);
+#if defined(__AVX512BF16__)
+        switch (rows) {
+          case 6: block_gemm_bf16<6>(xp + m * K, K, wb.data(), sums); break;
+          case 5: block_gemm_bf16<5>(xp + m * K, K, wb.data(), sums); break;
+          case 4: block_gemm_bf16<4>(xp + m * K, K, wb.data(), sums); break;
+          case 3: block_gemm_bf16<3>(xp + m * K, K, wb.data(), sums); break;
+          case 2: block_gemm_bf16<2>(xp + m * K, K, wb.data(), sums); break;
+          default: block_gemm_bf16<1>(xp + m * K, K, wb.data(), sums); break;
+        }
+#else
+        for (int64_t p = 0; p < rows; ++p)
+          for (int64_t r = 0; r < kRows; ++r) {
+            float s = 0.f;
+            for (int64_t c = 0; c < K / kChunk; ++c)
+              for (int64_t j = 0; j < kChunk; ++j)
+                s += static_cast<float>(xp[(m + p) * K + c * kChunk + j]) *
+                     static_cast<float>(wb[(c * kRows + r) * kChunk + j]);
+            sums[p][r] = s;
+          }
+#endif
+#if defined(__AVX512BF16__)
+        auto widen = [](const c10::BFloat16* v) {  // 8 bf16 -> 8 floats (a 16-bit shift)
+          const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+          return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        };
+        const __m256 scale = widen(sp + b * kRows);
+        const __m256 shift = bp ? widen(bp + b * kRows) : _mm256_setzero_ps();
+        for (int64_t p = 0; p < rows; ++p) {
+          const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(sums[p]), scale, shift);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(op + (m + p) * N + b * kRows), (__m128i)_mm256_cvtneps_pbh(v));
+        }
+#else
+        for (int64_t p = 0; p < rows; ++p)
+          for (int64_t r = 0; r < kRows; ++r) {
+            const int64_t n = b * kRows + r;
+            const float v = sums[p][r] * static_cast<float>(sp[n]) + (bp ? static_cast<float>(bp[n]) : 0.f);
+            op[(m + p) * N + n] = c10::BFloat16(v);
+          }
+#endif
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 #ifndef LLMCLI_OPS_NAMESPACE
@@ -139,8 +255,10 @@ at::Tensor int8_unblock(const at::Tensor& w, at::ScalarType dtype) {
 TORCH_LIBRARY(LLMCLI_OPS_NAMESPACE, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scales, Tensor? experts) -> Tensor");
   m.def("int8_unblock(Tensor w, ScalarType dtype) -> Tensor");
+  m.def("int8_gemm(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
   m.impl("int8_unblock", &int8_unblock);
+  m.impl("int8_gemm", &int8_gemm);
 }
