@@ -80,6 +80,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scale.to(dtype))
         self.bias = linear.bias
         self.packed = packed_kernel_works(q.device.type, dtype)
+        self.gemm = self.blocked and int8_kernel.gemm_usable()  # decided here: a compiled step cannot ask
 
     def int8_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as [out, in], int8 or converted to `dtype` (a copy when stored in blocks)."""
@@ -89,7 +90,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if self.blocked and rows >= GEMM_ROWS and x.dtype == torch.bfloat16 and int8_kernel.gemm_usable():
+        if self.gemm and rows >= GEMM_ROWS and x.dtype == torch.bfloat16:
             return int8_kernel.gemm(x, self.weight, self.scales, self.bias)  # prompts, batches
         if self.blocked and rows <= KERNEL_ROWS:  # decoding (and short prompts): the int8 kernel
             out = int8_kernel.gemv(x, self.weight, self.scales)

@@ -97,6 +97,21 @@ def test_bad_inputs_are_refused_not_read_out_of_bounds():
         torch.ops.llmcli.int8_gemv(torch.ones(1, 32), q, scales.double(), None)
 
 
+@pytest.mark.slow
+def test_compiled_int8_batch_gives_the_eager_tokens():
+    """A compiled step of 4 sequences goes through the many-row product (bfloat16 activations)."""
+    from llmcli.demo import ensure_demo
+    from llmcli.loader import load_model
+    from tests.test_compile import decode
+
+    loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), "cpu", "bfloat16", quantize="int8", compile=True)
+    prompt = torch.randint(0, loaded.config.vocab_size, (4, 7), generator=torch.Generator().manual_seed(2))
+    eager_tokens, _ = decode(loaded.model, prompt, 5, compiled=False)
+    tokens, _ = decode(loaded.model, prompt, 5, compiled=True)
+    assert (4, 1) in loaded.model.compiled_decode._compiled_shapes
+    assert tokens == eager_tokens
+
+
 def test_many_row_product_refuses_bad_inputs():
     q = int8_kernel.to_blocks(torch.zeros(16, 32, dtype=torch.int8))
     scales = torch.ones(16, dtype=torch.bfloat16)
