@@ -91,7 +91,7 @@ class BlockedEmbedding(nn.Module):
 def block_tied_head(model: nn.Module) -> bool:
     """A bfloat16 head that shares its weight with the input embedding (and nothing else) becomes a
     BlockedLinear and the embedding a BlockedEmbedding on the same panels. Returns whether it did."""
-    holders = [(parent, name, module) for parent_name, parent in model.named_modules()
+    holders = [(parent, name, module) for _, parent in model.named_modules()
                for name, module in parent.named_children() if isinstance(module, (nn.Embedding, nn.Linear))]
     embeddings = {id(m.weight): (p, n, m) for p, n, m in holders if isinstance(m, nn.Embedding)}
     for parent, name, module in holders:
