@@ -161,13 +161,17 @@ def test_bfloat16_models_use_the_kernel_and_match_onednn(name, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek"])
-def test_compiled_bfloat16_step_gives_the_eager_tokens(name):
-    """The compiled step calls the same kernel on the same panels as eager: same greedy tokens."""
+@pytest.mark.parametrize("name, kernel", [("demo-qwen", "1"), ("demo-deepseek", "1"), ("demo-qwen", "0")])
+def test_compiled_bfloat16_step_gives_the_eager_tokens(name, kernel, monkeypatch):
+    """The compiled step calls the same kernel on the same panels as eager: same greedy tokens. Without the
+    kernel (other CPUs), compiled steps keep plain weights and multiply-and-sum loops."""
     from tests.test_compile import decode
 
+    monkeypatch.setenv("LLMCLI_BF16_KERNEL", kernel)
     loaded = load_model(name, ensure_demo(name), device="cpu", dtype="bfloat16", compile=True)
-    assert any(isinstance(m, BlockedLinear) for m in loaded.model.modules())
+    blocked = [m for m in loaded.model.modules() if isinstance(m, BlockedLinear)]
+    assert bool(blocked) == (kernel == "1")
+    assert not any(isinstance(m, PackedLinear) for m in loaded.model.modules())
     prompt = torch.randint(0, loaded.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     eager_tokens, eager_logits = decode(loaded.model, prompt, 12, compiled=False)
     tokens, logits = decode(loaded.model, prompt, 12, compiled=True)
