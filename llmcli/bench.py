@@ -568,6 +568,28 @@ def environment(device: torch.device, dtype: torch.dtype, bandwidth: float, band
     return env
 
 
+def product_paths(model: nn.Module) -> dict[str, int]:
+    """How the model's linear layers run their products, with the number of layers each: what the decode
+    and prefill figures depend on most (e.g. {"bf16 kernel": 169, "F.linear": 1})."""
+    from llmcli.models.packed import BlockedLinear, PackedLinear
+    from llmcli.quantize import Int8Linear
+
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, BlockedLinear):
+            path = "bf16 kernel"
+        elif isinstance(module, PackedLinear):
+            path = "oneDNN prepacked"
+        elif isinstance(module, Int8Linear):
+            path = "int8 kernel" if module.blocked else "torch int8"
+        elif isinstance(module, nn.Linear):
+            path = "F.linear"
+        else:
+            continue
+        counts[path] = counts.get(path, 0) + 1
+    return counts
+
+
 @dataclass
 class BenchReport:
     model: str

@@ -17,6 +17,7 @@ from torch import nn
 
 from llmcli import bench
 from llmcli.config import ModelConfig, config_from_dict
+from llmcli.demo import ensure_demo
 from llmcli.errors import LlmcliError
 from llmcli.loader import load_model
 from tests.conftest import save_hf_model
@@ -84,11 +85,27 @@ def test_demo_bench_json_fields_and_consistency(run_cli, tmp_path):
         assert result["bandwidth_fraction"] == pytest.approx(expected)
 
 
+def test_product_paths_name_how_each_linear_runs(monkeypatch):
+    from llmcli import bf16_kernel
+    from llmcli.models.packed import prepacking_available
+
+    path = ensure_demo("demo-qwen")
+    plain = load_model("demo-qwen", path, "cpu", "float32").model
+    layers = bench.product_paths(plain)["F.linear"]
+    bf16 = bench.product_paths(load_model("demo-qwen", path, "cpu", "bfloat16").model)
+    if bf16_kernel.build()[0]:
+        assert bf16 == {"bf16 kernel": layers}  # the tied head too
+    monkeypatch.setenv("LLMCLI_BF16_KERNEL", "0")
+    bf16 = bench.product_paths(load_model("demo-qwen", path, "cpu", "bfloat16").model)
+    if prepacking_available():
+        assert bf16 == {"oneDNN prepacked": layers - 1, "F.linear": 1}  # a tied head stays plain for oneDNN
+
+
 def test_table_on_stdout_and_batch(run_cli):
     code, out, err = run_cli("bench", "demo-qwen", "-p", "6", "-n", "3", "--batch", "1,2", "-r", "1", "-w", "0")
     assert code == 0, err
     assert "prefill tok/s" in out and "decode tok/s" in out and "pp6+tg3" in out and "×2" in out
-    assert "threads" in out and "memory bandwidth" in out  # the environment line
+    assert "threads" in out and "memory bandwidth" in out and "products: F.linear" in out  # the environment line
     assert "random weights" in err  # demo notice
 
 

@@ -94,6 +94,8 @@ def header_lines(report, active_note: str | None) -> list[str]:
         + f" | {report.device}: {env['device_name']} | {env['threads']} threads | {report.dtype}"
         + (f" | {env['quantize']}" if env.get("quantize") else "")
         + (" | compiled decode" if env.get("compile") else "")
+        + (" | products: " + ", ".join(f"{path} ({n})" for path, n in env["products"].items())
+           if env.get("products") else "")
         + f" | memory bandwidth {bw / 1e9:.1f} GB/s ({env['memory_bandwidth_source']})"
         + (f" | load {env['load_average_1m']}" if "load_average_1m" in env else ""),
     ]
@@ -209,6 +211,7 @@ def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=Fa
     env = bench.environment(loaded.device, loaded.dtype, bandwidth, source, reference)
     env["quantize"] = quantize.value if quantize else None
     env["compile"] = compile
+    env["products"] = bench.product_paths(loaded.model)
     report = bench.BenchReport(
         model=loaded.name, path=str(loaded.path), device=loaded.device.type, dtype=env["dtype"], env=env,
         settings=settings, weights_bytes=mine.weights_bytes, parameters=mine.parameters, rows=rows,
