@@ -145,11 +145,16 @@ def quantize_model(model: nn.Module, skip=lambda name: False) -> int:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of parameters and buffers that hold weights (shared tensors counted once)."""
+    """Bytes of the memory that parameters and buffers hold: tensors that share storage (a tied head,
+    experts viewing into a stack) are counted once, by their storage."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
+        try:
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # opaque layouts (oneDNN-prepacked) have no storage
+            key, size = id(t), t.numel() * t.element_size()
+        if key not in seen:
+            seen.add(key)
+            total += size
     return total

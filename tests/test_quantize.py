@@ -133,3 +133,13 @@ def test_moe_experts_are_quantised_one_by_one_before_their_layer(monkeypatch):
             assert max(calls.index(e) for e in experts) < calls.index(prefix)  # all experts, then the layer
         else:
             assert experts == []
+
+
+def test_weight_bytes_counts_shared_storage_once():
+    """Experts viewing into a stack (the compiled MoE step) and tied heads hold no memory of their own."""
+    module = torch.nn.Module()
+    stack = torch.zeros(4, 8)
+    module.register_buffer("stack", stack)
+    module.first, module.second = torch.nn.Parameter(stack[0]), torch.nn.Parameter(stack[1])
+    module.other = torch.nn.Parameter(torch.zeros(3))
+    assert weight_bytes(module) == (32 + 3) * 4
