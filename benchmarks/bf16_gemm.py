@@ -12,23 +12,17 @@ the multiply-and-sum loop inductor compiles (what --compile ran without the kern
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+from cpu_gemv import timed  # benchmarks/ is the script's directory
 
 from llmcli import bf16_kernel
 from llmcli.models.layers import one_row_linear
 
 
-def seconds_per_call(fn, min_seconds: float = 0.5) -> float:
-    for _ in range(3):
-        fn()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < min_seconds:
-        fn()
-        n += 1
-    return (time.perf_counter() - start) / n
+def seconds_per_call(fn) -> float:
+    return timed(fn, bytes_read=0)[0] / 1e6  # cpu_gemv's timer: microseconds per call
 
 
 def paths(weights: list[torch.Tensor], compiled: bool):

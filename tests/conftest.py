@@ -37,6 +37,23 @@ def _isolated_env(monkeypatch, llmcli_home, tmp_path_factory):
     monkeypatch.delenv("HF_TOKEN", raising=False)
 
 
+@pytest.fixture(scope="session")
+def portable_ops():
+    """llmcli's CPU kernels built for AVX2 only, as torch.ops.llmcli_portable_test: the plain C++ loops
+    that CPUs without AVX-512 (or AVX512-BF16) run."""
+    import platform
+
+    from llmcli import cpu_kernels
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64-v3 is an x86 target")
+    try:
+        cpu_kernels.compile_library("llmcli_portable_test", ["-O3", "-march=x86-64-v3", "-fopenmp"])
+    except cpu_kernels.KernelBuildError as exc:
+        pytest.skip(f"no AVX2 build: {exc}")
+    return torch.ops.llmcli_portable_test
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run `llmcli ARGS...` in-process: returns (exit_code, stdout, stderr)."""
