@@ -5,7 +5,8 @@ Decoding and prompts want different things from a weight layout. torch's one-row
 weight streams it at about 16 GB/s here; oneDNN's prepacked layout reaches 22-33 GB/s for one row and
 ~430 GFLOP/s for prompts, but it is an opaque tensor that a compiled step cannot read, so --compile kept
 plain weights and lost ~10% on prompts. One layout read by one kernel serves both, eager and compiled:
-measured (benchmarks/bf16_gemm.py) 42 GB/s for one row and 440-450 GFLOP/s for 128-512 rows.
+measured (benchmarks/bf16_gemm.py) 29-42 GB/s for one row (the memory's limit at the time) and 420-450
+GFLOP/s for 128-512 rows.
 
 It needs AVX512-BF16 (dot products of bf16 pairs into float32 sums, e.g. AMD Zen 4, Intel Cooper
 Lake / Sapphire Rapids and later). Elsewhere llmcli keeps oneDNN and torch's own paths.

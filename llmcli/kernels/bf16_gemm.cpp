@@ -3,9 +3,10 @@
 //
 // Weights are stored in panels of 64 outputs: [N/64][K/2][64][2], the two inputs of a pair side by
 // side, which is what AVX512-BF16's dot-product instruction reads (one 64-byte load = 16 outputs x 2
-// inputs). A one-row product streams each panel in order (measured 42 GB/s from memory on 2 cores,
-// against 33 for oneDNN's prepacked product and 16 for F.linear). Many rows reuse each panel from
-// the L2 cache for 6 rows at a time (24 accumulators): 440-450 GFLOP/s, a little above oneDNN's own.
+// inputs). A one-row product streams each panel in order (29-42 GB/s from memory on 2 cores, the
+// machine's limit at the time, against 25-33 for oneDNN's prepacked product and 11-17 for F.linear).
+// Many rows reuse each panel slice from L2 for 6 rows at a time (24 accumulators): 420-450 GFLOP/s,
+// oneDNN prepacked 410-450 (benchmarks/bf16_gemm.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
