@@ -148,8 +148,8 @@ def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: t
         # what is outside the layers (the head), and any layer left
         prepare_weights(model, quantize, keep, pack=pack, compiled=compile)
         release_freed_memory()
-        if compile:
-            for module in [m for m in model.modules() if hasattr(m, "stack_experts")]:
+        for module in [m for m in model.modules() if hasattr(m, "stack_experts")]:
+            if compile or module.experts_in_kernel_blocks():  # eager: a decode step's experts in 2 calls
                 module.stack_experts()
                 release_freed_memory()
     model.eval()

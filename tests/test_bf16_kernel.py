@@ -142,6 +142,8 @@ def test_bfloat16_models_use_the_kernel_and_match_onednn(name, monkeypatch):
     assert not any(isinstance(m, PackedLinear) for m in blocked.modules())
     if blocked.config.tie_word_embeddings:
         assert blocked.model.embed_tokens.weight is blocked.lm_head.weight
+    moe = [m for m in blocked.modules() if hasattr(m, "stack_experts")]
+    assert all(m.gate_up_proj_weight_stack.dim() == 5 for m in moe)  # eager steps: one call for k experts
     monkeypatch.setenv("LLMCLI_BF16_KERNEL", "0")
     packed = load_model(name, path, "cpu", "bfloat16").model
     assert not any(isinstance(m, BlockedLinear) for m in packed.modules())

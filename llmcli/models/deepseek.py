@@ -21,6 +21,7 @@ from torch import nn
 from llmcli.config import ModelConfig
 from llmcli.config_deepseek import rope_interleaved
 from llmcli.models.layers import (
+    FEW_ROWS,
     Cache,
     Linear,
     RMSNorm,
@@ -273,6 +274,12 @@ class MoE(nn.Module):
                 recorder.record(index, "shared_out", shared)
         return routed if shared is None else routed + shared
 
+    def experts_in_kernel_blocks(self) -> bool:
+        """Are the experts' weights in a CPU kernel's blocks (bf16 panels or int8 blocks, 4-D), which one
+        kernel call can run each row through its own expert of a stack?"""
+        weight = getattr(getattr(self.experts[0], "gate_up_proj", None), "weight", None)  # oneDNN: opaque, none
+        return isinstance(weight, torch.Tensor) and weight.dim() == 4
+
     def stack_experts(self) -> None:
         """For the compiled decode step: all experts' weights in one stacked tensor per projection, so a
         step reads its k experts with one gathered multiply-and-sum instead of 2k separate products. The
@@ -319,7 +326,8 @@ class MoE(nn.Module):
     def run_experts(self, x: torch.Tensor, choice: RouterChoice) -> torch.Tensor:
         """Each expert that got tokens runs once on all of them; outputs are weighted and summed per token."""
         stack = getattr(self, "gate_up_proj_weight_stack", None)
-        if stack is not None and (one_row(x) or (torch.compiler.is_compiling() and stack.dim() == 5)):
+        kernel = stack is not None and stack.dim() == 5  # few rows: one kernel call per projection
+        if one_row(x) and stack is not None or kernel and (torch.compiler.is_compiling() or x.shape[0] <= FEW_ROWS):
             return self._run_stacked(x, choice)
         if x.shape[0] == 1:  # one token (decode): no grouping needed, just its k experts
             outputs = torch.cat([self.experts[e](x) for e in choice.experts[0].tolist()])
