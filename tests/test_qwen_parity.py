@@ -104,3 +104,19 @@ def test_config_normalisation(case):
         assert cfg.qk_norm and cfg.head_dim == hf.head_dim and not cfg.attention_bias
     else:
         assert cfg.attention_bias and not cfg.qk_norm
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_eager_one_query_attention_equals_sdpa(window):
+    """Eager CPU decode steps attend with two float32 matmuls instead of SDPA's kernel (150 us a call)."""
+    import torch.nn.functional as F
+
+    from llmcli.models.layers import attention_mask, one_query_attention_eager
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 1, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
+    allowed, _ = attention_mask(10, 1, 11, window, q.device)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.3, enable_gqa=True)
+    got = one_query_attention_eager(q, k, v, allowed, 0.3)
+    assert (allowed is None) == (window is None)
+    assert torch.allclose(got, expected, atol=1e-6)

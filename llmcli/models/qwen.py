@@ -34,6 +34,7 @@ from llmcli.models.layers import (
     default_inv_freq,
     fuse_linears,
     one_query_attention,
+    one_query_attention_eager,
     record_residuals,
     rope_cos_sin,
     rope_inv_freq,
@@ -117,6 +118,8 @@ class Attention(nn.Module):
         mask, causal = attention_mask(start, t, k.shape[2], self.window, x.device)
         if isinstance(start, torch.Tensor):  # the compiled decode step
             return self.o_proj(one_query_attention(q, k, v, mask, scale).transpose(1, 2).reshape(b, t, -1))
+        if t == 1 and x.device.type == "cpu":  # an eager decode step
+            return self.o_proj(one_query_attention_eager(q, k, v, mask, scale).transpose(1, 2).reshape(b, t, -1))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=self.num_kv_heads != self.num_heads
         )
