@@ -327,7 +327,7 @@ class MoE(nn.Module):
         """Each expert that got tokens runs once on all of them; outputs are weighted and summed per token."""
         stack = getattr(self, "gate_up_proj_weight_stack", None)
         kernel = stack is not None and stack.dim() == 5  # few rows: one kernel call per projection
-        if one_row(x) and stack is not None or kernel and (torch.compiler.is_compiling() or x.shape[0] <= FEW_ROWS):
+        if (stack is not None and one_row(x)) or (kernel and (torch.compiler.is_compiling() or x.shape[0] <= FEW_ROWS)):
             return self._run_stacked(x, choice)
         if x.shape[0] == 1:  # one token (decode): no grouping needed, just its k experts
             outputs = torch.cat([self.experts[e](x) for e in choice.experts[0].tolist()])

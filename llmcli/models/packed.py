@@ -43,10 +43,6 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1))
         self.bias = linear.bias
 
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        return self.packed_weight.dtype
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
@@ -65,10 +61,6 @@ class BlockedLinear(nn.Module):
         if bias is not None and self.padding:
             bias = nn.Parameter(torch.cat([bias.detach(), bias.new_zeros(self.padding)]), requires_grad=False)
         self.bias = bias
-
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        return self.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = bf16_kernel.linear(x, self.weight, self.bias)
