@@ -70,7 +70,7 @@ class CompiledDecode:
         self.on_compiling: Callable[[], None] | None = None  # called once, before the first compile
         self.on_compiled: Callable[[float], None] | None = None  # told the first compile time, once
         self._compiled_shapes: set[tuple] = set()
-        self._last_view: weakref.ref | None = None  # the previous step's prefix view
+        self._last_view: weakref.ref | None = None  # the previous step's prefix view (CPU) or cache (CUDA)
 
     def accepts(self, input_ids: torch.Tensor, cache, recorder) -> bool:
         """One new token for up to `max_batch` sequences after a prefill, and nobody observing (trace
@@ -102,16 +102,25 @@ class CompiledDecode:
             self._last_view = weakref.ref(view)  # weak: the cache's memory goes with the cache
         return view
 
+    def _static_cache(self, cache):
+        """CUDA: the step reads the whole static cache, and CUDA graphs replay fixed addresses, so its tensors
+        are marked static (written in place by the graph). Unguarded: a new cache (a new generation) makes
+        the graphs re-record, not dynamo recompile."""
+        if self._last_view is None or self._last_view() is not cache:
+            for tensor in cache.tensors():
+                torch._dynamo.mark_static_address(tensor, guard=False)
+            self._last_view = weakref.ref(cache)
+        return cache
+
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         start = cache.length
         position = torch.tensor(start, device=input_ids.device)
         shape = tuple(input_ids.shape)
         first = shape not in self._compiled_shapes
-        if self.device.type == "cuda":
-            view = cache
-            if first:  # CUDA graphs replay fixed addresses: the cache must be one of them (written in place)
-                for tensor in cache.tensors():
-                    torch._dynamo.mark_static_address(tensor)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            view = self._static_cache(cache)
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are done with
         else:
             view = self._attended_part(cache)
         if first and self.compile_seconds is None and self.on_compiling is not None:
@@ -125,6 +134,8 @@ class CompiledDecode:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise LlmcliError(f"--compile failed ({type(exc).__name__}: {message}); run without --compile") from exc
         cache.length = start + 1
+        if cuda:  # the graph's output buffer is overwritten by the next replay; callers may keep logits
+            logits = logits.clone()
         if first:  # includes compiling (or loading the compiled code from the cache)
             self._compiled_shapes.add(shape)
             self.compiling_steps += 1

@@ -158,6 +158,9 @@ class MLAttention(nn.Module):
             w = weight.detach().view(self.num_heads, self.nope + self.v_dim, self.rank)
             w_uk = w[:, : self.nope].contiguous()
             w_uv_t = w[:, self.nope:].transpose(1, 2).contiguous()
+            if w.is_cuda:  # weights, like the parameters: CUDA graphs read them in place instead of copying
+                torch._dynamo.mark_static_address(w_uk, guard=False)
+                torch._dynamo.mark_static_address(w_uv_t, guard=False)
             self._absorbed_weights = (key, w_uk, w_uv_t)
         return self._absorbed_weights[1], self._absorbed_weights[2]
 

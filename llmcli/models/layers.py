@@ -6,6 +6,7 @@ Nothing here reads files or prints: modules take tensors (and a cache) and retur
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -51,11 +52,16 @@ def one_row(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() and x.numel() == x.shape[-1]
 
 
+# CUDA, bfloat16/float32 linears in a compiled one-row step: inductor's multiply-and-sum ("sum") or cuBLAS
+# through F.linear ("linear"). A switch for benchmarks/cuda_gemv.py and benchmarks/cuda_suite.sh.
+CUDA_GEMV = os.environ.get("LLMCLI_CUDA_GEMV", "sum")
+
+
 class Linear(nn.Linear):
     """nn.Linear that, inside a compiled decode step of one sequence, runs as `one_row_linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if one_row(x):
+        if one_row(x) and (CUDA_GEMV == "sum" or not x.is_cuda):
             return one_row_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
