@@ -20,6 +20,7 @@ SUMMARY=()
 step() {  # step NAME LIMIT_SECONDS COMMAND...
     local name=$1 limit=$2 left
     shift 2
+    [[ -n ${ONLY:-} && ! $name =~ $ONLY ]] && return  # ONLY: a regex of the steps to run
     left=$((BUDGET - ($(date +%s) - BEGAN)))
     if ((left < limit / 2)); then
         SUMMARY+=("$name: skipped (${left}s left)")
@@ -57,6 +58,7 @@ step q-eager 45 "${BENCH[@]}" "$Q" --json "$OUT/q_eager.json"
 step ds-eager 45 "${BENCH[@]}" "$DS" --json "$OUT/ds_eager.json"
 step q-int8-compiled 100 "${BENCH[@]}" "$Q" --compile --quantize int8 --json "$OUT/q_int8_compiled.json"
 step gemv 60 python3 benchmarks/cuda_gemv.py
+step q-compiled-cublas 90 env LLMCLI_CUDA_GEMV=linear "${BENCH[@]}" "$Q" --compile --json "$OUT/q_compiled_cublas.json"
 step q-compiled-batch 90 "${BENCH[@]}" "$Q" -b 4,8 --compile --json "$OUT/q_compiled_batch.json"
 
 echo "=== summary" | tee -a "$LOG"

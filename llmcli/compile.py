@@ -62,8 +62,9 @@ class CompiledDecode:
         self.max_batch = FEW_ROWS if not moe or experts_in_kernel_blocks(model) else 1
         # CUDA: CUDA graphs replay the whole step without launching kernels one by one (not yet measured:
         # no GPU was lent to the sessions that wrote this).
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        self.step = torch.compile(model.decode_step, fullgraph=True, mode=mode, options=INDUCTOR_OPTIONS)
+        # (torch.compile takes a mode or options, not both: "reduce-overhead" is triton.cudagraphs.)
+        options = {**INDUCTOR_OPTIONS, "triton.cudagraphs": device.type == "cuda"}
+        self.step = torch.compile(model.decode_step, fullgraph=True, options=options)
         self.compile_seconds: float | None = None
         # Steps that compiled (or loaded compiled code) and their time: generation stats leave them out.
         self.compiling_steps, self.compiling_seconds = 0, 0.0

@@ -55,13 +55,14 @@ def one_row(x: torch.Tensor) -> bool:
 # CUDA, bfloat16/float32 linears in a compiled one-row step: inductor's multiply-and-sum ("sum") or cuBLAS
 # through F.linear ("linear"). A switch for benchmarks/cuda_gemv.py and benchmarks/cuda_suite.sh.
 CUDA_GEMV = os.environ.get("LLMCLI_CUDA_GEMV", "sum")
+CUDA_SUM_MAX_ROWS = 65536  # an H200 ran a vocabulary-sized head at 296 GB/s as a sum, 3476 through cuBLAS
 
 
 class Linear(nn.Linear):
     """nn.Linear that, inside a compiled decode step of one sequence, runs as `one_row_linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if one_row(x) and (CUDA_GEMV == "sum" or not x.is_cuda):
+        if one_row(x) and (not x.is_cuda or (CUDA_GEMV == "sum" and self.out_features < CUDA_SUM_MAX_ROWS)):
             return one_row_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
