@@ -91,10 +91,12 @@ def test_int8_compiled_equals_eager_and_stays_close_to_bfloat16(name):
     eager_tokens, eager_logits = greedy(int8.model, prompt, 8, compiled=False)
     tokens, logits = greedy(int8.model, prompt, 8, compiled=True)
     assert tokens == eager_tokens and worst_difference(logits, eager_logits) < 1e-3
+    # Against the float32 weights, on the same prompt (decoded tokens may differ: random models have ties).
     full = load_model(name, ensure_demo(name), device="cuda", dtype="float32")
-    _, full_logits = greedy(full.model, prompt, 1, compiled=False)
-    scale = full_logits[0].abs().max().item()
-    assert worst_difference(full_logits, eager_logits[:1]) < 0.1 * scale
+    with torch.inference_mode():
+        quantised, reference = (m.model(prompt.to(CUDA), m.model.make_cache(1, 16), last_only=True).float().cpu()
+                                for m in (int8, full))
+    assert (quantised - reference).abs().max().item() < 0.05 * reference.abs().max().item()
 
 
 def qwen_case(tmp_path):

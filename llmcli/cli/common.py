@@ -117,8 +117,9 @@ QUANTIZE_OPT = typer.Option(
 COMPILE_OPT = typer.Option(
     False, "--compile",
     help="Compile the one-token decode step with torch.compile (inductor; CUDA graphs on CUDA): decoding "
-         "1.3-1.4x faster than eager on CPU in bfloat16. Compiles while loading, about a minute the first time "
-         "for a model shape, seconds once cached; needs a C++ compiler. Prompts run uncompiled. Batches of up "
+         "1.3-1.4x faster than eager on CPU in bfloat16, about 9x on CUDA (0.5B shape on an H200: 729 against 79 "
+         "tok/s). Compiles while loading on CPU (at the first step on CUDA), about a minute the first time for a "
+         "model shape, seconds once cached; needs a C++ compiler on CPU. Prompts run uncompiled. Batches of up "
          "to 8 sequences are compiled (MoE models: one, unless the CPU kernels hold the experts).",
 )
 
