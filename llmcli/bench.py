@@ -571,9 +571,11 @@ def environment(device: torch.device, dtype: torch.dtype, bandwidth: float, band
 def product_paths(model: nn.Module) -> dict[str, int]:
     """How the model's linear layers run their products, with the number of layers each: what the decode
     and prefill figures depend on most (e.g. {"bf16 kernel": 169, "F.linear": 1})."""
+    from llmcli.models.layers import Linear
     from llmcli.models.packed import BlockedLinear, PackedLinear
     from llmcli.quantize import Int8Linear
 
+    compiled = getattr(model, "compiled_decode", None) is not None
     counts: dict[str, int] = {}
     for module in model.modules():
         if isinstance(module, BlockedLinear):
@@ -581,7 +583,10 @@ def product_paths(model: nn.Module) -> dict[str, int]:
         elif isinstance(module, PackedLinear):
             path = "oneDNN prepacked"
         elif isinstance(module, Int8Linear):
-            path = "int8 kernel" if module.blocked else "torch int8"
+            path = "int8 kernel" if module.blocked else "torch int8" + (
+                ", compiled one-row steps multiply-and-sum" if compiled else "")
+        elif isinstance(module, Linear) and compiled and module.sums_one_row(module.weight.is_cuda):
+            path = "F.linear, compiled one-row steps multiply-and-sum"
         elif isinstance(module, nn.Linear):
             path = "F.linear"
         else:

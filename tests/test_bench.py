@@ -92,6 +92,8 @@ def test_product_paths_name_how_each_linear_runs(monkeypatch):
     path = ensure_demo("demo-qwen")
     plain = load_model("demo-qwen", path, "cpu", "float32").model
     layers = bench.product_paths(plain)["F.linear"]
+    compiled = load_model("demo-qwen", path, "cpu", "float32", compile=True).model  # compiles at the first step
+    assert bench.product_paths(compiled) == {"F.linear, compiled one-row steps multiply-and-sum": layers}
     bf16 = bench.product_paths(load_model("demo-qwen", path, "cpu", "bfloat16").model)
     if bf16_kernel.build()[0]:
         assert bf16 == {"bf16 kernel": layers}  # the tied head too

@@ -61,8 +61,12 @@ CUDA_SUM_MAX_ROWS = 65536  # an H200 ran a vocabulary-sized head at 296 GB/s as 
 class Linear(nn.Linear):
     """nn.Linear that, inside a compiled decode step of one sequence, runs as `one_row_linear`."""
 
+    def sums_one_row(self, cuda: bool) -> bool:
+        """Does a compiled one-row step run this layer as `one_row_linear` (else F.linear)?"""
+        return not cuda or (CUDA_GEMV == "sum" and self.out_features < CUDA_SUM_MAX_ROWS)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if one_row(x) and (not x.is_cuda or (CUDA_GEMV == "sum" and self.out_features < CUDA_SUM_MAX_ROWS)):
+        if one_row(x) and self.sums_one_row(x.is_cuda):
             return one_row_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
