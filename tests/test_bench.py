@@ -109,6 +109,7 @@ def test_table_on_stdout_and_batch(run_cli):
     assert "prefill tok/s" in out and "decode tok/s" in out and "pp6+tg3" in out and "×2" in out
     assert "threads" in out and "memory bandwidth" in out and "products: F.linear" in out  # the environment line
     assert "random weights" in err  # demo notice
+    assert "peak mem is the process's" not in out  # one backend: the peak is llmcli's
 
 
 def test_json_to_stdout_is_pure_json_and_csv(run_cli, tmp_path):
@@ -213,6 +214,13 @@ def test_compare_transformers_qwen2(run_cli, tmp_path, tiny_qwen2):
     data = bench_json(run_cli, tmp_path, tiny_qwen2, "-p", "5,9", "-n", "4", "-r", "2", "-w", "0",
                       "--compare", "transformers")
     check_compared(data, workloads=2)
+
+
+def test_compared_peak_memory_says_it_is_the_process(run_cli, tiny_qwen2):
+    code, out, err = run_cli("bench", str(tiny_qwen2), "-p", "4", "-n", "2", "-r", "1", "-w", "0",
+                             "--compare", "transformers")
+    assert code == 0, err
+    assert "peak mem is the process's, with both backends' weights loaded" in out
 
 
 def test_backends_decode_identical_tokens(tiny_qwen2):

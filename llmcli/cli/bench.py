@@ -179,6 +179,9 @@ def bench_command(
     for line in header_lines(report, moe_note):
         console.print(line, style="dim", markup=False)
     console.print(render_table(report, compare is not None))
+    if compare is not None:  # one process holds both models: its peak is not either backend's alone
+        console.print("peak mem is the process's, with both backends' weights loaded; run without --compare "
+                      "for llmcli's own", style="dim", markup=False)
     if json_out:
         write_output(json_out, json.dumps(report.as_dict(), indent=2) + "\n")
     if csv_out:
