@@ -59,7 +59,7 @@ step ds-eager 45 "${BENCH[@]}" "$DS" --json "$OUT/ds_eager.json"
 step q-int8-compiled 100 "${BENCH[@]}" "$Q" --compile --quantize int8 --json "$OUT/q_int8_compiled.json"
 step gemv 60 python3 benchmarks/cuda_gemv.py
 step q-compiled-cublas 90 env LLMCLI_CUDA_GEMV=linear "${BENCH[@]}" "$Q" --compile --json "$OUT/q_compiled_cublas.json"
-step q-compiled-batch 90 "${BENCH[@]}" "$Q" -b 4,8 --compile --json "$OUT/q_compiled_batch.json"
+step q-compiled-batch 150 "${BENCH[@]}" "$Q" -b 4,8 --compile --json "$OUT/q_compiled_batch.json"
 
 echo "=== summary" | tee -a "$LOG"
 printf '%s\n' "${SUMMARY[@]}" | tee -a "$LOG"
