@@ -85,7 +85,7 @@ def test_compiled_bfloat16_logits_close_to_eager(name):
 
 
 @pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek"])
-def test_int8_compiled_equals_eager_and_stays_close_to_bfloat16(name):
+def test_int8_compiled_equals_eager_and_stays_close_to_float32(name):
     int8 = load_model(name, ensure_demo(name), device="cuda", dtype="float32", quantize="int8", compile=True)
     prompt = random_prompt(int8.config.vocab_size, seed=2)
     eager_tokens, eager_logits = greedy(int8.model, prompt, 8, compiled=False)
