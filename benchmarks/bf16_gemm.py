@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from cpu_gemv import timed  # benchmarks/ is the script's directory
 
-from llmcli import bf16_kernel
-from llmcli.models.layers import one_row_linear
+from llmcli.backends import bf16_kernel
+from llmcli.backends.linear import one_row_linear
 
 
 def seconds_per_call(fn) -> float:

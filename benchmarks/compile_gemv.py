@@ -7,7 +7,7 @@ hold, so every product streams its weight from memory) and reports GB/s of weigh
 - mul-sum: `(x * w).sum(-1)` in float32 compiled by inductor (`layers.one_row_linear`);
 - mul-sum after RMSNorm, inductor defaults: the norm of the residual is inlined into the reduction
   and recomputed for every weight row;
-- mul-sum after RMSNorm, llmcli's inductor options (`compile.INDUCTOR_OPTIONS`): the norm is computed
+- mul-sum after RMSNorm, llmcli's inductor options (`backends.compile.inductor_options`): the norm is computed
   once, then the loop only streams the weight;
 - int8 mul-sum: the same loop over int8 weights (half the bytes, more work per byte).
 
@@ -21,8 +21,9 @@ import time
 
 import torch
 
-from llmcli.compile import INDUCTOR_OPTIONS
-from llmcli.models.layers import one_row_linear
+from llmcli.backends.compile import inductor_options
+from llmcli.backends.linear import one_row_linear
+from llmcli.options import Options
 
 
 def rms_then_product(x, residual, norm_weight, w):
@@ -59,7 +60,7 @@ def main() -> None:
     norm_weight = torch.randn(args.cols, dtype=torch.bfloat16)
     product = torch.compile(one_row_linear)
     default = torch.compile(rms_then_product)
-    tuned = torch.compile(rms_then_product, options=INDUCTOR_OPTIONS)
+    tuned = torch.compile(rms_then_product, options=inductor_options(Options.from_env(), torch.device("cpu")))
     print(f"weights {args.rows}x{args.cols}, {args.count} distinct, {args.threads} threads, torch {torch.__version__}")
     with torch.inference_mode():
         if torch.backends.mkldnn.is_available():

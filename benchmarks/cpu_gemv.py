@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llmcli.quantize import quantize_weight
+from llmcli.backends.int8 import quantize_weight
 
 SHAPES = {"mlp up (4864x896)": (4864, 896), "mlp down (896x4864)": (896, 4864), "lm_head (151936x896)": (151936, 896)}
 

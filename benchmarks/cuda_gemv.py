@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmcli.models.layers import one_row_linear
+from llmcli.backends.linear import one_row_linear
 
 SHAPES = {"qkv": (1152, 896), "o": (896, 896), "gate_up": (9728, 896), "down": (896, 4864), "head": (151936, 896)}
 SWEEP_BYTES = 512 << 20  # several times the H200's 60 MB L2

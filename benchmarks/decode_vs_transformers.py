@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from llmcli import bench
-from llmcli.demo import build_demo_tokenizer, cache_home, write_tokenizer
+from llmcli import bench, machine
+from llmcli.demo import build_demo_tokenizer, write_tokenizer
 from llmcli.loader import load_model
+from llmcli.paths import cache_home
 
 QWEN25_05B = dict(
     vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -55,8 +56,8 @@ def checkpoint_dir() -> Path:
 
 
 def run(dtype: str, path: Path, args, bandwidth: float) -> list[bench.BenchRow]:
-    loaded = load_model("qwen2.5-0.5b-shape", path, "cpu", dtype, compile=args.compile)
-    mine = bench.LlmcliBackend(loaded.model, loaded.device)
+    loaded = load_model("qwen2.5-0.5b-shape", path, device="cpu", dtype=dtype, compile=args.compile)
+    mine = bench.LlmcliBackend(loaded.runner, loaded.device)
     theirs = bench.TransformersBackend(path, loaded.device, loaded.dtype, loaded.config.family)
     settings = bench.BenchSettings([bench.Workload(args.prompt, args.gen, 1)], repeat=args.repeat,
                                    warmup=args.warmup, seed=0)
@@ -87,7 +88,7 @@ def main() -> None:
 
     path = checkpoint_dir()
     device = torch.device("cpu")
-    bandwidth, source = bench.machine_bandwidth(device)
+    bandwidth, source = machine.machine_bandwidth(device)
     env = bench.environment(device, torch.float32, bandwidth, source)
     import transformers
 

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from llmcli import bench
-from llmcli.demo import build_demo_tokenizer, cache_home, write_tokenizer
+from llmcli import bench, machine
+from llmcli.demo import build_demo_tokenizer, write_tokenizer
 from llmcli.loader import load_model
+from llmcli.paths import cache_home
 
 V3_SHAPE = dict(
     vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=8,
@@ -97,7 +98,7 @@ def main() -> None:
 
     path = checkpoint_dir()
     device = torch.device("cpu")
-    bandwidth, source = bench.machine_bandwidth(device)
+    bandwidth, source = machine.machine_bandwidth(device)
     env = bench.environment(device, torch.float32, bandwidth, source)
     import transformers
 
@@ -109,8 +110,8 @@ def main() -> None:
           f"{env['threads']} threads | memory bandwidth {bandwidth / 1e9:.1f} GB/s ({source}) | "
           f"load average at start {os.getloadavg()[0]:.2f}")
     started = time.perf_counter()
-    loaded = load_model("deepseek-v3-shape", path, "cpu", args.dtype, compile=args.compile)
-    mine = bench.LlmcliBackend(loaded.model, loaded.device)
+    loaded = load_model("deepseek-v3-shape", path, device="cpu", dtype=args.dtype, compile=args.compile)
+    mine = bench.LlmcliBackend(loaded.runner, loaded.device)
     theirs = bench.TransformersBackend(path, loaded.device, loaded.dtype, loaded.config.family)
     settings = bench.BenchSettings([bench.Workload(args.prompt, args.gen, 1)], repeat=args.repeat,
                                    warmup=args.warmup, seed=0)

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from llmcli import int8_kernel
-from llmcli.models.layers import one_row_linear
-from llmcli.quantize import quantize_weight
+from llmcli.backends import int8_kernel
+from llmcli.backends.int8 import quantize_weight
+from llmcli.backends.linear import one_row_linear
 
 # qkv, o, gate_up, down for 24 layers, then the tied head's int8 copy
 SHAPES = [(1152, 896), (896, 896), (9728, 896), (896, 4864)] * 24 + [(151936, 896)]
@@ -75,7 +75,7 @@ def main() -> None:
 
 
 def compare_rows(counts: list[int], repeats: int) -> None:
-    if not int8_kernel.build()[0]:
+    if not int8_kernel.available()[0]:
         raise SystemExit(int8_kernel.build()[1])
     torch.manual_seed(0)
     blocks = [int8_kernel.to_blocks(quantize_weight(torch.randn(9728, 896))[0]) for _ in range(6)]  # 52 MB

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from llmcli.demo import cache_home
 from llmcli.loader import load_model
+from llmcli.paths import cache_home
 
 
 def decode_ms(model, prompt: torch.Tensor, steps: int = 32) -> float:
@@ -38,8 +38,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="both with --compile (decode timed after compiling)")
     args = parser.parse_args()
     path = Path(args.model)
-    bf16 = load_model("bf16", path, "cpu", "bfloat16", compile=args.compile).model
-    int8 = load_model("int8", path, "cpu", "bfloat16", quantize="int8", compile=args.compile).model
+    bf16 = load_model("bf16", path, device="cpu", dtype="bfloat16", compile=args.compile).runner
+    int8 = load_model("int8", path, device="cpu", dtype="bfloat16", quantize="int8", compile=args.compile).runner
     prompt = torch.randint(0, bf16.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
     ms = {name: decode_ms(m, prompt) for name, m in (("bf16", bf16), ("int8", int8))}
     # bf16's greedy continuation, then both models score the whole sequence in one pass.

@@ -34,7 +34,7 @@ def status(key):
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
 base = status("VmRSS")
-loaded = load_model("bench", Path(sys.argv[1]), "cpu", sys.argv[2])
+loaded = load_model("bench", Path(sys.argv[1]), device="cpu", dtype=sys.argv[2])
 peak = status("VmHWM")
 from llmcli.bench import parameter_bytes
 weights = parameter_bytes(loaded.model)[0]

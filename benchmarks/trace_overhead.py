@@ -2,8 +2,8 @@
 
 For each demo model (and a wider synthetic Qwen2 so the ratio is not dominated by tiny matmuls),
 times one prefill of N random tokens three ways, best of R interleaved runs:
-  off     model(ids, cache)                      (what `generate` does)
-  record  model(ids, cache, recorder=TraceRecorder())  (statistics reduced on the fly)
+  off     runner(ids, cache)                      (what `generate` does)
+  record  runner(ids, cache, recorder=TraceRecorder())  (statistics reduced on the fly)
   full    run_trace(...) + build_trace_json(...) (everything `llmcli trace --json` does after loading)
 and, less sensitive to other load on the machine, the share of the recorded prefill spent inside
 `record()` itself (CPU: the statistics run synchronously, so this is their whole cost).
@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from llmcli.backends.runner import as_runner
 from llmcli.config import config_from_dict
 from llmcli.demo import BUILDERS, ensure_demo
 from llmcli.generate import synchronize
@@ -71,6 +72,7 @@ def record_share(prefill, repeats: int) -> float:
 
 
 def bench_prefill(name: str, model, tokenizer, ids: torch.Tensor, repeats: int, device) -> None:
+    model = as_runner(model)
     n = ids.shape[1]
 
     def prefill(recorder=None):
@@ -110,7 +112,7 @@ def main() -> None:
           f"{'in record':>9}")
     for name in sorted(BUILDERS):
         loaded = load_model(name, ensure_demo(name), device=str(device), dtype="float32")
-        bench_model(name, loaded.model, loaded.tokenizer, args.lengths, args.repeats, device)
+        bench_model(name, loaded.runner, loaded.tokenizer, args.lengths, args.repeats, device)
     torch.manual_seed(0)
     wide = QwenForCausalLM(config_from_dict(WIDE_QWEN2)).to(device).eval()
     wide.init_buffers(device)

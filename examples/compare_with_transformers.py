@@ -21,7 +21,7 @@ theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_im
 
 ids = torch.tensor([ours.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)])
 with torch.inference_mode():
-    a = ours.model(ids, ours.model.make_cache(1, ids.shape[1]))
+    a = ours.runner(ids, ours.runner.make_cache(1, ids.shape[1]))
     b = theirs(ids).logits
 print(f"prompt tokens: {ids.shape[1]}, max |delta logit|: {(a - b).abs().max().item():.2e}")
 print(f"same next token: {bool(a[0, -1].argmax() == b[0, -1].argmax())}")

@@ -23,23 +23,23 @@ args = parser.parse_args()
 
 resolved = resolve(args.model)
 loaded = load_model(resolved.name, resolved.path, device="cpu", dtype=args.dtype, compile=True)
-model, compiled_step = loaded.model, loaded.model.compiled_decode
+runner, compiled_step = loaded.runner, loaded.runner.compiled  # the model, and its compiled decode step
 prompt = torch.tensor([loaded.tokenizer.encode("Static caches make every decode step the same shape.")])
 
 
 def greedy(compiled: bool) -> tuple[list[int], float]:
-    model.compiled_decode = compiled_step if compiled else None
-    cache = model.make_cache(1, prompt.shape[1] + args.tokens + 1)
+    runner.compiled = compiled_step if compiled else None
+    cache = runner.make_cache(1, prompt.shape[1] + args.tokens + 1)
     tokens = []
     with torch.inference_mode():
-        logits = model(prompt, cache, last_only=True)
+        logits = runner(prompt, cache, last_only=True)
         token = logits[:, -1].argmax(-1, keepdim=True)
-        logits = model(token, cache)  # compiles on the first compiled run
+        logits = runner(token, cache)  # compiles on the first compiled run
         start = time.perf_counter()
         for _ in range(args.tokens):
             token = logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(token.item())
-            logits = model(token, cache)
+            logits = runner(token, cache)
     return tokens, args.tokens / (time.perf_counter() - start)
 
 

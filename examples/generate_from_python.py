@@ -19,7 +19,7 @@ loaded = load_model(resolved.name, resolved.path, device="auto", dtype="auto")
 tok = loaded.tokenizer
 text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if tok.chat_template else prompt
 
-generation = Generation(loaded.model, tok, tok.encode(text), max_new_tokens=32,
+generation = Generation(loaded.runner, tok, tok.encode(text), max_new_tokens=32,
                         sampling=SamplingParams(temperature=0.0), stop_ids=loaded.config.eos_token_ids)
 for piece in generation:
     print(piece, end="", flush=True)

@@ -31,28 +31,28 @@ for note in int8.notes:
 prompt = torch.tensor([plain.tokenizer.encode("Weight-only int8 halves the bytes each decode step reads.")])
 
 
-def decode(model, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+def decode(runner, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Feed `ids` after the prompt one token at a time; returns each step's argmax and tokens per second."""
-    cache = model.make_cache(1, prompt.shape[1] + ids.shape[1] + 1)
+    cache = runner.make_cache(1, prompt.shape[1] + ids.shape[1] + 1)
     with torch.inference_mode():
-        picks = [model(prompt, cache, last_only=True)[:, -1].argmax(-1)]
+        picks = [runner(prompt, cache, last_only=True)[:, -1].argmax(-1)]
         start = time.perf_counter()
         for i in range(ids.shape[1]):
-            picks.append(model(ids[:, i: i + 1], cache)[:, -1].argmax(-1))
+            picks.append(runner(ids[:, i: i + 1], cache)[:, -1].argmax(-1))
     return torch.cat(picks), ids.shape[1] / (time.perf_counter() - start)
 
 
 # The bf16 model's own greedy continuation, then both models read it.
 with torch.inference_mode():
-    cache = plain.model.make_cache(1, prompt.shape[1] + args.tokens + 1)
-    token = plain.model(prompt, cache, last_only=True)[:, -1:].argmax(-1)
+    cache = plain.runner.make_cache(1, prompt.shape[1] + args.tokens + 1)
+    token = plain.runner(prompt, cache, last_only=True)[:, -1:].argmax(-1)
     continuation = [token]
     for _ in range(args.tokens - 1):
-        token = plain.model(token, cache)[:, -1:].argmax(-1)
+        token = plain.runner(token, cache)[:, -1:].argmax(-1)
         continuation.append(token)
 sequence = torch.cat(continuation, dim=1)
-plain_picks, plain_speed = decode(plain.model, sequence)
-int8_picks, int8_speed = decode(int8.model, sequence)
+plain_picks, plain_speed = decode(plain.runner, sequence)
+int8_picks, int8_speed = decode(int8.runner, sequence)
 print(f"weights: bfloat16 {parameter_bytes(plain.model)[0] / 2**20:.1f} MiB, "
       f"int8 {parameter_bytes(int8.model)[0] / 2**20:.1f} MiB")
 print(f"decode: bfloat16 {plain_speed:.1f} tok/s, int8 {int8_speed:.1f} tok/s ({int8_speed / plain_speed:.2f}x)")

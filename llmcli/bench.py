@@ -11,15 +11,9 @@ from __future__ import annotations
 
 import gc
 import inspect
-import json
-import math
 import os
 import platform
-import re
-import resource
-import socket
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,8 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmcli import machine
+from llmcli.backends.linear import label_of
+from llmcli.backends.runner import Runner, as_runner
 from llmcli.errors import LlmcliError
-from llmcli.generate import context_limit, synchronize
+from llmcli.generate import synchronize
+from llmcli.models.hooks import ROUTER
 
 # -- statistics ----------------------------------------------------------------------------------
 
@@ -75,139 +73,6 @@ def prompt_ids(workload: Workload, vocab_size: int, seed: int) -> torch.Tensor:
     """The same random ids for every backend; seeded by the prompt length so -p lists are stable."""
     gen = torch.Generator().manual_seed(seed * 100_003 + workload.prompt_tokens)
     return torch.randint(0, vocab_size, (workload.batch, workload.prompt_tokens), generator=gen)
-
-
-# -- memory --------------------------------------------------------------------------------------
-
-
-def _proc_status_kib(field_name: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.M)
-    return int(match.group(1)) if match else None
-
-
-def _reset_rss_peak() -> bool:
-    """Linux >= 4.0: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _proc_status_kib("VmHWM") is not None
-
-
-class PeakMemory:
-    """Peak memory of one run: CUDA allocator peak on CUDA, else the process's peak RSS.
-
-    CPU choice: the kernel's own high-water mark (VmHWM), reset before each run through
-    /proc/self/clear_refs, is exact and costs nothing while the run is timed. ru_maxrss cannot be
-    reset (it would report the loading peak, or the other backend's), and a sampling thread would
-    miss short peaks and steal a core on small machines. Without /proc we fall back to ru_maxrss
-    and say so (`method`)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.method = "cuda_max_allocated" if device.type == "cuda" else "rss_hwm"
-        self.base = 0
-
-    def start(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        elif self.method == "rss_hwm" and _reset_rss_peak():
-            self.base = (_proc_status_kib("VmRSS") or 0) * 1024
-        else:
-            self.method, self.base = "ru_maxrss_lifetime", 0
-
-    def stop(self) -> tuple[int, int | None]:
-        """(peak bytes, bytes the run added above what was resident when it started, if known)."""
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        elif self.method == "rss_hwm":
-            peak = (_proc_status_kib("VmHWM") or 0) * 1024
-        else:  # Linux reports KiB, macOS bytes; the lifetime peak, so no per-run increase
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-            return int(peak), None
-        return int(peak), max(int(peak) - self.base, 0)
-
-
-# -- memory bandwidth ----------------------------------------------------------------------------
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "mps":
-        return f"Apple MPS ({platform.machine()})"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def measure_bandwidth(device: torch.device, buffer_bytes: int | None = None, repeats: int = 6) -> float:
-    """Memory bandwidth in bytes/s from a large copy (read + write = 2x the buffer per copy).
-
-    Buffers are far larger than any cache; the first copy (page faults) is not counted and the
-    best later copy is kept, as STREAM does. Decoding mostly reads, so this is a slight
-    underestimate on machines where writes are slower."""
-    if buffer_bytes is None:
-        buffer_bytes = (1 << 30) if device.type in ("cuda", "mps") else (512 << 20)
-    n = buffer_bytes // 4
-    src = torch.ones(n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    best = math.inf
-    for i in range(repeats + 1):
-        synchronize(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)
-        if i:
-            best = min(best, time.perf_counter() - t0)
-    del src, dst
-    return 2 * buffer_bytes / best
-
-
-def _machine_key(device: torch.device) -> str:
-    # CPU copy bandwidth depends on the thread count, so it is part of the key.
-    threads = f"|threads={torch.get_num_threads()}" if device.type == "cpu" else ""
-    return f"{socket.gethostname()}|{device.type}|{device_name(device)}{threads}"
-
-
-def machine_bandwidth(device: torch.device, cache_file: Path | None = None,
-                      remeasure: bool = False) -> tuple[float, str]:
-    """(bytes/s, "cached" | "measured"): measured once per machine and device, then cached."""
-    if cache_file is None:
-        from llmcli.demo import cache_home
-
-        cache_file = cache_home() / "bandwidth.json"
-    key = _machine_key(device)
-    try:
-        known = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict):
-        known = {}
-    entry = known.get(key)
-    if not remeasure and isinstance(entry, dict) and entry.get("bytes_per_s", 0) > 0:
-        return float(entry["bytes_per_s"]), "cached"
-    value = measure_bandwidth(device)
-    known[key] = {"bytes_per_s": value, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": "copy"}
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=2))
-        tmp.replace(cache_file)
-    except OSError:
-        pass  # a read-only cache only costs a re-measurement next time
-    return value, "measured"
 
 
 # -- bytes read per decode step ------------------------------------------------------------------
@@ -275,7 +140,7 @@ class ExpertCounter:
         self.decoding = False
 
     def record(self, layer, name, value) -> None:
-        if self.decoding and name == "router":
+        if self.decoding and name == ROUTER:
             self.counts.append(int(value.experts.unique().numel()))
 
     @property
@@ -289,12 +154,13 @@ class ExpertCounter:
 class LlmcliBackend:
     name = "llmcli"
 
-    def __init__(self, model: nn.Module, device: torch.device):
-        self.model, self.device = model, device
-        self.weights_bytes, self.parameters = parameter_bytes(model)
+    def __init__(self, model: Runner | nn.Module, device: torch.device):
+        self.runner, self.device = as_runner(model), device
+        self.model = self.runner.model
+        self.weights_bytes, self.parameters = parameter_bytes(self.model)
 
     def run(self, ids: torch.Tensor, gen_tokens: int, recorder=None) -> RunTiming:
-        model, device = self.model, self.device
+        model, device = self.runner, self.device
         batch, length = ids.shape
         ids = ids.to(device)
         with torch.inference_mode():
@@ -472,7 +338,7 @@ def validate(settings: BenchSettings, model: nn.Module) -> None:
         raise LlmcliError("--repeat must be >= 1", exit_code=2)
     if settings.warmup < 0:
         raise LlmcliError("--warmup must be >= 0", exit_code=2)
-    limit = context_limit(model)
+    limit = model.context_limit
     for w in settings.workloads:
         if w.prompt_tokens < 1 or w.gen_tokens < 1 or w.batch < 1:
             raise LlmcliError("prompt length, generated tokens and batch must all be >= 1", exit_code=2)
@@ -490,13 +356,13 @@ def run_bench(llmcli: LlmcliBackend, settings: BenchSettings, bandwidth: float,
     model, device = llmcli.model, llmcli.device
     validate(settings, model)
     backends = [b for b in (llmcli, reference) if b is not None]
-    memory = PeakMemory(device)
+    memory = machine.PeakMemory(device)
     rows: list[BenchRow] = []
     for w in settings.workloads:
         ids = prompt_ids(w, model.config.vocab_size, settings.seed)
         label = f"pp{w.prompt_tokens} tg{w.gen_tokens} b{w.batch}"
         counter = ExpertCounter() if model.config.is_moe and w.batch > 1 else None
-        compiled = getattr(model, "compiled_decode", None)
+        compiled = llmcli.runner.compiled
         if compiled is not None and counter is not None and w.batch <= compiled.max_batch:
             compiled.warm_up(w.batch)  # the counting warm-up run is eager (recorders see eager steps only)
         for i in range(settings.warmup):
@@ -554,7 +420,7 @@ def environment(device: torch.device, dtype: torch.dtype, bandwidth: float, band
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
-        "device_name": device_name(device),
+        "device_name": machine.device_name(device),
         "threads": torch.get_num_threads(),
         "dtype": str(dtype).replace("torch.", ""),
         "memory_bandwidth_bytes_per_s": bandwidth,
@@ -568,30 +434,14 @@ def environment(device: torch.device, dtype: torch.dtype, bandwidth: float, band
     return env
 
 
-def product_paths(model: nn.Module) -> dict[str, int]:
-    """How the model's linear layers run their products, with the number of layers each: what the decode
-    and prefill figures depend on most (e.g. {"bf16 kernel": 169, "F.linear": 1})."""
-    from llmcli.models.layers import Linear
-    from llmcli.models.packed import BlockedLinear, PackedLinear
-    from llmcli.quantize import Int8Linear
-
-    compiled = getattr(model, "compiled_decode", None) is not None
+def product_paths(model: Runner | nn.Module) -> dict[str, int]:
+    """How the model's linear layers run their products (each module's label), with the number of layers
+    each: what the decode and prefill figures depend on most (e.g. {"bf16 kernel": 169, "F.linear": 1})."""
     counts: dict[str, int] = {}
-    for module in model.modules():
-        if isinstance(module, BlockedLinear):
-            path = "bf16 kernel"
-        elif isinstance(module, PackedLinear):
-            path = "oneDNN prepacked"
-        elif isinstance(module, Int8Linear):
-            path = "int8 kernel" if module.blocked else "torch int8" + (
-                ", compiled one-row steps multiply-and-sum" if compiled else "")
-        elif isinstance(module, Linear) and compiled and module.sums_one_row(module.weight.is_cuda):
-            path = "F.linear, compiled one-row steps multiply-and-sum"
-        elif isinstance(module, nn.Linear):
-            path = "F.linear"
-        else:
-            continue
-        counts[path] = counts.get(path, 0) + 1
+    for module in as_runner(model).model.modules():
+        path = label_of(module)
+        if path is not None:
+            counts[path] = counts.get(path, 0) + 1
     return counts
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from llmcli.errors import LlmcliError
-from llmcli.generate import Generation, SamplingParams, context_limit
+from llmcli.generate import Generation, SamplingParams
+from llmcli.templates import CHATML_TEMPLATE
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 DEFAULT_MAX_CONTEXT = 8192  # tokens of KV cache allocated when --max-context is not given
@@ -48,19 +49,13 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def chatml_template() -> str:
-    from llmcli.demo import CHATML_TEMPLATE
-
-    return CHATML_TEMPLATE
-
-
 def chat_tokenizer(tokenizer, family: str | None):
     """The tokenizer whose template renders the conversation. Original Qwen repos ship no template
     but were trained on ChatML, so they get the built-in one; other models without one cannot chat."""
     if tokenizer.chat_template is not None:
         return tokenizer
     if family == "qwen":
-        return tokenizer.with_chat_template(chatml_template())
+        return tokenizer.with_chat_template(CHATML_TEMPLATE)
     raise LlmcliError("this model has no chat template; use `llmcli generate --raw` instead")
 
 
@@ -208,19 +203,19 @@ class ChatSession:
     def __init__(self, loaded, sampling: SamplingParams | None = None, max_new_tokens: int = 2048,
                  max_context: int | None = None, system: str | None = None, enable_thinking: bool | None = None,
                  stop_ids=()):
-        self.loaded, self.model = loaded, loaded.model
+        self.loaded, self.runner = loaded, loaded.runner
         self.tokenizer = chat_tokenizer(loaded.tokenizer, loaded.config.family)
         self.sampling = sampling or SamplingParams()
         self.max_new_tokens = max_new_tokens
         self.enable_thinking = enable_thinking
         self.stop_ids = chat_stop_ids(self.tokenizer, stop_ids)
-        limit = context_limit(self.model)
+        limit = self.runner.context_limit
         if max_context is not None and not 2 <= max_context <= limit:
             raise LlmcliError(f"--max-context must be between 2 and the model's context ({limit} tokens)",
                               exit_code=2)
         self.max_context = max_context or min(limit, DEFAULT_MAX_CONTEXT)
         with torch.inference_mode():  # like every other cache: one kind of tensor for the compiled step
-            self.cache = self.model.make_cache(1, self.max_context)
+            self.cache = self.runner.make_cache(1, self.max_context)
         self.cached_ids: list[int] = []  # the tokens whose keys/values the cache holds, in order
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.turns_started = 0
@@ -291,21 +286,11 @@ class ChatSession:
         if self._active is not None and not self._active.done:
             self._finish(self._active)
 
-    def _ntk_alpha_changes(self, ids: list[int]) -> bool:
-        """Original Qwen's dynamic NTK picks its RoPE base once, from the length of a prefill that starts
-        at position 0, and the cached keys were rotated with it. When the conversation has grown into
-        another alpha, recompute it all, as `generate` on the whole conversation would."""
-        if not getattr(self.model, "dynamic_ntk", False) or "ntk_alpha" not in self.cache.state:
-            return False
-        from llmcli.models.qwen import ntk_alpha
-
-        return ntk_alpha(len(ids), self.model.seq_length) != self.cache.state["ntk_alpha"]
-
     def _start(self) -> Turn:
         text, ids, notices = self._fit()
         # Reuse what the cache holds of this prompt; at least one token must be fed to get logits.
         reuse = min(common_prefix_length(self.cached_ids, ids), len(ids) - 1)
-        if self._ntk_alpha_changes(ids):
+        if not self.runner.model.reuses_cache(self.cache, len(ids)):  # e.g. original Qwen's NTK alpha changed
             reuse = 0
         if reuse == 0:
             self.cache.reset()  # also clears per-sequence state (e.g. original Qwen's NTK alpha)
@@ -315,7 +300,7 @@ class ChatSession:
         sampling = self.sampling
         if sampling.seed is not None:  # reproducible sessions, yet each turn samples differently
             sampling = dataclasses.replace(sampling, seed=sampling.seed + self.turns_started)
-        generation = Generation(self.model, self.tokenizer, ids[reuse:], self.max_new_tokens, sampling,
+        generation = Generation(self.runner, self.tokenizer, ids[reuse:], self.max_new_tokens, sampling,
                                 stop_ids=self.stop_ids, cache=self.cache)
         self.turns_started += 1
         stats = TurnStats(context_tokens=len(ids), reused_tokens=reuse, prefilled_tokens=len(ids) - reuse)

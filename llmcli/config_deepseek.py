@@ -7,7 +7,7 @@ Inconsistent routing settings are rejected here, before any weight is read.
 
 from __future__ import annotations
 
-from llmcli.config import PARSERS, ModelConfig, _as_id_list, _require, parse_rope_scaling
+from llmcli.config_fields import ModelConfig, _as_id_list, _require, parse_rope_scaling
 from llmcli.errors import LlmcliError
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -133,10 +133,6 @@ def check_deepseek(cfg: ModelConfig) -> None:
                 f"({keep}) groups kept")
         if cfg.topk_method == "noaux_tc" and per_group < 2:
             bad(f"noaux_tc scores each group by its top two experts; groups have {per_group}")
-
-
-PARSERS["deepseek_v2"] = parse_deepseek
-PARSERS["deepseek_v3"] = parse_deepseek
 
 
 def rope_interleaved(cfg: ModelConfig) -> bool:

@@ -2,16 +2,16 @@
 
 Two generations of key names exist: the first releases used GPT-2/Megatron names (n_embd, n_head,
 n_layer, n_positions, ffn_hidden_size, padded_vocab_size, params_dtype); later ones use hidden_size,
-num_attention_heads, ... Both map to the same fields. Importing this module registers the parser.
+num_attention_heads, ... Both map to the same fields. `config.py` dispatches to it.
 """
 
 from __future__ import annotations
 
-from llmcli.config import PARSERS, ModelConfig, _as_id_list
+from llmcli.config_fields import ModelConfig, _as_id_list
 from llmcli.errors import LlmcliError
 
 # The Qwen vocabulary fixes its special tokens right after the 151,643 BPE tokens.
-ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
+ENDOFTEXT_ID = 151643  # <|endoftext|>: the eos of original Qwen configs that name none
 
 
 def _first(raw: dict, *keys: str, default=None):
@@ -82,5 +82,3 @@ def parse_qwen1(raw: dict) -> ModelConfig:
         raw=raw,
     )
 
-
-PARSERS["qwen"] = parse_qwen1

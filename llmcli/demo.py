@@ -8,13 +8,14 @@ random: output is gibberish by design.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from llmcli.errors import LlmcliError
+from llmcli.paths import cache_home
+from llmcli.templates import CHATML_TEMPLATE
 
 DEMO_VERSION = 1
 DEMO_NOTICE = (
@@ -22,14 +23,6 @@ DEMO_NOTICE = (
     "for a real model: llmcli download qwen2.5-0.5b-instruct"
 )
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 # A small bilingual corpus so the demo tokenizer learns real merges (and sees non-ASCII bytes).
@@ -45,15 +38,6 @@ CORPUS = [
     "Attention is all you need. Rotary position embeddings rotate pairs of dimensions.",
     "The cache stores keys and values so that decoding reuses the work of the prompt.",
 ]
-
-
-def cache_home() -> Path:
-    """llmcli's own cache (demo models, converted tokenizers); $LLMCLI_HOME overrides it."""
-    env = os.environ.get("LLMCLI_HOME")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "llmcli"
 
 
 def build_demo_tokenizer(vocab_size: int = 512):

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmcli.backends.runner import Runner, as_runner
 from llmcli.errors import LlmcliError
+from llmcli.models.base import CausalLM
 
 
 @dataclass
@@ -79,12 +81,6 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def context_limit(model) -> int:
-    cfg = model.config
-    limit = getattr(model, "context_limit", None)
-    return int(limit) if limit else int(cfg.max_position_embeddings)
-
-
 @dataclass
 class GenerationResult:
     prompt_tokens: int
@@ -109,24 +105,24 @@ class GenerationResult:
 class Generation:
     """Iterate to stream text; `result` is complete once iteration ends."""
 
-    def __init__(self, model, tokenizer, prompt_ids: list[int], max_new_tokens: int = 256,
+    def __init__(self, model: Runner | CausalLM, tokenizer, prompt_ids: list[int], max_new_tokens: int = 256,
                  sampling: SamplingParams | None = None, stop_ids=None, stop_strings=(), cache=None,
                  recorder=None):
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer = as_runner(model), tokenizer
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling or SamplingParams()
         self.stop_ids = set(stop_ids or [])
         self.stop_strings = [s for s in stop_strings if s]
         self.recorder = recorder
         self.stop_requested = False  # set by stop(), e.g. from a Ctrl-C handler
-        self.device = next(model.parameters()).device
+        self.device = self.model.device
         if not self.prompt_ids:
             raise LlmcliError("the prompt is empty")
         # With a cache passed in, it already holds `cache.length` tokens of context and prompt_ids
         # continue them (chat reuses its cache across turns); otherwise a cache is sized to fit.
         self.cache = cache
         before = cache.length if cache is not None else 0
-        limit = context_limit(model) if cache is None else min(context_limit(model), cache.max_len)
+        limit = self.model.context_limit if cache is None else min(self.model.context_limit, cache.max_len)
         if before + len(self.prompt_ids) >= limit:
             raise LlmcliError(
                 f"the prompt has {before + len(self.prompt_ids)} tokens; the context is {limit} tokens"
@@ -162,7 +158,7 @@ class Generation:
         hold = max((len(s) for s in self.stop_strings), default=1) - 1
         pending = ""  # decoded text held back because it may be the start of a stop string
         stopped_by_string = False
-        compiled = getattr(self.model, "compiled_decode", None)
+        compiled = self.model.compiled
         compiling_before = (compiled.compiling_steps, compiled.compiling_seconds) if compiled else (0, 0.0)
         synchronize(self.device)
         t0 = time.perf_counter()

@@ -3,13 +3,13 @@ and a download when the model is not on disk yet (unless offline)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmcli.download import LOADABLE_PATTERNS, find_snapshot  # noqa: F401  (LOADABLE_PATTERNS: public name)
 from llmcli.errors import LlmcliError
+from llmcli.options import default_model_override
 from llmcli.registry import ALIASES, DEMO_MODELS
 
 DEFAULT_MODEL = "demo-deepseek"
@@ -28,7 +28,7 @@ class ResolvedModel:
 
 
 def default_model_name() -> str:
-    return os.environ.get("LLMCLI_MODEL") or DEFAULT_MODEL
+    return default_model_override() or DEFAULT_MODEL
 
 
 def is_demo_name(name: str) -> bool:

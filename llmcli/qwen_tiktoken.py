@@ -25,6 +25,7 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from llmcli.errors import LlmcliError
+from llmcli.templates import CHATML_TEMPLATE
 
 FILE_NAME = "qwen.tiktoken"
 CONVERTER_VERSION = 1  # bump when the produced tokenizer.json changes
@@ -33,17 +34,13 @@ QWEN_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
-# Original Qwen repositories ship no chat template or eos token; these are what its chat code used.
+# Original Qwen repositories ship no tokenizer_config.json: llmcli supplies one. Its eos token, ChatML template,
+# and "stop_tokens" (llmcli's own key, read by Tokenizer.stop_token_ids): the tokens besides eos at which its
+# chat code stopped generating, as a chat turn ends there.
 TOKENIZER_DEFAULTS = {
     "eos_token": "<|endoftext|>",
-    "chat_template": (
-        "{% for message in messages %}"
-        "{% if loop.first and message['role'] != 'system' %}"
-        "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    ),
+    "chat_template": CHATML_TEMPLATE,
+    "stop_tokens": ["<|im_end|>", "<|im_start|>"],
 }
 
 
@@ -132,7 +129,7 @@ def convert(ranks: dict[bytes, int]) -> tokenizers.Tokenizer:
 
 
 def cache_path(digest: str) -> Path:
-    from llmcli.demo import cache_home
+    from llmcli.paths import cache_home
 
     return cache_home() / "tokenizers" / f"qwen-tiktoken-{digest[:32]}-v{CONVERTER_VERSION}.json"
 

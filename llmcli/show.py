@@ -10,83 +10,17 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmcli.backends.int8_size import int8_size
 from llmcli.config import ModelConfig, load_config
-from llmcli.errors import LlmcliError
+from llmcli.formats.safetensors import DTYPE_BYTES, DTYPE_NAMES, TensorInfo, read_checkpoint
 
-# safetensors dtype -> torch name
-DTYPE_NAMES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "I64": "int64", "I32": "int32", "I16": "int16",
-    "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}
-# safetensors dtype -> bytes per element
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}
 LAYER_RE = re.compile(r"^(?:model\.layers|transformer\.h)\.(\d+)\.")
 ROUTED_EXPERT_RE = re.compile(r"\.mlp\.experts\.")  # per-expert (experts.7.up_proj) or fused (experts.gate_up_proj)
 SCALE_SUFFIX = "_scale_inv"  # FP8 block scales
 NOT_PARAMETERS = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")  # buffers in old checkpoints
-
-
-@dataclass
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES.get(self.dtype, 0)
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """The tensor table of a .safetensors file: an 8-byte little-endian length, then that much JSON."""
-    try:
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise ValueError("file is shorter than its header")
-            (length,) = struct.unpack("<Q", raw_len)
-            if length > 100 * 2**20:
-                raise ValueError(f"header claims {length} bytes")
-            header = json.loads(f.read(length))
-    except (OSError, ValueError) as exc:
-        raise LlmcliError(f"{path} is not a readable safetensors file: {exc}") from exc
-    return {
-        name: TensorInfo(str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
-        for name, entry in header.items() if name != "__metadata__"
-    }
-
-
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise LlmcliError(f"{index} is not a valid safetensors index: {exc}") from exc
-        return [model_dir / s for s in shards]
-    return sorted(model_dir.glob("*.safetensors"))
-
-
-def checkpoint_tensors(model_dir: Path) -> dict[str, TensorInfo] | None:
-    """All tensors of the checkpoint by name, or None when its weights are not (all) on disk."""
-    files = checkpoint_files(model_dir)
-    if not files or not all(f.is_file() for f in files):
-        return None
-    tensors: dict[str, TensorInfo] = {}
-    for f in files:
-        tensors.update(read_safetensors_header(f))
-    return tensors
 
 
 # -- parameter counts -------------------------------------------------------------------------------
@@ -259,8 +193,6 @@ def _attention(cfg: ModelConfig) -> dict:
 
 def _weight_sizes(cfg: ModelConfig, tensors: dict[str, TensorInfo] | None, dtype: str) -> dict | None:
     """Bytes of the weights once loaded in the run dtype, and with --quantize int8 (MTP layers skipped)."""
-    from llmcli.quantize import int8_size
-
     if tensors is None:
         return None
     element = DTYPE_BYTES.get({"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(dtype, "BF16"), 2)
@@ -284,7 +216,9 @@ def describe(model_dir: Path, name: str | None = None, repo: str | None = None,
     """Every fact `show` reports, as a JSON-ready dict."""
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
-    tensors = checkpoint_tensors(model_dir)
+    # Lenient where loading is strict: with shards not (all) downloaded the counts come from the config, and
+    # tensors of dtypes the reader has no size for are still counted.
+    tensors = read_checkpoint(model_dir, missing_ok=True, unknown_dtypes=True)
     params = count_checkpoint(cfg, tensors) if tensors is not None else count_config(cfg)
     dtype = run_dtype(cfg)
     on_disk = max(params.dtype_bytes, key=params.dtype_bytes.get) if params.dtype_bytes else None

@@ -133,6 +133,7 @@ class Tokenizer:
             if isinstance(entry, dict) and entry.get("special") and str(i).isdigit():
                 self.special_ids.add(int(i))
         self.special_ids |= {i for i in (self.bos_token_id, self.eos_token_id) if i is not None}
+        self._post_processor_ids: tuple[list[int], list[int]] | None = None  # learnt on first use
 
     # construction
 
@@ -193,16 +194,93 @@ class Tokenizer:
     # encoding and decoding
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens:
-            # transformers rebuilds the post-processor from add_bos_token/add_eos_token; honour those flags
-            # when tokenizer.json's post-processor does not already add the tokens.
-            bos, eos = self.bos_token_id, self.eos_token_id
-            if self.config.get("add_bos_token") and bos is not None and ids[:1] != [bos]:
-                ids.insert(0, bos)
-            if self.config.get("add_eos_token") and eos is not None and ids[-1:] != [eos]:
-                ids.append(eos)
-        return ids
+        """The ids of `text`. With add_special_tokens, BOS/EOS follow the files (see `_policy_ids`): each of
+        tokenizer_config.json's add_bos_token / add_eos_token, when present, decides whether that token is
+        added; when absent, tokenizer.json's post-processor decides, as it does for every other token."""
+        if not add_special_tokens:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        add_bos, add_eos = self._flag("add_bos_token"), self._flag("add_eos_token")
+        if add_bos is None and add_eos is None:
+            return self._tok.encode(text, add_special_tokens=True).ids
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        prefix, suffix = self._policy_ids(add_bos, add_eos)
+        bos, eos = self.bos_token_id, self.eos_token_id
+        # A flag that says "add" adds its token only where it is not already (e.g. the text starts with BOS).
+        if add_bos and prefix[:1] == [bos] and ids[:1] == [bos]:
+            prefix = prefix[1:]
+        if add_eos and suffix[-1:] == [eos] and ids[-1:] == [eos]:
+            suffix = suffix[:-1]
+        return [*prefix, *ids, *suffix]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids of a raw (non-chat) prompt: BOS/EOS as the tokenizer files say (chat templates write
+        their own)."""
+        return self.encode(text, add_special_tokens=True)
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether raw prompts get a BOS token by the files' policy (for display)."""
+        if self.bos_token_id is None:
+            return False
+        prefix, _ = self._policy_ids(self._flag("add_bos_token"), self._flag("add_eos_token"))
+        return self.bos_token_id in prefix
+
+    def stop_token_ids(self, eos_ids: Iterable[int]) -> list[int]:
+        """Where generation stops: `eos_ids` (config.json and generation_config.json's, in their order), the
+        tokenizer's eos token, then the extra stop tokens its config declares under "stop_tokens" (llmcli's
+        key; e.g. original Qwen's chat turns end at <|im_end|>); deduplicated, first occurrence kept. Stop
+        tokens missing from the vocabulary are skipped."""
+        ids = [int(i) for i in eos_ids]
+        if self.eos_token_id is not None:
+            ids.append(self.eos_token_id)
+        extra = self.config.get("stop_tokens") or []
+        for token in [extra] if isinstance(extra, (str, dict)) else extra:
+            token = _token_str(token)
+            token_id = self.token_to_id(token) if token else None
+            if token_id is not None:
+                ids.append(token_id)
+        return list(dict.fromkeys(ids))
+
+    def _flag(self, key: str) -> bool | None:
+        """tokenizer_config.json's add_bos_token / add_eos_token; None when absent (or null)."""
+        value = self.config.get(key)
+        return None if value is None else bool(value)
+
+    def _post_processor_parts(self) -> tuple[list[int], list[int]]:
+        """The ids tokenizer.json's post-processor puts before and after a single sequence. Post-processors
+        (TemplateProcessing, Bert/Roberta, ByteLevel, sequences of them) add the same ids whatever the
+        text, so one probe learns them."""
+        if self._post_processor_ids is None:
+            prefix: list[int] = []
+            suffix: list[int] = []
+            if self._tok.post_processor is not None:
+                probe = "a b"
+                core = self._tok.encode(probe, add_special_tokens=False).ids
+                full = self._tok.encode(probe, add_special_tokens=True).ids
+                prefix = full  # if the probe's own ids cannot be found, all that is added counts as prefix
+                for start in range(len(full) - len(core) + 1) if core else ():
+                    if full[start:start + len(core)] == core:
+                        prefix, suffix = full[:start], full[start + len(core):]
+                        break
+            self._post_processor_ids = (prefix, suffix)
+        return self._post_processor_ids
+
+    def _policy_ids(self, add_bos: bool | None, add_eos: bool | None) -> tuple[list[int], list[int]]:
+        """The ids a raw prompt gets before and after its text: the post-processor's, with BOS (EOS) removed
+        or put first (last) where add_bos_token (add_eos_token) is present. (transformers 4.x's LlamaTokenizerFast
+        rebuilt its post-processor from these flags; 5.x ignores them for ByteLevel files, e.g. DeepSeek V3/R1's,
+        whose flag says true while their post-processor adds nothing.)"""
+        prefix, suffix = (list(part) for part in self._post_processor_parts())
+        bos, eos = self.bos_token_id, self.eos_token_id
+        if add_bos is not None:
+            prefix = [i for i in prefix if i != bos]
+            if add_bos and bos is not None:
+                prefix.insert(0, bos)
+        if add_eos is not None:
+            suffix = [i for i in suffix if i != eos]
+            if add_eos and eos is not None:
+                suffix.append(eos)
+        return prefix, suffix
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = list(ids)

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmcli.backends.runner import as_runner
 from llmcli.errors import LlmcliError
+from llmcli.models.hooks import FINAL_NORM, RESIDUAL_POINTS, ROUTED_OUT, ROUTER, SHARED_OUT
 
-HOOK_POINTS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
-ROUTER = "router"
-FINAL_NORM = "final_norm"
+HOOK_POINTS = RESIDUAL_POINTS  # the points every layer records, in order
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Attention is all you need."
 
 
@@ -182,8 +182,7 @@ def json_safe(value):
 
 def attention_snapshot(model, cache, index: int) -> dict:
     """The model's attention facts for one layer, plus the span a new query can see now."""
-    info_fn = getattr(model, "attention_info", None)
-    info = dict(info_fn(index, cache)) if info_fn else {}
+    info = dict(model.attention_info(index, cache))
     for key in ("type", "window", "logn_scale", "ntk_alpha", "rope_base"):
         info.setdefault(key, None)
     window, length = info.get("window"), cache.length
@@ -199,24 +198,25 @@ def run_trace(model, prompt_ids: list[int], layers: list[int] | None = None, gen
               stop_ids=()) -> TraceRun:
     """Prefill `prompt_ids` with a recorder, then `generate` greedy decode steps, also recorded.
 
-    Decoding feeds each greedy choice back in; it ends early when a stop token is predicted."""
-    from llmcli.generate import context_limit
-
+    Decoding feeds each greedy choice back in; it ends early when a stop token is predicted. `model`: a
+    model or its runner (a compiled step is never used: it records nothing)."""
+    runner = as_runner(model)
+    model = runner.model
     if not prompt_ids:
         raise LlmcliError("the prompt is empty")
     num_layers = int(model.config.num_layers)
     selected = list(range(num_layers)) if layers is None else list(layers)
-    limit = context_limit(model)
+    limit = model.context_limit
     total = len(prompt_ids) + generate
     if total > limit:
         raise LlmcliError(f"prompt ({len(prompt_ids)} tokens) + --generate {generate} exceeds the context "
                           f"of {limit} tokens")
     recorder = TraceRecorder(layers)
-    device = next(model.parameters()).device
+    device = runner.device
     cache = model.make_cache(1, total)
     stop_ids = set(stop_ids)
     with torch.inference_mode():
-        logits = model(torch.tensor([prompt_ids], device=device), cache, recorder=recorder)
+        logits = runner(torch.tensor([prompt_ids], device=device), cache, recorder=recorder)
         run = TraceRun(recorder, selected, num_layers, list(prompt_ids), len(prompt_ids), _argmax(logits),
                        [attention_snapshot(model, cache, i) for i in selected])
         for step in range(1, generate + 1):
@@ -224,7 +224,7 @@ def run_trace(model, prompt_ids: list[int], layers: list[int] | None = None, gen
             if token in stop_ids:
                 run.finish_reason = "stop"
                 break
-            logits = model(torch.tensor([[token]], device=device), cache, recorder=recorder)
+            logits = runner(torch.tensor([[token]], device=device), cache, recorder=recorder)
             run.token_ids.append(token)
             run.next_token_id = _argmax(logits)
             run.steps.append(DecodeStep(step, cache.length - 1, token, run.next_token_id, cache.length,
@@ -249,8 +249,8 @@ def router_summary(log: RouterLog, rec: TraceRecorder, layer: int) -> dict:
     weights = torch.cat(log.weights).cpu()
     entropy = torch.cat(log.entropy).cpu()
     load = torch.bincount(experts.reshape(-1), minlength=log.num_experts)
-    shared = rec.rms_per_token(layer, "shared_out")
-    routed = rec.rms_per_token(layer, "routed_out")
+    shared = rec.rms_per_token(layer, SHARED_OUT)
+    routed = rec.rms_per_token(layer, ROUTED_OUT)
     return {
         "num_experts": log.num_experts,
         "experts": experts.tolist(),
@@ -266,8 +266,7 @@ def router_summary(log: RouterLog, rec: TraceRecorder, layer: int) -> dict:
 
 
 def layer_kind(model, index: int, rec: TraceRecorder) -> str:
-    cfg = getattr(model, "config", None)
-    moe = index in rec.routers or bool(cfg is not None and hasattr(cfg, "is_moe_layer") and cfg.is_moe_layer(index))
+    moe = index in rec.routers or model.config.is_moe_layer(index)
     return "moe" if moe else "dense"
 
 

@@ -2,16 +2,15 @@
 
 The model is built on the meta device, materialised uninitialised in the target dtype and device,
 and each checkpoint tensor is converted and copied straight into its parameter, so peak memory is
-the model plus one tensor. Families adapt names through the model's optional `checkpoint_tensors`
-hook (e.g. original Qwen splits its fused QKV); FP8 block-quantised weights are dequantised here.
+the model plus one tensor. Families adapt names through the model's `checkpoint_tensors` (e.g.
+original Qwen splits its fused QKV); FP8 block-quantised weights are dequantised here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import math
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +18,14 @@ from pathlib import Path
 import torch
 
 from llmcli.errors import LlmcliError
+from llmcli.formats import safetensors
+from llmcli.models.base import CausalLM
 
 SCALE_SUFFIX = "_scale_inv"
 
 
-# safetensors dtype codes -> torch dtypes.
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+# safetensors dtype codes -> torch dtypes (those this torch has).
+DTYPES = {code: getattr(torch, name) for code, name in safetensors.DTYPE_NAMES.items() if hasattr(torch, name)}
 
 
 @dataclass
@@ -39,39 +35,6 @@ class TensorEntry:
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     nbytes: int
-
-
-def read_header(path: Path) -> dict[str, TensorEntry]:
-    """Parse a safetensors header (8-byte little-endian length + JSON) and check it fits the file."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("file too short")
-            length = struct.unpack("<Q", head)[0]
-            if length > size - 8 or length > 100_000_000:
-                raise ValueError("header length exceeds the file")
-            header = json.loads(f.read(length))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise LlmcliError(f"{path} is not a readable safetensors file: {exc}") from exc
-    base = 8 + length
-    entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = info["data_offsets"]
-            dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise LlmcliError(f"{path}: bad header entry for {name}: {exc}") from exc
-        if base + end > size:
-            raise LlmcliError(f"{path} is truncated: tensor {name} ends past the end of the file")
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise LlmcliError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape}")
-        entries[name] = TensorEntry(path, dtype, shape, base + begin, end - begin)
-    return entries
 
 
 class Checkpoint:
@@ -87,33 +50,20 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
 
     def _read_entries(self) -> dict[str, TensorEntry]:
-        index = self.dir / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise LlmcliError(f"{index} is not a valid safetensors index: {exc}") from exc
-            files = sorted(set(weight_map.values()))
-            for name in files:
-                if not (self.dir / name).is_file():
-                    raise LlmcliError(f"{self.dir / name} is listed in the index but missing")
-        else:
-            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
-            weight_map = None
-        if not files:
-            if any(self.dir.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth")):
+        infos = safetensors.read_checkpoint(self.dir)  # raises for a bad index or a listed shard that is missing
+        if infos is None:  # no .safetensors files at all
+            if any(any(self.dir.glob(pattern)) for pattern in ("*.bin", "*.pt", "*.pth")):  # glob: a lazy iterator
                 raise LlmcliError(
                     f"{self.dir} has only pickle weights (.bin/.pt); llmcli loads safetensors only "
                     "because pickle files can execute code"
                 )
             raise LlmcliError(f"{self.dir} has no *.safetensors weights")
-        entries: dict[str, TensorEntry] = {}
-        for name in files:
-            entries.update(read_header(self.dir / name))
-        if weight_map is not None:
-            missing = [n for n in weight_map if n not in entries]
-            if missing:
-                raise LlmcliError(f"tensor {missing[0]} is listed in {index.name} but not in {weight_map[missing[0]]}")
+        entries = {}
+        for name, info in infos.items():
+            if info.dtype not in DTYPES:  # a code the header reader knows but this torch lacks (e.g. F8_E8M0)
+                raise LlmcliError(f"{info.file}: tensor {name} has dtype {info.dtype}, "
+                                  f"which torch {torch.__version__} does not have")
+            entries[name] = TensorEntry(info.file, DTYPES[info.dtype], info.shape, info.start, info.nbytes)
         return entries
 
     def names(self) -> list[str]:
@@ -208,7 +158,7 @@ def parameters_left_uninitialised():
             setattr(torch.nn.init, name, function)
 
 
-def materialise(model_factory: Callable[[], torch.nn.Module], dtype, device) -> torch.nn.Module:
+def materialise(model_factory: Callable[[], CausalLM], dtype, device) -> CausalLM:
     """Build the model on the meta device, then allocate (without initialising) in dtype/device."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in dtype: no second copy to convert
@@ -222,37 +172,28 @@ def materialise(model_factory: Callable[[], torch.nn.Module], dtype, device) -> 
     return model
 
 
-def load_weights(model: torch.nn.Module, model_dir: Path, progress: Callable[[int], None] | None = None,
+def load_weights(model: CausalLM, model_dir: Path, progress: Callable[[int], None] | None = None,
                  loaded: Callable[[str], None] | None = None) -> list[str]:
     """Copy every checkpoint tensor into `model`, telling `loaded` each parameter name as it is filled.
-    Returns notes (e.g. skipped tensors) for the caller.
-
-    The model may define `checkpoint_tensors(name, load) -> list[(param_name, tensor)] | None`
-    (None: skip the tensor) to rename, split or drop tensors."""
+    Returns notes (e.g. skipped tensors) for the caller. The model's `checkpoint_tensors` renames, splits
+    or drops tensors; a tensor under its own name is read straight into its parameter."""
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers()))
-    tied = model.tied_parameters() if hasattr(model, "tied_parameters") else set()
+    tied = model.tied_parameters()
     expected = set(model.state_dict()) - tied
     dtype = next(iter(params.values())).dtype
-    adapt = getattr(model, "checkpoint_tensors", None)
     seen: set[str] = set()
-    notes: list[str] = []
-    fp8_block = getattr(model.config, "fp8_block_size", None)
     with Checkpoint(model_dir) as ckpt, torch.no_grad():
-        for name, load in checkpoint_tensors(ckpt, fp8_block, dtype):
+        for name, load in checkpoint_tensors(ckpt, model.config.fp8_block_size, dtype):
+            if name in tied:
+                continue  # a tied head saved alongside the embedding: same values
             source = ckpt.file_of(name)
-            if adapt is None:
-                if name in tied:
-                    continue  # a tied head saved alongside the embedding: same values
-                param = params.get(name)
-                pieces = [(name, load(out=param.data if param is not None else None))]
-            else:
-                pieces = adapt(name, load)
-            if pieces is None:
-                continue
-            for target, tensor in pieces:
+            destination = params.get(name)
+            pieces = model.checkpoint_tensors(
+                name, functools.partial(load, out=destination.data if destination is not None else None))
+            for target, tensor in pieces or ():
                 if target in tied:
-                    continue  # a tied head saved alongside the embedding: same values
+                    continue
                 param = params.get(target)
                 if param is None:
                     what = "appears twice" if target in seen else "is unexpected"
@@ -271,8 +212,9 @@ def load_weights(model: torch.nn.Module, model_dir: Path, progress: Callable[[in
                 if progress:
                     progress(tensor.numel() * param.element_size())
                 del tensor, param
+            del destination
     missing = sorted(expected - seen)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise LlmcliError(f"tensor {missing[0]} is missing from the checkpoint in {model_dir}{more}")
-    return notes + list(getattr(model, "load_notes", []))
+    return model.load_notes()

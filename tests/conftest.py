@@ -43,7 +43,7 @@ def portable_ops():
     that CPUs without AVX-512 (or AVX512-BF16) run."""
     import platform
 
-    from llmcli import cpu_kernels
+    from llmcli.backends import cpu_kernels
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86-64-v3 is an x86 target")
@@ -68,7 +68,8 @@ def run_cli(capsys):
 
 def write_byte_tokenizer(directory: Path, vocab_size: int, chat_template: str | None = None) -> None:
     """A tokenizer.json whose ids all fit in `vocab_size`: the demo's byte-level BPE, trained smaller."""
-    from llmcli.demo import CHATML_TEMPLATE, build_demo_tokenizer, write_tokenizer
+    from llmcli.demo import build_demo_tokenizer, write_tokenizer
+    from llmcli.templates import CHATML_TEMPLATE
 
     tok = build_demo_tokenizer(vocab_size=min(vocab_size, 512))
     write_tokenizer(directory, tok, chat_template or CHATML_TEMPLATE)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from llmcli import bench
+from llmcli import bench, machine
 from llmcli.config import ModelConfig, config_from_dict
 from llmcli.demo import ensure_demo
 from llmcli.errors import LlmcliError
@@ -30,8 +30,8 @@ HAS_DEEPSEEK = importlib.util.find_spec("llmcli.models.deepseek") is not None
 @pytest.fixture(autouse=True)
 def _small_bandwidth_probe(monkeypatch):
     """The real measurement, with 32 MiB buffers instead of 512 MiB: tests stay quick on shared machines."""
-    measure = bench.measure_bandwidth
-    monkeypatch.setattr(bench, "measure_bandwidth", lambda device: measure(device, buffer_bytes=32 << 20, repeats=2))
+    measure = machine.measure_bandwidth
+    monkeypatch.setattr(machine, "measure_bandwidth", lambda device: measure(device, buffer_bytes=32 << 20, repeats=2))
 
 
 def bench_json(run_cli, tmp_path, *args) -> dict:
@@ -86,19 +86,19 @@ def test_demo_bench_json_fields_and_consistency(run_cli, tmp_path):
 
 
 def test_product_paths_name_how_each_linear_runs(monkeypatch):
-    from llmcli import bf16_kernel
-    from llmcli.models.packed import prepacking_available
+    from llmcli.backends import bf16_kernel
+    from llmcli.backends.linear import prepacking_available
 
     path = ensure_demo("demo-qwen")
-    plain = load_model("demo-qwen", path, "cpu", "float32").model
+    plain = load_model("demo-qwen", path, device="cpu", dtype="float32").model
     layers = bench.product_paths(plain)["F.linear"]
-    compiled = load_model("demo-qwen", path, "cpu", "float32", compile=True).model  # compiles at the first step
+    compiled = load_model("demo-qwen", path, device="cpu", dtype="float32", compile=True).model  # not compiled yet
     assert bench.product_paths(compiled) == {"F.linear, compiled one-row steps multiply-and-sum": layers}
-    bf16 = bench.product_paths(load_model("demo-qwen", path, "cpu", "bfloat16").model)
-    if bf16_kernel.build()[0]:
+    bf16 = bench.product_paths(load_model("demo-qwen", path, device="cpu", dtype="bfloat16").model)
+    if bf16_kernel.available()[0]:
         assert bf16 == {"bf16 kernel": layers}  # the tied head too
     monkeypatch.setenv("LLMCLI_BF16_KERNEL", "0")
-    bf16 = bench.product_paths(load_model("demo-qwen", path, "cpu", "bfloat16").model)
+    bf16 = bench.product_paths(load_model("demo-qwen", path, device="cpu", dtype="bfloat16").model)
     if prepacking_available():
         assert bf16 == {"oneDNN prepacked": layers - 1, "F.linear": 1}  # a tied head stays plain for oneDNN
 
@@ -225,7 +225,7 @@ def test_compared_peak_memory_says_it_is_the_process(run_cli, tiny_qwen2):
 
 def test_backends_decode_identical_tokens(tiny_qwen2):
     """Same ids in, same greedy ids out (float32): the two backends really run the same workload."""
-    loaded = load_model("tiny", tiny_qwen2, "cpu", "float32")
+    loaded = load_model("tiny", tiny_qwen2, device="cpu", dtype="float32")
     mine = bench.LlmcliBackend(loaded.model, loaded.device)
     theirs = bench.TransformersBackend(tiny_qwen2, loaded.device, loaded.dtype, "qwen2")
     settings = bench.BenchSettings([bench.Workload(7, 6, batch=2)], repeat=1, warmup=0)
@@ -244,7 +244,7 @@ def test_compare_transformers_deepseek(run_cli, tmp_path, tiny_deepseek):
 
 @pytest.mark.skipif(not HAS_DEEPSEEK, reason="llmcli.models.deepseek is not built yet")
 def test_moe_batch_counts_distinct_experts(tiny_deepseek):
-    loaded = load_model("tiny", tiny_deepseek, "cpu", "float32")
+    loaded = load_model("tiny", tiny_deepseek, device="cpu", dtype="float32")
     settings = bench.BenchSettings([bench.Workload(5, 4, batch=3)], repeat=1, warmup=1)
     (row,) = bench.run_bench(bench.LlmcliBackend(loaded.model, loaded.device), settings, bandwidth=1e10)
     assert 2 <= row.active_experts <= 6  # top-2 of 8 for each of 3 sequences, counted while decoding
@@ -278,12 +278,13 @@ def test_decode_bytes_dense(tied):
 
 def test_decode_bytes_int8_with_a_tied_head():
     """int8 gives the tied head its own int8 copy: the bf16 embedding table is then only indexed."""
+    from llmcli.backends.int8 import Int8Linear
+    from llmcli.backends.prepare import swap_linears
     from llmcli.models.qwen import QwenForCausalLM
-    from llmcli.quantize import Int8Linear, quantize_model
 
     model = QwenForCausalLM(qwen_config(True)).to(torch.bfloat16)
     with torch.no_grad():
-        quantize_model(model)
+        swap_linears(model, lambda name, linear: Int8Linear(linear))
     h, v = 32, 1000
     int8_bytes = sum(m.weight.numel() + 2 * m.scales.numel() + (0 if m.bias is None else 2 * m.bias.numel())
                      for m in model.modules() if isinstance(m, Int8Linear))
@@ -301,7 +302,7 @@ def test_weight_bytes_match_the_checkpoint_in_bfloat16(run_cli, tmp_path):
     path = ensure_demo("demo-qwen")
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         numel = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
-    loaded = load_model("demo-qwen", path, "cpu", "bfloat16")
+    loaded = load_model("demo-qwen", path, device="cpu", dtype="bfloat16")
     assert bench.parameter_bytes(loaded.model) == (2 * numel, numel)  # tied head: saved once, counted once
     data = bench_json(run_cli, tmp_path, "demo-qwen", "--dtype", "bfloat16", "-p", "4", "-n", "3", "-r", "1")
     assert data["weights_bytes"] == 2 * numel and data["dtype"] == "bfloat16"
@@ -352,7 +353,7 @@ def test_stat_is_mean_and_sample_std():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-run RSS peak needs /proc")
 def test_peak_memory_is_per_run():
-    memory = bench.PeakMemory(torch.device("cpu"))
+    memory = machine.PeakMemory(torch.device("cpu"))
     big = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB resident before the run...
     del big  # ...and released: a lifetime peak would still count it
     memory.start()
@@ -368,18 +369,18 @@ def test_peak_memory_is_per_run():
 
 def test_bandwidth_is_measured_once_per_machine(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(bench, "measure_bandwidth", lambda device: calls.append(device) or 12.5e9)
+    monkeypatch.setattr(machine, "measure_bandwidth", lambda device: calls.append(device) or 12.5e9)
     cache = tmp_path / "bw.json"
-    assert bench.machine_bandwidth(torch.device("cpu"), cache) == (12.5e9, "measured")
-    assert bench.machine_bandwidth(torch.device("cpu"), cache) == (12.5e9, "cached")
+    assert machine.machine_bandwidth(torch.device("cpu"), cache) == (12.5e9, "measured")
+    assert machine.machine_bandwidth(torch.device("cpu"), cache) == (12.5e9, "cached")
     assert len(calls) == 1
-    assert bench.machine_bandwidth(torch.device("cpu"), cache, remeasure=True) == (12.5e9, "measured")
+    assert machine.machine_bandwidth(torch.device("cpu"), cache, remeasure=True) == (12.5e9, "measured")
     assert len(calls) == 2
 
 
 def test_measured_bandwidth_is_plausible():
     # A 32 MiB copy is 64 MiB of traffic: any machine that runs torch moves it faster than 100 MB/s.
-    assert bench.measure_bandwidth(torch.device("cpu")) > 1e8
+    assert machine.measure_bandwidth(torch.device("cpu")) > 1e8
 
 
 def test_prompt_ids_are_seeded_and_in_range():

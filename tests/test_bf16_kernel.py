@@ -6,12 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmcli import bf16_kernel
+from llmcli.backends import bf16_kernel
+from llmcli.backends.experts import StackedExperts
+from llmcli.backends.linear import BlockedEmbedding, BlockedLinear, PackedLinear
+from llmcli.backends.prepare import pack_linears
 from llmcli.demo import ensure_demo
 from llmcli.loader import load_model
-from llmcli.models.packed import BlockedEmbedding, BlockedLinear, PackedLinear, pack_linears
 
-pytestmark = pytest.mark.skipif(not bf16_kernel.build()[0], reason="no AVX512-BF16 build of the kernel here")
+pytestmark = pytest.mark.skipif(not bf16_kernel.available()[0], reason="no AVX512-BF16 build of the kernel here")
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,7 +116,7 @@ def test_a_head_tied_to_the_embedding_shares_one_copy_of_panels():
                                  "other": torch.nn.Linear(32, 32)}).to(torch.bfloat16)
     model["head"].weight = model["embed"].weight
     plain = {name: module.weight.clone() for name, module in model.items()}
-    assert pack_linears(model) == 2
+    assert pack_linears(model, kernel=True, prepack=False) == 2
     embed, head = model["embed"], model["head"]
     assert isinstance(embed, BlockedEmbedding) and isinstance(head, BlockedLinear)
     assert embed.weight is head.weight and head.weight.shape == (3, 16, 64, 2)  # 130 rows padded to 192
@@ -128,7 +130,7 @@ def test_a_weight_shared_beyond_embedding_and_head_stays_plain():
     model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(64, 32), "head": torch.nn.Linear(32, 64, bias=False),
                                  "probe": torch.nn.Linear(32, 64, bias=False)}).to(torch.bfloat16)
     model["head"].weight = model["probe"].weight = model["embed"].weight
-    assert pack_linears(model) == 0
+    assert pack_linears(model, kernel=True, prepack=False) == 0
     assert type(model["embed"]) is torch.nn.Embedding and type(model["head"]) is torch.nn.Linear
 
 
@@ -137,16 +139,17 @@ def test_bfloat16_models_use_the_kernel_and_match_onednn(name, monkeypatch):
     """Every bfloat16 linear but the tied or directly-read ones is stored in panels; logits agree with the
     oneDNN-packed model (bit-identical to F.linear) to bfloat16 rounding."""
     path = ensure_demo(name)
-    blocked = load_model(name, path, "cpu", "bfloat16").model
-    assert any(isinstance(m, BlockedLinear) for m in blocked.modules())
-    assert not any(isinstance(m, PackedLinear) for m in blocked.modules())
+    blocked = load_model(name, path, device="cpu", dtype="bfloat16").runner
+    assert any(isinstance(m, BlockedLinear) for m in blocked.model.modules())
+    assert not any(isinstance(m, PackedLinear) for m in blocked.model.modules())
     if blocked.config.tie_word_embeddings:
-        assert blocked.model.embed_tokens.weight is blocked.lm_head.weight
-    moe = [m for m in blocked.modules() if hasattr(m, "stack_experts")]
-    assert all(m.gate_up_proj_weight_stack.dim() == 5 for m in moe)  # eager steps: one call for k experts
+        assert blocked.model.model.embed_tokens.weight is blocked.model.lm_head.weight
+    moe = [m for m in blocked.model.modules() if isinstance(m, StackedExperts)]
+    assert bool(moe) == blocked.config.is_moe  # eager steps: one call for k experts
+    assert all(m.kernel and m.gate_up_proj_weight_stack.dim() == 5 for m in moe)
     monkeypatch.setenv("LLMCLI_BF16_KERNEL", "0")
-    packed = load_model(name, path, "cpu", "bfloat16").model
-    assert not any(isinstance(m, BlockedLinear) for m in packed.modules())
+    packed = load_model(name, path, device="cpu", dtype="bfloat16").runner
+    assert not any(isinstance(m, BlockedLinear) for m in packed.model.modules())
     ids = torch.arange(3, 43)[None]
     with torch.inference_mode():
         a_cache, b_cache = blocked.make_cache(1, 48), packed.make_cache(1, 48)
@@ -168,9 +171,9 @@ def test_compiled_bfloat16_step_gives_the_eager_tokens(name, kernel, monkeypatch
     assert bool(blocked) == (kernel == "1")
     assert not any(isinstance(m, PackedLinear) for m in loaded.model.modules())
     prompt = torch.randint(0, loaded.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
-    eager_tokens, eager_logits = decode(loaded.model, prompt, 12, compiled=False)
-    tokens, logits = decode(loaded.model, prompt, 12, compiled=True)
-    assert loaded.model.compiled_decode.compile_seconds is not None
+    eager_tokens, eager_logits = decode(loaded.runner, prompt, 12, compiled=False)
+    tokens, logits = decode(loaded.runner, prompt, 12, compiled=True)
+    assert loaded.runner.compiled.compile_seconds is not None
     assert tokens == eager_tokens
     worst = max((a - b).abs().max().item() for a, b in zip(logits, eager_logits, strict=True))
     assert worst < 0.05 * max(b.abs().max().item() for b in eager_logits), worst
@@ -180,17 +183,17 @@ def test_compiled_bfloat16_step_gives_the_eager_tokens(name, kernel, monkeypatch
 def test_moe_batches_compile_when_experts_are_in_panels():
     """The kernel picks each row's expert from the stacked panels, so MoE batches compile too (float32
     MoE models decode batches eagerly: tests/test_compile.py)."""
-    from llmcli.compile import experts_in_kernel_blocks
-    from llmcli.models.layers import FEW_ROWS
+    from llmcli.backends.compile import experts_in_kernel_blocks
+    from llmcli.backends.linear import FEW_ROWS
     from tests.test_compile import decode
 
     loaded = load_model("demo-deepseek", ensure_demo("demo-deepseek"), device="cpu", dtype="bfloat16", compile=True)
-    model = loaded.model
-    assert experts_in_kernel_blocks(model) and model.compiled_decode.max_batch == FEW_ROWS
+    model = loaded.runner
+    assert experts_in_kernel_blocks(model.model) and model.compiled.max_batch == FEW_ROWS
     prompt = torch.randint(0, loaded.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     eager_tokens, _ = decode(model, prompt, 6, compiled=False)
     tokens, _ = decode(model, prompt, 6, compiled=True)
-    assert (2, 1) in model.compiled_decode._compiled_shapes
+    assert (2, 1) in model.compiled._compiled_shapes
     assert tokens == eager_tokens
 
 
@@ -201,8 +204,8 @@ def test_bench_compiles_a_moe_batch_before_timing_it():
     from llmcli import bench
 
     loaded = load_model("demo-deepseek", ensure_demo("demo-deepseek"), device="cpu", dtype="bfloat16", compile=True)
-    compiled = loaded.model.compiled_decode
-    backend = bench.LlmcliBackend(loaded.model, loaded.device)
+    compiled = loaded.runner.compiled
+    backend = bench.LlmcliBackend(loaded.runner, loaded.device)
     shapes_at_timed_runs = []
     original = backend.run
 

@@ -497,7 +497,7 @@ def test_interactive_session_in_a_pty(tmp_path):
 
 def test_qwen1_chat_recomputes_the_cache_when_the_ntk_alpha_changes(tmp_path):
     qwen1 = pytest.importorskip("tests.test_qwen1")  # its tiny-checkpoint helpers (seq_length 16)
-    from llmcli.models.qwen import ntk_alpha
+    from llmcli.models.rope import ntk_alpha
 
     path = qwen1.write_qwen1(tmp_path / "qwen1", qwen1.qwen1_tensors(qwen1.random_weights()))
     loaded = load_model("tiny-qwen1", path, device="cpu", dtype="float32")

@@ -20,15 +20,15 @@ pytestmark = pytest.mark.slow  # each test compiles (seconds to tens of seconds 
 def _small_buckets(monkeypatch):
     """The attended part of the cache grows every 4 positions, so every test crosses several sizes
     (and error_on_recompile below proves one compiled step serves them all)."""
-    from llmcli.compile import CompiledDecode
+    from llmcli.backends.compile import CompiledDecode
 
     monkeypatch.setattr(CompiledDecode, "BUCKET", 4)
 
 
 def decode(model, prompt: torch.Tensor, steps: int, compiled: bool) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Prefill `prompt` [B, T], then `steps` greedy steps; the compiled step is switched on or off."""
-    step_fn = model.compiled_decode
-    model.compiled_decode = step_fn if compiled else None
+    step_fn = model.compiled
+    model.compiled = step_fn if compiled else None
     try:
         cache = model.make_cache(prompt.shape[0], prompt.shape[1] + steps)
         with torch.inference_mode():
@@ -43,13 +43,13 @@ def decode(model, prompt: torch.Tensor, steps: int, compiled: bool) -> tuple[lis
                 all_logits.append(logits.float())
         return tokens, all_logits
     finally:
-        model.compiled_decode = step_fn
+        model.compiled = step_fn
 
 
 def assert_same_decoding(model, prompt, steps, atol=1e-4):
     eager_tokens, eager_logits = decode(model, prompt, steps, compiled=False)
     tokens, logits = decode(model, prompt, steps, compiled=True)
-    assert model.compiled_decode.compile_seconds is not None  # the compiled step did run
+    assert model.compiled.compile_seconds is not None  # the compiled step did run
     assert tokens == eager_tokens
     worst = max((a - b).abs().max().item() for a, b in zip(logits, eager_logits, strict=True))
     assert worst < atol, worst
@@ -59,7 +59,7 @@ def assert_same_decoding(model, prompt, steps, atol=1e-4):
 def test_compiled_greedy_tokens_and_logits_equal_eager(name):
     loaded = load_model(name, ensure_demo(name), device="cpu", dtype="float32", compile=True)
     prompt = torch.randint(0, loaded.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
-    assert_same_decoding(loaded.model, prompt, steps=16)
+    assert_same_decoding(loaded.runner, prompt, steps=16)
 
 
 def parity_cases():
@@ -76,9 +76,9 @@ def test_compiled_matches_eager_on_every_parity_checkpoint(module, name, tmp_pat
     reference = module.build_reference(kind, overrides, tmp_path)
     loaded = load_model(name, tmp_path, device="cpu", dtype="float32", compile=True)
     prompt = torch.tensor([module.prompt_ids(tmp_path)])
-    assert_same_decoding(loaded.model, prompt, steps=10)
+    assert_same_decoding(loaded.runner, prompt, steps=10)
     # And straight against the oracle: transformers on prompt + the compiled run's tokens.
-    tokens, logits = decode(loaded.model, prompt, steps=10, compiled=True)
+    tokens, logits = decode(loaded.runner, prompt, steps=10, compiled=True)
     sequence = torch.cat([prompt, torch.tensor([[t[0] for t in tokens]])], dim=1)
     with torch.inference_mode():
         expected = reference(sequence).logits[0, prompt.shape[1]:]
@@ -90,13 +90,13 @@ def test_compiled_batch_of_two():
     """Two sequences: per-sequence attention over the shared-position cache."""
     loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="float32", compile=True)
     prompt = torch.randint(0, loaded.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
-    assert_same_decoding(loaded.model, prompt, steps=6)
+    assert_same_decoding(loaded.runner, prompt, steps=6)
 
 
 def test_moe_batches_decode_eagerly():
     """MoE models compile single sequences only (a batch's gathered experts ran far slower compiled)."""
     loaded = load_model("demo-deepseek", ensure_demo("demo-deepseek"), device="cpu", dtype="float32", compile=True)
-    model, compiled = loaded.model, loaded.model.compiled_decode
+    model, compiled = loaded.runner, loaded.runner.compiled
     with torch.inference_mode():
         cache = model.make_cache(2, 12)
         model(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache)
@@ -113,7 +113,7 @@ def test_compiled_qwen1_logn_ntk_and_windows_across_seq_length(tmp_path):
     loaded = load_model("tiny-qwen1", path, device="cpu", dtype="float32", compile=True)
     loaded.model.set_attention_options(windows=[None, 5, None])
     prompt = torch.tensor([prompt_of(S + 3)])
-    assert_same_decoding(loaded.model, prompt, steps=8)
+    assert_same_decoding(loaded.runner, prompt, steps=8)
 
 
 @pytest.mark.parametrize("kernel", ["1", "0"])  # llmcli's int8 kernel in the graph, or inductor's own loops
@@ -125,7 +125,7 @@ def test_compiled_int8_matches_eager_int8(name, kernel, monkeypatch):
     blocked = {m.blocked for m in loaded.model.modules() if hasattr(m, "blocked")}
     assert blocked == {kernel == "1"}
     prompt = torch.randint(0, loaded.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2))
-    assert_same_decoding(loaded.model, prompt, steps=8)
+    assert_same_decoding(loaded.runner, prompt, steps=8)
 
 
 def test_generate_with_compile_gives_the_same_tokens(run_cli):
@@ -139,7 +139,7 @@ def test_generate_with_compile_gives_the_same_tokens(run_cli):
 
 
 def test_a_failing_compile_is_one_clear_error(monkeypatch):
-    from llmcli.compile import CompiledDecode
+    from llmcli.backends.compile import CompiledDecode
     from llmcli.errors import LlmcliError
 
     loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="float32", compile=True)
@@ -147,13 +147,13 @@ def test_a_failing_compile_is_one_clear_error(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("C++ compile error\nmany lines of compiler output")
 
-    monkeypatch.setattr(loaded.model.compiled_decode, "step", broken)
-    assert isinstance(loaded.model.compiled_decode, CompiledDecode)
+    monkeypatch.setattr(loaded.runner.compiled, "step", broken)
+    assert isinstance(loaded.runner.compiled, CompiledDecode)
     cache = loaded.model.make_cache(1, 8)
     with torch.inference_mode():
-        loaded.model(torch.tensor([[1, 2, 3]]), cache)
+        loaded.runner(torch.tensor([[1, 2, 3]]), cache)
         with pytest.raises(LlmcliError, match=r"^--compile failed \(RuntimeError: C\+\+ compile error\); run without"):
-            loaded.model(torch.tensor([[4]]), cache)
+            loaded.runner(torch.tensor([[4]]), cache)
 
 
 def test_cache_tensors_are_the_storage():
@@ -178,12 +178,12 @@ def test_generation_stats_leave_out_the_compiling_step():
 
     torch._dynamo.reset()  # else a model of the same structure compiled earlier in this process is reused
     loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="float32", compile=True)
-    gen = Generation(loaded.model, loaded.tokenizer, [1, 2, 3], max_new_tokens=6, stop_ids=[])
+    gen = Generation(loaded.runner, loaded.tokenizer, [1, 2, 3], max_new_tokens=6, stop_ids=[])
     for _ in gen:
         pass
     assert len(gen.result.token_ids) == 6
     assert gen.result.decode_steps == 4  # 5 steps after the prefill; the first one compiled
-    assert 0 < gen.result.decode_seconds < loaded.model.compiled_decode.compiling_seconds  # it is not in there
+    assert 0 < gen.result.decode_seconds < loaded.runner.compiled.compiling_seconds  # it is not in there
 
 
 @pytest.mark.parametrize("command", [("generate", "-p", "a b c", "--raw"), ("chat",)])

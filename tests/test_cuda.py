@@ -21,8 +21,8 @@ CUDA = torch.device("cuda")
 def greedy(model, prompt: torch.Tensor, steps: int, compiled: bool) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Prefill `prompt` [B, T] then `steps` greedy steps, with the compiled step switched on or off; every
     step's logits are kept (CUDA graphs overwrite their output buffers: what is returned must not be those)."""
-    step_fn = model.compiled_decode
-    model.compiled_decode = step_fn if compiled else None
+    step_fn = model.compiled
+    model.compiled = step_fn if compiled else None
     try:
         cache = model.make_cache(prompt.shape[0], prompt.shape[1] + steps)
         tokens, kept = [], []
@@ -35,7 +35,7 @@ def greedy(model, prompt: torch.Tensor, steps: int, compiled: bool) -> tuple[lis
                 kept.append(logits)
         return tokens, [t.float().cpu() for t in kept]
     finally:
-        model.compiled_decode = step_fn
+        model.compiled = step_fn
 
 
 def worst_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -50,21 +50,21 @@ def random_prompt(vocab: int, batch: int = 1, length: int = 12, seed: int = 0) -
 def test_compiled_cuda_graphs_equal_eager_float32(name):
     loaded = load_model(name, ensure_demo(name), device="cuda", dtype="float32", compile=True)
     prompt = random_prompt(loaded.config.vocab_size)
-    eager_tokens, eager_logits = greedy(loaded.model, prompt, 16, compiled=False)
-    tokens, logits = greedy(loaded.model, prompt, 16, compiled=True)
-    assert loaded.model.compiled_decode.compile_seconds is not None  # the compiled step did run
+    eager_tokens, eager_logits = greedy(loaded.runner, prompt, 16, compiled=False)
+    tokens, logits = greedy(loaded.runner, prompt, 16, compiled=True)
+    assert loaded.runner.compiled.compile_seconds is not None  # the compiled step did run
     assert tokens == eager_tokens
     assert worst_difference(logits, eager_logits) < 2e-4
     # A second generation (a new cache at new addresses) replays correctly too.
-    again, again_logits = greedy(loaded.model, prompt, 16, compiled=True)
+    again, again_logits = greedy(loaded.runner, prompt, 16, compiled=True)
     assert again == eager_tokens and worst_difference(again_logits, eager_logits) < 2e-4
 
 
 def test_compiled_cuda_batch_of_four_equals_eager():
     loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cuda", dtype="float32", compile=True)
     prompt = random_prompt(loaded.config.vocab_size, batch=4, length=9, seed=1)
-    eager_tokens, eager_logits = greedy(loaded.model, prompt, 6, compiled=False)
-    tokens, logits = greedy(loaded.model, prompt, 6, compiled=True)
+    eager_tokens, eager_logits = greedy(loaded.runner, prompt, 6, compiled=False)
+    tokens, logits = greedy(loaded.runner, prompt, 6, compiled=True)
     assert tokens == eager_tokens and worst_difference(logits, eager_logits) < 2e-4
 
 
@@ -74,12 +74,12 @@ def test_compiled_bfloat16_logits_close_to_eager(name):
     bfloat16 precision rather than exactly."""
     loaded = load_model(name, ensure_demo(name), device="cuda", dtype="bfloat16", compile=True)
     prompt = random_prompt(loaded.config.vocab_size, seed=3)
-    eager_tokens, eager_logits = greedy(loaded.model, prompt, 8, compiled=False)
+    eager_tokens, eager_logits = greedy(loaded.runner, prompt, 8, compiled=False)
     # Teacher-forced on the eager tokens, so one flipped near-tie cannot make the two runs diverge.
     cache = loaded.model.make_cache(1, prompt.shape[1] + 8)
     with torch.inference_mode():
-        loaded.model(prompt.to(CUDA), cache, last_only=True)
-        compiled = [loaded.model(torch.tensor([t], device=CUDA), cache).float().cpu() for t in eager_tokens]
+        loaded.runner(prompt.to(CUDA), cache, last_only=True)
+        compiled = [loaded.runner(torch.tensor([t], device=CUDA), cache).float().cpu() for t in eager_tokens]
     scale = max(t.abs().max().item() for t in eager_logits)
     assert worst_difference(compiled, eager_logits) < 0.03 * scale
 
@@ -120,12 +120,12 @@ def test_logits_match_transformers_on_cuda(case, tmp_path):
     reference = reference.to(CUDA)
     loaded = load_model("parity", tmp_path, device="cuda", dtype="float32", compile=True)
     prompt = torch.tensor([parity.prompt_ids(tmp_path)])
-    tokens, logits = greedy(loaded.model, prompt, 6, compiled=True)
+    tokens, logits = greedy(loaded.runner, prompt, 6, compiled=True)
     sequence = torch.cat([prompt, torch.tensor([[t[0] for t in tokens]])], dim=1).to(CUDA)
     with torch.inference_mode():
         expected = reference(sequence).logits[0].float().cpu()
         cache = loaded.model.make_cache(1, sequence.shape[1])
-        prefill = loaded.model(sequence, cache)[0].float().cpu()
+        prefill = loaded.runner(sequence, cache)[0].float().cpu()
     assert expected.abs().max() > 0.5
     assert (prefill - expected).abs().max().item() < 2e-4
     ours = torch.cat([step[0, -1:] for step in logits])

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmcli.backends.runner import Runner
 from llmcli.config import config_from_dict, load_config
 from llmcli.errors import LlmcliError
 from llmcli.loader import load_model
@@ -80,7 +81,7 @@ def prompt_ids(path) -> list[int]:
 def run(model, ids, cache=None, recorder=None):
     cache = cache if cache is not None else model.make_cache(1, len(ids) + 8)
     with torch.inference_mode():
-        return model(torch.tensor([ids]), cache, recorder=recorder), cache
+        return model(torch.tensor([ids]), cache.span(len(ids)).positions, cache, recorder=recorder), cache
 
 
 class Recorder:
@@ -130,13 +131,17 @@ def test_greedy_tokens_match_transformers_via_cli(case, run_cli):
 
 
 def test_raw_prompt_starts_with_bos(v3, tmp_path, run_cli):
-    """DeepSeek tokenizers add BOS; with a bos_token_id in config.json a raw prompt gets it too."""
+    """A raw prompt gets a BOS when the tokenizer files say so (DeepSeek V3/R1's `add_bos_token: true`), not
+    because the model is a DeepSeek (tests/test_tokenizer_policy.py covers the files that add none)."""
     reference, path = v3
     with_bos = tmp_path / "with-bos"
     shutil.copytree(path, with_bos)
     raw = json.loads((with_bos / "config.json").read_text())
     raw["bos_token_id"] = 0
     (with_bos / "config.json").write_text(json.dumps(raw))
+    tokenizer_config = json.loads((with_bos / "tokenizer_config.json").read_text())
+    tokenizer_config.update(add_bos_token=True, bos_token=Tokenizer.from_dir(path).id_to_token(0))
+    (with_bos / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     ids = [0, *prompt_ids(path)]
     with torch.inference_mode():
         prompt = torch.tensor([ids])  # an explicit mask: transformers would take BOS 0 for padding
@@ -248,7 +253,7 @@ def test_batch_of_two_matches_transformers(v3):
     model = load_model("v3", path, device="cpu", dtype="float32").model
     cache = model.make_cache(2, 44)
     with torch.inference_mode():
-        ours = [model(batch[:, :-3], cache)] + [model(batch[:, i:i + 1], cache) for i in range(37, 40)]
+        ours = [Runner(model)(batch[:, :-3], cache)] + [Runner(model)(batch[:, i:i + 1], cache) for i in range(37, 40)]
         theirs = reference(batch).logits
     assert (torch.cat(ours, 1) - theirs).abs().max().item() <= 1e-4
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmcli import cpu_kernels, int8_kernel
-from llmcli.quantize import quantize_weight
+from llmcli.backends import cpu_kernels, int8_kernel
+from llmcli.backends.int8 import quantize_weight
 
-pytestmark = pytest.mark.skipif(not int8_kernel.build()[0], reason="the int8 kernel cannot be built here")
+pytestmark = pytest.mark.skipif(not int8_kernel.available()[0], reason="the int8 kernel cannot be built here")
 
 
 def test_blocks_round_trip_and_are_stored_in_reading_order():
@@ -41,7 +41,7 @@ def test_product_equals_float64_reference(dtype, rows):
 @pytest.mark.parametrize("shape", [(200, 336), (64, 4864)])
 def test_many_row_product_equals_float64_reference(shape, rows):
     """`int8_gemm` (bfloat16 rows, prompts and batches): within bfloat16 rounding of the exact product."""
-    if not int8_kernel.gemm_usable():
+    if not int8_kernel.gemm_available():
         pytest.skip("int8_gemm needs AVX512-BF16")
     torch.manual_seed(rows)
     q, scale = quantize_weight(torch.randn(shape))
@@ -54,11 +54,11 @@ def test_many_row_product_equals_float64_reference(shape, rows):
 
 
 def test_int8_linear_takes_the_many_row_product_from_four_bfloat16_rows(monkeypatch):
-    from llmcli.quantize import GEMM_ROWS, Int8Linear
+    from llmcli.backends.int8 import GEMM_ROWS, Int8Linear
 
-    if not int8_kernel.gemm_usable():
+    if not int8_kernel.gemm_available():
         pytest.skip("int8_gemm needs AVX512-BF16")
-    layer = Int8Linear(torch.nn.Linear(64, 128).bfloat16())
+    layer = Int8Linear(torch.nn.Linear(64, 128).bfloat16(), kernel=True, gemm=True)
     calls = []
     monkeypatch.setattr(int8_kernel, "gemm", lambda *a: calls.append(a[0].shape) or torch.zeros(1))
     for rows in (GEMM_ROWS - 1, GEMM_ROWS, 40):
@@ -102,11 +102,12 @@ def test_compiled_int8_batch_gives_the_eager_tokens():
     from llmcli.loader import load_model
     from tests.test_compile import decode
 
-    loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), "cpu", "bfloat16", quantize="int8", compile=True)
+    loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="bfloat16", quantize="int8",
+                        compile=True)
     prompt = torch.randint(0, loaded.config.vocab_size, (4, 7), generator=torch.Generator().manual_seed(2))
-    eager_tokens, _ = decode(loaded.model, prompt, 5, compiled=False)
-    tokens, _ = decode(loaded.model, prompt, 5, compiled=True)
-    assert (4, 1) in loaded.model.compiled_decode._compiled_shapes
+    eager_tokens, _ = decode(loaded.runner, prompt, 5, compiled=False)
+    tokens, _ = decode(loaded.runner, prompt, 5, compiled=True)
+    assert (4, 1) in loaded.runner.compiled._compiled_shapes
     assert tokens == eager_tokens
 
 
@@ -130,13 +131,16 @@ def test_compiled_graph_calls_the_kernel():
 
 
 def test_disabled_kernel_leaves_row_major_weights(monkeypatch):
-    from llmcli.quantize import Int8Linear
+    from llmcli.backends.int8 import Int8Linear
+    from llmcli.demo import ensure_demo
+    from llmcli.loader import load_model
 
     monkeypatch.setenv("LLMCLI_INT8_KERNEL", "0")
-    usable, note = int8_kernel.build()
-    layer = Int8Linear(torch.nn.Linear(32, 64))
-    assert not usable and "disabled" in note
-    assert not layer.blocked and layer.weight.shape == (64, 32)
+    loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="float32", quantize="int8")
+    assert not loaded.options.int8_kernel and any("disabled" in note for note in loaded.notes)
+    layers = [m for m in loaded.model.modules() if isinstance(m, Int8Linear)]
+    assert layers and not any(layer.blocked for layer in layers)
+    assert all(layer.weight.shape == (layer.out_features, layer.in_features) for layer in layers)
 
 
 def test_without_a_compiler_int8_still_runs_and_says_why(tmp_path):

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmcli.backends.linear import PackedLinear, prepacking_available
+from llmcli.backends.prepare import pack_linears
 from llmcli.demo import ensure_demo
 from llmcli.loader import load_model
-from llmcli.models.packed import PackedLinear, pack_linears, prepacking_available
 
 pytestmark = pytest.mark.skipif(not prepacking_available(), reason="torch build without oneDNN")
 
@@ -30,15 +31,15 @@ def test_packed_linear_is_bit_identical():
 @pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek"])
 def test_packed_model_matches_plain_bfloat16(name, monkeypatch):
     path = ensure_demo(name)
-    packed = load_model(name, path, "cpu", "bfloat16").model
-    assert any(isinstance(m, PackedLinear) for m in packed.modules())
+    packed = load_model(name, path, device="cpu", dtype="bfloat16").runner
+    assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
     monkeypatch.setenv("LLMCLI_PREPACK", "0")
     prepacking_available.cache_clear()
     try:
-        plain = load_model(name, path, "cpu", "bfloat16").model
+        plain = load_model(name, path, device="cpu", dtype="bfloat16").runner
     finally:
         prepacking_available.cache_clear()
-    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
     ids = torch.arange(3, 43)[None]
     with torch.inference_mode():
         a_cache, b_cache = packed.make_cache(1, 48), plain.make_cache(1, 48)
@@ -54,7 +55,7 @@ def test_tied_and_kept_weights_stay_plain():
         "kept": torch.nn.Linear(8, 8), "packed": torch.nn.Linear(8, 8),
     }).to(torch.bfloat16)
     model["head"].weight = model["embed"].weight
-    assert pack_linears(model, keep=lambda name: name == "kept") == 1
+    assert pack_linears(model, kernel=False, prepack=True, keep=lambda name: name == "kept") == 1
     assert isinstance(model["packed"], PackedLinear)
     assert isinstance(model["head"], torch.nn.Linear) and isinstance(model["kept"], torch.nn.Linear)
 
@@ -62,18 +63,16 @@ def test_tied_and_kept_weights_stay_plain():
 def test_layers_are_reordered_as_they_load(monkeypatch):
     """Each decoder layer is reordered for oneDNN as soon as its tensors are in, so the plain and the
     reordered copies of the whole model never coexist (DeepSeek-V3 shape: peak 1.21x -> 1.11x)."""
-    import llmcli.loader as loader
+    from llmcli.backends.prepare import Preparation
 
-    if not prepacking_available():
-        pytest.skip("oneDNN prepacking is not available in this torch build")
     packed_after_call = []
-    original = loader.prepare_weights
+    original = Preparation.prepare_part
 
-    def spy(module, quantize, keep, prefix="", pack=False, compiled=False):
-        original(module, quantize, keep, prefix, pack, compiled)
-        packed_after_call.append((prefix, pack, any(isinstance(m, PackedLinear) for m in module.modules())))
+    def spy(self, module, prefix=""):
+        original(self, module, prefix)
+        packed_after_call.append((prefix, any(isinstance(m, PackedLinear) for m in module.modules())))
 
-    monkeypatch.setattr(loader, "prepare_weights", spy)
-    loaded = loader.load_model("demo-qwen", ensure_demo("demo-qwen"), "cpu", "bfloat16")
+    monkeypatch.setattr(Preparation, "prepare_part", spy)
+    loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="bfloat16")
     layers = [call for call in packed_after_call if call[0]]
-    assert len(layers) == loaded.config.num_layers and all(pack and packed for _, pack, packed in layers)
+    assert len(layers) == loaded.config.num_layers and all(packed for _, packed in layers)

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from llmcli.backends import int8_kernel
+from llmcli.backends.int8 import Int8Linear, quantize_weight, weight_bytes
 from llmcli.demo import ensure_demo
 from llmcli.loader import load_model
-from llmcli.quantize import Int8Linear, quantize_weight, weight_bytes
 
 
 def test_reconstruction_error_is_within_half_a_step():
@@ -22,7 +23,7 @@ def test_reconstruction_error_is_within_half_a_step():
 
 
 def test_blocked_quantisation_in_chunks_equals_whole_matrix_blocks():
-    from llmcli.int8_kernel import to_blocks
+    from llmcli.backends.int8_kernel import to_blocks
 
     w = torch.randn(56, 32, generator=torch.Generator().manual_seed(1))
     q, scale = quantize_weight(w)
@@ -34,18 +35,18 @@ def test_blocked_quantisation_in_chunks_equals_whole_matrix_blocks():
 def test_layers_are_quantised_as_they_load(monkeypatch):
     """Each decoder layer is fused and quantised once, as soon as its tensors are in, so the whole model is
     never held in bfloat16; what is outside the layers (the head) is done at the end."""
-    import llmcli.loader as loader
+    from llmcli.backends.prepare import Preparation
 
     calls = []
-    original = loader.prepare_weights
+    original = Preparation.prepare_part
 
-    def spy(module, quantize, keep, prefix="", pack=False, compiled=False):
+    def spy(self, module, prefix=""):
         linears = sum(isinstance(m, torch.nn.Linear) and not isinstance(m, Int8Linear) for m in module.modules())
         calls.append((prefix, linears))
-        original(module, quantize, keep, prefix, pack, compiled)
+        original(self, module, prefix)
 
-    monkeypatch.setattr(loader, "prepare_weights", spy)
-    loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), "cpu", "bfloat16", quantize="int8")
+    monkeypatch.setattr(Preparation, "prepare_part", spy)
+    loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="bfloat16", quantize="int8")
     layers = loaded.config.num_layers
     assert [prefix for prefix, _ in calls] == sorted(f"model.layers.{i}." for i in range(layers)) + [""]
     assert all(linears > 0 for _, linears in calls[:-1])
@@ -59,8 +60,9 @@ def test_layers_are_quantised_as_they_load(monkeypatch):
 def test_int8_linear_equals_the_dequantised_product(dtype, out_features, rows):
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, out_features, bias=True).to(dtype)
-    layer = Int8Linear(linear)
-    assert layer.blocked == (out_features % 8 == 0)
+    kernel = int8_kernel.available()[0]
+    layer = Int8Linear(linear, kernel=kernel)
+    assert layer.blocked == (kernel and out_features % 8 == 0)
     assert layer.int8_weight().shape == (out_features, 128)
     x = torch.randn(1, rows, 128, dtype=dtype)
     dequantised = (layer.int8_weight().float() * layer.scales.float()[:, None])
@@ -72,17 +74,17 @@ def test_int8_linear_equals_the_dequantised_product(dtype, out_features, rows):
 @pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek"])
 def test_int8_model_stays_close_to_bfloat16(name, monkeypatch):
     monkeypatch.setenv("LLMCLI_PREPACK", "0")  # plain tensors, so weight_bytes can count them
-    from llmcli.models.packed import prepacking_available
+    from llmcli.backends.linear import prepacking_available
 
     prepacking_available.cache_clear()
     path = ensure_demo(name)
     try:
-        bf16 = load_model(name, path, "cpu", "bfloat16").model
-        int8 = load_model(name, path, "cpu", "bfloat16", quantize="int8").model
+        bf16 = load_model(name, path, device="cpu", dtype="bfloat16").runner
+        int8 = load_model(name, path, device="cpu", dtype="bfloat16", quantize="int8").runner
     finally:
         prepacking_available.cache_clear()
-    assert any(isinstance(m, Int8Linear) for m in int8.modules())
-    assert weight_bytes(int8) < 0.7 * weight_bytes(bf16)
+    assert any(isinstance(m, Int8Linear) for m in int8.model.modules())
+    assert weight_bytes(int8.model) < 0.7 * weight_bytes(bf16.model)
     ids = torch.arange(3, 43)[None]
     with torch.inference_mode():
         a, b = bf16(ids, bf16.make_cache(1, 40)), int8(ids, int8.make_cache(1, 40))
@@ -92,11 +94,11 @@ def test_int8_model_stays_close_to_bfloat16(name, monkeypatch):
 
 def test_show_reports_the_int8_size(run_cli, monkeypatch):
     monkeypatch.setenv("LLMCLI_PREPACK", "0")
-    from llmcli.models.packed import prepacking_available
+    from llmcli.backends.linear import prepacking_available
 
     prepacking_available.cache_clear()
     try:
-        model = load_model("demo-qwen", ensure_demo("demo-qwen"), "cpu", "float32", quantize="int8").model
+        model = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="float32", quantize="int8").model
     finally:
         prepacking_available.cache_clear()
     code, out, err = run_cli("show", "demo-qwen", "--json")
@@ -113,17 +115,17 @@ def test_show_reports_the_int8_size(run_cli, monkeypatch):
 
 def test_moe_experts_are_quantised_one_by_one_before_their_layer(monkeypatch):
     """A DeepSeek-V3 MoE layer is 22 GB in bfloat16: each expert is quantised as soon as it is loaded."""
-    import llmcli.loader as loader
+    from llmcli.backends.prepare import Preparation
 
     calls = []
-    original = loader.prepare_weights
+    original = Preparation.prepare_part
 
-    def spy(module, quantize, keep, prefix="", pack=False, compiled=False):
+    def spy(self, module, prefix=""):
         calls.append(prefix)
-        original(module, quantize, keep, prefix, pack, compiled)
+        original(self, module, prefix)
 
-    monkeypatch.setattr(loader, "prepare_weights", spy)
-    loaded = load_model("demo-deepseek", ensure_demo("demo-deepseek"), "cpu", "bfloat16", quantize="int8")
+    monkeypatch.setattr(Preparation, "prepare_part", spy)
+    loaded = load_model("demo-deepseek", ensure_demo("demo-deepseek"), device="cpu", dtype="bfloat16", quantize="int8")
     cfg = loaded.config
     for layer in range(cfg.num_layers):
         prefix = f"model.layers.{layer}."

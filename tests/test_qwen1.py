@@ -27,8 +27,9 @@ from llmcli.config import config_from_dict
 from llmcli.errors import LlmcliError
 from llmcli.generate import Generation
 from llmcli.loader import load_model
+from llmcli.models.cache import Span
 from llmcli.models.layers import attention_mask
-from llmcli.models.qwen import logn_scale, ntk_alpha, ntk_base
+from llmcli.models.rope import logn_scale, ntk_alpha, ntk_base
 from llmcli.qwen_tiktoken import QWEN_PATTERN, SPECIAL_TOKENS, cache_path, load_qwen_tiktoken
 from llmcli.tokenizer import Tokenizer
 
@@ -281,15 +282,15 @@ def test_logits_match_qwen2_within_seq_length(qwen2, tensors, tmp_path, style):
         ids = prompt_of(n, seed=n)
         cache = loaded.model.make_cache(1, n)
         with torch.inference_mode():
-            ours = loaded.model(torch.tensor([ids]), cache)
+            ours = loaded.runner(torch.tensor([ids]), cache)
             theirs = qwen2(torch.tensor([ids])).logits
         assert (ours - theirs).abs().max().item() <= 1e-4
     # Token-by-token decoding from the cache up to seq_length agrees too.
     ids = prompt_of(S, seed=3)
     cache = loaded.model.make_cache(1, S)
     with torch.inference_mode():
-        loaded.model(torch.tensor([ids[:4]]), cache)
-        steps = torch.cat([loaded.model(torch.tensor([[i]]), cache) for i in ids[4:]], 1)
+        loaded.runner(torch.tensor([ids[:4]]), cache)
+        steps = torch.cat([loaded.runner(torch.tensor([[i]]), cache) for i in ids[4:]], 1)
         theirs = qwen2(torch.tensor([ids])).logits[:, 4:]
     assert (steps - theirs).abs().max().item() <= 1e-4
 
@@ -341,8 +342,8 @@ def test_cached_generation_matches_uncached_reference(ckpt, tensors, prompt_len,
     # The logits along the way agree as well (decoding from the cache vs recomputing everything).
     cache = loaded.model.make_cache(1, prompt_len + steps)
     with torch.inference_mode():
-        rows = [loaded.model(torch.tensor([prompt]), cache)[0, -1]]
-        rows += [loaded.model(torch.tensor([[tok]]), cache)[0, -1] for tok in expected[:-1]]
+        rows = [loaded.runner(torch.tensor([prompt]), cache)[0, -1]]
+        rows += [loaded.runner(torch.tensor([[tok]]), cache)[0, -1] for tok in expected[:-1]]
     assert cache.state["ntk_alpha"] == alpha
     assert (torch.stack(rows).double() - ref_logits).abs().max().item() <= 1e-4
     # The features matter at this length: switching either off changes the reference.
@@ -361,7 +362,7 @@ def test_switches_and_attention_info(ckpt, tensors):
     assert model.context_limit == 32768
     cache = model.make_cache(1, n)
     with torch.inference_mode():
-        model(torch.tensor([prompt]), cache)
+        loaded.runner(torch.tensor([prompt]), cache)
     info = model.attention_info(0, cache)
     assert info["ntk_alpha"] == 3 and info["rope_base"] == pytest.approx(10000 * 3 ** (16 / 14))
     assert info["logn_scale"] == pytest.approx((1.0, math.log(n) / math.log(S)))
@@ -372,7 +373,7 @@ def test_switches_and_attention_info(ckpt, tensors):
     model.set_attention_options(use_logn_attn=False, use_dynamic_ntk=False)
     cache = model.make_cache(1, n)
     with torch.inference_mode():
-        ours = model(torch.tensor([prompt]), cache)[0].double()
+        ours = loaded.runner(torch.tensor([prompt]), cache)[0].double()
     assert (ours - reference_logits(tensors, prompt, 1, logn=False)).abs().max().item() <= 1e-4
     info = model.attention_info(0, cache)
     assert info["logn_scale"] is None and info["ntk_alpha"] is None and info["rope_base"] == 10000.0
@@ -385,7 +386,7 @@ def test_partial_rotary_and_bfloat16(tensors, tmp_path):
     assert loaded.model.rope_dim == 8
     cache = loaded.model.make_cache(1, len(prompt))
     with torch.inference_mode():
-        ours = loaded.model(torch.tensor([prompt]), cache)[0].double()
+        ours = loaded.runner(torch.tensor([prompt]), cache)[0].double()
     expected = reference_logits(tensors, prompt, alpha=3, rotary=8)
     assert (ours - expected).abs().max().item() <= 1e-4
     assert (expected - reference_logits(tensors, prompt, alpha=3)).abs().max().item() > 1e-2
@@ -393,7 +394,7 @@ def test_partial_rotary_and_bfloat16(tensors, tmp_path):
     loaded = load_model("tiny-qwen1", write_qwen1(tmp_path / "bf16", tensors), device="cpu", dtype="bfloat16")
     cache = loaded.model.make_cache(1, len(prompt))
     with torch.inference_mode():
-        ours = loaded.model(torch.tensor([prompt]), cache)[0].double()
+        ours = loaded.runner(torch.tensor([prompt]), cache)[0].double()
     expected = reference_logits(tensors, prompt, alpha=3)
     assert (ours - expected).abs().max().item() <= 0.05 * expected.abs().max().item()
 
@@ -404,11 +405,15 @@ def test_partial_rotary_and_bfloat16(tensors, tmp_path):
 def test_window_mask_admits_exactly_the_window():
     for w in (1, 3, 5, 512):
         for start, length, total in ((0, 9, 9), (4, 5, 9), (8, 1, 9), (0, 1, 1), (20, 1, 21), (6, 7, 13)):
-            mask, causal = attention_mask(start, length, total, w, torch.device("cpu"))
+            span = Span(torch.arange(start, start + length), start)
+            mask, causal = attention_mask(span, length, total, w, torch.device("cpu"))
             if mask is None:  # the fast paths: plain causal (prefill) or all keys (one query)
                 mask = torch.ones(length, total, dtype=torch.bool)
                 if causal:
                     mask = mask.tril(start)
+            if length == 1:  # a compiled step (a static span: positions only) admits the same keys
+                static, _ = attention_mask(Span(span.positions, None), 1, total, w, torch.device("cpu"))
+                assert torch.equal(static, mask)
             for qi in range(length):
                 i = start + qi
                 assert mask[qi].tolist() == [i - w < j <= i for j in range(total)], (w, start, length, total)
@@ -439,8 +444,8 @@ def test_windows_in_prefill_and_decode(ckpt, tensors):
     expected, ref_logits = reference_greedy(tensors, prompt, 10, windows=windows)
     cache = loaded.model.make_cache(1, 20)
     with torch.inference_mode():
-        rows = [loaded.model(torch.tensor([prompt]), cache)[0, -1]]
-        rows += [loaded.model(torch.tensor([[tok]]), cache)[0, -1] for tok in expected[:-1]]
+        rows = [loaded.runner(torch.tensor([prompt]), cache)[0, -1]]
+        rows += [loaded.runner(torch.tensor([[tok]]), cache)[0, -1] for tok in expected[:-1]]
     assert (torch.stack(rows).double() - ref_logits).abs().max().item() <= 1e-4
     _, full = reference_greedy(tensors, prompt, 10)
     assert (full - ref_logits).abs().max().item() > 1e-2  # the windows really cut something
@@ -647,5 +652,7 @@ def test_builtin_chatml(real, real_tiktoken):
 def test_stop_ids(ckpt):
     loaded = load(ckpt)
     stops = stop_token_ids(loaded)
-    assert {151643, 151644, 151645} <= set(stops)  # eos, <|im_start|>, <|im_end|> of the Qwen vocabulary
-    assert loaded.tokenizer.chat_template is not None and not getattr(loaded.model, "add_bos", False)
+    tok = loaded.tokenizer  # config.json's eos, then where this vocabulary's chat turns end (not a family's ids)
+    assert stops == [151643, tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>"),
+                     tok.token_to_id("<|im_start|>")]
+    assert tok.chat_template is not None and not tok.adds_bos

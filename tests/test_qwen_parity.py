@@ -65,15 +65,15 @@ def test_logits_match_transformers(case):
     loaded = load_model(name, path, device="cpu", dtype="float32")
     cache = loaded.model.make_cache(1, len(ids) + 4)
     with torch.inference_mode():
-        ours = loaded.model(torch.tensor([ids]), cache)
+        ours = loaded.runner(torch.tensor([ids]), cache)
         theirs = reference(torch.tensor([ids])).logits
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() <= 1e-4
     # Decoding token by token from the cache gives the same logits as the full pass.
     cache2 = loaded.model.make_cache(1, len(ids))
     with torch.inference_mode():
-        loaded.model(torch.tensor([ids[:-3]]), cache2)
-        steps = [loaded.model(torch.tensor([[t]]), cache2) for t in ids[-3:]]
+        loaded.runner(torch.tensor([ids[:-3]]), cache2)
+        steps = [loaded.runner(torch.tensor([[t]]), cache2) for t in ids[-3:]]
     assert (torch.cat(steps, 1) - theirs[:, -3:]).abs().max().item() <= 1e-4
 
 
@@ -111,11 +111,12 @@ def test_eager_one_query_attention_equals_sdpa(window):
     """Eager CPU decode steps attend with two float32 matmuls instead of SDPA's kernel (150 us a call)."""
     import torch.nn.functional as F
 
+    from llmcli.models.cache import Span
     from llmcli.models.layers import attention_mask, one_query_attention_eager
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 6, 1, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
-    allowed, _ = attention_mask(10, 1, 11, window, q.device)
+    allowed, _ = attention_mask(Span(torch.tensor([10]), 10), 1, 11, window, q.device)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.3, enable_gqa=True)
     got = one_query_attention_eager(q, k, v, allowed, 0.3)
     assert (allowed is None) == (window is None)

@@ -14,7 +14,7 @@ import torch
 from llmcli.demo import ensure_demo
 from llmcli.errors import LlmcliError
 from llmcli.loader import load_model
-from llmcli.models.layers import RouterChoice
+from llmcli.models.hooks import RouterChoice
 from llmcli.tokenizer import Tokenizer
 from llmcli.trace import (
     HOOK_POINTS,
@@ -185,7 +185,7 @@ def demo_models() -> list[str]:
 def test_logits_identical_with_and_without_trace(demo):
     loaded = load_model(demo, ensure_demo(demo), device="cpu")
     ids = loaded.tokenizer.encode(PROMPT)
-    model = loaded.model
+    model = loaded.runner
     outputs = []
     for recorder in (None, TraceRecorder()):
         cache = model.make_cache(1, len(ids) + 2)

@@ -38,13 +38,13 @@ def test_sharded_checkpoint_loads_like_single_file(reference):
     with torch.inference_mode():
         expected = model(ids).logits
         for path in (single, sharded):
-            m = load_model("t", path, "cpu", "float32").model
+            m = load_model("t", path, device="cpu", dtype="float32").runner
             assert (m(ids, m.make_cache(1, 40)) - expected).abs().max() <= 1e-4
 
 
 def test_bfloat16_load_converts_each_tensor(reference):
     model, single, _ = reference
-    m = load_model("t", single, "cpu", "bfloat16").model
+    m = load_model("t", single, device="cpu", dtype="bfloat16").model
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     expected = model.model.embed_tokens.weight.to(torch.bfloat16)
     assert torch.equal(m.model.embed_tokens.weight, expected)
@@ -90,7 +90,7 @@ def status(key):
 
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS to the current RSS
 base = status("VmRSS")
-m = load_model("t", Path(sys.argv[1]), "cpu", "float32").model
+m = load_model("t", Path(sys.argv[1]), device="cpu", dtype="float32").model
 size = sum(p.numel() * p.element_size() for p in m.parameters())
 print(json.dumps({"growth": status("VmHWM") - base, "weights": size}))
 """
@@ -123,7 +123,7 @@ def test_loading_and_decoding_without_compile_never_imports_dynamo():
         "import sys, torch\n"
         "from llmcli.loader import load_model\n"
         "for name in ('demo-qwen', 'demo-deepseek'):\n"
-        "    m = load_model(name, sys.argv[1 if name == 'demo-qwen' else 2], 'cpu', 'bfloat16').model\n"
+        "    m = load_model(name, sys.argv[1 if name == 'demo-qwen' else 2], device='cpu', dtype='bfloat16').runner\n"
         "    with torch.inference_mode():\n"
         "        cache = m.make_cache(1, 8)\n"
         "        m(torch.tensor([[1, 2, 3]]), cache)\n"

@@ -1,4 +1,4 @@
-"""The `llmcli` command: a thin Typer app. Each subcommand lives in its own module here.
+"""The `llmcli` command: a thin Typer app (`app.py`). Each subcommand lives in its own module here.
 
 `main()` runs the app without click's standalone mode so that every error, including bad flags,
 becomes one line on stderr and a non-zero exit, never a traceback.
@@ -6,46 +6,15 @@ becomes one line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import typer
 
-from llmcli import __version__
+# Importing a command module registers its commands on `app`.
+from llmcli.cli import bench, chat, download, generate, trace  # noqa: F401
+from llmcli.cli.app import app
 from llmcli.errors import LlmcliError
-
-app = typer.Typer(
-    name="llmcli",
-    help="Run and inspect Qwen and DeepSeek language models natively in PyTorch.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
-def _version(value: bool) -> None:
-    if value:
-        print(f"llmcli {__version__}")
-        raise typer.Exit(0)
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
-) -> None:
-    """Run and inspect Qwen and DeepSeek language models natively in PyTorch.
-
-    MODEL (every command's optional first argument) is a local directory, a Hugging Face repo id,
-    or an alias (see `llmcli list`); without it, $LLMCLI_MODEL, else the built-in demo model.
-    """
-
-
-def _register_commands() -> None:
-    # Importing a command module registers its commands on `app`.
-    from llmcli.cli import bench, chat, download, generate, trace  # noqa: F401
-
+from llmcli.options import debug
 
 # Typer >= 0.26 vendors click; older releases raise click's own exceptions. Catch both.
 EXIT_ERRORS: tuple = (typer.Exit,)
@@ -66,7 +35,6 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _register_commands()
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="llmcli", standalone_mode=False)
@@ -84,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as exc:  # last resort: still one line, unless debugging
-        if os.environ.get("LLMCLI_DEBUG"):
+        if debug():
             raise
         _error(f"internal error: {type(exc).__name__}: {exc} (set LLMCLI_DEBUG=1 for a traceback)")
         return 1

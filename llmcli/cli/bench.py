@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from llmcli.cli import app
+from llmcli.cli.app import app
 from llmcli.cli.common import (
     COMPILE_OPT,
     DEVICE_OPT,
@@ -191,10 +191,10 @@ def bench_command(
 def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=False, quantize=None,
             compile=False):
     """Load, run every workload on every backend, return (BenchReport, MoE note or None)."""
-    from llmcli import bench
+    from llmcli import bench, machine
 
     loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile)
-    mine = bench.LlmcliBackend(loaded.model, loaded.device)
+    mine = bench.LlmcliBackend(loaded.runner, loaded.device)
     bench.validate(settings, loaded.model)  # fail before the slow parts
     reference = None
     if compare is Compare.transformers:
@@ -202,7 +202,7 @@ def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=Fa
     show = sys.stderr.isatty()
     status = err_console.status("measuring memory bandwidth") if show else nullcontext()
     with status:
-        bandwidth, source = bench.machine_bandwidth(loaded.device, remeasure=remeasure_bandwidth)
+        bandwidth, source = machine.machine_bandwidth(loaded.device, remeasure=remeasure_bandwidth)
 
         def progress(text: str) -> None:
             if show:
@@ -214,7 +214,7 @@ def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=Fa
     env = bench.environment(loaded.device, loaded.dtype, bandwidth, source, reference)
     env["quantize"] = quantize.value if quantize else None
     env["compile"] = compile
-    env["products"] = bench.product_paths(loaded.model)
+    env["products"] = bench.product_paths(loaded.runner)
     report = bench.BenchReport(
         model=loaded.name, path=str(loaded.path), device=loaded.device.type, dtype=env["dtype"], env=env,
         settings=settings, weights_bytes=mine.weights_bytes, parameters=mine.parameters, rows=rows,

@@ -13,7 +13,7 @@ import threading
 
 import typer
 
-from llmcli.cli import app
+from llmcli.cli.app import app
 from llmcli.cli.common import (
     COMPILE_OPT,
     DEVICE_OPT,
@@ -128,7 +128,7 @@ def setup_readline():
         import readline
     except ImportError:  # e.g. Windows without pyreadline
         return None
-    from llmcli.demo import cache_home
+    from llmcli.paths import cache_home
 
     path = cache_home() / "chat_history"
     try:

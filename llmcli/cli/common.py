@@ -84,11 +84,7 @@ def apply_attention_overrides(loaded, no_logn: bool, no_ntk: bool, window: str |
     if (no_logn or no_ntk) and cfg.family != "qwen":
         flag = "--no-logn" if no_logn else "--no-ntk"
         raise LlmcliError(f"{flag} applies to original Qwen models only; {loaded.name} is {cfg.family}", exit_code=2)
-    windows = None
-    if window is not None:
-        if not hasattr(model, "set_attention_options"):
-            raise LlmcliError(f"--window is not supported for {cfg.family} models", exit_code=2)
-        windows = parse_window_spec(window, cfg.num_layers)
+    windows = None if window is None else parse_window_spec(window, cfg.num_layers)
     if no_logn or no_ntk or windows is not None:
         model.set_attention_options(use_logn_attn=False if no_logn else None,
                                     use_dynamic_ntk=False if no_ntk else None, windows=windows)
@@ -133,6 +129,14 @@ def report_compile_time(seconds: float) -> None:
     err_console.print(f"note: decode step compiled in {seconds:.1f} s (cached for later runs)", style="dim")
 
 
+def run_options(device: Device, dtype: DType, quantize: Quantize | None = None, compile: bool = False):
+    """The flags of a command as one Options object (with the LLMCLI_* overrides)."""
+    from llmcli.options import Options
+
+    return Options.from_env(device=device.value, dtype=dtype.value, quantize=quantize.value if quantize else None,
+                            compile=compile)
+
+
 def load_model(model: str | None, device: Device, dtype: DType, quiet: bool = False, yes: bool = False,
                quantize: Quantize | None = None, compile: bool = False):
     """Resolve and load a model, with a spinner on stderr and the demo notice when it applies."""
@@ -140,19 +144,19 @@ def load_model(model: str | None, device: Device, dtype: DType, quiet: bool = Fa
     from llmcli.demo import DEMO_NOTICE
     from llmcli.loader import load_model as load
 
+    options = run_options(device, dtype, quantize, compile)
     resolved = hub.resolve(model, yes=yes)
     if resolved.is_demo:
         err_console.print(DEMO_NOTICE.format(name=resolved.name), style="yellow")
-    args = (resolved.name, resolved.path, device.value, dtype.value, quantize.value if quantize else None, compile)
     if not quiet and sys.stderr.isatty():
         with err_console.status(f"loading {resolved.name}"):
-            loaded = load(*args)
+            loaded = load(resolved.name, resolved.path, options)
     else:
-        loaded = load(*args)
+        loaded = load(resolved.name, resolved.path, options)
     for note in loaded.notes:
         err_console.print(f"note: {note}", style="dim")
-    if compile:
-        compile_now(loaded.model.compiled_decode, quiet)
+    if loaded.runner.compiled is not None:
+        compile_now(loaded.runner.compiled, quiet)
     return loaded
 
 

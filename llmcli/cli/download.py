@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmcli.cli import app
+from llmcli.cli.app import app
 from llmcli.cli.common import MODEL_ARG, err_console
 from llmcli.errors import LlmcliError
 
@@ -104,7 +104,8 @@ def _model_rows() -> list[dict]:
     """Aliases (with their download state) and every runnable model in the HF cache."""
     from llmcli import download as dl
     from llmcli.config import load_config, model_type_of, read_json
-    from llmcli.demo import BUILDERS, DEMO_VERSION, cache_home
+    from llmcli.demo import BUILDERS, DEMO_VERSION
+    from llmcli.paths import cache_home
     from llmcli.registry import ALIASES
     from llmcli.show import count_config
 

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from llmcli.cli import app
+from llmcli.cli.app import app
 from llmcli.cli.common import (
     COMPILE_OPT,
     DEVICE_OPT,
@@ -45,20 +45,14 @@ def prompt_token_ids(loaded, text: str, chat: bool | None, system: str | None) -
     if not use_chat:
         if system:
             raise LlmcliError("--system needs --chat", exit_code=2)
-        ids = tok.encode(text)
-        bos = loaded.config.bos_token_id
-        if getattr(loaded.model, "add_bos", False) and bos is not None:
-            ids = [bos, *ids]
-        return ids
+        return tok.encode_prompt(text)  # BOS/EOS as the tokenizer files say
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
 
 
 def stop_token_ids(loaded) -> list[int]:
-    ids = list(loaded.config.eos_token_ids)
-    if loaded.tokenizer.eos_token_id is not None and loaded.tokenizer.eos_token_id not in ids:
-        ids.append(loaded.tokenizer.eos_token_id)
-    return ids + [i for i in getattr(loaded.model, "extra_stop_ids", []) if i not in ids]
+    """config.json and generation_config.json's eos ids, then the tokenizer's."""
+    return loaded.tokenizer.stop_token_ids(loaded.config.eos_token_ids)
 
 
 @app.command("generate")
@@ -95,7 +89,7 @@ def generate_command(
     loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     ids = prompt_token_ids(loaded, text, chat, system)
-    gen = Generation(loaded.model, loaded.tokenizer, ids, max_new_tokens, sampling,
+    gen = Generation(loaded.runner, loaded.tokenizer, ids, max_new_tokens, sampling,
                      stop_ids=stop_token_ids(loaded), stop_strings=stop)
     if as_json:
         for _ in gen:

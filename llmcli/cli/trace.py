@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from llmcli.cli import app
+from llmcli.cli.app import app
 from llmcli.cli.common import (
     DEVICE_OPT,
     DTYPE_OPT,
@@ -80,7 +80,7 @@ def trace_command(
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     layers = select_layers(layer, loaded.config.num_layers, loaded.name)
     ids = prompt_token_ids(loaded, text, chat, None)
-    run = run_trace(loaded.model, ids, layers, generate, stop_token_ids(loaded))
+    run = run_trace(loaded.runner, ids, layers, generate, stop_token_ids(loaded))
     data = build_trace_json(run, loaded.model, loaded.tokenizer, loaded.name)
     if json_out == "-":
         write_json(data, "-")

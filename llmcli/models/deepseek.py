@@ -5,9 +5,10 @@ multi-token-prediction layer (`model.layers.{num_layers}`) is skipped.
 
 MLA keeps one latent per token: c_kv (kv_lora_rank values, normalised) and one rope key k_pe shared by
 all heads. The cache stores just those two, side by side in one row of kv_lora_rank + qk_rope_head_dim
-values. A prompt is run in the expanded form (kv_b_proj turns the latents into per-head keys and
-values); a decode step runs in the absorbed form directly on the cache: kv_b_proj's key half is folded
-into the query and its value half applied after the attention, so nothing per-head is ever stored.
+values (`LatentLayerCache`). A prompt is run in the expanded form (kv_b_proj turns the latents into
+per-head keys and values); a decode step runs in the absorbed form directly on the cache: kv_b_proj's key
+half is folded into the query and its value half applied after the attention, so nothing per-head is
+ever stored.
 """
 
 from __future__ import annotations
@@ -20,74 +21,18 @@ from torch import nn
 
 from llmcli.config import ModelConfig
 from llmcli.config_deepseek import rope_interleaved
-from llmcli.models.layers import (
-    FEW_ROWS,
-    Cache,
-    Linear,
-    RMSNorm,
-    RouterChoice,
-    SwiGLU,
-    fuse_linears,
-    one_row,
-    one_row_linear,
-    record_residuals,
-    rope_inv_freq,
-    yarn_mscale,
-)
+from llmcli.models.base import CausalLM, FusesProjections
+from llmcli.models.cache import Cache, LatentLayerCache, Span
+from llmcli.models.hooks import ROUTED_OUT, ROUTER, SHARED_OUT, RouterChoice, record_residuals
+from llmcli.models.layers import Experts, RMSNorm, SwiGLU, causal_mask, fuse_linears
+from llmcli.models.rope import pair_cos_sin, rope_inv_freq, rotate_pairs, yarn_softmax_scale
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the fixed default, not rms_norm_eps
 FORMS = ("auto", "expanded", "absorbed")
 _LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
-class LatentLayerCache:
-    """One MLA layer's cache: normalised c_kv then the rotated k_pe, one row of kv_lora_rank +
-    qk_rope_head_dim values per token, stored sequence-major [max_len, B, row] so that the first n
-    positions are one contiguous block (the compiled step reads such prefixes). Callers see [B, n, row]:
-    one tensor, so that the absorbed form scores [q_latent | q_pe] against it in one product."""
-
-    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype, device):
-        self.kv_lora_rank = kv_lora_rank
-        self.kv = torch.zeros(max_len, batch, kv_lora_rank + rope_dim, dtype=dtype, device=device)
-
-    def prefix_view(self, length: int) -> LatentLayerCache:
-        view = object.__new__(LatentLayerCache)
-        view.kv_lora_rank, view.kv = self.kv_lora_rank, self.kv[:length]
-        return view
-
-    def update(self, start, c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
-        """Store tokens start..start+T-1 (c_kv [B, T, rank], k_pe [B, T, rope]); return all rows so far.
-        A tensor `start` is the compiled decode step: one row written in place, the whole buffer returned."""
-        if isinstance(start, torch.Tensor):
-            self.kv.index_copy_(0, start.view(1), torch.cat((c_kv, k_pe), dim=-1).transpose(0, 1))
-            return self.kv.transpose(0, 1)
-        end = start + c_kv.shape[1]
-        self.kv[start:end, :, : self.kv_lora_rank] = c_kv.transpose(0, 1)
-        self.kv[start:end, :, self.kv_lora_rank:] = k_pe.transpose(0, 1)
-        return self.kv[:end].transpose(0, 1)
-
-    def bytes_per_token(self) -> int:
-        return self.kv.shape[-1] * self.kv.element_size()
-
-
-def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """RoPE on the last dim of x with cos/sin [T, d/2]. Pairs are (x0, x1), (x2, x3)... when interleaved
-    (DeepSeek's checkpoint layout), else (x_i, x_{i+d/2}). The result is written half-split either way:
-    queries and keys share the layout, so their dot products are those of the checkpoint's layout."""
-    if interleaved:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def causal_mask(start: int, length: int, total: int, device) -> torch.Tensor:
-    """[length, total] boolean: query at position start+i sees keys 0..start+i."""
-    query = torch.arange(start, start + length, device=device)[:, None]
-    return torch.arange(total, device=device)[None, :] <= query
-
-
-class MLAttention(nn.Module):
+class MLAttention(FusesProjections, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
@@ -97,16 +42,16 @@ class MLAttention(nn.Module):
         q_dim = cfg.num_heads * (self.nope + self.rope)
         self.q_lora = cfg.q_lora_rank is not None
         if not self.q_lora:
-            self.q_proj = Linear(cfg.hidden_size, q_dim, bias=False)
+            self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=False)
         else:
-            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = Linear(cfg.q_lora_rank, q_dim, bias=False)
-        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.rank + self.rope, bias=cfg.attention_bias)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.rank + self.rope, bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS)
-        self.kv_b_proj = Linear(self.rank, cfg.num_heads * (self.nope + self.v_dim), bias=False)
-        self.o_proj = Linear(cfg.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
-        self.softmax_scale = softmax_scale(cfg)
+        self.kv_b_proj = nn.Linear(self.rank, cfg.num_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.softmax_scale = yarn_softmax_scale(self.nope + self.rope, cfg.rope_scaling)
         self._absorbed_weights: tuple | None = None
         self.in_sizes: list[int] | None = None
 
@@ -115,7 +60,7 @@ class MLAttention(nn.Module):
         first = "q_a_proj" if self.q_lora else "q_proj"
         self.in_sizes = fuse_linears(self, [first, "kv_a_proj_with_mqa"], "in_proj")
 
-    def forward(self, x, cos, sin, layer_cache: LatentLayerCache, start: int, absorbed: bool) -> torch.Tensor:
+    def forward(self, x, cos, sin, layer_cache: LatentLayerCache, span: Span, absorbed: bool) -> torch.Tensor:
         b, t, _ = x.shape
         if self.in_sizes is not None:
             q, kv = self.in_proj(x).split(self.in_sizes, dim=-1)
@@ -127,9 +72,13 @@ class MLAttention(nn.Module):
         c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)
         q_pe = rotate_pairs(q_pe, cos, sin, self.interleaved)
         k_pe = rotate_pairs(k_pe, cos, sin, self.interleaved)
-        latent = layer_cache.update(start, self.kv_a_layernorm(c_kv), k_pe)
-        attend = self._absorbed if absorbed else self._expanded
-        out = attend(q_nope, q_pe, latent, start)  # [B, H, T, v_dim]
+        latent = layer_cache.update(span, self.kv_a_layernorm(c_kv), k_pe)
+        if span.static:
+            out = self._absorbed_static(q_nope, q_pe, latent, span.positions)
+        elif absorbed:
+            out = self._absorbed(q_nope, q_pe, latent, span.start)
+        else:
+            out = self._expanded(q_nope, q_pe, latent, span.start)  # [B, H, T, v_dim]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def _expanded(self, q_nope, q_pe, latent, start: int) -> torch.Tensor:
@@ -150,17 +99,12 @@ class MLAttention(nn.Module):
         """kv_b_proj split per head into W_UK [H, nope, rank] and W_UV^T [H, rank, v_dim], contiguous so
         that the per-step batched products read them once instead of copying strided views every step.
         Rebuilt whenever kv_b_proj's weight is replaced or changed in place."""
-        if torch.compiler.is_compiling():  # built by the eager prefill that always comes first
-            return self._absorbed_weights[1], self._absorbed_weights[2]
         weight = self.kv_b_proj.weight
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if self._absorbed_weights is None or self._absorbed_weights[0] != key:
             w = weight.detach().view(self.num_heads, self.nope + self.v_dim, self.rank)
             w_uk = w[:, : self.nope].contiguous()
             w_uv_t = w[:, self.nope:].transpose(1, 2).contiguous()
-            if w.is_cuda:  # weights, like the parameters: CUDA graphs read them in place instead of copying
-                torch._dynamo.mark_static_address(w_uk, guard=False)
-                torch._dynamo.mark_static_address(w_uv_t, guard=False)
             self._absorbed_weights = (key, w_uk, w_uv_t)
         return self._absorbed_weights[1], self._absorbed_weights[2]
 
@@ -170,8 +114,6 @@ class MLAttention(nn.Module):
         b, h, t, _ = q_nope.shape
         total = latent.shape[1]
         w_uk, w_uv_t = self.absorbed_weights()
-        if isinstance(start, torch.Tensor):
-            return self._absorbed_static(q_nope, q_pe, latent, start, w_uk, w_uv_t)
         q_latent = torch.bmm(q_nope.transpose(0, 1).reshape(h, b * t, self.nope), w_uk)  # [H, B*T, rank]
         q_latent = q_latent.view(h, b, t, self.rank).transpose(0, 1)
         q = torch.cat((q_latent, q_pe), dim=-1).reshape(b, 1, h * t, self.rank + self.rope)
@@ -187,30 +129,22 @@ class MLAttention(nn.Module):
         out = torch.bmm(out.view(b, h, t, self.rank).transpose(0, 1).reshape(h, b * t, self.rank), w_uv_t)
         return out.view(h, b, t, self.v_dim).transpose(0, 1)
 
-    def _absorbed_static(self, q_nope, q_pe, latent, start, w_uk, w_uv_t) -> torch.Tensor:
-        """The absorbed form for the compiled decode step: one query per sequence over all the cache rows
-        it is handed, those after `start` masked. The per-head products are multiply-and-sum, which inductor
-        streams (its bmm path is slow for one row)."""
+    def _absorbed_static(self, q_nope, q_pe, latent, positions) -> torch.Tensor:
+        """The absorbed form for a compiled decode step: one query per sequence over all the cache rows it
+        is handed, those after its position masked. The per-head products are multiply-and-sum, which
+        inductor streams (its bmm path is slow for one row). The weights were built before compiling
+        (`DeepseekForCausalLM.derived_tensors`)."""
+        _, w_uk, w_uv_t = self._absorbed_weights
         dtype = q_nope.dtype
         q_latent = (q_nope.float().unsqueeze(-1) * w_uk.float()[:, None]).sum(-2).to(dtype)  # [B, H, 1, rank]
         q = torch.cat((q_latent, q_pe), dim=-1)[:, :, 0].float()  # [B, H, rank + rope]
         cached = latent.float()
         scores = torch.matmul(q, cached.transpose(1, 2)) * self.softmax_scale  # [B, H, max_len]
-        hidden = torch.arange(latent.shape[1], device=latent.device) > start
+        hidden = torch.arange(latent.shape[1], device=latent.device)[None, :] > positions[:, None]
         probs = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
         mixed = torch.matmul(probs, cached[..., : self.rank]).to(dtype)  # [B, H, rank]
         out = (mixed.float().unsqueeze(-1) * w_uv_t.float()).sum(-2).to(dtype)  # [B, H, v_dim]
         return out[:, :, None]
-
-
-def softmax_scale(cfg: ModelConfig) -> float:
-    """(qk_nope + qk_rope)^-0.5, times mscale^2 under YaRN: the longer context sharpens the softmax."""
-    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
-    s = cfg.rope_scaling
-    if s.type == "yarn" and s.mscale_all_dim:
-        m = yarn_mscale(s.factor, float(s.mscale_all_dim))
-        scale *= m * m
-    return scale
 
 
 class Router(nn.Module):
@@ -259,96 +193,21 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = Router(cfg)
-        self.experts = nn.ModuleList(
-            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
-        )
-        if cfg.n_shared_experts:
-            self.shared_experts = SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
 
     def forward(self, x: torch.Tensor, index: int, recorder=None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         choice = self.gate(flat)
-        routed = self.run_experts(flat, choice).view(x.shape)
-        shared = self.shared_experts(x) if hasattr(self, "shared_experts") else None
+        routed = self.experts(flat, choice).view(x.shape)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
         if recorder is not None:
-            recorder.record(index, "router", choice)
-            recorder.record(index, "routed_out", routed)
+            recorder.record(index, ROUTER, choice)
+            recorder.record(index, ROUTED_OUT, routed)
             if shared is not None:
-                recorder.record(index, "shared_out", shared)
+                recorder.record(index, SHARED_OUT, shared)
         return routed if shared is None else routed + shared
-
-    def experts_in_kernel_blocks(self) -> bool:
-        """Are the experts' weights in a CPU kernel's blocks (bf16 panels or int8 blocks, 4-D), which one
-        kernel call can run each row through its own expert of a stack?"""
-        weight = getattr(getattr(self.experts[0], "gate_up_proj", None), "weight", None)  # oneDNN: opaque, none
-        return isinstance(weight, torch.Tensor) and weight.dim() == 4
-
-    def stack_experts(self) -> None:
-        """For the compiled decode step: all experts' weights in one stacked tensor per projection, so a
-        step reads its k experts with one gathered multiply-and-sum instead of 2k separate products. The
-        experts keep working as before on views into the stacks. Each expert is moved, then freed, in
-        turn, and the stacks' pages are only touched as they are filled, so memory does not grow."""
-        for name in ("gate_up_proj", "down_proj"):
-            first = getattr(self.experts[0], name)
-            for attr in ("weight", "scales"):  # scales: int8 experts
-                part = getattr(first, attr, None)
-                if part is None:
-                    continue
-                stack = torch.empty((len(self.experts), *part.shape), dtype=part.dtype, device=part.device)
-                for index, expert in enumerate(self.experts):
-                    linear = getattr(expert, name)
-                    stack[index].copy_(getattr(linear, attr).detach())
-                    if isinstance(linear._parameters.get(attr), nn.Parameter):
-                        linear._parameters[attr] = nn.Parameter(stack[index], requires_grad=False)
-                    else:
-                        linear._buffers[attr] = stack[index]
-                self.register_buffer(f"{name}_{attr}_stack", stack, persistent=False)
-
-    def _run_stacked(self, x: torch.Tensor, choice: RouterChoice) -> torch.Tensor:
-        """The compiled decode step's experts: x [N, hidden] through each row's k experts, reading only the
-        chosen rows of the stacks (N = 1 unless the stacks are in a kernel's blocks). Rounds like the
-        eager path: bf16 between products."""
-        def project(inputs, name):
-            stack = getattr(self, f"{name}_weight_stack")
-            scales = getattr(self, f"{name}_scales_stack", None)
-            if stack.dim() == 5:  # in the int8 or bf16 kernel's blocks: it picks each row's expert itself
-                from llmcli import bf16_kernel, int8_kernel
-
-                rows = inputs.expand(*choice.experts.shape, inputs.shape[-1])
-                if stack.dtype == torch.int8:
-                    return int8_kernel.gemv(rows, stack, scales, choice.experts.reshape(-1))
-                out = bf16_kernel.linear(rows, stack, experts=choice.experts.reshape(-1))
-                return out[..., :getattr(self.experts[0], name).out_features]  # outputs padded to whole panels
-            weight = stack[choice.experts]  # [N, k, out, in]
-            return one_row_linear(inputs, weight, scales=None if scales is None else scales[choice.experts])
-
-        gate, up = project(x[:, None, :], "gate_up_proj").chunk(2, dim=-1)  # [N, k, I] each
-        outputs = project(F.silu(gate) * up, "down_proj")  # [N, k, hidden]
-        return (outputs.float() * choice.weights[..., None]).sum(1).to(x.dtype)
-
-    def run_experts(self, x: torch.Tensor, choice: RouterChoice) -> torch.Tensor:
-        """Each expert that got tokens runs once on all of them; outputs are weighted and summed per token."""
-        stack = getattr(self, "gate_up_proj_weight_stack", None)
-        kernel = stack is not None and stack.dim() == 5  # few rows: one kernel call per projection
-        if (stack is not None and one_row(x)) or (kernel and (torch.compiler.is_compiling() or x.shape[0] <= FEW_ROWS)):
-            return self._run_stacked(x, choice)
-        if x.shape[0] == 1:  # one token (decode): no grouping needed, just its k experts
-            outputs = torch.cat([self.experts[e](x) for e in choice.experts[0].tolist()])
-            return (outputs.float() * choice.weights[0, :, None]).sum(0, keepdim=True).to(x.dtype)
-        k = choice.experts.shape[1]
-        ids = choice.experts.reshape(-1)
-        order = ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
-        token = order // k
-        counts = torch.bincount(ids, minlength=len(self.experts)).tolist()
-        inputs = x[token]
-        outputs, begin = [], 0
-        for expert, count in enumerate(counts):
-            if count:
-                outputs.append(self.experts[expert](inputs[begin: begin + count]))
-                begin += count
-        weighted = torch.cat(outputs).float() * choice.weights.reshape(-1)[order, None]
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        return out.index_add_(0, token, weighted).to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -361,8 +220,8 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.is_moe_layer(index)
         self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache: Cache, start: int, absorbed: bool, recorder=None) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache.layers[self.index], start, absorbed)
+    def forward(self, x, cos, sin, cache, span: Span, absorbed: bool, recorder=None) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache.layers[self.index], span, absorbed)
         mid = x + attn
         h = self.post_attention_layernorm(mid)
         mlp = self.mlp(h, self.index, recorder) if self.is_moe else self.mlp(h)
@@ -379,23 +238,18 @@ class DeepseekBody(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class DeepseekForCausalLM(nn.Module):
-    # DeepSeek tokenizers prepend BOS (add_bos_token); raw prompts get it too, when the config names one.
-    add_bos = True
-
+class DeepseekForCausalLM(CausalLM):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.model = DeepseekBody(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # "auto": expanded for prompts, absorbed for single-token steps; tests force one form.
         self.attention_form = "auto"
         self._skipped_mtp = 0
-        self.compiled_decode = None  # set by llmcli.compile for --compile
         self.init_buffers()
 
     def init_buffers(self, device=None) -> None:
-        """(Re)compute the non-checkpoint tensors, e.g. after materialising from the meta device."""
         cfg = self.config
         inv_freq, self.rope_scale = rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
@@ -405,12 +259,9 @@ class DeepseekForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def keeps_dense_weight(self, module_name: str) -> bool:
-        """The absorbed decode form reads kv_b_proj's weight directly, so it must stay a plain tensor."""
+    def keeps_weight(self, module_name: str) -> bool:
+        """The absorbed decode form reads kv_b_proj's weight directly, so it stays a plain tensor."""
         return module_name.endswith("kv_b_proj")
-
-    def tied_parameters(self) -> set[str]:
-        return {"lm_head.weight"} if self.config.tie_word_embeddings else set()
 
     def checkpoint_tensors(self, name: str, load):
         """Skip the multi-token-prediction layers (model.layers.{num_layers} and up): generation never
@@ -421,7 +272,6 @@ class DeepseekForCausalLM(nn.Module):
             return None
         return [(name, load())]
 
-    @property
     def load_notes(self) -> list[str]:
         if not self._skipped_mtp:
             return []
@@ -436,8 +286,25 @@ class DeepseekForCausalLM(nn.Module):
                   for _ in range(cfg.num_layers)]
         return Cache(layers, max_len)
 
+    def derived_tensors(self) -> list[torch.Tensor]:
+        """The absorbed form's per-head split of every kv_b_proj."""
+        return [w for layer in self.model.layers for w in layer.self_attn.absorbed_weights()]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache, recorder=None,
+                last_only: bool = False) -> torch.Tensor:
+        if self.attention_form not in FORMS:
+            raise ValueError(f"attention_form must be one of {FORMS}, got {self.attention_form!r}")
+        t = input_ids.shape[1]
+        span = self.span(positions, cache)
+        absorbed = self.attention_form == "absorbed" or (
+            self.attention_form == "auto" and t == 1 and not span.static and span.start > 0)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = pair_cos_sin(positions, self.inv_freq, self.rope_scale, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, span, absorbed, recorder)
+        return self.logits(x, t, cache, recorder, last_only)
+
     def attention_info(self, index: int, cache: Cache | None = None) -> dict:
-        """Facts about layer `index`'s attention for `trace` (no computation involved)."""
         cfg = self.config
         attn = self.model.layers[index].self_attn
         element = (cache.layers[index].kv.element_size() if cache is not None
@@ -461,49 +328,3 @@ class DeepseekForCausalLM(nn.Module):
             "softmax_scale": attn.softmax_scale,
             "rope_interleaved": attn.interleaved,
         }
-
-    def rope_cos_sin(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [T, qk_rope_head_dim / 2], computed in float32, scaled by the YaRN attention factor."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        return (freqs.cos() * self.rope_scale).to(dtype), (freqs.sin() * self.rope_scale).to(dtype)
-
-    def prepare_decode_step(self) -> None:
-        """Before compiling: build what the step reads but must not build inside the graph."""
-        for layer in self.model.layers:
-            layer.self_attn.absorbed_weights()
-
-    def decode_inputs(self, cache: Cache) -> dict:
-        return {}
-
-    def decode_step(self, input_ids: torch.Tensor, position: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """One token per sequence at `position` (a 0-dim tensor), absorbed MLA over every row of the cache it
-        is handed (masked past `position`): no Python number changes from step to step, so `--compile`
-        compiles it once."""
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope_cos_sin(position.view(1), x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, position, True)
-        return self.lm_head(self.model.norm(x))
-
-    def forward(self, input_ids: torch.Tensor, cache: Cache, recorder=None, last_only: bool = False):
-        """input_ids [B, T] continue the sequence held in `cache`; returns logits [B, T or 1, vocab]."""
-        if self.attention_form not in FORMS:
-            raise ValueError(f"attention_form must be one of {FORMS}, got {self.attention_form!r}")
-        start, t = cache.length, input_ids.shape[1]
-        if start + t > cache.max_len:
-            raise ValueError(f"sequence of {start + t} tokens exceeds the cache ({cache.max_len})")
-        if self.compiled_decode is not None and self.compiled_decode.accepts(input_ids, cache, recorder) \
-                and self.attention_form == "auto":
-            return self.compiled_decode(input_ids, cache)
-        absorbed = self.attention_form == "absorbed" or (self.attention_form == "auto" and t == 1 and start > 0)
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope_cos_sin(torch.arange(start, start + t, device=input_ids.device), x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, start, absorbed, recorder)
-        cache.length = start + t
-        if last_only:
-            x = x[:, -1:]
-        x = self.model.norm(x)
-        if recorder is not None:
-            recorder.record(None, "final_norm", x)
-        return self.lm_head(x)

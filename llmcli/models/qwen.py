@@ -3,9 +3,9 @@
 Module attribute names equal the Qwen2 checkpoint tensor names (`model.layers.3.self_attn.q_proj.weight`),
 so loading Qwen2/3 is a rename-free state dict; original Qwen checkpoints (`transformer.h.3.attn.c_attn`)
 are renamed and split on the way in (`qwen1_checkpoint_tensors`). The cache is an object passed in; an
-optional recorder observes named points (`resid_pre`, `attn_out`, ...) without changing any result.
+optional recorder observes named points (`models.hooks`) without changing any result.
 
-Original Qwen adds two long-context tricks relative to its training length S = seq_length:
+Original Qwen adds two long-context tricks relative to its training length S = seq_length (`models.rope`):
 - LogN: the query at 0-based position p is scaled by ln(p+1)/ln(S) once p+1 > S (keys never are);
 - dynamic NTK: the RoPE base grows with the prompt length L, chosen once at prefill and kept in the cache
   because every cached key was rotated with it.
@@ -13,7 +13,6 @@ Original Qwen adds two long-context tricks relative to its training length S = s
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -21,21 +20,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.config import ModelConfig
-from llmcli.config_qwen1 import IM_END_ID, IM_START_ID
 from llmcli.errors import LlmcliError
+from llmcli.models.base import CausalLM, FusesProjections
+from llmcli.models.cache import Cache, KVLayerCache, Span
+from llmcli.models.hooks import record_residuals
 from llmcli.models.layers import (
-    Cache,
-    KVLayerCache,
-    Linear,
     RMSNorm,
     SwiGLU,
-    apply_rope,
     attention_mask,
-    default_inv_freq,
     fuse_linears,
     one_query_attention,
     one_query_attention_eager,
-    record_residuals,
+)
+from llmcli.models.rope import (
+    apply_rope,
+    default_inv_freq,
+    logn_factor,
+    logn_scale,
+    logn_scale_at,
+    ntk_alpha,
+    ntk_base,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -44,35 +48,17 @@ from llmcli.models.layers import (
 QWEN1_NTK_CONTEXT = 32768
 
 
-def ntk_alpha(length: int, seq_length: int) -> int:
-    """Dynamic-NTK alpha for a prefill of `length` tokens: 2^ceil(log2(L/S) + 1) - 1, at least 1.
-    math.log(x, 2) as in the reference: at exact powers of two its rounding decides the ceiling."""
-    return max(2 ** math.ceil(math.log(length / seq_length, 2) + 1) - 1, 1)
-
-
-def ntk_base(base: float, alpha: float, dim: int) -> float:
-    """RoPE base after NTK-aware scaling by alpha over `dim` rotary dims."""
-    return base * alpha ** (dim / (dim - 2))
-
-
-def logn_scale(start: int, length: int, seq_length: int) -> torch.Tensor:
-    """LogN factors [length, 1] for queries at positions start..start+length-1: ln(p+1)/ln(S) beyond S,
-    else 1 (computed in float64 like the reference's Python table)."""
-    p1 = torch.arange(start + 1, start + length + 1, dtype=torch.float64)
-    return torch.where(p1 > seq_length, p1.log() / math.log(seq_length), 1.0)[:, None]
-
-
-class Attention(nn.Module):
+class Attention(FusesProjections, nn.Module):
     def __init__(self, cfg: ModelConfig, window: int | None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.window = window
         # Partial rotary (original Qwen's rotary_pct < 1): only the first rotary_dim dims are rotated.
         self.rotary_dim = cfg.rotary_dim if cfg.rotary_dim and cfg.rotary_dim < cfg.head_dim else None
-        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -95,7 +81,8 @@ class Attention(nn.Module):
             y = torch.cat((apply_rope(y[..., :self.rotary_dim], cos, sin), y[..., self.rotary_dim:]), dim=-1)
         return y.to(x.dtype)
 
-    def forward(self, x, cos, sin, layer_cache: KVLayerCache, start: int, q_scale=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, layer_cache: KVLayerCache, span: Span, q_scale=None) -> torch.Tensor:
+        """`q_scale` (LogN): a float for one eager query (folded into the softmax scale), else [T, 1]."""
         b, t, _ = x.shape
         if self.qkv_sizes is not None:
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
@@ -109,20 +96,19 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         scale = None
-        if q_scale is not None:  # LogN: a float for one query (folded into the softmax scale), else [T, 1]
-            if isinstance(q_scale, float):
-                scale = q_scale / math.sqrt(self.head_dim)
-            else:
-                q = q * q_scale
-        k, v = layer_cache.update(start, k, v)
-        mask, causal = attention_mask(start, t, k.shape[2], self.window, x.device)
-        if isinstance(start, torch.Tensor):  # the compiled decode step
-            return self.o_proj(one_query_attention(q, k, v, mask, scale).transpose(1, 2).reshape(b, t, -1))
-        if t == 1 and x.device.type == "cpu":  # an eager decode step
-            return self.o_proj(one_query_attention_eager(q, k, v, mask, scale).transpose(1, 2).reshape(b, t, -1))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        if isinstance(q_scale, float):
+            scale = q_scale / self.head_dim ** 0.5
+        elif q_scale is not None:
+            q = q * q_scale
+        k, v = layer_cache.update(span, k, v)
+        mask, causal = attention_mask(span, t, k.shape[2], self.window, x.device)
+        if span.static:  # a compiled decode step over the whole static cache
+            out = one_query_attention(q, k, v, mask, scale)
+        elif t == 1 and x.device.type == "cpu":  # an eager decode step
+            out = one_query_attention_eager(q, k, v, mask, scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                                 enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -135,8 +121,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache: Cache, start: int, recorder=None, q_scale=None) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache.layers[self.index], start, q_scale)
+    def forward(self, x, cos, sin, cache, span: Span, recorder=None, q_scale=None) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache.layers[self.index], span, q_scale)
         mid = x + attn
         mlp = self.mlp(self.post_attention_layernorm(mid))
         out = mid + mlp
@@ -189,28 +175,26 @@ def qwen1_checkpoint_tensors(name: str, load) -> list[tuple[str, torch.Tensor]] 
     return [(name, load())]  # unknown: the loader names it as unexpected
 
 
-class QwenForCausalLM(nn.Module):
+class QwenForCausalLM(CausalLM):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.model = QwenBody(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # Only original Qwen needs renaming; Qwen2/3 keep the loader's direct path.
-        self.checkpoint_tensors = qwen1_checkpoint_tensors if cfg.family == "qwen" else None
-        if cfg.family == "qwen":
-            self.extra_stop_ids = [IM_END_ID, IM_START_ID]  # chat turns end here (eos is <|endoftext|>)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope_dtype = torch.float32 if cfg.family == "qwen" else None  # None: the activations' dtype
-        self.compiled_decode = None  # set by llmcli.compile for --compile
         self.set_attention_options()
         self.init_buffers()
 
     def init_buffers(self, device=None) -> None:
-        """(Re)compute the non-checkpoint tensors, e.g. after materialising from the meta device."""
         cfg = self.config
         inv_freq, self.rope_scale = rope_inv_freq(self.rope_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def checkpoint_tensors(self, name: str, load):
+        # Only original Qwen needs renaming; Qwen2/3 tensors load under their own names.
+        return qwen1_checkpoint_tensors(name, load) if self.config.family == "qwen" else [(name, load())]
 
     @property
     def rope_dim(self) -> int:
@@ -239,27 +223,31 @@ class QwenForCausalLM(nn.Module):
 
     @property
     def context_limit(self) -> int:
-        """Longest sequence: max_position_embeddings, or 32K for original Qwen with dynamic NTK."""
+        """max_position_embeddings, or 32K for original Qwen with dynamic NTK."""
         limit = self.config.max_position_embeddings
         return max(limit, QWEN1_NTK_CONTEXT) if self.dynamic_ntk else limit
 
-    def tied_parameters(self) -> set[str]:
-        return {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+    def reuses_cache(self, cache: Cache, total_length: int) -> bool:
+        """Dynamic NTK picks its RoPE base once, from the length of a prefill that starts at position 0, and
+        the cached keys were rotated with it: a conversation grown into another alpha is recomputed."""
+        if not self.dynamic_ntk or "ntk_alpha" not in cache.state:
+            return True
+        return ntk_alpha(total_length, self.seq_length) == cache.state["ntk_alpha"]
 
     def make_cache(self, batch: int, max_len: int, dtype=None, device=None) -> Cache:
         cfg = self.config
         dtype = dtype or self.model.embed_tokens.weight.dtype
         device = device or self.model.embed_tokens.weight.device
-        layers = [
-            KVLayerCache(batch, cfg.num_kv_heads, max_len, cfg.head_dim, cfg.head_dim, dtype, device)
-            for _ in range(cfg.num_layers)
-        ]
+        layers = [KVLayerCache(batch, cfg.num_kv_heads, max_len, cfg.head_dim, cfg.head_dim, dtype, device)
+                  for _ in range(cfg.num_layers)]
         return Cache(layers, max_len)
 
-    def _ntk_inv_freq(self, cache: Cache, start: int, length: int) -> torch.Tensor:
-        """A prefill from position 0 chooses alpha from its length; later calls reuse it (cached keys were
-        rotated with it)."""
-        if start == 0:
+    def _inv_freq(self, cache, span: Span, length: int) -> torch.Tensor:
+        """Dynamic NTK: a prefill from position 0 chooses alpha from its length; later calls reuse it (cached
+        keys were rotated with it)."""
+        if not self.dynamic_ntk:
+            return self.inv_freq
+        if span.start == 0:
             alpha = ntk_alpha(length, self.seq_length)
             inv_freq = self.inv_freq
             if alpha > 1:
@@ -269,8 +257,30 @@ class QwenForCausalLM(nn.Module):
             return inv_freq
         return cache.state.get("inv_freq", self.inv_freq)
 
+    def _q_scale(self, span: Span, length: int, dtype, device):
+        """LogN factors for the span's queries, or None where every factor is 1."""
+        if not self.use_logn:
+            return None
+        if span.static:  # no Python position: factors from the positions tensor (1 up to seq_length)
+            return logn_scale_at(span.positions, self.seq_length).to(dtype)
+        if span.start + length <= self.seq_length:
+            return None
+        if length == 1:  # an eager step: one Python float, no tensor work
+            return logn_factor(span.start, self.seq_length)
+        return logn_scale(span.start, length, self.seq_length).to(device=device, dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache, recorder=None,
+                last_only: bool = False) -> torch.Tensor:
+        t = input_ids.shape[1]
+        span = self.span(positions, cache)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self._inv_freq(cache, span, t), self.rope_scale, self.rope_dtype or x.dtype)
+        q_scale = self._q_scale(span, t, x.dtype, x.device)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, span, recorder, q_scale)
+        return self.logits(x, t, cache, recorder, last_only)
+
     def attention_info(self, index: int, cache: Cache | None = None) -> dict:
-        """Facts about layer `index`'s attention for `trace` (no computation involved)."""
         cfg = self.config
         window = self.model.layers[index].self_attn.window
         length = cache.length if cache is not None else 0
@@ -280,7 +290,7 @@ class QwenForCausalLM(nn.Module):
             alpha = cache.state.get("ntk_alpha", 1) if cache is not None and length else 1
             rope_base = ntk_base(cfg.rope_theta, alpha, self.rope_dim)
         if self.use_logn:  # range of the factors applied to the queries held in the cache
-            logn = (1.0, max(1.0, math.log(length) / math.log(self.seq_length)) if length else 1.0)
+            logn = (1.0, logn_factor(length - 1, self.seq_length) if length else 1.0)
         return {
             "type": "sliding" if window else "full",
             "window": window,
@@ -294,54 +304,3 @@ class QwenForCausalLM(nn.Module):
             "ntk_alpha": alpha,
             "cache_bytes_per_token": 2 * cfg.num_kv_heads * cfg.head_dim * element,
         }
-
-    def prepare_decode_step(self) -> None:
-        pass
-
-    def decode_inputs(self, cache: Cache) -> dict:
-        """What the compiled step takes from outside: the RoPE frequencies (dynamic NTK keeps the
-        prefill's) and the LogN factor for the new position (a tensor, 1 up to seq_length)."""
-        inv_freq = cache.state.get("inv_freq", self.inv_freq) if self.dynamic_ntk else self.inv_freq
-        q_scale = None
-        if self.use_logn:
-            factor = max(1.0, math.log(cache.length + 1) / math.log(self.seq_length))
-            q_scale = torch.tensor(factor, dtype=self.model.embed_tokens.weight.dtype, device=inv_freq.device)
-        return {"inv_freq": inv_freq, "q_scale": q_scale}
-
-    def decode_step(self, input_ids: torch.Tensor, position: torch.Tensor, cache: Cache, inv_freq: torch.Tensor,
-                    q_scale: torch.Tensor | None) -> torch.Tensor:
-        """One token per sequence at `position` (a 0-dim tensor), attending to every row of the cache it is
-        handed (masked past `position`): no Python number changes from step to step, so `--compile`
-        compiles it once."""
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position.view(1), inv_freq, self.rope_scale, self.rope_dtype or x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, position, None, q_scale)
-        return self.lm_head(self.model.norm(x))
-
-    def forward(self, input_ids: torch.Tensor, cache: Cache, recorder=None, last_only: bool = False):
-        """input_ids [B, T] continue the sequence held in `cache`; returns logits [B, T or 1, vocab]."""
-        start, t = cache.length, input_ids.shape[1]
-        if start + t > cache.max_len:
-            raise ValueError(f"sequence of {start + t} tokens exceeds the cache ({cache.max_len})")
-        if self.compiled_decode is not None and self.compiled_decode.accepts(input_ids, cache, recorder):
-            return self.compiled_decode(input_ids, cache)
-        x = self.model.embed_tokens(input_ids)
-        positions = torch.arange(start, start + t, device=input_ids.device)
-        inv_freq = self._ntk_inv_freq(cache, start, t) if self.dynamic_ntk else self.inv_freq
-        cos, sin = rope_cos_sin(positions, inv_freq, self.rope_scale, self.rope_dtype or x.dtype)
-        q_scale = None
-        if self.use_logn and start + t > self.seq_length:
-            if t == 1:  # decode: one Python float, no tensor work
-                q_scale = math.log(start + 1) / math.log(self.seq_length)
-            else:
-                q_scale = logn_scale(start, t, self.seq_length).to(device=x.device, dtype=x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, start, recorder, q_scale)
-        cache.length = start + t
-        if last_only:
-            x = x[:, -1:]
-        x = self.model.norm(x)
-        if recorder is not None:
-            recorder.record(None, "final_norm", x)
-        return self.lm_head(x)

@@ -12,25 +12,21 @@ keep their row-major weights and torch's kernels: slower, same results up to rou
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from llmcli import cpu_kernels
+from llmcli.backends import cpu_kernels
 
 ROWS, CHUNK = 8, 16  # the kernel's block: output rows x inputs (kRows, kChunk in the C++ source)
 
 
-def build() -> tuple[bool, str]:
+def available() -> tuple[bool, str]:
     """Build (or load the cached build of) the kernel: (usable, a note for the user, empty if none)."""
-    if os.environ.get("LLMCLI_INT8_KERNEL", "1") == "0":
-        return False, "int8 decode kernel disabled (LLMCLI_INT8_KERNEL=0)"
     return cpu_kernels.load_once()
 
 
-def gemm_usable() -> bool:
+def gemm_available() -> bool:
     """Is `int8_gemm` (bfloat16 activations, several rows) built with AVX512-BF16?"""
-    return build()[0] and bool(torch.ops.llmcli.built_with_avx512_bf16())
+    return cpu_kernels.has_avx512_bf16()
 
 
 def fits(shape: torch.Size | tuple[int, ...]) -> bool:
@@ -38,8 +34,9 @@ def fits(shape: torch.Size | tuple[int, ...]) -> bool:
     return len(shape) == 2 and shape[0] % ROWS == 0 and shape[1] % CHUNK == 0
 
 
-def usable(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and fits(weight.shape) and build()[0]
+def suits(weight: torch.Tensor) -> bool:
+    """Is this a CPU weight whose shape fits the kernel's blocks?"""
+    return weight.device.type == "cpu" and fits(weight.shape)
 
 
 def to_blocks(weight: torch.Tensor) -> torch.Tensor:
@@ -67,7 +64,7 @@ def gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
 
 def gemm(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """(x @ w.T) * scales + bias for bfloat16 x [..., in] with several rows: each block of 8 weight rows is
-    converted to bfloat16 once per call and reused by every row (`gemm_usable()` first)."""
+    converted to bfloat16 once per call and reused by every row (`gemm_available()` first)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.ops.llmcli.int8_gemm(rows, blocks, scales.to(x.dtype), bias)
     return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -14,23 +14,17 @@ Lake / Sapphire Rapids and later). Elsewhere llmcli keeps oneDNN and torch's own
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from llmcli import cpu_kernels
+from llmcli.backends import cpu_kernels
 
 PANEL = 64  # outputs per panel (kPanel in the C++ source)
 
 
-def build() -> tuple[bool, str]:
-    """(usable, a note for the user, empty if none)."""
-    if os.environ.get("LLMCLI_BF16_KERNEL", "1") == "0":
-        return False, "bfloat16 CPU kernel disabled (LLMCLI_BF16_KERNEL=0)"
+def available() -> tuple[bool, str]:
+    """(runs on this CPU, a note for the user, empty if none). Without AVX512-BF16 oneDNN is faster."""
     loaded, note = cpu_kernels.load_once()
-    if not loaded:
-        return False, note
-    return bool(torch.ops.llmcli.built_with_avx512_bf16()), note  # no AVX512-BF16: oneDNN is faster
+    return loaded and cpu_kernels.has_avx512_bf16(), note
 
 
 def fits(shape: torch.Size | tuple[int, ...]) -> bool:
@@ -38,9 +32,9 @@ def fits(shape: torch.Size | tuple[int, ...]) -> bool:
     return len(shape) == 2 and shape[1] % 2 == 0 and shape[1] > 0 and shape[0] > 0
 
 
-def usable(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and fits(weight.shape)
-            and build()[0])
+def suits(weight: torch.Tensor) -> bool:
+    """Is this a CPU bfloat16 weight the kernel can hold?"""
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and fits(weight.shape)
 
 
 def to_blocks(weight: torch.Tensor, in_place: bool = False) -> torch.Tensor:

@@ -4,7 +4,7 @@ torch's extension builder compiles them once per machine and torch version (a C+
 are needed; about 10 s) into llmcli's cache, with -march=native: the code uses the instructions this
 CPU has (AVX-512, AVX512-BF16). Where they cannot be built, llmcli keeps torch's own paths (slower,
 same results up to rounding) and says so in one line. The kernels themselves are described in
-int8_kernel.py and bf16_kernel.py.
+int8_kernel.py and bf16_kernel.py; which layers use them is decided in prepare.py.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from llmcli.paths import kernel_builds
 
 SOURCES = [Path(__file__).with_name("kernels") / name for name in ("int8_gemv.cpp", "bf16_gemm.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -36,6 +38,11 @@ def load_once() -> tuple[bool, str]:
     if seconds < 2:  # loaded from the cache: nothing worth saying
         return True, ""
     return True, f"built llmcli's CPU kernels in {seconds:.1f} s (cached for later runs)"
+
+
+def has_avx512_bf16() -> bool:
+    """Were the kernels built with AVX512-BF16 (this CPU has it)? Their bfloat16 products need it."""
+    return load_once()[0] and bool(torch.ops.llmcli.built_with_avx512_bf16())
 
 
 class KernelBuildError(Exception):
@@ -70,11 +77,9 @@ def compile_library(namespace: str, flags: list[str]) -> None:
 def build_directory(namespace: str, flags: list[str]) -> Path:
     """Where a build lives, keyed by source, torch version, flags and CPU (-march=native code runs only
     on CPUs like this one)."""
-    from llmcli.demo import cache_home
-
     sources = b"".join(source.read_bytes() for source in SOURCES)
     key = hashlib.sha256(sources + " ".join([torch.__version__, *flags, cpu_model()]).encode())
-    return cache_home() / "extensions" / f"{namespace}_{key.hexdigest()[:12]}"
+    return kernel_builds() / f"{namespace}_{key.hexdigest()[:12]}"
 
 
 STALE_LOCK_SECONDS = 300  # a build takes 5-30 s

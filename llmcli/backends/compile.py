@@ -1,13 +1,13 @@
 """`--compile`: the single-token decode step through torch.compile (inductor).
 
 Decoding is one token at a time, and eager PyTorch pays a dispatch per small op (norms, RoPE, the
-router) and a oneDNN call per product. The model's `decode_step` has no Python number that changes
-from step to step (the position is a tensor; on CPU the cache is read up to the next multiple of 256
-positions, a dynamic length, with the rows past the position masked), so inductor compiles it once
-into a handful of fused C++ loops. Products call llmcli's CPU kernels where they run (bfloat16 panels,
-int8 blocks: the same weights and ops as eager); elsewhere one-row products are written as
-multiply-and-sum so that they become streaming loops over the weights (see `layers.one_row_linear`).
-Prompts (prefill) stay eager.
+router) and a oneDNN call per product. The model's own forward, handed a static view of the cache,
+has no Python number that changes from step to step (the position is a tensor; on CPU the cache is
+read up to the next multiple of 256 positions, a dynamic length, with the rows past the position
+masked), so inductor compiles it once into a handful of fused C++ loops. Products call llmcli's CPU
+kernels where they run (bfloat16 panels, int8 blocks: the same weights and ops as eager); elsewhere
+one-row products are written as multiply-and-sum so that they become streaming loops over the weights
+(`linear.SummingLinear`). Prompts (prefill) stay eager.
 
 Compiled artefacts are kept in torch's on-disk caches (under llmcli's cache directory unless
 TORCHINDUCTOR_CACHE_DIR is set), so later runs with the same model shape reuse them.
@@ -22,34 +22,42 @@ from collections.abc import Callable
 
 import torch
 
-from llmcli.demo import cache_home
+from llmcli.backends.experts import StackedExperts
+from llmcli.backends.linear import FEW_ROWS
 from llmcli.errors import LlmcliError
-from llmcli.models.layers import FEW_ROWS
+from llmcli.options import Options
+from llmcli.paths import inductor_cache
 
-# Inductor inlines cheap producers into their consumers; for a one-row product that means recomputing
-# the input (e.g. the RMSNorm of the residual) for every weight row, which measured 19 GB/s against 29
-# when the input is computed once (benchmarks/compile_gemv.py). A low threshold makes it compute once.
-INDUCTOR_OPTIONS = {"realize_opcount_threshold": int(os.environ.get("LLMCLI_REALIZE_THRESHOLD", "8"))}
+
+def inductor_options(options: Options, device: torch.device) -> dict:
+    # Inductor inlines cheap producers into their consumers; for a one-row product that means recomputing
+    # the input (e.g. the RMSNorm of the residual) for every weight row, which measured 19 GB/s against 29
+    # when the input is computed once (benchmarks/compile_gemv.py). A low threshold makes it compute once.
+    # CUDA: CUDA graphs replay the whole step without launching kernels one by one (0.5B shape on an
+    # H200: 729 tok/s against 79 eager). torch.compile takes a mode or options, not both: the mode
+    # "reduce-overhead" is the option triton.cudagraphs.
+    return {"realize_opcount_threshold": options.realize_threshold, "triton.cudagraphs": device.type == "cuda"}
 
 
 def use_persistent_cache() -> None:
     """Point inductor's caches at llmcli's cache directory (it defaults to a temporary directory)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home() / "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache()))
 
 
 def experts_in_kernel_blocks(model: torch.nn.Module) -> bool:
-    stacks = [m.gate_up_proj_weight_stack for m in model.modules() if hasattr(m, "gate_up_proj_weight_stack")]
-    return bool(stacks) and all(stack.dim() == 5 for stack in stacks)
+    stacks = [m for m in model.modules() if isinstance(m, StackedExperts)]
+    return bool(stacks) and all(stack.kernel for stack in stacks)
 
 
 class CompiledDecode:
-    """Called by the model's forward for single-token steps after a prefill."""
+    """The compiled one-token decode step, which the runner calls for single-token steps after a prefill."""
 
     BUCKET = 256  # cache positions: the attended part grows in steps of this many
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    def __init__(self, model: torch.nn.Module, device: torch.device, options: Options | None = None):
+        options = options or Options()
         use_persistent_cache()
-        # Dynamo keeps one compiled entry per model structure under the same `decode_step` code and
+        # Dynamo keeps one compiled entry per model structure under the same `forward` code and
         # gives up after recompile_limit (8): a process that loads several models (notebooks, tests)
         # needs more.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
@@ -58,13 +66,13 @@ class CompiledDecode:
         # MoE: inductor's loop over experts gathered for several tokens measured 269 ms a step at batch 4
         # (DeepSeek-V3 shape; eager: 50 ms), so only single sequences are compiled there, unless the
         # experts are in a CPU kernel's blocks (bf16 or int8), which picks each row's expert itself.
-        moe = getattr(model.config, "is_moe", False)
+        moe = model.config.is_moe
         self.max_batch = FEW_ROWS if not moe or experts_in_kernel_blocks(model) else 1
-        # CUDA: CUDA graphs replay the whole step without launching kernels one by one (0.5B shape on an
-        # H200: 729 tok/s against 79 eager). torch.compile takes a mode or options, not both: the mode
-        # "reduce-overhead" is the option triton.cudagraphs.
-        options = {**INDUCTOR_OPTIONS, "triton.cudagraphs": device.type == "cuda"}
-        self.step = torch.compile(model.decode_step, fullgraph=True, options=options)
+        derived = model.derived_tensors()  # built now: the step reads them, never builds them
+        if device.type == "cuda":  # weights, like the parameters: CUDA graphs read them in place
+            for tensor in derived:
+                torch._dynamo.mark_static_address(tensor, guard=False)
+        self.step = torch.compile(model.forward, fullgraph=True, options=inductor_options(options, device))
         self.compile_seconds: float | None = None
         # Steps that compiled (or loaded compiled code) and their time: generation stats leave them out.
         self.compiling_steps, self.compiling_seconds = 0, 0.0
@@ -88,15 +96,15 @@ class CompiledDecode:
         with torch.inference_mode():  # generate, chat and bench make their tensors in inference mode too
             ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
             cache = self.model.make_cache(batch, 2)
-            self.model(ids, cache)
-            self.model(ids, cache)
+            self.model(ids, cache.span(1, self.device).positions, cache)
+            self(ids, cache)
 
     def _attended_part(self, cache):
         """CPU: the cache cut to the next multiple of BUCKET past the new token, its length marked
         dynamic, so one compiled step serves every length and reads ~what is in use (an 8K chat cache
         read whole doubled a 0.5B model's step)."""
         length = min(cache.max_len, (cache.length // self.BUCKET + 1) * self.BUCKET)
-        view = cache.prefix_view(length)
+        view = cache.static_view(length)
         if self._last_view is None or self._last_view() is not view:  # a new view (the cache keeps it)
             for tensor in view.tensors():  # sequence-major: the length is dim 0
                 torch._dynamo.mark_dynamic(tensor, 0)
@@ -107,15 +115,15 @@ class CompiledDecode:
         """CUDA: the step reads the whole static cache, and CUDA graphs replay fixed addresses, so its tensors
         are marked static (written in place by the graph). Unguarded: a new cache (a new generation) makes
         the graphs re-record, not dynamo recompile."""
-        if self._last_view is None or self._last_view() is not cache:
-            for tensor in cache.tensors():
+        view = cache.static_view()  # the cache's own tensors
+        if self._last_view is None or self._last_view() is not view:
+            for tensor in view.tensors():
                 torch._dynamo.mark_static_address(tensor, guard=False)
-            self._last_view = weakref.ref(cache)
-        return cache
+            self._last_view = weakref.ref(view)
+        return view
 
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
-        start = cache.length
-        position = torch.tensor(start, device=input_ids.device)
+        positions = cache.span(1, input_ids.device).positions
         shape = tuple(input_ids.shape)
         first = shape not in self._compiled_shapes
         cuda = self.device.type == "cuda"
@@ -128,13 +136,13 @@ class CompiledDecode:
             self.on_compiling()
         began = time.perf_counter()
         try:
-            logits = self.step(input_ids, position, view, **self.model.decode_inputs(cache))
+            logits = self.step(input_ids, positions, view)
         except Exception as exc:  # inductor errors are pages long (e.g. no C++ compiler): one line
             if not first:
                 raise
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise LlmcliError(f"--compile failed ({type(exc).__name__}: {message}); run without --compile") from exc
-        cache.length = start + 1
+        cache.advance(1)
         if cuda:  # the graph's output buffer is overwritten by the next replay; callers may keep logits
             logits = logits.clone()
         if first:  # includes compiling (or loading the compiled code from the cache)
@@ -146,9 +154,3 @@ class CompiledDecode:
                 if self.on_compiled is not None:
                     self.on_compiled(self.compile_seconds)
         return logits
-
-
-def enable_compiled_decode(model: torch.nn.Module, device: torch.device) -> CompiledDecode:
-    model.prepare_decode_step()
-    model.compiled_decode = CompiledDecode(model, device)
-    return model.compiled_decode

@@ -8,15 +8,14 @@ weights are stored as int8 and rescaled after the matrix product.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcli import int8_kernel
-from llmcli.int8_kernel import CHUNK, ROWS, to_blocks
-from llmcli.models.layers import one_row, one_row_linear
+from llmcli.backends import int8_kernel
+from llmcli.backends.int8_kernel import CHUNK, ROWS, to_blocks
+from llmcli.backends.linear import Product, one_row, one_row_linear
 
 INT8PACK_ROWS = 16  # the most rows `_weight_int8pack_mm` gets; more go through a converted weight
 # The most rows the int8 kernel gets: beyond ~20 it is compute-bound and a GEMM on the converted weight
@@ -64,23 +63,32 @@ def packed_kernel_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(Product, nn.Module):
     """A drop-in replacement for nn.Linear holding int8 weights and per-output-channel scales.
 
-    On CPU, where the int8 decode kernel builds and the shape fits its blocks, `weight` is stored in
-    the kernel's blocked layout (see int8_kernel.py); `int8_weight()` gives it back as [out, in]."""
+    With `kernel` (the int8 CPU kernel is built) and a CPU weight whose shape fits its blocks, `weight` is
+    stored in the kernel's blocked layout (see int8_kernel.py); `int8_weight()` gives it back as [out, in].
+    `gemm`: the kernel's many-row product runs here (AVX512-BF16). `compiled`: a compiled decode step
+    runs it (what `label` says)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, kernel: bool = False, gemm: bool = False, compiled: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.blocked = int8_kernel.usable(linear.weight)
+        self.blocked = kernel and int8_kernel.suits(linear.weight)
         q, scale = quantize_weight(linear.weight.detach(), blocked=self.blocked)
         dtype = linear.weight.dtype
         self.register_buffer("weight", q)
         self.register_buffer("scales", scale.to(dtype))
         self.bias = linear.bias
         self.packed = packed_kernel_works(q.device.type, dtype)
-        self.gemm = self.blocked and int8_kernel.gemm_usable()  # decided here: a compiled step cannot ask
+        self.gemm = self.blocked and gemm  # decided here: a compiled step cannot ask
+        self.compiled = compiled
+
+    @property
+    def label(self) -> str:
+        if self.blocked:
+            return "int8 kernel"
+        return "torch int8" + (", compiled one-row steps multiply-and-sum" if self.compiled else "")
 
     def int8_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as [out, in], int8 or converted to `dtype` (a copy when stored in blocks)."""
@@ -108,40 +116,6 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
-
-
-def quantizable(name: str, shape: tuple[int, ...]) -> bool:
-    """Is this checkpoint tensor a linear weight that `--quantize int8` stores as int8? Embeddings,
-    norms, the MoE router and DeepSeek's kv_b_proj (read directly by the absorbed decode) are not."""
-    excluded = ("embed_tokens.", "transformer.wte.", ".mlp.gate.", "kv_b_proj.")
-    return len(shape) == 2 and name.endswith(".weight") and not any(e in name for e in excluded)
-
-
-def int8_size(tensors: dict[str, tuple[int, ...]], element: int, tied_head: tuple[int, int] | None) -> int:
-    """Bytes of the weights after int8 quantisation: int8 values plus one scale per output row for the
-    linears, `element` bytes per value for everything else; a tied head gets its own int8 copy."""
-    total = 0
-    for name, shape in tensors.items():
-        numel = math.prod(shape)
-        total += numel + shape[0] * element if quantizable(name, shape) else numel * element
-    if tied_head is not None:
-        total += tied_head[0] * tied_head[1] + tied_head[0] * element
-    return total
-
-
-def quantize_model(model: nn.Module, skip=lambda name: False) -> int:
-    """Replace every nn.Linear (one at a time, so peak memory grows by one layer) with Int8Linear.
-    Tied weights are untied for the linear. Returns the number of layers quantised."""
-    from llmcli.models.packed import parents_of_linears
-
-    count = 0
-    for name, module in parents_of_linears(model):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and not skip(full):
-                setattr(module, child_name, Int8Linear(child))
-                count += 1
-    return count
 
 
 def weight_bytes(model: nn.Module) -> int:

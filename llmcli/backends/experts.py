@@ -1,0 +1,87 @@
+"""A MoE layer's routed experts with their weights stacked per projection, for decode steps.
+
+A decode step runs each token through its k chosen experts: 2k small products, each a separate call.
+Stacked ([E, ...] per projection), the step reads its k experts with one call per projection: llmcli's
+CPU kernels take the stack and pick each row's expert themselves (bf16 panels or int8 blocks), and a
+compiled one-row step gathers the chosen rows into one multiply-and-sum. The experts keep working as
+before on views into the stacks (prompts: many rows per expert), so memory does not grow.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcli.backends import bf16_kernel, int8_kernel
+from llmcli.backends.int8 import Int8Linear
+from llmcli.backends.linear import FEW_ROWS, BlockedLinear, one_row, one_row_linear
+from llmcli.models.hooks import RouterChoice
+from llmcli.models.layers import Experts
+
+PROJECTIONS = ("gate_up_proj", "down_proj")  # the experts' projections after fusing gate and up
+
+
+def in_kernel_blocks(experts: Experts) -> bool:
+    """Are the experts' weights in a CPU kernel's blocks (bf16 panels or int8 blocks), so that one kernel
+    call can run each row through its own expert of a stack?"""
+    first = getattr(experts[0], PROJECTIONS[0], None)
+    return isinstance(first, BlockedLinear) or (isinstance(first, Int8Linear) and first.blocked)
+
+
+class StackedExperts(Experts):
+    """`Experts` whose weights (and int8 scales) also live in one stack per projection. Each expert is moved
+    into its stack, then its own tensors become views of it, in turn; the stacks' pages are only touched
+    as they are filled, so memory does not grow."""
+
+    def __init__(self, experts: Experts):
+        nn.ModuleList.__init__(self, list(experts))
+        self.kernel = in_kernel_blocks(experts)
+        for name in PROJECTIONS:
+            for attr in ("weight", "scales"):  # scales: int8 experts
+                self._stack(name, attr)
+
+    @property
+    def label(self) -> str:
+        if not self.kernel:
+            return "stacked, compiled one-row steps multiply-and-sum"
+        return "stacked, int8 kernel" if self.gate_up_proj_weight_stack.dtype == torch.int8 else "stacked, bf16 kernel"
+
+    def _stack(self, name: str, attr: str) -> None:
+        part = getattr(getattr(self[0], name), attr, None)
+        if part is None:
+            return
+        stack = torch.empty((len(self), *part.shape), dtype=part.dtype, device=part.device)
+        for index, expert in enumerate(self):
+            linear = getattr(expert, name)
+            stack[index].copy_(getattr(linear, attr).detach())
+            if isinstance(linear._parameters.get(attr), nn.Parameter):
+                linear._parameters[attr] = nn.Parameter(stack[index], requires_grad=False)
+            else:
+                linear._buffers[attr] = stack[index]
+        self.register_buffer(f"{name}_{attr}_stack", stack, persistent=False)
+
+    def forward(self, x: torch.Tensor, choice: RouterChoice) -> torch.Tensor:
+        """Few rows through the stacks (one kernel call per projection, or a compiled one-row step's
+        gathered sum); many rows expert by expert, as `Experts` does."""
+        if one_row(x) or (self.kernel and (torch.compiler.is_compiling() or x.shape[0] <= FEW_ROWS)):
+            return self._stacked(x, choice)
+        return super().forward(x, choice)
+
+    def _project(self, inputs: torch.Tensor, name: str, choice: RouterChoice) -> torch.Tensor:
+        stack, scales = self._buffers[f"{name}_weight_stack"], self._buffers.get(f"{name}_scales_stack")
+        if self.kernel:  # the kernel picks each row's expert itself
+            rows = inputs.expand(*choice.experts.shape, inputs.shape[-1])
+            if stack.dtype == torch.int8:
+                return int8_kernel.gemv(rows, stack, scales, choice.experts.reshape(-1))
+            out = bf16_kernel.linear(rows, stack, experts=choice.experts.reshape(-1))
+            return out[..., :getattr(self[0], name).out_features]  # outputs padded to whole panels
+        weight = stack[choice.experts]  # [N, k, out, in]
+        return one_row_linear(inputs, weight, scales=None if scales is None else scales[choice.experts])
+
+    def _stacked(self, x: torch.Tensor, choice: RouterChoice) -> torch.Tensor:
+        """x [N, hidden] through each row's k experts, reading only the chosen rows of the stacks. Rounds
+        like the expert-by-expert path: the model's dtype between products."""
+        gate, up = self._project(x[:, None, :], "gate_up_proj", choice).chunk(2, dim=-1)  # [N, k, I] each
+        outputs = self._project(F.silu(gate) * up, "down_proj", choice)  # [N, k, hidden]
+        return (outputs.float() * choice.weights[..., None]).sum(1).to(x.dtype)

@@ -1,0 +1,26 @@
+"""How many bytes a checkpoint takes after `--quantize int8`, from tensor names and shapes alone (no torch:
+`llmcli show` reads only headers)."""
+
+from __future__ import annotations
+
+import math
+
+
+def quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """Is this checkpoint tensor a linear weight that `--quantize int8` stores as int8? Embeddings,
+    norms, the MoE router and DeepSeek's kv_b_proj (read directly by the absorbed decode: the model says so
+    with `keeps_weight`, which needs a model; this works from names only) are not."""
+    excluded = ("embed_tokens.", "transformer.wte.", ".mlp.gate.", "kv_b_proj.")
+    return len(shape) == 2 and name.endswith(".weight") and not any(e in name for e in excluded)
+
+
+def int8_size(tensors: dict[str, tuple[int, ...]], element: int, tied_head: tuple[int, int] | None) -> int:
+    """Bytes of the weights after int8 quantisation: int8 values plus one scale per output row for the
+    linears, `element` bytes per value for everything else; a tied head gets its own int8 copy."""
+    total = 0
+    for name, shape in tensors.items():
+        numel = math.prod(shape)
+        total += numel + shape[0] * element if quantizable(name, shape) else numel * element
+    if tied_head is not None:
+        total += tied_head[0] * tied_head[1] + tied_head[0] * element
+    return total

@@ -1,0 +1,212 @@
+"""`prepare(model, options)`: after loading, swap in the modules that decide how each product runs.
+
+A model is built with plain nn.Linear layers. Here, in order: projections that read the same input are
+fused into one product; `--quantize int8` turns linears into `Int8Linear`; on CPU, bfloat16 linears move
+into the bfloat16 kernel's panels (`BlockedLinear`) where the kernel runs, else (eager) into oneDNN's
+layout (`PackedLinear`); with `--compile`, the plain linears left become `SummingLinear` and MoE experts
+are stacked (`StackedExperts`, also eagerly when a kernel holds them); the runner then compiles the
+decode step. Linears the model reads directly (`CausalLM.keeps_weight`) stay as they are.
+
+During loading the same steps run layer by layer (`Preparation.loaded`), so that a layer's replaced
+weights are freed before the next layer is read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+
+import torch
+from torch import nn
+
+from llmcli.backends import bf16_kernel, int8_kernel
+from llmcli.backends.compile import CompiledDecode
+from llmcli.backends.experts import StackedExperts, in_kernel_blocks
+from llmcli.backends.int8 import Int8Linear
+from llmcli.backends.linear import BlockedEmbedding, BlockedLinear, PackedLinear, SummingLinear, prepacking_available
+from llmcli.backends.runner import Runner
+from llmcli.models.base import CausalLM, FusesProjections
+from llmcli.models.layers import Experts
+from llmcli.options import Options
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only). Moving thousands of MiB-sized expert weights
+    into stacks leaves the old ones as free heap chunks that the stacks (separately mapped) never reuse:
+    measured +430 MiB resident on the DeepSeek-V3-shaped benchmark model without this."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def parents_of_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules with nn.Linear children. Collect parents only: a list holding the children themselves
+    would keep every replaced weight alive until the end, doubling peak memory."""
+    return [(name, module) for name, module in model.named_modules()
+            if any(isinstance(child, nn.Linear) for child in module.children())]
+
+
+def shared_weights(model: nn.Module) -> set[int]:
+    seen, shared = set(), set()
+    for _, param in model.named_parameters(remove_duplicate=False):
+        (shared if id(param) in seen else seen).add(id(param))
+    return shared
+
+
+def swap_linears(module: nn.Module, make) -> int:
+    """Replace nn.Linear children (exactly that type: not what a backend swapped in) one at a time, so peak
+    memory grows by one layer: `make(name, linear)` gives the new module, or None to keep it. Returns the
+    number replaced."""
+    count = 0
+    for name, parent in parents_of_linears(module):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            new = make(f"{name}.{child_name}" if name else child_name, child)
+            if new is not None:
+                setattr(parent, child_name, new)
+                count += 1
+    return count
+
+
+def block_tied_head(module: nn.Module) -> bool:
+    """A bfloat16 head that shares its weight with the input embedding (and nothing else) becomes a
+    BlockedLinear and the embedding a BlockedEmbedding on the same panels. Returns whether it did."""
+    holders = [(parent, name, child) for _, parent in module.named_modules()
+               for name, child in parent.named_children() if isinstance(child, (nn.Embedding, nn.Linear))]
+    embeddings = {id(m.weight): (p, n, m) for p, n, m in holders if isinstance(m, nn.Embedding)}
+    for parent, name, child in holders:
+        tied = embeddings.get(id(child.weight)) if type(child) is nn.Linear else None
+        if tied is None or child.bias is not None or not bf16_kernel.suits(child.weight):
+            continue
+        if sum(t is child.weight for _, t in module.named_parameters(remove_duplicate=False)) != 2:
+            continue  # a third holder would keep reading the plain weight
+        head = BlockedLinear(child, consume=True)
+        setattr(parent, name, head)
+        setattr(tied[0], tied[1], BlockedEmbedding(head))
+        return True
+    return False
+
+
+def pack_linears(module: nn.Module, kernel: bool, prepack: bool, keep=lambda name: False) -> int:
+    """CPU bfloat16 linears into the bfloat16 kernel's panels (`kernel`: it runs here), else into oneDNN's
+    layout (`prepack`). Layers whose weight other code reads directly (`keep(name)`) stay as they are, and
+    so do those that share their weight, unless it is a head tied to the embedding and the kernel runs.
+    Returns the number of layers swapped."""
+    count = int(kernel and block_tied_head(module))
+    shared = shared_weights(module)
+
+    def pack(name, child):
+        w = child.weight
+        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or id(w) in shared or keep(name):
+            return None
+        if kernel and bf16_kernel.suits(w):
+            return BlockedLinear(child, consume=True)
+        return PackedLinear(child) if prepack else None
+
+    return count + swap_linears(module, pack)
+
+
+class Preparation:
+    """The decisions for one model and options, applied to parts of the model as they are loaded
+    (`loaded`) and then to the whole (`finish`)."""
+
+    UNITS = (re.compile(r"^(.*?\.layers\.\d+\.mlp\.experts\.\d+\.)"), re.compile(r"^(.*?\.layers\.\d+\.)"))
+
+    def __init__(self, model: CausalLM, options: Options):
+        self.model, self.options = model, options
+        weight = next(model.parameters())
+        self.device, self.dtype = weight.device, weight.dtype
+        cpu = self.device.type == "cpu"
+        self.int8 = options.quantize == "int8"
+        self.notes: list[str] = []
+        self.int8_kernel = self.bf16_kernel = False
+        if cpu and self.int8:
+            if options.int8_kernel:
+                self.int8_kernel, note = int8_kernel.available()
+            else:
+                note = "int8 decode kernel disabled (LLMCLI_INT8_KERNEL=0)"
+            self.notes += [note] if note else []
+        if cpu and self.dtype == torch.bfloat16:
+            if options.bf16_kernel:
+                self.bf16_kernel, note = bf16_kernel.available()
+            else:
+                note = "bfloat16 CPU kernel disabled (LLMCLI_BF16_KERNEL=0)"
+            if not self.int8 and note:
+                self.notes.append(note)
+        self.int8_gemm = self.int8_kernel and int8_kernel.gemm_available()
+        self.pack = cpu  # bfloat16 linears reordered for CPU products
+        self.prepack = cpu and options.prepack and not options.compile and prepacking_available()
+        self.pending: dict[str, set[str]] = {}
+        for name in model.state_dict():
+            for prefix in self._units(name):
+                self.pending.setdefault(prefix, set()).add(name)
+
+    def _units(self, name: str) -> list[str]:
+        """The units `name` belongs to, innermost first: an expert, then a decoder layer."""
+        return [match.group(1) for match in (unit.match(name) for unit in self.UNITS) if match]
+
+    # -- per part ------------------------------------------------------------------------------
+
+    def loaded(self, name: str) -> None:
+        """Called with each parameter name as it is loaded: prepares each MoE expert, then each decoder
+        layer, once all of its tensors are in, and frees what that replaced before more is read. So the
+        load peaks at about the final model plus one layer's dense part or one expert, instead of the
+        loaded and the final weights together (a MoE layer of DeepSeek-V3 is 22 GB in bfloat16)."""
+        for prefix in self._units(name):
+            remaining = self.pending.get(prefix)
+            if remaining is None:
+                continue
+            remaining.discard(name)
+            if not remaining:
+                del self.pending[prefix]
+                with torch.no_grad():
+                    self.prepare_part(self.model.get_submodule(prefix[:-1]), prefix)
+                if prefix == self._units(prefix)[-1]:  # a whole layer: trimming after every expert took 8 ms each
+                    release_freed_memory()
+
+    def prepare_part(self, module: nn.Module, prefix: str = "") -> None:
+        """Fuse, quantise and reorder within `module` (parts already done are left alone)."""
+        for part in [m for m in module.modules() if isinstance(m, FusesProjections)]:
+            if not part.projections_fused:
+                part.fuse_projections()
+                part.projections_fused = True
+        def keep(name: str) -> bool:
+            return self.model.keeps_weight(prefix + name)
+
+        if self.int8:
+            swap_linears(module, lambda name, child: None if keep(name) else Int8Linear(
+                child, kernel=self.int8_kernel, gemm=self.int8_gemm, compiled=self.options.compile))
+        if self.pack:
+            pack_linears(module, self.bf16_kernel, self.prepack, keep)
+
+    # -- the whole model -------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """What is outside the layers (the head) and any layer left; then what a compiled step needs and
+        the expert stacks."""
+        with torch.no_grad():
+            self.prepare_part(self.model)
+            release_freed_memory()
+            if self.options.compile:
+                cuda_sum = self.options.cuda_gemv == "sum"
+                swap_linears(self.model, lambda name, child: SummingLinear(child, cuda_sum))
+            for parent in list(self.model.modules()):
+                for name, child in list(parent.named_children()):
+                    if type(child) is Experts and (self.options.compile or in_kernel_blocks(child)):
+                        setattr(parent, name, StackedExperts(child))  # eager: a decode step's experts in 2 calls
+                        release_freed_memory()
+        self.model.eval()
+
+    def runner(self) -> Runner:
+        """The model as drivers call it: with the compiled decode step under --compile."""
+        compiled = CompiledDecode(self.model, self.device, self.options) if self.options.compile else None
+        return Runner(self.model, compiled)
+
+
+def prepare(model: CausalLM, options: Options) -> Runner:
+    """Prepare a loaded model for `options` in one go (loading does it layer by layer) and return its runner."""
+    preparation = Preparation(model, options)
+    preparation.finish()
+    return preparation.runner()

@@ -1,0 +1,44 @@
+"""`Runner`: a model as the drivers (generate, chat, trace, bench) call it.
+
+It gives each forward call its positions from the cache, and sends the one-token steps that a compiled
+decode step accepts there instead. The model itself holds no compiled object.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmcli.models.base import CausalLM
+
+
+class Runner:
+    def __init__(self, model: CausalLM, compiled=None):
+        self.model = model
+        self.compiled = compiled  # a CompiledDecode, or None
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def context_limit(self) -> int:
+        return self.model.context_limit
+
+    def make_cache(self, batch: int, max_len: int):
+        return self.model.make_cache(batch, max_len)
+
+    def __call__(self, input_ids: torch.Tensor, cache, recorder=None, last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] continue the sequence held in `cache`; returns logits [B, T or 1, vocab]."""
+        span = cache.span(input_ids.shape[1], input_ids.device)  # checks that the tokens fit
+        if self.compiled is not None and self.compiled.accepts(input_ids, cache, recorder):
+            return self.compiled(input_ids, cache)
+        return self.model(input_ids, span.positions, cache, recorder=recorder, last_only=last_only)
+
+
+def as_runner(model) -> Runner:
+    """A runner for a model, or the runner itself (the Python API takes either)."""
+    return model if isinstance(model, Runner) else Runner(model)

@@ -1,0 +1,151 @@
+"""What the machine is and does, for `bench`: the device's name, its memory bandwidth (measured once and
+cached), and the peak memory of one run."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import re
+import resource
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llmcli.generate import synchronize
+from llmcli.paths import cache_home
+
+# -- peak memory ---------------------------------------------------------------------------------
+
+
+def _proc_status_kib(field_name: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.M)
+    return int(match.group(1)) if match else None
+
+
+def _reset_rss_peak() -> bool:
+    """Linux >= 4.0: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _proc_status_kib("VmHWM") is not None
+
+
+class PeakMemory:
+    """Peak memory of one run: CUDA allocator peak on CUDA, else the process's peak RSS.
+
+    CPU choice: the kernel's own high-water mark (VmHWM), reset before each run through
+    /proc/self/clear_refs, is exact and costs nothing while the run is timed. ru_maxrss cannot be
+    reset (it would report the loading peak, or the other backend's), and a sampling thread would
+    miss short peaks and steal a core on small machines. Without /proc we fall back to ru_maxrss
+    and say so (`method`)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = "cuda_max_allocated" if device.type == "cuda" else "rss_hwm"
+        self.base = 0
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        elif self.method == "rss_hwm" and _reset_rss_peak():
+            self.base = (_proc_status_kib("VmRSS") or 0) * 1024
+        else:
+            self.method, self.base = "ru_maxrss_lifetime", 0
+
+    def stop(self) -> tuple[int, int | None]:
+        """(peak bytes, bytes the run added above what was resident when it started, if known)."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.method == "rss_hwm":
+            peak = (_proc_status_kib("VmHWM") or 0) * 1024
+        else:  # Linux reports KiB, macOS bytes; the lifetime peak, so no per-run increase
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+            return int(peak), None
+        return int(peak), max(int(peak) - self.base, 0)
+
+
+# -- memory bandwidth ----------------------------------------------------------------------------
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple MPS ({platform.machine()})"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_bandwidth(device: torch.device, buffer_bytes: int | None = None, repeats: int = 6) -> float:
+    """Memory bandwidth in bytes/s from a large copy (read + write = 2x the buffer per copy).
+
+    Buffers are far larger than any cache; the first copy (page faults) is not counted and the
+    best later copy is kept, as STREAM does. Decoding mostly reads, so this is a slight
+    underestimate on machines where writes are slower."""
+    if buffer_bytes is None:
+        buffer_bytes = (1 << 30) if device.type in ("cuda", "mps") else (512 << 20)
+    n = buffer_bytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for i in range(repeats + 1):
+        synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    del src, dst
+    return 2 * buffer_bytes / best
+
+
+def _machine_key(device: torch.device) -> str:
+    # CPU copy bandwidth depends on the thread count, so it is part of the key.
+    threads = f"|threads={torch.get_num_threads()}" if device.type == "cpu" else ""
+    return f"{socket.gethostname()}|{device.type}|{device_name(device)}{threads}"
+
+
+def machine_bandwidth(device: torch.device, cache_file: Path | None = None,
+                      remeasure: bool = False) -> tuple[float, str]:
+    """(bytes/s, "cached" | "measured"): measured once per machine and device, then cached."""
+    if cache_file is None:
+        cache_file = cache_home() / "bandwidth.json"
+    key = _machine_key(device)
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    entry = known.get(key)
+    if not remeasure and isinstance(entry, dict) and entry.get("bytes_per_s", 0) > 0:
+        return float(entry["bytes_per_s"]), "cached"
+    value = measure_bandwidth(device)
+    known[key] = {"bytes_per_s": value, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": "copy"}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=2))
+        tmp.replace(cache_file)
+    except OSError:
+        pass  # a read-only cache only costs a re-measurement next time
+    return value, "measured"

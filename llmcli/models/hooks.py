@@ -1,0 +1,50 @@
+"""Hook points: the names under which a model hands intermediate values to a recorder (`trace`, `bench`).
+
+Defined once here and imported by the models, `trace` and `bench`. A recorder is any object with
+`record(layer, name, value)`; `layer` is None for points outside the decoder layers. Recording observes
+only: a model computes the same logits with and without a recorder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+# The residual stream of every decoder layer, in the order they occur (TransformerLens' vocabulary).
+RESID_PRE = "resid_pre"  # the layer's input
+ATTN_OUT = "attn_out"  # what attention adds
+RESID_MID = "resid_mid"  # after attention
+MLP_OUT = "mlp_out"  # what the MLP (or MoE) adds
+RESID_POST = "resid_post"  # the layer's output
+RESIDUAL_POINTS = (RESID_PRE, ATTN_OUT, RESID_MID, MLP_OUT, RESID_POST)
+
+# MoE layers.
+ROUTER = "router"  # a RouterChoice
+ROUTED_OUT = "routed_out"  # the routed experts' weighted sum
+SHARED_OUT = "shared_out"  # the shared experts' output
+
+FINAL_NORM = "final_norm"  # the final norm's output (layer None)
+
+
+class Recorder(Protocol):
+    def record(self, layer: int | None, name: str, value) -> None: ...
+
+
+@dataclass
+class RouterChoice:
+    """What a MoE router decided for each token, recorded for `trace` (nothing is recomputed)."""
+
+    experts: torch.Tensor  # [T, k] expert ids, highest weight first
+    weights: torch.Tensor  # [T, k] the weights the expert outputs are mixed with
+    scores: torch.Tensor  # [T, E] router probabilities (softmax or sigmoid), before any choice bias
+    groups: torch.Tensor | None = None  # [T, topk_group] groups kept by group-limited routing
+
+
+def record_residuals(recorder: Recorder | None, index: int, resid_pre, attn_out, resid_mid, mlp_out,
+                     resid_post) -> None:
+    """Hand a decoder layer's residual points to the recorder; a no-op without one."""
+    if recorder is not None:
+        for name, value in zip(RESIDUAL_POINTS, (resid_pre, attn_out, resid_mid, mlp_out, resid_post), strict=True):
+            recorder.record(index, name, value)

@@ -1,0 +1,90 @@
+"""How the user asked llmcli to run: one `Options` object built at the edge (CLI flags, or the Python API's
+keywords) and handed to loading; and the only place the documented LLMCLI_* environment overrides are read.
+
+Environment variables (each read when `Options.from_env` or the function naming it is called, never at import):
+  LLMCLI_HOME               llmcli's cache directory (paths.cache_home)
+  LLMCLI_MODEL              the model a command uses when none is named
+  LLMCLI_DEBUG              show a traceback for internal errors
+  LLMCLI_BF16_KERNEL=0      do not use llmcli's bfloat16 CPU kernel
+  LLMCLI_INT8_KERNEL=0      do not use llmcli's int8 CPU kernel
+  LLMCLI_PREPACK=0          do not reorder bfloat16 weights for oneDNN
+  LLMCLI_CUDA_GEMV=linear   CUDA compiled one-row products through cuBLAS instead of multiply-and-sum
+  LLMCLI_REALIZE_THRESHOLD  inductor's realize_opcount_threshold for the compiled decode step
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from llmcli.errors import LlmcliError
+
+QUANTIZE_MODES = ("int8",)
+CUDA_GEMV_MODES = ("sum", "linear")
+
+
+def _flag(name: str, default: bool = True) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value != "0"
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that decides how a loaded model runs (the model's numbers do not depend on it beyond
+    rounding, except `quantize`)."""
+
+    device: str = "auto"  # auto, cpu, cuda, mps
+    dtype: str = "auto"  # auto (the checkpoint's), float32, bfloat16, float16
+    quantize: str | None = None  # None or "int8": weight-only, a scale per output channel
+    compile: bool = False  # compile the one-token decode step (torch.compile)
+    bf16_kernel: bool = True  # llmcli's bfloat16 CPU kernel, where the CPU has AVX512-BF16
+    int8_kernel: bool = True  # llmcli's int8 CPU kernel, for --quantize int8
+    prepack: bool = True  # eager CPU bfloat16 linears in oneDNN's blocked layout where the kernel does not run
+    cuda_gemv: str = "sum"  # CUDA compiled one-row products: "sum" (inductor's loop) or "linear" (cuBLAS)
+    realize_threshold: int = 8  # inductor's realize_opcount_threshold for the compiled step
+
+    def __post_init__(self) -> None:
+        if self.quantize not in (None, *QUANTIZE_MODES):
+            raise LlmcliError(f"unknown --quantize {self.quantize!r}; choose {', '.join(QUANTIZE_MODES)}",
+                              exit_code=2)
+        if self.cuda_gemv not in CUDA_GEMV_MODES:
+            raise LlmcliError(f"LLMCLI_CUDA_GEMV must be one of {', '.join(CUDA_GEMV_MODES)}, got {self.cuda_gemv!r}",
+                              exit_code=2)
+
+    @classmethod
+    def from_env(cls, **given) -> Options:
+        """Options with the LLMCLI_* overrides applied, then `given` (flags win over the environment)."""
+        unknown = set(given) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        try:
+            threshold = int(os.environ.get("LLMCLI_REALIZE_THRESHOLD", "8"))
+        except ValueError:
+            raise LlmcliError("LLMCLI_REALIZE_THRESHOLD must be an integer", exit_code=2) from None
+        env = {
+            "bf16_kernel": _flag("LLMCLI_BF16_KERNEL"),
+            "int8_kernel": _flag("LLMCLI_INT8_KERNEL"),
+            "prepack": _flag("LLMCLI_PREPACK"),
+            "cuda_gemv": os.environ.get("LLMCLI_CUDA_GEMV", "sum"),
+            "realize_threshold": threshold,
+        }
+        return cls(**{**env, **{k: v for k, v in given.items() if v is not None}})
+
+    def replace(self, **changes) -> Options:
+        return dataclasses.replace(self, **changes)
+
+
+def home_override() -> str | None:
+    """$LLMCLI_HOME: llmcli's cache directory, when set."""
+    return os.environ.get("LLMCLI_HOME") or None
+
+
+def default_model_override() -> str | None:
+    """$LLMCLI_MODEL: the model commands use when none is named."""
+    return os.environ.get("LLMCLI_MODEL") or None
+
+
+def debug() -> bool:
+    """$LLMCLI_DEBUG: internal errors show their traceback."""
+    return bool(os.environ.get("LLMCLI_DEBUG"))
