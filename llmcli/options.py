@@ -43,6 +43,7 @@ class Options:
     prepack: bool = True  # eager CPU bfloat16 linears in oneDNN's blocked layout where the kernel does not run
     cuda_gemv: str = "sum"  # CUDA compiled one-row products: "sum" (inductor's loop) or "linear" (cuBLAS)
     realize_threshold: int = 8  # inductor's realize_opcount_threshold for the compiled step
+    check_memory: bool = True  # refuse to load a model larger than the available memory (--force: try anyway)
 
     def __post_init__(self) -> None:
         if self.quantize not in (None, *QUANTIZE_MODES):
