@@ -1,8 +1,9 @@
 """Fetching models from the Hugging Face Hub: which files, how big, whether they fit, and the transfer.
 
 huggingface_hub does the transfers (cache layout, auth, Range-resumed retries, atomic
-`.incomplete` -> blob renames); llmcli picks the files, checks the disk first and shows one progress
-bar for the whole model. Files land in the standard HF cache, so other tools reuse them.
+`.incomplete` -> blob renames, a lock per file so that processes fetching the same model at once
+transfer each file once); llmcli picks the files, checks the disk first and shows one progress bar
+for the whole model. Files land in the standard HF cache, so other tools reuse them.
 
 huggingface_hub reads its environment (HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE) once, at import;
 llmcli reads them at call time and passes them explicitly, so the cache and endpoint always follow
@@ -11,14 +12,17 @@ the current environment.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
+import logging
 import os
 import re
 import shutil
 import sys
 import threading
 import uuid
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,6 +49,7 @@ METADATA_PATTERNS = [p for p in LOADABLE_PATTERNS if p != "*.safetensors"]
 CODE_PATTERNS = ["*.py", "*.pyc"]
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
 WORKERS = 4  # files transferred at once
+HUB_LOGGER = logging.getLogger("huggingface_hub")
 
 
 # -- environment, read at call time ----------------------------------------------------------------
@@ -157,7 +162,6 @@ def folder_bytes(folder: Path) -> int:
                 except OSError:
                     pass
     return total
-
 
 
 # -- choosing files --------------------------------------------------------------------------------
@@ -403,11 +407,19 @@ class Progress:
         self.cancel = threading.Event()
         self.files_done = 0
         self.files_total = len(plan.missing)
+        self.transferring: set[str] = set()  # blobs this process is writing now (it holds their locks)
         self.repo = plan.repo
         self.total = plan.missing_bytes
         self._bar = None
 
     def __enter__(self):
+        # huggingface_hub logs each retry over two lines and warns when the disk fills before a file
+        # starts: the bar shows the progress and, when a file fails, one line says why
+        self._hub_log_level = HUB_LOGGER.level
+        HUB_LOGGER.setLevel(logging.ERROR)
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", message="Not enough free disk space")
         if self.live:
             from rich.progress import (
                 BarColumn,
@@ -427,6 +439,8 @@ class Progress:
         return self
 
     def __exit__(self, *exc):
+        HUB_LOGGER.setLevel(self._hub_log_level)
+        self._warnings.__exit__(*exc)
         if self._bar is not None:
             self._bar.stop()
 
@@ -446,12 +460,14 @@ class Progress:
         elif not self.quiet:
             self.console.print(f"  fetched {f.path} ({human_bytes(f.size)})")
 
-    def bar_class(self):
-        """A class that looks enough like tqdm for huggingface_hub, feeding our single bar."""
+    def bar_class(self, f: RemoteFile):
+        """A class that looks enough like tqdm for huggingface_hub, feeding our single bar. huggingface_hub
+        makes one when the transfer of `f` starts, after it has taken the file's lock."""
         progress = self
 
         class FileBar:
             def __init__(self, *args, total=None, initial=0, **kwargs):
+                progress.transferring.add(f.blob)
                 self.total, self.n = total, 0
                 if initial:
                     self.update(initial)
@@ -485,16 +501,31 @@ class Progress:
 # -- the transfer ----------------------------------------------------------------------------------
 
 
-def _partial_files(plan: DownloadPlan) -> set[Path]:
-    """huggingface_hub's in-progress temporary files for this plan's destination."""
+def _partial_files(plan: DownloadPlan, blobs: set[str]) -> list[Path]:
+    """huggingface_hub's temporary files for these blobs (named `<etag>.<random>.incomplete`, the etag
+    being the blob's name): another process may be writing other blobs of the same model."""
     if plan.local_dir is not None:
-        return set((plan.local_dir / ".cache" / "huggingface").glob("**/*.incomplete"))
-    return set((repo_folder(plan.repo) / "blobs").glob("*.incomplete"))
+        found = (plan.local_dir / ".cache" / "huggingface").glob("**/*.incomplete")
+    else:
+        found = (repo_folder(plan.repo) / "blobs").glob("*.incomplete")
+    return [p for p in found if any(f".{blob}." in f".{p.name}" for blob in blobs)]
+
+
+def _failure_reason(error: BaseException, plan: DownloadPlan) -> str:
+    if isinstance(error, LlmcliError):
+        return str(error)
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = _existing_parent(plan.destination)
+        return f"the disk is full ({human_bytes(shutil.disk_usage(where).free)} free in {where}): free some space"
+    if isinstance(error, OSError) and error.errno == errno.EFBIG:
+        return "a file is larger than the file system or a file-size limit (`ulimit -f`) allows"
+    return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def fetch(plan: DownloadPlan, quiet: bool = False, workers: int = WORKERS) -> Path:
     """Download the plan's missing files; returns the model directory. A failed or interrupted run
-    leaves the completed files in place (a re-run skips them) and no partial file behind."""
+    leaves the completed files in place (a re-run skips them) and no partial file behind. Safe with other
+    processes fetching the same model: huggingface_hub locks each file, and llmcli removes only its own."""
     from huggingface_hub import hf_hub_download
 
     # Small files (config, index, tokenizer) first: a run that fails on a shard still leaves the index
@@ -507,10 +538,7 @@ def fetch(plan: DownloadPlan, quiet: bool = False, workers: int = WORKERS) -> Pa
     queue = list(reversed(todo))
     results: list[tuple[RemoteFile, BaseException | None]] = []
     lock = threading.Lock()
-    before = _partial_files(plan)
     with Progress(plan, quiet) as progress:
-        bar = progress.bar_class()
-
         def worker() -> None:
             while not progress.cancel.is_set():
                 with lock:
@@ -523,11 +551,13 @@ def fetch(plan: DownloadPlan, quiet: bool = False, workers: int = WORKERS) -> Pa
                         hf_hub_download(
                             plan.repo, f.path, revision=plan.commit, endpoint=hub_endpoint(), token=plan.token,
                             cache_dir=None if plan.local_dir else str(hub_cache_dir()),
-                            local_dir=str(plan.local_dir) if plan.local_dir else None, tqdm_class=bar,
+                            local_dir=str(plan.local_dir) if plan.local_dir else None,
+                            tqdm_class=progress.bar_class(f),
                         )
                 except BaseException as exc:  # handed to the main thread
                     error = exc
                 with lock:
+                    progress.transferring.discard(f.blob)
                     results.append((f, error))
 
         # Daemon threads: Ctrl-C must not wait for a transfer in the middle of a read to notice.
@@ -548,7 +578,9 @@ def fetch(plan: DownloadPlan, quiet: bool = False, workers: int = WORKERS) -> Pa
             progress.cancel.set()  # transfers stop at their next chunk; hf deletes their temporary files
             for t in threads:
                 t.join(1.0)
-            for partial in _partial_files(plan) - before:  # threads still inside a read: remove their files
+            with lock:  # threads still inside a read: remove their files
+                unfinished = set(progress.transferring)
+            for partial in _partial_files(plan, unfinished):
                 partial.unlink(missing_ok=True)
             done = len(plan.files) - len(todo) + sum(err is None for _, err in results)
             print(f"interrupted: {done} of {len(plan.files)} files are complete; run the same command "
@@ -560,9 +592,8 @@ def fetch(plan: DownloadPlan, quiet: bool = False, workers: int = WORKERS) -> Pa
         error = errors[0]
         if isinstance(error, AccessError):
             raise error
-        message = str(error) if isinstance(error, LlmcliError) else f"{type(error).__name__}: {_first_line(error)}"
         raise LlmcliError(f"download of {plan.repo} failed ({done} of {len(plan.files)} files complete; "
-                          f"run the same command again to resume): {message}")
+                          f"run the same command again to resume): {_failure_reason(error, plan)}")
     if plan.local_dir is None:
         write_ref(plan.repo, plan.revision, plan.commit)
     return plan.destination

@@ -5,7 +5,8 @@ It speaks the part of the Hugging Face Hub protocol that huggingface_hub's downl
 and `/{repo}/resolve/{rev}/{path}` HEAD and GET (with Range), with the headers the client reads
 (X-Repo-Commit, ETag, Content-Length, X-Linked-Size/-Etag, X-Error-Code). It never sends Xet headers,
 so the client uses plain HTTP. Faults can be injected per file: a dropped connection mid-body, an
-error status, a slow transfer. Every request is recorded for the tests to inspect.
+error status, an error status for resumed (ranged) transfers only, a slow transfer. Every request is
+recorded for the tests to inspect.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class FakeHub:
         self.requests: list[Request] = []
         self.drop_once: dict[str, float] = {}  # file path -> fraction sent before the connection drops
         self.fail: dict[str, int] = {}  # file path -> status for every GET
-        self.slow: dict[str, float] = {}  # file path -> seconds to sleep per 4 KiB chunk
+        self.fail_resumes: dict[str, int] = {}  # file path -> status for every GET with a Range (a resume)
+        self.slow: dict[str, float] = {}  # file path -> seconds to sleep per 4 KiB chunk (read per chunk)
         self._server: ThreadingHTTPServer | None = None
 
     # -- content ----------------------------------------------------------------------------------
@@ -190,6 +192,8 @@ class FakeHub:
             return self._error(h, 404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": sha})
         if not head and file_path in self.fail:
             return self._error(h, self.fail[file_path], None, "injected failure")
+        if not head and h.headers.get("Range") and file_path in self.fail_resumes:
+            return self._error(h, self.fail_resumes[file_path], None, "injected failure of a resumed transfer")
         etag = hashlib.sha256(data).hexdigest() if is_lfs(file_path) else git_blob_id(data)
         start = 0
         rng = h.headers.get("Range")
@@ -216,9 +220,9 @@ class FakeHub:
                 h.wfile.flush()
                 h.close_connection = True
                 return
-            delay = self.slow.get(file_path)
             for i in range(0, len(body), 4096):
                 h.wfile.write(body[i:i + 4096])
+                delay = self.slow.get(file_path)  # per chunk: a test can speed up a transfer in flight
                 if delay:
                     h.wfile.flush()
                     time.sleep(delay)

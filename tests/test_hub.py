@@ -7,8 +7,10 @@ is imported. Everything the client asks for is recorded by the server.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +69,7 @@ def hf(fake_hub, tmp_path, monkeypatch):
     fake_hub.requests.clear()
     fake_hub.drop_once.clear()
     fake_hub.fail.clear()
+    fake_hub.fail_resumes.clear()
     fake_hub.slow.clear()
     home = tmp_path / "hf-home"
     monkeypatch.setenv("HF_HOME", str(home))
@@ -202,6 +205,174 @@ def test_ctrl_c_exits_130_without_partial_files(fake_hub, hf, checkpoint):
     assert not (snapshot(hf, "org/tiny", commit) / SHARD1).exists()
     for blob in blobs.iterdir():  # whatever finished is whole
         assert blob.read_bytes() in checkpoint.values()
+
+
+def test_a_transfer_cut_midway_fails_in_one_line_and_the_next_run_completes(fake_hub, hf, checkpoint):
+    """The server drops the connection midway through a shard and refuses the resumed request: the run
+    fails with one line, leaves no partial file, and the next run fetches only what is missing."""
+    fake_hub.drop_once[SHARD1] = 0.9  # past huggingface_hub's first 10 MiB read: the retry asks for a Range
+    fake_hub.fail_resumes[SHARD1] = 503
+    r = run_llmcli(fake_hub.url, hf, "download", "org/tiny")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: download of org/tiny failed"), r.stderr
+    assert "503" in r.stderr and "run the same command again" in r.stderr
+    assert_one_error_line(r.stderr)
+    gets = fake_hub.file_requests(SHARD1, "GET")
+    assert [g.range is not None for g in gets] == [False, True]  # cut, then the resume refused
+    blobs = hf / "hub" / "models--org--tiny" / "blobs"
+    assert not list(blobs.glob("*.incomplete"))  # huggingface_hub removes its partial file
+    assert all(blob.read_bytes() in checkpoint.values() for blob in blobs.iterdir())
+
+    fake_hub.drop_once.clear()
+    fake_hub.fail_resumes.clear()
+    fake_hub.requests.clear()
+    r = run_llmcli(fake_hub.url, hf, "download", "org/tiny")
+    assert r.returncode == 0, r.stderr
+    assert not fake_hub.file_requests("config.json", "GET")  # completed in the first run
+    assert [g.range for g in fake_hub.file_requests(SHARD1, "GET")] == [None]  # no partial file was kept
+    path = Path(r.stdout.strip().splitlines()[-1])
+    for name, data in checkpoint.items():
+        assert (path / name).read_bytes() == data, name
+
+
+def start_llmcli(hub_url: str, hf_home: Path, *args: str) -> subprocess.Popen:
+    code = "import sys\nfrom llmcli.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=cli_env(hub_url, hf_home),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_processes_download_the_same_model_at_once(fake_hub, hf, checkpoint):
+    """huggingface_hub's per-file locks: both finish with the whole model, each file crosses the network once."""
+    fake_hub.slow[SHARD1] = fake_hub.slow[SHARD2] = 0.0005  # both processes are mid-transfer together
+    procs = [start_llmcli(fake_hub.url, hf, "download", "org/tiny") for _ in range(2)]
+    results = [(*p.communicate(timeout=120), p.returncode) for p in procs]
+    for _, err, code in results:
+        assert code == 0, err
+    paths = {Path(out.strip().splitlines()[-1]) for out, _, _ in results}
+    assert len(paths) == 1
+    path = paths.pop()
+    for name, data in checkpoint.items():
+        assert (path / name).read_bytes() == data, name
+        assert len(fake_hub.file_requests(name, "GET")) == 1, name
+    assert not list((hf / "hub" / "models--org--tiny" / "blobs").glob("*.incomplete"))
+
+
+def test_ctrl_c_in_one_download_leaves_another_one_alone(fake_hub, hf, checkpoint):
+    """Interrupted, a download removes its own partial files only: another process fetching the same model
+    (here: the second shard, which the interrupted one never asked for) carries on."""
+    fake_hub.slow[SHARD1] = fake_hub.slow[SHARD2] = 0.005
+    whole = start_llmcli(fake_hub.url, hf, "download", "org/tiny")
+    first_shard = start_llmcli(fake_hub.url, hf, "download", "org/tiny", "--include", SHARD1)
+    deadline = time.time() + 60
+    while not (fake_hub.file_requests(SHARD1, "GET") and fake_hub.file_requests(SHARD2, "GET")):
+        assert time.time() < deadline, "the transfers did not start"
+        time.sleep(0.05)
+    time.sleep(0.5)  # both shards mid-transfer
+    first_shard.send_signal(signal.SIGINT)
+    _, err = first_shard.communicate(timeout=30)
+    assert first_shard.returncode == 130, err
+    fake_hub.slow.clear()  # the transfers still running speed up
+    out, err = whole.communicate(timeout=120)
+    assert whole.returncode == 0, err
+    path = Path(out.strip().splitlines()[-1])
+    for name, data in checkpoint.items():
+        assert (path / name).read_bytes() == data, name
+    assert not list((hf / "hub" / "models--org--tiny" / "blobs").glob("*.incomplete"))
+
+
+FILE_SIZE_LIMIT = """import resource
+resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 2**20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))"""
+
+
+def test_a_write_refused_midway_fails_in_one_line_and_the_next_run_completes(fake_hub, hf, checkpoint):
+    """A file-size limit (`ulimit -f`, 4 MiB) stops both shards midway, as a full disk would, everywhere
+    (the tmpfs test below needs user namespaces)."""
+    r = run_llmcli(fake_hub.url, hf, "download", "org/tiny", preamble=FILE_SIZE_LIMIT)
+    assert r.returncode == 1
+    assert "file-size limit" in r.stderr and "run the same command again" in r.stderr
+    blobs = hf / "hub" / "models--org--tiny" / "blobs"
+    assert_failed_midway(fake_hub, r, blobs, checkpoint)
+    r = run_llmcli(fake_hub.url, hf, "download", "org/tiny")
+    assert r.returncode == 0, r.stderr
+    assert_resumed(fake_hub, Path(r.stdout.strip().splitlines()[-1]), checkpoint)
+
+
+FILL_THE_DISK = """import os, threading, time
+from pathlib import Path
+
+def fill_the_disk_once_the_shard_starts(blob):
+    blobs = Path(os.environ["HF_HOME"]) / "hub" / "models--org--tiny" / "blobs"
+    while not list(blobs.glob(blob + ".*.incomplete")):
+        time.sleep(0.002)
+    with open(Path(os.environ["HF_HOME"]) / "filler", "wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(bytes(2**20))
+        except OSError:
+            pass
+
+threading.Thread(target=fill_the_disk_once_the_shard_starts, args=({blob!r},), daemon=True).start()"""
+
+# In a user and mount namespace of its own, HF_HOME becomes a 40 MiB tmpfs: the model (28 MiB) fits, so
+# llmcli's check lets the download start; then something else fills the disk. The second run, after the
+# filler is removed, is in the same namespace (the tmpfs goes with it).
+DISK_FULL_SCRIPT = """mount -t tmpfs -o size=40m tmpfs "$HF_HOME" || exit 77
+"$PYTHON" -c "$FIRST" download org/tiny >"$OUT/1.out" 2>"$OUT/1.err"; echo $? >"$OUT/1.rc"
+cp -r "$HF_HOME/hub/models--org--tiny/blobs" "$OUT/blobs"
+rm "$HF_HOME/filler"
+"$PYTHON" -c "$SECOND" download org/tiny >"$OUT/2.out" 2>"$OUT/2.err"; echo $? >"$OUT/2.rc"
+cp -rL "$(tail -n 1 "$OUT/2.out")" "$OUT/snapshot"
+"""
+
+
+def test_a_disk_that_fills_midway_fails_in_one_line_and_the_next_run_completes(fake_hub, hf, checkpoint,
+                                                                                 tmp_path):
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "-rm", "mount", "-t", "tmpfs", "tmpfs", str(tmp_path)], capture_output=True).returncode:
+        pytest.skip("no user namespaces here to mount a small tmpfs in")
+    fake_hub.slow[SHARD1] = fake_hub.slow[SHARD2] = 0.0005  # the filler wins the race to the disk
+    main = "import sys\n{}\nfrom llmcli.cli import main\nsys.exit(main(sys.argv[1:]))"
+    out = tmp_path / "out"
+    out.mkdir()
+    hf.mkdir()
+    env = cli_env(fake_hub.url, hf, PYTHON=sys.executable, OUT=str(out), SECOND=main.format(""),
+                  FIRST=main.format(FILL_THE_DISK.format(blob=hashlib.sha256(checkpoint[SHARD1]).hexdigest())))
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", DISK_FULL_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    first = subprocess.CompletedProcess([], int((out / "1.rc").read_text()), (out / "1.out").read_text(),
+                                        (out / "1.err").read_text())
+    assert first.returncode == 1
+    assert "the disk is full" in first.stderr and "run the same command again" in first.stderr
+    assert_failed_midway(fake_hub, first, out / "blobs", checkpoint)
+    assert (out / "2.rc").read_text().strip() == "0", (out / "2.err").read_text()
+    assert_resumed(fake_hub, out / "snapshot", checkpoint)
+
+
+def assert_failed_midway(fake_hub, first, blobs: Path, checkpoint) -> None:
+    """After the failed run: one error line; what huggingface_hub kept is whole (it removes partial files)."""
+    assert_one_error_line(first.stderr)
+    assert fake_hub.file_requests(SHARD1, "GET")  # it failed during the transfer, not before
+    assert not list(blobs.glob("*.incomplete"))
+    kept = [blob.read_bytes() for blob in blobs.iterdir()]
+    assert kept and all(data in checkpoint.values() for data in kept)
+    assert checkpoint[SHARD1] not in kept
+
+
+def assert_resumed(fake_hub, path: Path, checkpoint) -> None:
+    """The second run fetched what was missing (the failed shard again from its start: huggingface_hub
+    does not keep partial files) and not the files the first run completed."""
+    for name, data in checkpoint.items():
+        assert (path / name).read_bytes() == data, name
+    assert len(fake_hub.file_requests("config.json", "GET")) == 1
+    assert [g.range for g in fake_hub.file_requests(SHARD1, "GET")][-1] is None
+
+
+def assert_one_error_line(stderr: str) -> None:
+    """The failure is said in one line: no traceback, no library log lines around it."""
+    assert "Traceback" not in stderr and "Warning" not in stderr, stderr
+    assert sum(line.startswith("error:") for line in stderr.splitlines()) == 1, stderr
+    assert not [line for line in stderr.splitlines() if "Error while downloading" in line], stderr
 
 
 def test_gated_repo_asks_for_a_token(fake_hub, hf):

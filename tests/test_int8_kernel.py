@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmcli.backends import cpu_kernels, int8_kernel
+from llmcli.backends import int8_kernel
 from llmcli.backends.int8 import quantize_weight
 
 pytestmark = pytest.mark.skipif(not int8_kernel.available()[0], reason="the int8 kernel cannot be built here")
@@ -184,27 +184,3 @@ def test_portable_loop_for_cpus_without_avx512_gives_the_same_products(portable_
     expected = (x.double() @ q.double().T) * scale.bfloat16().double()
     portable = portable_ops.int8_gemm(x, stack[0], scale.bfloat16(), None)
     assert ((portable.double() - expected).abs() <= 2**-8 * expected.abs() + 1e-4 * expected.abs().max()).all()
-
-
-def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_one():
-    import os
-    import time
-
-    flags = ["-O3", "-fopenmp"]
-    lock = cpu_kernels.build_directory("llmcli_lock_test", flags) / "lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    lock.touch()
-    old = time.time() - cpu_kernels.STALE_LOCK_SECONDS - 60
-    os.utime(lock, (old, old))
-    cpu_kernels.compile_library("llmcli_lock_test", flags)  # would wait forever on the lock
-    assert not lock.exists()
-    q = int8_kernel.to_blocks(torch.ones(8, 16, dtype=torch.int8))[None]
-    assert torch.equal(torch.ops.llmcli_lock_test.int8_gemv(torch.ones(1, 16), q, torch.ones(1, 8), None),
-                       torch.full((1, 8), 16.0))
-
-
-def test_a_recent_lock_is_left_alone(tmp_path):
-    lock = tmp_path / "lock"
-    lock.touch()
-    cpu_kernels.remove_stale_lock(lock)
-    assert lock.exists()

@@ -1,10 +1,15 @@
 """llmcli's CPU kernels (`kernels/*.cpp`): how they are built, cached and loaded.
 
 torch's extension builder compiles them once per machine and torch version (a C++ compiler and ninja
-are needed; about 10 s) into llmcli's cache, with -march=native: the code uses the instructions this
+are needed; 10-50 s) into llmcli's cache, with -march=native: the code uses the instructions this
 CPU has (AVX-512, AVX512-BF16). Where they cannot be built, llmcli keeps torch's own paths (slower,
 same results up to rounding) and says so in one line. The kernels themselves are described in
 int8_kernel.py and bf16_kernel.py; which layers use them is decided in prepare.py.
+
+Several processes may start on an empty cache at once: one builds, under a lock that the OS releases if
+it dies, in a scratch folder renamed into place once the library is linked; the others wait and load
+that. (torch's own lock is a file that a killed build leaves behind, and every later build then waits
+for it forever; a build killed mid-way could also leave half-written files where the next one looks.)
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import functools
 import hashlib
 import logging
 import platform
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,6 +30,7 @@ from llmcli.paths import kernel_builds
 
 SOURCES = [Path(__file__).with_name("kernels") / name for name in ("int8_gemv.cpp", "bf16_gemm.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
+BUILD_WAIT_SECONDS = 600  # for another process's build (10-50 s); past this it is stuck, not slow
 
 
 @functools.cache
@@ -30,14 +39,16 @@ def load_once() -> tuple[bool, str]:
     (loaded, a note for the user, empty if none)."""
     start = time.perf_counter()
     try:
-        compile_library("llmcli", FLAGS)
+        built = compile_library("llmcli", FLAGS)
     except KernelBuildError as exc:
         return False, f"CPU kernels unavailable ({exc}); using torch's slower paths"
     register_fake()
     seconds = time.perf_counter() - start
-    if seconds < 2:  # loaded from the cache: nothing worth saying
-        return True, ""
-    return True, f"built llmcli's CPU kernels in {seconds:.1f} s (cached for later runs)"
+    if built:
+        return True, f"built llmcli's CPU kernels in {seconds:.1f} s (cached for later runs)"
+    if seconds >= 2:
+        return True, f"waited {seconds:.1f} s for another llmcli process to build the CPU kernels"
+    return True, ""  # loaded from the cache: nothing worth saying
 
 
 def has_avx512_bf16() -> bool:
@@ -49,29 +60,22 @@ class KernelBuildError(Exception):
     pass
 
 
-def compile_library(namespace: str, flags: list[str]) -> None:
+def compile_library(namespace: str, flags: list[str]) -> bool:
     """Build the sources with `flags` (or reuse the cached build) and load them: the ops are then
-    torch.ops.<namespace>.*. Other namespaces than "llmcli" are for tests (e.g. the portable loops)."""
-    from torch.utils import cpp_extension
-
+    torch.ops.<namespace>.*. True when this process built them. Other namespaces than "llmcli" are for tests
+    (e.g. the portable loops)."""
     directory = build_directory(namespace, flags)
-    flags = [*flags, f"-DLLMCLI_OPS_NAMESPACE={namespace}"]
-    remove_stale_lock(directory / "lock")
-    # torch logs a page-wide warning when the compiler is not the one it was built with: say it in one line
-    cpp_logger = logging.getLogger(cpp_extension.__name__)
-    level = cpp_logger.level
-    cpp_logger.setLevel(logging.ERROR)
+    library = directory / f"{directory.name}.so"  # as torch's builder names it (gcc and clang platforms)
+    if not library.is_file():
+        with build_lock(directory):
+            if not library.is_file():  # nor built by another process while this one waited
+                build(directory, flags + [f"-DLLMCLI_OPS_NAMESPACE={namespace}"])
+                return True
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(directory.name, [str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                           build_directory=str(directory), is_python_module=False, verbose=False)
-    except Exception as exc:  # no compiler, no ninja, an unsupported platform: fall back, say why
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if reason.startswith("Error building extension"):
-            reason = f"the C++ build failed; `ninja -C {directory}` shows why"
-        raise KernelBuildError(reason[:200]) from exc
-    finally:
-        cpp_logger.setLevel(level)
+        torch.ops.load_library(str(library))
+    except OSError as exc:  # e.g. a cache copied from another machine, or torch updated in place
+        raise KernelBuildError(f"cannot load {library}: {str(exc).strip()[:150]}") from exc
+    return False
 
 
 def build_directory(namespace: str, flags: list[str]) -> Path:
@@ -82,17 +86,59 @@ def build_directory(namespace: str, flags: list[str]) -> Path:
     return kernel_builds() / f"{namespace}_{key.hexdigest()[:12]}"
 
 
-STALE_LOCK_SECONDS = 300  # a build takes 5-30 s
+@contextmanager
+def build_lock(directory: Path):
+    """One build of `directory` at a time, across processes; the lock dies with its holder."""
+    from filelock import FileLock, Timeout
 
-
-def remove_stale_lock(lock: Path) -> None:
-    """torch's builder waits, without limit, for the lock file of a build in progress to go away; a build
-    killed mid-way leaves it behind, which would hang every later run."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{directory}.lock")
     try:
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-            lock.unlink()
-    except FileNotFoundError:
-        pass
+        lock.acquire(timeout=BUILD_WAIT_SECONDS)
+    except Timeout as exc:
+        raise KernelBuildError(f"another process has been building them for {BUILD_WAIT_SECONDS} s") from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def build(directory: Path, flags: list[str]) -> None:
+    """Build and load the library in a scratch folder, then rename that into `directory` (under the lock):
+    the library appears there whole or not at all. A failed build is moved there too, for `ninja -C`."""
+    from torch.utils import cpp_extension
+
+    for leftover in directory.parent.glob(f"{directory.name}.build-*"):  # from builds killed mid-way
+        shutil.rmtree(leftover, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{directory.name}.build-", dir=directory.parent))
+    # torch logs a page-wide warning when the compiler is not the one it was built with: say it in one line
+    cpp_logger = logging.getLogger(cpp_extension.__name__)
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        cpp_extension.load(directory.name, [str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                           build_directory=str(scratch), is_python_module=False, verbose=False)
+    except Exception as exc:  # no compiler, no ninja, an unsupported platform: fall back, say why
+        (scratch / f"{directory.name}.so").unlink(missing_ok=True)
+        move_into_place(scratch, directory)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if reason.startswith("Error building extension"):
+            reason = f"the C++ build failed; `ninja -C {directory}` shows why"
+        raise KernelBuildError(reason[:200]) from exc
+    except BaseException:  # Ctrl-C: nothing to keep
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    finally:
+        cpp_logger.setLevel(level)
+    move_into_place(scratch, directory)
+
+
+def move_into_place(scratch: Path, directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)  # a failed build (no library), or one from an older llmcli
+    try:
+        scratch.rename(directory)
+    except OSError as exc:
+        raise KernelBuildError(f"cannot move the build into {directory}: {exc}") from exc
 
 
 def cpu_model() -> str:
