@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
+from llmcli import memory
 from llmcli.backends.prepare import Preparation
 from llmcli.backends.runner import Runner
 from llmcli.config import ModelConfig, load_config
 from llmcli.errors import LlmcliError
+from llmcli.formats.safetensors import read_checkpoint
 from llmcli.models.base import CausalLM
 from llmcli.models.deepseek import DeepseekForCausalLM
 from llmcli.models.qwen import QwenForCausalLM
@@ -73,6 +75,22 @@ def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: t
     return preparation.runner(), notes
 
 
+def check_memory(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
+                 quantize: str | None) -> None:
+    """Stop, before any weight is read, when the model will not fit in the memory left (llmcli.memory says
+    what it counts). Only the safetensors headers are read; without weights loading reports what is missing."""
+    tensors = read_checkpoint(model_dir)
+    if tensors is None:
+        return
+    name = str(dtype).removeprefix("torch.")
+    needed = memory.for_checkpoint(cfg, tensors, name, quantize)
+    instead = memory.for_checkpoint(cfg, tensors, name, "int8") if quantize is None else None
+    if device.type == "cuda":
+        memory.require(needed, torch.cuda.mem_get_info(device)[0], f"GPU memory on {device}", instead)
+    else:  # CPU, and MPS's memory shared with it
+        memory.require(needed, memory.available_bytes(), "memory", instead)
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -101,6 +119,8 @@ def load_model(name: str, path: Path, options: Options | None = None, **settings
     dev = resolve_device(options.device)
     cfg = load_config(path)
     dt = resolve_dtype(options.dtype, cfg, dev)
+    if options.check_memory:
+        check_memory(cfg, path, dt, dev, options.quantize)
     start = time.perf_counter()
     tokenizer = Tokenizer.from_dir(path)
     with torch.inference_mode(False):

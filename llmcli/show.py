@@ -3,24 +3,22 @@
 Parameter counts come from the checkpoint's tensor shapes when the weights are on disk (exact), else
 from the config (the same shapes, computed). FP8 scale tensors are not parameters; DeepSeek-V3's
 multi-token-prediction layer (`model.layers.{num_layers}`) is counted apart, since generation skips it.
+The memory a model needs is llmcli.memory's figure, the one loading checks.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmcli.backends.int8_size import int8_size
+from llmcli import memory
 from llmcli.config import ModelConfig, load_config
-from llmcli.formats.safetensors import DTYPE_BYTES, DTYPE_NAMES, TensorInfo, read_checkpoint
+from llmcli.formats.safetensors import DTYPE_NAMES, TensorInfo, read_checkpoint
+from llmcli.memory import ELEMENT_BYTES, NOT_PARAMETERS, SCALE_SUFFIX, layer_of
 
-LAYER_RE = re.compile(r"^(?:model\.layers|transformer\.h)\.(\d+)\.")
 ROUTED_EXPERT_RE = re.compile(r"\.mlp\.experts\.")  # per-expert (experts.7.up_proj) or fused (experts.gate_up_proj)
-SCALE_SUFFIX = "_scale_inv"  # FP8 block scales
-NOT_PARAMETERS = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")  # buffers in old checkpoints
 
 
 # -- parameter counts -------------------------------------------------------------------------------
@@ -44,8 +42,7 @@ def count_checkpoint(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> ParamC
         dtype_bytes[dtype] = dtype_bytes.get(dtype, 0) + t.nbytes
         if name.endswith(SCALE_SUFFIX) or name.endswith(NOT_PARAMETERS):
             continue
-        match = LAYER_RE.match(name)
-        layer = int(match.group(1)) if match else None
+        layer = layer_of(name)
         if layer is not None and layer >= cfg.num_layers:
             mtp += t.numel
             continue
@@ -83,6 +80,14 @@ def count_config(cfg: ModelConfig) -> ParamCount:
     return ParamCount(total, total - _inactive(cfg, routed), 0, "config")
 
 
+def _largest_unit(cfg: ModelConfig) -> int:
+    """Values of the largest part loading prepares at once (see llmcli.memory): a layer's attention and dense or
+    shared-expert MLP, or an untied head."""
+    h = cfg.hidden_size
+    mlp = 3 * h * max(cfg.intermediate_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
+    return max(_attention_params(cfg) + mlp, 0 if cfg.tie_word_embeddings else cfg.vocab_size * h)
+
+
 def _attention_params(cfg: ModelConfig) -> int:
     h = cfg.hidden_size
     if cfg.family.startswith("deepseek"):
@@ -112,14 +117,13 @@ def run_dtype(cfg: ModelConfig) -> str:
 def kv_cache(cfg: ModelConfig, dtype: str) -> dict:
     """Bytes of cache each token adds across all layers. MLA caches the compressed latent c_kv and the
     shared rotary key instead of per-head keys and values."""
-    elem = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
+    elem = ELEMENT_BYTES.get(dtype, 4)
+    values = memory.kv_values_per_token(cfg)
     if cfg.family.startswith("deepseek"):
-        values = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         expanded = cfg.num_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
         return {"kind": "latent (MLA)", "dtype": dtype, "values_per_layer": values,
                 "bytes_per_token": values * elem * cfg.num_layers,
                 "expanded_bytes_per_token": expanded * elem * cfg.num_layers}
-    values = 2 * cfg.num_kv_heads * cfg.head_dim
     return {"kind": "keys and values", "dtype": dtype, "values_per_layer": values,
             "bytes_per_token": values * elem * cfg.num_layers}
 
@@ -195,16 +199,20 @@ def _weight_sizes(cfg: ModelConfig, tensors: dict[str, TensorInfo] | None, dtype
     """Bytes of the weights once loaded in the run dtype, and with --quantize int8 (MTP layers skipped)."""
     if tensors is None:
         return None
-    element = DTYPE_BYTES.get({"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(dtype, "BF16"), 2)
-    shapes = {}
-    for name, t in tensors.items():
-        match = LAYER_RE.match(name)
-        if name.endswith(SCALE_SUFFIX) or name.endswith(NOT_PARAMETERS) or (
-                match and int(match.group(1)) >= cfg.num_layers):
-            continue
-        shapes[name] = t.shape
-    tied = (cfg.vocab_size, cfg.hidden_size) if cfg.tie_word_embeddings else None
-    return {dtype: sum(math.prod(s) for s in shapes.values()) * element, "int8": int8_size(shapes, element, tied)}
+    kept = memory.loaded_tensors(cfg, tensors)
+    return {dtype: memory.weight_bytes(cfg, kept, dtype), "int8": memory.weight_bytes(cfg, kept, dtype, "int8")}
+
+
+def _memory(cfg: ModelConfig, tensors: dict[str, TensorInfo] | None, params: ParamCount, dtype: str) -> dict:
+    """The memory loading checks for (the default dtype; int8 too when the headers are on disk) and what is free."""
+    if tensors is not None:
+        needed, int8 = memory.for_checkpoint(cfg, tensors, dtype), memory.for_checkpoint(cfg, tensors, dtype, "int8")
+    else:
+        needed, int8 = memory.for_config(cfg, params.total, _largest_unit(cfg), dtype), None
+    available = memory.available_bytes()
+    return {"dtype": dtype, "needs_bytes": needed.total, "weights_bytes": needed.weights,
+            "int8_needs_bytes": int8.total if int8 else None, "available_bytes": available,
+            "summary": memory.summary(needed, available)}
 
 
 def disk_bytes(model_dir: Path) -> int:
@@ -259,6 +267,7 @@ def describe(model_dir: Path, name: str | None = None, repo: str | None = None,
         "run_dtype": dtype,
         "kv_cache": kv_cache(cfg, dtype),
         "weight_bytes": _weight_sizes(cfg, tensors, dtype),
+        "memory": _memory(cfg, tensors, params, dtype),
         "chat_template": chat_template_source(model_dir, cfg.family),
         "tokenizer": "tokenizer.json" if (model_dir / "tokenizer.json").is_file()
         else "qwen.tiktoken" if (model_dir / "qwen.tiktoken").is_file() else None,
