@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from llmcli.errors import LlmcliError
-from llmcli.generate import Generation, SamplingParams
+from llmcli.generate import MAX_SEED, Generation, SamplingParams
 from llmcli.templates import CHATML_TEMPLATE
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -299,7 +299,7 @@ class ChatSession:
         self.cached_ids = ids[:reuse]
         sampling = self.sampling
         if sampling.seed is not None:  # reproducible sessions, yet each turn samples differently
-            sampling = dataclasses.replace(sampling, seed=sampling.seed + self.turns_started)
+            sampling = dataclasses.replace(sampling, seed=(sampling.seed + self.turns_started) % (MAX_SEED + 1))
         generation = Generation(self.runner, self.tokenizer, ids[reuse:], self.max_new_tokens, sampling,
                                 stop_ids=self.stop_ids, cache=self.cache)
         self.turns_started += 1

@@ -6,6 +6,7 @@ holds the token ids, the finish reason and the timings.
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,12 @@ import torch
 from llmcli.backends.runner import Runner, as_runner
 from llmcli.errors import LlmcliError
 from llmcli.models.base import CausalLM
+
+# Logits are float32: divided by a temperature below 1e-5 (which samples as greedily as 0 anyway) or by a
+# penalty past these bounds, they could overflow to inf and make the probabilities NaN.
+MIN_TEMPERATURE = 1e-5
+MAX_PENALTY = 1e6
+MAX_SEED = 2**64 - 1  # torch.Generator takes 64-bit seeds
 
 
 @dataclass
@@ -27,16 +34,23 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> None:
-        if self.temperature < 0:
-            raise LlmcliError("--temperature must be >= 0", exit_code=2)
-        if self.top_k < 0:
-            raise LlmcliError("--top-k must be >= 0", exit_code=2)
+        """Every value in range, each failure one line (exit 2). NaN fails every comparison, so each check is
+        written as what must hold."""
+        t = self.temperature
+        if not (t == 0 or MIN_TEMPERATURE <= t < math.inf):
+            raise LlmcliError(f"--temperature must be 0 (greedy) or a number from {MIN_TEMPERATURE:g} up, got {t}",
+                              exit_code=2)
+        if not self.top_k >= 0:
+            raise LlmcliError(f"--top-k must be >= 0, got {self.top_k}", exit_code=2)
         if not 0 < self.top_p <= 1:
-            raise LlmcliError("--top-p must be in (0, 1]", exit_code=2)
+            raise LlmcliError(f"--top-p must be in (0, 1], got {self.top_p}", exit_code=2)
         if not 0 <= self.min_p < 1:
-            raise LlmcliError("--min-p must be in [0, 1)", exit_code=2)
-        if self.repetition_penalty <= 0:
-            raise LlmcliError("--repetition-penalty must be > 0", exit_code=2)
+            raise LlmcliError(f"--min-p must be in [0, 1), got {self.min_p}", exit_code=2)
+        if not 1 / MAX_PENALTY <= self.repetition_penalty <= MAX_PENALTY:
+            raise LlmcliError(f"--repetition-penalty must be between {1 / MAX_PENALTY:g} and {MAX_PENALTY:g} "
+                              f"(1 = off), got {self.repetition_penalty}", exit_code=2)
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise LlmcliError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}", exit_code=2)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmcli.errors import LlmcliError
+from llmcli.template_sandbox import render
 
 if TYPE_CHECKING:
-    import jinja2
     import tokenizers
 
 _REPLACEMENT = "\ufffd"
@@ -39,9 +37,7 @@ def _pick_template(template: Any, tools: Any = None) -> str | None:
     # A template may be a list of named templates; like transformers, prefer "tool_use" when tools are given.
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        if tools and named.get("tool_use"):
-            return named["tool_use"]
-        return named.get("default")
+        template = named["tool_use"] if tools and named.get("tool_use") else named.get("default")
     return template if isinstance(template, str) else None
 
 
@@ -53,43 +49,6 @@ def _read_json(path: Path) -> Any:
 
 
 # --- chat templates ---------------------------------------------------------------------------------------
-
-
-def _raise_exception(message: str) -> None:
-    # Templates call this to reject a conversation (e.g. "roles must alternate"); jinja lets it propagate.
-    raise LlmcliError(f"chat template: {_one_line(message)}")
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    # jinja's own tojson escapes <, >, & and ' for HTML and sorts keys; chat templates expect plain json.dumps
-    # (keys in insertion order, non-ASCII kept), which is what transformers installs.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-@lru_cache(maxsize=8)
-def _compile_template(source: str) -> jinja2.Template:
-    """Compile once per distinct template text (compiling a large template takes tens of milliseconds)."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    # Same environment as transformers: templates come from model repos, so they run sandboxed and
-    # cannot mutate the data they are given.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateError as e:
-        raise LlmcliError(f"invalid chat template: {_one_line(e)}") from None
-
 
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -234,7 +193,8 @@ class Tokenizer:
         if self.eos_token_id is not None:
             ids.append(self.eos_token_id)
         extra = self.config.get("stop_tokens") or []
-        for token in [extra] if isinstance(extra, (str, dict)) else extra:
+        extra = [extra] if isinstance(extra, (str, dict)) else extra if isinstance(extra, list) else []
+        for token in extra:
             token = _token_str(token)
             token_id = self.token_to_id(token) if token else None
             if token_id is not None:
@@ -306,12 +266,9 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             enable_thinking: bool | None = None, **extra: Any) -> str:
-        import jinja2
-
         source = _pick_template(self._template_source, extra.get("tools"))
         if not source:
             raise LlmcliError("this tokenizer has no chat template; use a raw prompt instead")
-        template = _compile_template(source)
 
         # Variables as transformers passes them: the special-token strings, tools/documents defaulting to None
         # (templates test `tools is not none`), then caller extras, which override everything before them.
@@ -324,14 +281,7 @@ class Tokenizer:
             context["enable_thinking"] = enable_thinking
         context.update(extra)
         context.update(messages=_prepare_messages(messages), add_generation_prompt=add_generation_prompt)
-        try:
-            return template.render(**context)
-        except LlmcliError:
-            raise
-        except jinja2.TemplateError as e:
-            raise LlmcliError(f"chat template error: {_one_line(e)}") from None
-        except Exception as e:  # a template doing e.g. str + None fails with a plain Python error
-            raise LlmcliError(f"chat template failed: {type(e).__name__}: {_one_line(e)}") from None
+        return render(source, context)
 
 
 class StreamDecoder:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 import sys
 from contextlib import nullcontext
 from enum import Enum
@@ -18,6 +19,7 @@ from llmcli.cli.common import (
     COMPILE_OPT,
     DEVICE_OPT,
     DTYPE_OPT,
+    FORCE_OPT,
     MODEL_ARG,
     QUANTIZE_OPT,
     YES_OPT,
@@ -35,15 +37,31 @@ class Compare(str, Enum):
     transformers = "transformers"
 
 
-def parse_counts(text: str, flag: str) -> list[int]:
-    """'128,512' -> [128, 512]; every value a positive integer."""
+# Past these, a run only fails later (a prompt beyond every context, a batch's caches beyond any memory) or
+# overflows: bench's prompt ids are seeded with seed * 100,003 + length, which must fit torch's 64 bits.
+MAX_TOKENS = 10_000_000
+MAX_BATCH = 4096
+MAX_SEED = 2**32 - 1
+
+
+def parse_counts(text: str, flag: str, most: int = MAX_TOKENS) -> list[int]:
+    """'128,512' -> [128, 512]; every value an integer from 1 to `most`."""
     values = []
     for part in text.split(","):
         part = part.strip()
-        if not part.isdigit() or int(part) < 1:
-            raise LlmcliError(f"{flag} takes positive integers separated by commas, got {text!r}", exit_code=2)
+        if not part.isascii() or not part.isdigit() or not 1 <= int(part) <= most:
+            raise LlmcliError(f"{flag} takes positive integers up to {most} separated by commas, got {text!r}",
+                              exit_code=2)
         values.append(int(part))
     return values
+
+
+def check_threads(threads: int | None) -> None:
+    """torch takes any count and crashes later (a segfault at 100,000 threads here)."""
+    cpus = os.cpu_count() or 1
+    if threads is not None and not 1 <= threads <= cpus:
+        raise LlmcliError(f"--threads must be between 1 and {cpus} (this machine's CPUs), got {threads}",
+                          exit_code=2)
 
 
 def _stat(stat, scale: float = 1.0, digits: int = 1) -> str:
@@ -142,9 +160,10 @@ def bench_command(
                                            help="Also run the same weights and workload in this backend."),
     json_out: str | None = typer.Option(None, "--json", metavar="FILE|-", help="Write results as JSON."),
     csv_out: str | None = typer.Option(None, "--csv", metavar="FILE|-", help="Write results as CSV."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the random prompt tokens."),
-    threads: int | None = typer.Option(None, "--threads", "-t", min=1,
-                                       help="CPU threads for torch (default: torch's choice)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed for the random prompt tokens."),
+    threads: int | None = typer.Option(None, "--threads", "-t",
+                                       help="CPU threads for torch, up to the machine's CPUs (default: torch's "
+                                            "choice)."),
     remeasure_bandwidth: bool = typer.Option(False, "--remeasure-bandwidth",
                                              help="Measure memory bandwidth again instead of using the cached value."),
     device: Device = DEVICE_OPT,
@@ -152,15 +171,18 @@ def bench_command(
     yes: bool = YES_OPT,
     quantize: Quantize | None = QUANTIZE_OPT,
     compile: bool = COMPILE_OPT,
+    force: bool = FORCE_OPT,
 ) -> None:
     """Measure prefill and decode speed, time to first token, peak memory and bandwidth use."""
     from llmcli import bench
 
     if json_out == "-" and csv_out == "-":
         raise LlmcliError("--json - and --csv - cannot both write to stdout", exit_code=2)
+    check_threads(threads)
+    batches = parse_counts(batch, "--batch", MAX_BATCH)
     workloads = [
         bench.Workload(p, n, b) for b, p, n in itertools.product(
-            parse_counts(batch, "--batch"), parse_counts(prompt_tokens, "-p"), parse_counts(gen_tokens, "-n"))
+            batches, parse_counts(prompt_tokens, "-p"), parse_counts(gen_tokens, "-n"))
     ]
     settings = bench.BenchSettings(workloads, repeat=repeat, warmup=warmup, seed=seed)
     import torch  # here, not at import time: every llmcli command would pay for it
@@ -169,7 +191,8 @@ def bench_command(
     if threads:
         torch.set_num_threads(threads)
     try:
-        report, moe_note = measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes, quantize, compile)
+        report, moe_note = measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes, quantize, compile,
+                                   force)
     finally:
         torch.set_num_threads(previous_threads)  # matters when called in-process (tests)
     # The table goes to stdout unless a machine-readable format took stdout; piped output gets a
@@ -189,11 +212,11 @@ def bench_command(
 
 
 def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=False, quantize=None,
-            compile=False):
+            compile=False, force=False):
     """Load, run every workload on every backend, return (BenchReport, MoE note or None)."""
     from llmcli import bench, machine
 
-    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force)
     mine = bench.LlmcliBackend(loaded.runner, loaded.device)
     bench.validate(settings, loaded.model)  # fail before the slow parts
     reference = None

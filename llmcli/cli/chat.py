@@ -18,6 +18,7 @@ from llmcli.cli.common import (
     COMPILE_OPT,
     DEVICE_OPT,
     DTYPE_OPT,
+    FORCE_OPT,
     MODEL_ARG,
     NO_LOGN_OPT,
     NO_NTK_OPT,
@@ -28,9 +29,11 @@ from llmcli.cli.common import (
     DType,
     Quantize,
     apply_attention_overrides,
+    clean_text,
     err_console,
     human_bytes,
     load_model,
+    stdin_lines,
 )
 from llmcli.errors import LlmcliError
 
@@ -151,8 +154,11 @@ def save_readline(path) -> None:
         pass
 
 
-def handle_line(session, line: str, make_printer, interactive: bool) -> bool:
-    """Process one input (command or message); returns False when the session should end."""
+CONTINUE, FAILED, QUIT = "continue", "failed", "quit"  # what became of one input line
+
+
+def handle_line(session, line: str, make_printer, interactive: bool) -> str:
+    """Process one input (command or message): CONTINUE, FAILED (its error shown) or QUIT."""
     from llmcli.chat import is_command, run_command, user_text
 
     try:
@@ -161,16 +167,16 @@ def handle_line(session, line: str, make_printer, interactive: bool) -> bool:
             if result.message:
                 notify(result.message, "default")
             if result.exit:
-                return False
+                return QUIT
             turn = result.turn
         else:
             turn = session.send(user_text(line))
     except LlmcliError as e:
         notify(f"error: {e}", "red")
-        return True
+        return FAILED
     if turn is not None:
         stream_reply(turn, make_printer(turn), interactive)
-    return True
+    return CONTINUE
 
 
 def run_interactive(session, make_printer) -> None:
@@ -193,7 +199,7 @@ def run_interactive(session, make_printer) -> None:
                 sys.stdout.write("\n")
                 continue
             try:
-                if text.strip() and not handle_line(session, text, make_printer, interactive=True):
+                if text.strip() and handle_line(session, text, make_printer, interactive=True) == QUIT:
                     return
             except KeyboardInterrupt:  # between the prompt and the reply: the session settles itself
                 sys.stdout.write("\n")
@@ -201,12 +207,17 @@ def run_interactive(session, make_printer) -> None:
         save_readline(history)
 
 
-def run_script(session, make_printer) -> None:
-    """Each stdin line is one user message (or command); replies go to stdout undecorated."""
-    for raw in sys.stdin:
+def run_script(session, make_printer) -> bool:
+    """Each stdin line is one user message (or command); replies go to stdout undecorated. A line that fails
+    shows its error and the script goes on, as a session would; True when any line failed."""
+    failed = False
+    for raw in stdin_lines():
         line = raw.rstrip("\r\n")
-        if line.strip() and not handle_line(session, line, make_printer, interactive=False):
-            return
+        outcome = handle_line(session, line, make_printer, interactive=False) if line.strip() else CONTINUE
+        if outcome == QUIT:
+            break
+        failed = failed or outcome == FAILED
+    return failed
 
 
 @app.command("chat")
@@ -221,7 +232,7 @@ def chat_command(
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="1 = off; >1 discourages repeats."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for sampling (turn k uses seed + k)."),
     max_context: int | None = typer.Option(
-        None, "--max-context", help="Tokens of context to keep (KV cache size); oldest turns are dropped "
+        None, "--max-context", min=2, help="Tokens of context to keep (KV cache size); oldest turns are dropped "
                                     "beyond it. Default: the model's context, at most 8192."),
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show <think> reasoning."),
     think: bool | None = typer.Option(None, "--think/--no-think",
@@ -234,18 +245,20 @@ def chat_command(
     yes: bool = YES_OPT,
     quantize: Quantize | None = QUANTIZE_OPT,
     compile: bool = COMPILE_OPT,
+    force: bool = FORCE_OPT,
 ) -> None:
     """Chat with a model. In a terminal: line editing, /help for commands, Ctrl-C stops a reply,
-    Ctrl-D quits. With piped stdin: each line is one message and replies go to stdout."""
+    Ctrl-D quits. With piped stdin: each line is one message and replies go to stdout; the exit
+    status is 1 when any line failed."""
     from llmcli.chat import ChatSession
     from llmcli.cli.generate import stop_token_ids
     from llmcli.generate import SamplingParams
 
     sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     sampling.validate()
-    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
-    session = ChatSession(loaded, sampling, max_new_tokens, max_context, system, think,
+    session = ChatSession(loaded, sampling, max_new_tokens, max_context, system and clean_text(system), think,
                           stop_ids=stop_token_ids(loaded))
     interactive = sys.stdin.isatty()
     color = interactive and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
@@ -255,5 +268,5 @@ def chat_command(
 
     if interactive:
         run_interactive(session, make_printer)
-    else:
-        run_script(session, make_printer)
+    elif run_script(session, make_printer):
+        raise typer.Exit(1)

@@ -90,6 +90,29 @@ def apply_attention_overrides(loaded, no_logn: bool, no_ntk: bool, window: str |
                                     use_dynamic_ntk=False if no_ntk else None, windows=windows)
 
 
+def clean_text(text: str) -> str:
+    """Text the tokenizer can take: bytes that were not UTF-8, which Python keeps in argv and stdin as lone
+    surrogates (U+DC80-U+DCFF), become U+FFFD, as an editor shows them; so do other lone surrogates."""
+    try:
+        data = text.encode("utf-8", "surrogateescape")  # gives back the bytes that were not UTF-8
+    except UnicodeEncodeError:
+        data = text.encode("utf-8", "surrogatepass")
+    return data.decode("utf-8", "replace")
+
+
+def read_stdin() -> str:
+    """All of stdin as text, whatever bytes it holds."""
+    buffer = getattr(sys.stdin, "buffer", None)  # absent when a test puts a StringIO there
+    return clean_text(sys.stdin.read() if buffer is None else buffer.read().decode("utf-8", "replace"))
+
+
+def stdin_lines():
+    """stdin line by line (as it arrives, for piped chat), whatever bytes it holds."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    for line in sys.stdin if buffer is None else buffer:
+        yield clean_text(line) if isinstance(line, str) else line.decode("utf-8", "replace")
+
+
 def not_built(command: str) -> None:
     raise LlmcliError(f"`llmcli {command}` is not built yet", exit_code=2)
 
@@ -129,22 +152,27 @@ def report_compile_time(seconds: float) -> None:
     err_console.print(f"note: decode step compiled in {seconds:.1f} s (cached for later runs)", style="dim")
 
 
-def run_options(device: Device, dtype: DType, quantize: Quantize | None = None, compile: bool = False):
+# The loader refuses a model whose weights look larger than the memory available; --force tries anyway.
+FORCE_OPT = typer.Option(False, "--force", help="Load even when the model looks larger than the available memory.")
+
+
+def run_options(device: Device, dtype: DType, quantize: Quantize | None = None, compile: bool = False,
+                force: bool = False):
     """The flags of a command as one Options object (with the LLMCLI_* overrides)."""
     from llmcli.options import Options
 
     return Options.from_env(device=device.value, dtype=dtype.value, quantize=quantize.value if quantize else None,
-                            compile=compile)
+                            compile=compile, check_memory=not force)
 
 
 def load_model(model: str | None, device: Device, dtype: DType, quiet: bool = False, yes: bool = False,
-               quantize: Quantize | None = None, compile: bool = False):
+               quantize: Quantize | None = None, compile: bool = False, force: bool = False):
     """Resolve and load a model, with a spinner on stderr and the demo notice when it applies."""
     from llmcli import hub
     from llmcli.demo import DEMO_NOTICE
     from llmcli.loader import load_model as load
 
-    options = run_options(device, dtype, quantize, compile)
+    options = run_options(device, dtype, quantize, compile, force)
     resolved = hub.resolve(model, yes=yes)
     if resolved.is_demo:
         err_console.print(DEMO_NOTICE.format(name=resolved.name), style="yellow")

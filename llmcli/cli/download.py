@@ -267,6 +267,8 @@ def _render_facts(f: dict) -> None:
     if "expanded_bytes_per_token" in kv:
         cache += f"; expanded K/V would be {human_bytes(kv['expanded_bytes_per_token'])}"
     add("kv cache", cache)
+    if f.get("memory"):
+        add("memory", f["memory"]["summary"])
     add("chat template", f["chat_template"] or "none")
     add("tokenizer", f["tokenizer"] or "missing")
     size = human_bytes(f["size_on_disk"])

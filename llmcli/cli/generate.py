@@ -12,6 +12,7 @@ from llmcli.cli.common import (
     COMPILE_OPT,
     DEVICE_OPT,
     DTYPE_OPT,
+    FORCE_OPT,
     MODEL_ARG,
     NO_LOGN_OPT,
     NO_NTK_OPT,
@@ -22,20 +23,25 @@ from llmcli.cli.common import (
     DType,
     Quantize,
     apply_attention_overrides,
+    clean_text,
     err_console,
     human_bytes,
     load_model,
+    read_stdin,
 )
 from llmcli.errors import LlmcliError
 
 
-def read_prompt(prompt: str | None) -> str:
-    """-p TEXT, `-p -` or piped stdin."""
+def read_prompt(prompt: str | None, positional: str | None = None) -> str:
+    """PROMPT or -p TEXT (either may be '-'), else piped stdin."""
+    if prompt is not None and positional is not None:
+        raise LlmcliError("two prompts: give it as the PROMPT argument or with -p, not both", exit_code=2)
+    prompt = positional if prompt is None else prompt
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        return sys.stdin.read()
+        return read_stdin()
     if prompt is None:
-        raise LlmcliError("no prompt: pass -p TEXT, or pipe text on stdin", exit_code=2)
-    return prompt
+        raise LlmcliError("no prompt: pass it after the model (or with -p TEXT), or pipe text on stdin", exit_code=2)
+    return clean_text(prompt)
 
 
 def prompt_token_ids(loaded, text: str, chat: bool | None, system: str | None) -> list[int]:
@@ -58,6 +64,9 @@ def stop_token_ids(loaded) -> list[int]:
 @app.command("generate")
 def generate_command(
     model: str | None = MODEL_ARG,
+    positional_prompt: str | None = typer.Argument(
+        None, metavar="[PROMPT]", show_default=False,
+        help="Prompt text, as with -p (after MODEL, as `ollama run` takes it); '-' reads stdin."),
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="Prompt text; '-' (or a pipe) reads stdin."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=0, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
@@ -79,16 +88,19 @@ def generate_command(
     yes: bool = YES_OPT,
     quantize: Quantize | None = QUANTIZE_OPT,
     compile: bool = COMPILE_OPT,
+    force: bool = FORCE_OPT,
 ) -> None:
-    """Generate text from a prompt, streaming it to stdout (stats on stderr)."""
+    """Generate text from a prompt, streaming it to stdout (stats on stderr).
+
+    The prompt: `llmcli generate MODEL "text"`, `-p "text"`, or piped stdin."""
     from llmcli.generate import Generation, SamplingParams
 
     sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     sampling.validate()
-    text = read_prompt(prompt)
-    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile)
+    text = read_prompt(prompt, positional_prompt)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
-    ids = prompt_token_ids(loaded, text, chat, system)
+    ids = prompt_token_ids(loaded, text, chat, system and clean_text(system))
     gen = Generation(loaded.runner, loaded.tokenizer, ids, max_new_tokens, sampling,
                      stop_ids=stop_token_ids(loaded), stop_strings=stop)
     if as_json:

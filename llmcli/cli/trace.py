@@ -13,6 +13,7 @@ from llmcli.cli.app import app
 from llmcli.cli.common import (
     DEVICE_OPT,
     DTYPE_OPT,
+    FORCE_OPT,
     MODEL_ARG,
     NO_LOGN_OPT,
     NO_NTK_OPT,
@@ -21,8 +22,10 @@ from llmcli.cli.common import (
     Device,
     DType,
     apply_attention_overrides,
+    clean_text,
     err_console,
     load_model,
+    read_stdin,
 )
 from llmcli.errors import LlmcliError
 
@@ -69,14 +72,15 @@ def trace_command(
     device: Device = DEVICE_OPT,
     dtype: DType = DTYPE_OPT,
     yes: bool = YES_OPT,
+    force: bool = FORCE_OPT,
 ) -> None:
     from llmcli.cli.generate import prompt_token_ids, stop_token_ids
     from llmcli.trace import DEFAULT_PROMPT, build_trace_json, parse_layer_specs, run_trace, select_layers
     from llmcli.trace_render import render_trace
 
     parse_layer_specs(layer)  # bad syntax fails before the model loads
-    text = sys.stdin.read() if prompt == "-" else (prompt if prompt is not None else DEFAULT_PROMPT)
-    loaded = load_model(model, device, dtype, yes=yes)
+    text = read_stdin() if prompt == "-" else clean_text(prompt if prompt is not None else DEFAULT_PROMPT)
+    loaded = load_model(model, device, dtype, yes=yes, force=force)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     layers = select_layers(layer, loaded.config.num_layers, loaded.name)
     ids = prompt_token_ids(loaded, text, chat, None)
