@@ -8,7 +8,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llmcli.config_deepseek import parse_deepseek
-from llmcli.config_fields import ModelConfig, _as_id_list, _layer_windows, _require, parse_rope_scaling
+from llmcli.config_fields import (
+    MAX_LAYERS,
+    ModelConfig,
+    _as_id_list,
+    _count,
+    _dtype_name,
+    _layer_windows,
+    _require,
+    _token_id,
+    check_config,
+    parse_rope_scaling,
+)
 from llmcli.config_qwen1 import parse_qwen1
 from llmcli.errors import LlmcliError
 
@@ -20,9 +31,9 @@ __all__ = ["ModelConfig", "config_from_dict", "load_config", "model_type_of", "r
 
 def parse_qwen2(raw: dict) -> ModelConfig:
     family = raw.get("model_type", "qwen2")
-    layers = int(_require(raw, "num_hidden_layers"))
-    heads = int(_require(raw, "num_attention_heads"))
-    hidden = int(_require(raw, "hidden_size"))
+    layers = _count(_require(raw, "num_hidden_layers"), "num_hidden_layers", MAX_LAYERS)
+    heads = _count(_require(raw, "num_attention_heads"), "num_attention_heads")
+    hidden = _count(_require(raw, "hidden_size"), "hidden_size")
     theta, scaling = parse_rope_scaling(raw)
     is_qwen3 = family == "qwen3"
     head_dim = raw.get("head_dim") or hidden // heads
@@ -44,8 +55,8 @@ def parse_qwen2(raw: dict) -> ModelConfig:
         qk_norm=is_qwen3,
         layer_windows=_layer_windows(raw, layers),
         eos_token_ids=_as_id_list(raw.get("eos_token_id")),
-        bos_token_id=raw.get("bos_token_id"),
-        torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+        bos_token_id=_token_id(raw.get("bos_token_id")),
+        torch_dtype=_dtype_name(raw.get("torch_dtype") or raw.get("dtype")),
         raw=raw,
     )
 
@@ -78,15 +89,22 @@ def model_type_of(raw: dict) -> str:
 
 
 def config_from_dict(raw: dict) -> ModelConfig:
+    archs = raw.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise LlmcliError(f"config.json: architectures must be a list of class names, got {archs!r}")
+    if not isinstance(raw.get("model_type", ""), (str, type(None))):
+        raise LlmcliError(f"config.json: model_type must be a name, got {raw['model_type']!r}")
     kind = model_type_of(raw)
     parser = PARSERS.get(kind)
     if parser is None:
         supported = ", ".join(sorted(PARSERS))
         raise LlmcliError(f"unknown model_type {kind!r}; supported: {supported}")
-    try:
-        return parser(raw)
-    except (KeyError, TypeError, ValueError) as exc:
+    try:  # the parsers take the family from model_type: fill it in where only architectures named it
+        cfg = parser(raw if raw.get("model_type") == kind else {**raw, "model_type": kind})
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:  # ArithmeticError: float() of a huge int
         raise LlmcliError(f"config.json is invalid for {kind}: {exc}") from exc
+    check_config(cfg)
+    return cfg
 
 
 def read_json(path: Path) -> dict:
@@ -95,7 +113,7 @@ def read_json(path: Path) -> dict:
             data = json.load(f)
     except FileNotFoundError as exc:
         raise LlmcliError(f"{path} not found") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
         raise LlmcliError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise LlmcliError(f"{path} does not hold a JSON object")

@@ -7,7 +7,15 @@ Inconsistent routing settings are rejected here, before any weight is read.
 
 from __future__ import annotations
 
-from llmcli.config_fields import ModelConfig, _as_id_list, _require, parse_rope_scaling
+from llmcli.config_fields import (
+    ModelConfig,
+    _as_id_list,
+    _dtype_name,
+    _finite,
+    _require,
+    _token_id,
+    parse_rope_scaling,
+)
 from llmcli.errors import LlmcliError
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -30,12 +38,14 @@ def _fp8_block(raw: dict) -> tuple[int, int] | None:
     quant = raw.get("quantization_config")
     if not quant:
         return None
+    if not isinstance(quant, dict):
+        raise LlmcliError(f"config.json: quantization_config must be an object, got {quant!r}")
     method = quant.get("quant_method")
     if method != "fp8":
         raise LlmcliError(f"config.json: quantization method {method!r} is not supported (supported: fp8)")
     block = quant.get("weight_block_size") or [128, 128]
     if len(block) != 2 or min(block) <= 0:
-        raise LlmcliError(f"config.json: weight_block_size {block} must be two positive sizes")
+        raise LlmcliError(f"config.json: weight_block_size {block!r} must be two positive sizes")
     return int(block[0]), int(block[1])
 
 
@@ -65,8 +75,8 @@ def parse_deepseek(raw: dict) -> ModelConfig:
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         attention_bias=bool(raw.get("attention_bias", False)),
         eos_token_ids=_as_id_list(raw.get("eos_token_id")),
-        bos_token_id=raw.get("bos_token_id"),
-        torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+        bos_token_id=_token_id(raw.get("bos_token_id")),
+        torch_dtype=_dtype_name(raw.get("torch_dtype") or raw.get("dtype")),
         q_lora_rank=int(q_lora) if q_lora else None,
         kv_lora_rank=int(_require(raw, "kv_lora_rank")),
         qk_nope_head_dim=nope,
@@ -81,7 +91,8 @@ def parse_deepseek(raw: dict) -> ModelConfig:
         topk_method=str(_get(raw, "topk_method", defaults["topk_method"])),
         scoring_func=str(_get(raw, "scoring_func", defaults["scoring_func"])),
         norm_topk_prob=bool(_get(raw, "norm_topk_prob", defaults["norm_topk_prob"])),
-        routed_scaling_factor=float(_get(raw, "routed_scaling_factor", defaults["routed_scaling_factor"])),
+        routed_scaling_factor=_finite(_get(raw, "routed_scaling_factor", defaults["routed_scaling_factor"]),
+                                      "routed_scaling_factor"),
         first_k_dense_replace=int(_get(raw, "first_k_dense_replace", 0)),
         moe_layer_freq=int(_get(raw, "moe_layer_freq", 1)),
         fp8_block_size=_fp8_block(raw),

@@ -7,6 +7,7 @@ that switch the feature off.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from llmcli.errors import LlmcliError
@@ -95,12 +96,70 @@ class ModelConfig:
 # -- shared helpers ------------------------------------------------------------------------------
 
 
+MAX_LAYERS = 100_000  # far above any real model (DeepSeek-V3 has 61); per-layer lists and loops stay small
+
+
 def _as_id_list(value) -> list[int]:
+    """A token id or a list of them (eos_token_id); none is []."""
     if value is None:
         return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
+    ids = value if isinstance(value, list) else [value]
+    if not all(type(i) is int and i >= 0 for i in ids):
+        raise LlmcliError(f"config.json: token ids must be non-negative integers, got {value!r}")
+    return list(ids)
+
+
+def _token_id(value) -> int | None:
+    if value is not None and not (type(value) is int and value >= 0):
+        raise LlmcliError(f"config.json: a token id must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _dtype_name(value) -> str | None:
+    """torch_dtype as config.json names it ("bfloat16", "torch.float16"); None when absent."""
+    if value is not None and not isinstance(value, str):
+        raise LlmcliError(f"config.json: torch_dtype must be a name like \"bfloat16\", got {value!r}")
+    return value or None
+
+
+def _count(value, name: str, limit: int | None = None) -> int:
+    """A setting that counts something (layers, heads, sizes): a positive integer, at most `limit`. Checked
+    before use, so that a corrupt value never sizes a list or a loop."""
+    count = int(value)
+    if count < 1 or (limit is not None and count > limit):
+        most = f" and at most {limit:,}" if limit is not None else ""
+        raise LlmcliError(f"config.json: {name} must be positive{most}, got {count}")
+    return count
+
+
+def _finite(value, name: str, *, positive: bool = False) -> float:
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        raise LlmcliError(f"config.json: {name} must be a finite {'positive' if positive else 'non-negative'} "
+                          f"number, got {value!r}")
+    return number
+
+
+def _optional_finite(value, name: str) -> float | None:
+    return None if value is None else _finite(value, name)
+
+
+def check_config(cfg: ModelConfig) -> None:
+    """What every family's model code relies on, checked once the family's parser has filled the fields."""
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                 "max_position_embeddings"):
+        _count(getattr(cfg, name), name)
+    _count(cfg.num_layers, "num_hidden_layers", MAX_LAYERS)
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise LlmcliError(f"config.json: num_attention_heads ({cfg.num_heads}) must be a multiple of "
+                          f"num_key_value_heads ({cfg.num_kv_heads})")
+    if cfg.head_dim % 2:
+        raise LlmcliError(f"config.json: head_dim must be even (RoPE rotates pairs), got {cfg.head_dim}")
+    for window in cfg.layer_windows:
+        if window is not None:
+            _count(window, "sliding_window")
+    _finite(cfg.rms_norm_eps, "rms_norm_eps")
+    _finite(cfg.rope_theta, "rope_theta", positive=True)
 
 
 def parse_rope_scaling(raw: dict) -> tuple[float, RopeScaling]:
@@ -108,7 +167,9 @@ def parse_rope_scaling(raw: dict) -> tuple[float, RopeScaling]:
     `rope_parameters` (which also carries rope_theta)."""
     params = raw.get("rope_parameters") or {}
     legacy = raw.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    if not isinstance(params, dict) or not isinstance(legacy, dict):
+        raise LlmcliError("config.json: rope_scaling and rope_parameters must be objects")
+    theta = _finite(params.get("rope_theta", raw.get("rope_theta", 10000.0)), "rope_theta", positive=True)
     scaling = {**legacy, **params}
     kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
     if kind not in ("default", "yarn"):
@@ -121,13 +182,13 @@ def parse_rope_scaling(raw: dict) -> tuple[float, RopeScaling]:
         factor = raw["max_position_embeddings"] / original
     return theta, RopeScaling(
         type="yarn",
-        factor=float(factor),
-        original_max_position_embeddings=int(original),
-        beta_fast=float(scaling.get("beta_fast") or 32),
-        beta_slow=float(scaling.get("beta_slow") or 1),
-        mscale=scaling.get("mscale"),
-        mscale_all_dim=scaling.get("mscale_all_dim"),
-        attention_factor=scaling.get("attention_factor"),
+        factor=_finite(factor, "rope_scaling factor", positive=True),
+        original_max_position_embeddings=_count(original, "original_max_position_embeddings"),
+        beta_fast=_finite(scaling.get("beta_fast") or 32, "rope_scaling beta_fast"),
+        beta_slow=_finite(scaling.get("beta_slow") or 1, "rope_scaling beta_slow"),
+        mscale=_optional_finite(scaling.get("mscale"), "rope_scaling mscale"),
+        mscale_all_dim=_optional_finite(scaling.get("mscale_all_dim"), "rope_scaling mscale_all_dim"),
+        attention_factor=_optional_finite(scaling.get("attention_factor"), "rope_scaling attention_factor"),
         truncate=bool(scaling.get("truncate", True)),
     )
 

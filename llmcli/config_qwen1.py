@@ -7,7 +7,7 @@ num_attention_heads, ... Both map to the same fields. `config.py` dispatches to 
 
 from __future__ import annotations
 
-from llmcli.config_fields import ModelConfig, _as_id_list
+from llmcli.config_fields import MAX_LAYERS, ModelConfig, _as_id_list, _count
 from llmcli.errors import LlmcliError
 
 # The Qwen vocabulary fixes its special tokens right after the 151,643 BPE tokens.
@@ -42,9 +42,9 @@ def parse_qwen1(raw: dict) -> ModelConfig:
         raise LlmcliError("config.json: no_bias=false (biases on c_proj and the MLP) is not supported")
     if raw.get("scale_attn_weights") is False:
         raise LlmcliError("config.json: scale_attn_weights=false is not supported")
-    hidden = int(_first(raw, "hidden_size", "n_embd"))
-    heads = int(_first(raw, "num_attention_heads", "n_head"))
-    layers = int(_first(raw, "num_hidden_layers", "n_layer"))
+    hidden = _count(_first(raw, "hidden_size", "n_embd"), "hidden_size")
+    heads = _count(_first(raw, "num_attention_heads", "n_head"), "num_attention_heads")
+    layers = _count(_first(raw, "num_hidden_layers", "n_layer"), "num_hidden_layers", MAX_LAYERS)
     ffn = int(_first(raw, "intermediate_size", "ffn_hidden_size", "n_inner"))
     if ffn % 2:
         raise LlmcliError(f"config.json: intermediate_size {ffn} must be even (the MLP width is half of it)")

@@ -88,7 +88,8 @@ class Tokenizer:
 
         # Special ids: added tokens flagged special in tokenizer.json or tokenizer_config.json, plus bos/eos.
         self.special_ids: set[int] = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-        for i, entry in (self.config.get("added_tokens_decoder") or {}).items():
+        added = self.config.get("added_tokens_decoder")
+        for i, entry in (added if isinstance(added, dict) else {}).items():
             if isinstance(entry, dict) and entry.get("special") and str(i).isdigit():
                 self.special_ids.add(int(i))
         self.special_ids |= {i for i in (self.bos_token_id, self.eos_token_id) if i is not None}

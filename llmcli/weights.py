@@ -106,6 +106,8 @@ class Checkpoint:
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype) -> torch.Tensor:
     """W = fp32(q) * scale of its block; the last blocks of each dimension are cropped."""
+    if weight.dim() != 2:  # block scales exist for matrices only; a header may claim anything
+        raise LlmcliError(f"FP8 weight has shape {tuple(weight.shape)}; block-scaled weights are matrices")
     rows, cols = weight.shape
     br, bc = block
     expected = (math.ceil(rows / br), math.ceil(cols / bc))

@@ -27,6 +27,7 @@ DTYPE_NAMES = {
     "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
 }
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit: a longer header means a corrupt file
+MAX_ELEMENTS = 2**63 - 1  # torch's sizes and strides are int64 (the library's too), even beside a zero dimension
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -65,19 +66,23 @@ def read_header(path: Path, *, unknown_dtypes: bool = False) -> dict[str, Tensor
             header = json.loads(f.read(length))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-    except (OSError, ValueError) as exc:  # ValueError covers JSON and UTF-8 errors
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSON and UTF-8; RecursionError: deep nesting
         raise LlmcliError(f"{path} is not a readable safetensors file: {exc}") from exc
     base = 8 + length
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if not name.isprintable():  # names end up in error messages, which must stay on one line
+            raise LlmcliError(f"{path}: tensor name {name!r} has unprintable characters")
         try:
             dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
             if not isinstance(dtype, str) or (dtype not in DTYPE_BYTES and not unknown_dtypes):
                 raise ValueError(f"unknown dtype {dtype!r}")
             if not all(type(n) is int and n >= 0 for n in (*shape, begin, end)) or begin > end:
                 raise ValueError(f"shape {list(shape)} or data_offsets {[begin, end]} are not valid")
+            if math.prod(n or 1 for n in shape) > MAX_ELEMENTS:
+                raise ValueError(f"shape {list(shape)} is too large")
         except (KeyError, TypeError, ValueError) as exc:
             problem = f"no {exc}" if isinstance(exc, KeyError) else exc
             raise LlmcliError(f"{path}: bad header entry for {name}: {problem}") from exc
@@ -91,6 +96,12 @@ def read_header(path: Path, *, unknown_dtypes: bool = False) -> dict[str, Tensor
     return entries
 
 
+def _shown(text: object) -> str:
+    """Text from a file as an error message shows it: quoted when it holds line breaks or control characters."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)
+
+
 def _listing(model_dir: Path, missing_ok: bool) -> tuple[list[Path], dict[str, str] | None]:
     """The files (the shards an index names, else every *.safetensors) and the index's weight_map."""
     index = model_dir / INDEX_NAME
@@ -99,11 +110,14 @@ def _listing(model_dir: Path, missing_ok: bool) -> tuple[list[Path], dict[str, s
     try:
         weight_map = json.loads(index.read_bytes())["weight_map"]
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        outside = [name for name in weight_map.values() if Path(name).is_absolute() or ".." in Path(name).parts]
+        if outside:  # a repo's index must not make llmcli read files elsewhere on the machine
+            raise ValueError(f"shard {outside[0]!r} lies outside the model directory")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise LlmcliError(f"{index} is not a valid safetensors index: {exc}") from exc
     missing = [f for f in files if not f.is_file()]
     if missing and not missing_ok:
-        raise LlmcliError(f"{missing[0]} is listed in the index but missing")
+        raise LlmcliError(f"{_shown(missing[0])} is listed in the index but missing")
     return files, weight_map
 
 
@@ -126,5 +140,6 @@ def read_checkpoint(model_dir: Path, *, missing_ok: bool = False,
         entries.update(read_header(file, unknown_dtypes=unknown_dtypes))
     missing = [name for name in weight_map or () if name not in entries]
     if missing:  # the index promises a tensor that its shard does not have
-        raise LlmcliError(f"tensor {missing[0]} is listed in {INDEX_NAME} but not in {weight_map[missing[0]]}")
+        name = missing[0]
+        raise LlmcliError(f"tensor {_shown(name)} is listed in {INDEX_NAME} but not in {_shown(weight_map[name])}")
     return entries
