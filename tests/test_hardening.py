@@ -34,19 +34,11 @@ from llmcli.errors import LlmcliError
 from llmcli.generate import SamplingParams, sample_next
 from llmcli.templates import CHATML_TEMPLATE
 from llmcli.tokenizer import Tokenizer, _prepare_messages, _token_str
+from tests.test_cli_errors import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 ISSUE_TEMPLATE = "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}"
 
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
-    assert code != 0 and "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("note:")]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def tokenizer_with(template: str, config: dict | None = None) -> Tokenizer:
