@@ -26,8 +26,11 @@ def main() -> int:
     parser.add_argument("--target", action="append", default=[], help="Only this target (repeatable).")
     parser.add_argument("--seed", type=int, default=None, help="Seed, to repeat a run.")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="llmcli-fuzz-") as scratch:
+        return run(parser, args, Path(scratch))
 
-    scratch = Path(tempfile.mkdtemp(prefix="llmcli-fuzz-"))
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace, scratch: Path) -> int:
     os.environ.update({"LLMCLI_HOME": str(scratch / "home"), "HF_HOME": str(scratch / "hf"), "HF_HUB_OFFLINE": "1"})
     sys.path.insert(0, str(ROOT))
     from tests.test_fuzz import TARGETS, Workspace, run_target  # after the environment is set
@@ -48,11 +51,12 @@ def main() -> int:
             outcome = f"FAILED: {type(exc).__name__}"
             print(f"--- {target.name} ---", file=sys.stderr)
             traceback.print_exception(exc, file=sys.stderr)
-        rows.append((target.name, counted["tried"], time.perf_counter() - start, outcome))
-        print(f"{target.name}: {counted['tried']} examples, {rows[-1][2]:.0f} s, {outcome}", flush=True)
-    print(f"\n{'target':<24} {'examples':>9} {'seconds':>8}  outcome")
-    for name, tried, seconds, outcome in rows:
-        print(f"{name:<24} {tried:>9} {seconds:>8.0f}  {outcome}")
+        ends = ", ".join(f"{key} {n}" for key, n in sorted(counted.get("outcomes", {}).items()))
+        rows.append((target.name, counted["tried"], time.perf_counter() - start, outcome, ends))
+        print(f"{target.name}: {counted['tried']} examples, {rows[-1][2]:.0f} s, {outcome} ({ends})", flush=True)
+    print(f"\n{'target':<24} {'examples':>9} {'seconds':>8}  {'outcome':<8} how the examples ended")
+    for name, tried, seconds, outcome, ends in rows:
+        print(f"{name:<24} {tried:>9} {seconds:>8.0f}  {outcome:<8} {ends}")
     return 1 if failed else 0
 
 

@@ -13,10 +13,11 @@ Targets (TARGETS below), each a strategy and a property:
 - option values of generate / chat / trace / bench (numbers with nan, inf, huge; strings)
 - prompt text (any Unicode, empty, control characters) through `llmcli generate demo-qwen -p TEXT -n 2 --raw`
 
-CI runs a few examples per target with a fixed seed (seconds). The long run: `pytest -m fuzz tests/test_fuzz.py`
-(the "llmcli-fuzz" profile) or `python benchmarks/fuzz.py --examples N`, which prints examples tried per target.
-Failures found in code owned elsewhere are pinned below as strict xfails with their reproducers, and kept out
-of the random targets (KNOWN_FAILURES) so that CI stays green until they are fixed.
+CI runs a few examples per target with a fixed seed (under a minute in all). The long run: `pytest -m fuzz
+tests/test_fuzz.py` (1,000 random examples per target, the "llmcli-fuzz" profile) or `python benchmarks/fuzz.py
+--examples N`, which prints per target the examples tried and how they ended. What the fuzzing found is pinned
+below: fixed cases as plain tests, open ones (code owned elsewhere) as strict xfails with their reproducers,
+kept out of the random targets (a comment says where) so that CI stays green until they are fixed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import re
 import shutil
 import struct
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -63,20 +65,30 @@ settings.register_profile("llmcli-fuzz", max_examples=1000, **COMMON)
 # -- the property every target shares -------------------------------------------------------------------------
 
 
+# How examples ended, per target (benchmarks/fuzz.py prints it): exit codes, clear errors, successes.
+OUTCOMES: Counter[str] = Counter()
+
+
 def assert_one_line(message: str) -> None:
+    OUTCOMES["LlmcliError"] += 1
     assert message and "\n" not in message and "Traceback" not in message, repr(message)
     assert "internal error" not in message, message
 
 
-def assert_clean_exit(code: int, err: str) -> None:
-    """Exit 0, or a non-zero exit whose stderr ends with the one error line (notes may come before it)."""
+def assert_clean_exit(code: int, err: str, turns: bool = False) -> None:
+    """Exit 0, or a non-zero exit whose stderr ends with the one error line (notes may come before it). With
+    `turns` (piped chat: a failed turn does not end the session) each failed turn has its one line, later turns
+    go on, and the exit is non-zero when any failed."""
     assert isinstance(code, int), code
     assert "Traceback" not in err and "internal error" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    lines = err.rstrip("\n").split("\n")  # lines as a terminal shows them (not str.splitlines': no \x1c-\x1e)
+    errors = [line for line in lines if line.startswith("error:")]
     if code == 0:
         assert not errors, err
         return
-    assert code in (1, 2) and len(errors) == 1 and err.splitlines()[-1] == errors[0], (code, err)
+    assert code in (1, 2) and errors, (code, err)
+    if not turns:
+        assert len(errors) == 1 and lines[-1] == errors[0], (code, err)
 
 
 def run_cli(*args: object, stdin: str = "") -> tuple[int, str, str]:
@@ -89,12 +101,13 @@ def run_cli(*args: object, stdin: str = "") -> tuple[int, str, str]:
             code = main([str(a) for a in args])
     finally:
         sys.stdin = saved_stdin
+    OUTCOMES[f"exit {code}"] += 1
     return code, out.getvalue(), err.getvalue()
 
 
-def run_clean(*args: object, stdin: str = "") -> tuple[int, str]:
+def run_clean(*args: object, stdin: str = "", turns: bool = False) -> tuple[int, str]:
     code, out, err = run_cli(*args, stdin=stdin)
-    assert_clean_exit(code, err)
+    assert_clean_exit(code, err, turns)
     return code, out
 
 
@@ -133,13 +146,13 @@ class Workspace:
         return path
 
 
-def assert_unchanged(directory: Path, before: dict[str, int]) -> None:
-    """Reading or running a model writes nothing into its directory."""
-    assert {p.name: p.lstat().st_size for p in directory.iterdir()} == before
-
-
 def listing(directory: Path) -> dict[str, int]:
     return {p.name: p.lstat().st_size for p in directory.iterdir()}
+
+
+def assert_unchanged(directory: Path, before: dict[str, int]) -> None:
+    """Reading or running a model writes nothing into its directory (no temporary or half-written file)."""
+    assert listing(directory) == before
 
 
 # -- JSON values --------------------------------------------------------------------------------------------------
@@ -258,6 +271,7 @@ def check_reader(path: Path) -> None:
     except LlmcliError as exc:
         assert_one_line(str(exc))
     else:
+        OUTCOMES["header read"] += 1
         for t in entries.values():
             assert t.dtype in DTYPE_BYTES and 8 <= t.start and t.start + t.nbytes <= size, t
             assert t.nbytes == t.numel * DTYPE_BYTES[t.dtype], t
@@ -409,6 +423,7 @@ def parses(document: str) -> bool:
         assert_one_line(str(exc))
         return False
     assert_usable(cfg)
+    OUTCOMES["config parsed"] += 1
     return True
 
 
@@ -484,6 +499,7 @@ def check_template(ws: Workspace, example: tuple[str, list, dict]) -> None:
     except LlmcliError as exc:
         assert_one_line(str(exc))
     else:
+        OUTCOMES["rendered"] += 1
         assert isinstance(text, str)
         tokenizer.encode(text)
 
@@ -500,9 +516,8 @@ TOKENIZER_CONFIG_VALUES = {
     "chat_template": TEMPLATES | st.lists(st.fixed_dictionaries(
         {"name": st.sampled_from(["default", "tool_use"]) | SCALARS, "template": TEMPLATES | SCALARS}), max_size=2)
     | JSON_VALUES,
-    # Objects only: any other value is a known failure (test_known_added_tokens_decoder_not_an_object).
     "added_tokens_decoder": st.dictionaries(st.integers(0, 600).map(str) | SHORT_TEXT, st.fixed_dictionaries(
-        {}, optional={"content": TOKEN_VALUES, "special": SCALARS}) | JSON_VALUES, max_size=3),
+        {}, optional={"content": TOKEN_VALUES, "special": SCALARS}) | JSON_VALUES, max_size=3) | JSON_VALUES,
     "add_bos_token": SCALARS, "add_eos_token": SCALARS,
     "stop_tokens": st.lists(TOKEN_VALUES, max_size=2) | TOKEN_VALUES,
 }
@@ -592,10 +607,17 @@ BASE_ARGS = {"generate": ["-p", "hi", "-n", "1", "--raw"], "chat": ["-n", "1"], 
              "bench": ["-p", "4", "-n", "1", "-r", "1", "-w", "0"]}
 
 
+# No line breaks: a name with one is a known failure (test_known_model_name_with_a_line_break).
+MODEL_NAMES = st.sampled_from(["", "demo-", "nosuch/model", "/", ".", "..", "-", "demo-qwen:latest", "DEMO-QWEN"]) | \
+    st.text(alphabet=st.characters(exclude_characters="\n\r"), max_size=10)
+
+
 @st.composite
-def command_lines(draw) -> tuple[str, list[str], str, str | None]:
-    """(command, its arguments after MODEL, stdin, the --json/--csv FILE it may write)."""
+def command_lines(draw) -> tuple[str, str | None, list[str], str, str | None]:
+    """(command, MODEL (None: the short-context demo), its arguments after MODEL, stdin, where --json/--csv
+    writes: OUT (a file) or '-')."""
     command = draw(st.sampled_from(sorted(COMMANDS)))
+    model = draw(st.none() | MODEL_NAMES) if draw(st.integers(0, 9)) == 0 else None
     options = draw(st.dictionaries(st.sampled_from(sorted(COMMANDS[command])), st.just(None), min_size=1, max_size=3))
     args = list(BASE_ARGS[command])
     for option in options:
@@ -603,28 +625,30 @@ def command_lines(draw) -> tuple[str, list[str], str, str | None]:
     args += draw(st.lists(st.sampled_from(FLAGS[command]), max_size=2, unique=True))
     output = None
     if command in ("trace", "bench") and draw(st.booleans()):
-        output = draw(st.sampled_from(["--json", "--csv"] if command == "bench" else ["--json"]))
+        args.append(draw(st.sampled_from(["--json", "--csv"] if command == "bench" else ["--json"])))
+        output = draw(st.sampled_from(["OUT", "-"]))
         args.append(output)
-        args.append("OUT")
     stdin = "\n".join(draw(st.lists(st.text(max_size=12), max_size=2))) if command == "chat" else ""
-    return command, args, stdin, output
+    return command, model, args, stdin, output
 
 
-def check_options(ws: Workspace, example: tuple[str, list[str], str, str | None]) -> None:
-    command, args, stdin, output = example
-    target = ws.root / "out.json"
+def check_options(ws: Workspace, example: tuple[str, str | None, list[str], str, str | None]) -> None:
+    command, model, args, stdin, output = example
+    target = ws.root / "out"
     target.unlink(missing_ok=True)
+    as_json = output is not None and args[args.index(output) - 1] == "--json"
     args = [str(target) if a == "OUT" else a for a in args]
-    code, _ = run_clean(command, ws.short, *args, stdin=stdin)
-    if output and code == 0:
-        text = target.read_text(encoding="utf-8")  # whole, not half-written:
-        if output == "--json":
+    code, out = run_clean(command, ws.short if model is None else model, *args, stdin=stdin,
+                          turns=command == "chat")
+    if output == "OUT" and code != 0:
+        assert not target.exists(), "a failed run left its output file"
+    elif output and code == 0:  # the output is whole, not half-written
+        text = target.read_text(encoding="utf-8") if output == "OUT" else out
+        if as_json:
             json.loads(text)
         else:
             rows = list(csv.reader(io.StringIO(text)))
             assert len(rows) >= 2 and len({len(row) for row in rows}) == 1, text
-    elif output:
-        assert not target.exists(), "a failed run left its output file"
 
 
 # -- target: prompt text -----------------------------------------------------------------------------------------
@@ -731,6 +755,15 @@ def test_added_tokens_decoder_not_an_object(fuzz_workspace):
     run_clean("generate", directory, "-p", "hi", "-n", "1", "--raw")
 
 
+# -- failures found by fuzzing in code owned elsewhere, still open ------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="owned by the hub: a MODEL name with a line break is printed as it is, so "
+                   "the error takes two or more lines ('no such model directory: /bad', 'name')")
+@pytest.mark.parametrize("name", ["/bad\nname", "org/bad\nname"])
+def test_known_model_name_with_a_line_break(name, fuzz_workspace):
+    run_clean("generate", name, "-p", "hi", "-n", "1")
+
 
 # -- the targets, and running them -----------------------------------------------------------------------------
 
@@ -746,7 +779,7 @@ class Target:
 
 TARGETS = [
     Target("safetensors-header", lambda ws: st.tuples(mutated_safetensors(ws.small_file.read_bytes()),
-                                                      st.none() | INDEX_DOCUMENTS), check_safetensors, 60, 5),
+                                                      st.none() | INDEX_DOCUMENTS), check_safetensors, 50, 5),
     Target("safetensors-demo-model", lambda ws: mutated_safetensors((ws.demo / "model.safetensors").read_bytes(),
                                                                     json_only=True), check_demo_safetensors, 15, 10),
     Target("config-json", lambda ws: CONFIG_DOCUMENTS, check_config, 60, 10),
@@ -756,10 +789,10 @@ TARGETS = [
            6, 30),
     Target("tokenizer-config", lambda ws: st.tuples(
         tokenizer_configs(json.loads((ws.demo / "tokenizer_config.json").read_text())), st.text(max_size=10)),
-        check_tokenizer_config, 20, 10),
-    Target("cli-options", lambda ws: command_lines(), check_options, 40, 15),
+        check_tokenizer_config, 15, 10),
+    Target("cli-options", lambda ws: command_lines(), check_options, 30, 15),
     Target("prompt-text", lambda ws: st.tuples(PROMPTS, st.sampled_from(["--raw", "--chat", "stdin"])),
-           check_prompt, 30, 15),
+           check_prompt, 25, 15),
 ]
 
 
@@ -778,6 +811,8 @@ def run_target(target: Target, ws: Workspace, profile: str, max_examples: int | 
     """Run one target under a Hypothesis profile; returns how many examples ran (also kept in
     counter["tried"], which survives a failure: failures raise)."""
     counter = {"tried": 0} if counter is None else counter
+    OUTCOMES.clear()
+    counter["outcomes"] = OUTCOMES
     chosen = settings(settings.get_profile(profile), deadline=timedelta(seconds=target.deadline_s),
                       **({"max_examples": max_examples} if max_examples else {}))
 
