@@ -97,7 +97,7 @@ class CompiledDecode:
             ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
             cache = self.model.make_cache(batch, 2)
             self.model(ids, cache.span(1, self.device).positions, cache)
-            self(ids, cache)
+            self(ids, cache.span(1, self.device).positions, cache)
 
     def _attended_part(self, cache):
         """CPU: the cache cut to the next multiple of BUCKET past the new token, its length marked
@@ -122,8 +122,8 @@ class CompiledDecode:
             self._last_view = weakref.ref(view)
         return view
 
-    def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
-        positions = cache.span(1, input_ids.device).positions
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """The model's forward, compiled: the runner has checked the token fits and made its positions."""
         shape = tuple(input_ids.shape)
         first = shape not in self._compiled_shapes
         cuda = self.device.type == "cuda"

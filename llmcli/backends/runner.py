@@ -35,7 +35,7 @@ class Runner:
         """input_ids [B, T] continue the sequence held in `cache`; returns logits [B, T or 1, vocab]."""
         span = cache.span(input_ids.shape[1], input_ids.device)  # checks that the tokens fit
         if self.compiled is not None and self.compiled.accepts(input_ids, cache, recorder):
-            return self.compiled(input_ids, cache)
+            return self.compiled(input_ids, span.positions, cache)
         return self.model(input_ids, span.positions, cache, recorder=recorder, last_only=last_only)
 
 
