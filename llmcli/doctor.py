@@ -158,7 +158,7 @@ def product_paths(device: torch.device) -> dict[str, dict]:
 
 
 WHY = {
-    "bf16 kernel": "llmcli's bfloat16 kernel (AVX512-BF16)",
+    "bf16 kernel": "llmcli's bfloat16 kernel, built for this CPU's best instructions",
     "oneDNN prepacked": "oneDNN's blocked layout (no AVX512-BF16 kernel here)",
     "int8 kernel": "llmcli's int8 kernel",
     "F.linear": "torch's own product",
@@ -170,7 +170,7 @@ def products_section(report: Report, device: torch.device) -> None:
     report.facts["products"] = paths
     for precision, found in paths.items():
         names = ", ".join(found["products"])
-        why = "; ".join(WHY.get(name.split(",")[0], name) for name in found["products"])
+        why = "; ".join(WHY.get(name.split(",")[0].split(" (")[0], name) for name in found["products"])
         advice = "; ".join(found["notes"])
         if precision == "int8" and "int8 kernel" not in found["products"] and device.type == "cpu":
             advice = advice or "the int8 kernel did not build: see the compiler line"

@@ -262,6 +262,9 @@ def _render_facts(f: dict) -> None:
         block = f["fp8_block_size"]
         disk += f" (FP8{' blocks ' + 'x'.join(map(str, block)) if block else ''}; runs in {f['run_dtype']})"
     add("dtype on disk", disk)
+    if f.get("weight_bytes"):
+        add("weights", ", ".join(f"{human_bytes(n)} {'in ' if k not in ('int8', 'int4') else 'with --quantize '}{k}"
+                                 for k, n in f["weight_bytes"].items()))
     kv = f["kv_cache"]
     cache = f"{human_bytes(kv['bytes_per_token'])} per token ({kv['kind']}, {kv['dtype']})"
     if "expanded_bytes_per_token" in kv:
