@@ -59,7 +59,7 @@ def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dt
 def model_class(cfg: ModelConfig) -> type[CausalLM]:
     if cfg.family in ("qwen", "qwen2", "qwen3"):
         return QwenForCausalLM
-    if cfg.family in ("deepseek_v2", "deepseek_v3"):
+    if cfg.family in ("deepseek_v2", "deepseek_v3", "deepseek_v32"):
         return DeepseekForCausalLM
     raise LlmcliError(f"no model implementation for {cfg.family!r}")
 

@@ -147,7 +147,7 @@ def _model_rows() -> list[dict]:
     return rows
 
 
-SUPPORTED_FAMILIES = ("qwen", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3")
+SUPPORTED_FAMILIES = ("qwen", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3", "deepseek_v32")
 
 
 def _row(name, repo, family, params, downloaded, size, note, path) -> dict:
