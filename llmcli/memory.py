@@ -25,6 +25,7 @@ from pathlib import Path
 
 from llmcli.backends.int8_size import int8_size, quantizable
 from llmcli.config import ModelConfig
+from llmcli.config_deepseek import indexer_settings
 from llmcli.errors import LlmcliError
 from llmcli.formats.safetensors import DTYPE_BYTES, TensorInfo
 
@@ -91,6 +92,8 @@ def loaded_tensors(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> dict[str
 def kv_values_per_token(cfg: ModelConfig) -> int:
     """Values each token adds to the cache in one layer. MLA caches the compressed latent c_kv and the shared
     rotary key instead of per-head keys and values."""
+    if cfg.family == "deepseek_v32":  # sparse attention also caches the indexer's key (one per token)
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim + indexer_settings(cfg).head_dim
     if cfg.family.startswith("deepseek"):
         return cfg.kv_lora_rank + cfg.qk_rope_head_dim
     return 2 * cfg.num_kv_heads * cfg.head_dim

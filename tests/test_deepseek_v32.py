@@ -304,3 +304,54 @@ def test_mtp_layer_is_never_read(v32, tmp_path):
     ids = prompt_ids(path)
     ours, _ = run(loaded.model, ids)
     assert (ours - reference_logits(reference, ids)).abs().max().item() <= 1e-4
+
+
+# -- trace and show -------------------------------------------------------------------------------
+
+
+def test_trace_reports_the_indexers_choice(v32, run_cli):
+    """trace's JSON lists, per query, the positions kept: the same sets transformers' indexer picks."""
+    reference, path = v32
+    ids = prompt_ids(path)
+    captured = {}
+    hook = reference.model.layers[1].self_attn.indexer.register_forward_hook(
+        lambda mod, args, out: captured.__setitem__("indices", out))
+    try:
+        reference_logits(reference, ids)
+    finally:
+        hook.remove()
+    code, out, err = run_cli("trace", path, "-p", PROMPT, "--layer", "1", "--generate", "2", "--json", "-",
+                             "--dtype", "float32")
+    assert code == 0, err
+    data = json.loads(out)
+    indexer = data["layers"][0]["indexer"]
+    total = len(ids) + 2
+    assert indexer["topk"] == TOPK and len(indexer["selected"]) == total == len(data["tokens"])
+    for pos, kept in enumerate(indexer["selected"]):
+        assert len(kept) == min(TOPK, pos + 1) and all(0 <= p <= pos for p in kept)
+        assert indexer["visible"][pos] == pos + 1
+        assert 0.0 <= indexer["overlap"][pos] <= 1.0
+        assert 0.0 <= indexer["entropy"][pos] <= indexer["max_entropy"][pos] + 1e-6
+        if pos < len(ids) and pos + 1 > TOPK:  # where transformers' top-k holds only visible keys
+            assert sorted(kept) == sorted(captured["indices"][0, pos].tolist()), pos
+    assert indexer["sparse_queries"] == total - TOPK
+    code, out, err = run_cli("trace", path, "-p", PROMPT, "--layer", "1", "--tokens", "--dtype", "float32")
+    assert code == 0, err
+    assert "positions kept per query (top 8)" in out and "overlap with dense top" in out
+
+
+def test_show_counts_the_indexer(v32, run_cli):
+    from llmcli.show import count_checkpoint, count_config, describe
+
+    _, path = v32
+    facts = describe(path)
+    cfg = load_config(path)
+    per_layer = TINY["kv_lora_rank"] + TINY["qk_rope_head_dim"] + TINY["index_head_dim"]
+    assert facts["kv_cache"]["bytes_per_token"] == per_layer * 4 * TINY["num_hidden_layers"]
+    assert facts["attention"]["index_topk"] == TOPK and facts["attention"]["sparse"] == "DSA"
+    from llmcli.formats.safetensors import read_checkpoint
+
+    assert count_config(cfg).total == count_checkpoint(cfg, read_checkpoint(path)).total
+    code, out, err = run_cli("show", path)
+    assert code == 0, err
+    assert "each query attends to its top 8 tokens" in out and "indexer key (DSA)" in out
