@@ -355,3 +355,43 @@ def test_show_counts_the_indexer(v32, run_cli):
     code, out, err = run_cli("show", path)
     assert code == 0, err
     assert "each query attends to its top 8 tokens" in out and "indexer key (DSA)" in out
+
+
+@pytest.mark.parametrize("prefix", [5, 30])
+def test_static_step_matches_eager_step(v32, model, prefix):
+    """The step a compiled decode runs (a static view of the cache, read past the position and masked):
+    the selection is taken over the whole view, rows past the position never count. With a prefix shorter
+    than index_topk the selection must include hidden rows, which the step masks."""
+    ids = prompt_ids(v32[1])[:prefix]
+    eager_cache = model.make_cache(1, 64)
+    run(model, ids, eager_cache)
+    static_cache = model.make_cache(1, 64)
+    run(model, ids, static_cache)
+    for token in (3, 9, 27):
+        expected, _ = run(model, [token], eager_cache)
+        with torch.inference_mode():
+            view = static_cache.static_view(48)
+            got = model(torch.tensor([[token]]), torch.tensor([static_cache.length]), view)
+        static_cache.advance(1)
+        assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_checkpoint_without_template_chats_in_the_v32_format(v32, tmp_path, run_cli):
+    """DeepSeek-V3.2's repo has no chat template (its format is a Python file llmcli never runs): generate
+    --chat and chat render with llmcli's own copy of the format, and show says so."""
+    from llmcli.chat_dsv32 import BOS
+
+    _, path = v32
+    bare = tmp_path / "bare"
+    shutil.copytree(path, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    expected = Tokenizer.from_dir(bare).encode(f"{BOS}<｜User｜>hi<｜Assistant｜></think>")
+    code, out, err = run_cli("generate", bare, "--chat", "-p", "hi", "-n", "2", "--json", "--dtype", "float32")
+    assert code == 0, err
+    assert json.loads(out)["prompt_tokens"] == len(expected)
+    code, out, err = run_cli("show", bare, "--json")
+    assert code == 0, err
+    assert json.loads(out)["chat_template"] == "built-in DeepSeek-V3.2 format"
