@@ -35,7 +35,8 @@ LAYER_RE = re.compile(r"^(?:model\.layers|transformer\.h)\.(\d+)\.")
 EXPERT_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.")  # loading prepares each expert apart
 SCALE_SUFFIX = "_scale_inv"  # FP8 block scales: consumed by dequantisation
 NOT_PARAMETERS = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")  # buffers in old checkpoints
-FLOAT32_ROUTER = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")  # DeepSeek routes in float32
+# DeepSeek routes in float32; V3.2's sparse attention weighs its indexer heads in float32 too.
+FLOAT32_ROUTER = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias", ".indexer.weights_proj.weight")
 FP8_DEQUANT_BYTES = 13  # per value: the FP8 read, then its float32 copy, expanded scales and product
 CACHE_TOKENS = 2048  # generate's default run (prompt + 256 tokens) and a chat's first turns fit in it
 RESERVE_BYTES = 256 * 2**20
