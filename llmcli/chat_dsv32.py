@@ -170,12 +170,25 @@ def encode_messages(messages: list[dict], thinking: bool = False, drop_thinking:
     return (BOS if add_bos else "") + "".join(_render(messages, i, last_user, thinking) for i in range(len(messages)))
 
 
+def _split_reasoning(message: dict) -> dict:
+    """A reply kept as generated in thinking mode ("reasoning</think>answer", `chat` stores it so) becomes
+    its answer plus `reasoning_content`, so that the format can drop the reasoning from later turns."""
+    content = message.get("content")
+    if message.get("role") != "assistant" or not isinstance(content, str) or END_THINK not in content:
+        return message
+    if _reasoning(message):
+        return {**message, "content": content.split(END_THINK, 1)[1]}
+    reasoning, answer = content.split(END_THINK, 1)
+    return {**message, "content": answer, "reasoning_content": reasoning.removeprefix(THINK)}
+
+
 def apply_chat_format(messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool | None = None,
                       tools: list[dict] | None = None, **_: Any) -> str:
     """`Tokenizer.apply_chat_template`'s signature over `encode_messages`. The generation prompt is part of
     every user turn in this format, so `add_generation_prompt` changes nothing; request-level `tools` join
-    the system message (one is added at the front when there is none)."""
-    messages = [dict(m) for m in messages]
+    the system message (one is added at the front when there is none); replies that still hold their
+    reasoning before </think> are split first."""
+    messages = [_split_reasoning(dict(m)) for m in messages]
     if tools:
         if messages and messages[0].get("role") == "system":
             messages[0]["tools"] = tools

@@ -100,3 +100,13 @@ def test_v32_tokenizer_without_template_gets_the_format(tmp_path):
     # A V3.2 checkpoint that ships a Jinja template (V3.2-Exp) keeps it.
     templated = plain.with_chat_template("{{ 'x' }}")
     assert with_builtin_chat_format(templated, "deepseek_v32") is templated
+
+
+def test_replies_kept_as_generated_lose_their_reasoning_in_later_turns():
+    """`chat` stores a thinking reply as generated ("reasoning</think>answer"); the next prompt shows the
+    answer only, as the released format does for a reply with reasoning_content."""
+    history = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "add them</think>4"},
+               {"role": "user", "content": "and 3+3?"}]
+    expected = f"{BOS}{U}2+2?{A}</think>4{EOS}{U}and 3+3?{A}<think>"
+    assert apply_chat_format(history, enable_thinking=True) == expected
+    assert apply_chat_format(history, enable_thinking=False) == expected.replace("<think>", "</think>")
