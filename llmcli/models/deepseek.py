@@ -209,9 +209,11 @@ class IndexedMLAttention(MLAttention):
     def forward(self, x, cos, sin, layer_cache, span: Span, absorbed: bool, recorder=None) -> torch.Tensor:
         q_nope, q_pe, c_q, latent = self.project(x, cos, sin, layer_cache, span)
         keys = layer_cache.update_index(span, self.indexer.keys(x, cos, sin))
-        if self.mode == "dense" and recorder is None:
-            return self.output(self.attend(q_nope, q_pe, latent, span, absorbed))
         t, total = x.shape[1], latent.shape[1]
+        if recorder is None and (self.mode == "dense" or (
+                self.mode == "sparse" and not span.static and total <= self.indexer.topk)):
+            # No more keys than the indexer keeps: every visible key is selected, plain MLA (no scoring).
+            return self.output(self.attend(q_nope, q_pe, latent, span, absorbed))
         visible = self._visible(span, t, total)
         scores = self.indexer.scores(x, c_q, cos, sin, keys)  # [B, T, total]
         indices = select(scores, visible, self.indexer.topk)
@@ -222,9 +224,7 @@ class IndexedMLAttention(MLAttention):
         if span.static:  # rows past the position may fill the selection of an early position: mask them
             valid = indices[:, 0] <= span.positions[:, None]
             return self.output(self.attend(q_nope, q_pe, latent, span, absorbed, selected=(indices[:, 0], valid)))
-        if self.mode == "sparse" and absorbed and t == 1:
-            if total <= self.indexer.topk:  # every key is selected: plain MLA
-                return self.output(self.attend(q_nope, q_pe, latent, span, absorbed))
+        if self.mode == "sparse" and absorbed and t == 1 and total > self.indexer.topk:
             q = self.absorbed_query(q_nope, q_pe)[:, 0]  # [B, H, rank + rope]
             mixed = gathered_attention(q, latent, indices[:, 0], None, self.softmax_scale, self.rank)
             return self.output(self.absorbed_output(mixed[:, :, None].to(q.dtype)))
