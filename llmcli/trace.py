@@ -15,7 +15,8 @@ import torch
 
 from llmcli.backends.runner import as_runner
 from llmcli.errors import LlmcliError
-from llmcli.models.hooks import FINAL_NORM, RESIDUAL_POINTS, ROUTED_OUT, ROUTER, SHARED_OUT
+from llmcli.models.hooks import FINAL_NORM, INDEXER, RESIDUAL_POINTS, ROUTED_OUT, ROUTER, SHARED_OUT
+from llmcli.trace_dsa import IndexerLog, indexer_summary
 
 HOOK_POINTS = RESIDUAL_POINTS  # the points every layer records, in order
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Attention is all you need."
@@ -97,6 +98,7 @@ class TraceRecorder:
         self._rms: dict[tuple[int | None, str], list[torch.Tensor]] = {}
         self._max: dict[tuple[int | None, str], list[torch.Tensor]] = {}
         self.routers: dict[int, RouterLog] = {}
+        self.indexers: dict[int, IndexerLog] = {}  # sparse attention layers (llmcli.trace_dsa)
         self.points: dict[int | None, list[str]] = {}  # recorded names per layer, in first-seen order
 
     def wants(self, layer: int | None) -> bool:
@@ -117,6 +119,9 @@ class TraceRecorder:
             log.entropy.append(score_entropy(value.scores).reshape(-1))
             log.num_experts = int(value.scores.shape[-1])
             return
+        if name == INDEXER:
+            self.indexers.setdefault(layer, IndexerLog()).add(value)
+            return
         if not isinstance(value, torch.Tensor):
             return  # unknown non-tensor observations are not ours to interpret
         self._rms.setdefault((layer, name), []).append(token_rms(value))
@@ -133,7 +138,7 @@ class TraceRecorder:
         return float(torch.stack(parts).max().cpu()) if parts else None
 
     def tensor_points(self, layer: int | None) -> list[str]:
-        return [n for n in self.points.get(layer, []) if n != ROUTER]
+        return [n for n in self.points.get(layer, []) if n not in (ROUTER, INDEXER)]
 
 
 # -- running a trace ------------------------------------------------------------------------------
@@ -297,6 +302,7 @@ def build_trace_json(run: TraceRun, model, tokenizer, model_name: str) -> dict:
             "rms_per_token": per_token,
             "attention": run.attention[pos],
             "router": router_summary(log, rec, index) if log else None,
+            "indexer": indexer_summary(rec.indexers[index]) if index in rec.indexers else None,
         })
     final = rec.rms_per_token(None, FINAL_NORM)
     return {

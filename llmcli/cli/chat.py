@@ -236,7 +236,7 @@ def chat_command(
                                     "beyond it. Default: the model's context, at most 8192."),
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show <think> reasoning."),
     think: bool | None = typer.Option(None, "--think/--no-think",
-                                      help="Qwen3: switch reasoning on or off (enable_thinking)."),
+                                      help="Qwen3, DeepSeek-V3.2: switch reasoning on or off (enable_thinking)."),
     no_logn: bool = NO_LOGN_OPT,
     no_ntk: bool = NO_NTK_OPT,
     window: str | None = WINDOW_OPT,
