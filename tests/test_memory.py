@@ -67,10 +67,14 @@ def fp8_with_mtp(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek", "fp8"])
-@pytest.mark.parametrize(("dtype", "quantize"), [("float32", None), ("bfloat16", None), ("bfloat16", "int8")])
-def test_estimated_weights_are_what_loading_holds(name, dtype, quantize, tmp_path):
+@pytest.mark.parametrize(("dtype", "quantize"), [("float32", None), ("bfloat16", None), ("bfloat16", "int8"),
+                                               ("bfloat16", "int4")])
+def test_estimated_weights_are_what_loading_holds(name, dtype, quantize, tmp_path, monkeypatch):
     """Tied head once (demo-qwen), float32 router (DeepSeek), FP8 dequantised with scales and the MTP layer
-    dropped, int8 values with a scale per row: the estimate equals the loaded model's own parameter bytes."""
+    dropped, int8 values with a scale per row, int4 with a scale and zero per group: the estimate equals the
+    loaded model's own parameter bytes. (The bfloat16 kernel's panels pad outputs to multiples of 64, at most
+    63 rows per linear: a layout detail the header-only estimate leaves out, so the kernel is off here.)"""
+    monkeypatch.setenv("LLMCLI_BF16_KERNEL", "0")
     path = fp8_with_mtp(tmp_path) if name == "fp8" else ensure_demo(name)
     loaded = load_model(name, path, device="cpu", dtype=dtype, quantize=quantize)
     assert estimate(path, dtype, quantize).weights == parameter_bytes(loaded.model)[0]
