@@ -278,3 +278,75 @@ def test_bad_moe_config_is_one_line_error(case, tmp_path, run_cli, change, fragm
     code, out, err = run_cli("generate", broken, "--raw", "-p", "hi", "-n", "2")
     assert code != 0 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert fragment in err
+
+
+# -- FP8 block-quantised Qwen3 (Qwen3-*-FP8) -------------------------------------------------------
+
+# Widths past one 128 block and not multiples of it, so that edge blocks are cropped.
+FP8_SHAPE = dict(hidden_size=160, intermediate_size=200, moe_intermediate_size=136, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=64, num_experts=4, num_experts_per_tok=2,
+                 norm_topk_prob=True)
+FP8_CASES = {"qwen3-fp8": "Qwen3", "qwen3_moe-fp8": "Qwen3Moe"}
+
+
+def quantise_fp8(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, scale_inv per 128x128 block, the dequantised weight) as Qwen's FP8 releases hold
+    them: W ~= fp32(q) * scale of its block."""
+    rows, cols = weight.shape
+    padded = torch.zeros(-(-rows // block) * block, -(-cols // block) * block)
+    padded[:rows, :cols] = weight.abs()
+    tiles = padded.unfold(0, block, block).unfold(1, block, block)  # [R, C, block, block]
+    scales = tiles.amax(dim=(-1, -2)).clamp(min=1e-12) / 448.0  # 448: largest finite e4m3 value
+    full = scales.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    q = (weight / full).to(torch.float8_e4m3fn)
+    return q, scales, q.float() * full
+
+
+@pytest.fixture(scope="module", params=sorted(FP8_CASES))
+def fp8_case(request, tmp_path_factory):
+    """A checkpoint quantised here as Qwen3-*-FP8 is (decoder linears FP8 with `weight_scale_inv`; embeddings,
+    norms, router and lm_head as they were), and transformers running the dequantised weights: the oracle."""
+    kind = FP8_CASES[request.param]
+    plain = tmp_path_factory.mktemp(f"{request.param}-plain")
+    overrides = dict(FP8_SHAPE)
+    if kind == "Qwen3":
+        overrides = {k: v for k, v in overrides.items() if "expert" not in k and k != "norm_topk_prob"}
+    reference = build_reference(kind, overrides, plain, seed=5)
+    fp8 = tmp_path_factory.mktemp(request.param)
+    for item in plain.iterdir():
+        if item.suffix != ".safetensors":
+            shutil.copy(item, fp8 / item.name)
+    tensors, dequantised = {}, {}
+    for name, tensor in load_file(plain / "model.safetensors").items():
+        quantised = (tensor.dim() == 2 and name.startswith("model.layers.") and not name.endswith("mlp.gate.weight"))
+        if quantised:
+            q, scales, dequantised[name] = quantise_fp8(tensor)
+            tensors[name], tensors[name + "_scale_inv"] = q, scales
+        else:
+            tensors[name] = dequantised[name] = tensor
+    save_file(tensors, fp8 / "model.safetensors")
+    save_file(dequantised, plain / "model.safetensors")
+    oracle = type(reference).from_pretrained(plain, attn_implementation="eager", experts_implementation="eager",
+                                             dtype=torch.float32).eval()
+    raw = json.loads((fp8 / "config.json").read_text())
+    raw["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                  "weight_block_size": [128, 128]}
+    (fp8 / "config.json").write_text(json.dumps(raw))
+    return request.param, oracle, fp8, tensors
+
+
+def test_fp8_checkpoint_is_dequantised_at_load(fp8_case, run_cli):
+    name, oracle, fp8, tensors = fp8_case
+    assert any(t.dtype == torch.float8_e4m3fn and t.shape[0] % 128 for t in tensors.values())  # cropped edges
+    ids = prompt_ids(fp8)
+    loaded = load_model(name, fp8, device="cpu", dtype="float32")
+    ours = logits(loaded.runner, ids)
+    with torch.inference_mode():
+        theirs = oracle(torch.tensor([ids])).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert load_model(name, fp8, device="cpu").dtype == torch.bfloat16  # FP8 runs in bfloat16 by default
+    code, out, err = run_cli("show", fp8, "--json")
+    assert code == 0, err
+    facts = json.loads(out)
+    assert facts["fp8"] and facts["fp8_block_size"] == [128, 128] and facts["run_dtype"] == "bfloat16"
+    assert facts["params_total"] == sum(p.numel() for p in oracle.parameters())  # scales are not parameters
