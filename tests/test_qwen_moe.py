@@ -184,6 +184,27 @@ def test_int8_runs_and_stays_close(case, run_cli):
     assert json.loads(out)["generated_tokens"] == 4
 
 
+def test_show_weight_bytes_equal_the_loaded_model(case, run_cli, monkeypatch):
+    """`show` predicts from headers alone what loading holds, also with int8 (router and shared-expert gate
+    stay in the model's dtype)."""
+    from llmcli.backends.linear import prepacking_available
+
+    name, _, path = case
+    monkeypatch.setenv("LLMCLI_PREPACK", "0")  # plain tensors, so that their bytes can be counted
+    prepacking_available.cache_clear()
+    try:
+        models = {q: load_model(name, path, device="cpu", dtype="float32", quantize=q).model for q in (None, "int8")}
+    finally:
+        prepacking_available.cache_clear()
+    code, out, err = run_cli("show", path, "--json")
+    assert code == 0, err
+    sizes = json.loads(out)["weight_bytes"]
+    for key, model in (("float32", models[None]), ("int8", models["int8"])):
+        tensors = {t.data_ptr(): t for t in list(model.parameters()) + [b for n, b in model.named_buffers()
+                                                                          if n != "inv_freq"]}
+        assert sizes[key] == sum(t.numel() * t.element_size() for t in tensors.values()), key
+
+
 def test_trace_shows_router_choices(case, run_cli, tmp_path):
     name, reference, path = case
     ids = prompt_ids(path)
