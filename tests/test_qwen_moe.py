@@ -269,6 +269,35 @@ def test_show_config_only_count_matches_the_checkpoint(case, tmp_path):
     assert count_config(load_config(path)).total == sum(p.numel() for p in reference.parameters())
 
 
+# Shapes from the released config.json files; sizes as their model cards give them (total, active), billions.
+REAL = {
+    "Qwen3-30B-A3B": (dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                           num_attention_heads=32, num_key_value_heads=4, head_dim=128, moe_intermediate_size=768,
+                           num_experts=128, num_experts_per_tok=8, norm_topk_prob=True), 30.5, 3.3),
+    "Qwen3-235B-A22B": (dict(model_type="qwen3_moe", hidden_size=4096, intermediate_size=12288, num_hidden_layers=94,
+                             num_attention_heads=64, num_key_value_heads=4, head_dim=128, moe_intermediate_size=1536,
+                             num_experts=128, num_experts_per_tok=8, norm_topk_prob=True), 235.1, 22.2),
+    "Qwen1.5-MoE-A2.7B": (dict(model_type="qwen2_moe", hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                               num_attention_heads=16, num_key_value_heads=16, moe_intermediate_size=1408,
+                               shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4), 14.3, 2.7),
+    "Qwen2-57B-A14B": (dict(model_type="qwen2_moe", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                            num_attention_heads=28, num_key_value_heads=4, moe_intermediate_size=2560,
+                            shared_expert_intermediate_size=20480, num_experts=64, num_experts_per_tok=8), 57.4, 14.2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_model_sizes(name):
+    from llmcli.config import config_from_dict
+    from llmcli.show import count_config
+
+    shape, total, active = REAL[name]
+    raw = dict(vocab_size=151936, tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[], **shape)
+    count = count_config(config_from_dict(raw))
+    # Cards truncate (Qwen3-30B-A3B: 3.35B active is "3.3B").
+    assert abs(count.total / 1e9 - total) < 0.1 and abs(count.active / 1e9 - active) < 0.1
+
+
 def test_aliases_name_the_released_checkpoints():
     from llmcli.registry import ALIASES
 
