@@ -339,17 +339,18 @@ FP8_SHAPE = dict(hidden_size=160, intermediate_size=200, moe_intermediate_size=1
 FP8_CASES = {"qwen3-fp8": "Qwen3", "qwen3_moe-fp8": "Qwen3Moe"}
 
 
-def quantise_fp8(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantise_fp8(weight: torch.Tensor, scale_dtype: torch.dtype, block: int = 128
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(float8_e4m3fn weight, scale_inv per 128x128 block, the dequantised weight) as Qwen's FP8 releases hold
-    them: W ~= fp32(q) * scale of its block."""
+    them: W ~= fp32(q) * scale of its block. Scales are float32 in Qwen3's releases, bfloat16 in later ones."""
     rows, cols = weight.shape
     padded = torch.zeros(-(-rows // block) * block, -(-cols // block) * block)
     padded[:rows, :cols] = weight.abs()
     tiles = padded.unfold(0, block, block).unfold(1, block, block)  # [R, C, block, block]
-    scales = tiles.amax(dim=(-1, -2)).clamp(min=1e-12) / 448.0  # 448: largest finite e4m3 value
+    scales = (tiles.amax(dim=(-1, -2)).clamp(min=1e-12) / 448.0).to(scale_dtype).float()  # 448: e4m3's largest
     full = scales.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
     q = (weight / full).to(torch.float8_e4m3fn)
-    return q, scales, q.float() * full
+    return q, scales.to(scale_dtype), q.float() * full
 
 
 @pytest.fixture(scope="module", params=sorted(FP8_CASES))
@@ -367,10 +368,11 @@ def fp8_case(request, tmp_path_factory):
         if item.suffix != ".safetensors":
             shutil.copy(item, fp8 / item.name)
     tensors, dequantised = {}, {}
+    scale_dtype = torch.bfloat16 if "moe" in request.param else torch.float32
     for name, tensor in load_file(plain / "model.safetensors").items():
         quantised = (tensor.dim() == 2 and name.startswith("model.layers.") and not name.endswith("mlp.gate.weight"))
         if quantised:
-            q, scales, dequantised[name] = quantise_fp8(tensor)
+            q, scales, dequantised[name] = quantise_fp8(tensor, scale_dtype)
             tensors[name], tensors[name + "_scale_inv"] = q, scales
         else:
             tensors[name] = dequantised[name] = tensor
