@@ -236,8 +236,9 @@ def _render_facts(f: dict) -> None:
             + "".join(f", {x}" for x in extras))
     e = f["experts"]
     if e:
+        groups = f"{e['groups']} groups ({e['groups_per_token']} per token), " if e["groups"] > 1 else ""
         add("experts", f"{e['routed']} routed + {e['shared']} shared, {e['per_token']} per token, "
-                       f"{e['groups']} groups ({e['groups_per_token']} per token), {e['scoring']} / "
+                       f"{groups}{e['scoring']} / "
                        f"{e['topk_method']}, {e['moe_layers']} MoE + {e['dense_layers']} dense layers"
                        + (f", shared expert {e['shared_intermediate_size']} wide (sigmoid gate)"
                           if e.get("shared_intermediate_size") else ""))
