@@ -42,9 +42,11 @@ V3_SHAPE = dict(
 )
 
 
-def checkpoint_dir() -> Path:
-    """Build the random checkpoint once (bf16 on disk, like the released model)."""
-    target = cache_home() / "benchmarks" / "deepseek-v3-shape-random"
+def checkpoint_dir(vocab_size: int | None = None) -> Path:
+    """Build the random checkpoint once (bf16 on disk, like the released model); `vocab_size`: a variant with
+    that vocabulary (DeepSeek-V3's real one, 129280, for llama.cpp's converter and the real tokenizer)."""
+    suffix = f"-vocab{vocab_size}" if vocab_size else ""
+    target = cache_home() / "benchmarks" / f"deepseek-v3-shape-random{suffix}"
     if (target / "config.json").is_file():
         return target
     import transformers
@@ -54,7 +56,8 @@ def checkpoint_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
         torch.manual_seed(0)
-        config = transformers.DeepseekV3Config(**V3_SHAPE, dtype="bfloat16")
+        config = transformers.DeepseekV3Config(**{**V3_SHAPE, "vocab_size": vocab_size or V3_SHAPE["vocab_size"]},
+                                               dtype="bfloat16")
         model = transformers.DeepseekV3ForCausalLM(config)
         with torch.no_grad():  # a real-looking choice bias, so routing is not just the raw scores
             for name, buffer in model.named_buffers():

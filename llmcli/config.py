@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from llmcli.config_deepseek import parse_deepseek
+from llmcli.config_deepseek import _fp8_block, parse_deepseek
 from llmcli.config_fields import (
     MAX_LAYERS,
     ModelConfig,
@@ -21,6 +21,7 @@ from llmcli.config_fields import (
     parse_rope_scaling,
 )
 from llmcli.config_qwen1 import parse_qwen1
+from llmcli.config_qwen_moe import QWEN_MOE_FAMILIES, qwen_moe_fields, qwen_moe_windows
 from llmcli.errors import LlmcliError
 
 __all__ = ["ModelConfig", "config_from_dict", "load_config", "model_type_of", "read_json"]
@@ -35,7 +36,8 @@ def parse_qwen2(raw: dict) -> ModelConfig:
     heads = _count(_require(raw, "num_attention_heads"), "num_attention_heads")
     hidden = _count(_require(raw, "hidden_size"), "hidden_size")
     theta, scaling = parse_rope_scaling(raw)
-    is_qwen3 = family == "qwen3"
+    is_qwen3 = family in ("qwen3", "qwen3_moe")
+    moe = family in QWEN_MOE_FAMILIES
     head_dim = raw.get("head_dim") or hidden // heads
     return ModelConfig(
         family=family,
@@ -51,13 +53,15 @@ def parse_qwen2(raw: dict) -> ModelConfig:
         rope_scaling=scaling,
         max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        attention_bias=bool(raw.get("attention_bias", False)) if is_qwen3 else True,
+        attention_bias=bool(raw.get("attention_bias", False)) if is_qwen3 else bool(raw.get("qkv_bias", True)),
         qk_norm=is_qwen3,
-        layer_windows=_layer_windows(raw, layers),
+        layer_windows=qwen_moe_windows(raw, layers) if moe else _layer_windows(raw, layers),
         eos_token_ids=_as_id_list(raw.get("eos_token_id")),
         bos_token_id=_token_id(raw.get("bos_token_id")),
         torch_dtype=_dtype_name(raw.get("torch_dtype") or raw.get("dtype")),
+        fp8_block_size=_fp8_block(raw),  # Qwen3-*-FP8: 128x128 block scales, as DeepSeek's
         raw=raw,
+        **qwen_moe_fields(raw, layers),
     )
 
 
@@ -66,6 +70,8 @@ PARSERS: dict[str, Callable[[dict], ModelConfig]] = {
     "qwen": parse_qwen1,
     "qwen2": parse_qwen2,
     "qwen3": parse_qwen2,
+    "qwen2_moe": parse_qwen2,
+    "qwen3_moe": parse_qwen2,
     "deepseek_v2": parse_deepseek,
     "deepseek_v3": parse_deepseek,
     "deepseek_v32": parse_deepseek,
@@ -75,6 +81,8 @@ PARSERS: dict[str, Callable[[dict], ModelConfig]] = {
 ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
     "QWenLMHeadModel": "qwen",
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",

@@ -76,6 +76,14 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     first_k_dense_replace: int = 0
     moe_layer_freq: int = 1
+    # Qwen MoE (qwen2_moe, qwen3_moe; also Qwen3-Next / Qwen3.5-MoE). The routed experts use the DeepSeekMoE
+    # fields above as they mean the same (n_routed_experts = num_experts, num_experts_per_tok,
+    # moe_intermediate_size, norm_topk_prob; softmax router, no groups, no scaling). Qwen adds one shared expert
+    # of its own width behind a sigmoid gate (0: none), and dense layers: those in mlp_only_layers, and those
+    # with (index + 1) % decoder_sparse_step != 0.
+    shared_expert_intermediate_size: int = 0
+    mlp_only_layers: list[int] = field(default_factory=list)
+    decoder_sparse_step: int = 1
     # FP8 block quantisation of the checkpoint, e.g. (128, 128); None when not quantised.
     fp8_block_size: tuple[int, int] | None = None
 
@@ -90,6 +98,8 @@ class ModelConfig:
             self.is_moe
             and index >= self.first_k_dense_replace
             and index % max(self.moe_layer_freq, 1) == 0
+            and index not in self.mlp_only_layers
+            and (index + 1) % max(self.decoder_sparse_step, 1) == 0
         )
 
 

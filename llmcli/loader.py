@@ -58,7 +58,7 @@ def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dt
 
 
 def model_class(cfg: ModelConfig) -> type[CausalLM]:
-    if cfg.family in ("qwen", "qwen2", "qwen3"):
+    if cfg.family in ("qwen", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         return QwenForCausalLM
     if cfg.family in ("deepseek_v2", "deepseek_v3", "deepseek_v32"):
         return DeepseekForCausalLM

@@ -4,7 +4,7 @@ the machine has free. Loading compares the two before reading any weight; `show`
 
 The figure is what loading leaves in memory plus what it briefly holds on top, and a little for running:
   weights   every tensor generation loads, in the run dtype (FP8 is dequantised to it), `--quantize int8`
-            linears as 1 byte a value plus a scale per row, the MoE router in float32; not FP8 scales
+            linears as 1 byte a value plus a scale per row, DeepSeek's MoE router in float32; not FP8 scales
             (consumed), DeepSeek-V3's multi-token-prediction layer (skipped), a tied head (the embedding's)
   loading   what loading holds for a moment: each decoder layer (each MoE expert apart) is fused, reordered
             for oneDNN or quantised once it is in, its new copy next to its source; and a tensor whose file
@@ -113,6 +113,8 @@ def weight_bytes(cfg: ModelConfig, tensors: dict[str, TensorInfo], dtype: str, q
         held = size({name: t.shape for name, t in tensors.items()}, element, tied)
     else:
         held = sum(t.numel for t in tensors.values()) * element
+    if not cfg.family.startswith("deepseek"):  # Qwen MoE routes in the model's dtype, as transformers does
+        return held
     router = sum(t.numel for name, t in tensors.items() if name.endswith(FLOAT32_ROUTER))
     return held + router * (4 - element)
 

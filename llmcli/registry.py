@@ -28,6 +28,7 @@ def _entries() -> list[Alias]:
         out.append(Alias(f"qwen2.5-{size}-instruct", f"Qwen/Qwen2.5-{size.upper()}-Instruct", "qwen2", params))
     for size, params in (("0.6b", 0.6), ("1.7b", 1.7), ("4b", 4.0), ("8b", 8.2), ("14b", 14.8), ("32b", 32.8)):
         out.append(Alias(f"qwen3-{size}", f"Qwen/Qwen3-{size.upper()}", "qwen3", params, "reasoning (think/no-think)"))
+    out += _qwen_moe_entries()
     for size, params in (("1.5b", 1.78), ("7b", 7.62), ("14b", 14.8), ("32b", 32.8)):
         out.append(Alias(f"deepseek-r1-distill-qwen-{size}", f"deepseek-ai/DeepSeek-R1-Distill-Qwen-{size.upper()}",
                          "qwen2", params, "reasoning"))
@@ -43,6 +44,32 @@ def _entries() -> list[Alias]:
         Alias("deepseek-v3.2-speciale", "deepseek-ai/DeepSeek-V3.2-Speciale", "deepseek_v32", 671.0,
               "V3.2 variant for deep reasoning, FP8: about 690 GB"),
     ]
+    return out
+
+
+def _qwen_moe_entries() -> list[Alias]:
+    """Qwen's MoE releases and Qwen3's FP8 releases (128x128 block scales, dequantised at load)."""
+    out = [
+        Alias("qwen1.5-moe-a2.7b", "Qwen/Qwen1.5-MoE-A2.7B", "qwen2_moe", 14.3, "MoE base, 2.7B active"),
+        Alias("qwen1.5-moe-a2.7b-chat", "Qwen/Qwen1.5-MoE-A2.7B-Chat", "qwen2_moe", 14.3, "MoE chat, 2.7B active"),
+        Alias("qwen2-57b-a14b", "Qwen/Qwen2-57B-A14B", "qwen2_moe", 57.4, "MoE base, 14B active"),
+        Alias("qwen2-57b-a14b-instruct", "Qwen/Qwen2-57B-A14B-Instruct", "qwen2_moe", 57.4, "MoE, 14B active"),
+    ]
+    for name, repo, params, note in (
+        ("qwen3-30b-a3b", "Qwen3-30B-A3B", 30.5, "MoE, 3.3B active, reasoning (think/no-think)"),
+        ("qwen3-30b-a3b-instruct-2507", "Qwen3-30B-A3B-Instruct-2507", 30.5, "MoE, 3.3B active"),
+        ("qwen3-30b-a3b-thinking-2507", "Qwen3-30B-A3B-Thinking-2507", 30.5, "MoE, 3.3B active, reasoning"),
+        ("qwen3-coder-30b-a3b-instruct", "Qwen3-Coder-30B-A3B-Instruct", 30.5, "MoE, 3.3B active, code"),
+        ("qwen3-235b-a22b", "Qwen3-235B-A22B", 235.0, "MoE, 22B active, reasoning (think/no-think)"),
+        ("qwen3-235b-a22b-instruct-2507", "Qwen3-235B-A22B-Instruct-2507", 235.0, "MoE, 22B active"),
+    ):
+        out.append(Alias(name, f"Qwen/{repo}", "qwen3_moe", params, note))
+    for name in ("qwen3-30b-a3b", "qwen3-235b-a22b", "qwen3-30b-a3b-instruct-2507"):
+        base = next(a for a in out if a.name == name)
+        out.append(Alias(f"{name}-fp8", f"{base.repo}-FP8", "qwen3_moe", base.params_b, f"{base.note}; FP8"))
+    for size, params in (("0.6b", 0.6), ("1.7b", 1.7), ("4b", 4.0), ("8b", 8.2), ("14b", 14.8), ("32b", 32.8)):
+        out.append(Alias(f"qwen3-{size}-fp8", f"Qwen/Qwen3-{size.upper()}-FP8", "qwen3", params,
+                         "reasoning (think/no-think); FP8"))
     return out
 
 

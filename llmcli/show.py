@@ -60,7 +60,9 @@ def _inactive(cfg: ModelConfig, routed: dict[int, int]) -> int:
     if not cfg.n_routed_experts:
         return 0
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    embedding = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+    # Qwen's "A3B"/"A2.7B" active counts include the embedding table (Qwen3-30B-A3B: 3.3B with, 3.0B without).
+    qwen = cfg.family.startswith("qwen")
+    embedding = 0 if cfg.tie_word_embeddings or qwen else cfg.vocab_size * cfg.hidden_size
     return embedding + sum(r - r * k // e for r in routed.values())
 
 
@@ -75,6 +77,8 @@ def count_config(cfg: ModelConfig) -> ParamCount:
             e, mi = cfg.n_routed_experts, cfg.moe_intermediate_size
             bias = e if cfg.topk_method == "noaux_tc" else 0  # V3's e_score_correction_bias
             total += e * h + bias + 3 * h * mi * (e + cfg.n_shared_experts)
+            if cfg.shared_expert_intermediate_size:  # Qwen: one shared expert of its own width, and its gate
+                total += 3 * h * cfg.shared_expert_intermediate_size + h
             routed[i] = 3 * h * mi * e
         else:
             total += 3 * h * cfg.intermediate_size
@@ -85,7 +89,8 @@ def _largest_unit(cfg: ModelConfig) -> int:
     """Values of the largest part loading prepares at once (see llmcli.memory): a layer's attention and dense or
     shared-expert MLP, or an untied head."""
     h = cfg.hidden_size
-    mlp = 3 * h * max(cfg.intermediate_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
+    mlp = 3 * h * max(cfg.intermediate_size, cfg.n_shared_experts * cfg.moe_intermediate_size,
+                      cfg.shared_expert_intermediate_size)
     return max(_attention_params(cfg) + mlp, 0 if cfg.tie_word_embeddings else cfg.vocab_size * h)
 
 
@@ -186,7 +191,9 @@ def _experts(cfg: ModelConfig) -> dict | None:
         return None
     moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
     return {
-        "routed": cfg.n_routed_experts, "shared": cfg.n_shared_experts, "per_token": cfg.num_experts_per_tok,
+        "routed": cfg.n_routed_experts, "per_token": cfg.num_experts_per_tok,
+        "shared": cfg.n_shared_experts or (1 if cfg.shared_expert_intermediate_size else 0),
+        "shared_intermediate_size": cfg.shared_expert_intermediate_size or None,  # Qwen's own width
         "groups": cfg.n_group, "groups_per_token": cfg.topk_group, "intermediate_size": cfg.moe_intermediate_size,
         "moe_layers": len(moe_layers), "dense_layers": cfg.num_layers - len(moe_layers),
         "scoring": cfg.scoring_func, "topk_method": cfg.topk_method,

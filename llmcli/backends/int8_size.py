@@ -8,9 +8,9 @@ import math
 
 def quantizable(name: str, shape: tuple[int, ...]) -> bool:
     """Is this checkpoint tensor a linear weight that `--quantize int8` stores as int8? Embeddings,
-    norms, the MoE router and DeepSeek's kv_b_proj (read directly by the absorbed decode: the model says so
-    with `keeps_weight`, which needs a model; this works from names only) are not."""
-    excluded = ("embed_tokens.", "transformer.wte.", ".mlp.gate.", "kv_b_proj.")
+    norms, the MoE router, Qwen's shared-expert gate and DeepSeek's kv_b_proj (read directly by the absorbed
+    decode: the model says so with `keeps_weight`, which needs a model; this works from names only) are not."""
+    excluded = ("embed_tokens.", "transformer.wte.", ".mlp.gate.", ".shared_expert_gate.", "kv_b_proj.")
     return len(shape) == 2 and name.endswith(".weight") and not any(e in name for e in excluded)
 
 

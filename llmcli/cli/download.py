@@ -103,7 +103,7 @@ def _print_plan_files(plan) -> None:
 def _model_rows() -> list[dict]:
     """Aliases (with their download state) and every runnable model in the HF cache."""
     from llmcli import download as dl
-    from llmcli.config import load_config, model_type_of, read_json
+    from llmcli.config import PARSERS, load_config, model_type_of, read_json
     from llmcli.demo import BUILDERS, DEMO_VERSION
     from llmcli.paths import cache_home
     from llmcli.registry import ALIASES
@@ -136,7 +136,7 @@ def _model_rows() -> list[dict]:
             family = model_type_of(read_json(snapshot / "config.json"))
         except LlmcliError:
             continue
-        if family not in SUPPORTED_FAMILIES:
+        if family not in PARSERS:  # every model_type llmcli can load
             continue
         try:
             params = count_config(load_config(snapshot)).total
@@ -145,9 +145,6 @@ def _model_rows() -> list[dict]:
         state = "yes" if dl.snapshot_is_complete(snapshot) else "partial"
         rows.append(_row(repo, repo, family, params, state, dl.folder_bytes(folder), "in the HF cache", snapshot))
     return rows
-
-
-SUPPORTED_FAMILIES = ("qwen", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3", "deepseek_v32")
 
 
 def _row(name, repo, family, params, downloaded, size, note, path) -> dict:
@@ -242,9 +239,12 @@ def _render_facts(f: dict) -> None:
             + "".join(f", {x}" for x in extras))
     e = f["experts"]
     if e:
+        groups = f"{e['groups']} groups ({e['groups_per_token']} per token), " if e["groups"] > 1 else ""
         add("experts", f"{e['routed']} routed + {e['shared']} shared, {e['per_token']} per token, "
-                       f"{e['groups']} groups ({e['groups_per_token']} per token), {e['scoring']} / "
-                       f"{e['topk_method']}, {e['moe_layers']} MoE + {e['dense_layers']} dense layers")
+                       f"{groups}{e['scoring']} / "
+                       f"{e['topk_method']}, {e['moe_layers']} MoE + {e['dense_layers']} dense layers"
+                       + (f", shared expert {e['shared_intermediate_size']} wide (sigmoid gate)"
+                          if e.get("shared_intermediate_size") else ""))
     add("vocabulary", f["vocab_size"])
     context = f"{f['context_length']:,} tokens"
     if f["seq_length"]:

