@@ -21,6 +21,9 @@ from llmcli.config_fields import (
     parse_rope_scaling,
 )
 from llmcli.config_qwen1 import parse_qwen1
+from llmcli.config_qwen_hybrid import ARCHITECTURES as HYBRID_ARCHITECTURES
+from llmcli.config_qwen_hybrid import MODEL_TYPES as HYBRID_TYPES
+from llmcli.config_qwen_hybrid import parse_qwen_hybrid
 from llmcli.errors import LlmcliError
 
 __all__ = ["ModelConfig", "config_from_dict", "load_config", "model_type_of", "read_json"]
@@ -68,6 +71,7 @@ PARSERS: dict[str, Callable[[dict], ModelConfig]] = {
     "qwen3": parse_qwen2,
     "deepseek_v2": parse_deepseek,
     "deepseek_v3": parse_deepseek,
+    **dict.fromkeys(HYBRID_TYPES, parse_qwen_hybrid),
 }
 
 # architectures[0] -> model_type, for configs that lack model_type.
@@ -77,6 +81,7 @@ ARCHITECTURES = {
     "QWenLMHeadModel": "qwen",
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    **HYBRID_ARCHITECTURES,
 }
 
 

@@ -1,0 +1,257 @@
+"""Qwen3.5, Qwen3-Next and Qwen3.5-MoE (Gated DeltaNet + gated attention) against transformers: tiny random
+checkpoints in hub format (Qwen3.5 as the vision-language wrapper, Qwen3-Next with its grouped projections
+and per-expert tensors), float32 logits and greedy tokens; the DeltaNet's chunked and recurrent forms; the
+hybrid cache; loading that never reads the vision tower; bad layer_types."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from llmcli.config import config_from_dict
+from llmcli.errors import LlmcliError
+from llmcli.loader import load_model
+from llmcli.models.deltanet import chunked_delta_rule, recurrent_delta_rule
+from llmcli.tokenizer import Tokenizer
+from llmcli.weights import Checkpoint
+from tests.conftest import save_hf_model
+from tests.test_cli_errors import assert_one_line_error
+
+transformers = pytest.importorskip("transformers")
+
+# ~80 tokens with the test tokenizer: a prompt crosses the DeltaNet's 64-token chunk.
+PROMPT = ("Linear attention keeps one state per head instead of a cache that grows with every token. "
+          "你好，世界! def f(x): return x * 2")
+TEXT = dict(vocab_size=384, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=12,
+            linear_num_key_heads=2, linear_num_value_heads=4, initializer_range=0.1, max_position_embeddings=512)
+ROPE = {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25}
+MROPE = {**ROPE, "mrope_section": [1, 1, 0], "mrope_interleaved": True}
+MOE = dict(moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2)
+VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+              temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16)
+
+
+def _qwen3_5():
+    text = transformers.Qwen3_5TextConfig(**TEXT, intermediate_size=64, rope_parameters=MROPE).to_dict()
+    return transformers.Qwen3_5ForConditionalGeneration(
+        transformers.Qwen3_5Config(text_config=text, vision_config=VISION))
+
+
+def _qwen3_next():
+    return transformers.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(
+        **TEXT, **MOE, intermediate_size=64, rope_parameters=ROPE, mlp_only_layers=[1]))
+
+
+def _qwen3_5_moe():
+    text = transformers.Qwen3_5MoeTextConfig(**TEXT, **MOE, rope_parameters=MROPE).to_dict()
+    return transformers.Qwen3_5MoeForConditionalGeneration(
+        transformers.Qwen3_5MoeConfig(text_config=text, vision_config=VISION))
+
+
+BUILDERS = {"qwen3_5": _qwen3_5, "qwen3_next": _qwen3_next, "qwen3_5_moe": _qwen3_5_moe}
+
+
+def build_reference(kind: str, path, seed: int = 0):
+    torch.manual_seed(seed)
+    model = BUILDERS[kind]().eval()
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None:
+            config._attn_implementation = "eager"
+            config._experts_implementation = "eager"
+    with torch.no_grad():  # zero-centred norms start at 0: perturb them, and the decays, so (1 + w) matters
+        for name, param in model.named_parameters():
+            if name.endswith(("norm.weight", "A_log", "dt_bias")) and "visual" not in name:
+                param.normal_(0, 0.3)
+    save_hf_model(model, path, TEXT["vocab_size"])
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def case(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, build_reference(request.param, path), path
+
+
+@pytest.fixture(scope="module")
+def qwen3_5(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3_5-own")
+    return build_reference("qwen3_5", path, seed=1), path
+
+
+def prompt_ids(path) -> list[int]:
+    ids = Tokenizer.from_dir(path).encode(PROMPT)
+    assert 70 <= len(ids) <= 100
+    return ids
+
+
+def run(model, ids, cache=None):
+    ids = torch.tensor(ids if isinstance(ids[0], list) else [ids])
+    cache = cache if cache is not None else model.make_cache(ids.shape[0], ids.shape[1] + 8)
+    with torch.inference_mode():
+        return model(ids, cache.span(ids.shape[1]).positions, cache), cache
+
+
+def reference_logits(reference, ids) -> torch.Tensor:
+    with torch.inference_mode():
+        return reference(input_ids=torch.tensor([ids])).logits
+
+
+# -- parity with transformers ------------------------------------------------------------------------
+
+
+def test_config_reads_each_type(case):
+    kind, reference, path = case
+    cfg = config_from_dict(json.loads((path / "config.json").read_text()))
+    assert cfg.family == kind
+    assert cfg.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    assert (cfg.rotary_dim, cfg.linear_num_value_heads, cfg.linear_conv_kernel_dim) == (4, 4, 4)
+    assert cfg.is_moe == (kind != "qwen3_5")
+    if kind == "qwen3_next":
+        assert [cfg.is_moe_layer(i) for i in range(4)] == [True, False, True, True]
+
+
+def test_logits_match_transformers(case):
+    kind, reference, path = case
+    ids = prompt_ids(path)
+    loaded = load_model(kind, path, device="cpu", dtype="float32")
+    ours, _ = run(loaded.model, ids)
+    theirs = reference_logits(reference, ids)
+    assert theirs.abs().max() > 0.5  # large enough that a 1e-4 match means something
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    # A 70-token prompt (two chunks), a multi-token continuation, then one token at a time.
+    cache = loaded.model.make_cache(1, len(ids))
+    first, _ = run(loaded.model, ids[:70], cache)
+    chunk, _ = run(loaded.model, ids[70:-4], cache)
+    steps = [run(loaded.model, [t], cache)[0] for t in ids[-4:]]
+    assert (torch.cat([first, chunk, *steps], 1) - theirs).abs().max().item() <= 1e-4
+
+
+def test_greedy_tokens_match_transformers_via_cli(case, run_cli):
+    kind, reference, path = case
+    ids = prompt_ids(path)
+    with torch.inference_mode():
+        expected = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    code, out, err = run_cli("generate", path, "--raw", "-p", PROMPT, "-n", "16", "--json", "--device", "cpu",
+                             "--dtype", "float32")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["prompt_tokens"] == len(ids)
+    assert result["token_ids"] == expected
+    assert len(set(expected)) > 3  # not a degenerate repetition of one token
+
+
+# -- the two DeltaNet forms ----------------------------------------------------------------------------
+
+
+def delta_inputs(length: int, batch: int = 2, heads: int = 3, dk: int = 8, dv: int = 12, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.nn.functional.normalize(torch.randn(batch, heads, length, dk, generator=gen), dim=-1)
+            for _ in range(2))
+    v = torch.randn(batch, heads, length, dv, generator=gen)
+    g = -torch.rand(batch, heads, length, generator=gen) * 0.3
+    beta = torch.rand(batch, heads, length, generator=gen)
+    state = torch.randn(batch, heads, dk, dv, generator=gen) * 0.5
+    return q * dk ** -0.5, k, v, g, beta, state
+
+
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 130])
+def test_chunked_form_equals_recurrent_form(length):
+    q, k, v, g, beta, state = delta_inputs(length)
+    out_r, state_r = recurrent_delta_rule(q, k, v, g, beta, state)
+    out_c, state_c = chunked_delta_rule(q, k, v, g, beta, state)
+    assert out_c.shape == out_r.shape == (2, 3, length, 12)
+    assert (out_c - out_r).abs().max().item() <= 1e-5
+    assert (state_c - state_r).abs().max().item() <= 1e-5
+    assert state_r.abs().max() > 0.1
+    # Split in two calls, the state carried between them: the same again.
+    cut = length // 2
+    first, mid = chunked_delta_rule(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], g[..., :cut], beta[..., :cut],
+                                    state)
+    second, end = chunked_delta_rule(q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], g[..., cut:], beta[..., cut:],
+                                     mid)
+    assert (torch.cat([first, second], 2) - out_r).abs().max().item() <= 1e-5
+    assert (end - state_r).abs().max().item() <= 1e-5
+
+
+def test_model_forms_agree_and_batch_rows_are_independent(qwen3_5):
+    _, path = qwen3_5
+    model = load_model("q", path, device="cpu", dtype="float32").model
+    ids = prompt_ids(path)
+    auto, _ = run(model, ids)
+    for layer in model.model.layers:
+        if layer.linear:
+            layer.linear_attn.form = "recurrent"
+    recurrent, _ = run(model, ids)
+    assert (auto - recurrent).abs().max().item() <= 1e-5
+    for layer in model.model.layers:
+        if layer.linear:
+            layer.linear_attn.form = "auto"
+    other = list(reversed(ids))
+    both, cache = run(model, [ids, other])
+    assert (both[0] - auto[0]).abs().max().item() <= 1e-5
+    assert (both[1] - run(model, other)[0][0]).abs().max().item() <= 1e-5
+    step, _ = run(model, [[5], [7]], cache)  # one decode step for both rows
+    alone, _ = run(model, ids + [5])
+    assert (step[0, -1] - alone[0, -1]).abs().max().item() <= 1e-5
+    assert cache.layers[0].state.dtype == torch.float32
+
+
+# -- loading -------------------------------------------------------------------------------------------
+
+
+def test_visual_tensors_are_never_read(qwen3_5, tmp_path, monkeypatch):
+    """A wrapper whose vision tower is garbage (every byte 0xFF: NaNs) loads and computes the same logits;
+    no visual tensor is even read."""
+    reference, path = qwen3_5
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    file = broken / "model.safetensors"
+    entries = Checkpoint(broken).entries
+    visual = [name for name in entries if name.startswith("model.visual.")]
+    assert visual
+    data = bytearray(file.read_bytes())
+    for name in visual:
+        entry = entries[name]
+        data[entry.start: entry.start + entry.nbytes] = b"\xff" * entry.nbytes
+    file.write_bytes(bytes(data))
+    read = []
+    original = Checkpoint.get
+    monkeypatch.setattr(Checkpoint, "get", lambda self, name, out=None: (read.append(name),
+                                                                          original(self, name, out))[1])
+    loaded = load_model("broken", broken, device="cpu", dtype="float32")
+    assert read and not [name for name in read if "visual" in name]
+    assert any("vision encoder" in note for note in loaded.notes)
+    ids = prompt_ids(broken)
+    assert (run(loaded.model, ids)[0] - reference_logits(reference, ids)).abs().max().item() <= 1e-4
+
+
+def _edit_config(path, tmp_path, edit) -> object:
+    changed = tmp_path / "edited"
+    shutil.copytree(path, changed)
+    raw = json.loads((changed / "config.json").read_text())
+    edit(raw["text_config"])
+    (changed / "config.json").write_text(json.dumps(raw))
+    return changed
+
+
+def test_unknown_layer_type_is_one_line_error(qwen3_5, tmp_path, run_cli):
+    _, path = qwen3_5
+    changed = _edit_config(path, tmp_path, lambda text: text["layer_types"].__setitem__(1, "sliding_attention"))
+    code, _, err = run_cli("generate", changed, "-p", "hi", "-n", "1")
+    assert_one_line_error(code, err, "layer_types[1]", "sliding_attention", "linear_attention")
+
+
+def test_layer_types_of_wrong_length_and_default_schedule(qwen3_5, tmp_path):
+    _, path = qwen3_5
+    raw = json.loads((path / "config.json").read_text())
+    raw["text_config"]["layer_types"] = ["linear_attention"] * 3
+    with pytest.raises(LlmcliError, match="3 entries, expected 4"):
+        config_from_dict(raw)
+    del raw["text_config"]["layer_types"]
+    raw["text_config"]["full_attention_interval"] = 2
+    assert config_from_dict(raw).layer_types == ["linear_attention", "full_attention"] * 2
