@@ -55,6 +55,15 @@ def _qwen3_5_moe():
 BUILDERS = {"qwen3_5": _qwen3_5, "qwen3_next": _qwen3_next, "qwen3_5_moe": _qwen3_5_moe}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny shapes: one thread is faster than two that wait on each other (and on a busy machine, far faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build_reference(kind: str, path, seed: int = 0):
     torch.manual_seed(seed)
     model = BUILDERS[kind]().eval()

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from llmcli.config import ModelConfig
-from llmcli.config_qwen_hybrid import LINEAR
 from llmcli.models.base import CausalLM
 from llmcli.models.cache import Cache, KVLayerCache, Span
 from llmcli.models.deltanet import GatedDeltaNet, regroup_ba, regroup_qkvz
@@ -35,7 +34,7 @@ class HybridDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.index = index
-        self.linear = cfg.layer_types[index] == LINEAR
+        self.linear = cfg.layer_types[index] == "linear_attention"  # else "full_attention"
         self.input_layernorm = ZeroCentredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if self.linear:
             self.linear_attn = GatedDeltaNet(cfg)
