@@ -11,8 +11,11 @@ import shutil
 import pytest
 import torch
 
+from llmcli.chat import ChatSession
+from llmcli.cli.generate import stop_token_ids
 from llmcli.config import config_from_dict
 from llmcli.errors import LlmcliError
+from llmcli.generate import Generation
 from llmcli.loader import load_model
 from llmcli.models.deltanet import chunked_delta_rule, recurrent_delta_rule
 from llmcli.tokenizer import Tokenizer
@@ -264,3 +267,32 @@ def test_layer_types_of_wrong_length_and_default_schedule(qwen3_5, tmp_path):
     del raw["text_config"]["layer_types"]
     raw["text_config"]["full_attention_interval"] = 2
     assert config_from_dict(raw).layer_types == ["linear_attention", "full_attention"] * 2
+
+
+# -- chat: the recurrent state across turns ---------------------------------------------------------------
+
+
+def test_chat_turns_equal_a_fresh_prefill_of_the_whole_conversation(qwen3_5):
+    """Each turn continues from a snapshot of the DeltaNet states (a recurrent state cannot be cut back to any
+    common prefix); its reply must be the one a fresh prefill of the whole conversation gives."""
+    _, path = qwen3_5
+    loaded = load_model("q", path, device="cpu", dtype="float32")
+    stops = stop_token_ids(loaded)
+    session = ChatSession(loaded, max_new_tokens=6, system="Be brief.", stop_ids=stops)
+    previous_prompt = 0
+    for k, user in enumerate(["hello there", "and now a second question", "third", "fourth one"]):
+        turn = session.send(user)
+        turn.run()
+        prompt = session.tokenizer.encode(session.tokenizer.apply_chat_template(session.messages[:-1],
+                                                                                add_generation_prompt=True))
+        fresh = Generation(loaded.runner, session.tokenizer, prompt, 6, stop_ids=stops)
+        "".join(fresh)
+        assert turn.generation.result.token_ids == fresh.result.token_ids, f"turn {k}"
+        assert (turn.stats.reused_tokens >= previous_prompt > 0) or k == 0
+        previous_prompt = len(prompt)
+    replies = [m["content"] for m in session.messages if m["role"] == "assistant"]
+    assert len(set(replies)) > 1
+    again = session.retry()  # back to before the last reply: a snapshot, not a cut
+    again.run()
+    assert session.messages[-1]["content"] == replies[-1]
+    assert again.stats.reused_tokens > 0

@@ -38,8 +38,9 @@ class RecurrentLayerCache:
         return sum(t[0].numel() * t.element_size() for t in self.tensors())
 
     def clear(self) -> None:
-        for tensor in self.tensors():
-            tensor.zero_()
+        with torch.inference_mode():  # caches are made in inference mode; a reset may come from outside it
+            for tensor in self.tensors():
+                tensor.zero_()
 
 
 class HybridCache(Cache):
@@ -80,9 +81,10 @@ class HybridCache(Cache):
             return
         if length not in self.snapshots:
             raise ValueError(f"a recurrent state cannot be cut back to {length} tokens (no snapshot there)")
-        for tensor, saved in zip((t for layer in self.recurrent for t in layer.tensors()),
-                                 self.snapshots[length], strict=True):
-            tensor.copy_(saved)  # in place: a compiled step reads these tensors where they are
+        with torch.inference_mode():  # as in `clear`
+            for tensor, saved in zip((t for layer in self.recurrent for t in layer.tensors()),
+                                     self.snapshots[length], strict=True):
+                tensor.copy_(saved)  # in place: a compiled step reads these tensors where they are
         self.snapshots = {n: s for n, s in self.snapshots.items() if n <= length}
         self.length, self.writing = length, False
 
