@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 
+from llmcli.backends.int8 import Int8Linear
 from llmcli.chat import ChatSession
 from llmcli.cli.generate import stop_token_ids
 from llmcli.config import config_from_dict
@@ -296,3 +297,31 @@ def test_chat_turns_equal_a_fresh_prefill_of_the_whole_conversation(qwen3_5):
     again.run()
     assert session.messages[-1]["content"] == replies[-1]
     assert again.stats.reused_tokens > 0
+
+
+# -- backends: int8 and the compiled decode step -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["qwen3_5", "qwen3_next"])
+def test_int8_quantises_the_deltanet_and_attention_and_stays_close(kind, tmp_path):
+    build_reference(kind, tmp_path)
+    plain = load_model(kind, tmp_path, device="cpu", dtype="float32").runner
+    int8 = load_model(kind, tmp_path, device="cpu", dtype="float32", quantize="int8").runner
+    quantised = {name.rsplit(".", 1)[-1] for name, m in int8.model.named_modules() if isinstance(m, Int8Linear)}
+    assert {"in_proj", "out_proj", "qkv_proj", "o_proj"} <= quantised  # fused DeltaNet and attention products
+    ids = torch.tensor([prompt_ids(tmp_path)])
+    with torch.inference_mode():
+        a, b = plain(ids, plain.make_cache(1, 90)), int8(ids, int8.make_cache(1, 90))
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.float().flatten(), dim=0) > 0.99
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager(qwen3_5, monkeypatch):
+    """The compiled one-token step updates the conv and recurrent states in place, like the eager step."""
+    from llmcli.backends.compile import CompiledDecode
+    from tests.test_compile import assert_same_decoding
+
+    monkeypatch.setattr(CompiledDecode, "BUCKET", 4)  # the KV part grows past several sizes
+    _, path = qwen3_5
+    loaded = load_model("q", path, device="cpu", dtype="float32", compile=True)
+    assert_same_decoding(loaded.runner, torch.tensor([prompt_ids(path)]), steps=8)
