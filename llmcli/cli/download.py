@@ -147,7 +147,8 @@ def _model_rows() -> list[dict]:
     return rows
 
 
-SUPPORTED_FAMILIES = ("qwen", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3")
+SUPPORTED_FAMILIES = ("qwen", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3", "qwen3_next", "qwen3_5",
+                      "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 
 
 def _row(name, repo, family, params, downloaded, size, note, path) -> dict:
@@ -226,7 +227,8 @@ def _render_facts(f: dict) -> None:
     if f["params_source"] == "config":
         params += "  [computed from config.json]"
     add("parameters", params)
-    add("layers", f["layers"])
+    add("layers", f["layers"] if not f.get("layer_schedule") else
+        f"{f['layers']}: {f['layer_schedule']} (linear: Gated DeltaNet, full: gated attention)")
     add("hidden size", f"{f['hidden_size']} (MLP {f['intermediate_size']})")
     a = f["attention"]
     if a["kind"] == "MLA":
@@ -264,6 +266,10 @@ def _render_facts(f: dict) -> None:
     add("dtype on disk", disk)
     kv = f["kv_cache"]
     cache = f"{human_bytes(kv['bytes_per_token'])} per token ({kv['kind']}, {kv['dtype']})"
+    if "state_bytes_per_sequence" in kv:  # hybrids: only the full layers grow with the context
+        cache = (f"{human_bytes(kv['bytes_per_token'])} per token (keys and values of {kv['full_layers']} "
+                 f"full-attention layers, {kv['dtype']}) + {human_bytes(kv['state_bytes_per_sequence'])} per "
+                 f"sequence (recurrent state of {kv['linear_layers']} linear layers)")
     if "expanded_bytes_per_token" in kv:
         cache += f"; expanded K/V would be {human_bytes(kv['expanded_bytes_per_token'])}"
     add("kv cache", cache)
