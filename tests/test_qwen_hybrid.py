@@ -325,3 +325,49 @@ def test_compiled_decode_equals_eager(qwen3_5, monkeypatch):
     _, path = qwen3_5
     loaded = load_model("q", path, device="cpu", dtype="float32", compile=True)
     assert_same_decoding(loaded.runner, torch.tensor([prompt_ids(path)]), steps=8)
+
+
+# -- trace and show ------------------------------------------------------------------------------------
+
+
+def test_trace_reports_recurrent_state_decay_and_gates(qwen3_5, run_cli):
+    _, path = qwen3_5
+    code, out, err = run_cli("trace", path, "-p", PROMPT, "-g", "2", "--json", "-", "--dtype", "float32")
+    assert code == 0, err
+    data = json.loads(out)
+    linear, full = data["layers"][0], data["layers"][3]
+    assert [layer["mixer"] for layer in data["layers"]] == ["linear"] * 3 + ["full"]
+    delta = linear["deltanet"]
+    assert delta["heads"] == 4 and len(delta["state_norm"]) == 4 and len(delta["state_norm_per_step"]) == 2
+    assert len(delta["g"]["mean_per_token"]) == data["prompt_tokens"] + 2  # prompt and both steps
+    assert max(delta["g"]["max"]) <= 0 and all(0 < d <= 1 for d in delta["decay"])
+    assert all(0 < b < 1 for b in delta["beta"]["mean"]) and min(delta["output_gate"]["mean"]) > 0
+    assert linear["attn_gate"] is None and full["deltanet"] is None
+    assert len(full["attn_gate"]["mean"]) == 4 and all(0 < m < 1 for m in full["attn_gate"]["mean"])
+    assert full["attention"]["cache_bytes_per_token"] == 2 * 2 * 16 * 4
+    assert linear["attention"]["cache_bytes_per_token"] == 0
+    # The norms are those of the state the cache holds after the prompt.
+    model = load_model("q", path, device="cpu", dtype="float32").model
+    _, cache = run(model, data["token_ids"][:data["prompt_tokens"]])
+    expected = cache.layers[0].state[0].flatten(1).norm(dim=-1)
+    assert torch.allclose(torch.tensor(delta["state_norm"]), expected, rtol=1e-4)
+    code, out, err = run_cli("trace", path, "-p", PROMPT, "--dtype", "float32")
+    assert code == 0 and "token mixers" in out and "linear" in out
+
+
+def test_show_prints_schedule_and_both_cache_parts(qwen3_5, run_cli):
+    _, path = qwen3_5
+    code, out, err = run_cli("show", path, "--json")
+    assert code == 0, err
+    facts = json.loads(out)
+    assert facts["layer_schedule"] == "3 linear, 1 full"
+    kv = facts["kv_cache"]
+    assert kv["bytes_per_token"] == 2 * 2 * 16 * 4  # K and V, 2 kv heads x 16, one full layer, float32
+    conv, state = (2 * 2 * 8 + 4 * 12) * 3 * 4, 4 * 8 * 12 * 4  # Kc-1 = 3 conv columns; float32 state
+    assert kv["state_bytes_per_sequence"] == 3 * (conv + state)
+    model = load_model("q", path, device="cpu", dtype="float32").model
+    assert model.make_cache(1, 8).bytes_per_sequence() == kv["state_bytes_per_sequence"]
+    assert model.make_cache(1, 8).bytes_per_token() == kv["bytes_per_token"]
+    assert facts["params_total"] == sum(p.numel() for p in model.parameters())
+    code, out, _ = run_cli("show", path)
+    assert "3 linear, 1 full" in out and "per sequence" in out
