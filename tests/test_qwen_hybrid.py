@@ -243,6 +243,29 @@ def test_visual_tensors_are_never_read(qwen3_5, tmp_path, monkeypatch):
     assert (run(loaded.model, ids)[0] - reference_logits(reference, ids)).abs().max().item() <= 1e-4
 
 
+def test_fused_experts_load_as_per_expert(tmp_path):
+    """Qwen3.5-MoE experts saved fused ([E, 2I, H] gate|up, [E, H, I] down), as transformers holds them in
+    memory, load to the same model as the hub's per-expert tensors."""
+    from safetensors.torch import load_file, save_file
+
+    reference = build_reference("qwen3_5_moe", tmp_path / "split")
+    fused = tmp_path / "fused"
+    shutil.copytree(tmp_path / "split", fused)
+    tensors = load_file(fused / "model.safetensors")
+    experts = TEXT["num_hidden_layers"], MOE["num_experts"]
+    for layer in range(experts[0]):
+        prefix = f"model.language_model.layers.{layer}.mlp.experts"
+        parts = {kind: [tensors.pop(f"{prefix}.{e}.{kind}.weight") for e in range(experts[1])]
+                 for kind in ("gate_proj", "up_proj", "down_proj")}
+        tensors[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat(pair) for pair in
+                                                         zip(parts["gate_proj"], parts["up_proj"], strict=True)])
+        tensors[f"{prefix}.down_proj"] = torch.stack(parts["down_proj"])
+    save_file(tensors, fused / "model.safetensors")
+    ids = prompt_ids(fused)
+    loaded = load_model("fused", fused, device="cpu", dtype="float32")
+    assert (run(loaded.model, ids)[0] - reference_logits(reference, ids)).abs().max().item() <= 1e-4
+
+
 def _edit_config(path, tmp_path, edit) -> object:
     changed = tmp_path / "edited"
     shutil.copytree(path, changed)

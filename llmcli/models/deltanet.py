@@ -43,8 +43,8 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor)
     `conv_state` [B, C, Kc-1] (zeros at the start), which is updated in place; then SiLU. Returns [B, C, T]."""
     t, width = x.shape[-1], weight.shape[-1]
     padded = torch.cat((conv_state.to(x.dtype), x), dim=-1)
-    if t == 1:  # a decode step: one product per channel, no conv call
-        out = (padded * weight).sum(-1, keepdim=True)
+    if t == 1:  # a decode step: Kc products per channel summed in float32 (as a conv accumulates), no conv call
+        out = (padded.float() * weight.float()).sum(-1, keepdim=True).to(x.dtype)
     else:
         out = F.conv1d(padded, weight[:, None, :], groups=x.shape[1])
     conv_state.copy_(padded[..., padded.shape[-1] - (width - 1):])
