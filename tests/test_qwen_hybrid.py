@@ -118,8 +118,12 @@ def reference_logits(reference, ids) -> torch.Tensor:
 
 def test_config_reads_each_type(case):
     kind, reference, path = case
-    cfg = config_from_dict(json.loads((path / "config.json").read_text()))
+    raw = json.loads((path / "config.json").read_text())
+    cfg = config_from_dict(raw)
     assert cfg.family == kind
+    if "text_config" in raw:  # the text part alone (qwen3_5_text, qwen3_5_moe_text) reads the same
+        alone = {**cfg.__dict__, "raw": raw["text_config"], "torch_dtype": None}  # the wrapper states the dtype
+        assert config_from_dict(raw["text_config"]) == cfg.__class__(**alone)
     assert cfg.layer_types == ["linear_attention"] * 3 + ["full_attention"]
     assert (cfg.rotary_dim, cfg.linear_num_value_heads, cfg.linear_conv_kernel_dim) == (4, 4, 4)
     assert cfg.is_moe == (kind != "qwen3_5")
@@ -218,15 +222,20 @@ def test_model_forms_agree_and_batch_rows_are_independent(qwen3_5):
 
 
 def test_visual_tensors_are_never_read(qwen3_5, tmp_path, monkeypatch):
-    """A wrapper whose vision tower is garbage (every byte 0xFF: NaNs) loads and computes the same logits;
-    no visual tensor is even read."""
+    """A wrapper whose vision tower and multi-token-prediction head are garbage (every byte 0xFF: NaNs, and
+    shapes that fit nothing) loads and computes the same logits; none of those tensors is even read."""
+    from safetensors.torch import load_file, save_file
+
     reference, path = qwen3_5
     broken = tmp_path / "broken"
     shutil.copytree(path, broken)
     file = broken / "model.safetensors"
+    tensors = load_file(file)
+    tensors.update({"mtp.fc.weight": torch.zeros(3, 5), "mtp.layers.0.self_attn.q_proj.weight": torch.zeros(7)})
+    save_file(tensors, file, metadata={"format": "pt"})
     entries = Checkpoint(broken).entries
-    visual = [name for name in entries if name.startswith("model.visual.")]
-    assert visual
+    visual = [name for name in entries if name.startswith(("model.visual.", "mtp."))]
+    assert len(visual) > 2
     data = bytearray(file.read_bytes())
     for name in visual:
         entry = entries[name]
@@ -237,8 +246,9 @@ def test_visual_tensors_are_never_read(qwen3_5, tmp_path, monkeypatch):
     monkeypatch.setattr(Checkpoint, "get", lambda self, name, out=None: (read.append(name),
                                                                           original(self, name, out))[1])
     loaded = load_model("broken", broken, device="cpu", dtype="float32")
-    assert read and not [name for name in read if "visual" in name]
+    assert read and not [name for name in read if name in visual]
     assert any("vision encoder" in note for note in loaded.notes)
+    assert any("2 multi-token-prediction" in note for note in loaded.notes)
     ids = prompt_ids(broken)
     assert (run(loaded.model, ids)[0] - reference_logits(reference, ids)).abs().max().item() <= 1e-4
 
