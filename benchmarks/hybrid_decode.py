@@ -10,6 +10,7 @@ and run the same ids in one process, alternating (llmcli.bench does the timing).
 show a decode step that does not grow at all.
 
     python benchmarks/hybrid_decode.py [--repeat 2] [--dtype bfloat16] [--threads 1] [--no-transformers]
+    python benchmarks/hybrid_decode.py --decode-only --contexts 128,4096 [--linear-only]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -62,6 +64,45 @@ def checkpoint_dir(layers: int, linear_only: bool) -> Path:
     return target
 
 
+def mixer_times(model) -> dict[str, list[float]]:
+    """Seconds spent in each kind of token mixer, per call, collected by forward hooks."""
+    spent: dict[str, list[float]] = {"linear": [], "full": []}
+    for layer in model.model.layers:
+        mixer = layer.linear_attn if layer.linear else layer.self_attn
+        kind = "linear" if layer.linear else "full"
+        mixer.register_forward_pre_hook(lambda *_: setattr(mixer_times, "began", time.perf_counter()))
+        mixer.register_forward_hook(lambda *_, k=kind: spent[k].append(time.perf_counter() - mixer_times.began))
+    return spent
+
+
+def decode_at(runner, spent: dict, context: int, steps: int) -> tuple[float, float, float]:
+    """ms per decode step with `context` tokens already cached, and the ms of it in DeltaNet and in attention
+    layers. The cache is filled with random values instead of a prefill (timing does not depend on them)."""
+    cache = runner.make_cache(1, context + steps + 2)
+    token = torch.tensor([[1]])
+    with torch.inference_mode():
+        for tensor in cache.tensors():
+            tensor.normal_(0, 0.1)
+        cache.length = context
+        runner(token, cache)  # warm-up step
+        for kind in spent:
+            spent[kind].clear()
+        began = time.perf_counter()
+        for _ in range(steps):
+            runner(token, cache)
+        total = time.perf_counter() - began
+    return (1e3 * total / steps, 1e3 * sum(spent["linear"]) / steps, 1e3 * sum(spent["full"]) / steps)
+
+
+def decode_only(args, path: Path) -> None:
+    loaded = load_model("qwen3.5-shape", path, device="cpu", dtype=args.dtype)
+    spent = mixer_times(loaded.model)
+    print(f"{'context':>8} {'ms/token':>9} {'DeltaNet ms':>12} {'attention ms':>13}")
+    for context in (int(n) for n in args.contexts.split(",")):
+        total, linear, full = decode_at(loaded.runner, spent, context, args.gen)
+        print(f"{context:8} {total:9.1f} {linear:12.2f} {full:13.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=2)
@@ -73,10 +114,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--linear-only", action="store_true", help="every layer a Gated DeltaNet")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="only llmcli's decode step at each context, split by token mixer (no prefill)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     path = checkpoint_dir(args.layers, args.linear_only)
+    if args.decode_only:
+        print(f"load average at start {os.getloadavg()[0]:.2f}; {torch.get_num_threads()} threads; {args.dtype}")
+        decode_only(args, path)
+        print(f"load average at end {os.getloadavg()[0]:.2f}")
+        return
     device = torch.device("cpu")
     bandwidth, source = machine.machine_bandwidth(device)
     env = bench.environment(device, torch.float32, bandwidth, source)
