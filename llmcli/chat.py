@@ -292,6 +292,7 @@ class ChatSession:
         reuse = min(common_prefix_length(self.cached_ids, ids), len(ids) - 1)
         if not self.runner.model.reuses_cache(self.cache, len(ids)):  # e.g. original Qwen's NTK alpha changed
             reuse = 0
+        reuse = self.cache.restorable(reuse)  # a recurrent state returns only to its snapshots
         if reuse == 0:
             self.cache.reset()  # also clears per-sequence state (e.g. original Qwen's NTK alpha)
         else:
@@ -318,6 +319,7 @@ class ChatSession:
         if self.cache.length > len(fed):  # cannot happen; never trust a cache we cannot account for
             self.cache.reset()
         self.cached_ids = fed[:self.cache.length]
+        self.cache.mark()  # a turn's end: where the next turn's prompt usually picks up
         # Keep the reply as generated, reasoning included: the template decides what later turns see.
         turn.text = res.text if turn._completed else self.tokenizer.decode(res.token_ids)
         self.messages.append({"role": "assistant", "content": turn.text})

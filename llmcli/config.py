@@ -21,6 +21,9 @@ from llmcli.config_fields import (
     parse_rope_scaling,
 )
 from llmcli.config_qwen1 import parse_qwen1
+from llmcli.config_qwen_hybrid import ARCHITECTURES as HYBRID_ARCHITECTURES
+from llmcli.config_qwen_hybrid import MODEL_TYPES as HYBRID_TYPES
+from llmcli.config_qwen_hybrid import parse_qwen_hybrid
 from llmcli.config_qwen_moe import QWEN_MOE_FAMILIES, qwen_moe_fields, qwen_moe_windows
 from llmcli.errors import LlmcliError
 
@@ -75,6 +78,7 @@ PARSERS: dict[str, Callable[[dict], ModelConfig]] = {
     "deepseek_v2": parse_deepseek,
     "deepseek_v3": parse_deepseek,
     "deepseek_v32": parse_deepseek,
+    **dict.fromkeys(HYBRID_TYPES, parse_qwen_hybrid),
 }
 
 # architectures[0] -> model_type, for configs that lack model_type.
@@ -87,6 +91,7 @@ ARCHITECTURES = {
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "DeepseekV32ForCausalLM": "deepseek_v32",
+    **HYBRID_ARCHITECTURES,
 }
 
 

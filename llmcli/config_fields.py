@@ -30,7 +30,7 @@ class RopeScaling:
 
 @dataclass
 class ModelConfig:
-    family: str  # "qwen", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3"
+    family: str  # "qwen", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3", "qwen3_next", "qwen3_5", ...
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -56,6 +56,16 @@ class ModelConfig:
     use_logn_attn: bool = False
     use_dynamic_ntk: bool = False
     rotary_dim: int | None = None  # rotary_pct * head_dim (None: whole head)
+
+    # Qwen3-Next / Qwen3.5 hybrids: each layer's token mixer, "linear_attention" (Gated DeltaNet) or
+    # "full_attention" (gated attention); empty for every other family. The DeltaNet's key/value heads
+    # (nk, nv; nv a multiple of nk), their dims and the causal conv's kernel width.
+    layer_types: list[str] = field(default_factory=list)
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
 
     # DeepSeek MLA.
     q_lora_rank: int | None = None

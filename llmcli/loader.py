@@ -19,6 +19,7 @@ from llmcli.formats.safetensors import read_checkpoint
 from llmcli.models.base import CausalLM
 from llmcli.models.deepseek import DeepseekForCausalLM
 from llmcli.models.qwen import QwenForCausalLM
+from llmcli.models.qwen_hybrid import QwenHybridForCausalLM
 from llmcli.options import Options
 from llmcli.tokenizer import Tokenizer
 from llmcli.weights import load_weights, materialise
@@ -62,6 +63,8 @@ def model_class(cfg: ModelConfig) -> type[CausalLM]:
         return QwenForCausalLM
     if cfg.family in ("deepseek_v2", "deepseek_v3", "deepseek_v32"):
         return DeepseekForCausalLM
+    if cfg.layer_types:  # Qwen3-Next, Qwen3.5, Qwen3.5-MoE: Gated DeltaNet + gated attention
+        return QwenHybridForCausalLM
     raise LlmcliError(f"no model implementation for {cfg.family!r}")
 
 

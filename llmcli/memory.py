@@ -28,11 +28,14 @@ from llmcli.config import ModelConfig
 from llmcli.config_deepseek import indexer_settings
 from llmcli.errors import LlmcliError
 from llmcli.formats.safetensors import DTYPE_BYTES, TensorInfo
+from llmcli.hybrid_facts import SKIPPED_PREFIXES, cache_facts, is_hybrid
 
 GIB = 2**30
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-LAYER_RE = re.compile(r"^(?:model\.layers|transformer\.h)\.(\d+)\.")
-EXPERT_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.")  # loading prepares each expert apart
+# Qwen3.5's vision-language wrappers keep the decoder under model.language_model.
+LAYER_RE = re.compile(r"^(?:model\.(?:language_model\.)?layers|transformer\.h)\.(\d+)\.")
+# loading prepares each expert apart
+EXPERT_RE = re.compile(r"^model\.(?:language_model\.)?layers\.\d+\.mlp\.experts\.\d+\.")
 SCALE_SUFFIX = "_scale_inv"  # FP8 block scales: consumed by dequantisation
 NOT_PARAMETERS = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")  # buffers in old checkpoints
 # DeepSeek routes in float32; V3.2's sparse attention weighs its indexer heads in float32 too.
@@ -84,6 +87,8 @@ def loaded_tensors(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> dict[str
         layer = layer_of(name)
         if name.endswith((SCALE_SUFFIX, *NOT_PARAMETERS)) or (layer is not None and layer >= cfg.num_layers):
             continue
+        if is_hybrid(cfg) and name.startswith(SKIPPED_PREFIXES):  # vision tower, multi-token prediction
+            continue
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue  # loading skips a tied head saved alongside the embedding
         kept[name] = t
@@ -101,6 +106,10 @@ def kv_values_per_token(cfg: ModelConfig) -> int:
 
 
 def _cache_bytes(cfg: ModelConfig, element: int) -> int:
+    if is_hybrid(cfg):  # keys and values of the full-attention layers, plus the DeltaNet layers' fixed state
+        facts = cache_facts(cfg, element)
+        return facts["bytes_per_token"] * min(cfg.max_position_embeddings, CACHE_TOKENS) + \
+            facts["state_bytes_per_sequence"]
     return kv_values_per_token(cfg) * element * cfg.num_layers * min(cfg.max_position_embeddings, CACHE_TOKENS)
 
 

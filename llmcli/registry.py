@@ -44,6 +44,20 @@ def _entries() -> list[Alias]:
         Alias("deepseek-v3.2-speciale", "deepseek-ai/DeepSeek-V3.2-Speciale", "deepseek_v32", 671.0,
               "V3.2 variant for deep reasoning, FP8: about 690 GB"),
     ]
+    out += _hybrid_entries()
+    return out
+
+
+def _hybrid_entries() -> list[Alias]:
+    """Gated DeltaNet hybrids (names and sizes from the Qwen model cards; Qwen3.5 counts include the vision tower)."""
+    out = [Alias(f"qwen3-next-80b-a3b-{kind.lower()}", f"Qwen/Qwen3-Next-80B-A3B-{kind}", "qwen3_next", 80.0,
+                 f"hybrid MoE, 3B active{note}") for kind, note in (("Instruct", ""), ("Thinking", ", reasoning"))]
+    for size, params in (("0.8b", 0.9), ("2b", 2.0), ("4b", 5.0), ("9b", 10.0), ("27b", 28.0)):
+        out.append(Alias(f"qwen3.5-{size}", f"Qwen/Qwen3.5-{size.upper()}", "qwen3_5", params,
+                         "hybrid DeltaNet, reasoning (think/no-think)"))
+    for size, params, active in (("35b-a3b", 35.0, 3), ("122b-a10b", 122.0, 10), ("397b-a17b", 397.0, 17)):
+        out.append(Alias(f"qwen3.5-{size}", f"Qwen/Qwen3.5-{size.upper()}", "qwen3_5_moe", params,
+                         f"hybrid MoE, {active}B active"))
     return out
 
 

@@ -17,6 +17,7 @@ from llmcli import memory
 from llmcli.config import ModelConfig, load_config
 from llmcli.config_deepseek import indexer_settings
 from llmcli.formats.safetensors import DTYPE_NAMES, TensorInfo, read_checkpoint
+from llmcli.hybrid_facts import SKIPPED_PREFIXES, cache_facts, is_hybrid, mixer_params, schedule
 from llmcli.memory import ELEMENT_BYTES, NOT_PARAMETERS, SCALE_SUFFIX, layer_of
 
 ROUTED_EXPERT_RE = re.compile(r"\.mlp\.experts\.")  # per-expert (experts.7.up_proj) or fused (experts.gate_up_proj)
@@ -44,6 +45,9 @@ def count_checkpoint(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> ParamC
         if name.endswith(SCALE_SUFFIX) or name.endswith(NOT_PARAMETERS):
             continue
         layer = layer_of(name)
+        if is_hybrid(cfg) and name.startswith(SKIPPED_PREFIXES):  # a wrapper's vision tower; mtp.*
+            mtp += t.numel if name.startswith("mtp.") else 0
+            continue
         if layer is not None and layer >= cfg.num_layers:
             mtp += t.numel
             continue
@@ -72,7 +76,7 @@ def count_config(cfg: ModelConfig) -> ParamCount:
     total = v * h + h + (0 if cfg.tie_word_embeddings else v * h)  # embeddings, final norm, head
     routed: dict[int, int] = {}
     for i in range(cfg.num_layers):
-        total += 2 * h + _attention_params(cfg)  # two norms + attention
+        total += 2 * h + (mixer_params(cfg, i) if is_hybrid(cfg) else _attention_params(cfg))  # norms + mixer
         if cfg.is_moe_layer(i):
             e, mi = cfg.n_routed_experts, cfg.moe_intermediate_size
             bias = e if cfg.topk_method == "noaux_tc" else 0  # V3's e_score_correction_bias
@@ -126,8 +130,12 @@ def run_dtype(cfg: ModelConfig) -> str:
 
 def kv_cache(cfg: ModelConfig, dtype: str) -> dict:
     """Bytes of cache each token adds across all layers. MLA caches the compressed latent c_kv and the
-    shared rotary key instead of per-head keys and values."""
+    shared rotary key instead of per-head keys and values; hybrids keep keys and values in their full-attention
+    layers only, and a constant state per sequence in their DeltaNet layers."""
     elem = ELEMENT_BYTES.get(dtype, 4)
+    if is_hybrid(cfg):
+        return {"kind": "keys and values (full layers) + recurrent state (linear layers)", "dtype": dtype,
+                "values_per_layer": memory.kv_values_per_token(cfg), **cache_facts(cfg, elem)}
     values = memory.kv_values_per_token(cfg)
     if cfg.family.startswith("deepseek"):
         expanded = cfg.num_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
@@ -278,6 +286,8 @@ def describe(model_dir: Path, name: str | None = None, repo: str | None = None,
         "logn_attention": cfg.use_logn_attn,
         "dynamic_ntk": cfg.use_dynamic_ntk,
         "window": window_schedule(cfg),
+        "layer_schedule": schedule(cfg) if is_hybrid(cfg) else None,  # hybrids: linear / full token mixers
+        "layer_types": cfg.layer_types or None,
         "tied_embeddings": cfg.tie_word_embeddings,
         "dtype_config": (cfg.torch_dtype or "").replace("torch.", "") or None,
         "dtype_on_disk": on_disk,

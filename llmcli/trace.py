@@ -17,6 +17,7 @@ from llmcli.backends.runner import as_runner
 from llmcli.errors import LlmcliError
 from llmcli.models.hooks import FINAL_NORM, INDEXER, RESIDUAL_POINTS, ROUTED_OUT, ROUTER, SHARED_OUT
 from llmcli.trace_dsa import IndexerLog, indexer_summary
+from llmcli.trace_hybrid import HYBRID_POINTS, MixerLog, mixer_summary
 
 HOOK_POINTS = RESIDUAL_POINTS  # the points every layer records, in order
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Attention is all you need."
@@ -99,6 +100,7 @@ class TraceRecorder:
         self._max: dict[tuple[int | None, str], list[torch.Tensor]] = {}
         self.routers: dict[int, RouterLog] = {}
         self.indexers: dict[int, IndexerLog] = {}  # sparse attention layers (llmcli.trace_dsa)
+        self.mixers: dict[int, MixerLog] = {}  # hybrid models' DeltaNet / gated attention records
         self.points: dict[int | None, list[str]] = {}  # recorded names per layer, in first-seen order
 
     def wants(self, layer: int | None) -> bool:
@@ -106,6 +108,9 @@ class TraceRecorder:
 
     def record(self, layer: int | None, name: str, value) -> None:
         if not self.wants(layer):
+            return
+        if name in HYBRID_POINTS:  # per-head values, not a residual-stream point
+            self.mixers.setdefault(layer, MixerLog()).add(name, value)
             return
         names = self.points.setdefault(layer, [])
         if name not in names:
@@ -297,12 +302,14 @@ def build_trace_json(run: TraceRun, model, tokenizer, model_name: str) -> dict:
         layers.append({
             "index": index,
             "kind": layer_kind(model, index, rec),
+            "mixer": run.attention[pos].get("type"),  # hybrids: "linear" (Gated DeltaNet) or "full"
             "rms": rms,
             "max_abs": max_abs,
             "rms_per_token": per_token,
             "attention": run.attention[pos],
             "router": router_summary(log, rec, index) if log else None,
             "indexer": indexer_summary(rec.indexers[index]) if index in rec.indexers else None,
+            **mixer_summary(rec.mixers.get(index)),
         })
     final = rec.rms_per_token(None, FINAL_NORM)
     return {

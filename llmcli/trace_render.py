@@ -12,6 +12,7 @@ from rich.text import Text
 
 from llmcli.trace import HOOK_POINTS
 from llmcli.trace_dsa import positions_text
+from llmcli.trace_hybrid import hybrid_table
 
 BLOCKS = " ▏▎▍▌▋▊▉█"
 SPARKS = " ▁▂▃▄▅▆▇█"
@@ -29,6 +30,8 @@ ATTENTION_COLUMNS = {
     "yarn_factor": "YaRN ×", "rope_scale": "cos/sin ×", "mscale": "mscale", "softmax_scale": "softmax ×",
     "kv_lora_rank": "latent", "q_lora_rank": "q latent", "qk_rope_head_dim": "rope dim",
     "cache_bytes_per_token": "cache B/tok", "v_head_dim": "v dim", "rope_interleaved": "interleaved RoPE",
+    "rotary_dim": "rot dim", "output_gate": "gate", "value_head_dim": "v dim", "conv_kernel": "conv",
+    "state_bytes_per_sequence": "state B/seq",
 }
 
 
@@ -252,6 +255,9 @@ def render_trace(data: dict, console: Console, per_token: bool = False, filtered
     )
     console.print(LEGEND, style="dim", highlight=False)
     console.print(residual_table(data, show_final=not filtered))
+    mixers = hybrid_table(data)  # Gated DeltaNet / gated attention layers, where the model has them
+    if mixers is not None:
+        console.print(mixers)
     if per_token:
         for layer in data["layers"]:
             console.print(per_token_table(data, layer))

@@ -106,7 +106,7 @@ class CompiledDecode:
         length = min(cache.max_len, (cache.length // self.BUCKET + 1) * self.BUCKET)
         view = cache.static_view(length)
         if self._last_view is None or self._last_view() is not view:  # a new view (the cache keeps it)
-            for tensor in view.tensors():  # sequence-major: the length is dim 0
+            for tensor in view.sequence_tensors():  # sequence-major: the length is dim 0
                 torch._dynamo.mark_dynamic(tensor, 0)
             self._last_view = weakref.ref(view)  # weak: the cache's memory goes with the cache
         return view

@@ -223,7 +223,8 @@ def _render_facts(f: dict) -> None:
     if f["params_source"] == "config":
         params += "  [computed from config.json]"
     add("parameters", params)
-    add("layers", f["layers"])
+    add("layers", f["layers"] if not f.get("layer_schedule") else
+        f"{f['layers']}: {f['layer_schedule']} (linear: Gated DeltaNet, full: gated attention)")
     add("hidden size", f"{f['hidden_size']} (MLP {f['intermediate_size']})")
     a = f["attention"]
     if a["kind"] == "MLA":
@@ -270,6 +271,10 @@ def _render_facts(f: dict) -> None:
                                  for k, n in f["weight_bytes"].items()))
     kv = f["kv_cache"]
     cache = f"{human_bytes(kv['bytes_per_token'])} per token ({kv['kind']}, {kv['dtype']})"
+    if "state_bytes_per_sequence" in kv:  # hybrids: only the full layers grow with the context
+        cache = (f"{human_bytes(kv['bytes_per_token'])} per token (keys and values of {kv['full_layers']} "
+                 f"full-attention layers, {kv['dtype']}) + {human_bytes(kv['state_bytes_per_sequence'])} per "
+                 f"sequence (recurrent state of {kv['linear_layers']} linear layers)")
     if "expanded_bytes_per_token" in kv:
         cache += f"; expanded K/V would be {human_bytes(kv['expanded_bytes_per_token'])}"
     add("kv cache", cache)

@@ -57,6 +57,14 @@ class Cache:
         """Forget everything after the first `length` tokens (chat reuses a common prefix)."""
         self.length = min(self.length, length)
 
+    def restorable(self, length: int) -> int:
+        """The longest prefix of at most `length` tokens that `crop` can return to: any, where every token
+        has its own rows (a recurrent state's cache can only return to its snapshots)."""
+        return length
+
+    def mark(self) -> None:
+        """Remember the present length as a point to `crop` back to (only recurrent states need it)."""
+
     def static_view(self, length: int | None = None) -> StaticView:
         """The first `length` rows for a compiled step (a shorter view is less to read), or with None the
         cache's own tensors, whole (CUDA graphs replay fixed addresses). Kept: later steps mostly ask again."""
@@ -93,10 +101,16 @@ class StaticView:
     def tensors(self) -> list[torch.Tensor]:
         return [t for layer in self.layers for t in layer.tensors()]
 
+    def sequence_tensors(self) -> list[torch.Tensor]:
+        """The tensors with a row per position (dim 0), whose length a compiled step treats as dynamic."""
+        return [t for layer in self.layers if layer.per_token for t in layer.tensors()]
+
 
 class KVLayerCache:
     """Keys and values of one attention layer: [max_len, B, kv_heads, dim] each. Callers see
     [B, kv_heads, n, dim] views."""
+
+    per_token = True  # rows per position (a recurrent layer's state has none)
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, k_dim: int, v_dim: int, dtype, device):
         self.k = torch.zeros(max_len, batch, kv_heads, k_dim, dtype=dtype, device=device)
@@ -130,6 +144,8 @@ class LatentLayerCache:
     """One MLA layer's cache: normalised c_kv then the rotated k_pe, one row of kv_lora_rank + rope values
     per token, [max_len, B, row]. Callers see [B, n, row]: one tensor, so that the absorbed form scores
     [q_latent | q_pe] against it in one product."""
+
+    per_token = True
 
     def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype, device):
         self.kv_lora_rank = kv_lora_rank

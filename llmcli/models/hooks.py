@@ -29,6 +29,12 @@ FINAL_NORM = "final_norm"  # the final norm's output (layer None)
 
 # Sparse attention layers (DeepSeek V3.2).
 INDEXER = "indexer"  # an IndexerChoice
+# Hybrid (Gated DeltaNet) models: what their token mixers decide, per head.
+DELTA_STATE = "delta_state_norm"  # [B, nv] Frobenius norm of each value head's recurrent state after the call
+DELTA_DECAY = "delta_g"  # [B, T, nv] log-decay g (<= 0): the state is multiplied by e^g per token
+DELTA_BETA = "delta_beta"  # [B, T, nv] write strength beta in (0, 1)
+DELTA_GATE = "delta_gate"  # [B, T, nv] mean |SiLU(z)|: how much of each head's output the gate lets through
+ATTN_GATE = "attn_gate"  # [B, T, heads] mean sigmoid output gate of a gated full-attention layer
 
 
 class Recorder(Protocol):
