@@ -1,4 +1,5 @@
-"""config.json -> one normalised ModelConfig (`config_fields.py`), by the family's parser: Qwen2/3 here,
+"""config.json -> one normalised ModelConfig (`config_fields.py`), by the family's parser: Qwen2/3 (and Llama,
+Qwen2's layout without the q/k/v bias) here,
 original Qwen in `config_qwen1.py`, DeepSeek in `config_deepseek.py`."""
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def parse_qwen2(raw: dict) -> ModelConfig:
         rope_scaling=scaling,
         max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        attention_bias=bool(raw.get("attention_bias", False)) if is_qwen3 else True,
+        attention_bias=bool(raw.get("attention_bias", False)) if is_qwen3 or family == "llama" else True,
         qk_norm=is_qwen3,
         layer_windows=_layer_windows(raw, layers),
         eos_token_ids=_as_id_list(raw.get("eos_token_id")),
@@ -66,6 +67,7 @@ PARSERS: dict[str, Callable[[dict], ModelConfig]] = {
     "qwen": parse_qwen1,
     "qwen2": parse_qwen2,
     "qwen3": parse_qwen2,
+    "llama": parse_qwen2,
     "deepseek_v2": parse_deepseek,
     "deepseek_v3": parse_deepseek,
 }
@@ -74,6 +76,7 @@ PARSERS: dict[str, Callable[[dict], ModelConfig]] = {
 ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "LlamaForCausalLM": "llama",
     "QWenLMHeadModel": "qwen",
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",

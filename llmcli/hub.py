@@ -1,5 +1,5 @@
-"""Model name -> local directory: local paths, built-in demos, aliases, the Hugging Face cache,
-and a download when the model is not on disk yet (unless offline)."""
+"""Model name -> local directory (or GGUF file): local paths, `ollama:NAME` from Ollama's store, built-in
+demos, aliases, the Hugging Face cache, and a download when the model is not on disk yet (unless offline)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmcli import ollama
 from llmcli.download import LOADABLE_PATTERNS, find_snapshot  # noqa: F401  (LOADABLE_PATTERNS: public name)
 from llmcli.errors import LlmcliError
 from llmcli.options import default_model_override
@@ -62,11 +63,13 @@ def resolve(name: str | None, yes: bool = False, weights: bool = True) -> Resolv
         from llmcli.demo import ensure_demo  # imports torch: only when a demo is asked for
 
         return ResolvedModel(name, ensure_demo(name), is_demo=True)
+    if ollama.is_ollama_name(name):
+        return ResolvedModel(name, ollama.resolve(name).blob)
     path = Path(name).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return ResolvedModel(name, path)
-    if _looks_like_path(name) or path.exists():
-        raise LlmcliError(f"no such model directory: {name}")
+    if _looks_like_path(name) or path.exists() or name.endswith(".gguf"):
+        raise LlmcliError(f"no such model directory or .gguf file: {name}")
     repo = repo_of(name)
     snapshot = cached_snapshot(repo)
     if snapshot is not None:

@@ -1,0 +1,81 @@
+"""A GGUF model as the loader sees it: config, tokenizer and checkpoint tensors (torch, in the names and
+layouts the models load), read one at a time from the file.
+
+Quantised tensors are dequantised with the gguf package's numpy code to float32, one tensor (one expert)
+at a time, and copied straight into the parameter: peak memory is the model in its run dtype plus one
+dequantised tensor. `--quantize int8` then re-quantises each linear as it loads, like a safetensors model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmcli.config import ModelConfig
+from llmcli.errors import LlmcliError
+from llmcli.formats.gguf import GGUFFile, find_gguf, open_gguf, unsupported_error
+from llmcli.formats.gguf_config import gguf_config
+from llmcli.formats.gguf_names import Piece, checkpoint_pieces
+from llmcli.formats.safetensors import TensorInfo
+from llmcli.tokenizer import Tokenizer
+
+
+def gguf_path_of(path: Path) -> Path | None:
+    """The GGUF file a model path names (a .gguf file, or a directory holding one model and no
+    config.json); None for a safetensors model directory."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return None
+    return find_gguf(path)
+
+
+def _to_torch(array: np.ndarray) -> torch.Tensor:
+    if array.dtype == np.uint16:  # BF16 bits
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class GGUFSource:
+    def __init__(self, path: Path):
+        self.gguf: GGUFFile = open_gguf(path)
+        self.path = self.gguf.path
+        self.config: ModelConfig = gguf_config(self.gguf)
+        bad = self.gguf.unsupported()
+        if bad is not None:
+            raise unsupported_error(bad)
+        self.pieces: list[Piece] = checkpoint_pieces(self.gguf, self.config)
+        self._apply_rope_freqs()
+
+    def _apply_rope_freqs(self) -> None:
+        """llama3-style RoPE scaling is stored as per-frequency divisors (rope_freqs.weight)."""
+        if "rope_freqs.weight" in self.gguf.tensors:
+            raise LlmcliError(f"{self.path}: llama3 RoPE frequency factors (rope_freqs.weight) are not supported yet")
+
+    def tokenizer(self) -> Tokenizer:
+        from llmcli.gguf_tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(self.gguf)
+
+    def tensors(self) -> Iterator[tuple[str, Path, Callable]]:
+        """(name, file, load) for weights.load_weights; load(out=parameter) fills the parameter in place."""
+        for piece in self.pieces:
+            def load(piece=piece, out=None):
+                tensor = _to_torch(piece.read())
+                if out is not None and out.device.type == "cpu" and tuple(out.shape) == tuple(tensor.shape):
+                    out.copy_(tensor)  # converts to the run dtype with no second full-size copy
+                    return out
+                return tensor
+
+            yield piece.name, self.gguf.tensors[piece.source].file, load
+
+    def tensor_infos(self) -> dict[str, TensorInfo]:
+        """The checkpoint tensors as llmcli.memory counts them: quantised ones are read as float32."""
+        infos = {}
+        for piece in self.pieces:
+            source = self.gguf.tensors[piece.source]
+            dtype = source.type_name if source.type_name in ("F32", "F16", "BF16") else "F32"
+            infos[piece.name] = TensorInfo(source.file, dtype, piece.shape, 0, 0)
+        return infos
