@@ -16,20 +16,11 @@ import torch
 
 from llmcli.config import ModelConfig
 from llmcli.errors import LlmcliError
-from llmcli.formats.gguf import GGUFFile, find_gguf, open_gguf, unsupported_error
+from llmcli.formats.gguf import GGUFFile, open_gguf, unsupported_error
 from llmcli.formats.gguf_config import gguf_config
-from llmcli.formats.gguf_names import Piece, checkpoint_pieces
+from llmcli.formats.gguf_names import Piece, checkpoint_pieces, tensor_infos
 from llmcli.formats.safetensors import TensorInfo
 from llmcli.tokenizer import Tokenizer
-
-
-def gguf_path_of(path: Path) -> Path | None:
-    """The GGUF file a model path names (a .gguf file, or a directory holding one model and no
-    config.json); None for a safetensors model directory."""
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file():
-        return None
-    return find_gguf(path)
 
 
 def _to_torch(array: np.ndarray) -> torch.Tensor:
@@ -72,10 +63,4 @@ class GGUFSource:
             yield piece.name, self.gguf.tensors[piece.source].file, load
 
     def tensor_infos(self) -> dict[str, TensorInfo]:
-        """The checkpoint tensors as llmcli.memory counts them: quantised ones are read as float32."""
-        infos = {}
-        for piece in self.pieces:
-            source = self.gguf.tensors[piece.source]
-            dtype = source.type_name if source.type_name in ("F32", "F16", "BF16") else "F32"
-            infos[piece.name] = TensorInfo(source.file, dtype, piece.shape, 0, 0)
-        return infos
+        return tensor_infos(self.gguf, self.pieces)

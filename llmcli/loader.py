@@ -14,8 +14,9 @@ from llmcli.backends.prepare import Preparation
 from llmcli.backends.runner import Runner
 from llmcli.config import ModelConfig, load_config
 from llmcli.errors import LlmcliError
+from llmcli.formats.gguf import gguf_path_of
 from llmcli.formats.safetensors import read_checkpoint
-from llmcli.gguf_load import GGUFSource, gguf_path_of
+from llmcli.gguf_load import GGUFSource
 from llmcli.models.base import CausalLM
 from llmcli.models.deepseek import DeepseekForCausalLM
 from llmcli.models.qwen import QwenForCausalLM

@@ -262,6 +262,10 @@ def _render_facts(f: dict) -> None:
         block = f["fp8_block_size"]
         disk += f" (FP8{' blocks ' + 'x'.join(map(str, block)) if block else ''}; runs in {f['run_dtype']})"
     add("dtype on disk", disk)
+    if f.get("tensor_types"):  # GGUF: llama.cpp's quantisation types, largest first
+        from llmcli.show_gguf import types_summary
+
+        add("tensor types", types_summary(f["tensor_types"], human_bytes))
     kv = f["kv_cache"]
     cache = f"{human_bytes(kv['bytes_per_token'])} per token ({kv['kind']}, {kv['dtype']})"
     if "expanded_bytes_per_token" in kv:

@@ -241,6 +241,15 @@ def open_gguf(path: Path) -> GGUFFile:
     return model
 
 
+def gguf_path_of(path: Path) -> Path | None:
+    """The GGUF file a model path names (a .gguf file, or a directory holding one model and no
+    config.json); None for a safetensors model directory."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return None
+    return find_gguf(path)
+
+
 def find_gguf(path: Path) -> Path | None:
     """The GGUF model a path names: a .gguf file, or the one model in a directory (for a split model, its
     first part); None when there is none. A directory with several models is an error."""

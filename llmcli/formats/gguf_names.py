@@ -22,6 +22,7 @@ import numpy as np
 from llmcli.config import ModelConfig
 from llmcli.errors import LlmcliError
 from llmcli.formats.gguf import GGUFFile
+from llmcli.formats.safetensors import TensorInfo
 
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -132,3 +133,13 @@ def checkpoint_pieces(gg: GGUFFile, cfg: ModelConfig) -> list[Piece]:
         if name not in NOT_WEIGHTS:
             pieces.extend(_pieces_of(gg, cfg, name))
     return pieces
+
+
+def tensor_infos(gg: GGUFFile, pieces: list[Piece]) -> dict[str, TensorInfo]:
+    """The checkpoint tensors as llmcli.memory and show count them: quantised ones are read as float32."""
+    infos = {}
+    for piece in pieces:
+        source = gg.tensors[piece.source]
+        dtype = source.type_name if source.type_name in ("F32", "F16", "BF16") else "F32"
+        infos[piece.name] = TensorInfo(source.file, dtype, piece.shape, 0, 0)
+    return infos
