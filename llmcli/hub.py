@@ -46,6 +46,15 @@ def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
     return find_snapshot(repo, revision)
 
 
+def _cached_gguf(name: str) -> Path | None:
+    """`ORG/REPO/FILE.gguf` (as `llmcli list` shows it): that file in the repo's cached snapshot."""
+    if not name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") < 2:
+        return None
+    from llmcli.gguf_list import hf_cache_ggufs
+
+    return next((path for shown, path in hf_cache_ggufs() if shown == name), None)
+
+
 def repo_of(name: str) -> str:
     """The Hub repo id for an alias or repo id; an error for anything else."""
     alias = ALIASES.get(name.lower())
@@ -68,6 +77,9 @@ def resolve(name: str | None, yes: bool = False, weights: bool = True) -> Resolv
     path = Path(name).expanduser()
     if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return ResolvedModel(name, path)
+    cached = _cached_gguf(name)
+    if cached is not None:
+        return ResolvedModel(name, cached, repo=name.rsplit("/", 1)[0])
     if _looks_like_path(name) or path.exists() or name.endswith(".gguf"):
         raise LlmcliError(f"no such model directory or .gguf file: {name}")
     repo = repo_of(name)

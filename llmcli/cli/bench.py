@@ -220,6 +220,9 @@ def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=Fa
     mine = bench.LlmcliBackend(loaded.runner, loaded.device)
     bench.validate(settings, loaded.model)  # fail before the slow parts
     reference = None
+    if compare is Compare.transformers and loaded.config.raw.get("gguf"):
+        raise LlmcliError(f"--compare transformers needs a safetensors model directory; {loaded.name} is a GGUF "
+                          "file (transformers does not run it as llmcli reads it)", exit_code=2)
     if compare is Compare.transformers:
         reference = bench.TransformersBackend(loaded.path, loaded.device, loaded.dtype, loaded.config.family)
     show = sys.stderr.isatty()

@@ -144,7 +144,9 @@ def _model_rows() -> list[dict]:
             params = None
         state = "yes" if dl.snapshot_is_complete(snapshot) else "partial"
         rows.append(_row(repo, repo, family, params, state, dl.folder_bytes(folder), "in the HF cache", snapshot))
-    return rows
+    from llmcli.gguf_list import gguf_rows
+
+    return rows + gguf_rows(_row)
 
 
 SUPPORTED_FAMILIES = ("qwen", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3")
@@ -157,7 +159,7 @@ def _row(name, repo, family, params, downloaded, size, note, path) -> dict:
 
 @app.command("list")
 def list_command(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
-    """Known aliases and the runnable models in the Hugging Face cache."""
+    """Known aliases and the runnable models in the Hugging Face cache, GGUF files there, and Ollama's store."""
     from rich.console import Console
     from rich.table import Table
 
