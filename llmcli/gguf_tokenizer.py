@@ -79,9 +79,9 @@ def tokenizer_json(gg: GGUFFile) -> str:
     if model != "gpt2":
         raise LlmcliError(f"{gg.path}: GGUF tokenizer model {model!r} is not supported (supported: gpt2, the "
                           "byte-level BPE of Qwen, DeepSeek and Llama 3)")
-    tokens, merges = _field(gg, "tokens"), _field(gg, "merges")
+    tokens, merges = _field(gg, "tokens"), _field(gg, "merges", [])  # no merges: a vocabulary of bytes
     if not isinstance(tokens, list) or not isinstance(merges, list):
-        raise LlmcliError(f"{gg.path}: GGUF metadata has no tokenizer.ggml.tokens and merges")
+        raise LlmcliError(f"{gg.path}: GGUF metadata has no tokenizer.ggml.tokens list")
     types = _field(gg, "token_type") or [NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise LlmcliError(f"{gg.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
@@ -126,8 +126,9 @@ def tokenizer_config(gg: GGUFFile) -> dict:
 def gguf_tokenizer(gg: GGUFFile) -> Tokenizer:
     import tokenizers
 
+    text = tokenizer_json(gg)
     try:
-        tok = tokenizers.Tokenizer.from_str(tokenizer_json(gg))
+        tok = tokenizers.Tokenizer.from_str(text)
     except Exception as exc:  # the Rust side raises plain Exception for any problem
         raise LlmcliError(f"{gg.path}: the GGUF tokenizer cannot be built: {' '.join(str(exc).split())}") from None
     return Tokenizer(tok, tokenizer_config(gg))

@@ -99,7 +99,7 @@ def _metadata(w: gguf.GGUFWriter, arch: str, cfg: dict, mla_split: bool) -> None
     w.add_bool(a("expert_weights_norm"), bool(cfg.get("norm_topk_prob")))
     sigmoid = cfg["model_type"] == "deepseek_v3"
     w.add_uint32(a("expert_gating_func"), 2 if sigmoid else 1)
-    if cfg.get("n_group", 1) > 1:
+    if (cfg.get("n_group") or 1) > 1:
         w.add_uint32(a("expert_group_count"), cfg["n_group"])
         w.add_uint32(a("expert_group_used_count"), cfg["topk_group"])
 
@@ -149,7 +149,25 @@ def _quantised(name: str, array: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if array.shape[-1] % block:
         return array.astype(np.float32), Q.F32
+    if qtype in K_SCALES:
+        return random_k_blocks(array.shape, qtype), qtype
     return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+
+
+# gguf.quants cannot quantise to the K types: tests write random blocks with small valid f16 scales
+# (byte offsets of each block's f16 fields), and compare against gguf's dequantisation of the same bytes.
+K_SCALES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+
+
+def random_k_blocks(shape: tuple[int, ...], qtype: Q, seed: int = 0) -> np.ndarray:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed + shape[0])
+    count = int(np.prod(shape)) // block
+    data = rng.integers(0, 256, size=(count, size), dtype=np.uint8)
+    for offset in K_SCALES[qtype]:
+        scales = rng.uniform(0.0005, 0.002, size=count).astype(np.float16)
+        data[:, offset:offset + 2] = scales.view(np.uint8).reshape(count, 2)
+    return data.reshape(*shape[:-1], shape[-1] // block * size)
 
 
 def convert(model_dir: Path, out: Path, qtype: Q = Q.F32, pre: str = "gpt-2", mla_split: bool = True,
