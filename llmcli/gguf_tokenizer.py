@@ -91,7 +91,9 @@ def tokenizer_json(gg: GGUFFile) -> str:
         if kind in (CONTROL, USER_DEFINED):
             added.append({"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": kind == CONTROL})
-        else:
+        # Added tokens are in the model's vocabulary too (else `tokenizers` gives them new ids); unused
+        # padding ids ("[PAD151669]") are never produced and are left out.
+        if kind != UNUSED:
             vocab.setdefault(token, i)
     return json.dumps({
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
