@@ -179,6 +179,9 @@ def convert(model_dir: Path, out: Path, qtype: Q = Q.F32, pre: str = "gpt-2", ml
     tensors = {k: v.astype(np.float32) for k, v in load_file(str(model_dir / "model.safetensors")).items()}
     w = gguf.GGUFWriter(str(out), arch)
     _metadata(w, arch, cfg, mla_split)
+    tok_config = model_dir / "tokenizer_config.json"  # the chat template, as gguf.SpecialVocab reads it
+    template = json.loads(tok_config.read_text()).get("chat_template") if tok_config.is_file() else None
+    tokenizer = {**({"chat_template": template} if isinstance(template, str) else {}), **(tokenizer or {})}
     add_tokenizer(w, model_dir / "tokenizer.json", tensors.get("model.embed_tokens.weight",
                   tensors.get("transformer.wte.weight")).shape[0], pre, tokenizer)
     for key, value in (extra or {}).items():

@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import save_file
 
 from llmcli.loader import load_model, resolve_dtype
-from tests.gguf_convert import add_tokenizer, convert
+from tests.gguf_convert import convert
 from tests.test_qwen_parity import PROMPT
 
 transformers = pytest.importorskip("transformers")
@@ -213,9 +213,143 @@ def test_split_gguf_loads_as_one(quant_source, tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     parts = sorted((tmp_path / "split").glob("*.gguf"))
-    assert len(parts) > 2 and parts[0].name.endswith("-00001-of-%05d.gguf" % len(parts))
+    assert len(parts) > 2 and parts[0].name.endswith(f"-00001-of-{len(parts):05d}.gguf")
     ids = list(range(3, 50))
     expected = logits(load_model("one", single, device="cpu", dtype="float32"), ids)
     for model in (parts[0], tmp_path / "split"):  # the first part, or the directory holding the parts
         got = logits(load_model("split", model, device="cpu", dtype="float32"), ids)
         assert torch.equal(got, expected)
+
+
+# -- Ollama's store, commands, bad files ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(quant_source, tmp_path_factory):
+    return convert(quant_source / "hf", tmp_path_factory.mktemp("tiny") / "tiny.gguf", qtype=Q.Q8_0)
+
+
+def fake_ollama_store(root: Path, blob_source: Path, name=("library", "tiny", "latest")) -> Path:
+    """Ollama's layout: blobs/sha256-<hex> and manifests/registry.ollama.ai/<namespace>/<model>/<tag>."""
+    import hashlib
+
+    digest = hashlib.sha256(blob_source.read_bytes()).hexdigest()
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    shutil.copy(blob_source, root / "blobs" / f"sha256-{digest}")
+    manifest = root.joinpath("manifests", "registry.ollama.ai", *name)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
+        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64, "size": 10},
+        {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}",
+         "size": blob_source.stat().st_size}]}))
+    return root
+
+
+def one_error_line(code: int, err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_ollama_store(tiny_gguf, tmp_path, monkeypatch, run_cli):
+    store = fake_ollama_store(tmp_path / "ollama", tiny_gguf)
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    args = ("--raw", "-p", "hello", "-n", "5", "--json", "--device", "cpu", "--dtype", "float32")
+    code, out, err = run_cli("generate", "ollama:tiny", *args)
+    assert code == 0, err
+    code, out2, err = run_cli("generate", tiny_gguf, *args)
+    assert json.loads(out)["token_ids"] == json.loads(out2)["token_ids"]
+    code, out, err = run_cli("list", "--json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["ollama:tiny:latest"]["family"] == "qwen2" and rows["ollama:tiny:latest"]["params"] > 0
+    line = one_error_line(*run_cli("generate", "ollama:absent:7b", "-p", "x")[0::2])
+    assert "ollama:absent:7b is not in the Ollama store" in line
+
+
+def test_gguf_in_the_hf_cache_is_listed_and_runs(tiny_gguf, run_cli, monkeypatch, tmp_path):
+    snapshot = tmp_path / "hf" / "hub" / "models--someone--tiny-GGUF" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    shutil.copy(tiny_gguf, snapshot / "tiny-Q8_0.gguf")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    code, out, err = run_cli("list", "--json")
+    row = next(r for r in json.loads(out) if r["name"] == "someone/tiny-GGUF/tiny-Q8_0.gguf")
+    assert row["family"] == "qwen2" and row["note"] == "GGUF in the HF cache"
+    code, out, err = run_cli("generate", row["name"], "--raw", "-p", "hi", "-n", "2", "--device", "cpu")
+    assert code == 0, err
+
+
+def test_show_reports_tensor_types(tiny_gguf, run_cli):
+    code, out, err = run_cli("show", tiny_gguf, "--json")
+    assert code == 0, err
+    facts = json.loads(out)
+    assert facts["format"] == "gguf" and facts["family"] == "qwen2" and facts["dtype_on_disk"] == "Q8_0"
+    assert set(facts["tensor_types"]) == {"Q8_0", "F32"}
+    reader = gguf.GGUFReader(str(tiny_gguf))
+    assert facts["tensor_types"]["Q8_0"]["bytes"] == sum(int(t.n_bytes) for t in reader.tensors
+                                                         if t.tensor_type == Q.Q8_0)
+    by_name = {t["name"]: t for t in facts["gguf_tensors"]}
+    assert by_name["blk.0.attn_q.weight"]["type"] == "Q8_0" and by_name["blk.0.attn_q.weight"]["shape"] == [256, 256]
+    assert facts["params_total"] == sum(int(t.n_elements) for t in reader.tensors)
+    code, out, err = run_cli("show", tiny_gguf)
+    assert code == 0 and "tensor types" in out and "Q8_0" in out
+
+
+def test_trace_and_chat_run_on_gguf(tiny_gguf, run_cli, monkeypatch):
+    import io
+
+    code, out, err = run_cli("trace", tiny_gguf, "-p", "hello", "--device", "cpu", "--dtype", "float32")
+    assert code == 0, err
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    code, out, err = run_cli("chat", tiny_gguf, "-n", "3", "--device", "cpu", "--dtype", "float32")
+    assert code == 0, err
+
+
+def test_bench_compare_transformers_needs_safetensors(tiny_gguf, run_cli):
+    line = one_error_line(*run_cli("bench", tiny_gguf, "--compare", "transformers", "--device", "cpu")[0::2])
+    assert "needs a safetensors model directory" in line
+
+
+def write_bad(path: Path, arch: str = "qwen2", tensor_type: Q = Q.F32) -> Path:
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_uint32(f"{arch}.block_count", 1)
+    data = np.zeros((4, 32), dtype=np.float32)
+    if tensor_type != Q.F32:
+        data = gguf.quants.quantize(data, tensor_type)
+    writer.add_tensor("token_embd.weight", data, raw_dtype=tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_unsupported_tensor_type(quant_source, tmp_path, run_cli):
+    path = convert(quant_source / "hf", tmp_path / "q5.gguf", qtype=Q.Q5_0)
+    line = one_error_line(*run_cli("generate", path, "-p", "x", "-n", "1")[0::2])
+    assert "tensor output.weight has type Q5_0, which llmcli does not read (supported: F32," in line
+    code, out, err = run_cli("show", path, "--json")  # show still describes it
+    assert code == 0 and json.loads(out)["dtype_on_disk"] == "Q5_0"
+
+
+def test_bad_files_give_one_error_line(tiny_gguf, tmp_path, run_cli):
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + bytes([3, 0, 0, 0]) + b"\xff" * 200)
+    not_gguf = tmp_path / "text.gguf"
+    not_gguf.write_text("hello")
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(tiny_gguf.read_bytes()[:3000])
+    cases = {
+        truncated: "is truncated",
+        corrupt: "is not a readable GGUF file",
+        not_gguf: "is not a readable GGUF file",
+        header_only: "not a readable GGUF file",
+        write_bad(tmp_path / "mamba.gguf", arch="mamba"): "GGUF architecture 'mamba' is not supported",
+    }
+    for path, message in cases.items():
+        for command in (("generate", path, "-p", "x", "-n", "1"), ("show", path)):
+            line = one_error_line(*run_cli(*command)[0::2])
+            assert message in line, (path.name, line)
+    assert "no such model directory or .gguf file" in one_error_line(
+        *run_cli("generate", str(tmp_path / "absent.gguf"), "-p", "x")[0::2])
