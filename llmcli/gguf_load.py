@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from llmcli.config import ModelConfig
-from llmcli.errors import LlmcliError
 from llmcli.formats.gguf import GGUFFile, open_gguf, unsupported_error
 from llmcli.formats.gguf_config import gguf_config
 from llmcli.formats.gguf_names import Piece, checkpoint_pieces, tensor_infos
@@ -38,12 +37,6 @@ class GGUFSource:
         if bad is not None:
             raise unsupported_error(bad)
         self.pieces: list[Piece] = checkpoint_pieces(self.gguf, self.config)
-        self._apply_rope_freqs()
-
-    def _apply_rope_freqs(self) -> None:
-        """llama3-style RoPE scaling is stored as per-frequency divisors (rope_freqs.weight)."""
-        if "rope_freqs.weight" in self.gguf.tensors:
-            raise LlmcliError(f"{self.path}: llama3 RoPE frequency factors (rope_freqs.weight) are not supported yet")
 
     def tokenizer(self) -> Tokenizer:
         from llmcli.gguf_tokenizer import gguf_tokenizer

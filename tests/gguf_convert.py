@@ -6,6 +6,7 @@ experts, kv_b_proj split into attn_k_b / attn_v_b), optionally quantised with gg
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -46,6 +47,26 @@ LAYER_NAME = re.compile(r"(?:model\.layers|transformer\.h)\.(\d+)\.(.+)")
 def permute(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's LlamaModel.permute."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_factors(cfg: dict, rope: dict) -> np.ndarray:
+    """The converter's LlamaModel.generate_extra_tensors: one divisor per RoPE frequency."""
+    base = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 def _metadata(w: gguf.GGUFWriter, arch: str, cfg: dict, mla_split: bool) -> None:
@@ -210,6 +231,9 @@ def convert(model_dir: Path, out: Path, qtype: Q = Q.F32, pre: str = "gpt-2", ml
             out_tensors[f"blk.{layer}.attn_v_b.weight"] = np.ascontiguousarray(kv_b[:, nope:])
             continue
         out_tensors[f"blk.{layer}.{LAYER[tail]}"] = array
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if arch == "llama" and rope.get("rope_type") == "llama3":
+        out_tensors["rope_freqs.weight"] = llama3_factors(cfg, rope)
     for (layer, kind), stack in sorted(experts.items()):
         out_tensors[f"blk.{layer}.ffn_{kind}_exps.weight"] = np.stack([stack[i] for i in sorted(stack)])
     for name, array in out_tensors.items():

@@ -106,6 +106,21 @@ def test_greedy_tokens_match_via_cli(case, run_cli):
     assert results[0] == results[1] and len(results[0]) == 12
 
 
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
+    """DeepSeek-R1-Distill-Llama (Llama 3.1): llama.cpp stores the llama3 scaling as rope_freqs.weight."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    reference = build("Llama", {**BASE, "head_dim": 32, "rope_parameters": rope}, tmp_path / "hf")
+    path = convert(tmp_path / "hf", tmp_path / "llama3.gguf")
+    loaded = load_model("l3", path, device="cpu", dtype="float32")
+    factors = loaded.config.rope_freq_factors
+    assert factors[0] == 1.0 and factors[-1] == 8.0 and any(1 < f < 8 for f in factors)  # all three regimes
+    ids = list(range(3, 120))
+    with torch.inference_mode():
+        theirs = reference(torch.tensor([ids])).logits
+    assert (logits(loaded, ids) - theirs).abs().max().item() <= 1e-4
+
+
 def test_qwen1_gguf_matches_safetensors(tmp_path):
     from tests.test_qwen1 import S, qwen1_tensors, random_weights, write_qwen1
 

@@ -171,4 +171,11 @@ def config_json(gg: GGUFFile) -> dict:
 def gguf_config(gg: GGUFFile) -> ModelConfig:
     cfg = config_from_dict(config_json(gg))
     cfg.raw["gguf"] = True  # show and bench tell GGUF models apart by this
+    freqs = gg.tensors.get("rope_freqs.weight")
+    if freqs is not None:  # llama3 RoPE scaling: llama.cpp divides each frequency by its factor
+        rope_dim = cfg.rotary_dim or cfg.qk_rope_head_dim or cfg.head_dim
+        if cfg.family != "llama" or freqs.shape != (rope_dim // 2,) or freqs.type_name != "F32":
+            raise LlmcliError(f"{gg.path}: rope_freqs.weight {freqs.type_name} {list(freqs.shape)} is not the "
+                              f"{rope_dim // 2} F32 frequency factors llmcli reads (llama models only)")
+        cfg.rope_freq_factors = [float(x) for x in gg.read("rope_freqs.weight")]
     return cfg
