@@ -1,9 +1,10 @@
 """A GGUF model as the loader sees it: config, tokenizer and checkpoint tensors (torch, in the names and
 layouts the models load), read one at a time from the file.
 
-Quantised tensors are dequantised with the gguf package's numpy code to float32, one tensor (one expert)
-at a time, and copied straight into the parameter: peak memory is the model in its run dtype plus one
-dequantised tensor. `--quantize int8` then re-quantises each linear as it loads, like a safetensors model.
+Quantised tensors are dequantised with the gguf package's numpy code to float32, one tensor (one expert, or
+a few MiB of rows of a big tensor) at a time, and copied straight into the parameter: peak memory is the
+model in its run dtype plus one dequantised layer matrix. `--quantize int8` then re-quantises each linear
+as it loads, like a safetensors model.
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ def _to_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+# Dequantising makes float32 copies (gguf's numpy code holds two): big tensors (embeddings, heads) are read
+# this many values at a time, so that loading peaks at the model plus a few dozen MiB.
+PART_VALUES = 1 << 22
+
+
+def _read_in_parts(piece: Piece, out: torch.Tensor) -> torch.Tensor:
+    rows = piece.shape[0]
+    step = max(1, PART_VALUES // max(1, out.numel() // max(rows, 1)))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        out[start:stop].copy_(_to_torch(piece.rows(start, stop)))
+    return out
+
+
 class GGUFSource:
     def __init__(self, path: Path):
         self.gguf: GGUFFile = open_gguf(path)
@@ -47,6 +62,9 @@ class GGUFSource:
         """(name, file, load) for weights.load_weights; load(out=parameter) fills the parameter in place."""
         for piece in self.pieces:
             def load(piece=piece, out=None):
+                if (out is not None and piece.rows is not None and out.device.type == "cpu" and piece.shape
+                        and tuple(out.shape) == piece.shape):
+                    return _read_in_parts(piece, out)
                 tensor = _to_torch(piece.read())
                 if out is not None and out.device.type == "cpu" and tuple(out.shape) == tuple(tensor.shape):
                     out.copy_(tensor)  # converts to the run dtype with no second full-size copy

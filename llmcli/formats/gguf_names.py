@@ -70,6 +70,8 @@ class Piece:
     shape: tuple[int, ...]
     source: str  # the GGUF tensor it comes from (the first, when several)
     read: Callable[[], np.ndarray]
+    # Rows start..stop alone, for tensors stored as they load (no transform): big ones are read in parts.
+    rows: Callable[[int, int], np.ndarray] | None = None
 
 
 def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -89,7 +91,8 @@ def _join_kv_b(gg: GGUFFile, k_name: str, v_name: str) -> np.ndarray:
 def _pieces_of(gg: GGUFFile, cfg: ModelConfig, name: str) -> list[Piece]:
     tensor = gg.tensors[name]
     if name in GLOBAL_NAMES:
-        return [Piece(GLOBAL_NAMES[name], tensor.shape, name, lambda: gg.read(name))]
+        return [Piece(GLOBAL_NAMES[name], tensor.shape, name, lambda: gg.read(name),
+                      lambda start, stop: gg.read(name, start, stop))]
     match = _LAYER.fullmatch(name)
     if not match:
         raise LlmcliError(f"{gg.path}: tensor {name} is not one llmcli knows for {gg.architecture}")
@@ -123,7 +126,8 @@ def _pieces_of(gg: GGUFFile, cfg: ModelConfig, name: str) -> list[Piece]:
     if gg.architecture == "llama" and tail.split(".")[0] in ("attn_q", "attn_k"):
         heads = cfg.num_heads if tail.startswith("attn_q") else cfg.num_kv_heads
         return [Piece(prefix + LAYER_NAMES[tail], tensor.shape, name, lambda: unpermute(gg.read(name), heads))]
-    return [Piece(prefix + LAYER_NAMES[tail], tensor.shape, name, lambda: gg.read(name))]
+    return [Piece(prefix + LAYER_NAMES[tail], tensor.shape, name, lambda: gg.read(name),
+                  lambda start, stop: gg.read(name, start, stop))]
 
 
 def checkpoint_pieces(gg: GGUFFile, cfg: ModelConfig) -> list[Piece]:
