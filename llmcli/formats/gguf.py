@@ -32,6 +32,7 @@ SPLIT_NAME = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")
 # GGUF value types: code -> struct format (scalars); 8 string, 9 array.
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 class _Corrupt(ValueError):
@@ -62,6 +63,22 @@ class _Cursor:
         except UnicodeDecodeError:
             return raw.decode("utf-8", "replace")  # some vocabularies hold partial UTF-8 byte tokens
 
+    def _strings(self, count: int) -> list[str]:
+        """An array of strings (a vocabulary: 150k of them), in one tight loop."""
+        data, pos, end, out = self.data, self.pos, len(self.data), []
+        length = _U64.unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                raise _Corrupt(f"the header runs past the end of the file (at byte {pos})")
+            (n,) = length(data, pos)
+            pos += 8
+            if pos + n > end:
+                raise _Corrupt(f"the header runs past the end of the file (at byte {pos})")
+            out.append(data[pos:pos + n].decode("utf-8", "replace"))  # some vocabularies hold partial UTF-8
+            pos += n
+        self.pos = pos
+        return out
+
     def value(self, kind: int):
         if kind in _SCALARS:
             return self.scalar(_SCALARS[kind])
@@ -71,6 +88,8 @@ class _Cursor:
             item, count = self.scalar("I"), self.scalar("Q")
             if count > len(self.data) - self.pos:  # every item takes at least one byte
                 raise _Corrupt(f"an array claims {count} items")
+            if item == _STRING:
+                return self._strings(count)
             if item in _SCALARS and item != 7:
                 fmt = _SCALARS[item]
                 raw = self.take(count * struct.calcsize(fmt))
