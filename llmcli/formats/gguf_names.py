@@ -98,6 +98,8 @@ def _pieces_of(gg: GGUFFile, cfg: ModelConfig, name: str) -> list[Piece]:
         raise LlmcliError(f"{gg.path}: tensor {name} is not one llmcli knows for {gg.architecture}")
     layer, tail = match.groups()
     prefix = f"model.layers.{layer}."
+    if int(layer) >= cfg.num_layers:  # DeepSeek's multi-token-prediction layers: the model skips them, unread
+        return [Piece(prefix + LAYER_NAMES.get(tail, tail), tensor.shape, name, lambda: gg.read(name))]
     if tail in EXPERT_NAMES:
         experts = tensor.shape[0]
         return [Piece(f"{prefix}mlp.experts.{e}.{EXPERT_NAMES[tail]}.weight", tensor.shape[1:], name,
