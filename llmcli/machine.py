@@ -124,6 +124,16 @@ def _machine_key(device: torch.device) -> str:
     return f"{socket.gethostname()}|{device.type}|{device_name(device)}{threads}"
 
 
+def bandwidth_entry(device: torch.device, cache_file: Path | None = None) -> dict | None:
+    """The cached measurement for this machine and device ({"bytes_per_s", "measured_at", ...}), if any."""
+    try:
+        known = json.loads((cache_file or cache_home() / "bandwidth.json").read_text())
+    except (OSError, ValueError):
+        return None
+    entry = known.get(_machine_key(device)) if isinstance(known, dict) else None
+    return entry if isinstance(entry, dict) else None
+
+
 def machine_bandwidth(device: torch.device, cache_file: Path | None = None,
                       remeasure: bool = False) -> tuple[float, str]:
     """(bytes/s, "cached" | "measured"): measured once per machine and device, then cached."""

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmcli.backends.int8_size import int8_size, quantizable
+from llmcli.backends.int8_size import int4_size, int8_size, quantizable
 from llmcli.config import ModelConfig
 from llmcli.errors import LlmcliError
 from llmcli.formats.safetensors import DTYPE_BYTES, TensorInfo
@@ -103,9 +103,10 @@ def _cache_bytes(cfg: ModelConfig, element: int) -> int:
 def weight_bytes(cfg: ModelConfig, tensors: dict[str, TensorInfo], dtype: str, quantize: str | None = None) -> int:
     """Bytes of the loaded weights: `tensors` as `loaded_tensors` gives them, in `dtype` or with int8 linears."""
     element = ELEMENT_BYTES[dtype]
-    if quantize == "int8":
+    if quantize in ("int8", "int4"):
         tied = (cfg.vocab_size, cfg.hidden_size) if cfg.tie_word_embeddings else None
-        held = int8_size({name: t.shape for name, t in tensors.items()}, element, tied)
+        size = int8_size if quantize == "int8" else int4_size
+        held = size({name: t.shape for name, t in tensors.items()}, element, tied)
     else:
         held = sum(t.numel for t in tensors.values()) * element
     router = sum(t.numel for name, t in tensors.items() if name.endswith(FLOAT32_ROUTER))
@@ -137,7 +138,7 @@ def for_checkpoint(cfg: ModelConfig, tensors: dict[str, TensorInfo], dtype: str,
     """What loading the checkpoint whose headers are `tensors` needs, in `dtype` (float32, bfloat16, float16)."""
     element = ELEMENT_BYTES[dtype]
     kept = loaded_tensors(cfg, tensors)
-    return Estimate("int8" if quantize == "int8" else dtype, weight_bytes(cfg, kept, dtype, quantize),
+    return Estimate(quantize or dtype, weight_bytes(cfg, kept, dtype, quantize),
                     _loading_bytes(kept, element), _cache_bytes(cfg, element))
 
 

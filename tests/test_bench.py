@@ -96,7 +96,7 @@ def test_product_paths_name_how_each_linear_runs(monkeypatch):
     assert bench.product_paths(compiled) == {"F.linear, compiled one-row steps multiply-and-sum": layers}
     bf16 = bench.product_paths(load_model("demo-qwen", path, device="cpu", dtype="bfloat16").model)
     if bf16_kernel.available()[0]:
-        assert bf16 == {"bf16 kernel": layers}  # the tied head too
+        assert bf16 == {bf16_kernel.label(): layers}  # the tied head too
     monkeypatch.setenv("LLMCLI_BF16_KERNEL", "0")
     bf16 = bench.product_paths(load_model("demo-qwen", path, device="cpu", dtype="bfloat16").model)
     if prepacking_available():

@@ -247,7 +247,9 @@ def chat_command(
     compile: bool = COMPILE_OPT,
     force: bool = FORCE_OPT,
 ) -> None:
-    """Chat with a model. In a terminal: line editing, /help for commands, Ctrl-C stops a reply,
+    """Chat with a model, keeping its cache between turns.
+
+    In a terminal: line editing, /help for commands, Ctrl-C stops a reply,
     Ctrl-D quits. With piped stdin: each line is one message and replies go to stdout; the exit
     status is 1 when any line failed."""
     from llmcli.chat import ChatSession

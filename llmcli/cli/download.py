@@ -268,6 +268,9 @@ def _render_facts(f: dict) -> None:
         from llmcli.show_gguf import types_summary
 
         add("tensor types", types_summary(f["tensor_types"], human_bytes))
+    if f.get("weight_bytes"):
+        add("weights", ", ".join(f"{human_bytes(n)} {'in ' if k not in ('int8', 'int4') else 'with --quantize '}{k}"
+                                 for k, n in f["weight_bytes"].items()))
     kv = f["kv_cache"]
     cache = f"{human_bytes(kv['bytes_per_token'])} per token ({kv['kind']}, {kv['dtype']})"
     if "expanded_bytes_per_token" in kv:
