@@ -149,7 +149,7 @@ def _model_rows() -> list[dict]:
     return rows + gguf_rows(_row)
 
 
-SUPPORTED_FAMILIES = ("qwen", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3")
+SUPPORTED_FAMILIES = ("qwen", "qwen2", "qwen3", "llama", "deepseek_v2", "deepseek_v3")
 
 
 def _row(name, repo, family, params, downloaded, size, note, path) -> dict:
