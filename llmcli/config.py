@@ -5,6 +5,7 @@ original Qwen in `config_qwen1.py`, DeepSeek in `config_deepseek.py`."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,10 +36,12 @@ def parse_qwen2(raw: dict) -> ModelConfig:
     layers = _count(_require(raw, "num_hidden_layers"), "num_hidden_layers", MAX_LAYERS)
     heads = _count(_require(raw, "num_attention_heads"), "num_attention_heads")
     hidden = _count(_require(raw, "hidden_size"), "hidden_size")
-    theta, scaling = parse_rope_scaling(raw)
-    is_qwen3 = family == "qwen3"
     head_dim = raw.get("head_dim") or hidden // heads
+    factors = llama3_rope_factors(raw, int(head_dim)) if family == "llama" else None
+    theta, scaling = parse_rope_scaling(_without_llama3(raw) if factors else raw)
+    is_qwen3 = family == "qwen3"
     return ModelConfig(
+        rope_freq_factors=factors,
         family=family,
         vocab_size=int(_require(raw, "vocab_size")),
         hidden_size=hidden,
@@ -60,6 +63,41 @@ def parse_qwen2(raw: dict) -> ModelConfig:
         torch_dtype=_dtype_name(raw.get("torch_dtype") or raw.get("dtype")),
         raw=raw,
     )
+
+
+def _llama3_params(raw: dict) -> dict | None:
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type")) if isinstance(params, dict) else None
+    return params if kind == "llama3" else None
+
+
+def _without_llama3(raw: dict) -> dict:
+    """The rest of the RoPE settings (rope_theta) once the llama3 factors are taken out."""
+    params = _llama3_params(raw)
+    return {**raw, "rope_scaling": None, "rope_parameters": {"rope_theta": params.get("rope_theta",
+                                                                                     raw.get("rope_theta", 10000.0))}}
+
+
+def llama3_rope_factors(raw: dict, head_dim: int) -> list[float] | None:
+    """Llama 3.1's RoPE scaling (DeepSeek-R1-Distill-Llama) as one divisor per frequency, as llama.cpp's
+    converter writes rope_freqs: 1 for short wavelengths, `factor` for long ones, smoothed between."""
+    params = _llama3_params(raw)
+    if params is None:
+        return None
+    base = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    factor, low = float(params.get("factor", 8.0)), float(params.get("low_freq_factor", 1.0))
+    high, old = float(params.get("high_freq_factor", 4.0)), float(params.get("original_max_position_embeddings", 8192))
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * base ** (i / head_dim)
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return factors
 
 
 # model_type -> parser; each family's parser lives in its own module.

@@ -119,6 +119,10 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
     with torch.inference_mode():
         theirs = reference(torch.tensor([ids])).logits
     assert (logits(loaded, ids) - theirs).abs().max().item() <= 1e-4
+    # The safetensors checkpoint reads the same factors from config.json.
+    from_hf = load_model("l3", tmp_path / "hf", device="cpu", dtype="float32")
+    assert from_hf.config.rope_freq_factors == pytest.approx(factors, rel=1e-6)
+    assert (logits(from_hf, ids) - theirs).abs().max().item() <= 1e-4
 
 
 def test_qwen1_gguf_matches_safetensors(tmp_path):
