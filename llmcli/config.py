@@ -1,9 +1,11 @@
-"""config.json -> one normalised ModelConfig (`config_fields.py`), by the family's parser: Qwen2/3 here,
+"""config.json -> one normalised ModelConfig (`config_fields.py`), by the family's parser: Qwen2/3 (and Llama,
+Qwen2's layout without the q/k/v bias) here,
 original Qwen in `config_qwen1.py`, DeepSeek in `config_deepseek.py`."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,11 +40,13 @@ def parse_qwen2(raw: dict) -> ModelConfig:
     layers = _count(_require(raw, "num_hidden_layers"), "num_hidden_layers", MAX_LAYERS)
     heads = _count(_require(raw, "num_attention_heads"), "num_attention_heads")
     hidden = _count(_require(raw, "hidden_size"), "hidden_size")
-    theta, scaling = parse_rope_scaling(raw)
+    head_dim = raw.get("head_dim") or hidden // heads
+    factors = llama3_rope_factors(raw, int(head_dim)) if family == "llama" else None
+    theta, scaling = parse_rope_scaling(_without_llama3(raw) if factors else raw)
     is_qwen3 = family in ("qwen3", "qwen3_moe")
     moe = family in QWEN_MOE_FAMILIES
-    head_dim = raw.get("head_dim") or hidden // heads
     return ModelConfig(
+        rope_freq_factors=factors,
         family=family,
         vocab_size=int(_require(raw, "vocab_size")),
         hidden_size=hidden,
@@ -56,7 +60,8 @@ def parse_qwen2(raw: dict) -> ModelConfig:
         rope_scaling=scaling,
         max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        attention_bias=bool(raw.get("attention_bias", False)) if is_qwen3 else bool(raw.get("qkv_bias", True)),
+        attention_bias=bool(raw.get("attention_bias", False)) if is_qwen3 or family == "llama"
+        else bool(raw.get("qkv_bias", True)),
         qk_norm=is_qwen3,
         layer_windows=qwen_moe_windows(raw, layers) if moe else _layer_windows(raw, layers),
         eos_token_ids=_as_id_list(raw.get("eos_token_id")),
@@ -68,6 +73,41 @@ def parse_qwen2(raw: dict) -> ModelConfig:
     )
 
 
+def _llama3_params(raw: dict) -> dict | None:
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type")) if isinstance(params, dict) else None
+    return params if kind == "llama3" else None
+
+
+def _without_llama3(raw: dict) -> dict:
+    """The rest of the RoPE settings (rope_theta) once the llama3 factors are taken out."""
+    params = _llama3_params(raw)
+    return {**raw, "rope_scaling": None, "rope_parameters": {"rope_theta": params.get("rope_theta",
+                                                                                     raw.get("rope_theta", 10000.0))}}
+
+
+def llama3_rope_factors(raw: dict, head_dim: int) -> list[float] | None:
+    """Llama 3.1's RoPE scaling (DeepSeek-R1-Distill-Llama) as one divisor per frequency, as llama.cpp's
+    converter writes rope_freqs: 1 for short wavelengths, `factor` for long ones, smoothed between."""
+    params = _llama3_params(raw)
+    if params is None:
+        return None
+    base = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    factor, low = float(params.get("factor", 8.0)), float(params.get("low_freq_factor", 1.0))
+    high, old = float(params.get("high_freq_factor", 4.0)), float(params.get("original_max_position_embeddings", 8192))
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * base ** (i / head_dim)
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return factors
+
+
 # model_type -> parser; each family's parser lives in its own module.
 PARSERS: dict[str, Callable[[dict], ModelConfig]] = {
     "qwen": parse_qwen1,
@@ -75,6 +115,7 @@ PARSERS: dict[str, Callable[[dict], ModelConfig]] = {
     "qwen3": parse_qwen2,
     "qwen2_moe": parse_qwen2,
     "qwen3_moe": parse_qwen2,
+    "llama": parse_qwen2,
     "deepseek_v2": parse_deepseek,
     "deepseek_v3": parse_deepseek,
     "deepseek_v32": parse_deepseek,
@@ -87,6 +128,7 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "LlamaForCausalLM": "llama",
     "QWenLMHeadModel": "qwen",
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",

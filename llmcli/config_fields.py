@@ -50,6 +50,8 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     torch_dtype: str | None = None  # dtype the checkpoint was saved in
+    # llama3-style RoPE scaling as GGUF stores it (rope_freqs.weight): each inv_freq is divided by its factor.
+    rope_freq_factors: list[float] | None = None
 
     # Original Qwen: LogN attention scaling and dynamic NTK RoPE, both relative to seq_length.
     seq_length: int | None = None

@@ -1,5 +1,5 @@
-"""Model name -> local directory: local paths, built-in demos, aliases, the Hugging Face cache,
-and a download when the model is not on disk yet (unless offline)."""
+"""Model name -> local directory (or GGUF file): local paths, `ollama:NAME` from Ollama's store, built-in
+demos, aliases, the Hugging Face cache, and a download when the model is not on disk yet (unless offline)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmcli import ollama
 from llmcli.download import LOADABLE_PATTERNS, find_snapshot  # noqa: F401  (LOADABLE_PATTERNS: public name)
 from llmcli.errors import LlmcliError
 from llmcli.options import default_model_override
@@ -47,6 +48,15 @@ def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
     return find_snapshot(repo, revision)
 
 
+def _cached_gguf(name: str) -> Path | None:
+    """`ORG/REPO/FILE.gguf` (as `llmcli list` shows it): that file in the repo's cached snapshot."""
+    if not name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") < 2:
+        return None
+    from llmcli.gguf_list import hf_cache_ggufs
+
+    return next((path for shown, path in hf_cache_ggufs() if shown == name), None)
+
+
 def repo_of(name: str) -> str:
     """The Hub repo id for an alias or repo id; an error for anything else."""
     alias = ALIASES.get(name.lower())
@@ -64,11 +74,16 @@ def resolve(name: str | None, yes: bool = False, weights: bool = True) -> Resolv
         from llmcli.demo import ensure_demo  # imports torch: only when a demo is asked for
 
         return ResolvedModel(name, ensure_demo(name), is_demo=True)
+    if ollama.is_ollama_name(name):
+        return ResolvedModel(name, ollama.resolve(name).blob)
     path = Path(name).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return ResolvedModel(name, path)
-    if _looks_like_path(name) or path.exists():
-        raise LlmcliError(f"no such model directory: {name}")
+    cached = _cached_gguf(name)
+    if cached is not None:
+        return ResolvedModel(name, cached, repo=name.rsplit("/", 1)[0])
+    if _looks_like_path(name) or path.exists() or name.endswith(".gguf"):
+        raise LlmcliError(f"no such model directory or .gguf file: {name}")
     repo = repo_of(name)
     snapshot = cached_snapshot(repo)
     if snapshot is not None:

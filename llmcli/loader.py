@@ -15,7 +15,9 @@ from llmcli.backends.runner import Runner
 from llmcli.chat_dsv32 import with_builtin_chat_format
 from llmcli.config import ModelConfig, load_config
 from llmcli.errors import LlmcliError
+from llmcli.formats.gguf import gguf_path_of
 from llmcli.formats.safetensors import read_checkpoint
+from llmcli.gguf_load import GGUFSource
 from llmcli.models.base import CausalLM
 from llmcli.models.deepseek import DeepseekForCausalLM
 from llmcli.models.qwen import QwenForCausalLM
@@ -59,7 +61,7 @@ def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dt
 
 
 def model_class(cfg: ModelConfig) -> type[CausalLM]:
-    if cfg.family in ("qwen", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+    if cfg.family in ("qwen", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama"):
         return QwenForCausalLM
     if cfg.family in ("deepseek_v2", "deepseek_v3", "deepseek_v32"):
         return DeepseekForCausalLM
@@ -69,21 +71,23 @@ def model_class(cfg: ModelConfig) -> type[CausalLM]:
 
 
 def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
-                options: Options) -> tuple[Runner, list[str]]:
-    """The model with its weights, prepared for `options` layer by layer as they load; its runner."""
+                options: Options, tensors=None) -> tuple[Runner, list[str]]:
+    """The model with its weights, prepared for `options` layer by layer as they load; its runner.
+    `tensors`: (name, file, load) of a GGUF model instead of model_dir's safetensors."""
     cls = model_class(cfg)
     model = materialise(lambda: cls(cfg), dtype, device)
     preparation = Preparation(model, options)
-    notes = load_weights(model, model_dir, loaded=preparation.loaded) + preparation.notes
+    notes = load_weights(model, model_dir, loaded=preparation.loaded, tensors=tensors) + preparation.notes
     preparation.finish()
     return preparation.runner(), notes
 
 
 def check_memory(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
-                 quantize: str | None) -> None:
+                 quantize: str | None, tensors=None) -> None:
     """Stop, before any weight is read, when the model will not fit in the memory left (llmcli.memory says
-    what it counts). Only the safetensors headers are read; without weights loading reports what is missing."""
-    tensors = read_checkpoint(model_dir)
+    what it counts). Only the safetensors headers are read (or a GGUF model's `tensors`); without weights
+    loading reports what is missing."""
+    tensors = read_checkpoint(model_dir) if tensors is None else tensors
     if tensors is None:
         return
     name = str(dtype).removeprefix("torch.")
@@ -114,19 +118,20 @@ class LoadedModel:
 
 
 def load_model(name: str, path: Path, options: Options | None = None, **settings) -> LoadedModel:
-    """Load the model in directory `path` for `options` (built from the environment and `settings`,
-    e.g. device="cpu", dtype="bfloat16", quantize="int8", compile=True, when not given)."""
+    """Load the model in directory `path` (or the GGUF file it is or holds) for `options` (built from the
+    environment and `settings`, e.g. device="cpu", dtype="bfloat16", quantize="int8", compile=True, when not given)."""
     options = options.replace(**settings) if options is not None else Options.from_env(**settings)
     path = Path(path)
-    if not path.is_dir():
-        raise LlmcliError(f"{path} is not a directory")
+    gguf = GGUFSource(gguf_file) if (gguf_file := gguf_path_of(path)) is not None else None
+    if gguf is None and not path.is_dir():
+        raise LlmcliError(f"{path} is not a model directory or a .gguf file")
     dev = resolve_device(options.device)
-    cfg = load_config(path)
+    cfg = gguf.config if gguf else load_config(path)
     dt = resolve_dtype(options.dtype, cfg, dev)
     if options.check_memory:
-        check_memory(cfg, path, dt, dev, options.quantize)
+        check_memory(cfg, path, dt, dev, options.quantize, gguf.tensor_infos() if gguf else None)
     start = time.perf_counter()
-    tokenizer = with_builtin_chat_format(Tokenizer.from_dir(path), cfg.family)
+    tokenizer = with_builtin_chat_format(gguf.tokenizer() if gguf else Tokenizer.from_dir(path), cfg.family)
     with torch.inference_mode(False):
-        runner, notes = build_model(cfg, path, dt, dev, options)
+        runner, notes = build_model(cfg, path, dt, dev, options, gguf.tensors() if gguf else None)
     return LoadedModel(name, path, cfg, runner, tokenizer, dev, dt, options, time.perf_counter() - start, notes)

@@ -10,6 +10,7 @@ Environment variables (each read when `Options.from_env` or the function naming 
   LLMCLI_PREPACK=0          do not reorder bfloat16 weights for oneDNN
   LLMCLI_CUDA_GEMV=linear   CUDA compiled one-row products through cuBLAS instead of multiply-and-sum
   LLMCLI_REALIZE_THRESHOLD  inductor's realize_opcount_threshold for the compiled decode step
+and one of another tool: OLLAMA_MODELS, Ollama's model store (`ollama:NAME` models).
 """
 
 from __future__ import annotations
@@ -89,3 +90,8 @@ def default_model_override() -> str | None:
 def debug() -> bool:
     """$LLMCLI_DEBUG: internal errors show their traceback."""
     return bool(os.environ.get("LLMCLI_DEBUG"))
+
+
+def ollama_models_override() -> str | None:
+    """$OLLAMA_MODELS: where Ollama keeps its models, when not ~/.ollama/models."""
+    return os.environ.get("OLLAMA_MODELS") or None

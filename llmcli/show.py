@@ -19,6 +19,7 @@ from llmcli.config_deepseek import indexer_settings
 from llmcli.formats.safetensors import DTYPE_NAMES, TensorInfo, read_checkpoint
 from llmcli.hybrid_facts import SKIPPED_PREFIXES, cache_facts, is_hybrid, mixer_params, schedule
 from llmcli.memory import ELEMENT_BYTES, NOT_PARAMETERS, SCALE_SUFFIX, layer_of
+from llmcli.show_gguf import gguf_facts, gguf_path_of, open_for_show
 
 ROUTED_EXPERT_RE = re.compile(r"\.mlp\.experts\.")  # per-expert (experts.7.up_proj) or fused (experts.gate_up_proj)
 
@@ -251,16 +252,17 @@ def describe(model_dir: Path, name: str | None = None, repo: str | None = None,
              remote_bytes: int | None = None) -> dict:
     """Every fact `show` reports, as a JSON-ready dict."""
     model_dir = Path(model_dir)
-    cfg = load_config(model_dir)
+    gguf = open_for_show(gguf_file) if (gguf_file := gguf_path_of(model_dir)) is not None else None
+    cfg = gguf.config if gguf else load_config(model_dir)
     # Lenient where loading is strict: with shards not (all) downloaded the counts come from the config, and
     # tensors of dtypes the reader has no size for are still counted.
-    tensors = read_checkpoint(model_dir, missing_ok=True, unknown_dtypes=True)
+    tensors = gguf.tensors if gguf else read_checkpoint(model_dir, missing_ok=True, unknown_dtypes=True)
     params = count_checkpoint(cfg, tensors) if tensors is not None else count_config(cfg)
     dtype = run_dtype(cfg)
     on_disk = max(params.dtype_bytes, key=params.dtype_bytes.get) if params.dtype_bytes else None
     fp8 = cfg.fp8_block_size is not None or any(d.startswith("float8") for d in params.dtype_bytes)
     raw = cfg.raw
-    return {
+    facts = {
         "name": name or str(model_dir),
         "path": str(model_dir),
         "repo": repo,
@@ -298,10 +300,13 @@ def describe(model_dir: Path, name: str | None = None, repo: str | None = None,
         "kv_cache": kv_cache(cfg, dtype),
         "weight_bytes": _weight_sizes(cfg, tensors, dtype),
         "memory": _memory(cfg, tensors, params, dtype),
-        "chat_template": chat_template_source(model_dir, cfg.family),
+        "chat_template": None if gguf else chat_template_source(model_dir, cfg.family),
         "tokenizer": "tokenizer.json" if (model_dir / "tokenizer.json").is_file()
         else "qwen.tiktoken" if (model_dir / "qwen.tiktoken").is_file() else None,
         "eos_token_ids": cfg.eos_token_ids,
-        "size_on_disk": disk_bytes(model_dir),
+        "size_on_disk": None if gguf else disk_bytes(model_dir),
         "download_bytes": remote_bytes,
     }
+    if gguf:
+        facts.update(gguf_facts(gguf))
+    return facts

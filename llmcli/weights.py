@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,21 +175,26 @@ def materialise(model_factory: Callable[[], CausalLM], dtype, device) -> CausalL
 
 
 def load_weights(model: CausalLM, model_dir: Path, progress: Callable[[int], None] | None = None,
-                 loaded: Callable[[str], None] | None = None) -> list[str]:
+                 loaded: Callable[[str], None] | None = None,
+                 tensors: Iterable[tuple[str, Path, Callable]] | None = None) -> list[str]:
     """Copy every checkpoint tensor into `model`, telling `loaded` each parameter name as it is filled.
     Returns notes (e.g. skipped tensors) for the caller. The model's `checkpoint_tensors` renames, splits
-    or drops tensors; a tensor under its own name is read straight into its parameter."""
+    or drops tensors; a tensor under its own name is read straight into its parameter. `tensors` gives
+    (name, file, load) from another format (GGUF) instead of the safetensors files in `model_dir`."""
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers()))
     tied = model.tied_parameters()
     expected = set(model.state_dict()) - tied
     dtype = next(iter(params.values())).dtype
     seen: set[str] = set()
-    with Checkpoint(model_dir) as ckpt, torch.no_grad():
-        for name, load in checkpoint_tensors(ckpt, model.config.fp8_block_size, dtype):
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        if tensors is None:
+            ckpt = stack.enter_context(Checkpoint(model_dir))
+            tensors = ((name, ckpt.file_of(name), load)
+                       for name, load in checkpoint_tensors(ckpt, model.config.fp8_block_size, dtype))
+        for name, source, load in tensors:
             if name in tied:
                 continue  # a tied head saved alongside the embedding: same values
-            source = ckpt.file_of(name)
             destination = params.get(name)
             pieces = model.checkpoint_tensors(
                 name, functools.partial(load, out=destination.data if destination is not None else None))

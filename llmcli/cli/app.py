@@ -29,6 +29,7 @@ def _root(
 ) -> None:
     """Run and inspect Qwen and DeepSeek language models natively in PyTorch.
 
-    MODEL (every command's optional first argument) is a local directory, a Hugging Face repo id,
-    or an alias (see `llmcli list`); without it, $LLMCLI_MODEL, else the built-in demo model.
+    MODEL (every command's optional first argument) is a local directory, a GGUF file (e.g.
+    model-Q4_K_M.gguf), an Ollama model (ollama:qwen2.5:7b), a Hugging Face repo id, or an alias (see
+    `llmcli list`); without it, $LLMCLI_MODEL, else the built-in demo model.
     """

@@ -218,6 +218,13 @@ def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=Fa
     """Load, run every workload on every backend, return (BenchReport, MoE note or None)."""
     from llmcli import bench, machine
 
+    if compare is Compare.transformers:  # before the slow parts
+        from llmcli import hub
+        from llmcli.formats.gguf import gguf_path_of
+
+        if gguf_path_of(hub.resolve(model, yes=yes).path) is not None:
+            raise LlmcliError(f"--compare transformers needs a safetensors model directory; {model} is a GGUF "
+                              "model (transformers does not run it as llmcli reads it)", exit_code=2)
     loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force)
     mine = bench.LlmcliBackend(loaded.runner, loaded.device)
     bench.validate(settings, loaded.model)  # fail before the slow parts

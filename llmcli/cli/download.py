@@ -144,7 +144,9 @@ def _model_rows() -> list[dict]:
             params = None
         state = "yes" if dl.snapshot_is_complete(snapshot) else "partial"
         rows.append(_row(repo, repo, family, params, state, dl.folder_bytes(folder), "in the HF cache", snapshot))
-    return rows
+    from llmcli.gguf_list import gguf_rows
+
+    return rows + gguf_rows(_row)
 
 
 def _row(name, repo, family, params, downloaded, size, note, path) -> dict:
@@ -154,7 +156,7 @@ def _row(name, repo, family, params, downloaded, size, note, path) -> dict:
 
 @app.command("list")
 def list_command(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
-    """Known aliases and the runnable models in the Hugging Face cache."""
+    """Known aliases and the runnable models in the Hugging Face cache, GGUF files there, and Ollama's store."""
     from rich.console import Console
     from rich.table import Table
 
@@ -266,6 +268,10 @@ def _render_facts(f: dict) -> None:
         block = f["fp8_block_size"]
         disk += f" (FP8{' blocks ' + 'x'.join(map(str, block)) if block else ''}; runs in {f['run_dtype']})"
     add("dtype on disk", disk)
+    if f.get("tensor_types"):  # GGUF: llama.cpp's quantisation types, largest first
+        from llmcli.show_gguf import types_summary
+
+        add("tensor types", types_summary(f["tensor_types"], human_bytes))
     if f.get("weight_bytes"):
         add("weights", ", ".join(f"{human_bytes(n)} {'in ' if k not in ('int8', 'int4') else 'with --quantize '}{k}"
                                  for k, n in f["weight_bytes"].items()))

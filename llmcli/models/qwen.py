@@ -192,6 +192,8 @@ class QwenForCausalLM(CausalLM):
     def init_buffers(self, device=None) -> None:
         cfg = self.config
         inv_freq, self.rope_scale = rope_inv_freq(self.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+        if cfg.rope_freq_factors is not None:  # llama3 scaling from a GGUF's rope_freqs
+            inv_freq = inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=inv_freq.dtype, device=inv_freq.device)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,0 +1,297 @@
+"""GGUF files (llama.cpp, Ollama, LM Studio): metadata, the tensor table and tensor data, without torch.
+
+A GGUF file is a header (magic "GGUF", version, counts), typed key/value metadata, a table of tensors
+(name, dims in ggml order, type, offset) and then the aligned tensor data. Large models are split into
+`name-00001-of-0000N.gguf` files, each with its own header; the first holds the metadata.
+
+The header is parsed here with plain reads from a memory map (the `gguf` package's reader builds a numpy
+array per string: 6 s for a 49k-token vocabulary); the `gguf` package (llama.cpp's own) supplies the type
+table and dequantises the data. Tensor bytes are read with file reads, not mapped, so loading keeps one
+tensor's bytes at a time outside the model.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llmcli.errors import LlmcliError
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+# The tensor types llmcli reads: floats, and the quantisations llama.cpp's common files use.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+SPLIT_NAME = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")
+
+# GGUF value types: code -> struct format (scalars); 8 string, 9 array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
+
+
+class _Corrupt(ValueError):
+    pass
+
+
+class _Cursor:
+    """Reads little-endian values from a byte buffer, never past its end."""
+
+    def __init__(self, data, offset: int = 0):
+        self.data, self.pos = data, offset
+
+    def take(self, n: int):
+        if n < 0 or self.pos + n > len(self.data):
+            raise _Corrupt(f"the header runs past the end of the file (at byte {self.pos})")
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+    def scalar(self, fmt: str):
+        size = struct.calcsize("<" + fmt)
+        return struct.unpack("<" + fmt, self.take(size))[0]
+
+    def string(self) -> str:
+        raw = self.take(self.scalar("Q"))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("utf-8", "replace")  # some vocabularies hold partial UTF-8 byte tokens
+
+    def _strings(self, count: int) -> list[str]:
+        """An array of strings (a vocabulary: 150k of them), in one tight loop."""
+        data, pos, end, out = self.data, self.pos, len(self.data), []
+        length = _U64.unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                raise _Corrupt(f"the header runs past the end of the file (at byte {pos})")
+            (n,) = length(data, pos)
+            pos += 8
+            if pos + n > end:
+                raise _Corrupt(f"the header runs past the end of the file (at byte {pos})")
+            out.append(data[pos:pos + n].decode("utf-8", "replace"))  # some vocabularies hold partial UTF-8
+            pos += n
+        self.pos = pos
+        return out
+
+    def value(self, kind: int):
+        if kind in _SCALARS:
+            return self.scalar(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item, count = self.scalar("I"), self.scalar("Q")
+            if count > len(self.data) - self.pos:  # every item takes at least one byte
+                raise _Corrupt(f"an array claims {count} items")
+            if item == _STRING:
+                return self._strings(count)
+            if item in _SCALARS and item != 7:
+                fmt = _SCALARS[item]
+                raw = self.take(count * struct.calcsize(fmt))
+                return np.frombuffer(raw, dtype="<" + fmt).tolist()
+            return [self.value(item) for _ in range(count)]
+        raise _Corrupt(f"unknown metadata value type {kind}")
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    type_name: str  # ggml type, e.g. "Q4_K"
+    type_code: int
+    shape: tuple[int, ...]  # rows first, as torch and numpy see it (ggml's dims reversed)
+    file: Path
+    start: int  # absolute byte offset
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class GGUFFile:
+    path: Path  # the first (or only) file
+    files: list[Path]
+    metadata: dict = field(default_factory=dict)
+    tensors: dict[str, GGUFTensor] = field(default_factory=dict)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", "unknown"))
+
+    def size_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def unsupported(self) -> GGUFTensor | None:
+        """The first tensor of a type llmcli cannot read, if any."""
+        return next((t for t in self.tensors.values() if t.type_name not in SUPPORTED_TYPES), None)
+
+    def raw(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """A tensor's bytes (rows start..stop of its first dimension), read from its file."""
+        tensor = self.tensors[name]
+        rows = tensor.shape[0] if tensor.shape else 1
+        stop = rows if stop is None else stop
+        row_bytes = tensor.nbytes // max(rows, 1)
+        out = np.empty((stop - start) * row_bytes, dtype=np.uint8)
+        with open(tensor.file, "rb") as f:
+            f.seek(tensor.start + start * row_bytes)
+            if f.readinto(memoryview(out)) != out.nbytes:
+                raise LlmcliError(f"{tensor.file} is truncated: tensor {name} ends past the end of the file")
+        return out
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """A tensor (rows start..stop of its first dimension) as numpy: float32, float16 or, for BF16,
+        the stored uint16 bits; quantised types are dequantised to float32 by the gguf package's own code."""
+        tensor = self.tensors[name]
+        if tensor.type_name not in SUPPORTED_TYPES:
+            raise unsupported_error(tensor)
+        shape = tensor.shape
+        if shape:
+            shape = (shape[0] - start if stop is None else stop - start, *shape[1:])
+        data = self.raw(name, start, stop)
+        if tensor.type_name == "F32":
+            return data.view(np.float32).reshape(shape)
+        if tensor.type_name == "F16":
+            return data.view(np.float16).reshape(shape)
+        if tensor.type_name == "BF16":
+            return data.view(np.uint16).reshape(shape)
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize, quant_shape_to_byte_shape
+
+        qtype = GGMLQuantizationType(tensor.type_code)
+        return dequantize(data.reshape(quant_shape_to_byte_shape(shape, qtype)), qtype)
+
+
+def unsupported_error(tensor: GGUFTensor) -> LlmcliError:
+    return LlmcliError(f"{tensor.file}: tensor {tensor.name} has type {tensor.type_name}, which llmcli does not "
+                       f"read (supported: {', '.join(SUPPORTED_TYPES)})")
+
+
+def _type_table() -> dict[int, tuple[str, int, int]]:
+    """ggml type code -> (name, block size, bytes per block), from the gguf package."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return {int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
+
+
+def _parse(path: Path, data) -> tuple[dict, dict[str, GGUFTensor]]:
+    if bytes(data[:4]) != MAGIC:
+        raise _Corrupt("it does not start with the GGUF magic bytes")
+    cur = _Cursor(data, 4)
+    version = cur.scalar("I")
+    if version not in (2, 3):
+        raise _Corrupt(f"GGUF version {version} is not supported (2 and 3 are)")
+    count, kv_count = cur.scalar("Q"), cur.scalar("Q")
+    if count > len(data) or kv_count > len(data):
+        raise _Corrupt(f"it claims {count} tensors and {kv_count} metadata entries")
+    metadata = {}
+    for _ in range(kv_count):
+        key = cur.string()
+        metadata[key] = cur.value(cur.scalar("I"))
+    types = _type_table()
+    infos = []
+    for _ in range(count):
+        name = cur.string()
+        dims = [cur.scalar("Q") for _ in range(cur.scalar("I"))]
+        code, offset = cur.scalar("I"), cur.scalar("Q")
+        infos.append((name, tuple(reversed(dims)), code, offset))
+    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise _Corrupt(f"general.alignment {alignment} is not a power of two")
+    base = -(-cur.pos // alignment) * alignment
+    tensors = {}
+    for name, shape, code, offset in infos:
+        type_name, block, size = types.get(code, (f"type {code}", 1, 0))
+        numel = math.prod(shape)
+        if shape and shape[-1] % block:
+            raise _Corrupt(f"tensor {name}: row size {shape[-1]} is not a multiple of {type_name}'s block {block}")
+        nbytes = numel // block * size
+        if base + offset + nbytes > len(data):
+            raise LlmcliError(f"{path} is truncated: tensor {name} ends past the end of the file")
+        if name in tensors:
+            raise _Corrupt(f"tensor {name} appears twice")
+        tensors[name] = GGUFTensor(name, type_name, code, shape, path, base + offset, nbytes)
+    return metadata, tensors
+
+
+def read_file(path: Path) -> tuple[dict, dict[str, GGUFTensor]]:
+    """One file's metadata and tensors, with the file's problems as one-line errors."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if path.stat().st_size < 24:
+                raise _Corrupt("the file is too short")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return _parse(path, data)
+    except (OSError, ValueError, struct.error, OverflowError, MemoryError) as exc:
+        raise LlmcliError(f"{path} is not a readable GGUF file: {exc}") from exc
+
+
+def split_files(path: Path) -> list[Path]:
+    """All files of a split model (`*-00001-of-0000N.gguf`), in order; [path] for a single file."""
+    match = SPLIT_NAME.fullmatch(path.name)
+    if not match:
+        return [path]
+    stem, _, total = match.groups()
+    files = [path.with_name(f"{stem}-{i:05d}-of-{total}.gguf") for i in range(1, int(total) + 1)]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise LlmcliError(f"{missing[0]} is missing: {path.name} is part of a {int(total)}-file split model")
+    return files
+
+
+def open_gguf(path: Path) -> GGUFFile:
+    """The model in `path` (a .gguf file, or any part of a split model) with every part's tensors."""
+    files = split_files(Path(path))
+    model = GGUFFile(files[0], files)
+    for index, file in enumerate(files):
+        metadata, tensors = read_file(file)
+        if index == 0:
+            model.metadata = metadata
+        for name, tensor in tensors.items():
+            if name in model.tensors:
+                raise LlmcliError(f"{file}: tensor {name} appears in two parts of the split model")
+            model.tensors[name] = tensor
+    return model
+
+
+def gguf_path_of(path: Path) -> Path | None:
+    """The GGUF file a model path names (a .gguf file, or a directory holding one model and no
+    config.json); None for a safetensors model directory."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return None
+    return find_gguf(path)
+
+
+def find_gguf(path: Path) -> Path | None:
+    """The GGUF model a path names: a .gguf file, or the one model in a directory (for a split model, its
+    first part); None when there is none. A directory with several models is an error."""
+    path = Path(path)
+    if path.is_file():
+        return path if path.suffix == ".gguf" or _has_magic(path) else None  # Ollama's blobs have no suffix
+    if not path.is_dir():
+        return None
+    found = sorted(p for p in path.glob("*.gguf") if p.is_file() and not _later_part(p))
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found[:4])
+        raise LlmcliError(f"{path} holds several GGUF models ({names}); name the file")
+    return found[0] if found else None
+
+
+def _later_part(path: Path) -> bool:
+    match = SPLIT_NAME.fullmatch(path.name)
+    return bool(match) and int(match.group(2)) != 1
+
+
+def _has_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError:
+        return False

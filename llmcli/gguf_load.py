@@ -1,0 +1,77 @@
+"""A GGUF model as the loader sees it: config, tokenizer and checkpoint tensors (torch, in the names and
+layouts the models load), read one at a time from the file.
+
+Quantised tensors are dequantised with the gguf package's numpy code to float32, one tensor (one expert, or
+a few MiB of rows of a big tensor) at a time, and copied straight into the parameter: peak memory is the
+model in its run dtype plus one dequantised layer matrix. `--quantize int8` then re-quantises each linear
+as it loads, like a safetensors model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmcli.config import ModelConfig
+from llmcli.formats.gguf import GGUFFile, open_gguf, unsupported_error
+from llmcli.formats.gguf_config import gguf_config
+from llmcli.formats.gguf_names import Piece, checkpoint_pieces, tensor_infos
+from llmcli.formats.safetensors import TensorInfo
+from llmcli.tokenizer import Tokenizer
+
+
+def _to_torch(array: np.ndarray) -> torch.Tensor:
+    if array.dtype == np.uint16:  # BF16 bits
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+# Dequantising makes float32 copies (gguf's numpy code holds two): big tensors (embeddings, heads) are read
+# this many values at a time, so that loading peaks at the model plus a few dozen MiB.
+PART_VALUES = 1 << 22
+
+
+def _read_in_parts(piece: Piece, out: torch.Tensor) -> torch.Tensor:
+    rows = piece.shape[0]
+    step = max(1, PART_VALUES // max(1, out.numel() // max(rows, 1)))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        out[start:stop].copy_(_to_torch(piece.rows(start, stop)))
+    return out
+
+
+class GGUFSource:
+    def __init__(self, path: Path):
+        self.gguf: GGUFFile = open_gguf(path)
+        self.path = self.gguf.path
+        self.config: ModelConfig = gguf_config(self.gguf)
+        bad = self.gguf.unsupported()
+        if bad is not None:
+            raise unsupported_error(bad)
+        self.pieces: list[Piece] = checkpoint_pieces(self.gguf, self.config)
+
+    def tokenizer(self) -> Tokenizer:
+        from llmcli.gguf_tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(self.gguf)
+
+    def tensors(self) -> Iterator[tuple[str, Path, Callable]]:
+        """(name, file, load) for weights.load_weights; load(out=parameter) fills the parameter in place."""
+        for piece in self.pieces:
+            def load(piece=piece, out=None):
+                if (out is not None and piece.rows is not None and out.device.type == "cpu" and piece.shape
+                        and tuple(out.shape) == piece.shape):
+                    return _read_in_parts(piece, out)
+                tensor = _to_torch(piece.read())
+                if out is not None and out.device.type == "cpu" and tuple(out.shape) == tuple(tensor.shape):
+                    out.copy_(tensor)  # converts to the run dtype with no second full-size copy
+                    return out
+                return tensor
+
+            yield piece.name, self.gguf.tensors[piece.source].file, load
+
+    def tensor_infos(self) -> dict[str, TensorInfo]:
+        return tensor_infos(self.gguf, self.pieces)
