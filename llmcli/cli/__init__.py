@@ -11,7 +11,7 @@ import sys
 import typer
 
 # Importing a command module registers its commands on `app`.
-from llmcli.cli import bench, chat, download, generate, trace  # noqa: F401
+from llmcli.cli import bench, chat, download, generate, serve, trace  # noqa: F401
 from llmcli.cli.app import app
 from llmcli.errors import LlmcliError
 from llmcli.options import debug

@@ -64,6 +64,7 @@ class Request:
     prompt_ids: list[int]
     max_tokens: int
     emit: Callable[[Piece | Done], None]  # called from the engine thread
+    stop_ids: frozenset[int] = frozenset()  # tokens that end the reply (not part of it)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_strings: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; 0..n: the chosen token's, plus n alternatives
@@ -98,10 +99,9 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, runner, tokenizer, stop_ids, max_batch: int = 8, max_context: int = 4096,
+    def __init__(self, runner, tokenizer, max_batch: int = 8, max_context: int = 4096,
                  max_queue: int = 64, log: Callable[[str], None] | None = None):
         self.runner, self.tokenizer = runner, tokenizer
-        self.stop_ids = set(stop_ids)
         self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
         self.log = log
         self.device = runner.device
@@ -232,7 +232,7 @@ class Engine:
         token = sample_next(logits, request.sampling, seq.generator)
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
-        if token in self.stop_ids:
+        if token in request.stop_ids:
             self._finish(seq, "stop")
             self._release(row)
             return
