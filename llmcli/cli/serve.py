@@ -127,6 +127,8 @@ def serve_command(
         engine.start()
         try:
             server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: stopping is the normal end here
+            pass
         finally:
             engine.stop()
     finally:

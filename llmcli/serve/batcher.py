@@ -107,6 +107,7 @@ class Engine:
         self.device = runner.device
         with torch.inference_mode():
             self.cache = runner.make_cache(max_batch, max_context)
+        runner.model.derived_tensors()  # what a static step reads besides the weights, built now
         self.rows: list[Sequence] = []  # row i of the cache belongs to rows[i]
         self.waiting: collections.deque[Request] = collections.deque()
         self.lock = threading.Condition()
@@ -131,7 +132,8 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         with self.lock:
-            if len(self.waiting) >= self.max_queue:
+            free_rows = max(self.max_batch - len(self.rows), 0)  # those join at the next step
+            if len(self.waiting) >= free_rows + self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting")
             self.waiting.append(request)
             self.lock.notify_all()
@@ -143,7 +145,8 @@ class Engine:
 
     @property
     def load(self) -> dict:
-        return {"running": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch}
+        return {"running": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
+                "decode_steps": self.steps, "largest_batch": self.max_rows_seen}
 
     # -- the engine thread -------------------------------------------------------------------------
 

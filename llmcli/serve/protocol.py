@@ -46,12 +46,16 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 
 def parse_json(body: bytes) -> dict:
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(body, parse_constant=_not_json)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise bad(f"the body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad("the body must be a JSON object", code="invalid_json")
     return data
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not a JSON value")
 
 
 @dataclass
