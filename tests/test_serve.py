@@ -251,6 +251,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "temperature": float("nan")}, 400, "invalid_json"),
     ("/v1/completions", {"prompt": "x" * 70000}, 413, "request_too_large"),
     ("/v1/nothing", {"prompt": "hi"}, 404, None),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stop": "\ud800"}, 200, None),  # a lone surrogate
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udcff!"}], "max_tokens": 2}, 200, None),
 ]
 
 
@@ -262,6 +264,9 @@ def test_bad_requests_get_an_error_object(server, path, body, status, where):
     else:  # NaN is not JSON: the server must say so, not crash
         response = httpx.post(f"{server.url}{path}", content=_json(body), headers=headers)
     assert response.status_code == status, response.text
+    if status == 200:
+        assert response.json()["usage"]["completion_tokens"] <= 2
+        return
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     if where is not None:

@@ -144,6 +144,15 @@ def create_app(engine: Engine, served: Served, api_key: str | None = None, max_b
                         log(f"{request.url.path}: the client went away; request cancelled")
                         return
                     continue
+                # Pieces that queued up while the client was being written to go out as one (fewer chunks to
+                # encode and parse when many streams share the event loop).
+                while isinstance(event, Piece) and not channel.queue.empty():
+                    following = channel.queue.get_nowait()
+                    if isinstance(following, Done):
+                        yield event
+                        event = following
+                        break
+                    event = Piece(event.text + following.text, event.tokens + following.tokens)
                 if isinstance(event, Done):
                     finished = True
                     log_done(request.url.path, event)

@@ -54,6 +54,11 @@ def parse_json(body: bytes) -> dict:
     return data
 
 
+def clean(text: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800"), which no tokenizer encodes: they become U+FFFD."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def _not_json(name: str):
     raise ValueError(f"{name} is not a JSON value")
 
@@ -133,7 +138,7 @@ def _common(data: dict, allowed: set[str]) -> CompletionParams:
         if not stream:
             raise bad("'stream_options' is only allowed with stream: true", "stream_options")
         include_usage = _flag(options, "include_usage")
-    return CompletionParams(max_tokens=None, sampling=sampling, stop=[s for s in stop if s], stream=stream,
+    return CompletionParams(max_tokens=None, sampling=sampling, stop=[clean(s) for s in stop if s], stream=stream,
                             include_usage=include_usage)
 
 
@@ -147,13 +152,13 @@ def _max_tokens(data: dict, names: tuple[str, ...], default: int | None) -> int 
 def _content(value, index: int) -> str:
     """A message's content: a string, or a list of text parts (what newer clients send)."""
     if isinstance(value, str):
-        return value
+        return clean(value)
     if isinstance(value, list):
         parts = []
         for part in value:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise bad(f"messages[{index}].content: only text parts are supported", "messages")
-            parts.append(part["text"])
+            parts.append(clean(part["text"]))
         return "".join(parts)
     raise bad(f"messages[{index}].content must be a string or a list of text parts", "messages")
 
@@ -192,7 +197,7 @@ def parse_completion(data: dict) -> CompletionParams:
             raise bad("'prompt' must be a string, or a list of token ids (one prompt per request)", "prompt")
     elif not isinstance(prompt, str) or not prompt:
         raise bad("'prompt' must be a non-empty string", "prompt")
-    params.prompt = prompt
+    params.prompt = clean(prompt) if isinstance(prompt, str) else prompt
     params.max_tokens = _max_tokens(data, ("max_tokens",), 16)  # OpenAI's default for completions
     if _flag(data, "echo"):
         raise bad("'echo' is not supported", "echo")
