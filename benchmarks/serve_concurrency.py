@@ -9,6 +9,7 @@ Starts `llmcli serve MODEL --port 0 --max-batch N` in a subprocess and drives it
 
     python benchmarks/serve_concurrency.py                      # demo-qwen, 16 clients
     python benchmarks/serve_concurrency.py qwen2.5-0.5b-instruct --clients 16 --tokens 64
+    python benchmarks/serve_concurrency.py --engine             # also the engine alone, without HTTP
 """
 
 from __future__ import annotations
@@ -51,14 +52,46 @@ def stream(client, prompt: str, tokens: int, first: list | None = None) -> tuple
     return got, finish, time.perf_counter() - (t_first or start)
 
 
+def engine_only(model: str, n: int, tokens: int) -> None:
+    """The batching engine in this process, without HTTP: what batching itself gives (the HTTP run adds the
+    server's event loop and the clients, on the same machine)."""
+    from llmcli import hub
+    from llmcli.loader import load_model
+    from llmcli.serve.batcher import Done, Engine, Request
+
+    resolved = hub.resolve(model)
+    loaded = load_model(resolved.name, resolved.path)
+    engine = Engine(loaded.runner, loaded.tokenizer, max_batch=n, max_context=1024)
+    engine.start()
+
+    def run(count: int) -> float:
+        done = [threading.Event() for _ in range(count)]
+        start = time.perf_counter()
+        for i in range(count):
+            ids = loaded.tokenizer.encode(f"Request {i}: tell me about caches")
+            engine.submit(Request(ids, tokens, lambda e, d=done[i]: isinstance(e, Done) and d.set()))
+        for d in done:
+            d.wait()
+        return count * tokens / (time.perf_counter() - start)
+
+    run(1)
+    one, many = run(1), run(n)
+    engine.stop()
+    print(f"engine only ({model}): one request {one:.1f} tok/s, {n} at once {many:.1f} tok/s total: "
+          f"{many / one:.1f}x (prefill included, EOS ignored)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default="demo-qwen")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64, help="tokens per reply")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `llmcli serve` flag (repeatable)")
+    parser.add_argument("--engine", action="store_true", help="also measure the engine alone, in this process")
     args = parser.parse_args()
     n = args.clients
+    if args.engine:
+        engine_only(args.model, n, args.tokens)
     prompts = [f"Request {i}: tell me about caches and attention " + "and tokens " * (i % 5) for i in range(n)]
     proc, url = start_server(args.model, n, 1024, args.serve_arg)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
