@@ -137,13 +137,16 @@ def create_app(engine: Engine, served: Served, api_key: str | None = None, max_b
         finished = False
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(channel.queue.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:  # nothing to send for a while (queued, or a long prompt)
-                    if await request.is_disconnected():
-                        log(f"{request.url.path}: the client went away; request cancelled")
-                        return
-                    continue
+                if not channel.queue.empty():
+                    event = channel.queue.get_nowait()
+                else:
+                    try:
+                        event = await asyncio.wait_for(channel.queue.get(), DISCONNECT_POLL_S)
+                    except asyncio.TimeoutError:  # nothing to send for a while (queued, or a long prompt)
+                        if await request.is_disconnected():
+                            log(f"{request.url.path}: the client went away; request cancelled")
+                            return
+                        continue
                 # Pieces that queued up while the client was being written to go out as one (fewer chunks to
                 # encode and parse when many streams share the event loop).
                 while isinstance(event, Piece) and not channel.queue.empty():
