@@ -11,7 +11,7 @@ import sys
 import typer
 
 # Importing a command module registers its commands on `app`.
-from llmcli.cli import bench, chat, doctor, download, generate, run, trace  # noqa: F401
+from llmcli.cli import bench, chat, doctor, download, generate, run, serve, trace  # noqa: F401
 from llmcli.cli.app import app
 from llmcli.cli.examples import add_examples
 from llmcli.errors import LlmcliError

@@ -4,7 +4,11 @@ A `Cache` owns its length: forward calls read and write it through `Span`, which
 of the call's tokens (a tensor, always) and, for an ordinary cache, the Python start to slice with. A
 `StaticView` of a cache is what a compiled decode step gets: its rows are read whole and masked by
 position, and it holds no Python length, so nothing in the step changes from one token to the next.
-Storage is sequence-major ([max_len, ...]) so that the first n positions are one contiguous block.
+Storage is sequence-major ([max_len, B, ...]) so that the first n positions are one contiguous block.
+
+Continuous batching (`llmcli serve`) runs sequences of different lengths in one step: a static view of the
+first rows of the batch with per-row positions [B, T] (each row writes and reads up to its own position),
+and `row_cache(b)`, an ordinary cache over one batch row, to prefill a prompt into that row alone.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import torch
 
 class Span(NamedTuple):
     """Where a forward call's tokens sit: `positions` [T] always; `start` (= positions[0]) when the cache is
-    read up to its length, None in a static step (the cache is read whole, rows past the position masked)."""
+    read up to its length, None in a static step (the cache is read whole, rows past the position masked).
+    A static step may give each batch row its own positions: [B, T]."""
 
     positions: torch.Tensor
     start: int | None
@@ -76,6 +81,15 @@ class Cache:
     def tensors(self) -> list[torch.Tensor]:
         return [t for layer in self.layers for t in layer.tensors()]
 
+    def row_cache(self, row: int) -> Cache:
+        """An empty cache over batch row `row` of this one's storage (writes land in this cache)."""
+        return Cache([layer.rows_view(row, row + 1) for layer in self.layers], self.max_len)
+
+    def copy_row(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` tokens of batch row `source` to row `target` (storage is [max_len, B, ...])."""
+        for t in self.tensors():
+            t[:length, target] = t[:length, source]
+
     def bytes_per_token(self) -> int:
         """Bytes stored per token, summed over layers."""
         return sum(layer.bytes_per_token() for layer in self.layers)
@@ -86,9 +100,13 @@ class StaticView:
 
     static = True
 
-    def __init__(self, cache: Cache, length: int | None):
+    def __init__(self, cache: Cache, length: int | None, rows: int | None = None):
+        """`rows`: only the first `rows` batch rows (continuous batching steps the sequences it holds)."""
         self.length = length
-        self.layers = cache.layers if length is None else [layer.prefix_view(length) for layer in cache.layers]
+        if rows is not None:
+            self.layers = [layer.rows_view(0, rows, length) for layer in cache.layers]
+        else:
+            self.layers = cache.layers if length is None else [layer.prefix_view(length) for layer in cache.layers]
         self.max_len = cache.max_len if length is None else length
         self.state = cache.state  # shared: e.g. the NTK frequencies chosen at prefill
 
@@ -121,12 +139,21 @@ class KVLayerCache:
         view.k, view.v = self.k[:length], self.v[:length]
         return view
 
+    def rows_view(self, first: int, end: int, length: int | None = None) -> KVLayerCache:
+        view = object.__new__(KVLayerCache)
+        view.k, view.v = self.k[:length, first:end], self.v[:length, first:end]
+        return view
+
     def update(self, span: Span, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, kv_heads, T, dim] at the span; return the keys/values attended to (a static step:
         every row, the mask hides the unwritten ones)."""
         if span.static:
-            self.k.index_copy_(0, span.positions, k.permute(2, 0, 1, 3))
-            self.v.index_copy_(0, span.positions, v.permute(2, 0, 1, 3))
+            if span.positions.dim() == 2:  # per-row positions: row b writes at its own positions[b]
+                at = (span.positions.T, torch.arange(k.shape[0], device=k.device))
+                self.k[at], self.v[at] = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)
+            else:
+                self.k.index_copy_(0, span.positions, k.permute(2, 0, 1, 3))
+                self.v.index_copy_(0, span.positions, v.permute(2, 0, 1, 3))
             return self.k.permute(1, 2, 0, 3), self.v.permute(1, 2, 0, 3)
         end = span.start + k.shape[2]
         self.k[span.start:end] = k.permute(2, 0, 1, 3)
@@ -156,10 +183,19 @@ class LatentLayerCache:
         view.kv_lora_rank, view.kv = self.kv_lora_rank, self.kv[:length]
         return view
 
+    def rows_view(self, first: int, end: int, length: int | None = None) -> LatentLayerCache:
+        view = object.__new__(LatentLayerCache)
+        view.kv_lora_rank, view.kv = self.kv_lora_rank, self.kv[:length, first:end]
+        return view
+
     def update(self, span: Span, c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
         """Store the span's tokens (c_kv [B, T, rank], k_pe [B, T, rope]); return the rows attended to."""
         if span.static:
-            self.kv.index_copy_(0, span.positions, torch.cat((c_kv, k_pe), dim=-1).transpose(0, 1))
+            rows = torch.cat((c_kv, k_pe), dim=-1).transpose(0, 1)
+            if span.positions.dim() == 2:  # per-row positions: row b writes at its own positions[b]
+                self.kv[span.positions.T, torch.arange(rows.shape[1], device=rows.device)] = rows
+            else:
+                self.kv.index_copy_(0, span.positions, rows)
             return self.kv.transpose(0, 1)
         end = span.start + c_kv.shape[1]
         self.kv[span.start:end, :, : self.kv_lora_rank] = c_kv.transpose(0, 1)

@@ -99,7 +99,7 @@ class MLAttention(FusesProjections, nn.Module):
         q_nope, q_pe = q.view(b, t, self.num_heads, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)
         c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)
         q_pe = rotate_pairs(q_pe, cos, sin, self.interleaved)
-        k_pe = rotate_pairs(k_pe, cos, sin, self.interleaved)
+        k_pe = rotate_pairs(k_pe[:, None], cos, sin, self.interleaved)[:, 0]  # one head, as q_pe has H
         return q_nope, q_pe, c_q, layer_cache.update(span, self.kv_a_layernorm(c_kv), k_pe)
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
@@ -187,7 +187,7 @@ class MLAttention(FusesProjections, nn.Module):
         else:
             cached = latent.float()
             scores = torch.matmul(q, cached.transpose(1, 2)) * self.softmax_scale  # [B, H, max_len]
-            hidden = torch.arange(latent.shape[1], device=latent.device)[None, :] > positions[:, None]
+            hidden = torch.arange(latent.shape[1], device=latent.device) > positions[..., None]  # [1 or B, 1, L]
             probs = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
             mixed = torch.matmul(probs, cached[..., : self.rank]).to(dtype)  # [B, H, rank]
         out = (mixed.float().unsqueeze(-1) * w_uv_t.float()).sum(-2).to(dtype)  # [B, H, v_dim]

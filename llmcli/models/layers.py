@@ -110,7 +110,7 @@ def attention_mask(span: Span, length: int, total: int, window: int | None, devi
     whole cache) always gets a mask, built from its positions."""
     key = torch.arange(total, device=device)[None, :]
     if span.static:
-        query = span.positions[:, None]
+        query = span.positions[..., None]  # [T, 1], or [B, T, 1] for per-row positions
     else:
         unwindowed = window is None or window >= total
         if unwindowed and length == 1:
@@ -121,7 +121,7 @@ def attention_mask(span: Span, length: int, total: int, window: int | None, devi
     allowed = key <= query
     if window is not None:
         allowed &= key > query - window
-    return allowed, False
+    return (allowed[:, None] if allowed.dim() == 3 else allowed), False  # per-row: [B, 1, T, total]
 
 
 def causal_mask(start: int, length: int, total: int, device) -> torch.Tensor:
@@ -136,9 +136,9 @@ def causal_mask(start: int, length: int, total: int, device) -> torch.Tensor:
 def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
                         scale: float | None) -> torch.Tensor:
     """Attention of one query per head (q [B, H, 1, D]) over a whole static cache (k, v [B, KV, L, D],
-    H a multiple of KV) where `allowed` [1, L] marks the visible keys. Written as products and sums in
-    float32 so that a compiled step fuses it into a few loops: SDPA's CPU kernel costs ~200 us per call
-    for a single query."""
+    H a multiple of KV) where `allowed` [1, L] (or [B, 1, 1, L] per row) marks the visible keys. Written
+    as products and sums in float32 so that a compiled step fuses it into a few loops: SDPA's CPU kernel
+    costs ~200 us per call for a single query."""
     b, h, _, d = q.shape
     kv_heads = k.shape[1]
     scale = d ** -0.5 if scale is None else scale

@@ -107,9 +107,11 @@ def logn_scale(start: int, length: int, seq_length: int) -> torch.Tensor:
 
 
 def logn_scale_at(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
-    """`logn_scale` for a positions tensor (a compiled step, where no position is a Python number)."""
-    p1 = positions.to(torch.float64)[:, None] + 1
-    return (p1.log() / math.log(seq_length)).clamp(min=1.0)
+    """`logn_scale` for a positions tensor (a compiled step, where no position is a Python number): [T, 1],
+    or [B, 1, T, 1] for per-row positions [B, T]."""
+    p1 = positions.to(torch.float64)[..., None] + 1
+    scale = (p1.log() / math.log(seq_length)).clamp(min=1.0)
+    return scale[:, None] if positions.dim() == 2 else scale
 
 
 # -- rotation --------------------------------------------------------------------------------------
@@ -117,17 +119,24 @@ def logn_scale_at(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [T, dim] in the rotate-half layout, computed in float32 then cast."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    """cos/sin of shape [T, dim] in the rotate-half layout, computed in float32 then cast ([B, 1, T, dim] for
+    per-row positions [B, T], to broadcast over heads)."""
+    freqs = per_row(positions.float()[..., None] * inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def pair_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [T, dim/2], one per rotated pair (`rotate_pairs`), computed in float32 then cast."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    """cos/sin [T, dim/2], one per rotated pair (`rotate_pairs`), computed in float32 then cast ([B, 1, T,
+    dim/2] for per-row positions [B, T])."""
+    freqs = per_row(positions.float()[..., None] * inv_freq)
     return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
+
+
+def per_row(freqs: torch.Tensor) -> torch.Tensor:
+    """[T, d] stays; [B, T, d] (per-row positions) becomes [B, 1, T, d], to broadcast over the heads axis."""
+    return freqs[:, None] if freqs.dim() == 3 else freqs
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
