@@ -23,8 +23,17 @@ from llmcli.config import ModelConfig
 from llmcli.config_deepseek import rope_interleaved
 from llmcli.models.base import CausalLM, FusesProjections
 from llmcli.models.cache import Cache, LatentLayerCache, Span
-from llmcli.models.hooks import ROUTED_OUT, ROUTER, SHARED_OUT, RouterChoice, record_residuals
-from llmcli.models.layers import Experts, RMSNorm, SwiGLU, causal_mask, fuse_linears
+from llmcli.models.hooks import (
+    ATTN_PROBS,
+    ROUTED_OUT,
+    ROUTER,
+    SHARED_OUT,
+    AttentionWeights,
+    RouterChoice,
+    asks,
+    record_residuals,
+)
+from llmcli.models.layers import Experts, RMSNorm, SwiGLU, attention_probs, causal_mask, fuse_linears
 from llmcli.models.rope import pair_cos_sin, rope_inv_freq, rotate_pairs, yarn_softmax_scale
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the fixed default, not rms_norm_eps
@@ -33,8 +42,9 @@ _LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class MLAttention(FusesProjections, nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
+        self.index = index  # the layer's, for what is recorded
         self.num_heads = cfg.num_heads
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.rank = cfg.kv_lora_rank
@@ -60,7 +70,8 @@ class MLAttention(FusesProjections, nn.Module):
         first = "q_a_proj" if self.q_lora else "q_proj"
         self.in_sizes = fuse_linears(self, [first, "kv_a_proj_with_mqa"], "in_proj")
 
-    def forward(self, x, cos, sin, layer_cache: LatentLayerCache, span: Span, absorbed: bool) -> torch.Tensor:
+    def forward(self, x, cos, sin, layer_cache: LatentLayerCache, span: Span, absorbed: bool, recorder=None
+                ) -> torch.Tensor:
         b, t, _ = x.shape
         if self.in_sizes is not None:
             q, kv = self.in_proj(x).split(self.in_sizes, dim=-1)
@@ -73,6 +84,9 @@ class MLAttention(FusesProjections, nn.Module):
         q_pe = rotate_pairs(q_pe, cos, sin, self.interleaved)
         k_pe = rotate_pairs(k_pe, cos, sin, self.interleaved)
         latent = layer_cache.update(span, self.kv_a_layernorm(c_kv), k_pe)
+        if asks(recorder, ATTN_PROBS) and not span.static:  # beside the attention below, which stays as it is
+            probs = self.absorbed_probs(q_nope, q_pe, latent, span.start)
+            recorder.record(self.index, ATTN_PROBS, AttentionWeights(probs, span.start))
         if span.static:
             out = self._absorbed_static(q_nope, q_pe, latent, span.positions)
         elif absorbed:
@@ -107,6 +121,15 @@ class MLAttention(FusesProjections, nn.Module):
             w_uv_t = w[:, self.nope:].transpose(1, 2).contiguous()
             self._absorbed_weights = (key, w_uk, w_uv_t)
         return self._absorbed_weights[1], self._absorbed_weights[2]
+
+    def absorbed_probs(self, q_nope, q_pe, latent, start: int) -> torch.Tensor:
+        """Attention probabilities [B, H, T, total] from the absorbed scores (q_nope W_UK) . c_kv + q_pe . k_pe
+        on the latent cache (equal to the expanded form's), in float32, for a recorder that asks."""
+        w_uk, _ = self.absorbed_weights()
+        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope.float(), w_uk.float())
+        q = torch.cat((q_latent, q_pe.float()), dim=-1)
+        scores = torch.matmul(q, latent.float()[:, None].transpose(-1, -2)) * self.softmax_scale
+        return attention_probs(scores, start)
 
     def _absorbed(self, q_nope, q_pe, latent, start: int) -> torch.Tensor:
         """score = (q_nope W_UK) . c_kv + q_pe . k_pe; output = (p . c_kv) W_UV, on the latent cache itself.
@@ -215,13 +238,13 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.index = index
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLAttention(cfg)
+        self.self_attn = MLAttention(cfg, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(index)
         self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, cache, span: Span, absorbed: bool, recorder=None) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache.layers[self.index], span, absorbed)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache.layers[self.index], span, absorbed, recorder)
         mid = x + attn
         h = self.post_attention_layernorm(mid)
         mlp = self.mlp(h, self.index, recorder) if self.is_moe else self.mlp(h)
