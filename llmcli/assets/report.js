@@ -124,6 +124,7 @@
       }
       ctx.restore();
     });
+    canvas.dataset.layout = JSON.stringify(L); // cell geometry, for tests and scripts that point at a cell
     holder.appendChild(canvas);
     holder.appendChild(legend(fig, lo, hi));
     canvas.addEventListener("mousemove", (e) => hover(e, fig, L, canvas));
