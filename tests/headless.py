@@ -25,8 +25,10 @@ def find_browser() -> str | None:
         path = shutil.which(name)
         if path:
             return path
-    for path in sorted(Path.home().glob(".cache/ms-playwright/chromium-*/chrome-linux*/chrome")):
-        return str(path)
+    cache = Path.home() / ".cache" / "ms-playwright"
+    for pattern in ("chromium-*/chrome-linux*/chrome", "chromium_headless_shell-*/chrome-linux*/headless_shell"):
+        for path in sorted(cache.glob(pattern)):
+            return str(path)
     return None
 
 

@@ -19,6 +19,8 @@ transformers = pytest.importorskip("transformers")
 K = 4
 REFERENCES = {
     "qwen2": lambda: qwen_reference("Qwen2"),
+    # Layers 1 and 2 slide an 8-token window over the 30-odd prompt tokens: the masked keys count too.
+    "qwen2_sliding": lambda: qwen_reference("Qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1),
     "deepseek_v3": deepseek_v3_reference,
 }
 
