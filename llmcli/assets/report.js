@@ -33,6 +33,19 @@
     return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(4) : String(+v.toPrecision(6));
   }
 
+  // Cell text cut to the cell's width; tokens repeat across layers, so each is measured once per width.
+  const fits = new Map();
+  function fitted(ctx, text, width) {
+    const key = width + "\u0000" + text;
+    let out = fits.get(key);
+    if (out === undefined) {
+      out = text;
+      while (out.length > 1 && ctx.measureText(out).width > width) out = out.slice(0, -1);
+      fits.set(key, out);
+    }
+    return out;
+  }
+
   function range(fig) {
     let lo = Infinity, hi = -Infinity;
     for (const row of fig.values) for (const v of row) {
@@ -102,9 +115,7 @@
           const light = rgb[0] * 0.299 + rgb[1] * 0.587 + rgb[2] * 0.114 > 140;
           ctx.fillStyle = light ? "#000" : "#fff";
           ctx.textAlign = "center";
-          let text = fig.cells[r][c];
-          while (text.length > 1 && ctx.measureText(text).width > L.cw - 4) text = text.slice(0, -1);
-          ctx.fillText(text, x + L.cw / 2, y + L.ch / 2);
+          ctx.fillText(fitted(ctx, fig.cells[r][c], L.cw - 4), x + L.cw / 2, y + L.ch / 2);
         }
       });
     });
