@@ -149,9 +149,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if args.options:
-        print(f"device {device}, torch threads {torch.get_num_threads()}, best of {args.repeats} interleaved runs")
+        print(f"device {device}, torch threads {torch.get_num_threads()}, best of {args.repeats} interleaved runs",
+              flush=True)
         torch.manual_seed(0)
-        shape = QwenForCausalLM(config_from_dict(QWEN25_05B)).to(device).eval()
+        with torch.device("meta"):  # 0.5B parameters' default init takes minutes; random normal is enough
+            shape = QwenForCausalLM(config_from_dict(QWEN25_05B)).eval()
+        shape.to_empty(device=device)
+        with torch.no_grad():
+            for param in shape.parameters():
+                param.normal_(0, 0.02)
         shape.init_buffers(device)
         bench_options("qwen2.5-0.5b-rand", shape, args.lengths, args.repeats, device)
         return
