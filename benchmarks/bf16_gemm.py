@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from cpu_gemv import timed  # benchmarks/ is the script's directory
 
 from llmcli.backends import bf16_kernel
-from llmcli.backends.linear import one_row_linear
+from llmcli.backends.linear import one_row_linear, prepacking_available
 
 
 def seconds_per_call(fn) -> float:
@@ -28,7 +28,7 @@ def seconds_per_call(fn) -> float:
 def paths(weights: list[torch.Tensor], compiled: bool):
     blocks = [bf16_kernel.to_blocks(w) for w in weights]
     yield "llmcli kernel (panels)", lambda x: [bf16_kernel.linear(x, b) for b in blocks]
-    if torch.backends.mkldnn.is_available():
+    if prepacking_available():  # oneDNN's bf16 reorder needs AVX-512 (or AVX-NE-CONVERT)
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
         yield "oneDNN prepacked", lambda x: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
                                             for p in packed]
@@ -42,12 +42,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", default="1,128,512", help="input rows to measure, comma-separated")
+    parser.add_argument("--compiled", action="store_true", help="also time inductor's one-row loop (compiles)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    usable, note = bf16_kernel.build()
+    usable, note = bf16_kernel.available()
     if not usable:
-        raise SystemExit(note or "the bfloat16 kernel needs AVX512-BF16, which this CPU lacks")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        raise SystemExit(note or "no fast build of the bfloat16 kernel for this CPU (it needs AVX2 + FMA)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernel: {bf16_kernel.label()}")
     torch.manual_seed(0)
     with torch.inference_mode():
         for rows in [int(r) for r in args.rows.split(",")]:
@@ -55,7 +56,7 @@ def main() -> None:
                 weights = [torch.randn(9728, 896, dtype=torch.bfloat16) for _ in range(12)]
                 x = torch.randn(1, 896, dtype=torch.bfloat16)
                 print("1 row, 12 distinct 9728x896 weights (from memory)")
-                for name, fn in paths(weights, compiled=True):
+                for name, fn in paths(weights, compiled=args.compiled):
                     gb = sum(w.numel() * 2 for w in weights) / seconds_per_call(lambda fn=fn, x=x: fn(x)) / 1e9
                     print(f"  {name:28s} {gb:6.1f} GB/s")
                 continue

@@ -68,6 +68,7 @@ PARSERS: dict[str, Callable[[dict], ModelConfig]] = {
     "qwen3": parse_qwen2,
     "deepseek_v2": parse_deepseek,
     "deepseek_v3": parse_deepseek,
+    "deepseek_v32": parse_deepseek,
 }
 
 # architectures[0] -> model_type, for configs that lack model_type.
@@ -77,6 +78,7 @@ ARCHITECTURES = {
     "QWenLMHeadModel": "qwen",
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    "DeepseekV32ForCausalLM": "deepseek_v32",
 }
 
 

@@ -1,11 +1,14 @@
-"""config.json of DeepSeek V2 / V3 / R1 (`deepseek_v2`, `deepseek_v3`) -> ModelConfig.
+"""config.json of DeepSeek V2 / V3 / R1 / V3.2 (`deepseek_v2`, `deepseek_v3`, `deepseek_v32`) -> ModelConfig.
 
 V3 configs written by transformers omit `topk_method` and `scoring_func` (its V3 code always routes
 with sigmoid scores and the bias-corrected group top-k), so the defaults differ by family.
+V3.2 adds the lightning indexer of DeepSeek Sparse Attention (`index_*` keys, read by `indexer_settings`).
 Inconsistent routing settings are rejected here, before any weight is read.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from llmcli.config_fields import (
     ModelConfig,
@@ -26,6 +29,7 @@ FAMILY_DEFAULTS = {
     "deepseek_v3": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
                     "routed_scaling_factor": 2.5},
 }
+FAMILY_DEFAULTS["deepseek_v32"] = FAMILY_DEFAULTS["deepseek_v3"]  # V3's routing; only attention changes
 
 
 def _get(raw: dict, key: str, default):
@@ -120,6 +124,8 @@ def check_deepseek(cfg: ModelConfig) -> None:
         bad(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {cfg.qk_rope_head_dim}")
     if cfg.q_lora_rank is not None and cfg.q_lora_rank <= 0:
         bad(f"q_lora_rank must be positive or null, got {cfg.q_lora_rank}")
+    if cfg.family == "deepseek_v32":
+        indexer_settings(cfg)  # raises for bad index_* settings
     if not cfg.is_moe:
         return
     experts, k, groups, keep = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
@@ -148,5 +154,38 @@ def check_deepseek(cfg: ModelConfig) -> None:
 
 def rope_interleaved(cfg: ModelConfig) -> bool:
     """Whether the checkpoint lays the rope dims out in interleaved pairs (x0, x1), (x2, x3), ...
-    DeepSeek's own checkpoints do; transformers' V3 config can say otherwise (`rope_interleave`)."""
-    return cfg.family == "deepseek_v2" or bool(_get(cfg.raw, "rope_interleave", True))
+    DeepSeek's own checkpoints do; transformers' V3 config can say otherwise (`rope_interleave`), its V3.2
+    config cannot (the key was removed: always interleaved)."""
+    if cfg.family in ("deepseek_v2", "deepseek_v32"):
+        return True
+    return bool(_get(cfg.raw, "rope_interleave", True))
+
+
+@dataclass(frozen=True)
+class IndexerSettings:
+    """DeepSeek Sparse Attention's lightning indexer (V3.2): `heads` query heads of `head_dim` values
+    scored against one key per token; each query attends to its `topk` best-scored tokens."""
+
+    topk: int
+    heads: int
+    head_dim: int
+
+
+def indexer_settings(cfg: ModelConfig) -> IndexerSettings:
+    """The indexer of a `deepseek_v32` config (transformers' defaults = DeepSeek-V3.2's 671B layout)."""
+
+    def bad(message: str) -> None:
+        raise LlmcliError(f"config.json ({cfg.family}): {message}")
+
+    values = {}
+    for key, default in (("index_topk", 2048), ("index_n_heads", 64), ("index_head_dim", 128)):
+        value = _get(cfg.raw, key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            bad(f"{key} must be a positive integer, got {value!r}")
+        values[key] = value
+    if cfg.q_lora_rank is None:
+        bad("q_lora_rank must be set: the indexer reads the query latent")
+    if values["index_head_dim"] < cfg.qk_rope_head_dim:
+        bad(f"index_head_dim ({values['index_head_dim']}) is smaller than qk_rope_head_dim "
+            f"({cfg.qk_rope_head_dim}), the dims it rotates")
+    return IndexerSettings(values["index_topk"], values["index_n_heads"], values["index_head_dim"])

@@ -3,6 +3,8 @@ and a download when the model is not on disk yet (unless offline)."""
 
 from __future__ import annotations
 
+import difflib
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,3 +109,28 @@ def _download_missing(name: str, repo: str, yes: bool, weights: bool) -> Resolve
     err.print(f"{name} is not on disk: downloading {repo} ({size})", style="yellow")
     path = dl.fetch(plan)
     return ResolvedModel(name, path, repo=repo)
+
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def could_be_model(name: str) -> bool:
+    """Could `name` name a model: a path that exists, a demo, an alias, a repo id, a GGUF file or an Ollama
+    name? (Otherwise a lone positional argument is taken as the prompt.)"""
+    if is_demo_name(name) or name.lower() in ALIASES or REPO_ID.match(name):
+        return True
+    if name.startswith("ollama:") or name.lower().endswith(".gguf") or _looks_like_path(name):
+        return True
+    return Path(name).expanduser().exists()
+
+
+def model_and_prompt(model: str | None, prompt: str | None) -> tuple[str | None, str | None]:
+    """`generate "What is 2+2?"`: a single positional argument that cannot be a model is the prompt. One
+    that is a near miss of an alias is an error rather than a prompt sent to another model."""
+    if model is None or prompt is not None or could_be_model(model):
+        return model, prompt
+    near = difflib.get_close_matches(model.lower(), list(ALIASES), n=1, cutoff=0.85)
+    if near and " " not in model:
+        raise LlmcliError(f"unknown model {model!r}; did you mean {near[0]!r}? (`llmcli list` shows them)",
+                          exit_code=2)
+    return None, model

@@ -12,6 +12,7 @@ import torch
 from llmcli import memory
 from llmcli.backends.prepare import Preparation
 from llmcli.backends.runner import Runner
+from llmcli.chat_dsv32 import with_builtin_chat_format
 from llmcli.config import ModelConfig, load_config
 from llmcli.errors import LlmcliError
 from llmcli.formats.safetensors import read_checkpoint
@@ -59,7 +60,7 @@ def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dt
 def model_class(cfg: ModelConfig) -> type[CausalLM]:
     if cfg.family in ("qwen", "qwen2", "qwen3"):
         return QwenForCausalLM
-    if cfg.family in ("deepseek_v2", "deepseek_v3"):
+    if cfg.family in ("deepseek_v2", "deepseek_v3", "deepseek_v32"):
         return DeepseekForCausalLM
     raise LlmcliError(f"no model implementation for {cfg.family!r}")
 
@@ -122,7 +123,7 @@ def load_model(name: str, path: Path, options: Options | None = None, **settings
     if options.check_memory:
         check_memory(cfg, path, dt, dev, options.quantize)
     start = time.perf_counter()
-    tokenizer = Tokenizer.from_dir(path)
+    tokenizer = with_builtin_chat_format(Tokenizer.from_dir(path), cfg.family)
     with torch.inference_mode(False):
         runner, notes = build_model(cfg, path, dt, dev, options)
     return LoadedModel(name, path, cfg, runner, tokenizer, dev, dt, options, time.perf_counter() - start, notes)

@@ -124,9 +124,30 @@ def _machine_key(device: torch.device) -> str:
     return f"{socket.gethostname()}|{device.type}|{device_name(device)}{threads}"
 
 
+def bandwidth_entry(device: torch.device, cache_file: Path | None = None) -> dict | None:
+    """The cached measurement for this machine and device ({"bytes_per_s", "measured_at", ...}), if any."""
+    try:
+        known = json.loads((cache_file or cache_home() / "bandwidth.json").read_text())
+    except (OSError, ValueError):
+        return None
+    entry = known.get(_machine_key(device)) if isinstance(known, dict) else None
+    return entry if isinstance(entry, dict) else None
+
+
+def load_average() -> float:
+    """The 1-minute load average (0 where the OS has none): other work makes a bandwidth figure low."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def is_busy(load: float) -> bool:
+    """Busier than half the cores: a copy then shares the memory bus and reads low."""
+    return load > 0.5 * (os.cpu_count() or 1)
+
+
 def machine_bandwidth(device: torch.device, cache_file: Path | None = None,
                       remeasure: bool = False) -> tuple[float, str]:
-    """(bytes/s, "cached" | "measured"): measured once per machine and device, then cached."""
+    """(bytes/s, "cached" | "measured" | "re-measured ..."): measured once per machine and device, then cached.
+    A figure measured while the machine was busy is measured again once it is idle."""
     if cache_file is None:
         cache_file = cache_home() / "bandwidth.json"
     key = _machine_key(device)
@@ -137,10 +158,14 @@ def machine_bandwidth(device: torch.device, cache_file: Path | None = None,
     if not isinstance(known, dict):
         known = {}
     entry = known.get(key)
-    if not remeasure and isinstance(entry, dict) and entry.get("bytes_per_s", 0) > 0:
+    load = load_average()
+    valid = isinstance(entry, dict) and entry.get("bytes_per_s", 0) > 0
+    stale = valid and is_busy(entry.get("load_average_1m", 0.0)) and not is_busy(load)
+    if valid and not remeasure and not stale:
         return float(entry["bytes_per_s"]), "cached"
     value = measure_bandwidth(device)
-    known[key] = {"bytes_per_s": value, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": "copy"}
+    known[key] = {"bytes_per_s": value, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": "copy",
+                  "load_average_1m": round(load, 2)}
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
@@ -148,4 +173,4 @@ def machine_bandwidth(device: torch.device, cache_file: Path | None = None,
         tmp.replace(cache_file)
     except OSError:
         pass  # a read-only cache only costs a re-measurement next time
-    return value, "measured"
+    return value, "re-measured (the cached figure was taken on a busy machine)" if stale else "measured"

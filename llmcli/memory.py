@@ -23,8 +23,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmcli.backends.int8_size import int8_size, quantizable
+from llmcli.backends.int8_size import int4_size, int8_size, quantizable
 from llmcli.config import ModelConfig
+from llmcli.config_deepseek import indexer_settings
 from llmcli.errors import LlmcliError
 from llmcli.formats.safetensors import DTYPE_BYTES, TensorInfo
 
@@ -34,7 +35,8 @@ LAYER_RE = re.compile(r"^(?:model\.layers|transformer\.h)\.(\d+)\.")
 EXPERT_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.")  # loading prepares each expert apart
 SCALE_SUFFIX = "_scale_inv"  # FP8 block scales: consumed by dequantisation
 NOT_PARAMETERS = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")  # buffers in old checkpoints
-FLOAT32_ROUTER = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")  # DeepSeek routes in float32
+# DeepSeek routes in float32; V3.2's sparse attention weighs its indexer heads in float32 too.
+FLOAT32_ROUTER = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias", ".indexer.weights_proj.weight")
 FP8_DEQUANT_BYTES = 13  # per value: the FP8 read, then its float32 copy, expanded scales and product
 CACHE_TOKENS = 2048  # generate's default run (prompt + 256 tokens) and a chat's first turns fit in it
 RESERVE_BYTES = 256 * 2**20
@@ -91,6 +93,8 @@ def loaded_tensors(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> dict[str
 def kv_values_per_token(cfg: ModelConfig) -> int:
     """Values each token adds to the cache in one layer. MLA caches the compressed latent c_kv and the shared
     rotary key instead of per-head keys and values."""
+    if cfg.family == "deepseek_v32":  # sparse attention also caches the indexer's key (one per token)
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim + indexer_settings(cfg).head_dim
     if cfg.family.startswith("deepseek"):
         return cfg.kv_lora_rank + cfg.qk_rope_head_dim
     return 2 * cfg.num_kv_heads * cfg.head_dim
@@ -103,9 +107,10 @@ def _cache_bytes(cfg: ModelConfig, element: int) -> int:
 def weight_bytes(cfg: ModelConfig, tensors: dict[str, TensorInfo], dtype: str, quantize: str | None = None) -> int:
     """Bytes of the loaded weights: `tensors` as `loaded_tensors` gives them, in `dtype` or with int8 linears."""
     element = ELEMENT_BYTES[dtype]
-    if quantize == "int8":
+    if quantize in ("int8", "int4"):
         tied = (cfg.vocab_size, cfg.hidden_size) if cfg.tie_word_embeddings else None
-        held = int8_size({name: t.shape for name, t in tensors.items()}, element, tied)
+        size = int8_size if quantize == "int8" else int4_size
+        held = size({name: t.shape for name, t in tensors.items()}, element, tied)
     else:
         held = sum(t.numel for t in tensors.values()) * element
     router = sum(t.numel for name, t in tensors.items() if name.endswith(FLOAT32_ROUTER))
@@ -137,7 +142,7 @@ def for_checkpoint(cfg: ModelConfig, tensors: dict[str, TensorInfo], dtype: str,
     """What loading the checkpoint whose headers are `tensors` needs, in `dtype` (float32, bfloat16, float16)."""
     element = ELEMENT_BYTES[dtype]
     kept = loaded_tensors(cfg, tensors)
-    return Estimate("int8" if quantize == "int8" else dtype, weight_bytes(cfg, kept, dtype, quantize),
+    return Estimate(quantize or dtype, weight_bytes(cfg, kept, dtype, quantize),
                     _loading_bytes(kept, element), _cache_bytes(cfg, element))
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from llmcli.errors import LlmcliError
 
-QUANTIZE_MODES = ("int8",)
+QUANTIZE_MODES = ("int8", "int4")
 CUDA_GEMV_MODES = ("sum", "linear")
 
 
@@ -36,7 +36,7 @@ class Options:
 
     device: str = "auto"  # auto, cpu, cuda, mps
     dtype: str = "auto"  # auto (the checkpoint's), float32, bfloat16, float16
-    quantize: str | None = None  # None or "int8": weight-only, a scale per output channel
+    quantize: str | None = None  # None, "int8" (a scale per output channel) or "int4" (scale + zero per group)
     compile: bool = False  # compile the one-token decode step (torch.compile)
     bf16_kernel: bool = True  # llmcli's bfloat16 CPU kernel, where the CPU has AVX512-BF16
     int8_kernel: bool = True  # llmcli's int8 CPU kernel, for --quantize int8
@@ -47,7 +47,7 @@ class Options:
 
     def __post_init__(self) -> None:
         if self.quantize not in (None, *QUANTIZE_MODES):
-            raise LlmcliError(f"unknown --quantize {self.quantize!r}; choose {', '.join(QUANTIZE_MODES)}",
+            raise LlmcliError(f"unknown --quantize {self.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}",
                               exit_code=2)
         if self.cuda_gemv not in CUDA_GEMV_MODES:
             raise LlmcliError(f"LLMCLI_CUDA_GEMV must be one of {', '.join(CUDA_GEMV_MODES)}, got {self.cuda_gemv!r}",

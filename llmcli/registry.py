@@ -36,6 +36,12 @@ def _entries() -> list[Alias]:
         Alias("deepseek-v2-lite-chat", "deepseek-ai/DeepSeek-V2-Lite-Chat", "deepseek_v2", 15.7, "MoE, 2.4B active"),
         Alias("deepseek-v3", "deepseek-ai/DeepSeek-V3", "deepseek_v3", 671.0, "671B MoE, FP8: about 700 GB"),
         Alias("deepseek-r1", "deepseek-ai/DeepSeek-R1", "deepseek_v3", 671.0, "671B MoE, FP8: about 700 GB"),
+        Alias("deepseek-v3.2-exp", "deepseek-ai/DeepSeek-V3.2-Exp", "deepseek_v32", 671.0,
+              "V3 + sparse attention (DSA), FP8: about 690 GB"),
+        Alias("deepseek-v3.2", "deepseek-ai/DeepSeek-V3.2", "deepseek_v32", 671.0,
+              "V3 + sparse attention (DSA), FP8: about 690 GB"),
+        Alias("deepseek-v3.2-speciale", "deepseek-ai/DeepSeek-V3.2-Speciale", "deepseek_v32", 671.0,
+              "V3.2 variant for deep reasoning, FP8: about 690 GB"),
     ]
     return out
 

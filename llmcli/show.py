@@ -15,6 +15,7 @@ from pathlib import Path
 
 from llmcli import memory
 from llmcli.config import ModelConfig, load_config
+from llmcli.config_deepseek import indexer_settings
 from llmcli.formats.safetensors import DTYPE_NAMES, TensorInfo, read_checkpoint
 from llmcli.memory import ELEMENT_BYTES, NOT_PARAMETERS, SCALE_SUFFIX, layer_of
 
@@ -95,7 +96,11 @@ def _attention_params(cfg: ModelConfig) -> int:
                                       cfg.v_head_dim, cfg.kv_lora_rank)
         q_out = heads * (nope + rope)
         q = h * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * q_out if cfg.q_lora_rank else h * q_out
-        return q + h * (kvl + rope) + kvl + kvl * heads * (nope + vd) + heads * vd * h
+        mla = q + h * (kvl + rope) + kvl + kvl * heads * (nope + vd) + heads * vd * h
+        if cfg.family == "deepseek_v32":  # the sparse attention indexer: wq_b, wk, k_norm, weights_proj
+            ix = indexer_settings(cfg)
+            mla += cfg.q_lora_rank * ix.heads * ix.head_dim + h * ix.head_dim + 2 * ix.head_dim + h * ix.heads
+        return mla
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     bias = (q + 2 * kv) if cfg.attention_bias else 0
     norms = 2 * cfg.head_dim if cfg.qk_norm else 0
@@ -121,7 +126,8 @@ def kv_cache(cfg: ModelConfig, dtype: str) -> dict:
     values = memory.kv_values_per_token(cfg)
     if cfg.family.startswith("deepseek"):
         expanded = cfg.num_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
-        return {"kind": "latent (MLA)", "dtype": dtype, "values_per_layer": values,
+        kind = "latent (MLA) + indexer key (DSA)" if cfg.family == "deepseek_v32" else "latent (MLA)"
+        return {"kind": kind, "dtype": dtype, "values_per_layer": values,
                 "bytes_per_token": values * elem * cfg.num_layers,
                 "expanded_bytes_per_token": expanded * elem * cfg.num_layers}
     return {"kind": "keys and values", "dtype": dtype, "values_per_layer": values,
@@ -159,6 +165,8 @@ def chat_template_source(model_dir: Path, family: str) -> str | None:
             pass
     if family == "qwen":
         return "built-in ChatML"
+    if family == "deepseek_v32":  # its repo ships the format as Python, which llmcli writes natively
+        return "built-in DeepSeek-V3.2 format"
     return None
 
 
@@ -188,19 +196,24 @@ def _experts(cfg: ModelConfig) -> dict | None:
 
 def _attention(cfg: ModelConfig) -> dict:
     if cfg.family.startswith("deepseek"):
-        return {"kind": "MLA", "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
-                "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
-                "v_head_dim": cfg.v_head_dim}
+        mla = {"kind": "MLA", "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
+               "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
+               "v_head_dim": cfg.v_head_dim}
+        if cfg.family == "deepseek_v32":  # each query attends to its index_topk best-scored tokens
+            ix = indexer_settings(cfg)
+            mla.update(sparse="DSA", index_topk=ix.topk, index_n_heads=ix.heads, index_head_dim=ix.head_dim)
+        return mla
     kind = "MHA" if cfg.num_kv_heads == cfg.num_heads else "GQA" if cfg.num_kv_heads > 1 else "MQA"
     return {"kind": kind, "qkv_bias": cfg.attention_bias, "qk_norm": cfg.qk_norm}
 
 
 def _weight_sizes(cfg: ModelConfig, tensors: dict[str, TensorInfo] | None, dtype: str) -> dict | None:
-    """Bytes of the weights once loaded in the run dtype, and with --quantize int8 (MTP layers skipped)."""
+    """Bytes of the weights once loaded in the run dtype, and with --quantize int8 or int4 (MTP layers skipped)."""
     if tensors is None:
         return None
     kept = memory.loaded_tensors(cfg, tensors)
-    return {dtype: memory.weight_bytes(cfg, kept, dtype), "int8": memory.weight_bytes(cfg, kept, dtype, "int8")}
+    return {dtype: memory.weight_bytes(cfg, kept, dtype), "int8": memory.weight_bytes(cfg, kept, dtype, "int8"),
+            "int4": memory.weight_bytes(cfg, kept, dtype, "int4")}
 
 
 def _memory(cfg: ModelConfig, tensors: dict[str, TensorInfo] | None, params: ParamCount, dtype: str) -> dict:

@@ -85,6 +85,7 @@ class Tokenizer:
         # A str, or a list of named templates (kept whole so tool_use can be picked when tools are passed).
         self._template_source = self.config.get("chat_template") if chat_template is None else chat_template
         self.chat_template: str | None = _pick_template(self._template_source)
+        self.chat_encoder: Any = None  # a built-in chat format written in Python (`with_chat_encoder`)
 
         # Special ids: added tokens flagged special in tokenizer.json or tokenizer_config.json, plus bos/eos.
         self.special_ids: set[int] = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
@@ -105,6 +106,14 @@ class Tokenizer:
     def with_chat_template(self, chat_template: str) -> Tokenizer:
         """The same vocabulary and special tokens with another chat template."""
         return Tokenizer(self._tok, self.config, chat_template)
+
+    def with_chat_encoder(self, encoder: Any, name: str) -> Tokenizer:
+        """The same vocabulary with a chat format llmcli implements in Python (for models whose repos ship
+        theirs as code, which is never run): `encoder(messages, add_generation_prompt, enable_thinking,
+        **extra)` -> text. `chat_template` then holds the format's name."""
+        out = Tokenizer(self._tok, self.config, None)
+        out.chat_template, out.chat_encoder = name, encoder
+        return out
 
     @classmethod
     def from_dir(cls, path: Path) -> Tokenizer:
@@ -267,6 +276,9 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             enable_thinking: bool | None = None, **extra: Any) -> str:
+        if self.chat_encoder is not None:
+            return self.chat_encoder(_prepare_messages(messages), add_generation_prompt=add_generation_prompt,
+                                     enable_thinking=enable_thinking, **extra)
         source = _pick_template(self._template_source, extra.get("tools"))
         if not source:
             raise LlmcliError("this tokenizer has no chat template; use a raw prompt instead")

@@ -18,12 +18,14 @@ from llmcli.errors import LlmcliError
 from llmcli.models.hooks import (
     ATTN_PROBS,
     FINAL_NORM,
+    INDEXER,
     RESID_POST,
     RESIDUAL_POINTS,
     ROUTED_OUT,
     ROUTER,
     SHARED_OUT,
 )
+from llmcli.trace_dsa import IndexerLog, indexer_summary
 from llmcli.trace_stats import AttentionStats, LogitLens
 
 HOOK_POINTS = RESIDUAL_POINTS  # the points every layer records, in order
@@ -111,6 +113,7 @@ class TraceRecorder:
         self._max: dict[tuple[int | None, str], list[torch.Tensor]] = {}
         self._max_tok: dict[tuple[int | None, str], list[torch.Tensor]] = {}
         self.routers: dict[int, RouterLog] = {}
+        self.indexers: dict[int, IndexerLog] = {}  # sparse attention layers (llmcli.trace_dsa)
         self.points: dict[int | None, list[str]] = {}  # recorded names per layer, in first-seen order
 
     def wants(self, layer: int | None) -> bool:
@@ -134,6 +137,9 @@ class TraceRecorder:
         if name == ATTN_PROBS:
             if self.attention is not None:
                 self.attention.add(layer, value)
+            return
+        if name == INDEXER:
+            self.indexers.setdefault(layer, IndexerLog()).add(value)
             return
         if not isinstance(value, torch.Tensor):
             return  # unknown non-tensor observations are not ours to interpret
@@ -162,7 +168,7 @@ class TraceRecorder:
         return torch.cat(parts).cpu().tolist() if parts else []
 
     def tensor_points(self, layer: int | None) -> list[str]:
-        return [n for n in self.points.get(layer, []) if n not in (ROUTER, ATTN_PROBS)]
+        return [n for n in self.points.get(layer, []) if n not in (ROUTER, INDEXER, ATTN_PROBS)]
 
 
 # -- running a trace ------------------------------------------------------------------------------
@@ -333,6 +339,7 @@ def build_trace_json(run: TraceRun, model, tokenizer, model_name: str, settings:
             "router": router_summary(log, rec, index) if log else None,
             "logit_lens": rec.lens.layer_json(index, token_strings, _r) if rec.lens else None,
             "attention_stats": rec.attention.layer_json(index, _r) if rec.attention else None,
+            "indexer": indexer_summary(rec.indexers[index]) if index in rec.indexers else None,
         })
     final = rec.rms_per_token(None, FINAL_NORM)
     return {

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llmcli.trace import HOOK_POINTS
+from llmcli.trace_dsa import positions_text
 
 BLOCKS = " ▏▎▍▌▋▊▉█"
 SPARKS = " ▁▂▃▄▅▆▇█"
@@ -143,6 +144,31 @@ def router_tokens_table(data: dict, layer: dict) -> Table:
     return table
 
 
+def indexer_tokens_table(data: dict, layer: dict) -> Table:
+    """Sparse attention: the positions the indexer kept for each query (llmcli.trace_dsa)."""
+    indexer = layer["indexer"]
+    table = new_table(f"layer {layer['index']} sparse attention: positions kept per query (top {indexer['topk']})")
+    for name in ("pos", "token", "kept/seen", "positions kept", "overlap", "entropy"):
+        table.add_column(name, justify="left" if name in ("token", "positions kept") else "right")
+    for pos, token in enumerate(data["tokens"][: len(indexer["selected"])]):
+        kept, seen = indexer["selected"][pos], indexer["visible"][pos]
+        table.add_row(str(pos), token_text(data, pos, token), f"{len(kept)}/{seen}", positions_text(kept),
+                      fmt(indexer["overlap"][pos]), fmt(indexer["entropy"][pos]))
+    return table
+
+
+def indexer_table(data: dict) -> Table:
+    table = new_table("sparse attention (DSA indexer): queries that saw more than top-k positions")
+    for name in ("layer", "top-k", "sparse queries", "overlap with dense top", "score entropy"):
+        table.add_column(name, justify="right")
+    for layer in data["layers"]:
+        if layer.get("indexer"):
+            ix = layer["indexer"]
+            table.add_row(str(layer["index"]), str(ix["topk"]), str(ix["sparse_queries"]), fmt(ix["mean_overlap"]),
+                          fmt(ix["mean_entropy"]))
+    return table
+
+
 def token_text(data: dict, pos: int, token: str) -> Text:
     """Generated tokens in cyan, prompt tokens plain."""
     return Text(show_token(token), style="cyan" if pos >= data["prompt_tokens"] else "")
@@ -231,8 +257,12 @@ def render_trace(data: dict, console: Console, per_token: bool = False, filtered
             console.print(per_token_table(data, layer))
             if layer["router"]:
                 console.print(router_tokens_table(data, layer))
+            if layer.get("indexer"):
+                console.print(indexer_tokens_table(data, layer))
     if any(layer["kind"] == "moe" for layer in data["layers"]):
         console.print(router_table(data))
+    if any(layer.get("indexer") for layer in data["layers"]):
+        console.print(indexer_table(data))
     heading, table, shared = attention_section(data)
     console.print(heading, style="italic", highlight=False)
     console.print(table)

@@ -39,18 +39,18 @@ def _isolated_env(monkeypatch, llmcli_home, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def portable_ops():
-    """llmcli's CPU kernels built for AVX2 only, as torch.ops.llmcli_portable_test: the plain C++ loops
-    that CPUs without AVX-512 (or AVX512-BF16) run."""
+    """llmcli's CPU kernels built for the x86-64 baseline (SSE2), as torch.ops.llmcli_portable_test: the
+    plain C++ loops that CPUs without AVX2 (or another ISA the kernels know) run."""
     import platform
 
     from llmcli.backends import cpu_kernels
 
     if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("x86-64-v3 is an x86 target")
+        pytest.skip("x86-64 is an x86 target")
     try:
-        cpu_kernels.compile_library("llmcli_portable_test", ["-O3", "-march=x86-64-v3", "-fopenmp"])
+        cpu_kernels.compile_library("llmcli_portable_test", ["-O3", "-march=x86-64", "-fopenmp"])
     except cpu_kernels.KernelBuildError as exc:
-        pytest.skip(f"no AVX2 build: {exc}")
+        pytest.skip(f"no baseline x86-64 build: {exc}")
     return torch.ops.llmcli_portable_test
 
 
@@ -64,6 +64,27 @@ def run_cli(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def avx2_ops():
+    """llmcli's CPU kernels built for x86-64-v3 (AVX2 + FMA, no AVX-512), as torch.ops.llmcli_avx2_test: what
+    AMD before Zen 4 and Intel client CPUs run. Skipped where this CPU cannot run them."""
+    import platform
+
+    from llmcli.backends import cpu_kernels
+    from llmcli.doctor import cpu_flags
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64-v3 is an x86 target")
+    missing = {"avx2", "fma", "bmi2", "movbe"} - cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}: it cannot run x86-64-v3 code")
+    try:
+        cpu_kernels.compile_library("llmcli_avx2_test", ["-O3", "-march=x86-64-v3", "-fopenmp"])
+    except cpu_kernels.KernelBuildError as exc:
+        pytest.skip(f"no x86-64-v3 build: {exc}")
+    return torch.ops.llmcli_avx2_test
 
 
 def write_byte_tokenizer(directory: Path, vocab_size: int, chat_template: str | None = None) -> None:

@@ -96,7 +96,7 @@ def test_product_paths_name_how_each_linear_runs(monkeypatch):
     assert bench.product_paths(compiled) == {"F.linear, compiled one-row steps multiply-and-sum": layers}
     bf16 = bench.product_paths(load_model("demo-qwen", path, device="cpu", dtype="bfloat16").model)
     if bf16_kernel.available()[0]:
-        assert bf16 == {"bf16 kernel": layers}  # the tied head too
+        assert bf16 == {bf16_kernel.label(): layers}  # the tied head too
     monkeypatch.setenv("LLMCLI_BF16_KERNEL", "0")
     bf16 = bench.product_paths(load_model("demo-qwen", path, device="cpu", dtype="bfloat16").model)
     if prepacking_available():
@@ -370,12 +370,41 @@ def test_peak_memory_is_per_run():
 def test_bandwidth_is_measured_once_per_machine(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(machine, "measure_bandwidth", lambda device: calls.append(device) or 12.5e9)
+    monkeypatch.setattr(machine, "load_average", lambda: 0.0)
     cache = tmp_path / "bw.json"
     assert machine.machine_bandwidth(torch.device("cpu"), cache) == (12.5e9, "measured")
     assert machine.machine_bandwidth(torch.device("cpu"), cache) == (12.5e9, "cached")
     assert len(calls) == 1
     assert machine.machine_bandwidth(torch.device("cpu"), cache, remeasure=True) == (12.5e9, "measured")
     assert len(calls) == 2
+
+
+def test_a_figure_from_a_busy_machine_is_measured_again_when_idle(tmp_path, monkeypatch):
+    figures, load = iter([5e9, 20e9]), [64.0]
+    monkeypatch.setattr(machine, "measure_bandwidth", lambda device: next(figures))
+    monkeypatch.setattr(machine, "load_average", lambda: load[0])
+    cache = tmp_path / "bw.json"
+    assert machine.machine_bandwidth(torch.device("cpu"), cache) == (5e9, "measured")
+    assert machine.machine_bandwidth(torch.device("cpu"), cache) == (5e9, "cached")  # still busy: keep it
+    load[0] = 0.0
+    value, source = machine.machine_bandwidth(torch.device("cpu"), cache)
+    assert value == 20e9 and source.startswith("re-measured")
+    assert machine.machine_bandwidth(torch.device("cpu"), cache) == (20e9, "cached")
+    assert machine.bandwidth_entry(torch.device("cpu"), cache)["load_average_1m"] == 0.0
+
+
+def test_bench_measures_again_when_a_run_reads_faster_than_the_cached_figure(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMCLI_HOME", str(tmp_path))
+    key = machine._machine_key(torch.device("cpu"))
+    (tmp_path / "bandwidth.json").write_text(json.dumps({key: {"bytes_per_s": 1000.0, "load_average_1m": 0.0}}))
+    monkeypatch.setattr(machine, "load_average", lambda: 0.0)
+    out = tmp_path / "bench.json"
+    code, _, err = run_cli("bench", "demo-qwen", "-p", "4", "-n", "3", "-r", "1", "-w", "0", "--json", out)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["env"]["memory_bandwidth_source"].startswith("re-measured")
+    assert report["env"]["memory_bandwidth_bytes_per_s"] > 1e8
+    assert all(row["bandwidth_fraction"] is None or row["bandwidth_fraction"] < 10 for row in report["results"])
 
 
 def test_measured_bandwidth_is_plausible():

@@ -8,8 +8,10 @@ plain weights and lost ~10% on prompts. One layout read by one kernel serves bot
 measured (benchmarks/bf16_gemm.py) 29-42 GB/s for one row (the memory's limit at the time) and 420-450
 GFLOP/s for 128-512 rows.
 
-It needs AVX512-BF16 (dot products of bf16 pairs into float32 sums, e.g. AMD Zen 4, Intel Cooper
-Lake / Sapphire Rapids and later). Elsewhere llmcli keeps oneDNN and torch's own paths.
+It is built for what the CPU has: AVX512-BF16 (dot products of bf16 pairs into float32 sums, e.g. AMD
+Zen 4, Intel Cooper Lake / Sapphire Rapids and later), else AVX2 + FMA (a bf16 value is the top half of a
+float: widened in registers for one row, panel slices widened in L2 for many rows). Without either llmcli
+keeps oneDNN and torch's own paths.
 """
 
 from __future__ import annotations
@@ -21,10 +23,19 @@ from llmcli.backends import cpu_kernels
 PANEL = 64  # outputs per panel (kPanel in the C++ source)
 
 
+FAST_ISAS = {"avx512_bf16": "AVX512-BF16", "avx2": "AVX2"}  # the builds faster than torch's paths
+
+
 def available() -> tuple[bool, str]:
-    """(runs on this CPU, a note for the user, empty if none). Without AVX512-BF16 oneDNN is faster."""
+    """(runs on this CPU, a note for the user, empty if none). The portable loops are slower than oneDNN."""
     loaded, note = cpu_kernels.load_once()
-    return loaded and cpu_kernels.has_avx512_bf16(), note
+    return loaded and cpu_kernels.bf16_isa() in FAST_ISAS, note
+
+
+def label() -> str:
+    """How bench and show name the kernel's products here, e.g. "bf16 kernel (AVX2)"."""
+    isa = cpu_kernels.bf16_isa()
+    return f"bf16 kernel ({FAST_ISAS.get(isa, isa)})"
 
 
 def fits(shape: torch.Size | tuple[int, ...]) -> bool:

@@ -56,6 +56,11 @@ def has_avx512_bf16() -> bool:
     return load_once()[0] and bool(torch.ops.llmcli.built_with_avx512_bf16())
 
 
+def bf16_isa() -> str | None:
+    """What the bfloat16 kernel was built for here: "avx512_bf16", "avx2", "portable"; None when not built."""
+    return str(torch.ops.llmcli.bf16_isa()) if load_once()[0] else None
+
+
 class KernelBuildError(Exception):
     pass
 

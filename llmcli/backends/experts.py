@@ -45,7 +45,9 @@ class StackedExperts(Experts):
     def label(self) -> str:
         if not self.kernel:
             return "stacked, compiled one-row steps multiply-and-sum"
-        return "stacked, int8 kernel" if self.gate_up_proj_weight_stack.dtype == torch.int8 else "stacked, bf16 kernel"
+        if self.gate_up_proj_weight_stack.dtype == torch.int8:
+            return "stacked, int8 kernel"
+        return f"stacked, {bf16_kernel.label()}"
 
     def _stack(self, name: str, attr: str) -> None:
         part = getattr(getattr(self[0], name), attr, None)

@@ -1,5 +1,5 @@
-"""How many bytes a checkpoint takes after `--quantize int8`, from tensor names and shapes alone (no torch:
-`llmcli show` reads only headers)."""
+"""How many bytes a checkpoint takes after `--quantize int8` or `int4`, from tensor names and shapes alone (no
+torch: `llmcli show` reads only headers)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,27 @@ def int8_size(tensors: dict[str, tuple[int, ...]], element: int, tied_head: tupl
     for name, shape in tensors.items():
         numel = math.prod(shape)
         total += numel + shape[0] * element if quantizable(name, shape) else numel * element
+    if tied_head is not None:
+        total += tied_head[0] * tied_head[1] + tied_head[0] * element
+    return total
+
+
+INT4_GROUP = 32  # backends.int4.GROUP (this module stays torch-free)
+
+
+def int4_size(tensors: dict[str, tuple[int, ...]], element: int, tied_head: tuple[int, int] | None) -> int:
+    """Bytes after int4 quantisation: half a byte per value plus a scale and a zero point per group of 32 inputs
+    for the linears that fit torch's packing (outputs a multiple of 16, inputs of 32); the head and the
+    linears that do not fit as int8; everything else as it is."""
+    total = 0
+    for name, shape in tensors.items():
+        numel = math.prod(shape)
+        if not quantizable(name, shape):
+            total += numel * element
+        elif name.endswith("lm_head.weight") or shape[0] % 16 or shape[1] % INT4_GROUP:
+            total += numel + shape[0] * element
+        else:
+            total += numel // 2 + 2 * (numel // INT4_GROUP) * element
     if tied_head is not None:
         total += tied_head[0] * tied_head[1] + tied_head[0] * element
     return total

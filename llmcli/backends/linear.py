@@ -3,7 +3,7 @@
 
 Measured with benchmarks/cpu_gemv.py on this project's 2-core x86 machine: a bfloat16 F.linear with one
 input row streams weights at a fraction of the memory bandwidth. Where llmcli's bfloat16 kernel runs
-(AVX512-BF16, see bf16_kernel.py), each bfloat16 linear stores its weight in the kernel's panels
+(AVX512-BF16 or AVX2 + FMA, see bf16_kernel.py), each bfloat16 linear stores its weight in the kernel's panels
 (`BlockedLinear`), for eager and compiled runs alike. Elsewhere, eager runs reorder it into oneDNN's
 blocked layout (`PackedLinear`: several times faster for one row, bit-identical results); compiled runs
 keep plain weights, which inductor's loops read well (`SummingLinear`). The original weight is released
@@ -110,8 +110,6 @@ class BlockedLinear(Product, nn.Module):
     outputs padded to whole panels). With `consume`, `linear`'s weight is rearranged in place where it can
     be (and `linear` must not be used again)."""
 
-    label = "bf16 kernel"
-
     def __init__(self, linear: nn.Linear, consume: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -121,6 +119,10 @@ class BlockedLinear(Product, nn.Module):
         if bias is not None and self.padding:
             bias = nn.Parameter(torch.cat([bias.detach(), bias.new_zeros(self.padding)]), requires_grad=False)
         self.bias = bias
+
+    @property
+    def label(self) -> str:
+        return bf16_kernel.label()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = bf16_kernel.linear(x, self.weight, self.bias)

@@ -1,11 +1,12 @@
 """`prepare(model, options)`: after loading, swap in the modules that decide how each product runs.
 
 A model is built with plain nn.Linear layers. Here, in order: projections that read the same input are
-fused into one product; `--quantize int8` turns linears into `Int8Linear`; on CPU, bfloat16 linears move
-into the bfloat16 kernel's panels (`BlockedLinear`) where the kernel runs, else (eager) into oneDNN's
-layout (`PackedLinear`); with `--compile`, the plain linears left become `SummingLinear` and MoE experts
-are stacked (`StackedExperts`, also eagerly when a kernel holds them); the runner then compiles the
-decode step. Linears the model reads directly (`CausalLM.keeps_weight`) stay as they are.
+fused into one product; `--quantize int8` turns linears into `Int8Linear`, `--quantize int4` into
+`Int4Linear` (the head, and layers whose shape torch's int4 packing cannot take, into `Int8Linear`); on CPU,
+bfloat16 linears move into the bfloat16 kernel's panels (`BlockedLinear`) where the kernel runs, else
+(eager) into oneDNN's layout (`PackedLinear`); with `--compile`, the plain linears left become
+`SummingLinear` and MoE experts are stacked (`StackedExperts`, also eagerly when a kernel holds them);
+the runner then compiles the decode step. Linears the model reads directly (`CausalLM.keeps_weight`) stay as they are.
 
 During loading the same steps run layer by layer (`Preparation.loaded`), so that a layer's replaced
 weights are freed before the next layer is read.
@@ -19,12 +20,14 @@ import re
 import torch
 from torch import nn
 
-from llmcli.backends import bf16_kernel, int8_kernel
+from llmcli.backends import bf16_kernel, int4, int8_kernel
 from llmcli.backends.compile import CompiledDecode
 from llmcli.backends.experts import StackedExperts, in_kernel_blocks
+from llmcli.backends.int4 import Int4Linear
 from llmcli.backends.int8 import Int8Linear
 from llmcli.backends.linear import BlockedEmbedding, BlockedLinear, PackedLinear, SummingLinear, prepacking_available
 from llmcli.backends.runner import Runner
+from llmcli.errors import LlmcliError
 from llmcli.models.base import CausalLM, FusesProjections
 from llmcli.models.layers import Experts
 from llmcli.options import Options
@@ -119,9 +122,13 @@ class Preparation:
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         cpu = self.device.type == "cpu"
-        self.int8 = options.quantize == "int8"
+        self.int4 = options.quantize == "int4"
+        self.int8 = options.quantize == "int8" or self.int4  # int4 runs keep the head (and misfits) in int8
         self.notes: list[str] = []
         self.int8_kernel = self.bf16_kernel = False
+        if self.int4 and not int4.available(self.device.type):
+            raise LlmcliError(f"--quantize int4 runs on CPU only (torch's int4 product); this model is on "
+                              f"{self.device.type}: use --quantize int8 there", exit_code=2)
         if cpu and self.int8:
             if options.int8_kernel:
                 self.int8_kernel, note = int8_kernel.available()
@@ -176,10 +183,14 @@ class Preparation:
             return self.model.keeps_weight(prefix + name)
 
         if self.int8:
-            swap_linears(module, lambda name, child: None if keep(name) else Int8Linear(
-                child, kernel=self.int8_kernel, gemm=self.int8_gemm, compiled=self.options.compile))
+            swap_linears(module, lambda name, child: None if keep(name) else self.quantized(name, child))
         if self.pack:
             pack_linears(module, self.bf16_kernel, self.prepack, keep)
+
+    def quantized(self, name: str, linear: nn.Linear) -> nn.Module:
+        if self.int4 and name.rpartition(".")[2] != "lm_head" and int4.fits(linear.weight.shape):
+            return Int4Linear(linear)
+        return Int8Linear(linear, kernel=self.int8_kernel, gemm=self.int8_gemm, compiled=self.options.compile)
 
     # -- the whole model -------------------------------------------------------------------------
 
@@ -194,7 +205,8 @@ class Preparation:
                 swap_linears(self.model, lambda name, child: SummingLinear(child, cuda_sum))
             for parent in list(self.model.modules()):
                 for name, child in list(parent.named_children()):
-                    if type(child) is Experts and (self.options.compile or in_kernel_blocks(child)):
+                    stackable = type(child) is Experts and not self.int4  # int4 experts stay one module each
+                    if stackable and (self.options.compile or in_kernel_blocks(child)):
                         setattr(parent, name, StackedExperts(child))  # eager: a decode step's experts in 2 calls
                         release_freed_memory()
         self.model.eval()

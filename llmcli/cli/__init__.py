@@ -11,8 +11,9 @@ import sys
 import typer
 
 # Importing a command module registers its commands on `app`.
-from llmcli.cli import bench, chat, download, generate, trace  # noqa: F401
+from llmcli.cli import bench, chat, doctor, download, generate, run, trace  # noqa: F401
 from llmcli.cli.app import app
+from llmcli.cli.examples import add_examples
 from llmcli.errors import LlmcliError
 from llmcli.options import debug
 
@@ -32,6 +33,9 @@ except ImportError:
 
 def _error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
+
+
+add_examples(app)
 
 
 def main(argv: list[str] | None = None) -> int:

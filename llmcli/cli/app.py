@@ -10,7 +10,7 @@ app = typer.Typer(
     name="llmcli",
     help="Run and inspect Qwen and DeepSeek language models natively in PyTorch.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

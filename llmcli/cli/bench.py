@@ -164,8 +164,10 @@ def bench_command(
     threads: int | None = typer.Option(None, "--threads", "-t",
                                        help="CPU threads for torch, up to the machine's CPUs (default: torch's "
                                             "choice)."),
-    remeasure_bandwidth: bool = typer.Option(False, "--remeasure-bandwidth",
-                                             help="Measure memory bandwidth again instead of using the cached value."),
+    remeasure_bandwidth: bool = typer.Option(
+        False, "--remeasure", "--remeasure-bandwidth",
+        help="Measure memory bandwidth again instead of using the cached value (it is re-measured anyway when a run "
+             "reads faster than it, or when it was taken on a busy machine and this one is idle)."),
     device: Device = DEVICE_OPT,
     dtype: DType = DTYPE_OPT,
     yes: bool = YES_OPT,
@@ -232,9 +234,17 @@ def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=Fa
                 status.update(text)
 
         rows = bench.run_bench(mine, settings, bandwidth, reference, progress)
+        if source == "cached" and any((row.bandwidth_fraction or 0) > 1 for row in rows):
+            bandwidth, _ = machine.machine_bandwidth(loaded.device, remeasure=True)
+            source = "re-measured (a run read faster than the cached figure)"
+            for row in rows:
+                row.bandwidth_bytes_per_s = bandwidth
     if reference is not None:
         reference.close()
     env = bench.environment(loaded.device, loaded.dtype, bandwidth, source, reference)
+    if machine.is_busy(env.get("load_average_1m", 0.0)):
+        err_console.print(f"note: the machine is busy (load {env['load_average_1m']}): figures will be low and "
+                          "noisy", style="yellow")
     env["quantize"] = quantize.value if quantize else None
     env["compile"] = compile
     env["products"] = bench.product_paths(loaded.runner)

@@ -236,7 +236,7 @@ def chat_command(
                                     "beyond it. Default: the model's context, at most 8192."),
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show <think> reasoning."),
     think: bool | None = typer.Option(None, "--think/--no-think",
-                                      help="Qwen3: switch reasoning on or off (enable_thinking)."),
+                                      help="Qwen3, DeepSeek-V3.2: switch reasoning on or off (enable_thinking)."),
     no_logn: bool = NO_LOGN_OPT,
     no_ntk: bool = NO_NTK_OPT,
     window: str | None = WINDOW_OPT,
@@ -247,7 +247,9 @@ def chat_command(
     compile: bool = COMPILE_OPT,
     force: bool = FORCE_OPT,
 ) -> None:
-    """Chat with a model. In a terminal: line editing, /help for commands, Ctrl-C stops a reply,
+    """Chat with a model, keeping its cache between turns.
+
+    In a terminal: line editing, /help for commands, Ctrl-C stops a reply,
     Ctrl-D quits. With piped stdin: each line is one message and replies go to stdout; the exit
     status is 1 when any line failed."""
     from llmcli.chat import ChatSession

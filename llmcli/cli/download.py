@@ -147,7 +147,7 @@ def _model_rows() -> list[dict]:
     return rows
 
 
-SUPPORTED_FAMILIES = ("qwen", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3")
+SUPPORTED_FAMILIES = ("qwen", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3", "deepseek_v32")
 
 
 def _row(name, repo, family, params, downloaded, size, note, path) -> dict:
@@ -233,6 +233,9 @@ def _render_facts(f: dict) -> None:
         q = f"q_lora {a['q_lora_rank']}" if a["q_lora_rank"] else "no q_lora"
         add("attention", f"MLA, {f['heads']} heads, {q}, kv_lora {a['kv_lora_rank']}, "
                          f"qk {a['qk_nope_head_dim']}+{a['qk_rope_head_dim']} (rope), v {a['v_head_dim']}")
+        if a.get("sparse"):
+            add("sparse attention", f"{a['sparse']}: each query attends to its top {a['index_topk']} tokens "
+                                    f"(indexer {a['index_n_heads']} heads x {a['index_head_dim']})")
     else:
         extras = [x for x, on in (("qkv bias", a["qkv_bias"]), ("q/k norm", a["qk_norm"])) if on]
         add("attention", f"{a['kind']}, {f['heads']} heads, {f['kv_heads']} kv heads, head dim {f['head_dim']}"
@@ -262,6 +265,9 @@ def _render_facts(f: dict) -> None:
         block = f["fp8_block_size"]
         disk += f" (FP8{' blocks ' + 'x'.join(map(str, block)) if block else ''}; runs in {f['run_dtype']})"
     add("dtype on disk", disk)
+    if f.get("weight_bytes"):
+        add("weights", ", ".join(f"{human_bytes(n)} {'in ' if k not in ('int8', 'int4') else 'with --quantize '}{k}"
+                                 for k, n in f["weight_bytes"].items()))
     kv = f["kv_cache"]
     cache = f"{human_bytes(kv['bytes_per_token'])} per token ({kv['kind']}, {kv['dtype']})"
     if "expanded_bytes_per_token" in kv:

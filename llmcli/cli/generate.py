@@ -92,11 +92,15 @@ def generate_command(
 ) -> None:
     """Generate text from a prompt, streaming it to stdout (stats on stderr).
 
-    The prompt: `llmcli generate MODEL "text"`, `-p "text"`, or piped stdin."""
+    The prompt: `llmcli generate MODEL "text"`, `-p "text"`, or piped stdin; `llmcli generate "text"` uses the
+    default model."""
     from llmcli.generate import Generation, SamplingParams
+    from llmcli.hub import model_and_prompt
 
     sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     sampling.validate()
+    if prompt is None:  # with -p, the positional argument can only be the model
+        model, positional_prompt = model_and_prompt(model, positional_prompt)
     text = read_prompt(prompt, positional_prompt)
     loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)

@@ -37,6 +37,9 @@ TRACE_HELP = "\n\n".join([
     "(experts and weights per token, groups, load histogram, entropy, shared vs routed RMS); the "
     "attention in use (full or sliding window and its span, LogN, NTK alpha, RoPE base, YaRN, MLA "
     "latent sizes, heads, cache bytes per token).",
+    "Sparse attention (DeepSeek-V3.2's DSA): per query the positions the indexer kept (--tokens, JSON "
+    "`layers[].indexer`), their overlap with the positions dense attention weighs most, and the entropy "
+    "of the index scores. Example: llmcli trace deepseek-v3.2 -p 'a long prompt' --tokens --layer 5",
     "--logit-lens [K] adds, after every layer, the top-K tokens (default 5) through the final norm and head "
     "and the probability of the token the model finally predicts; --attention-stats adds per layer and head "
     "the attention entropy, the mass on the first token (sink) and the mean attended distance; --html FILE "
@@ -88,7 +91,8 @@ def trace_command(
     layer: list[str] = typer.Option([], "--layer", "-l", metavar="N|A-B|A,B",
                                     help="Only these layers (repeatable), e.g. 3, 2-5, 0,7."),
     tokens: bool = typer.Option(False, "--tokens",
-                                help="Also show per-token values (RMS, router choices) for each layer."),
+                                help="Also show per-token values (RMS, router choices, sparse attention's kept "
+                                     "positions) for each layer."),
     generate: int = typer.Option(0, "--generate", "-g", min=0, help="Also trace N greedy decode steps."),
     json_out: str | None = typer.Option(None, "--json", metavar="FILE|-",
                                         help="Write everything as JSON to FILE, or to stdout with '-' "

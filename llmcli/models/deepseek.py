@@ -20,15 +20,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.config import ModelConfig
-from llmcli.config_deepseek import rope_interleaved
+from llmcli.config_deepseek import indexer_settings, rope_interleaved
 from llmcli.models.base import CausalLM, FusesProjections
 from llmcli.models.cache import Cache, LatentLayerCache, Span
+from llmcli.models.dsa import IndexedLatentCache, Indexer, gathered_attention, select, selection_mask
 from llmcli.models.hooks import (
     ATTN_PROBS,
+    INDEXER,
     ROUTED_OUT,
     ROUTER,
     SHARED_OUT,
     AttentionWeights,
+    IndexerChoice,
     RouterChoice,
     asks,
     record_residuals,
@@ -38,6 +41,7 @@ from llmcli.models.rope import pair_cos_sin, rope_inv_freq, rotate_pairs, yarn_s
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the fixed default, not rms_norm_eps
 FORMS = ("auto", "expanded", "absorbed")
+SPARSE_MODES = ("sparse", "masked", "dense")
 _LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -70,33 +74,58 @@ class MLAttention(FusesProjections, nn.Module):
         first = "q_a_proj" if self.q_lora else "q_proj"
         self.in_sizes = fuse_linears(self, [first, "kv_a_proj_with_mqa"], "in_proj")
 
-    def forward(self, x, cos, sin, layer_cache: LatentLayerCache, span: Span, absorbed: bool, recorder=None
-                ) -> torch.Tensor:
+    def forward(self, x, cos, sin, layer_cache: LatentLayerCache, span: Span, absorbed: bool,
+                recorder=None) -> torch.Tensor:
+        q_nope, q_pe, _, latent = self.project(x, cos, sin, layer_cache, span)
+        if asks(recorder, ATTN_PROBS) and not span.static:  # beside the attention below, which stays as it is
+            probs = self.absorbed_probs(q_nope, q_pe, latent, span.start)
+            recorder.record(self.index, ATTN_PROBS, AttentionWeights(probs, span.start))
+        return self.output(self.attend(q_nope, q_pe, latent, span, absorbed))
+
+    def absorbed_probs(self, q_nope, q_pe, latent, start: int) -> torch.Tensor:
+        """Attention probabilities [B, H, T, total] from the absorbed scores (q_nope W_UK) . c_kv + q_pe . k_pe
+        on the latent cache (equal to the expanded form's), in float32, for a recorder that asks."""
+        w_uk, _ = self.absorbed_weights()
+        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope.float(), w_uk.float())
+        q = torch.cat((q_latent, q_pe.float()), dim=-1)
+        scores = torch.matmul(q, latent.float()[:, None].transpose(-1, -2)) * self.softmax_scale
+        return attention_probs(scores, start)
+
+    def attend(self, q_nope, q_pe, latent, span: Span, absorbed: bool, allowed=None, selected=None) -> torch.Tensor:
+        """Attention in the form the call asks for -> [B, H, T, v_dim]. `allowed` [B, T, total] replaces the
+        causal mask; `selected` (indices, valid) [B, k] limits a static step to those cache rows."""
+        if span.static:
+            return self._absorbed_static(q_nope, q_pe, latent, span.positions, selected)
+        if absorbed:
+            return self._absorbed(q_nope, q_pe, latent, span.start, allowed)
+        return self._expanded(q_nope, q_pe, latent, span.start, allowed)
+
+    def project(self, x, cos, sin, layer_cache: LatentLayerCache, span: Span):
+        """Queries (q_nope, rotated q_pe: [B, H, T, .]), the query latent c_q (None without q_lora) and the
+        cache rows attended to, after storing this span's latents."""
         b, t, _ = x.shape
         if self.in_sizes is not None:
             q, kv = self.in_proj(x).split(self.in_sizes, dim=-1)
         else:
             q, kv = (self.q_a_proj(x) if self.q_lora else self.q_proj(x)), self.kv_a_proj_with_mqa(x)
+        c_q = None
         if self.q_lora:
-            q = self.q_b_proj(self.q_a_layernorm(q))
+            c_q = self.q_a_layernorm(q)
+            q = self.q_b_proj(c_q)
         q_nope, q_pe = q.view(b, t, self.num_heads, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)
         c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)
         q_pe = rotate_pairs(q_pe, cos, sin, self.interleaved)
         k_pe = rotate_pairs(k_pe, cos, sin, self.interleaved)
-        latent = layer_cache.update(span, self.kv_a_layernorm(c_kv), k_pe)
-        if asks(recorder, ATTN_PROBS) and not span.static:  # beside the attention below, which stays as it is
-            probs = self.absorbed_probs(q_nope, q_pe, latent, span.start)
-            recorder.record(self.index, ATTN_PROBS, AttentionWeights(probs, span.start))
-        if span.static:
-            out = self._absorbed_static(q_nope, q_pe, latent, span.positions)
-        elif absorbed:
-            out = self._absorbed(q_nope, q_pe, latent, span.start)
-        else:
-            out = self._expanded(q_nope, q_pe, latent, span.start)  # [B, H, T, v_dim]
+        return q_nope, q_pe, c_q, layer_cache.update(span, self.kv_a_layernorm(c_kv), k_pe)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """[B, H, T, v_dim] -> the layer's output [B, T, hidden]."""
+        b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-    def _expanded(self, q_nope, q_pe, latent, start: int) -> torch.Tensor:
-        """Per-head keys and values from the latents through kv_b_proj, then ordinary attention."""
+    def _expanded(self, q_nope, q_pe, latent, start: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-head keys and values from the latents through kv_b_proj, then ordinary attention. `allowed`
+        [B, T, total] replaces the causal mask (sparse attention's selection)."""
         b, h, t, _ = q_nope.shape
         total = latent.shape[1]
         c_kv, k_pe = latent.split([self.rank, self.rope], dim=-1)
@@ -104,6 +133,8 @@ class MLAttention(FusesProjections, nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, None].expand(b, h, total, self.rope)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
+        if allowed is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=self.softmax_scale)
         mask = None if t == 1 or start == 0 else causal_mask(start, t, total, q.device)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=start == 0 and t > 1, scale=self.softmax_scale
@@ -122,52 +153,119 @@ class MLAttention(FusesProjections, nn.Module):
             self._absorbed_weights = (key, w_uk, w_uv_t)
         return self._absorbed_weights[1], self._absorbed_weights[2]
 
-    def absorbed_probs(self, q_nope, q_pe, latent, start: int) -> torch.Tensor:
-        """Attention probabilities [B, H, T, total] from the absorbed scores (q_nope W_UK) . c_kv + q_pe . k_pe
-        on the latent cache (equal to the expanded form's), in float32, for a recorder that asks."""
-        w_uk, _ = self.absorbed_weights()
-        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope.float(), w_uk.float())
-        q = torch.cat((q_latent, q_pe.float()), dim=-1)
-        scores = torch.matmul(q, latent.float()[:, None].transpose(-1, -2)) * self.softmax_scale
-        return attention_probs(scores, start)
-
-    def _absorbed(self, q_nope, q_pe, latent, start: int) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_pe, latent, start: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """score = (q_nope W_UK) . c_kv + q_pe . k_pe; output = (p . c_kv) W_UV, on the latent cache itself.
-        All heads share the one latent, so heads fold into the query axis of a single-head attention."""
+        All heads share the one latent, so heads fold into the query axis of a single-head attention.
+        `allowed` [B, T, total] replaces the causal mask (sparse attention's selection)."""
         b, h, t, _ = q_nope.shape
         total = latent.shape[1]
-        w_uk, w_uv_t = self.absorbed_weights()
-        q_latent = torch.bmm(q_nope.transpose(0, 1).reshape(h, b * t, self.nope), w_uk)  # [H, B*T, rank]
-        q_latent = q_latent.view(h, b, t, self.rank).transpose(0, 1)
-        q = torch.cat((q_latent, q_pe), dim=-1).reshape(b, 1, h * t, self.rank + self.rope)
-        if t == 1:  # a decode step: two small float32 products beat SDPA's general math path here
+        q = self.absorbed_query(q_nope, q_pe)  # [B, 1, H*T, rank + rope]
+        if t == 1 and allowed is None:  # a decode step: two small float32 products beat SDPA's math path
             cached = latent.float()
             scores = torch.matmul(q[:, 0].float(), cached.transpose(1, 2)) * self.softmax_scale  # [B, H, total]
             out = torch.matmul(scores.softmax(dim=-1), cached[..., : self.rank])[:, None].to(q.dtype)
         else:
-            mask = causal_mask(start, t, total, q.device).repeat(h, 1)
+            if allowed is None:
+                mask = causal_mask(start, t, total, q.device).repeat(h, 1)
+            else:  # heads fold into the query axis: each head sees its query's selection
+                mask = allowed[:, None].expand(b, h, t, total).reshape(b, 1, h * t, total)
             out = F.scaled_dot_product_attention(
                 q, latent[:, None], latent[:, None, :, : self.rank], attn_mask=mask, scale=self.softmax_scale
             )  # [B, 1, H*T, rank]
-        out = torch.bmm(out.view(b, h, t, self.rank).transpose(0, 1).reshape(h, b * t, self.rank), w_uv_t)
+        return self.absorbed_output(out.view(b, h, t, self.rank))
+
+    def absorbed_query(self, q_nope, q_pe) -> torch.Tensor:
+        """[q_nope W_UK | q_pe] with heads folded into the query axis: [B, 1, H*T, rank + rope]."""
+        b, h, t, _ = q_nope.shape
+        w_uk, _ = self.absorbed_weights()
+        q_latent = torch.bmm(q_nope.transpose(0, 1).reshape(h, b * t, self.nope), w_uk)  # [H, B*T, rank]
+        q_latent = q_latent.view(h, b, t, self.rank).transpose(0, 1)
+        return torch.cat((q_latent, q_pe), dim=-1).reshape(b, 1, h * t, self.rank + self.rope)
+
+    def absorbed_output(self, mixed: torch.Tensor) -> torch.Tensor:
+        """Mixed latents [B, H, T, rank] through W_UV -> [B, H, T, v_dim]."""
+        b, h, t, _ = mixed.shape
+        _, w_uv_t = self.absorbed_weights()
+        out = torch.bmm(mixed.transpose(0, 1).reshape(h, b * t, self.rank), w_uv_t)
         return out.view(h, b, t, self.v_dim).transpose(0, 1)
 
-    def _absorbed_static(self, q_nope, q_pe, latent, positions) -> torch.Tensor:
+    def _absorbed_static(self, q_nope, q_pe, latent, positions, selected=None) -> torch.Tensor:
         """The absorbed form for a compiled decode step: one query per sequence over all the cache rows it
-        is handed, those after its position masked. The per-head products are multiply-and-sum, which
-        inductor streams (its bmm path is slow for one row). The weights were built before compiling
-        (`DeepseekForCausalLM.derived_tensors`)."""
+        is handed, those after its position masked (or, with `selected`, over those rows only). The per-head
+        products are multiply-and-sum, which inductor streams (its bmm path is slow for one row). The
+        weights were built before compiling (`DeepseekForCausalLM.derived_tensors`)."""
         _, w_uk, w_uv_t = self._absorbed_weights
         dtype = q_nope.dtype
         q_latent = (q_nope.float().unsqueeze(-1) * w_uk.float()[:, None]).sum(-2).to(dtype)  # [B, H, 1, rank]
         q = torch.cat((q_latent, q_pe), dim=-1)[:, :, 0].float()  # [B, H, rank + rope]
-        cached = latent.float()
-        scores = torch.matmul(q, cached.transpose(1, 2)) * self.softmax_scale  # [B, H, max_len]
-        hidden = torch.arange(latent.shape[1], device=latent.device)[None, :] > positions[:, None]
-        probs = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
-        mixed = torch.matmul(probs, cached[..., : self.rank]).to(dtype)  # [B, H, rank]
+        if selected is not None:
+            mixed = gathered_attention(q, latent, *selected, self.softmax_scale, self.rank).to(dtype)
+        else:
+            cached = latent.float()
+            scores = torch.matmul(q, cached.transpose(1, 2)) * self.softmax_scale  # [B, H, max_len]
+            hidden = torch.arange(latent.shape[1], device=latent.device)[None, :] > positions[:, None]
+            probs = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
+            mixed = torch.matmul(probs, cached[..., : self.rank]).to(dtype)  # [B, H, rank]
         out = (mixed.float().unsqueeze(-1) * w_uv_t.float()).sum(-2).to(dtype)  # [B, H, v_dim]
         return out[:, :, None]
+
+
+class IndexedMLAttention(MLAttention):
+    """MLA with DeepSeek Sparse Attention (V3.2, `llmcli.models.dsa`): the indexer picks the keys each
+    query attends to. `mode`: "sparse" (decode steps attend to the gathered selection only), "masked"
+    (dense attention under the selection mask, as transformers runs it) or "dense" (the indexer ignored:
+    V3's MLA on the same weights, for comparisons)."""
+
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__(cfg)
+        self.index = index
+        self.indexer = Indexer(cfg.hidden_size, cfg.q_lora_rank, self.rope, indexer_settings(cfg))
+        self.mode = "sparse"
+
+    def forward(self, x, cos, sin, layer_cache, span: Span, absorbed: bool, recorder=None) -> torch.Tensor:
+        q_nope, q_pe, c_q, latent = self.project(x, cos, sin, layer_cache, span)
+        keys = layer_cache.update_index(span, self.indexer.keys(x, cos, sin))
+        t, total = x.shape[1], latent.shape[1]
+        if recorder is None and (self.mode == "dense" or (
+                self.mode == "sparse" and not span.static and total <= self.indexer.topk)):
+            # No more keys than the indexer keeps: every visible key is selected, plain MLA (no scoring).
+            return self.output(self.attend(q_nope, q_pe, latent, span, absorbed))
+        visible = self._visible(span, t, total)
+        scores = self.indexer.scores(x, c_q, cos, sin, keys)  # [B, T, total]
+        indices = select(scores, visible, self.indexer.topk)
+        if recorder is not None:
+            self._record(recorder, q_nope, q_pe, latent, visible, indices, scores)
+        if self.mode == "dense":
+            return self.output(self.attend(q_nope, q_pe, latent, span, absorbed))
+        if span.static:  # rows past the position may fill the selection of an early position: mask them
+            valid = indices[:, 0] <= span.positions[:, None]
+            return self.output(self.attend(q_nope, q_pe, latent, span, absorbed, selected=(indices[:, 0], valid)))
+        if self.mode == "sparse" and absorbed and t == 1 and total > self.indexer.topk:
+            q = self.absorbed_query(q_nope, q_pe)[:, 0]  # [B, H, rank + rope]
+            mixed = gathered_attention(q, latent, indices[:, 0], None, self.softmax_scale, self.rank)
+            return self.output(self.absorbed_output(mixed[:, :, None].to(q.dtype)))
+        allowed = selection_mask(indices, visible, total)
+        return self.output(self.attend(q_nope, q_pe, latent, span, absorbed, allowed=allowed))
+
+    @staticmethod
+    def _visible(span: Span, t: int, total: int) -> torch.Tensor | None:
+        """[T, total] keys each query may see (None: all of them, a decode step over its cache)."""
+        device = span.positions.device
+        if span.static:
+            return torch.arange(total, device=device)[None, :] <= span.positions[:, None]
+        return None if t == 1 else causal_mask(span.start, t, total, device)
+
+    def _record(self, recorder, q_nope, q_pe, latent, visible, indices, scores) -> None:
+        """For trace: the selection, the index scores and dense MLA's own attention weights (head mean)."""
+        b, h, t, _ = q_nope.shape
+        q = self.absorbed_query(q_nope, q_pe).view(b, h, t, -1).float()
+        logits = torch.matmul(q, latent.float()[:, None].transpose(-1, -2)) * self.softmax_scale
+        if visible is not None:
+            logits = logits.masked_fill(~visible, float("-inf"))
+            scores = scores.masked_fill(~visible, float("-inf"))
+        valid = torch.ones_like(indices, dtype=torch.bool) if visible is None else visible.expand(
+            b, -1, -1).gather(-1, indices)
+        recorder.record(self.index, INDEXER, IndexerChoice(indices, valid, scores, logits.softmax(-1).mean(1)))
 
 
 class Router(nn.Module):
@@ -238,7 +336,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.index = index
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLAttention(cfg, index)
+        self.self_attn = IndexedMLAttention(cfg, index) if cfg.family == "deepseek_v32" else MLAttention(cfg, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(index)
         self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
@@ -279,12 +377,15 @@ class DeepseekForCausalLM(CausalLM):
         for layer in self.model.layers:
             if layer.is_moe:
                 layer.mlp.gate.keep_float32()
+            if isinstance(layer.self_attn, IndexedMLAttention):
+                layer.self_attn.indexer.keep_float32()
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def keeps_weight(self, module_name: str) -> bool:
-        """The absorbed decode form reads kv_b_proj's weight directly, so it stays a plain tensor."""
-        return module_name.endswith("kv_b_proj")
+        """The absorbed decode form reads kv_b_proj's weight directly, so it stays a plain tensor; so does the
+        sparse attention indexer's float32 head weighting."""
+        return module_name.endswith(("kv_b_proj", "indexer.weights_proj"))
 
     def checkpoint_tensors(self, name: str, load):
         """Skip the multi-token-prediction layers (model.layers.{num_layers} and up): generation never
@@ -305,9 +406,22 @@ class DeepseekForCausalLM(CausalLM):
         cfg = self.config
         dtype = dtype or self.model.embed_tokens.weight.dtype
         device = device or self.model.embed_tokens.weight.device
-        layers = [LatentLayerCache(batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
-                  for _ in range(cfg.num_layers)]
+        if cfg.family == "deepseek_v32":  # the indexer's keys beside the latents
+            dim = indexer_settings(cfg).head_dim
+            layers = [IndexedLatentCache(batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dim, dtype, device)
+                      for _ in range(cfg.num_layers)]
+        else:
+            layers = [LatentLayerCache(batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
+                      for _ in range(cfg.num_layers)]
         return Cache(layers, max_len)
+
+    def set_sparse_mode(self, mode: str) -> None:
+        """How V3.2's sparse attention layers run (`IndexedMLAttention.mode`): sparse, masked or dense."""
+        if mode not in SPARSE_MODES:
+            raise ValueError(f"sparse mode must be one of {SPARSE_MODES}, got {mode!r}")
+        for layer in self.model.layers:
+            if isinstance(layer.self_attn, IndexedMLAttention):
+                layer.self_attn.mode = mode
 
     def derived_tensors(self) -> list[torch.Tensor]:
         """The absorbed form's per-head split of every kv_b_proj."""
@@ -332,7 +446,7 @@ class DeepseekForCausalLM(CausalLM):
         attn = self.model.layers[index].self_attn
         element = (cache.layers[index].kv.element_size() if cache is not None
                    else self.model.embed_tokens.weight.element_size())
-        return {
+        info = {
             "type": "mla",
             "window": None,
             "heads": cfg.num_heads,
@@ -351,3 +465,11 @@ class DeepseekForCausalLM(CausalLM):
             "softmax_scale": attn.softmax_scale,
             "rope_interleaved": attn.interleaved,
         }
+        if isinstance(attn, IndexedMLAttention):  # sparse attention: the indexer's keys are cached too
+            indexer = attn.indexer
+            info.update(type="mla+dsa", index_topk=indexer.topk, index_heads=indexer.heads,
+                        index_head_dim=indexer.head_dim, sparse_mode=attn.mode,
+                        cache_bytes_per_token=(cfg.kv_lora_rank + cfg.qk_rope_head_dim + indexer.head_dim) * element)
+            if cache is not None:
+                info["attended"] = min(indexer.topk, cache.length)
+        return info

@@ -27,6 +27,9 @@ SHARED_OUT = "shared_out"  # the shared experts' output
 
 FINAL_NORM = "final_norm"  # the final norm's output (layer None)
 
+# Sparse attention layers (DeepSeek V3.2).
+INDEXER = "indexer"  # an IndexerChoice
+
 # Costly points: a model computes them only for a recorder that lists them in `optional_points`.
 ATTN_PROBS = "attn_probs"  # an AttentionWeights (an extra QK^T beside the fused attention kernel)
 
@@ -64,3 +67,13 @@ def record_residuals(recorder: Recorder | None, index: int, resid_pre, attn_out,
     if recorder is not None:
         for name, value in zip(RESIDUAL_POINTS, (resid_pre, attn_out, resid_mid, mlp_out, resid_post), strict=True):
             recorder.record(index, name, value)
+
+
+@dataclass
+class IndexerChoice:
+    """What a sparse attention layer's indexer chose for each query of one forward call (for `trace`)."""
+
+    indices: torch.Tensor  # [B, T, k] selected key positions, best first
+    valid: torch.Tensor  # [B, T, k] False where a selection is not visible (fewer than k keys precede)
+    scores: torch.Tensor  # [B, T, S] index scores, -inf where hidden
+    attention: torch.Tensor  # [B, T, S] dense MLA's attention weights without the selection, mean over heads

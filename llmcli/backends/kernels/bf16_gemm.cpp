@@ -7,6 +7,11 @@
 // machine's limit at the time, against 25-33 for oneDNN's prepacked product and 11-17 for F.linear).
 // Many rows reuse each panel slice from L2 for 6 rows at a time (24 accumulators): 420-450 GFLOP/s,
 // oneDNN prepacked 410-450 (benchmarks/bf16_gemm.py).
+//
+// CPUs with AVX2 and FMA but no AVX512-BF16 (AMD before Zen 4, Intel client CPUs) read the same panels:
+// a bf16 value is the top half of a float, so each 32-bit lane of a pair gives its two floats with one
+// shift and one mask. One row streams the panel so; many rows first widen a panel slice to floats in L2
+// and run float32 FMA tiles of 6 rows x 16 outputs over it.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -14,10 +19,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+#if !defined(__AVX512BF16__) && defined(__AVX2__) && defined(__FMA__)
+#define LLMCLI_BF16_AVX2 1
 #endif
 
 namespace {
@@ -78,6 +87,95 @@ inline void store_row(const float* c, const c10::BFloat16* bias, c10::BFloat16* 
 using TileFn = void (*)(const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, float*, bool);
 constexpr TileFn kTiles[kTileRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
 
+#if defined(LLMCLI_BF16_AVX2)
+constexpr int64_t kWideDepth = 1024;  // inputs per pass when widened: a 256 KiB float slice stays in L2
+
+// One row: c[0..63] (+)= x[0..depth) . panel slice, the bf16 pairs turned into floats as they stream in.
+inline void row_avx2(const float* x, const c10::BFloat16* w, int64_t depth, float* c, bool accumulate) {
+  __m256 acc[8];
+  for (int g = 0; g < 8; ++g) acc[g] = accumulate ? _mm256_loadu_ps(c + g * 8) : _mm256_setzero_ps();
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t i = 0; i < depth / 2; ++i, w += kPanel * 2) {
+    const __m256 even = _mm256_set1_ps(x[2 * i]), odd = _mm256_set1_ps(x[2 * i + 1]);
+    for (int g = 0; g < 8; ++g) {  // 8 outputs x 2 inputs per 32 bytes
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 16));
+      acc[g] = _mm256_fmadd_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), acc[g]);
+      acc[g] = _mm256_fmadd_ps(odd, _mm256_castsi256_ps(_mm256_and_si256(v, high)), acc[g]);
+    }
+  }
+  for (int g = 0; g < 8; ++g) _mm256_storeu_ps(c + g * 8, acc[g]);
+}
+
+// The panel slice as floats, wf[k][0..63] for k in [0, depth).
+inline void widen(const c10::BFloat16* w, int64_t depth, float* wf) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t i = 0; i < depth / 2; ++i, w += kPanel * 2, wf += 2 * kPanel)
+    for (int g = 0; g < 8; ++g) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 16));
+      _mm256_storeu_ps(wf + g * 8, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+      _mm256_storeu_ps(wf + kPanel + g * 8, _mm256_castsi256_ps(_mm256_and_si256(v, high)));
+    }
+}
+
+// c[r][0..63] (+)= x[r] . wf for R rows (x row stride ldx), 16 outputs at a time: 2R accumulators.
+template <int R>
+inline void tile_avx2(const float* x, int64_t ldx, const float* wf, int64_t depth, float* c, bool accumulate) {
+  for (int64_t j = 0; j < kPanel; j += 16) {
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < 2; ++h)
+        acc[r][h] = accumulate ? _mm256_loadu_ps(c + r * kPanel + j + h * 8) : _mm256_setzero_ps();
+    for (int64_t k = 0; k < depth; ++k) {
+      const __m256 w0 = _mm256_loadu_ps(wf + k * kPanel + j), w1 = _mm256_loadu_ps(wf + k * kPanel + j + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
+        acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < 2; ++h) _mm256_storeu_ps(c + r * kPanel + j + h * 8, acc[r][h]);
+  }
+}
+
+using WideTileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, bool);
+constexpr WideTileFn kWideTiles[kTileRows + 1] = {nullptr,         tile_avx2<1>, tile_avx2<2>, tile_avx2<3>,
+                                                  tile_avx2<4>, tile_avx2<5>, tile_avx2<6>};
+
+// bf16_linear's loop on AVX2: rows through the same matrix one after another share a widened slice.
+void panels_avx2(const float* xf, const c10::BFloat16* wp, const int64_t* ids, int64_t M, int64_t K,
+                 int64_t panels, const c10::BFloat16* bp, c10::BFloat16* op, int64_t N) {
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> c(M * kPanel), wf;
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t k0 = 0; k0 < K; k0 += kWideDepth) {
+        const int64_t depth = std::min(kWideDepth, K - k0);
+        for (int64_t m = 0; m < M;) {
+          const int64_t e = ids ? ids[m] : 0;
+          int64_t run = 1;
+          while (m + run < M && (ids ? ids[m + run] : 0) == e) ++run;
+          const c10::BFloat16* panel = wp + ((e * panels + p) * K + k0) * kPanel;
+          if (run == 1) {
+            row_avx2(xf + m * K + k0, panel, depth, c.data() + m * kPanel, k0 > 0);
+          } else {
+            wf.resize(depth * kPanel);
+            widen(panel, depth, wf.data());
+            for (int64_t r = 0; r < run; r += kTileRows) {
+              const int64_t rows = std::min(kTileRows, run - r);
+              kWideTiles[rows](xf + (m + r) * K + k0, K, wf.data(), depth, c.data() + (m + r) * kPanel, k0 > 0);
+            }
+          }
+          m += run;
+        }
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < kPanel; ++n)
+          op[m * N + p * kPanel + n] = c10::BFloat16(c[m * kPanel + n] + (bp ? static_cast<float>(bp[p * kPanel + n]) : 0.f));
+    }
+  });
+}
+#endif
+
 // x [M, K] bf16; w [E, N/64, K/2, 64, 2] bf16; bias: optional [N]; experts: optional [M] int64, the
 // matrix each row goes through (MoE), else matrix 0. Returns [M, N] = x @ w[e].T + bias, in bf16.
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
@@ -106,6 +204,11 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::opti
   const c10::BFloat16* xp = x.const_data_ptr<c10::BFloat16>();
   const c10::BFloat16* wp = w.const_data_ptr<c10::BFloat16>();
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+#if defined(LLMCLI_BF16_AVX2)
+  const at::Tensor xf = x.to(at::kFloat);
+  panels_avx2(xf.const_data_ptr<float>(), wp, ids, M, K, panels, bp, op, N);
+  return out;
+#endif
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> c(M * kPanel);  // this panel's sums for every row, across passes over the inputs
     for (int64_t p = begin; p < end; ++p) {
@@ -136,6 +239,17 @@ bool built_with_avx512_bf16() {
 #endif
 }
 
+// The instructions bf16_linear runs on: "avx512_bf16", "avx2" (AVX2 + FMA), or "portable" (plain loops).
+std::string bf16_isa() {
+#if defined(__AVX512BF16__)
+  return "avx512_bf16";
+#elif defined(LLMCLI_BF16_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
 }  // namespace
 
 #ifndef LLMCLI_OPS_NAMESPACE
@@ -145,5 +259,6 @@ bool built_with_avx512_bf16() {
 TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
   m.def("bf16_linear(Tensor x, Tensor w, Tensor? bias, Tensor? experts) -> Tensor");
   m.def("built_with_avx512_bf16() -> bool", &built_with_avx512_bf16);
+  m.def("bf16_isa() -> str", &bf16_isa);
 }
 TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) { m.impl("bf16_linear", &bf16_linear); }

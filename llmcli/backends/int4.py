@@ -1,0 +1,90 @@
+"""Weight-only int4: 4-bit weights with a scale and a zero point per group of GROUP inputs, on torch's own
+int4 product for CPU (`_weight_int4pack_mm_for_cpu`, vectorised by ATen for AVX2 and AVX-512).
+
+A decode step reads every active weight once per token: a quarter of bf16's bytes (plus 4 bytes per group
+of scales) makes it the cheapest format that keeps the model's answers (quality figures in README). The
+grouping is asymmetric: w ≈ (q - 8) * scale + zero with q in 0..15, which expresses GGUF's Q4_0
+(zero = 0, groups of 32) and Q4_1 (zero = min + 8 * scale) exactly, so those files need no re-quantising.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from llmcli.backends.linear import Product
+
+GROUP = 32  # inputs per scale; measured against 64 and 128 (README: quality and decode speed)
+MULTIPLE_OF_OUTPUTS = 16  # torch's packing takes whole groups of 16 output rows
+
+
+def fits(shape: torch.Size | tuple[int, ...], group: int = GROUP) -> bool:
+    return len(shape) == 2 and shape[0] % MULTIPLE_OF_OUTPUTS == 0 and shape[1] % group == 0 and shape[1] > 0
+
+
+@functools.cache
+def available(device_type: str = "cpu") -> bool:
+    """torch's CPU int4 product exists in this build (torch >= 2.5 on x86 and ARM): probe once."""
+    if device_type != "cpu":
+        return False
+    try:
+        q = torch.zeros(16, 32, dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        scales = torch.ones(1, 16, 2, dtype=torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.ones(1, 32, dtype=torch.bfloat16), packed, 32, scales)
+        return bool((out.float() == 32 * (0 - 8 + 1)).all())  # (q - 8) * scale + zero = -7 per input
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def quantize_int4(weight: torch.Tensor, group: int = GROUP,
+                  chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] -> (q [N, K] int32 in 0..15, scale [N, K/group], zero [N, K/group]) in float32, with
+    w ≈ (q - 8) * scale + zero: each group's minimum and maximum map to 0 and 15. A few thousand rows at a
+    time: whole-matrix float copies of a vocabulary-sized head cost gigabytes."""
+    rows, columns = weight.shape
+    q = torch.empty(rows, columns, dtype=torch.int32)
+    scale = torch.empty(rows, columns // group)
+    zero = torch.empty(rows, columns // group)
+    for begin in range(0, rows, chunk_rows):
+        w = weight[begin: begin + chunk_rows].float().reshape(-1, columns // group, group)
+        low, high = w.amin(-1), w.amax(-1)
+        s = ((high - low) / 15).clamp(min=1e-12)
+        q[begin: begin + chunk_rows] = torch.round((w - low[..., None]) / s[..., None]).clamp(0, 15) \
+            .to(torch.int32).reshape(-1, columns)
+        scale[begin: begin + chunk_rows], zero[begin: begin + chunk_rows] = s, low + 8 * s
+    return q, scale, zero
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    group = q.shape[1] // scale.shape[1]
+    return (q.float() - 8) * scale.repeat_interleave(group, 1) + zero.repeat_interleave(group, 1)
+
+
+class Int4Linear(Product, nn.Module):
+    """A drop-in replacement for nn.Linear holding int4 weights (two per byte, in torch's packed layout) and
+    a scale and zero point per group of inputs, in the activations' dtype."""
+
+    def __init__(self, linear: nn.Linear, group: int = GROUP, quantized=None):
+        """`quantized`: (q, scale, zero) from a file already in this format (GGUF Q4_0/Q4_1), else computed."""
+        super().__init__()
+        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
+        dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.bfloat16
+        q, scale, zero = quantized if quantized is not None else quantize_int4(linear.weight.detach(), group)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+        self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], -1).to(dtype).contiguous())
+        self.bias = linear.bias
+
+    @property
+    def label(self) -> str:
+        return f"torch int4 (groups of {self.group})"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype).contiguous()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_and_zeros)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)

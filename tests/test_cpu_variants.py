@@ -1,0 +1,73 @@
+"""Each build of llmcli's bfloat16 kernel that this CPU can run, against a float64 reference on awkward shapes:
+inputs not a multiple of the pass depth, outputs not a multiple of the panel, 1 to 17 rows, rows through
+different experts. Variants the CPU lacks are skipped with the reason; the baseline loops always run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmcli.backends import bf16_kernel
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    out = x.double() @ w.double().T
+    return out if bias is None else out + bias.double()
+
+
+def assert_rounded_from(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Within bf16 rounding of the exact product, plus float32 summation noise."""
+    assert got.dtype == torch.bfloat16
+    error = (got.double() - ref).abs()
+    assert (error <= ref.abs() * 2**-8 + 1e-4 * ref.abs().max()).all(), error.max().item()
+
+
+@pytest.fixture(params=["baseline", "avx2"])
+def ops(request):
+    return request.getfixturevalue("portable_ops" if request.param == "baseline" else "avx2_ops")
+
+
+def test_each_build_says_what_it_runs(portable_ops, avx2_ops):
+    assert portable_ops.bf16_isa() == "portable"
+    assert avx2_ops.bf16_isa() == "avx2" and not avx2_ops.built_with_avx512_bf16()
+
+
+@pytest.mark.parametrize("inputs", [2, 94, 1026, 2050])  # around the 1024 and 2048 pass depths
+@pytest.mark.parametrize("outputs", [64, 72])  # a whole panel; a padded one
+def test_products_on_awkward_shapes(ops, inputs, outputs):
+    torch.manual_seed(inputs + outputs)
+    w, bias = torch.randn(outputs, inputs).bfloat16(), torch.randn(outputs).bfloat16()
+    blocks = bf16_kernel.to_blocks(w)[None]
+    padded_bias = torch.cat([bias, bias.new_zeros(blocks.shape[1] * 64 - outputs)])
+    for rows in range(1, 18):
+        x = torch.randn(rows, inputs).bfloat16()
+        got = ops.bf16_linear(x, blocks, padded_bias, None)[:, :outputs]
+        assert_rounded_from(got, reference(x, w, bias))
+        assert_rounded_from(ops.bf16_linear(x, blocks, None, None)[:, :outputs], reference(x, w))
+
+
+def test_rows_through_their_own_experts(ops):
+    torch.manual_seed(0)
+    weights = [torch.randn(128, 96).bfloat16() for _ in range(3)]
+    stack = torch.stack([bf16_kernel.to_blocks(w) for w in weights])
+    experts = torch.tensor([2, 0, 0, 1, 2, 2, 2, 2, 2, 2, 2, 2, 0, 1, 1])  # runs of 1, 2 and beyond a 6-row tile
+    x = torch.randn(len(experts), 96).bfloat16()
+    got = ops.bf16_linear(x, stack, None, experts)
+    for row, expert in enumerate(experts.tolist()):
+        assert_rounded_from(got[row: row + 1], reference(x[row: row + 1], weights[expert]))
+
+
+def test_the_native_build_agrees_with_the_baseline(portable_ops):
+    """The build llmcli loads here (whatever this CPU has) gives the baseline's products within rounding."""
+    if not bf16_kernel.available()[0]:
+        pytest.skip("llmcli's kernels do not run a fast bfloat16 path on this CPU")
+    torch.manual_seed(1)
+    w = torch.randn(200, 4864).bfloat16()
+    blocks = bf16_kernel.to_blocks(w)[None]
+    for rows in (1, 3, 13):
+        x = torch.randn(rows, 4864).bfloat16()
+        native = torch.ops.llmcli.bf16_linear(x, blocks, None, None)
+        baseline = portable_ops.bf16_linear(x, blocks, None, None)
+        ref = reference(x, w)
+        assert_rounded_from(native[:, :200], ref)
+        assert_rounded_from(baseline[:, :200], ref)

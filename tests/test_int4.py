@@ -1,0 +1,97 @@
+"""Weight-only int4 (`--quantize int4`): the format's arithmetic, the module, what loading swaps in, sizes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmcli.backends import int4
+from llmcli.backends.int4 import Int4Linear, dequantize_int4, quantize_int4
+
+pytestmark = pytest.mark.skipif(not int4.available(), reason="this torch build has no CPU int4 product")
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_reconstruction_within_half_a_step_per_group(group):
+    torch.manual_seed(group)
+    w = torch.randn(48, 256) * torch.rand(48, 1) * 3  # rows of different ranges
+    q, scale, zero = quantize_int4(w, group, chunk_rows=16)  # several chunks
+    assert q.min() >= 0 and q.max() <= 15
+    error = (dequantize_int4(q, scale, zero) - w).abs()
+    step = scale.repeat_interleave(group, 1)
+    assert (error <= step / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17, 128])
+def test_product_equals_the_dequantised_weight(rows):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(96, 80)  # 80 outputs: whole groups of 16
+    module = Int4Linear(linear)
+    w = dequantize_int4(*quantize_int4(linear.weight.detach()))
+    x = torch.randn(2, rows, 96)
+    expected = x.double() @ w.double().T + linear.bias.double()
+    assert torch.allclose(module(x).double(), expected, atol=1e-4, rtol=1e-4)
+    half = linear.bfloat16()  # bfloat16 activations, scales and zero points: within bf16 rounding of the sums
+    q, scale, zero = quantize_int4(half.weight.detach())
+    w = dequantize_int4(q, scale.bfloat16().float(), zero.bfloat16().float())
+    xb = x.bfloat16()
+    got = Int4Linear(half)(xb)
+    assert got.dtype == torch.bfloat16
+    expected = xb.double() @ w.double().T + half.bias.double()
+    magnitude = xb.double().abs() @ w.double().abs().T + half.bias.double().abs()
+    assert ((got.double() - expected).abs() <= 2**-7 * magnitude).all()
+
+
+def test_gguf_q4_0_and_q4_1_blocks_are_expressed_exactly():
+    """Q4_0: w = d * (q - 8); Q4_1: w = d * q + m, groups of 32: both given to Int4Linear without re-quantising."""
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (32, 64), dtype=torch.int32)
+    d, m = torch.rand(32, 2) * 0.1, torch.randn(32, 2) * 0.1
+    linear = torch.nn.Linear(64, 32, bias=False)
+    q4_0 = Int4Linear(linear.float(), quantized=(q, d, torch.zeros_like(d)))
+    q4_1 = Int4Linear(linear.float(), quantized=(q, d, m + 8 * d))
+    x = torch.randn(3, 64)
+    w0 = d.repeat_interleave(32, 1) * (q.float() - 8)
+    w1 = d.repeat_interleave(32, 1) * q.float() + m.repeat_interleave(32, 1)
+    assert torch.allclose(q4_0(x), x @ w0.T, atol=1e-5)
+    assert torch.allclose(q4_1(x), x @ w1.T, atol=1e-5)
+
+
+def test_loading_quantises_linears_keeps_the_head_int8_and_misfits_too(tmp_path):
+    from llmcli.backends.int8 import Int8Linear, weight_bytes
+    from llmcli.config import load_config
+    from llmcli.demo import ensure_demo
+    from llmcli.formats.safetensors import read_checkpoint
+    from llmcli.loader import load_model
+    from llmcli.memory import loaded_tensors
+    from llmcli.memory import weight_bytes as estimated_bytes
+
+    path = ensure_demo("demo-qwen")
+    loaded = load_model("demo-qwen", path, device="cpu", dtype="bfloat16", quantize="int4")
+    kinds = {name: type(m).__name__ for name, m in loaded.model.named_modules() if isinstance(m, (Int4Linear,
+                                                                                                    Int8Linear))}
+    assert kinds.pop("lm_head") == "Int8Linear"
+    assert kinds and set(kinds.values()) == {"Int4Linear"}
+    cfg = load_config(path)
+    estimate = estimated_bytes(cfg, loaded_tensors(cfg, read_checkpoint(path)), "bfloat16", "int4")
+    assert abs(weight_bytes(loaded.model) - estimate) <= 0.01 * estimate  # what `show` reports
+    misfit = torch.nn.Linear(64, 40).bfloat16()  # 40 outputs: not whole groups of 16
+    assert not int4.fits(misfit.weight.shape) and int4.fits((48, 64))
+
+
+def test_int4_tokens_follow_bfloat16_and_cli_reports_it(run_cli):
+    code, out, err = run_cli("generate", "demo-deepseek", "-p", "a b c", "-n", "3", "--raw", "--json",
+                             "--dtype", "bfloat16")
+    assert code == 0, err
+    bf16 = json.loads(out)["token_ids"]
+    code, out, err = run_cli("generate", "demo-deepseek", "-p", "a b c", "-n", "3", "--raw", "--json",
+                             "--dtype", "bfloat16", "--quantize", "int4")
+    assert code == 0, err
+    assert json.loads(out)["token_ids"][:1] == bf16[:1]
+
+
+def test_unknown_quantize_mode_is_one_line(run_cli):
+    code, _, err = run_cli("generate", "demo-qwen", "-p", "hi", "--quantize", "int3")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "int3" in err
