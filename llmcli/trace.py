@@ -15,9 +15,19 @@ import torch
 
 from llmcli.backends.runner import as_runner
 from llmcli.errors import LlmcliError
-from llmcli.models.hooks import FINAL_NORM, INDEXER, RESIDUAL_POINTS, ROUTED_OUT, ROUTER, SHARED_OUT
+from llmcli.models.hooks import (
+    ATTN_PROBS,
+    FINAL_NORM,
+    INDEXER,
+    RESID_POST,
+    RESIDUAL_POINTS,
+    ROUTED_OUT,
+    ROUTER,
+    SHARED_OUT,
+)
 from llmcli.trace_dsa import IndexerLog, indexer_summary
 from llmcli.trace_hybrid import HYBRID_POINTS, MixerLog, mixer_summary
+from llmcli.trace_stats import AttentionStats, LogitLens
 
 HOOK_POINTS = RESIDUAL_POINTS  # the points every layer records, in order
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Attention is all you need."
@@ -92,12 +102,17 @@ class TraceRecorder:
     """Collects per-token RMS and max |x| at every recorded point, and MoE router choices.
 
     `layers`: indices to keep (None = all); other layers' records are ignored cheaply. Results stay
-    on the model's device until `finish()`, so recording never forces a device sync."""
+    on the model's device until `finish()`, so recording never forces a device sync. `lens` and
+    `attention` (llmcli.trace_stats) add the logit lens and attention statistics."""
 
-    def __init__(self, layers: list[int] | None = None):
+    def __init__(self, layers: list[int] | None = None, lens: LogitLens | None = None,
+                 attention: AttentionStats | None = None):
         self.layers = None if layers is None else set(layers)
+        self.lens, self.attention = lens, attention
+        self.optional_points = (ATTN_PROBS,) if attention is not None else ()  # what the model computes extra
         self._rms: dict[tuple[int | None, str], list[torch.Tensor]] = {}
         self._max: dict[tuple[int | None, str], list[torch.Tensor]] = {}
+        self._max_tok: dict[tuple[int | None, str], list[torch.Tensor]] = {}
         self.routers: dict[int, RouterLog] = {}
         self.indexers: dict[int, IndexerLog] = {}  # sparse attention layers (llmcli.trace_dsa)
         self.mixers: dict[int, MixerLog] = {}  # hybrid models' DeltaNet / gated attention records
@@ -124,13 +139,24 @@ class TraceRecorder:
             log.entropy.append(score_entropy(value.scores).reshape(-1))
             log.num_experts = int(value.scores.shape[-1])
             return
+        if name == ATTN_PROBS:
+            if self.attention is not None:
+                self.attention.add(layer, value)
+            return
         if name == INDEXER:
             self.indexers.setdefault(layer, IndexerLog()).add(value)
             return
         if not isinstance(value, torch.Tensor):
             return  # unknown non-tensor observations are not ours to interpret
         self._rms.setdefault((layer, name), []).append(token_rms(value))
-        self._max.setdefault((layer, name), []).append(value.detach().abs().amax().float())
+        per_token_max = value.detach().reshape(-1, value.shape[-1]).abs().amax(-1).float()
+        self._max_tok.setdefault((layer, name), []).append(per_token_max)
+        self._max.setdefault((layer, name), []).append(per_token_max.amax())
+        if self.lens is not None:
+            if name == RESID_POST:
+                self.lens.hold(layer, value)
+            elif name == FINAL_NORM:
+                self.lens.finish_call(value)
 
     # results (call after the forward passes) ----------------------------------------------------
 
@@ -142,8 +168,12 @@ class TraceRecorder:
         parts = self._max.get((layer, name))
         return float(torch.stack(parts).max().cpu()) if parts else None
 
+    def max_abs_per_token(self, layer: int | None, name: str) -> list[float]:
+        parts = self._max_tok.get((layer, name))
+        return torch.cat(parts).cpu().tolist() if parts else []
+
     def tensor_points(self, layer: int | None) -> list[str]:
-        return [n for n in self.points.get(layer, []) if n not in (ROUTER, INDEXER)]
+        return [n for n in self.points.get(layer, []) if n not in (ROUTER, INDEXER, ATTN_PROBS)]
 
 
 # -- running a trace ------------------------------------------------------------------------------
@@ -205,11 +235,12 @@ def _argmax(logits: torch.Tensor) -> int:
 
 
 def run_trace(model, prompt_ids: list[int], layers: list[int] | None = None, generate: int = 0,
-              stop_ids=()) -> TraceRun:
+              stop_ids=(), logit_lens: int = 0, attention_stats: bool = False) -> TraceRun:
     """Prefill `prompt_ids` with a recorder, then `generate` greedy decode steps, also recorded.
 
     Decoding feeds each greedy choice back in; it ends early when a stop token is predicted. `model`: a
-    model or its runner (a compiled step is never used: it records nothing)."""
+    model or its runner (a compiled step is never used: it records nothing). `logit_lens` K > 0 adds the
+    top-K tokens after every layer; `attention_stats` the per-head attention statistics."""
     runner = as_runner(model)
     model = runner.model
     if not prompt_ids:
@@ -221,7 +252,8 @@ def run_trace(model, prompt_ids: list[int], layers: list[int] | None = None, gen
     if total > limit:
         raise LlmcliError(f"prompt ({len(prompt_ids)} tokens) + --generate {generate} exceeds the context "
                           f"of {limit} tokens")
-    recorder = TraceRecorder(layers)
+    lens = LogitLens(model.model.norm, model.lm_head, logit_lens) if logit_lens > 0 else None
+    recorder = TraceRecorder(layers, lens, AttentionStats() if attention_stats else None)
     device = runner.device
     cache = model.make_cache(1, total)
     stop_ids = set(stop_ids)
@@ -280,24 +312,26 @@ def layer_kind(model, index: int, rec: TraceRecorder) -> str:
     return "moe" if moe else "dense"
 
 
-def point_stats(rec: TraceRecorder, layer: int | None, names) -> tuple[dict, dict, dict]:
-    rms, max_abs, per_token = {}, {}, {}
+def point_stats(rec: TraceRecorder, layer: int | None, names) -> tuple[dict, dict, dict, dict]:
+    rms, max_abs, per_token, max_per_token = {}, {}, {}, {}
     for name in names:
         values = rec.rms_per_token(layer, name)
         rms[name] = _r(_mean(values))
         max_abs[name] = _r(rec.max_abs(layer, name))
         per_token[name] = [_r(v) for v in values]
-    return rms, max_abs, per_token
+        max_per_token[name] = [_r(v) for v in rec.max_abs_per_token(layer, name)]
+    return rms, max_abs, per_token, max_per_token
 
 
-def build_trace_json(run: TraceRun, model, tokenizer, model_name: str) -> dict:
-    """Everything the tables show, as one JSON-ready dict (schema in the README / `trace --help`)."""
+def build_trace_json(run: TraceRun, model, tokenizer, model_name: str, settings: dict | None = None) -> dict:
+    """Everything the tables show, as one JSON-ready dict (schema in the README / `trace --help`).
+    `settings`: how the trace was run (prompt, dtype, options), copied into the result as is."""
     rec = run.recorder
     token_strings = tokenizer.token_strings if tokenizer is not None else (lambda ids: [str(i) for i in ids])
     layers = []
     for pos, index in enumerate(run.layers):
         names = list(HOOK_POINTS) + [n for n in rec.tensor_points(index) if n not in HOOK_POINTS]
-        rms, max_abs, per_token = point_stats(rec, index, names)
+        rms, max_abs, per_token, max_per_token = point_stats(rec, index, names)
         log = rec.routers.get(index)
         layers.append({
             "index": index,
@@ -306,14 +340,19 @@ def build_trace_json(run: TraceRun, model, tokenizer, model_name: str) -> dict:
             "rms": rms,
             "max_abs": max_abs,
             "rms_per_token": per_token,
+            "max_abs_per_token": max_per_token,
             "attention": run.attention[pos],
             "router": router_summary(log, rec, index) if log else None,
+            "logit_lens": rec.lens.layer_json(index, token_strings, _r) if rec.lens else None,
+            "attention_stats": rec.attention.layer_json(index, _r) if rec.attention else None,
             "indexer": indexer_summary(rec.indexers[index]) if index in rec.indexers else None,
             **mixer_summary(rec.mixers.get(index)),
         })
     final = rec.rms_per_token(None, FINAL_NORM)
     return {
         "model": model_name,
+        "settings": dict(settings or {}),
+        "logit_lens": rec.lens.summary_json(token_strings) if rec.lens else None,
         "num_layers": run.num_layers,
         "token_ids": run.token_ids,
         "tokens": token_strings(run.token_ids),

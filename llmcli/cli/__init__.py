@@ -40,6 +40,7 @@ add_examples(app)
 
 def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
+    argv = trace.optional_lens_value(sys.argv[1:] if argv is None else list(argv))
     try:
         result = command.main(args=argv, prog_name="llmcli", standalone_mode=False)
     except EXIT_ERRORS as exc:

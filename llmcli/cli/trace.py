@@ -40,7 +40,35 @@ TRACE_HELP = "\n\n".join([
     "Sparse attention (DeepSeek-V3.2's DSA): per query the positions the indexer kept (--tokens, JSON "
     "`layers[].indexer`), their overlap with the positions dense attention weighs most, and the entropy "
     "of the index scores. Example: llmcli trace deepseek-v3.2 -p 'a long prompt' --tokens --layer 5",
+    "--logit-lens [K] adds, after every layer, the top-K tokens (default 5) through the final norm and head "
+    "and the probability of the token the model finally predicts; --attention-stats adds per layer and head "
+    "the attention entropy, the mass on the first token (sink) and the mean attended distance; --html FILE "
+    "writes one self-contained page (heatmaps with hover values, no network needed to view it).",
+    "Examples: llmcli trace demo-deepseek --logit-lens --attention-stats --html trace.html · "
+    "llmcli trace Qwen/Qwen2.5-0.5B-Instruct -p 'The capital of France is' --logit-lens 3",
 ])
+LENS_DEFAULT_K = 5
+# Options of `trace` that take a value: their value is never read as an option name.
+VALUE_OPTIONS = {"--prompt", "-p", "--layer", "-l", "--generate", "-g", "--json", "--html", "--window", "--device",
+                 "--dtype", "--logit-lens"}
+
+
+def optional_lens_value(args: list[str]) -> list[str]:
+    """`trace ... --logit-lens` without a number means K = 5 (Typer options cannot have optional values):
+    the default is inserted where no integer follows. Only the `trace` command's arguments are touched."""
+    if not args or args[0] != "trace" or "--logit-lens" not in args:
+        return args
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        out.append(arg)
+        if arg == "--logit-lens" and (i + 1 == len(args) or not args[i + 1].isdigit()):
+            out.append(str(LENS_DEFAULT_K))
+        elif arg in VALUE_OPTIONS and i + 1 < len(args):
+            out.append(args[i + 1])
+            i += 1
+        i += 1
+    return out
 
 
 def write_json(data: dict, target: str) -> None:
@@ -69,6 +97,13 @@ def trace_command(
     json_out: str | None = typer.Option(None, "--json", metavar="FILE|-",
                                         help="Write everything as JSON to FILE, or to stdout with '-' "
                                              "(then no tables)."),
+    html_out: str | None = typer.Option(None, "--html", metavar="FILE",
+                                        help="Write a self-contained HTML report (heatmaps, hover values)."),
+    logit_lens: int = typer.Option(0, "--logit-lens", metavar="[K]", min=0, max=100,
+                                   help=f"Top-K tokens after every layer (the logit lens; K defaults to "
+                                        f"{LENS_DEFAULT_K})."),
+    attention_stats: bool = typer.Option(False, "--attention-stats",
+                                         help="Attention entropy, first-token mass and mean distance per head."),
     chat: bool = typer.Option(False, "--chat/--raw", help="Wrap the prompt in the chat template (default: raw)."),
     no_logn: bool = NO_LOGN_OPT,
     no_ntk: bool = NO_NTK_OPT,
@@ -80,7 +115,8 @@ def trace_command(
 ) -> None:
     from llmcli.cli.generate import prompt_token_ids, stop_token_ids
     from llmcli.trace import DEFAULT_PROMPT, build_trace_json, parse_layer_specs, run_trace, select_layers
-    from llmcli.trace_render import render_trace
+    from llmcli.trace_html import write_trace_html
+    from llmcli.trace_overview import render_report
 
     parse_layer_specs(layer)  # bad syntax fails before the model loads
     text = read_stdin() if prompt == "-" else clean_text(prompt if prompt is not None else DEFAULT_PROMPT)
@@ -88,11 +124,18 @@ def trace_command(
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     layers = select_layers(layer, loaded.config.num_layers, loaded.name)
     ids = prompt_token_ids(loaded, text, chat, None)
-    run = run_trace(loaded.runner, ids, layers, generate, stop_token_ids(loaded))
-    data = build_trace_json(run, loaded.model, loaded.tokenizer, loaded.name)
+    run = run_trace(loaded.runner, ids, layers, generate, stop_token_ids(loaded), logit_lens, attention_stats)
+    settings = {"prompt": text, "chat": chat, "generate": generate, "layers": layer or None,
+                "dtype": str(loaded.model.model.embed_tokens.weight.dtype).removeprefix("torch."),
+                "device": str(loaded.runner.device), "window": window, "no_logn": no_logn, "no_ntk": no_ntk,
+                "logit_lens": logit_lens, "attention_stats": attention_stats}
+    data = build_trace_json(run, loaded.model, loaded.tokenizer, loaded.name, settings)
+    if html_out:
+        size = write_trace_html(data, html_out)
+        err_console.print(f"wrote {html_out} ({size / 1e6:.2f} MB)", style="dim")
     if json_out == "-":
         write_json(data, "-")
         return
-    render_trace(data, Console(highlight=False), per_token=tokens, filtered=layers is not None)
+    render_report(data, Console(highlight=False), per_token=tokens, filtered=layers is not None)
     if json_out:
         write_json(data, json_out)

@@ -25,15 +25,18 @@ from llmcli.models.base import CausalLM, FusesProjections
 from llmcli.models.cache import Cache, LatentLayerCache, Span
 from llmcli.models.dsa import IndexedLatentCache, Indexer, gathered_attention, select, selection_mask
 from llmcli.models.hooks import (
+    ATTN_PROBS,
     INDEXER,
     ROUTED_OUT,
     ROUTER,
     SHARED_OUT,
+    AttentionWeights,
     IndexerChoice,
     RouterChoice,
+    asks,
     record_residuals,
 )
-from llmcli.models.layers import Experts, RMSNorm, SwiGLU, causal_mask, fuse_linears
+from llmcli.models.layers import Experts, RMSNorm, SwiGLU, attention_probs, causal_mask, fuse_linears
 from llmcli.models.rope import pair_cos_sin, rope_inv_freq, rotate_pairs, yarn_softmax_scale
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the fixed default, not rms_norm_eps
@@ -43,8 +46,9 @@ _LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class MLAttention(FusesProjections, nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
+        self.index = index  # the layer's, for what is recorded
         self.num_heads = cfg.num_heads
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.rank = cfg.kv_lora_rank
@@ -73,7 +77,19 @@ class MLAttention(FusesProjections, nn.Module):
     def forward(self, x, cos, sin, layer_cache: LatentLayerCache, span: Span, absorbed: bool,
                 recorder=None) -> torch.Tensor:
         q_nope, q_pe, _, latent = self.project(x, cos, sin, layer_cache, span)
+        if asks(recorder, ATTN_PROBS) and not span.static:  # beside the attention below, which stays as it is
+            probs = self.absorbed_probs(q_nope, q_pe, latent, span.start)
+            recorder.record(self.index, ATTN_PROBS, AttentionWeights(probs, span.start))
         return self.output(self.attend(q_nope, q_pe, latent, span, absorbed))
+
+    def absorbed_probs(self, q_nope, q_pe, latent, start: int) -> torch.Tensor:
+        """Attention probabilities [B, H, T, total] from the absorbed scores (q_nope W_UK) . c_kv + q_pe . k_pe
+        on the latent cache (equal to the expanded form's), in float32, for a recorder that asks."""
+        w_uk, _ = self.absorbed_weights()
+        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope.float(), w_uk.float())
+        q = torch.cat((q_latent, q_pe.float()), dim=-1)
+        scores = torch.matmul(q, latent.float()[:, None].transpose(-1, -2)) * self.softmax_scale
+        return attention_probs(scores, start)
 
     def attend(self, q_nope, q_pe, latent, span: Span, absorbed: bool, allowed=None, selected=None) -> torch.Tensor:
         """Attention in the form the call asks for -> [B, H, T, v_dim]. `allowed` [B, T, total] replaces the
@@ -320,7 +336,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.index = index
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = IndexedMLAttention(cfg, index) if cfg.family == "deepseek_v32" else MLAttention(cfg)
+        self.self_attn = IndexedMLAttention(cfg, index) if cfg.family == "deepseek_v32" else MLAttention(cfg, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(index)
         self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)

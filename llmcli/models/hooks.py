@@ -36,6 +36,9 @@ DELTA_BETA = "delta_beta"  # [B, T, nv] write strength beta in (0, 1)
 DELTA_GATE = "delta_gate"  # [B, T, nv] mean |SiLU(z)|: how much of each head's output the gate lets through
 ATTN_GATE = "attn_gate"  # [B, T, heads] mean sigmoid output gate of a gated full-attention layer
 
+# Costly points: a model computes them only for a recorder that lists them in `optional_points`.
+ATTN_PROBS = "attn_probs"  # an AttentionWeights (an extra QK^T beside the fused attention kernel)
+
 
 class Recorder(Protocol):
     def record(self, layer: int | None, name: str, value) -> None: ...
@@ -49,6 +52,19 @@ class RouterChoice:
     weights: torch.Tensor  # [T, k] the weights the expert outputs are mixed with
     scores: torch.Tensor  # [T, E] router probabilities (softmax or sigmoid), before any choice bias
     groups: torch.Tensor | None = None  # [T, topk_group] groups kept by group-limited routing
+
+
+@dataclass
+class AttentionWeights:
+    """Every query's attention distribution over the keys, computed beside (not instead of) the kernel."""
+
+    probs: torch.Tensor  # [B, H, T, total] float32; masked keys hold 0
+    query_start: int  # position of the first query (keys are positions 0..total-1)
+
+
+def asks(recorder: Recorder | None, name: str) -> bool:
+    """Does the recorder want the costly point `name`? (Plain recorders never do.)"""
+    return recorder is not None and name in getattr(recorder, "optional_points", ())
 
 
 def record_residuals(recorder: Recorder | None, index: int, resid_pre, attn_out, resid_mid, mlp_out,

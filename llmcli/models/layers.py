@@ -130,6 +130,27 @@ def causal_mask(start: int, length: int, total: int, device) -> torch.Tensor:
     return torch.arange(total, device=device)[None, :] <= query
 
 
+def attention_probs(scores: torch.Tensor, start: int, window: int | None = None) -> torch.Tensor:
+    """softmax over keys of `scores` [B, H, T, total] (float32) for queries at start..start+T-1, with the
+    causal and window mask: the distribution the attention kernels use internally, made explicit."""
+    t, total = scores.shape[-2:]
+    query = torch.arange(start, start + t, device=scores.device)[:, None]
+    key = torch.arange(total, device=scores.device)[None, :]
+    allowed = key <= query
+    if window is not None:
+        allowed &= key > query - window
+    return scores.float().masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+
+
+def head_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None, start: int, window: int | None
+               ) -> torch.Tensor:
+    """Attention probabilities [B, H, T, total] of q [B, H, T, D] over k [B, KV, total, D] (H a multiple
+    of KV), for a recorder that asks for them."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return attention_probs(torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale, start, window)
+
+
 # -- attention of one query ------------------------------------------------------------------------
 
 

@@ -24,12 +24,13 @@ from llmcli.config import ModelConfig
 from llmcli.errors import LlmcliError
 from llmcli.models.base import CausalLM, FusesProjections
 from llmcli.models.cache import Cache, KVLayerCache, Span
-from llmcli.models.hooks import record_residuals
+from llmcli.models.hooks import ATTN_PROBS, AttentionWeights, asks, record_residuals
 from llmcli.models.layers import (
     RMSNorm,
     SwiGLU,
     attention_mask,
     fuse_linears,
+    head_probs,
     one_query_attention,
     one_query_attention_eager,
 )
@@ -51,8 +52,9 @@ QWEN1_NTK_CONTEXT = 32768
 
 
 class Attention(FusesProjections, nn.Module):
-    def __init__(self, cfg: ModelConfig, window: int | None):
+    def __init__(self, cfg: ModelConfig, window: int | None, index: int = 0):
         super().__init__()
+        self.index = index  # the layer's, for what is recorded
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.window = window
         # Partial rotary (original Qwen's rotary_pct < 1): only the first rotary_dim dims are rotated.
@@ -83,7 +85,8 @@ class Attention(FusesProjections, nn.Module):
             y = torch.cat((apply_rope(y[..., :self.rotary_dim], cos, sin), y[..., self.rotary_dim:]), dim=-1)
         return y.to(x.dtype)
 
-    def forward(self, x, cos, sin, layer_cache: KVLayerCache, span: Span, q_scale=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, layer_cache: KVLayerCache, span: Span, q_scale=None, recorder=None
+                ) -> torch.Tensor:
         """`q_scale` (LogN): a float for one eager query (folded into the softmax scale), else [T, 1]."""
         b, t, _ = x.shape
         if self.qkv_sizes is not None:
@@ -103,6 +106,9 @@ class Attention(FusesProjections, nn.Module):
         elif q_scale is not None:
             q = q * q_scale
         k, v = layer_cache.update(span, k, v)
+        if asks(recorder, ATTN_PROBS) and not span.static:  # beside the kernel below, which stays as it is
+            probs = head_probs(q, k, scale, span.start, self.window)
+            recorder.record(self.index, ATTN_PROBS, AttentionWeights(probs, span.start))
         mask, causal = attention_mask(span, t, k.shape[2], self.window, x.device)
         if span.static:  # a compiled decode step over the whole static cache
             out = one_query_attention(q, k, v, mask, scale)
@@ -119,13 +125,13 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.index = index
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, cfg.layer_windows[index] if cfg.layer_windows else None)
+        self.self_attn = Attention(cfg, cfg.layer_windows[index] if cfg.layer_windows else None, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(index)  # Qwen2-MoE / Qwen3-MoE
         self.mlp = SparseMoeBlock(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, cache, span: Span, recorder=None, q_scale=None) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache.layers[self.index], span, q_scale)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache.layers[self.index], span, q_scale, recorder)
         mid = x + attn
         h = self.post_attention_layernorm(mid)
         mlp = self.mlp(h, self.index, recorder) if self.is_moe else self.mlp(h)
