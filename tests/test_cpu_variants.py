@@ -8,18 +8,7 @@ import pytest
 import torch
 
 from llmcli.backends import bf16_kernel
-
-
-def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    out = x.double() @ w.double().T
-    return out if bias is None else out + bias.double()
-
-
-def assert_rounded_from(got: torch.Tensor, ref: torch.Tensor) -> None:
-    """Within bf16 rounding of the exact product, plus float32 summation noise."""
-    assert got.dtype == torch.bfloat16
-    error = (got.double() - ref).abs()
-    assert (error <= ref.abs() * 2**-8 + 1e-4 * ref.abs().max()).all(), error.max().item()
+from tests.test_bf16_kernel import assert_rounded_from, reference  # float64 reference, bf16 rounding
 
 
 @pytest.fixture(params=["baseline", "avx2"])

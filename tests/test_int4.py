@@ -95,3 +95,12 @@ def test_int4_tokens_follow_bfloat16_and_cli_reports_it(run_cli):
 def test_unknown_quantize_mode_is_one_line(run_cli):
     code, _, err = run_cli("generate", "demo-qwen", "-p", "hi", "--quantize", "int3")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "int3" in err
+
+
+def test_trace_runs_on_int4_weights_and_says_so(run_cli, tmp_path):
+    out = tmp_path / "trace.json"
+    code, _, err = run_cli("trace", "demo-deepseek", "--quantize", "int4", "--json", out)
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["settings"]["quantize"] == "int4"
+    assert any(layer["router"] for layer in data["layers"])  # router choices still recorded

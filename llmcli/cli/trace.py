@@ -17,10 +17,12 @@ from llmcli.cli.common import (
     MODEL_ARG,
     NO_LOGN_OPT,
     NO_NTK_OPT,
+    QUANTIZE_OPT,
     WINDOW_OPT,
     YES_OPT,
     Device,
     DType,
+    Quantize,
     apply_attention_overrides,
     clean_text,
     err_console,
@@ -111,6 +113,7 @@ def trace_command(
     device: Device = DEVICE_OPT,
     dtype: DType = DTYPE_OPT,
     yes: bool = YES_OPT,
+    quantize: Quantize | None = QUANTIZE_OPT,
     force: bool = FORCE_OPT,
 ) -> None:
     from llmcli.cli.generate import prompt_token_ids, stop_token_ids
@@ -120,7 +123,7 @@ def trace_command(
 
     parse_layer_specs(layer)  # bad syntax fails before the model loads
     text = read_stdin() if prompt == "-" else clean_text(prompt if prompt is not None else DEFAULT_PROMPT)
-    loaded = load_model(model, device, dtype, yes=yes, force=force)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, force=force)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     layers = select_layers(layer, loaded.config.num_layers, loaded.name)
     ids = prompt_token_ids(loaded, text, chat, None)
@@ -128,7 +131,8 @@ def trace_command(
     settings = {"prompt": text, "chat": chat, "generate": generate, "layers": layer or None,
                 "dtype": str(loaded.model.model.embed_tokens.weight.dtype).removeprefix("torch."),
                 "device": str(loaded.runner.device), "window": window, "no_logn": no_logn, "no_ntk": no_ntk,
-                "logit_lens": logit_lens, "attention_stats": attention_stats}
+                "logit_lens": logit_lens, "attention_stats": attention_stats,
+                "quantize": quantize.value if quantize else None}
     data = build_trace_json(run, loaded.model, loaded.tokenizer, loaded.name, settings)
     if html_out:
         size = write_trace_html(data, html_out)
