@@ -17,6 +17,8 @@ EXAMPLES: dict[str, list[str]] = {
     "pull": ["llmcli pull qwen3-0.6b", "llmcli pull Qwen/Qwen2.5-7B-Instruct --revision main"],
     "list": ["llmcli list", "llmcli list --json"],
     "show": ["llmcli show deepseek-v3", "llmcli show qwen2.5-7b-instruct --json"],
+    "serve": ["llmcli serve qwen2.5-0.5b-instruct",
+              "llmcli serve demo-qwen --port 8080 --api-key secret --max-batch 8"],
     "doctor": ["llmcli doctor", "llmcli doctor --json", "llmcli doctor --remeasure"],
 }
 
