@@ -8,6 +8,7 @@ llmcli's cache. Each checkpoint (random weights, the Qwen2.5-0.5B shape and a sm
 with the real tokenizer of the family so that llama.cpp's converter accepts it) is converted with
 llama.cpp's own `convert_hf_to_gguf.py` to BF16, then `llama-quantize` makes Q8_0 and Q4_0. Then
 `llama-bench` and `llmcli bench` run prompt P and decode N, one after the other, and one table is printed.
+The converter imports `sentencepiece` even for BPE vocabularies: `pip install sentencepiece` first.
 """
 
 from __future__ import annotations

@@ -139,9 +139,10 @@ def load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
-def is_busy(load: float) -> bool:
-    """Busier than half the cores: a copy then shares the memory bus and reads low."""
-    return load > 0.5 * (os.cpu_count() or 1)
+def is_busy(load: float, own: float = 1.0) -> bool:
+    """Other work on more than half the cores, beyond `own` (this process's busy threads, which the load
+    average counts too): a copy or a timed run then shares the cores and the memory bus, and reads low."""
+    return load - own > 0.5 * (os.cpu_count() or 1)
 
 
 def machine_bandwidth(device: torch.device, cache_file: Path | None = None,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.backends import int8_kernel
+from llmcli.backends.cpu_kernels import cpu_model
 from llmcli.backends.int8_kernel import CHUNK, ROWS, to_blocks
 from llmcli.backends.linear import Product, one_row, one_row_linear
 
@@ -111,11 +112,22 @@ class Int8Linear(Product, nn.Module):
         # activations' dtype (int8 values are exact in bf16) is 2-2.6x faster (128 and 512 rows, 0.5B shapes).
         if not self.blocked and self.packed and rows <= INT8PACK_ROWS and x2.dtype == self.scales.dtype:
             out = torch._weight_int8pack_mm(x2.contiguous(), self.int8_weight(), self.scales)
+        elif x2.dtype == torch.bfloat16 and x2.is_cpu and not bf16_matmul_is_fast():
+            # CPUs without AVX512-BF16 multiply bfloat16 slowly (Zen 3, 128 rows: 8 GFLOP/s, float32 28): the
+            # int8 values are exact in float32 too, and the product is summed in float32 either way.
+            out = (F.linear(x2.float(), self.int8_weight(torch.float32)) * self.scales.float()).to(x2.dtype)
         else:
             out = F.linear(x2, self.int8_weight(x2.dtype)) * self.scales.to(x2.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
+
+
+@functools.cache
+def bf16_matmul_is_fast() -> bool:
+    """Does this CPU multiply bfloat16 natively (AVX512-BF16 or AMX), so that torch's bfloat16 GEMM beats float32?"""
+    flags = cpu_model().split()  # the /proc/cpuinfo flags line
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def weight_bytes(model: nn.Module) -> int:

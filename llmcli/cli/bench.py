@@ -216,6 +216,8 @@ def bench_command(
 def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=False, quantize=None,
             compile=False, force=False):
     """Load, run every workload on every backend, return (BenchReport, MoE note or None)."""
+    import torch
+
     from llmcli import bench, machine
 
     if compare is Compare.transformers:  # before the slow parts
@@ -249,7 +251,7 @@ def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=Fa
     if reference is not None:
         reference.close()
     env = bench.environment(loaded.device, loaded.dtype, bandwidth, source, reference)
-    if machine.is_busy(env.get("load_average_1m", 0.0)):
+    if machine.is_busy(env.get("load_average_1m", 0.0), own=torch.get_num_threads()):
         err_console.print(f"note: the machine is busy (load {env['load_average_1m']}): figures will be low and "
                           "noisy", style="yellow")
     env["quantize"] = quantize.value if quantize else None
