@@ -268,8 +268,13 @@ def files_section(report: Report) -> None:
 
 
 def found_models(hub: Path) -> list[dict]:
-    """Complete model snapshots in the Hugging Face cache (newest snapshot per repo)."""
-    found = []
+    """Model snapshots in the Hugging Face cache (newest per repo), GGUF files there and Ollama's models."""
+    from llmcli import ollama
+    from llmcli.gguf_list import hf_cache_ggufs
+
+    found = [{"name": name, "format": "gguf", "path": str(path)} for name, path in hf_cache_ggufs()]
+    found += [{"name": f"{ollama.PREFIX}{m.name}", "format": "gguf (Ollama)", "path": str(m.blob)}
+              for m in ollama.installed()]
     if not hub.is_dir():
         return found
     for folder in sorted(hub.glob("models--*")):

@@ -284,6 +284,10 @@ def test_ollama_store(tiny_gguf, tmp_path, monkeypatch, run_cli):
     assert rows["ollama:tiny:latest"]["family"] == "qwen2" and rows["ollama:tiny:latest"]["params"] > 0
     line = one_error_line(*run_cli("generate", "ollama:absent:7b", "-p", "x")[0::2])
     assert "ollama:absent:7b is not in the Ollama store" in line
+    code, out, err = run_cli("doctor", "--json")  # doctor finds it too
+    assert code == 0, err
+    assert {"name": "ollama:tiny:latest", "format": "gguf (Ollama)"}.items() <= next(
+        m for m in json.loads(out)["models"] if m["name"] == "ollama:tiny:latest").items()
 
 
 def test_gguf_in_the_hf_cache_is_listed_and_runs(tiny_gguf, run_cli, monkeypatch, tmp_path):
