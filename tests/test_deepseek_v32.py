@@ -14,6 +14,7 @@ from llmcli.errors import LlmcliError
 from llmcli.loader import load_model
 from llmcli.tokenizer import Tokenizer
 from tests.conftest import save_hf_model
+from tests.test_deepseek import real_v3_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -226,25 +227,13 @@ def test_cache_contents_equal_transformers(v32, model):
 
 
 def real_v32_config(**overrides) -> dict:
-    """The shape of DeepSeek-V3.2(-Exp)'s config.json (keys as on the hub)."""
-    raw = {
-        "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", "vocab_size": 129280,
-        "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
-        "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
-        "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
-        "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
-        "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
-        "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 163840,
-        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-                         "original_max_position_embeddings": 4096, "type": "yarn"},
-        "rope_theta": 10000, "bos_token_id": 0, "eos_token_id": 1, "num_nextn_predict_layers": 1,
+    """The shape of DeepSeek-V3.2(-Exp)'s config.json (keys as on the hub): V3's plus the indexer's."""
+    return real_v3_config(**{
+        "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32",
         "index_topk": 2048, "index_n_heads": 64, "index_head_dim": 128,
         "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                 "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
-        "torch_dtype": "bfloat16",
-    }
-    raw.update(overrides)
-    return raw
+        **overrides})
 
 
 def test_real_v32_config_parses():
