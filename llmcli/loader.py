@@ -71,12 +71,13 @@ def model_class(cfg: ModelConfig) -> type[CausalLM]:
 
 
 def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
-                options: Options, tensors=None) -> tuple[Runner, list[str]]:
+                options: Options, tensors=None, int4_codes=None) -> tuple[Runner, list[str]]:
     """The model with its weights, prepared for `options` layer by layer as they load; its runner.
-    `tensors`: (name, file, load) of a GGUF model instead of model_dir's safetensors."""
+    `tensors`: (name, file, load) of a GGUF model instead of model_dir's safetensors; `int4_codes`: its
+    4-bit weights as stored (see `Preparation`)."""
     cls = model_class(cfg)
     model = materialise(lambda: cls(cfg), dtype, device)
-    preparation = Preparation(model, options)
+    preparation = Preparation(model, options, int4_codes)
     notes = load_weights(model, model_dir, loaded=preparation.loaded, tensors=tensors) + preparation.notes
     preparation.finish()
     return preparation.runner(), notes
@@ -133,5 +134,6 @@ def load_model(name: str, path: Path, options: Options | None = None, **settings
     start = time.perf_counter()
     tokenizer = with_builtin_chat_format(gguf.tokenizer() if gguf else Tokenizer.from_dir(path), cfg.family)
     with torch.inference_mode(False):
-        runner, notes = build_model(cfg, path, dt, dev, options, gguf.tensors() if gguf else None)
+        runner, notes = build_model(cfg, path, dt, dev, options, gguf.tensors() if gguf else None,
+                                    gguf.int4_codes if gguf else None)
     return LoadedModel(name, path, cfg, runner, tokenizer, dev, dt, options, time.perf_counter() - start, notes)

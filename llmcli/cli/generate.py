@@ -102,7 +102,7 @@ def generate_command(
     if prompt is None:  # with -p, the positional argument can only be the model
         model, positional_prompt = model_and_prompt(model, positional_prompt)
     text = read_prompt(prompt, positional_prompt)
-    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force, answers=True)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     ids = prompt_token_ids(loaded, text, chat, system and clean_text(system))
     gen = Generation(loaded.runner, loaded.tokenizer, ids, max_new_tokens, sampling,
