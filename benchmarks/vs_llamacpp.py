@@ -54,14 +54,18 @@ def llama_cpp_source(work: Path) -> Path:
     return source
 
 
+TARGETS = ("llama-bench", "llama-quantize", "llama-simple", "llama-tokenize")
+
+
 def build_llama_cpp(source: Path) -> Path:
-    """cmake + build of llama-bench and llama-quantize (cached: a rebuild is a no-op)."""
+    """cmake + build of TARGETS (cached: a rebuild is a no-op). llama-simple (greedy generation) and
+    llama-tokenize serve benchmarks/tokens_vs_llamacpp.py."""
     build = source / "build"
     binaries = build / "bin"
-    if not (binaries / "llama-bench").is_file() or not (binaries / "llama-quantize").is_file():
+    if not all((binaries / target).is_file() for target in TARGETS):
         run(["cmake", "-S", source, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-             "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"])
-        run(["cmake", "--build", build, "-j", str(os.cpu_count() or 2), "--target", "llama-bench", "llama-quantize"])
+             "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=ON", "-DLLAMA_BUILD_SERVER=OFF"])
+        run(["cmake", "--build", build, "-j", str(os.cpu_count() or 2), "--target", *TARGETS])
     return binaries
 
 
