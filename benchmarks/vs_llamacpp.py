@@ -102,12 +102,14 @@ def with_real_tokenizer(checkpoint: Path, family: str, work: Path) -> Path:
     return target
 
 
-def ggufs(checkpoint: Path, source: Path, binaries: Path, work: Path) -> dict[str, Path]:
+def ggufs(checkpoint: Path, source: Path, binaries: Path, work: Path, family: str = "") -> dict[str, Path]:
     out = {"BF16": work / f"{checkpoint.name}-bf16.gguf"}
     if not out["BF16"].is_file():
         env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+        # Qwen3.5's converter expects a multi-token-prediction block, which the random checkpoint lacks.
+        no_mtp = ["--no-mtp"] if family == "qwen3.5" else []
         run([sys.executable, source / "convert_hf_to_gguf.py", checkpoint, "--outtype", "bf16",
-             "--outfile", out["BF16"]], env=env)
+             "--outfile", out["BF16"], *no_mtp], env=env)
     for kind in ("Q8_0", "Q4_0"):
         out[kind] = work / f"{checkpoint.name}-{kind.lower()}.gguf"
         if not out[kind].is_file():
@@ -178,7 +180,7 @@ def main() -> None:
           f"prompt llama.cpp | ratio | llmcli products |\n|{'---|' * 10}")
     for title, checkpoint, family in checkpoints(args.models.split(",")):
         real = with_real_tokenizer(checkpoint, family, work)
-        files = ggufs(real, source, binaries, work)
+        files = ggufs(real, source, binaries, work, family)
         for mine, quantize, theirs in PAIRS:
             prompt, decode, products = llmcli_bench(checkpoint, quantize, args)
             their_prompt, their_decode = llama_bench(binaries, files[theirs], args)
