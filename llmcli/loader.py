@@ -20,6 +20,7 @@ from llmcli.formats.safetensors import read_checkpoint
 from llmcli.gguf_load import GGUFSource
 from llmcli.models.base import CausalLM
 from llmcli.models.deepseek import DeepseekForCausalLM
+from llmcli.models.deepseek_v4 import DeepseekV4ForCausalLM
 from llmcli.models.qwen import QwenForCausalLM
 from llmcli.models.qwen_hybrid import QwenHybridForCausalLM
 from llmcli.options import Options
@@ -65,6 +66,8 @@ def model_class(cfg: ModelConfig) -> type[CausalLM]:
         return QwenForCausalLM
     if cfg.family in ("deepseek_v2", "deepseek_v3", "deepseek_v32"):
         return DeepseekForCausalLM
+    if cfg.family == "deepseek_v4":
+        return DeepseekV4ForCausalLM
     if cfg.layer_types:  # Qwen3-Next, Qwen3.5, Qwen3.5-MoE: Gated DeltaNet + gated attention
         return QwenHybridForCausalLM
     raise LlmcliError(f"no model implementation for {cfg.family!r}")
