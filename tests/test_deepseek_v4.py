@@ -1,0 +1,278 @@
+"""DeepSeek-V4 (`deepseek_v4`) against transformers (float32, eager): logits, greedy tokens, incremental decode,
+and the three ways a checkpoint reaches us (save_pretrained's, transformers' in-memory names, the reference
+naming with FP8 ue8m0 block scales and FP4 experts)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmcli.config import config_from_dict, load_config
+from llmcli.config_deepseek_v4 import v4_settings
+from llmcli.errors import LlmcliError
+from llmcli.loader import load_model
+from llmcli.tokenizer import Tokenizer
+from tests.conftest import save_hf_model
+
+transformers = pytest.importorskip("transformers")
+
+PROMPT = "Compressed attention pools windows of past tokens; the indexer keeps a few. 你好 x * 2 = 4"
+WINDOW, CSA_RATE, HCA_RATE, TOPK = 6, 4, 8, 3
+LAYERS = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+          "compressed_sparse_attention"]
+# FAMILIES.md §7's tiny config, adapted: >= 16 indexer heads (ReLU ties otherwise), index_topk below the CSA
+# entries of the prompt, a window shorter than the prompt, YaRN on the compressed rope, active clamps.
+TINY = dict(vocab_size=384, hidden_size=32, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=16, q_lora_rank=24, partial_rotary_factor=0.5, num_experts_per_tok=2,
+            n_routed_experts=8, n_shared_experts=1, routed_scaling_factor=1.5, scoring_func="sqrtsoftplus",
+            layer_types=LAYERS, mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+            compress_rates={"compressed_sparse_attention": CSA_RATE, "heavily_compressed_attention": HCA_RATE},
+            hc_mult=3, hc_sinkhorn_iters=4, swiglu_limit=0.4, sliding_window=WINDOW, o_groups=2, o_lora_rank=8,
+            index_n_heads=16, index_head_dim=12, index_topk=TOPK, rope_theta=10000.0, compress_rope_theta=160000.0,
+            rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+            max_position_embeddings=256, initializer_range=0.1, bos_token_id=None, eos_token_id=None)
+PERTURBED = ("norm.weight", "layernorm.weight", "sinks", "position_bias", ".base", ".scale", "hc_base", "hc_scale")
+
+
+def build_reference(path=None, seed: int = 0):
+    config = transformers.DeepseekV4Config(**TINY)
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.DeepseekV4ForCausalLM(config).eval()
+    with torch.no_grad():  # transformers initialises these to 0 / 1: perturb them so wrong placements show
+        for name, param in model.named_parameters():
+            if name.endswith(PERTURBED):
+                param.add_(torch.randn(param.shape) * 0.3)
+        for name, buf in model.named_buffers():
+            if name.endswith("tid2eid"):  # zeros at init: every token would go to expert 0
+                buf.copy_(torch.stack([torch.randperm(8)[:2] for _ in range(buf.shape[0])]))
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape) * 0.05)
+    if path is not None:
+        save_hf_model(model, path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def v4(tmp_path_factory):
+    path = tmp_path_factory.mktemp("v4")
+    return build_reference(path), path
+
+
+@pytest.fixture(scope="module")
+def model(v4):
+    return load_model("v4", v4[1], device="cpu", dtype="float32").model
+
+
+def prompt_ids(path) -> list[int]:
+    ids = Tokenizer.from_dir(path).encode(PROMPT)
+    assert len(ids) > 3 * HCA_RATE and len(ids) > 4 * WINDOW
+    return ids
+
+
+def run(model, ids, cache=None):
+    cache = cache if cache is not None else model.make_cache(1, len(ids) + 8)
+    with torch.inference_mode():
+        return model(torch.tensor([ids]), cache.span(len(ids)).positions, cache), cache
+
+
+def reference_logits(reference, ids):
+    with torch.inference_mode():
+        return reference(torch.tensor([ids])).logits
+
+
+# -- parity with transformers --------------------------------------------------------------------
+
+
+def test_logits_match_transformers(v4, model):
+    reference, path = v4
+    ids = prompt_ids(path)
+    ours, cache = run(model, ids)
+    theirs = reference_logits(reference, ids)
+    assert theirs.abs().max() > 0.5
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    # The branches mattered: more CSA entries than the indexer keeps, several HCA entries, a window shorter
+    # than the prompt.
+    csa, hca = cache.layers[1].states["kv"].entries, cache.layers[2].states["kv"].entries
+    assert csa.shape[1] == len(ids) // CSA_RATE > 2 * TOPK and hca.shape[1] == len(ids) // HCA_RATE >= 3
+    assert cache.layers[0].keys.shape[1] == WINDOW - 1
+
+
+def test_prefill_then_decode_equals_full_forward(v4, model):
+    """A prompt shorter than every window, a chunk that completes some, then single-token steps."""
+    reference, path = v4
+    ids = prompt_ids(path)
+    theirs = reference_logits(reference, ids)
+    cache = model.make_cache(1, len(ids))
+    first, _ = run(model, ids[:3], cache)
+    chunk, _ = run(model, ids[3:-9], cache)
+    steps = [run(model, [t], cache)[0] for t in ids[-9:]]
+    ours = torch.cat([first, chunk, *steps], dim=1)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert cache.layers[1].states["index"].count == len(ids) // CSA_RATE
+
+
+def test_greedy_tokens_match_transformers_via_cli(v4, run_cli):
+    reference, path = v4
+    ids = prompt_ids(path)
+    with torch.inference_mode():
+        expected = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    code, out, err = run_cli("generate", path, "--raw", "-p", PROMPT, "-n", "16", "--json", "--device", "cpu",
+                             "--dtype", "float32")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["prompt_tokens"] == len(ids) and result["token_ids"] == expected
+    assert len(set(expected)) > 3
+
+
+def test_hash_layers_route_by_token_id(v4, model):
+    reference, _ = v4
+    ours = model.model.layers[0].mlp.gate.tid2eid
+    assert torch.equal(ours, reference.model.layers[0].mlp.gate.tid2eid)
+    assert not hasattr(model.model.layers[1].mlp.gate, "tid2eid")
+
+
+# -- the other namings, FP8 and FP4 ----------------------------------------------------------------
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+FP8_WEIGHTS = ("attn.wq_b.weight", "attn.wo_b.weight", "ffn.shared_experts.w2.weight")
+
+
+def power_of_two_scale(amax: torch.Tensor, top: float) -> torch.Tensor:
+    """ue8m0 scales: the smallest power of two with amax / scale <= top."""
+    return torch.exp2(torch.ceil(torch.log2(amax.clamp(min=1e-12) / top)))
+
+
+def fp8_quantise(w: torch.Tensor, block: int = 8):
+    """(fp8 weight, ue8m0 scales [ceil(r/block), ceil(c/block)], the dequantised weight)."""
+    rows, cols = w.shape
+    grid = torch.nn.functional.pad(w, (0, -cols % block, 0, -rows % block)).unflatten(0, (-1, block)).unflatten(
+        2, (-1, block))
+    scale = power_of_two_scale(grid.abs().amax(dim=(1, 3)), 448.0)
+    full = scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    q = (w / full).to(torch.float8_e4m3fn)
+    return q, scale.to(torch.float8_e8m0fnu), q.float() * full
+
+
+def fp4_quantise(w: torch.Tensor, block: int = 32):
+    """(packed int8 [r, c/2], low nibble first; ue8m0 scales [r, c/block]; the dequantised weight)."""
+    rows, cols = w.shape
+    groups = w.view(rows, cols // block, block)
+    scale = power_of_two_scale(groups.abs().amax(-1), 6.0)
+    codes = ((groups / scale[..., None])[..., None] - E2M1).abs().argmin(-1).view(rows, cols)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
+    return packed, scale.to(torch.float8_e8m0fnu), (E2M1[codes].view(rows, -1, block) * scale[..., None]).view(
+        rows, cols)
+
+
+def reference_named(source, target, quantise: bool) -> dict[str, torch.Tensor]:
+    """save_pretrained's output in the reference/hub naming (no `model.`, `embed`, `hc_head_fn`), with a hub
+    style config.json; `quantise`: some linears FP8 with `.scale`, routed experts FP4. Returns the dequantised
+    values of what was quantised (hub names)."""
+    shutil.copytree(source, target)
+    tensors, exact = {}, {}
+    for name, value in load_file(source / "model.safetensors").items():
+        name = name.removeprefix("model.").replace("embed_tokens.", "embed.").replace("hc_head.hc_", "hc_head_")
+        if quantise and name.endswith(FP8_WEIGHTS):
+            tensors[name], tensors[name[:-6] + "scale"], exact[name] = fp8_quantise(value)
+        elif quantise and ".ffn.experts." in name:
+            tensors[name], tensors[name[:-6] + "scale"], exact[name] = fp4_quantise(value)
+        else:
+            tensors[name] = value
+    (target / "model.safetensors").unlink()
+    save_file(tensors, target / "model.safetensors")
+    raw = json.loads((source / "config.json").read_text())
+    for key in ("layer_types", "mlp_layer_types", "compress_rates", "rope_parameters", "partial_rotary_factor"):
+        raw.pop(key)
+    raw.update(compress_ratios=[{"sliding_attention": 0, "compressed_sparse_attention": 4}.get(t, 128)
+                                for t in LAYERS] + [4], num_hash_layers=1, qk_rope_head_dim=8,
+               compress_rate_hca=HCA_RATE, rope_scaling=TINY["rope_parameters"])  # the MTP layer is listed too
+    if quantise:
+        raw["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+                                      "weight_block_size": [8, 8], "expert_dtype": "fp4"}
+    (target / "config.json").write_text(json.dumps(raw))
+    return exact
+
+
+def test_hub_style_config_reads_as_transformers_one(v4):
+    _, path = v4
+    ours = json.loads((path / "config.json").read_text())
+    hub = {k: v for k, v in ours.items() if k not in ("layer_types", "mlp_layer_types", "compress_rates",
+                                                       "rope_parameters", "partial_rotary_factor")}
+    hub.update(compress_ratios=[0, 4, 128, 4, 4], num_hash_layers=1, qk_rope_head_dim=8, compress_rate_hca=8,
+               rope_scaling=TINY["rope_parameters"])
+    a, b = load_config(path), config_from_dict(hub)
+    assert v4_settings(a) == v4_settings(b)
+    assert (a.rope_scaling, a.qk_rope_head_dim, a.rope_theta) == (b.rope_scaling, b.qk_rope_head_dim, b.rope_theta)
+    assert a.rope_scaling.type == "yarn" and a.rope_scaling.attention_factor == 1.0
+    with pytest.raises(LlmcliError, match="compress_ratios"):
+        config_from_dict({**hub, "compress_ratios": [0, 3, 128, 4]})
+    with pytest.raises(LlmcliError, match="o_groups"):
+        config_from_dict({**hub, "o_groups": 3})
+
+
+def test_reference_and_in_memory_namings_give_the_same_logits(v4, tmp_path):
+    reference, path = v4
+    ids = prompt_ids(path)
+    theirs = reference_logits(reference, ids)
+    reference_named(path, tmp_path / "hub", quantise=False)
+    memory = tmp_path / "memory"  # transformers' own names: fused experts, model.*.self_attn.*
+    shutil.copytree(path, memory)
+    (memory / "model.safetensors").unlink()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, memory / "model.safetensors")
+    for directory in (tmp_path / "hub", memory):
+        loaded = load_model("v4", directory, device="cpu", dtype="float32").model
+        assert (run(loaded, ids)[0] - theirs).abs().max().item() <= 1e-4, directory.name
+
+
+def test_fp8_and_fp4_reference_checkpoint(v4, tmp_path):
+    """The reference naming with FP8 block scales and FP4 experts loads to transformers' logits on the
+    dequantised weights; the MTP layer listed in the config is skipped."""
+    reference, path = v4
+    exact = reference_named(path, tmp_path / "q", quantise=True)
+    assert any(".experts." in n for n in exact) and any(n.endswith("wq_b.weight") for n in exact)
+    dequantised = build_reference()
+    with torch.no_grad():
+        params = dict(dequantised.named_parameters())
+        for name, value in exact.items():
+            layer, _, rest = name.removeprefix("layers.").partition(".")
+            if ".experts." in rest:
+                expert, kind = int(rest.split(".")[2]), rest.split(".")[3]
+                fused = "down_proj" if kind == "w2" else "gate_up_proj"
+                stacked = params[f"model.layers.{layer}.mlp.experts.{fused}"]
+                rows = value.shape[0]
+                target = stacked[expert] if kind == "w2" else stacked[expert, (kind == "w3") * rows:][:rows]
+                target.copy_(value)
+            else:
+                key = {"attn.wq_b.weight": "self_attn.q_b_proj.weight", "attn.wo_b.weight": "self_attn.o_b_proj.weight",
+                       "ffn.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight"}[rest]
+                params[f"model.layers.{layer}.{key}"].copy_(value)
+    ids = prompt_ids(path)
+    theirs = reference_logits(dequantised, ids)
+    assert (theirs - reference_logits(reference, ids)).abs().max() > 1e-3  # quantisation changed something
+    loaded = load_model("v4", tmp_path / "q", device="cpu", dtype="float32").model
+    assert (run(loaded, ids)[0] - theirs).abs().max().item() <= 1e-4
+
+
+def test_corrupt_scales_give_one_clear_error(v4, tmp_path, run_cli):
+    _, path = v4
+    reference_named(path, tmp_path / "q", quantise=True)
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    fp8 = next(n for n in tensors if n.endswith("wq_b.scale"))
+    fp4 = next(n for n in tensors if ".experts." in n and n.endswith("w1.scale"))
+    for i, (name, bad, message) in enumerate(((fp8, tensors[fp8][:1], "FP8 scale has shape"),
+                                              (fp4, tensors[fp4][:3], "FP4 scale has shape"))):
+        broken = tmp_path / f"broken{i}"
+        shutil.copytree(tmp_path / "q", broken)
+        save_file({**tensors, name: bad.contiguous()}, broken / "model.safetensors")
+        code, _, err = run_cli("generate", broken, "--raw", "-p", "hi", "-n", "1", "--device", "cpu",
+                                 "--dtype", "float32")
+        assert code != 0 and "Traceback" not in err
+        assert [line for line in err.splitlines() if line.strip()] == [err.strip().splitlines()[0]]
+        assert err.startswith("error:") and message in err
