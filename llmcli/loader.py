@@ -12,6 +12,7 @@ import torch
 from llmcli import memory
 from llmcli.backends.prepare import Preparation
 from llmcli.backends.runner import Runner
+from llmcli.chat_dsv4 import with_v4_chat_format
 from llmcli.chat_dsv32 import with_builtin_chat_format
 from llmcli.config import ModelConfig, load_config
 from llmcli.errors import LlmcliError
@@ -135,6 +136,7 @@ def load_model(name: str, path: Path, options: Options | None = None, **settings
         check_memory(cfg, path, dt, dev, options.quantize, gguf.tensor_infos() if gguf else None)
     start = time.perf_counter()
     tokenizer = with_builtin_chat_format(gguf.tokenizer() if gguf else Tokenizer.from_dir(path), cfg.family)
+    tokenizer = with_v4_chat_format(tokenizer, cfg.family)
     with torch.inference_mode(False):
         runner, notes = build_model(cfg, path, dt, dev, options, gguf.tensors() if gguf else None)
     return LoadedModel(name, path, cfg, runner, tokenizer, dev, dt, options, time.perf_counter() - start, notes)
