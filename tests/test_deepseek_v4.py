@@ -276,3 +276,34 @@ def test_corrupt_scales_give_one_clear_error(v4, tmp_path, run_cli):
         assert code != 0 and "Traceback" not in err
         assert [line for line in err.splitlines() if line.strip()] == [err.strip().splitlines()[0]]
         assert err.startswith("error:") and message in err
+
+
+# -- trace -----------------------------------------------------------------------------------------
+
+
+def test_trace_reports_compressed_entries_picks_sinks_and_stream_mixing(v4, model):
+    from llmcli.trace import build_trace_json, run_trace
+
+    _, path = v4
+    ids = prompt_ids(path)
+    plain, _ = run(model, ids)
+    run_ = run_trace(model, ids, generate=2)
+    data = build_trace_json(run_, model, Tokenizer.from_dir(path), "v4")
+    layers = {layer["index"]: layer for layer in data["layers"]}
+    assert [layers[i]["v4"]["kind"] for i in range(4)] == LAYERS
+    assert [layers[i]["attention"]["routing"] for i in range(2)] == ["hash", "learned"]
+    csa, hca = layers[1]["v4"], layers[2]["v4"]
+    assert csa["entries"][0] == len(ids) // CSA_RATE and hca["entries"][0] == len(ids) // HCA_RATE
+    assert len(csa["selected"]) == len(ids) + 2  # every query: the prompt's, then the steps'
+    for position, picks in enumerate(csa["selected"]):
+        assert len(picks) == min(TOPK, (position + 1) // CSA_RATE)  # complete entries only, at most topk
+        assert all(w < (position + 1) // CSA_RATE for w in picks)
+    assert layers[1]["attention"]["attended_entries"] == TOPK
+    for layer in layers.values():
+        v = layer["v4"]
+        assert all(0 < m < 1 for m in v["sink_mass"]) and len(v["stream_rms"]) == TINY["hc_mult"]
+        comb = torch.tensor(v["comb_attn"])  # Sinkhorn: each token's matrix is close to doubly stochastic
+        assert torch.allclose(comb.sum(0), torch.ones(3), atol=0.05) and torch.allclose(comb.sum(1), torch.ones(3),
+                                                                                        atol=0.05)
+    # Recording observes only: the traced prompt's prediction is the plain run's.
+    assert data["generated_token_ids"][0] == int(plain[0, -1].argmax())

@@ -24,6 +24,7 @@ from torch import nn
 from llmcli.models.hyper_connections import FloatRMSNorm, unweighted_rms
 from llmcli.models.rope import pair_cos_sin
 from llmcli.models.v4_cache import CompressorState, V4LayerCache
+from llmcli.models.v4_hooks import V4_ATTENTION, CompressedRecord
 
 
 class Rope(NamedTuple):
@@ -172,14 +173,13 @@ class CompressedAttention(nn.Module):
         if self.csa:
             self.compressor.indexer = Indexer(cfg.hidden_size, cfg.q_lora_rank, settings.index_n_heads,
                                               settings.index_head_dim, rate, settings.index_topk, cfg.rms_norm_eps)
-        self.last: dict = {}  # the last call's choices and weights, for trace (set only when recording)
 
     @property
     def csa(self) -> bool:
         return self.kind == "compressed_sparse_attention"
 
     def forward(self, x, rope: Rope, positions: torch.Tensor, layer_cache: V4LayerCache,
-                recording: bool = False) -> torch.Tensor:
+                recorder=None) -> torch.Tensor:
         b, t, _ = x.shape
         cos, sin = rope.at(positions)
         c_q = self.q_a_norm(self.q_a_proj(x))
@@ -189,19 +189,21 @@ class CompressedAttention(nn.Module):
         key_pos = positions[-1] - keys.shape[1] + 1 + torch.arange(keys.shape[1], device=x.device)
         distance = positions[:, None] - key_pos[None]
         allowed = ((distance >= 0) & (distance < self.window)).expand(b, t, -1)
+        record = CompressedRecord(self.kind, 0, None)
         if self.compressor is not None:
-            entries, visible = self._compressed(x, c_q, positions, layer_cache, rope, recording)
+            entries, visible = self._compressed(x, c_q, positions, layer_cache, rope, record)
             keys, allowed = torch.cat([keys, entries], dim=1), torch.cat([allowed, visible], dim=-1)
         out, probs = sink_attention(q, keys, allowed, self.sinks, self.head_dim ** -0.5)
-        if recording:
-            self.last["probs"] = probs
+        if recorder is not None:
+            record.sink_mass = 1 - probs.sum(-1)
+            recorder.record(self.index, V4_ATTENTION, record)
         out = rotate_trailing(out, cos[:, None], -sin[:, None])  # the values' rotation, undone at the query
         return self.grouped_output(out.reshape(b, t, -1))
 
-    def _compressed(self, x, c_q, positions, layer_cache: V4LayerCache, rope: Rope, recording: bool):
+    def _compressed(self, x, c_q, positions, layer_cache: V4LayerCache, rope: Rope, record: CompressedRecord):
         """The layer's compressed entries [B, W, head_dim] and which each query sees [B, T, W]."""
         entries = self.compressor.compress(x, layer_cache.states["kv"], rope)
-        count = entries.shape[1]
+        count = record.entries = entries.shape[1]
         if not self.csa:  # HCA: every complete window before the query
             complete = (positions + 1) // self.compressor.rate
             visible = torch.arange(count, device=x.device)[None] < complete[:, None]
@@ -209,8 +211,7 @@ class CompressedAttention(nn.Module):
         choice = self.compressor.indexer.choose(x, c_q, positions, layer_cache.states["index"], rope)
         visible = torch.zeros(*choice.indices.shape[:2], count, dtype=torch.bool, device=x.device)
         visible.scatter_(-1, choice.indices, choice.valid)
-        if recording:
-            self.last["choice"] = choice
+        record.indices, record.valid = choice.indices, choice.valid
         return entries, visible
 
     def grouped_output(self, out: torch.Tensor) -> torch.Tensor:

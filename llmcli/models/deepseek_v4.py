@@ -27,6 +27,7 @@ from llmcli.models.layers import Experts, SwiGLU
 from llmcli.models.qwen_moe import split_fused_experts
 from llmcli.models.rope import rope_inv_freq
 from llmcli.models.v4_cache import V4Cache, V4LayerCache
+from llmcli.models.v4_hooks import HC_MIXING, MixingRecord
 
 # Reference (hub) names -> transformers' in-memory names, applied in this order after dropping "model.".
 RENAMES = [(re.compile(pattern), target) for pattern, target in (
@@ -134,19 +135,19 @@ class V4DecoderLayer(nn.Module):
         self.self_attn = CompressedAttention(cfg, settings, index)
         self.post_attention_layernorm = FloatRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = V4MoE(cfg, settings, index)
-        self.mixing: dict = {}  # the last call's hyper-connection weights, for trace (only when recording)
 
     def forward(self, streams, ids, rope: Rope, positions, cache: Cache, recorder=None) -> torch.Tensor:
         mix = self.attn_hc.mixing(streams)
         attn = self.self_attn(self.input_layernorm(self.attn_hc.collapse(streams, mix)), rope, positions,
-                              cache.layers[self.index], recording=recorder is not None)
+                              cache.layers[self.index], recorder)
         mid = HyperConnection.expand(streams, attn, mix)
         mix_ffn = self.ffn_hc.mixing(mid)
         h = self.post_attention_layernorm(self.ffn_hc.collapse(mid, mix_ffn))
         mlp = self.mlp(h, ids, self.index, recorder)
         out = HyperConnection.expand(mid, mlp, mix_ffn)
         if recorder is not None:  # the residual points as the mean of the streams
-            self.mixing = {"attn": mix, "ffn": mix_ffn, "streams": out}
+            rms = out.float().pow(2).mean(-1).sqrt()
+            recorder.record(self.index, HC_MIXING, MixingRecord(mix.comb, mix_ffn.comb, mix.pre, mix.post, rms))
             record_residuals(recorder, self.index, streams.mean(2), attn, mid.mean(2), mlp, out.mean(2))
         return out
 
@@ -240,3 +241,28 @@ class DeepseekV4ForCausalLM(CausalLM):
             rope = compress if layer.self_attn.compressor is not None else main
             streams = layer(streams, input_ids, rope, positions, cache, recorder)
         return self.logits(self.model.hc_head(streams), t, cache, recorder, last_only)
+
+    # -- facts -----------------------------------------------------------------------------------
+
+    def attention_info(self, index: int, cache: Cache | None = None) -> dict:
+        """Facts of layer `index` for `trace`: its kind, window, compression and what its cache grows by."""
+        cfg, s = self.config, self.settings
+        kind, rate = s.layer_types[index], s.rate(index)
+        element = self.model.embed_tokens.weight.element_size()
+        grows = (cfg.head_dim + (s.index_head_dim if kind == "compressed_sparse_attention" else 0)) / rate \
+            if rate else 0
+        info = {
+            "type": {"sliding_attention": "sliding", "compressed_sparse_attention": "csa"}.get(kind, "hca"),
+            "window": s.sliding_window, "heads": cfg.num_heads, "kv_heads": 1, "head_dim": cfg.head_dim,
+            "rope_base": s.compress_rope_theta if rate else cfg.rope_theta,
+            "yarn_factor": cfg.rope_scaling.factor if rate and cfg.rope_scaling.type == "yarn" else None,
+            "rope_scale": 1.0, "logn_scale": None, "ntk_alpha": None, "compress_rate": rate or None,
+            "index_topk": s.index_topk if kind == "compressed_sparse_attention" else None,
+            "cache_bytes_per_token": grows * element, "sinks": True, "o_groups": s.o_groups,
+            "routing": "hash" if s.mlp_layer_types[index] == HASH else "learned",  # the layer's MoE
+        }
+        if cache is not None and rate:
+            entries = cache.layers[index].states["kv"].count
+            info["compressed_entries"] = entries
+            info["attended_entries"] = min(entries, s.index_topk) if info["index_topk"] else entries
+        return info
