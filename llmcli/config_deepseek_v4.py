@@ -178,7 +178,7 @@ def parse_deepseek_v4(raw: dict) -> ModelConfig:
         qk_rope_head_dim=_rope_dim(raw, head_dim), n_routed_experts=experts,
         n_shared_experts=int(raw.get("n_shared_experts", 1) or 0),
         num_experts_per_tok=_count(_require(raw, "num_experts_per_tok"), "num_experts_per_tok"),
-        moe_intermediate_size=width, scoring_func=scoring, norm_topk_prob=True,
+        moe_intermediate_size=width, scoring_func=scoring, norm_topk_prob=True, topk_method="noaux_tc",
         routed_scaling_factor=_finite(raw.get("routed_scaling_factor", 1.5), "routed_scaling_factor"),
         fp8_block_size=_fp8_block(raw), raw=raw,
     )
@@ -189,3 +189,32 @@ def parse_deepseek_v4(raw: dict) -> ModelConfig:
         raise LlmcliError(f"config.json (deepseek_v4): hidden_act {raw.get('hidden_act')!r} is not supported")
     v4_settings(cfg)  # raises for bad V4 settings, before any weight is read
     return cfg
+
+
+def v4_cache_values(cfg: ModelConfig) -> dict[str, dict]:
+    """Per layer type: how many layers, the values each token adds to the cache (compressed entries, as a
+    fraction: one entry per `rate` tokens) and the values held whatever the length (the sliding window's
+    keys, the incomplete window's raw projections, CSA's overlap). What lets a million tokens fit."""
+    s = v4_settings(cfg)
+    hd, di, window = cfg.head_dim, s.index_head_dim, s.sliding_window - 1
+    out = {}
+    for kind in LAYER_TYPES:
+        count = s.layer_types.count(kind)
+        if not count:
+            continue
+        if kind == SLIDING:
+            grows, fixed = 0.0, window * hd
+        elif kind == HCA:
+            grows, fixed = hd / s.hca_rate, window * hd + (s.hca_rate - 1) * 2 * hd
+        else:
+            rate = s.csa_rate
+            grows = (hd + di) / rate
+            fixed = window * hd + (rate - 1) * 2 * (2 * hd + 2 * di) + rate * 2 * (hd + di)
+        out[kind] = {"layers": count, "values_per_token": grows, "values_per_sequence": fixed}
+    return out
+
+
+def v4_cache_bytes(cfg: ModelConfig, element: int, tokens: int) -> int:
+    """Bytes of cache for one sequence of `tokens` tokens."""
+    return int(sum(t["layers"] * (t["values_per_token"] * tokens + t["values_per_sequence"]) * element
+                   for t in v4_cache_values(cfg).values()))

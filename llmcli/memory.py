@@ -26,6 +26,7 @@ from pathlib import Path
 from llmcli.backends.int8_size import int4_size, int8_size, quantizable
 from llmcli.config import ModelConfig
 from llmcli.config_deepseek import indexer_settings
+from llmcli.config_deepseek_v4 import v4_cache_bytes
 from llmcli.errors import LlmcliError
 from llmcli.formats.safetensors import DTYPE_BYTES, TensorInfo
 from llmcli.hybrid_facts import SKIPPED_PREFIXES, cache_facts, is_hybrid
@@ -106,6 +107,8 @@ def kv_values_per_token(cfg: ModelConfig) -> int:
 
 
 def _cache_bytes(cfg: ModelConfig, element: int) -> int:
+    if cfg.family == "deepseek_v4":  # compressed entries and fixed windows (llmcli.config_deepseek_v4)
+        return v4_cache_bytes(cfg, element, min(cfg.max_position_embeddings, CACHE_TOKENS))
     if is_hybrid(cfg):  # keys and values of the full-attention layers, plus the DeltaNet layers' fixed state
         facts = cache_facts(cfg, element)
         return facts["bytes_per_token"] * min(cfg.max_position_embeddings, CACHE_TOKENS) + \

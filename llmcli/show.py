@@ -20,8 +20,10 @@ from llmcli.formats.safetensors import DTYPE_NAMES, TensorInfo, read_checkpoint
 from llmcli.hybrid_facts import SKIPPED_PREFIXES, cache_facts, is_hybrid, mixer_params, schedule
 from llmcli.memory import ELEMENT_BYTES, NOT_PARAMETERS, SCALE_SUFFIX, layer_of
 from llmcli.show_gguf import gguf_facts, gguf_path_of, open_for_show
+from llmcli.show_v4 import v4_facts, v4_params
 
-ROUTED_EXPERT_RE = re.compile(r"\.mlp\.experts\.")  # per-expert (experts.7.up_proj) or fused (experts.gate_up_proj)
+# per-expert (experts.7.up_proj) or fused (experts.gate_up_proj); `ffn`: DeepSeek-V4's hub names
+ROUTED_EXPERT_RE = re.compile(r"\.(mlp|ffn)\.experts\.")
 
 
 # -- parameter counts -------------------------------------------------------------------------------
@@ -75,6 +77,9 @@ def count_config(cfg: ModelConfig) -> ParamCount:
     """The parameter count the config implies (used when the weights are not on disk)."""
     h, v = cfg.hidden_size, cfg.vocab_size
     total = v * h + h + (0 if cfg.tie_word_embeddings else v * h)  # embeddings, final norm, head
+    if cfg.family == "deepseek_v4":  # compressed attention, hyper-connections: llmcli.show_v4
+        body, routed = v4_params(cfg)
+        return ParamCount(total + body, total + body - _inactive(cfg, routed), 0, "config")
     routed: dict[int, int] = {}
     for i in range(cfg.num_layers):
         total += 2 * h + (mixer_params(cfg, i) if is_hybrid(cfg) else _attention_params(cfg))  # norms + mixer
@@ -181,6 +186,8 @@ def chat_template_source(model_dir: Path, family: str) -> str | None:
         return "built-in ChatML"
     if family == "deepseek_v32":  # its repo ships the format as Python, which llmcli writes natively
         return "built-in DeepSeek-V3.2 format"
+    if family == "deepseek_v4":  # likewise
+        return "built-in DeepSeek-V4 format"
     return None
 
 
@@ -309,4 +316,6 @@ def describe(model_dir: Path, name: str | None = None, repo: str | None = None,
     }
     if gguf:
         facts.update(gguf_facts(gguf))
+    if cfg.family == "deepseek_v4":
+        facts.update(v4_facts(cfg, ELEMENT_BYTES.get(dtype, 4), dtype))
     return facts

@@ -307,3 +307,37 @@ def test_trace_reports_compressed_entries_picks_sinks_and_stream_mixing(v4, mode
                                                                                         atol=0.05)
     # Recording observes only: the traced prompt's prediction is the plain run's.
     assert data["generated_token_ids"][0] == int(plain[0, -1].argmax())
+
+
+# -- show --------------------------------------------------------------------------------------------
+
+
+def test_show_from_the_config_alone(v4, run_cli, tmp_path):
+    """Parameters, layer schedule and cache per type without weights: the tiny model's counts equal its
+    checkpoint's, and transformers' defaults (V4-Flash) give 284B parameters and ~6.4 KiB of cache per token."""
+    reference, path = v4
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(path / name, meta / name)
+    code, out, err = run_cli("show", str(meta), "--json")
+    assert code == 0, err
+    facts = json.loads(out)
+    weights = sum(p.numel() for p in reference.parameters()) + sum(
+        b.numel() for n, b in reference.named_buffers() if n.endswith(("tid2eid", "e_score_correction_bias")))
+    assert facts["params_source"] == "config" and facts["params_total"] == weights
+    assert facts["layer_schedule"] == "sliding CSA HCA CSA" and facts["attention"]["kind"] == "V4"
+    per_type = facts["kv_cache"]["per_type"]  # float32: CSA (16 + 12) / 4 values, HCA 16 / 8
+    assert per_type["CSA"]["bytes_per_token_per_layer"] == 7 * 4 and per_type["HCA"]["bytes_per_token_per_layer"] == 8
+    assert facts["kv_cache"]["bytes_per_token"] == 2 * 28 + 8
+    code, out, err = run_cli("show", str(meta))
+    assert code == 0 and "CSA every 4 tokens" in out and "per token (sliding 0 B x 1, CSA 28 B x 2" in out
+    flash = tmp_path / "flash"
+    flash.mkdir()
+    defaults = json.loads(transformers.DeepseekV4Config().to_json_string())
+    (flash / "config.json").write_text(json.dumps({**defaults, "dtype": "bfloat16"}))
+    code, out, err = run_cli("show", str(flash), "--json")
+    facts = json.loads(out)
+    assert abs(facts["params_total"] / 284.3e9 - 1) < 0.001 and abs(facts["params_active"] / 13.27e9 - 1) < 0.01
+    assert facts["kv_cache"]["bytes_per_token"] == 20 * 320 + 23 * 8  # ~6.4 KiB
+    assert facts["layer_schedule"] == "HCA×3 (CSA HCA)×20"
