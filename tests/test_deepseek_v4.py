@@ -117,6 +117,18 @@ def test_prefill_then_decode_equals_full_forward(v4, model):
     assert cache.layers[1].states["index"].count == len(ids) // CSA_RATE
 
 
+def test_prompts_run_in_query_blocks(v4, model, monkeypatch):
+    """Long prompts attend QUERY_BLOCK queries at a time over the keys their windows reach (and the indexer
+    scores them a block at a time): blocks smaller than the prompt and the window give the same logits."""
+    from llmcli.models import compressed_attention
+
+    reference, path = v4
+    ids = prompt_ids(path)
+    monkeypatch.setattr(compressed_attention, "QUERY_BLOCK", 5)
+    ours, _ = run(model, ids)
+    assert (ours - reference_logits(reference, ids)).abs().max().item() <= 1e-4
+
+
 def test_greedy_tokens_match_transformers_via_cli(v4, run_cli):
     reference, path = v4
     ids = prompt_ids(path)

@@ -26,6 +26,8 @@ from llmcli.models.rope import pair_cos_sin
 from llmcli.models.v4_cache import CompressorState, V4LayerCache
 from llmcli.models.v4_hooks import V4_ATTENTION, CompressedRecord
 
+QUERY_BLOCK = 256  # a prompt's queries per block: scores stay [B, H, 256, 256 + window + entries]
+
 
 class Rope(NamedTuple):
     """One RoPE variant's frequencies [rope/2] and the dtype its cos/sin are rounded to (transformers')."""
@@ -101,12 +103,11 @@ class Scorer(nn.Module):
 
 
 class Choice(NamedTuple):
-    """What a CSA indexer chose for the call's queries: entry indices [B, T, k], which of them are real
-    picks (valid [B, T, k]: complete before the query), and the scores [B, T, W] (float32)."""
+    """What a CSA indexer chose for the call's queries: entry indices [B, T, k], best first, and which of
+    them are real picks (valid [B, T, k]: complete before the query)."""
 
     indices: torch.Tensor
     valid: torch.Tensor
-    scores: torch.Tensor
 
 
 class Indexer(Compressor):
@@ -121,24 +122,27 @@ class Indexer(Compressor):
         self.scorer = Scorer(hidden, heads)
 
     def choose(self, x, c_q, positions, state: CompressorState, rope: Rope) -> Choice:
-        keys = self.compress(x, state, rope)  # [B, W, dim]
+        keys = self.compress(x, state, rope).float().transpose(-1, -2)[:, None]  # [B, 1, dim, W]
         b, t, _ = x.shape
         cos, sin = rope.at(positions)
         q = rotate_trailing(self.q_b_proj(c_q).view(b, t, self.heads, self.dim), cos[:, None], sin[:, None])
-        products = torch.matmul(q.float(), keys.float().transpose(-1, -2)[:, None])  # [B, T, heads, W]
         weights = self.scorer.weights_proj(x).float() * self.heads ** -0.5
-        scores = (F.relu(products) * self.dim ** -0.5 * weights[..., None]).sum(dim=2)  # [B, T, W]
         complete = (positions + 1) // self.rate  # entries wholly in each query's past
-        future = torch.arange(keys.shape[1], device=x.device) >= complete[:, None]
-        scores = scores.masked_fill(future, float("-inf"))
-        indices = scores.topk(min(self.topk, keys.shape[1]), dim=-1).indices
-        return Choice(indices, indices < complete[:, None], scores)
+        entry = torch.arange(keys.shape[-1], device=x.device)
+        picks = []
+        for a in range(0, t, QUERY_BLOCK):  # the [queries, heads, entries] products of a block at a time
+            products = torch.matmul(q[:, a:a + QUERY_BLOCK].float(), keys)  # [B, block, heads, W]
+            scores = (F.relu(products) * self.dim ** -0.5 * weights[:, a:a + QUERY_BLOCK, :, None]).sum(dim=2)
+            scores = scores.masked_fill(entry >= complete[a:a + QUERY_BLOCK, None], float("-inf"))
+            picks.append(scores.topk(min(self.topk, keys.shape[-1]), dim=-1).indices)
+        indices = torch.cat(picks, dim=1)
+        return Choice(indices, indices < complete[:, None])
 
 
 def sink_attention(q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, sinks: torch.Tensor,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, T, H, D] over keys = values [B, S, D] where allowed [B, T, S]; each head's softmax also holds its
-    sink logit, whose mass is dropped. Returns (output [B, T, H, D], probabilities [B, H, T, S]), float32 math."""
+    sink logit, whose mass is dropped. Returns (output [B, T, H, D], the sinks' mass [B, H, T]), float32 math."""
     logits = torch.matmul(q.float().transpose(1, 2), keys.float().transpose(-1, -2)[:, None]) * scale
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     b, h, t, _ = logits.shape
@@ -146,7 +150,30 @@ def sink_attention(q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, s
     combined = combined - combined.amax(dim=-1, keepdim=True)
     probs = combined.softmax(dim=-1)[..., :-1]
     out = torch.matmul(probs, keys.float()[:, None])  # [B, H, T, D]
-    return out.transpose(1, 2).to(q.dtype), probs
+    return out.transpose(1, 2).to(q.dtype), 1 - probs.sum(-1)
+
+
+def windowed_attention(q: torch.Tensor, keys: torch.Tensor, window: int, entries: torch.Tensor | None,
+                       visible: torch.Tensor | None, sinks: torch.Tensor, scale: float):
+    """The call's T queries [B, T, H, D] over the window keys [B, N, D] (ending with the call's own T, in
+    position order) and the compressed entries [B, W, D] each sees (visible [B, T, W]), QUERY_BLOCK queries
+    at a time: a block reads only the keys its window reaches. Returns (output, sink mass [B, H, T])."""
+    b, t = q.shape[:2]
+    offset = keys.shape[1] - t  # keys index of the call's first query
+    outs, masses = [], []
+    for a in range(0, t, QUERY_BLOCK):
+        end = min(a + QUERY_BLOCK, t)
+        lo, hi = max(0, offset + a - window + 1), offset + end
+        distance = torch.arange(offset + a, hi, device=q.device)[:, None] - torch.arange(lo, hi, device=q.device)
+        allowed = ((distance >= 0) & (distance < window)).expand(b, -1, -1)
+        block_keys = keys[:, lo:hi]
+        if entries is not None:
+            block_keys = torch.cat([block_keys, entries], dim=1)
+            allowed = torch.cat([allowed, visible[:, a:end]], dim=-1)
+        out, mass = sink_attention(q[:, a:end], block_keys, allowed, sinks, scale)
+        outs.append(out)
+        masses.append(mass)
+    return torch.cat(outs, dim=1), torch.cat(masses, dim=-1)
 
 
 class CompressedAttention(nn.Module):
@@ -186,16 +213,13 @@ class CompressedAttention(nn.Module):
         q = unweighted_rms(self.q_b_proj(c_q).view(b, t, self.heads, self.head_dim), self.eps)
         q = rotate_trailing(q, cos[:, None], sin[:, None])
         keys = layer_cache.update_window(rotate_trailing(self.kv_norm(self.kv_proj(x)), cos, sin))
-        key_pos = positions[-1] - keys.shape[1] + 1 + torch.arange(keys.shape[1], device=x.device)
-        distance = positions[:, None] - key_pos[None]
-        allowed = ((distance >= 0) & (distance < self.window)).expand(b, t, -1)
         record = CompressedRecord(self.kind, 0, None)
+        entries = visible = None
         if self.compressor is not None:
             entries, visible = self._compressed(x, c_q, positions, layer_cache, rope, record)
-            keys, allowed = torch.cat([keys, entries], dim=1), torch.cat([allowed, visible], dim=-1)
-        out, probs = sink_attention(q, keys, allowed, self.sinks, self.head_dim ** -0.5)
+        out, record.sink_mass = windowed_attention(q, keys, self.window, entries, visible, self.sinks,
+                                                   self.head_dim ** -0.5)
         if recorder is not None:
-            record.sink_mass = 1 - probs.sum(-1)
             recorder.record(self.index, V4_ATTENTION, record)
         out = rotate_trailing(out, cos[:, None], -sin[:, None])  # the values' rotation, undone at the query
         return self.grouped_output(out.reshape(b, t, -1))
