@@ -42,13 +42,14 @@ def count_checkpoint(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> ParamC
     total = mtp = 0
     routed: dict[int, int] = {}
     dtype_bytes: dict[str, int] = {}
-    for name, t in tensors.items():
+    for t in tensors.values():
         dtype = DTYPE_NAMES.get(t.dtype, t.dtype)
         dtype_bytes[dtype] = dtype_bytes.get(dtype, 0) + t.nbytes
+    for name, t in memory.block_quantised(tensors).items():
         if name.endswith(SCALE_SUFFIX) or name.endswith(NOT_PARAMETERS):
             continue
         layer = layer_of(name)
-        if is_hybrid(cfg) and name.startswith(SKIPPED_PREFIXES):  # a wrapper's vision tower; mtp.*
+        if (is_hybrid(cfg) or cfg.family == "deepseek_v4") and name.startswith(SKIPPED_PREFIXES):  # vision; mtp.*
             mtp += t.numel if name.startswith("mtp.") else 0
             continue
         if layer is not None and layer >= cfg.num_layers:
