@@ -156,7 +156,7 @@ def parse_deepseek_v4(raw: dict) -> ModelConfig:
     theta, compress = _compress_rope(raw)
     _, scaling = parse_rope_scaling({"rope_parameters": {**compress, "rope_theta": theta},
                                      "max_position_embeddings": raw.get("max_position_embeddings", 1048576)})
-    if scaling.type == "yarn":  # the reference does not rescale the compressed branches' cos/sin
+    if scaling.type == "yarn" and scaling.attention_factor is None:  # the reference does not rescale cos/sin
         scaling = replace(scaling, attention_factor=1.0)
     experts = _count(_require(raw, "n_routed_experts"), "n_routed_experts")
     scoring = str(raw.get("scoring_func") or "sqrtsoftplus")

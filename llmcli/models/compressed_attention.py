@@ -225,7 +225,8 @@ class CompressedAttention(nn.Module):
         return self.grouped_output(out.reshape(b, t, -1))
 
     def _compressed(self, x, c_q, positions, layer_cache: V4LayerCache, rope: Rope, record: CompressedRecord):
-        """The layer's compressed entries [B, W, head_dim] and which each query sees [B, T, W]."""
+        """The layer's compressed entries [B, W, head_dim] and which each query sees [B, T, W]; for a CSA decode
+        step only the entries its indexer picked [B, k, head_dim] (valid [B, 1, k])."""
         entries = self.compressor.compress(x, layer_cache.states["kv"], rope)
         count = record.entries = entries.shape[1]
         if not self.csa:  # HCA: every complete window before the query
@@ -233,9 +234,12 @@ class CompressedAttention(nn.Module):
             visible = torch.arange(count, device=x.device)[None] < complete[:, None]
             return entries, visible.expand(x.shape[0], -1, -1)
         choice = self.compressor.indexer.choose(x, c_q, positions, layer_cache.states["index"], rope)
+        record.indices, record.valid = choice.indices, choice.valid
+        if x.shape[1] == 1:  # a decode step attends to its picks only: O(index_topk), whatever the context
+            picked = entries.gather(1, choice.indices[:, 0, :, None].expand(-1, -1, entries.shape[-1]))
+            return picked, choice.valid
         visible = torch.zeros(*choice.indices.shape[:2], count, dtype=torch.bool, device=x.device)
         visible.scatter_(-1, choice.indices, choice.valid)
-        record.indices, record.valid = choice.indices, choice.valid
         return entries, visible
 
     def grouped_output(self, out: torch.Tensor) -> torch.Tensor:
