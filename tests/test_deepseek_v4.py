@@ -286,8 +286,10 @@ def test_corrupt_scales_give_one_clear_error(v4, tmp_path, run_cli):
     tensors = load_file(tmp_path / "q" / "model.safetensors")
     fp8 = next(n for n in tensors if n.endswith("wq_b.scale"))
     fp4 = next(n for n in tensors if ".experts." in n and n.endswith("w1.scale"))
+    table = "layers.0.ffn.gate.tid2eid"
     for i, (name, bad, message) in enumerate(((fp8, tensors[fp8][:1], "FP8 scale has shape"),
-                                              (fp4, tensors[fp4][:3], "FP4 scale has shape"))):
+                                              (fp4, tensors[fp4][:3], "FP4 scale has shape"),
+                                              (table, tensors[table] + 8, "hash routing names experts"))):
         broken = tmp_path / f"broken{i}"
         shutil.copytree(tmp_path / "q", broken)
         save_file({**tensors, name: bad.contiguous()}, broken / "model.safetensors")

@@ -18,6 +18,7 @@ from torch import nn
 from llmcli.config import ModelConfig
 from llmcli.config_deepseek_v4 import HASH, V4Settings, v4_settings
 from llmcli.config_fields import RopeScaling
+from llmcli.errors import LlmcliError
 from llmcli.models.base import CausalLM
 from llmcli.models.cache import Cache
 from llmcli.models.compressed_attention import CompressedAttention, Compressor, Rope
@@ -207,6 +208,11 @@ class DeepseekV4ForCausalLM(CausalLM):
             self.skipped += 1
             return None
         target = v4_name(name)
+        if target.endswith(".tid2eid"):  # expert ids index the experts directly: a bad one must stop here
+            table = load()
+            if table.numel() and (table.min() < 0 or table.max() >= self.config.n_routed_experts):
+                raise LlmcliError(f"{name}: hash routing names experts outside 0..{self.config.n_routed_experts - 1}")
+            return [(target, table)]
         return split_fused_experts(target, load) or [(target, load())]
 
     def load_notes(self) -> list[str]:
