@@ -363,3 +363,35 @@ def test_show_from_the_config_alone(v4, run_cli, tmp_path):
     assert abs(facts["params_total"] / 284.3e9 - 1) < 0.001 and abs(facts["params_active"] / 13.27e9 - 1) < 0.01
     assert facts["kv_cache"]["bytes_per_token"] == 20 * 320 + 23 * 8  # ~6.4 KiB
     assert facts["layer_schedule"] == "HCA×3 (CSA HCA)×20"
+
+
+# -- chat --------------------------------------------------------------------------------------------
+
+
+def test_chat_turns_with_the_builtin_format_match_fresh_generation(v4, tmp_path):
+    """A checkpoint without a template chats in the V4 format; each turn reuses what the cache can keep (a
+    V4 cache cannot be cut back, so a turn that changes earlier text starts afresh) and equals a generation
+    of the whole conversation without reuse."""
+    from llmcli.chat import ChatSession
+    from llmcli.chat_dsv4 import USER
+    from llmcli.generate import Generation
+
+    _, path = v4
+    plain = tmp_path / "plain"
+    shutil.copytree(path, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (plain / name).unlink(missing_ok=True)
+    loaded = load_model("v4", plain, device="cpu", dtype="float32")
+    session = ChatSession(loaded, max_new_tokens=5, stop_ids=[])
+    for question in ("What pools windows?", "And which entries stay?", "Why?"):
+        held = session.cache.length
+        session.send(question).run()
+        assert session.last.reused_tokens == held  # the format only appends: everything cached is kept
+        prompt = loaded.tokenizer.apply_chat_template(session.messages[:-1], add_generation_prompt=True)
+        assert prompt.count(USER) == len(session.messages) // 2
+        fresh = Generation(loaded.model, loaded.tokenizer, loaded.tokenizer.encode(prompt), 5, stop_ids=[])
+        assert "".join(fresh) == session.messages[-1]["content"]
+    assert session.last.reused_tokens > 100
