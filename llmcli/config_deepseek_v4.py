@@ -29,7 +29,7 @@ SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily
 LAYER_TYPES = (SLIDING, CSA, HCA)
 RATIO_TYPES = {0: SLIDING, 4: CSA, 128: HCA}  # the reference's compress_ratios
 HASH, LEARNED = "hash_moe", "moe"
-SCORING = ("sqrtsoftplus", "softmax", "sigmoid")
+SCORING = ("sqrtsoftplus", "sigmoid")  # transformers' V4 also names softmax, but cannot build it
 EXPERT_DTYPES = (None, "fp8", "fp4", "bf16")
 
 

@@ -38,8 +38,8 @@ TINY = dict(vocab_size=384, hidden_size=32, moe_intermediate_size=32, num_hidden
 PERTURBED = ("norm.weight", "layernorm.weight", "sinks", "position_bias", ".base", ".scale", "hc_base", "hc_scale")
 
 
-def build_reference(path=None, seed: int = 0):
-    config = transformers.DeepseekV4Config(**TINY)
+def build_reference(path=None, seed: int = 0, **overrides):
+    config = transformers.DeepseekV4Config(**{**TINY, **overrides})
     config._attn_implementation = "eager"
     config._experts_implementation = "eager"
     torch.manual_seed(seed)
@@ -50,7 +50,7 @@ def build_reference(path=None, seed: int = 0):
                 param.add_(torch.randn(param.shape) * 0.3)
         for name, buf in model.named_buffers():
             if name.endswith("tid2eid"):  # zeros at init: every token would go to expert 0
-                buf.copy_(torch.stack([torch.randperm(8)[:2] for _ in range(buf.shape[0])]))
+                buf.copy_(torch.stack([torch.randperm(8)[:buf.shape[1]] for _ in range(buf.shape[0])]))
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.randn(buf.shape) * 0.05)
     if path is not None:
@@ -127,6 +127,25 @@ def test_prompts_run_in_query_blocks(v4, model, monkeypatch):
     monkeypatch.setattr(compressed_attention, "QUERY_BLOCK", 5)
     ours, _ = run(model, ids)
     assert (ours - reference_logits(reference, ids)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(o_groups=4, hc_mult=2, sliding_window=9, index_topk=1, num_experts_per_tok=3),
+    dict(scoring_func="sigmoid", hc_mult=4, hc_sinkhorn_iters=20, mlp_layer_types=["hash_moe"] * 2 + ["moe"] * 2,
+         rope_parameters={"rope_type": "default"}, layer_types=LAYERS[1:] + LAYERS[:1]),
+])
+def test_other_settings_match_transformers(v4, tmp_path, overrides):
+    """The sigmoid router, other groups, stream counts, windows, schedules and plain RoPE. (transformers'
+    V4 names a softmax router too but cannot build it: ACT2FN has no "softmax"; llmcli refuses it.)"""
+    _, path = v4
+    reference = build_reference(tmp_path / "m", seed=3, **overrides)
+    ids = prompt_ids(path)
+    loaded = load_model("v4", tmp_path / "m", device="cpu", dtype="float32").model
+    theirs = reference_logits(reference, ids)
+    assert (run(loaded, ids)[0] - theirs).abs().max().item() <= 1e-4
+    cache = loaded.make_cache(1, len(ids))
+    steps = [run(loaded, ids[:-4], cache)[0]] + [run(loaded, [t], cache)[0] for t in ids[-4:]]
+    assert (torch.cat(steps, dim=1) - theirs).abs().max().item() <= 1e-4
 
 
 def test_greedy_tokens_match_transformers_via_cli(v4, run_cli):

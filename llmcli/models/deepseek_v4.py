@@ -46,8 +46,7 @@ RENAMES = [(re.compile(pattern), target) for pattern, target in (
     (r"\.(shared_experts|experts\.\d+)\.w3\.", r".\1.up_proj."),
 )]
 _LAYER = re.compile(r"layers\.(\d+)\.")
-SCORES = {"sqrtsoftplus": lambda logits: F.softplus(logits).sqrt(), "sigmoid": torch.sigmoid,
-          "softmax": lambda logits: logits.softmax(dim=-1)}
+SCORES = {"sqrtsoftplus": lambda logits: F.softplus(logits).sqrt(), "sigmoid": torch.sigmoid}
 
 
 def v4_name(name: str) -> str:
