@@ -148,6 +148,28 @@ def test_other_settings_match_transformers(v4, tmp_path, overrides):
     assert (torch.cat(steps, dim=1) - theirs).abs().max().item() <= 1e-4
 
 
+def test_bfloat16_keeps_the_float32_parts(v4, model):
+    """In bfloat16 the norms, hyper-connections, sinks, position biases and the choice bias stay float32 (as
+    transformers keeps them), and the logits stray from float32's about as far as transformers' bfloat16 do."""
+    from llmcli.models.hyper_connections import HyperConnection
+
+    _, path = v4
+    ids = prompt_ids(path)
+    half = load_model("v4", path, device="cpu", dtype="bfloat16", bf16_kernel=False).model
+    layer = half.model.layers[1]
+    assert isinstance(layer.attn_hc, HyperConnection) and layer.attn_hc.fn.dtype == torch.float32
+    kept = (layer.input_layernorm.weight, layer.self_attn.sinks, layer.self_attn.compressor.position_bias,
+            layer.self_attn.kv_norm.weight, layer.mlp.gate.e_score_correction_bias, half.model.hc_head.hc_fn)
+    assert all(t.dtype == torch.float32 for t in kept)
+    assert half.model.layers[1].self_attn.q_b_proj.weight.dtype == torch.bfloat16
+    reference = transformers.DeepseekV4ForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, attn_implementation="eager", experts_implementation="eager").eval()
+    ours, exact = run(half, ids)[0].float(), run(model, ids)[0]
+    theirs = reference_logits(reference, ids).float()
+    assert (ours - exact).abs().max() <= 2 * (theirs - exact).abs().max()
+    assert (ours.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
+
+
 def test_greedy_tokens_match_transformers_via_cli(v4, run_cli):
     reference, path = v4
     ids = prompt_ids(path)
