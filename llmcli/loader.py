@@ -12,6 +12,7 @@ import torch
 from llmcli import memory
 from llmcli.backends.prepare import Preparation
 from llmcli.backends.runner import Runner
+from llmcli.chat_dsv4 import with_v4_chat_format
 from llmcli.chat_dsv32 import with_builtin_chat_format
 from llmcli.config import ModelConfig, load_config
 from llmcli.errors import LlmcliError
@@ -20,6 +21,7 @@ from llmcli.formats.safetensors import read_checkpoint
 from llmcli.gguf_load import GGUFSource
 from llmcli.models.base import CausalLM
 from llmcli.models.deepseek import DeepseekForCausalLM
+from llmcli.models.deepseek_v4 import DeepseekV4ForCausalLM
 from llmcli.models.qwen import QwenForCausalLM
 from llmcli.models.qwen_hybrid import QwenHybridForCausalLM
 from llmcli.options import Options
@@ -65,6 +67,8 @@ def model_class(cfg: ModelConfig) -> type[CausalLM]:
         return QwenForCausalLM
     if cfg.family in ("deepseek_v2", "deepseek_v3", "deepseek_v32"):
         return DeepseekForCausalLM
+    if cfg.family == "deepseek_v4":
+        return DeepseekV4ForCausalLM
     if cfg.layer_types:  # Qwen3-Next, Qwen3.5, Qwen3.5-MoE: Gated DeltaNet + gated attention
         return QwenHybridForCausalLM
     raise LlmcliError(f"no model implementation for {cfg.family!r}")
@@ -133,6 +137,7 @@ def load_model(name: str, path: Path, options: Options | None = None, **settings
         check_memory(cfg, path, dt, dev, options.quantize, gguf.tensor_infos() if gguf else None)
     start = time.perf_counter()
     tokenizer = with_builtin_chat_format(gguf.tokenizer() if gguf else Tokenizer.from_dir(path), cfg.family)
+    tokenizer = with_v4_chat_format(tokenizer, cfg.family)
     with torch.inference_mode(False):
         runner, notes = build_model(cfg, path, dt, dev, options, gguf.tensors() if gguf else None,
                                     gguf.int4_codes if gguf else None)

@@ -46,6 +46,8 @@ def _entries() -> list[Alias]:
               "V3 + sparse attention (DSA), FP8: about 690 GB"),
         Alias("deepseek-v3.2-speciale", "deepseek-ai/DeepSeek-V3.2-Speciale", "deepseek_v32", 671.0,
               "V3.2 variant for deep reasoning, FP8: about 690 GB"),
+        Alias("deepseek-v4-flash", "deepseek-ai/DeepSeek-V4-Flash", "deepseek_v4", 284.3,
+              "compressed attention (CSA/HCA), 13.3B active, FP8 + FP4 experts"),
     ]
     out += _hybrid_entries()
     return out

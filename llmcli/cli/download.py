@@ -236,11 +236,15 @@ def _render_facts(f: dict) -> None:
     if f["params_source"] == "config":
         params += "  [computed from config.json]"
     add("parameters", params)
-    add("layers", f["layers"] if not f.get("layer_schedule") else
-        f"{f['layers']}: {f['layer_schedule']} (linear: Gated DeltaNet, full: gated attention)")
+    add("layers", f["layers"] if not f.get("layer_schedule") else f"{f['layers']}: {f['layer_schedule']} "
+        + f.get("layer_schedule_legend", "(linear: Gated DeltaNet, full: gated attention)"))
     add("hidden size", f"{f['hidden_size']} (MLP {f['intermediate_size']})")
     a = f["attention"]
-    if a["kind"] == "MLA":
+    if a["kind"] == "V4":  # DeepSeek-V4: llmcli.show_v4 writes its attention and cache lines
+        from llmcli.show_v4 import v4_lines
+
+        v4_lines(f, add, human_bytes)
+    elif a["kind"] == "MLA":
         q = f"q_lora {a['q_lora_rank']}" if a["q_lora_rank"] else "no q_lora"
         add("attention", f"MLA, {f['heads']} heads, {q}, kv_lora {a['kv_lora_rank']}, "
                          f"qk {a['qk_nope_head_dim']}+{a['qk_rope_head_dim']} (rope), v {a['v_head_dim']}")
@@ -294,7 +298,8 @@ def _render_facts(f: dict) -> None:
                  f"sequence (recurrent state of {kv['linear_layers']} linear layers)")
     if "expanded_bytes_per_token" in kv:
         cache += f"; expanded K/V would be {human_bytes(kv['expanded_bytes_per_token'])}"
-    add("kv cache", cache)
+    if a["kind"] != "V4":  # V4's cache line comes with its attention lines
+        add("kv cache", cache)
     if f.get("memory"):
         add("memory", f["memory"]["summary"])
     add("chat template", f["chat_template"] or "none")
