@@ -95,7 +95,7 @@ def run_workload(model, prompts: Iterable[Prompt], reader: CorpusReader, *, batc
             if generate:
                 _prefill_and_decode(runner, recorder, group[0], labels[0], generate, set(stop_ids), run)
             else:
-                _prefill(runner, recorder, group, labels)
+                prefill_batch(runner, recorder, group, labels)
             run.prompts += len(group)
             run.tokens += sum(len(p.ids) for p in group)
             run.seconds = time.perf_counter() - start
@@ -105,13 +105,15 @@ def run_workload(model, prompts: Iterable[Prompt], reader: CorpusReader, *, batc
     return run
 
 
-def _prefill(runner, recorder: WorkloadRecorder, group: list[Prompt], labels: list[int]):
+def prefill_batch(runner, recorder: WorkloadRecorder | None, group: list[Prompt], labels: list[int]):
+    """One right-padded batch through the model (also what benchmarks/trace_corpus.py times without a recorder)."""
     lengths = [len(p.ids) for p in group]
     width = max(lengths)
     ids = torch.full((len(group), width), PAD_ID, dtype=torch.long)
     for row, prompt in enumerate(group):
         ids[row, : len(prompt.ids)] = torch.tensor(prompt.ids)
-    recorder.begin(lengths, width, labels)
+    if recorder is not None:
+        recorder.begin(lengths, width, labels)
     cache = runner.make_cache(len(group), width)
     return runner(ids.to(runner.device), cache, recorder=recorder, last_only=True)
 

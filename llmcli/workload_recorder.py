@@ -39,12 +39,12 @@ class RoutingAgg:
     def add(self, choice, valid: torch.Tensor | None, labels: torch.Tensor | None) -> None:
         e = self.num_experts
         k = choice.experts.shape[-1]
-        experts = choice.experts.reshape(-1, k)
-        weights = choice.weights.reshape(-1, k)
-        scores = choice.scores.reshape(-1, choice.scores.shape[-1])
+        # Small per-token tensors move to the CPU first, where the indices and aggregates live.
+        experts = choice.experts.reshape(-1, k).cpu()
+        weights = choice.weights.reshape(-1, k).cpu()
+        entropy = score_entropy(choice.scores.reshape(-1, choice.scores.shape[-1])).cpu()
         if valid is not None:
-            experts, weights, scores = experts[valid], weights[valid], scores[valid]
-        experts = experts.cpu()
+            experts, weights, entropy = experts[valid], weights[valid], entropy[valid]
         flat = experts.reshape(-1)
         self.counts += torch.bincount(flat, minlength=e)
         self.gate_mass.index_add_(0, flat, weights.reshape(-1).double().cpu())
@@ -54,9 +54,9 @@ class RoutingAgg:
             self.pairs += torch.bincount((low * e + high).reshape(-1), minlength=e * e)
         if labels is not None:
             keep = labels >= 0
-            ids = (labels[keep].cpu()[:, None] * e + experts[keep]).reshape(-1)
+            ids = (labels[keep][:, None] * e + experts[keep]).reshape(-1)
             self.label_counts += torch.bincount(ids, minlength=MAX_LABELS * e).view(MAX_LABELS, e)
-        self.entropy_sum += float(score_entropy(scores).sum())
+        self.entropy_sum += float(entropy.sum())
         self.tokens += experts.shape[0]
 
 
@@ -76,8 +76,8 @@ class PointAgg:
         hidden = x.shape[-1]
         rms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32) / math.sqrt(hidden)
         high, low = x.amax(-1), x.amin(-1)
-        top = torch.maximum(high, -low).float()
-        rows = valid if valid is not None else None
+        rms, top = rms.cpu(), torch.maximum(high, -low).float().cpu()  # one value per token
+        rows = valid
         if rows is not None:
             rms, top = rms[rows], top[rows]
         self.rms.add(rms)
@@ -100,7 +100,7 @@ class PointAgg:
         if self.channels is None:
             self.channels = torch.zeros(x.shape[-1], dtype=torch.int64)
         self.channels += torch.bincount(where[:, 1], minlength=x.shape[-1])
-        pos = positions[hit.cpu()][where[:, 0]]
+        pos = positions[hit][where[:, 0]]
         counts = torch.bincount(pos)
         if counts.numel() > self.positions.numel():
             counts[: self.positions.numel()] += self.positions
