@@ -55,14 +55,14 @@ class CorpusReader:
             try:
                 ids, label = self._parse(line)
             except BadRecord as exc:
-                self._skip(number, str(exc))
+                self.skip(number, str(exc))
                 continue
             if not ids:
-                self._skip(number, "no tokens")
+                self.skip(number, "no tokens")
                 continue
             yield Prompt(ids, label, number)
 
-    def _skip(self, line: int, reason: str) -> None:
+    def skip(self, line: int, reason: str) -> None:
         self.skipped[reason] += 1
         if len(self.examples) < 5:
             self.examples.append((line, reason))

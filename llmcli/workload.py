@@ -50,7 +50,7 @@ def fitting(prompts: Iterable[Prompt], limit: int, reader: CorpusReader) -> Iter
     """Prompts that fit the model's context (with the tokens to generate); the others are skipped."""
     for prompt in prompts:
         if len(prompt.ids) > limit:
-            reader._skip(prompt.line, f"longer than {limit} tokens")
+            reader.skip(prompt.line, f"longer than {limit} tokens")
             continue
         yield prompt
 

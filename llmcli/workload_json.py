@@ -28,7 +28,7 @@ def _rd(d: dict) -> dict:
     return {k: _r(v) for k, v in d.items()}
 
 
-def routing_layer(index: int, agg: RoutingAgg, rec, points: dict) -> dict:
+def routing_layer(index: int, agg: RoutingAgg, points: dict) -> dict:
     counts = agg.counts.tolist()
     shared, routed = points.get((index, "shared_out")), points.get((index, "routed_out"))
     return {
@@ -108,7 +108,7 @@ def build_workload_json(run: WorkloadRun, reader: CorpusReader, model_name: str,
         k = int(first.counts.sum()) // first.tokens if first.tokens else None
         routing = {"tokens": first.tokens, "prompts": run.prompts, "skipped": reader.skipped_total,
                    "num_experts": first.num_experts, "experts_per_token": k, "expert_bytes": expert_size,
-                   "layers": [routing_layer(i, agg, rec, rec.points) for i, agg in sorted(rec.routing.items())],
+                   "layers": [routing_layer(i, agg, rec.points) for i, agg in sorted(rec.routing.items())],
                    "labels": labels, "separation": sep}
     data = {"model": model_name, "settings": dict(settings or {}), "corpus": corpus, "routing": routing,
             "activations": activations_json(rec), "plan": None, "plan_curve": None}
