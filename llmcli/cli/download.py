@@ -198,12 +198,23 @@ def list_command(as_json: bool = typer.Option(False, "--json", help="Print JSON 
 def show_command(
     model: str | None = MODEL_ARG,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+    experts_from: str | None = typer.Option(
+        None, "--experts-from", metavar="FILE.json",
+        help="The expert plan from a saved `trace --corpus --json` result: which experts to keep resident, "
+             "hit rate, bytes read per token (e.g. show MODEL --experts-from stats.json --plan-memory 24GB)."),
+    plan_memory: str | None = typer.Option(None, "--plan-memory", metavar="SIZE",
+                                           help="With --experts-from: memory for routed experts (e.g. 24GB)."),
 ) -> None:
     """What a model is: architecture, parameters, experts, context, RoPE, cache size. Reads no weights; a model
     that is not on disk gets only its config and tokenizer files."""
     from llmcli import hub
     from llmcli.show import describe
 
+    if experts_from is not None or plan_memory is not None:
+        from llmcli.show_plan import show_plan
+
+        show_plan(model, experts_from, plan_memory, as_json)
+        return
     resolved = hub.resolve(model, weights=False)
     facts = describe(resolved.path, resolved.name, resolved.repo, resolved.remote_bytes)
     if as_json:

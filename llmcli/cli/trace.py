@@ -29,6 +29,7 @@ from llmcli.cli.common import (
     load_model,
     read_stdin,
 )
+from llmcli.cli.trace_corpus import CORPUS_HELP, check_corpus_options, run_corpus
 from llmcli.errors import LlmcliError
 
 # One paragraph per line: the help renderer wraps lines itself and keeps explicit newlines.
@@ -52,11 +53,12 @@ TRACE_HELP = "\n\n".join([
     "writes one self-contained page (heatmaps with hover values, no network needed to view it).",
     "Examples: llmcli trace demo-deepseek --logit-lens --attention-stats --html trace.html · "
     "llmcli trace Qwen/Qwen2.5-0.5B-Instruct -p 'The capital of France is' --logit-lens 3",
+    CORPUS_HELP,
 ])
 LENS_DEFAULT_K = 5
 # Options of `trace` that take a value: their value is never read as an option name.
 VALUE_OPTIONS = {"--prompt", "-p", "--layer", "-l", "--generate", "-g", "--json", "--html", "--window", "--device",
-                 "--dtype", "--logit-lens"}
+                 "--dtype", "--logit-lens", "--corpus", "--batch-size", "--max-tokens", "--csv", "--plan-memory"}
 
 
 def optional_lens_value(args: list[str]) -> list[str]:
@@ -111,6 +113,17 @@ def trace_command(
     attention_stats: bool = typer.Option(False, "--attention-stats",
                                          help="Attention entropy, first-token mass and mean distance per head."),
     chat: bool = typer.Option(False, "--chat/--raw", help="Wrap the prompt in the chat template (default: raw)."),
+    corpus: str | None = typer.Option(None, "--corpus", metavar="FILE|-",
+                                      help="Trace a workload: text (a prompt per line) or JSONL (text/messages, "
+                                           "label); '-' reads stdin."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="--corpus: prompts per prefill batch."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1,
+                                          help="--corpus: stop after this many prompt tokens."),
+    csv_out: str | None = typer.Option(None, "--csv", metavar="FILE|-",
+                                       help="--corpus: expert counts as CSV (layer,expert,label,count,gate_mass)."),
+    plan_memory: str | None = typer.Option(None, "--plan-memory", metavar="SIZE",
+                                           help="--corpus: which experts to keep resident in SIZE (e.g. 24GB) of "
+                                                "memory for routed experts: hit rate, bytes read per token."),
     no_logn: bool = NO_LOGN_OPT,
     no_ntk: bool = NO_NTK_OPT,
     window: str | None = WINDOW_OPT,
@@ -126,6 +139,16 @@ def trace_command(
     from llmcli.trace_overview import render_report
 
     parse_layer_specs(layer)  # bad syntax fails before the model loads
+    used = {"--prompt": prompt is not None, "--layer": bool(layer), "--tokens": tokens,
+            "--logit-lens": logit_lens > 0, "--attention-stats": attention_stats}
+    plan_budget = check_corpus_options(corpus, used, csv_out, plan_memory)
+    if corpus is not None:
+        loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, force=force)
+        apply_attention_overrides(loaded, no_logn, no_ntk, window)
+        run_corpus(loaded, corpus, chat=chat, batch_size=batch_size, max_tokens=max_tokens, generate=generate,
+                   json_out=json_out, html_out=html_out, csv_out=csv_out, plan_budget=plan_budget,
+                   quantize=quantize, write_json=write_json)
+        return
     text = read_stdin() if prompt == "-" else clean_text(prompt if prompt is not None else DEFAULT_PROMPT)
     loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, force=force)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
