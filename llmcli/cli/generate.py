@@ -12,11 +12,13 @@ from llmcli.cli.common import (
     COMPILE_OPT,
     DEVICE_OPT,
     DTYPE_OPT,
+    EP_OPT,
     FORCE_OPT,
     MODEL_ARG,
     NO_LOGN_OPT,
     NO_NTK_OPT,
     QUANTIZE_OPT,
+    TP_OPT,
     WINDOW_OPT,
     YES_OPT,
     Device,
@@ -89,6 +91,8 @@ def generate_command(
     quantize: Quantize | None = QUANTIZE_OPT,
     compile: bool = COMPILE_OPT,
     force: bool = FORCE_OPT,
+    tp: int = TP_OPT,
+    ep: int = EP_OPT,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout (stats on stderr).
 
@@ -102,7 +106,7 @@ def generate_command(
     if prompt is None:  # with -p, the positional argument can only be the model
         model, positional_prompt = model_and_prompt(model, positional_prompt)
     text = read_prompt(prompt, positional_prompt)
-    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force, tp=tp, ep=ep)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     ids = prompt_token_ids(loaded, text, chat, system and clean_text(system))
     gen = Generation(loaded.runner, loaded.tokenizer, ids, max_new_tokens, sampling,

@@ -1,0 +1,92 @@
+"""Runs over several processes started by torchrun: the process group, loading one rank's share of the model,
+and the runner that keeps the ranks in step.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address; `init_process_group` reads them. The
+backend is gloo on CPU, NCCL on CUDA (each rank on GPU LOCAL_RANK). Every collective waits at most
+`Options.dist_timeout` seconds; a rank that raises exits non-zero, and torchrun then stops the others.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llmcli.backends.prepare import Preparation
+from llmcli.backends.runner import Runner
+from llmcli.backends.sharded_load import sharded_tensors
+from llmcli.backends.tensor_parallel import attach_collectives, local_config, shard_model, slicer
+from llmcli.config import ModelConfig
+from llmcli.errors import LlmcliError
+from llmcli.options import Options
+from llmcli.parallel_plan import Layout
+from llmcli.weights import Checkpoint, load_weights, materialise
+
+
+def launched_world() -> int | None:
+    """The number of processes torchrun started, or None outside torchrun."""
+    world = os.environ.get("WORLD_SIZE")
+    return int(world) if world else None
+
+
+def start(layout: Layout, options: Options, device: torch.device) -> tuple[Layout, torch.device]:
+    """Join the process group; returns this rank's layout and device."""
+    world = launched_world()
+    flags = f"--tp {layout.tp} --ep {layout.ep}"
+    if world is None:
+        raise LlmcliError(f"{flags} needs {layout.world} processes: start it with `torchrun --nproc-per-node "
+                          f"{layout.world} -m llmcli ...`", exit_code=2)
+    if world != layout.world:
+        raise LlmcliError(f"{flags} needs {layout.world} processes; torchrun started {world}", exit_code=2)
+    if options.compile or options.quantize == "int4":
+        raise LlmcliError(f"{flags} does not run with --compile or --quantize int4 yet", exit_code=2)
+    if device.type not in ("cpu", "cuda"):
+        raise LlmcliError(f"{flags} runs on CPU (gloo) or CUDA (NCCL), not {device.type}", exit_code=2)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=options.dist_timeout))
+        atexit.register(_leave)
+    return Layout(layout.tp, layout.ep, dist.get_rank()), device
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class ParallelRunner(Runner):
+    """A runner whose ranks decode the same sequence: every rank continues with rank 0's token."""
+
+    def __init__(self, model, layout: Layout, compiled=None):
+        super().__init__(model, compiled)
+        self.layout = layout
+
+    @property
+    def rank(self) -> int:
+        return self.layout.rank
+
+    def shared_token(self, token: int) -> int:
+        chosen = torch.tensor([token], dtype=torch.long, device=self.device)
+        dist.broadcast(chosen, src=0)
+        return int(chosen.item())
+
+
+def build_parallel(model_class, cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
+                   options: Options, layout: Layout) -> tuple[ParallelRunner, list[str]]:
+    """This rank's share of the model, read slice by slice from the checkpoint and prepared for `options`."""
+    local = local_config(cfg, layout)
+    model = materialise(lambda: shard_model(model_class(local), cfg, layout), dtype, device)
+    attach_collectives(model, cfg, layout)
+    preparation = Preparation(model, options)
+    with Checkpoint(model_dir) as ckpt:
+        tensors = sharded_tensors(ckpt, slicer(cfg, layout), dtype, cfg.fp8_block_size)
+        notes = load_weights(model, model_dir, loaded=preparation.loaded, tensors=tensors) + preparation.notes
+    preparation.finish()
+    return ParallelRunner(model, layout), notes
