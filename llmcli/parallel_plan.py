@@ -76,23 +76,23 @@ def check_layout(cfg: ModelConfig, tp: int, ep: int, gguf: bool = False) -> Layo
                           f"{', '.join(FAMILIES)})", exit_code=2)
     problems = []
     if tp > 1:
-        deepseek = cfg.family.startswith("deepseek")
-        kv = cfg.num_kv_heads
-        checks = [("attention heads", cfg.num_heads), ("MLP width (intermediate_size)", cfg.intermediate_size)]
-        if not deepseek and kv % tp and tp % kv:
-            problems.append(f"{kv} kv heads cannot be shared by {tp} ranks (one must divide the other)")
+        checks = [("{} attention heads", cfg.num_heads), ("an MLP {} wide", cfg.intermediate_size)]
         if cfg.n_shared_experts:
-            checks.append(("shared experts' width", cfg.n_shared_experts * cfg.moe_intermediate_size))
-        problems += [f"{n} {what}" for what, n in checks if n % tp]
+            checks.append(("shared experts {} wide", cfg.n_shared_experts * cfg.moe_intermediate_size))
+        problems += [f"{what.format(n)} over {tp} ranks" for what, n in checks if n % tp]
+        kv = cfg.num_kv_heads
+        if not cfg.family.startswith("deepseek") and kv % tp and tp % kv:
+            problems.append(f"{kv} kv heads over {tp} ranks (one must divide the other)")
     if cfg.is_moe and world > 1:
         if cfg.n_routed_experts % ep:
-            problems.append(f"{cfg.n_routed_experts} routed experts")
+            problems.append(f"{cfg.n_routed_experts} routed experts in {ep} groups")
         if cfg.moe_intermediate_size % layout.expert_split:
-            problems.append(f"expert width {cfg.moe_intermediate_size} over {layout.expert_split} ranks")
+            problems.append(f"experts {cfg.moe_intermediate_size} wide over {layout.expert_split} ranks")
     elif ep > 1:
-        problems.append("no routed experts (--ep is for DeepSeekMoE models)")
+        problems.append("no routed experts to split (--ep is for DeepSeekMoE models)")
     if problems:
-        raise LlmcliError(f"--tp {tp} --ep {ep} does not divide {cfg.family}'s {'; '.join(problems)}", exit_code=2)
+        raise LlmcliError(f"--tp {tp} --ep {ep} does not split this {cfg.family} model: {'; '.join(problems)}",
+                          exit_code=2)
     return layout
 
 
@@ -119,20 +119,22 @@ def rank_values(cfg: ModelConfig, layout: Layout) -> dict[str, int]:
     """Values (parameters) rank 0 holds, by part: 'split' (its share of what is divided) and 'whole' (what
     every rank holds), and 'router' (DeepSeek's router, kept in float32)."""
     h, v, tp = cfg.hidden_size, cfg.vocab_size, layout.tp
-    rows = layout.vocab_rows(v) if tp > 1 else v
-    split, whole, router = rows * h * (1 if cfg.tie_word_embeddings else 2), h, 0
+    tensor = layout.vocab_rows(v) * h * (1 if cfg.tie_word_embeddings else 2)  # split over tp (whole when 1)
+    experts, whole, router = 0, h, 0  # experts: split over the world
     for i in range(cfg.num_layers):
         attn_split, attn_whole = _attention_values(cfg, layout)
-        split += attn_split
+        tensor += attn_split
         whole += attn_whole + 2 * h
         if cfg.is_moe_layer(i):
             e, mi = cfg.n_routed_experts, cfg.moe_intermediate_size
             router += e * h + (e if cfg.topk_method == "noaux_tc" else 0)
-            split += e // layout.ep * 3 * h * (mi // layout.expert_split)
-            split += 3 * h * (cfg.n_shared_experts * mi // layout.world)
+            experts += e // layout.ep * 3 * h * (mi // layout.expert_split)
+            experts += 3 * h * (cfg.n_shared_experts * mi // layout.world)
         else:
-            split += 3 * h * (cfg.intermediate_size // tp)
-    return {"split": split, "whole": whole, "router": router}
+            tensor += 3 * h * (cfg.intermediate_size // tp)
+    if tp == 1:
+        return {"split": experts, "whole": whole + tensor, "router": router}
+    return {"split": tensor + experts, "whole": whole, "router": router}
 
 
 def cache_bytes_per_token(cfg: ModelConfig, layout: Layout, element: int) -> int:

@@ -1,0 +1,191 @@
+"""Tensor and expert parallelism: real torchrun launches of 2 gloo ranks on CPU, compared in float32 with the
+single-process run of the same checkpoints (logits within 1e-5, identical greedy tokens); a rank that fails
+ends the job; layouts that do not divide the model are refused before loading; `show --tp` planning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmcli.config import config_from_dict, load_config
+from llmcli.loader import load_model
+from llmcli.parallel_plan import Layout, plan
+from tests.conftest import save_hf_model
+
+transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "parallel_worker.py"
+PROMPT_IDS = [5, 77, 300, 12, 190, 41, 41, 250, 3, 99, 160, 7]
+STEPS = 6
+TIMEOUT = 240  # a launch that has not ended by then hangs
+
+
+def torchrun(*args: str, timeout: float = TIMEOUT, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environ, cwd=ROOT)
+
+
+def hf_checkpoint(kind: str, path: Path, **config) -> Path:
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{kind}Config")(**config, attn_implementation="eager")
+    model = getattr(transformers, f"{kind}ForCausalLM")(cfg).eval()
+    with torch.no_grad():  # biases and a choice bias that are not zeros, sharper logits
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith((".bias", "e_score_correction_bias")):
+                tensor.normal_(0, 0.3)
+            elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                tensor.normal_(0, 0.5)
+    return save_hf_model(model, path)
+
+
+DEEPSEEK = dict(vocab_size=384, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+                qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2,
+                first_k_dense_replace=1, max_position_embeddings=256, bos_token_id=None, eos_token_id=None)
+QWEN = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256, bos_token_id=None, eos_token_id=None)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("parallel")
+    return {
+        # GQA, 2 kv heads: one per rank; q/k/v biases.
+        "qwen2": hf_checkpoint("Qwen2", root / "qwen2", **QWEN, num_key_value_heads=2),
+        # 1 kv head replicated on both ranks; q/k norms; a tied head over an odd vocabulary (padded split).
+        "qwen3": hf_checkpoint("Qwen3", root / "qwen3", **{**QWEN, "vocab_size": 383}, num_key_value_heads=1,
+                               head_dim=16, tie_word_embeddings=True),
+        "v3": hf_checkpoint("DeepseekV3", root / "v3", **DEEPSEEK, q_lora_rank=24, n_group=4, topk_group=2,
+                            routed_scaling_factor=2.5, norm_topk_prob=True),
+        "v2": hf_checkpoint("DeepseekV2", root / "v2", **DEEPSEEK, q_lora_rank=None, topk_method="greedy"),
+    }
+
+
+# name: (checkpoint, tp, ep)
+CASES = {"qwen2-tp2": ("qwen2", 2, 1), "qwen3-tp2": ("qwen3", 2, 1), "v3-tp2": ("v3", 2, 1), "v3-ep2": ("v3", 1, 2),
+         "v3-tp2-ep2": ("v3", 2, 2), "v2-tp2": ("v2", 2, 1)}
+
+
+def single_process(path: Path, ids: list[int], steps: int) -> tuple[torch.Tensor, list[int]]:
+    runner = load_model("single", path, device="cpu", dtype="float32", check_memory=False).runner
+    cache = runner.make_cache(1, len(ids) + steps + 1)
+    with torch.inference_mode():
+        logits, tokens = [runner(torch.tensor([ids]), cache)[0]], []
+        for _ in range(steps):
+            tokens.append(int(logits[-1][-1].argmax()))
+            logits.append(runner(torch.tensor([[tokens[-1]]]), cache)[0])
+    return torch.cat(logits), tokens
+
+
+CLI = ["generate", "{v3}", "--raw", "-p", "parallel ranks agree", "-n", "10", "--json", "--device", "cpu",
+       "--dtype", "float32", "--tp", "2", "--ep", "2"]
+
+
+@pytest.fixture(scope="module")
+def launched(checkpoints, tmp_path_factory):
+    """One torchrun launch runs every case (and the CLI's generate) on 2 ranks."""
+    out = tmp_path_factory.mktemp("parallel-out")
+    spec = {"cases": [{"name": name, "path": str(checkpoints[ckpt]), "tp": tp, "ep": ep, "ids": PROMPT_IDS,
+                       "steps": STEPS} for name, (ckpt, tp, ep) in CASES.items()],
+            "cli": [arg.format(v3=checkpoints["v3"]) for arg in CLI]}
+    (out / "spec.json").write_text(json.dumps(spec))
+    done = torchrun(str(WORKER), "cases", str(out / "spec.json"), str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_ranks_match_single_process(name, checkpoints, launched):
+    ckpt, tp, ep = CASES[name]
+    expected_logits, expected_tokens = single_process(checkpoints[ckpt], PROMPT_IDS, STEPS)
+    logits = load_file(str(launched / f"{name}.safetensors"))["logits"]
+    result = json.loads((launched / f"{name}.json").read_text())
+    assert logits.shape == expected_logits.shape
+    assert expected_logits.abs().max() > 0.5  # large enough for the bound to mean something
+    assert (logits - expected_logits).abs().max().item() <= 1e-5
+    assert result["tokens"] == expected_tokens
+    # Rank 0's weights are exactly what `show --tp` plans (float32, DeepSeek's router in float32 too).
+    cfg = load_config(checkpoints[ckpt])
+    assert result["weight_bytes"] == plan(cfg, tp, ep, "float32")["weight_bytes_per_rank"]
+
+
+def test_tokens_are_not_all_one_repetition(launched):
+    """Greedy runs that repeat one token would compare little: most cases do not (qwen3's tied head does)."""
+    varied = [name for name in CASES if len(set(json.loads((launched / f"{name}.json").read_text())["tokens"])) > 2]
+    assert len(varied) >= len(CASES) - 1
+
+
+def test_cli_under_torchrun_prints_once_and_matches(checkpoints, launched, run_cli):
+    args = [arg.format(v3=checkpoints["v3"]) for arg in CLI[:-4]]
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    single = json.loads(out)
+    lines = (launched / "cli.json").read_text().splitlines()
+    assert len(lines) == 1  # rank 0's JSON only
+    assert json.loads(lines[0])["token_ids"] == single["token_ids"]
+
+
+def test_sharded_weights_are_a_share(checkpoints, launched):
+    """Per rank: the split parts halve, the replicated ones stay (qwen2: norms only)."""
+    full = plan(load_config(checkpoints["qwen2"]), 1, 1, "float32")["weight_bytes_per_rank"]
+    ranked = json.loads((launched / "qwen2-tp2.json").read_text())["weight_bytes"]
+    replicated = plan(load_config(checkpoints["qwen2"]), 2, 1, "float32")["replicated_bytes_per_rank"]
+    assert ranked - replicated == (full - replicated) // 2
+
+
+def test_failing_rank_ends_the_job(checkpoints):
+    start = time.monotonic()
+    done = torchrun(str(WORKER), "fault", str(checkpoints["qwen2"]), timeout=120, env={"LLMCLI_DIST_TIMEOUT": "30"})
+    assert done.returncode != 0
+    assert "rank 1 fails on purpose" in done.stderr
+    assert time.monotonic() - start < 120
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tp", "3"], "--tp 3 --ep 1 does not split this qwen2 model: 4 attention heads over 3 ranks; 2 kv "
+                    "heads over 3 ranks (one must divide the other)"),
+    (["--tp", "2", "--ep", "2"], "no routed experts to split"),
+    (["--tp", "2", "--ep", "3"], "--ep must divide"),
+    (["--tp", "2"], "start it with `torchrun --nproc-per-node 2 -m llmcli"),
+])
+def test_layout_errors_before_loading(flags, message, checkpoints, run_cli):
+    code, out, err = run_cli("generate", str(checkpoints["qwen2"]), "-p", "hi", "--device", "cpu", *flags)
+    assert code == 2 and out == ""
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_plan_by_hand():
+    """DeepSeek-V3's shape on 8 ranks, --tp 8 --ep 8, bfloat16: each count written out."""
+    raw = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
+           "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+           "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512,
+           "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 256,
+           "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 3, "n_group": 8,
+           "topk_group": 4, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "max_position_embeddings": 163840}
+    cfg = config_from_dict(raw)
+    h, heads = 7168, 128 // 8
+    attention_split = 1536 * heads * 192 + 512 * heads * 256 + heads * 128 * h
+    attention_whole = h * 576 + 512 + h * 1536 + 1536 + 2 * h  # latent projections, their norms, 2 layer norms
+    dense = 3 * h * 18432 // 8
+    moe = 32 * 3 * h * 2048 + 3 * h * 2048 // 8
+    router = 256 * h + 256
+    split = 2 * 16160 * h + 61 * attention_split + 3 * dense + 58 * moe
+    whole = h + 61 * attention_whole
+    facts = plan(cfg, 8, 8, "bfloat16", memory=141 * 10**9)
+    assert facts["weight_bytes_per_rank"] == 2 * (split + whole) + 4 * 58 * router
+    assert facts["cache_bytes_per_token_per_rank"] == 61 * 576 * 2
+    assert facts["fits"] is False  # 170 GB a rank in bfloat16: 8 x H200 do not hold it; 16 do
+    assert plan(cfg, 16, 16, "bfloat16", memory=141 * 10**9)["fits"] is True
+    ep_only = plan(cfg, 1, 8, "bfloat16")
+    assert ep_only["replicated_bytes_per_rank"] == 2 * (2 * 129280 * h + whole + 61 * attention_split * 8
+                                                        + 3 * 3 * h * 18432) + 4 * 58 * router
+    assert Layout(8, 8, rank=3).experts(256) == range(96, 128)
