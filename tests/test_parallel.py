@@ -189,3 +189,18 @@ def test_plan_by_hand():
     assert ep_only["replicated_bytes_per_rank"] == 2 * (2 * 129280 * h + whole + 61 * attention_split * 8
                                                         + 3 * 3 * h * 18432) + 4 * 58 * router
     assert Layout(8, 8, rank=3).experts(256) == range(96, 128)
+
+
+def test_show_plans_per_rank(checkpoints, run_cli):
+    path = checkpoints["v3"]
+    code, out, err = run_cli("show", str(path), "--tp", "2", "--ep", "2", "--memory", "1MB", "--json")
+    assert code == 0, err
+    facts = json.loads(out)["parallel"]
+    expected = plan(load_config(path), 2, 2, "float32", memory=10**6)
+    assert facts == expected and facts["fits"] is True
+    assert facts["cache_tokens_that_fit"] == (10**6 - facts["weight_bytes_per_rank"]) // (2 * (32 + 8) * 4)
+    code, out, err = run_cli("show", str(path), "--tp", "2", "--memory", "200KB")
+    assert code == 0, err
+    assert "does NOT fit in 195.3 KiB a rank" in " ".join(out.split())
+    code, out, err = run_cli("show", str(path), "--tp", "3")
+    assert code == 2 and "4 attention heads over 3 ranks" in err
