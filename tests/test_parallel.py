@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -28,10 +29,40 @@ STEPS = 6
 TIMEOUT = 240  # a launch that has not ended by then hangs
 
 
+def environment(**extra: str) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+
+
 def torchrun(*args: str, timeout: float = TIMEOUT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """One launch of 2 processes on this machine."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    environ = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environ, cwd=ROOT)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment(**(env or {})),
+                          cwd=ROOT)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(*args: str, timeout: float = TIMEOUT) -> list[subprocess.CompletedProcess]:
+    """Two torchrun launches of one process each, meeting over loopback as nodes 0 and 1 of a 2-node job."""
+    port = str(free_port())
+    launches = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+         str(node), "--master-addr", "127.0.0.1", "--master-port", port, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(), cwd=ROOT) for node in (0, 1)]
+    done = []
+    for launch in launches:
+        try:
+            out, err = launch.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in launches:
+                other.kill()
+            raise
+        done.append(subprocess.CompletedProcess(launch.args, launch.returncode, out, err))
+    return done
 
 
 def hf_checkpoint(kind: str, path: Path, **config) -> Path:
@@ -92,14 +123,15 @@ CLI = ["generate", "{v3}", "--raw", "-p", "parallel ranks agree", "-n", "10", "-
 
 @pytest.fixture(scope="module")
 def launched(checkpoints, tmp_path_factory):
-    """One torchrun launch runs every case (and the CLI's generate) on 2 ranks."""
+    """Every case (and the CLI's generate) runs on 2 ranks started as a 2-node job: two torchrun launches on
+    this machine, rendezvous over loopback (what `--nnodes 2` does across machines)."""
     out = tmp_path_factory.mktemp("parallel-out")
     spec = {"cases": [{"name": name, "path": str(checkpoints[ckpt]), "tp": tp, "ep": ep, "ids": PROMPT_IDS,
                        "steps": STEPS} for name, (ckpt, tp, ep) in CASES.items()],
             "cli": [arg.format(v3=checkpoints["v3"]) for arg in CLI]}
     (out / "spec.json").write_text(json.dumps(spec))
-    done = torchrun(str(WORKER), "cases", str(out / "spec.json"), str(out))
-    assert done.returncode == 0, done.stderr[-3000:]
+    for done in two_nodes(str(WORKER), "cases", str(out / "spec.json"), str(out)):
+        assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 
