@@ -4,7 +4,8 @@
 each case's model with its --tp/--ep through llmcli's Python API, runs the prompt and greedy decode steps,
 and rank 0 writes the logits and tokens (OUT_DIR/NAME.safetensors, OUT_DIR/NAME.json); then runs the CLI
 `generate` of SPEC's "cli" arguments, its stdout going to OUT_DIR/cli.json.
-`... parallel_worker.py fault MODEL_DIR`: rank 1 raises in its first forward pass, through the CLI.
+`... parallel_worker.py fault MODEL_DIR raise|hang`: rank 1 raises, or hangs, in its first forward pass, through
+the CLI.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -50,11 +52,14 @@ def cases(spec_file: str, out_dir: str) -> int:
         return main(spec["cli"])
 
 
-def fault(model_dir: str) -> int:
+def fault(model_dir: str, how: str) -> int:
+    """Rank 1 raises ("raise") or never answers ("hang") at its first forward pass."""
     if os.environ["RANK"] == "1":
         from llmcli.backends.runner import Runner
 
         def broken(*args, **kwargs):
+            if how == "hang":
+                time.sleep(3600)
             raise RuntimeError("rank 1 fails on purpose")
 
         Runner.__call__ = broken
@@ -62,4 +67,4 @@ def fault(model_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cases(*sys.argv[2:]) if sys.argv[1] == "cases" else fault(sys.argv[2]))
+    sys.exit(cases(*sys.argv[2:]) if sys.argv[1] == "cases" else fault(*sys.argv[2:]))

@@ -33,13 +33,6 @@ def environment(**extra: str) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
 
 
-def torchrun(*args: str, timeout: float = TIMEOUT, env: dict | None = None) -> subprocess.CompletedProcess:
-    """One launch of 2 processes on this machine."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment(**(env or {})),
-                          cwd=ROOT)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -174,12 +167,23 @@ def test_sharded_weights_are_a_share(checkpoints, launched):
     assert ranked - replicated == (full - replicated) // 2
 
 
-def test_failing_rank_ends_the_job(checkpoints):
+def test_failing_or_silent_rank_ends_the_job(checkpoints):
+    """Two jobs at once. In one, rank 1 raises: it exits non-zero, rank 0's collective fails at once and torchrun
+    ends the job. In the other, rank 1 hangs: rank 0's all-reduce gives up after LLMCLI_DIST_TIMEOUT seconds."""
     start = time.monotonic()
-    done = torchrun(str(WORKER), "fault", str(checkpoints["qwen2"]), timeout=120, env={"LLMCLI_DIST_TIMEOUT": "30"})
-    assert done.returncode != 0
-    assert "rank 1 fails on purpose" in done.stderr
-    assert time.monotonic() - start < 120
+    jobs = {how: subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
+         "fault", str(checkpoints["qwen2"]), how], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=environment(LLMCLI_DIST_TIMEOUT="5"), cwd=ROOT) for how in ("raise", "hang")}
+    try:
+        ended = {how: (job.communicate(timeout=150)[1], job.returncode) for how, job in jobs.items()}
+    finally:
+        for job in jobs.values():
+            job.kill()
+    assert time.monotonic() - start < 150
+    assert all(code != 0 for _, code in ended.values())
+    assert "error: internal error: RuntimeError: rank 1 fails on purpose" in ended["raise"][0]
+    assert "error: rank 0: another rank of this parallel run stopped or did not answer" in ended["hang"][0]
 
 
 @pytest.mark.parametrize("flags, message", [

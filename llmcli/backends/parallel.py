@@ -9,6 +9,7 @@ backend is gloo on CPU, NCCL on CUDA (each rank on GPU LOCAL_RANK). Every collec
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -74,8 +75,26 @@ class ParallelRunner(Runner):
 
     def shared_token(self, token: int) -> int:
         chosen = torch.tensor([token], dtype=torch.long, device=self.device)
-        dist.broadcast(chosen, src=0)
+        with self._peers_alive():
+            dist.broadcast(chosen, src=0)
         return int(chosen.item())
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        with self._peers_alive():
+            return super().__call__(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _peers_alive(self):
+        """A collective that fails because another rank died (or timed out) is one clear line, not gloo's."""
+        try:
+            yield
+        except (dist.DistError, RuntimeError) as exc:
+            text = str(exc)
+            if not isinstance(exc, dist.DistError) and not any(w in text for w in ("gloo", "NCCL", "timed out")):
+                raise
+            detail = text.split(". ")[0].split("] ")[-1].strip()
+            raise LlmcliError(f"rank {self.rank}: another rank of this parallel run stopped or did not answer "
+                              f"({detail})") from exc
 
 
 def build_parallel(model_class, cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
