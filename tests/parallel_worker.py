@@ -2,8 +2,8 @@
 
 `python -m torch.distributed.run --nproc-per-node 2 tests/parallel_worker.py cases SPEC.json OUT_DIR`: loads
 each case's model with its --tp/--ep through llmcli's Python API, runs the prompt and greedy decode steps,
-and rank 0 writes the logits and tokens (OUT_DIR/NAME.safetensors, OUT_DIR/NAME.json); then runs the CLI
-`generate` of SPEC's "cli" arguments, its stdout going to OUT_DIR/cli.json.
+and rank 0 writes the logits and tokens (OUT_DIR/NAME.safetensors, OUT_DIR/NAME.json); then runs SPEC's "cli"
+commands (arguments and rank 0's stdin), the N-th one's stdout going to OUT_DIR/cli-N.txt.
 `... parallel_worker.py fault MODEL_DIR raise|hang`: rank 1 raises, or hangs, in its first forward pass, through
 the CLI.
 """
@@ -11,6 +11,7 @@ the CLI.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
@@ -45,11 +46,15 @@ def cases(spec_file: str, out_dir: str) -> int:
     spec, out = json.loads(Path(spec_file).read_text()), Path(out_dir)
     for case in spec["cases"]:
         run_case(case, out)
-    if not spec.get("cli"):
-        return 0
     rank = int(os.environ["RANK"])
-    with open(out / "cli.json" if rank == 0 else os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        return main(spec["cli"])
+    for index, run in enumerate(spec.get("cli", [])):
+        sys.stdin = io.StringIO(run["stdin"] if rank == 0 else "")  # a parallel run reads stdin on rank 0 only
+        with open(out / f"cli-{index}.txt" if rank == 0 else os.devnull, "w") as sink, \
+                contextlib.redirect_stdout(sink):
+            code = main(run["args"])
+        if code:
+            return code
+    return 0
 
 
 def fault(model_dir: str, how: str) -> int:

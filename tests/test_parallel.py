@@ -4,6 +4,7 @@ ends the job; layouts that do not divide the model are refused before loading; `
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -110,8 +111,16 @@ def single_process(path: Path, ids: list[int], steps: int) -> tuple[torch.Tensor
     return torch.cat(logits), tokens
 
 
-CLI = ["generate", "{v3}", "--raw", "-p", "parallel ranks agree", "-n", "10", "--json", "--device", "cpu",
-       "--dtype", "float32", "--tp", "2", "--ep", "2"]
+# The CLI under torchrun, each with rank 0's stdin, and the flags a single process leaves out.
+FLOAT32 = ["--device", "cpu", "--dtype", "float32"]
+CLI = [(["generate", "{v3}", "--raw", "-p", "parallel ranks agree", "-n", "10", "--json", *FLOAT32], "",
+        ["--tp", "2", "--ep", "2"]),
+       (["generate", "{qwen2}", "--raw", "-n", "8", "--json", *FLOAT32], "a prompt piped in\n", ["--tp", "2"]),
+       (["chat", "{qwen2}", "-n", "5", *FLOAT32], "first message\n/stats\nsecond message\n", ["--tp", "2"])]
+
+
+def cli_args(args: list[str], checkpoints) -> list[str]:
+    return [arg.format(**{name: str(path) for name, path in checkpoints.items()}) for arg in args]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +130,7 @@ def launched(checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel-out")
     spec = {"cases": [{"name": name, "path": str(checkpoints[ckpt]), "tp": tp, "ep": ep, "ids": PROMPT_IDS,
                        "steps": STEPS} for name, (ckpt, tp, ep) in CASES.items()],
-            "cli": [arg.format(v3=checkpoints["v3"]) for arg in CLI]}
+            "cli": [{"args": cli_args(args + parallel, checkpoints), "stdin": stdin} for args, stdin, parallel in CLI]}
     (out / "spec.json").write_text(json.dumps(spec))
     for done in two_nodes(str(WORKER), "cases", str(out / "spec.json"), str(out)):
         assert done.returncode == 0, done.stderr[-3000:]
@@ -149,14 +158,21 @@ def test_tokens_are_not_all_one_repetition(launched):
     assert len(varied) >= len(CASES) - 1
 
 
-def test_cli_under_torchrun_prints_once_and_matches(checkpoints, launched, run_cli):
-    args = [arg.format(v3=checkpoints["v3"]) for arg in CLI[:-4]]
-    code, out, err = run_cli(*args)
+@pytest.mark.parametrize("index", range(len(CLI)))
+def test_cli_under_torchrun_prints_once_and_matches(index, checkpoints, launched, run_cli, monkeypatch):
+    """generate with -p and with a piped prompt, and a piped chat (cache reused between turns): rank 0 reads
+    stdin, every rank decodes the same tokens, only rank 0 prints: the single-process output exactly."""
+    args, stdin, _ = CLI[index]
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code, out, err = run_cli(*cli_args(args, checkpoints))
     assert code == 0, err
-    single = json.loads(out)
-    lines = (launched / "cli.json").read_text().splitlines()
-    assert len(lines) == 1  # rank 0's JSON only
-    assert json.loads(lines[0])["token_ids"] == single["token_ids"]
+    ranked = (launched / f"cli-{index}.txt").read_text()
+    if "--json" in args:
+        assert len(ranked.splitlines()) == 1  # rank 0's JSON only
+        assert json.loads(ranked)["token_ids"] == json.loads(out)["token_ids"]
+        assert json.loads(ranked)["prompt_tokens"] == json.loads(out)["prompt_tokens"]
+    else:
+        assert ranked == out and len(out.splitlines()) == 2
 
 
 def test_sharded_weights_are_a_share(checkpoints, launched):

@@ -34,6 +34,11 @@ def launched_world() -> int | None:
     return int(world) if world else None
 
 
+def launched_rank() -> int:
+    """This process's rank in a torchrun launch (0 outside one)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def start(layout: Layout, options: Options, device: torch.device) -> tuple[Layout, torch.device]:
     """Join the process group; returns this rank's layout and device."""
     world = launched_world()
@@ -78,6 +83,13 @@ class ParallelRunner(Runner):
         with self._peers_alive():
             dist.broadcast(chosen, src=0)
         return int(chosen.item())
+
+    def shared_text(self, text: str | None) -> str | None:
+        """Only rank 0 reads input (a prompt on stdin, chat lines); every rank gets its text (None: the end)."""
+        box = [text]
+        with self._peers_alive():
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         with self._peers_alive():

@@ -176,6 +176,15 @@ def run_options(device: Device, dtype: DType, quantize: Quantize | None = None, 
                             compile=compile, check_memory=not force, tp=tp, ep=ep)
 
 
+def other_rank(tp: int, ep: int) -> bool:
+    """A --tp/--ep process other than rank 0 (which alone reads stdin and prints)."""
+    if tp == 1 and ep == 1:
+        return False
+    from llmcli.backends.parallel import launched_rank
+
+    return launched_rank() != 0
+
+
 def quiet_other_ranks(runner) -> None:
     """In a parallel run only rank 0 prints: the others' stdout and notes go nowhere (errors still show)."""
     if getattr(runner, "rank", 0):

@@ -29,6 +29,7 @@ from llmcli.cli.common import (
     err_console,
     human_bytes,
     load_model,
+    other_rank,
     read_stdin,
 )
 from llmcli.errors import LlmcliError
@@ -105,8 +106,9 @@ def generate_command(
     sampling.validate()
     if prompt is None:  # with -p, the positional argument can only be the model
         model, positional_prompt = model_and_prompt(model, positional_prompt)
-    text = read_prompt(prompt, positional_prompt)
+    text = None if other_rank(tp, ep) else read_prompt(prompt, positional_prompt)
     loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force, tp=tp, ep=ep)
+    text = loaded.runner.shared_text(text)  # a parallel run's ranks take rank 0's prompt (it alone reads stdin)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     ids = prompt_token_ids(loaded, text, chat, system and clean_text(system))
     gen = Generation(loaded.runner, loaded.tokenizer, ids, max_new_tokens, sampling,
