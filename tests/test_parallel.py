@@ -256,3 +256,33 @@ def test_show_plans_per_rank(checkpoints, run_cli):
     assert "does NOT fit in 195.3 KiB a rank" in " ".join(out.split())
     code, out, err = run_cli("show", str(path), "--tp", "3")
     assert code == 2 and "4 attention heads over 3 ranks" in err
+
+
+def test_slices_read_and_dequantise_as_the_whole_tensor_would(tmp_path, monkeypatch):
+    """Rows, columns (a few rows at a time), several ranges with padding, and FP8 blocks cut mid-block: each
+    slice equals the same slice of the whole tensor, dequantised whole."""
+    from safetensors.torch import save_file
+
+    from llmcli.backends import sharded_load
+    from llmcli.backends.tensor_parallel import Slice
+    from llmcli.weights import Checkpoint, dequantize_fp8
+
+    torch.manual_seed(0)
+    plain = torch.randn(300, 260)
+    fp8 = (torch.randn(300, 260) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.rand(3, 3) + 0.5
+    save_file({"plain": plain, "q": fp8, "q_scale_inv": scale}, str(tmp_path / "model.safetensors"))
+    whole = {"plain": plain, "q": dequantize_fp8(fp8, scale, (128, 128), torch.float32)}
+    monkeypatch.setattr(sharded_load, "BLOCK_BYTES", 7 * 260 * 4)  # 7 rows a block: 43 reads for 300 rows
+    cuts = [Slice(0, ((100, 250),), 150), Slice(1, ((70, 200),), 130), Slice(0, ((0, 10), (150, 160)), 24),
+            Slice(1, ((255, 260),), 8), Slice(0, (), 3)]
+    with Checkpoint(tmp_path) as ckpt:
+        for name in ("plain", "q"):
+            for cut in cuts:
+                got = sharded_load.read_slice(ckpt, name, cut, torch.float32, (128, 128))
+                pieces = [whole[name].narrow(cut.dim, a, b - a) for a, b in cut.ranges]
+                shape = list(whole[name].shape)
+                shape[cut.dim] = cut.length - sum(b - a for a, b in cut.ranges)
+                assert torch.equal(got, torch.cat([*pieces, torch.zeros(shape)], dim=cut.dim))
+        names = [name for name, _, _ in sharded_load.sharded_tensors(ckpt, lambda n, s: None, torch.float32, None)]
+        assert names == ["plain", "q"]  # scales are consumed with their weights
