@@ -6,7 +6,8 @@ Builds (once, in llmcli's cache) a random bfloat16 checkpoint with the Qwen2.5-0
 DeepSeek-V3-shaped MoE of benchmarks/deepseek_vs_transformers.py, then runs, each in fresh processes:
 one process with 1 and with 2 threads, and torchrun launches of 2 ranks (1 thread each) for each layout
 (TPxEP). Reports prompt and decode tok/s, the seconds per step spent in collectives on rank 0 (all-reduce,
-all-gather, broadcast, timed around each call: on CPU they also absorb the wait for the slower rank), and each
+all-gather, broadcast, timed around each call: on CPU they also absorb the wait for the slower rank), how many
+collectives a step makes and what one all-reduce of a token's hidden state costs back to back, and each
 rank's parameter bytes and resident anonymous memory after loading (RssAnon: the weights, not the file pages).
 """
 
@@ -31,9 +32,10 @@ from llmcli.bench import parameter_bytes
 from llmcli.loader import load_model
 
 path, tp, ep, steps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-spent = [0.0]
+spent, calls = [0.0], [0]
 def timed(fn):
     def wrapper(*args, **kwargs):
+        calls[0] += 1
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
@@ -60,20 +62,27 @@ with torch.inference_mode():
         start = time.perf_counter()
         logits = runner(ids, cache, last_only=True)
         prompt = time.perf_counter() - start
-        spent[0] = 0.0
+        spent[0], calls[0] = 0.0, 0
         start = time.perf_counter()
         for _ in range(steps):
             token = runner.shared_token(int(logits[0, -1].argmax()))
             logits = runner(torch.tensor([[token]]), cache)
-        times.append((prompt, time.perf_counter() - start, spent[0]))
-prompt, decode, comm = min(times, key=lambda t: t[1])  # the second run: warm
-memories = [memory]
-if dist.is_initialized():
+        times.append((prompt, time.perf_counter() - start, spent[0], calls[0] / steps))
+prompt, decode, comm, per_step = min(times, key=lambda t: t[1])  # the second run: warm
+memories, alone = [memory], None
+if dist.is_initialized():  # one decode step's all-reduce on its own, back to back: the transfer without waiting
+    x = torch.zeros(1, 1, loaded.config.hidden_size, dtype=torch.bfloat16)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(200):
+        dist.all_reduce(x)
+    alone = (time.perf_counter() - start) / 200 * 1e6
     memories = [None] * dist.get_world_size()
     dist.all_gather_object(memories, memory)
 if not dist.is_initialized() or dist.get_rank() == 0:
     print(json.dumps({"prompt_tok_s": ids.shape[1] / prompt, "decode_tok_s": steps / decode,
                       "comm_ms_per_step": 1000 * comm / steps, "step_ms": 1000 * decode / steps,
+                      "collectives_per_step": per_step, "all_reduce_alone_us": alone,
                       "memory": memories}))
 """
 
@@ -108,6 +117,7 @@ def main() -> None:
     parser.add_argument("--model", choices=("qwen", "deepseek"), default="qwen")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--layouts", default=None, help="comma list of TPxEP for 2 ranks (default by model)")
+    parser.add_argument("--no-single", action="store_true", help="skip the single-process runs")
     args = parser.parse_args()
     if args.model == "qwen":
         path, layouts = qwen_checkpoint(), args.layouts or "2x1"
@@ -118,8 +128,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "child.py"
         script.write_text(CHILD)
-        rows = [("1 process, 1 thread", run(script, path, (1, 1), 1, args.steps)),
-                ("1 process, 2 threads", run(script, path, (1, 1), 2, args.steps))]
+        rows = [] if args.no_single else [("1 process, 1 thread", run(script, path, (1, 1), 1, args.steps)),
+                                          ("1 process, 2 threads", run(script, path, (1, 1), 2, args.steps))]
         for text in layouts.split(","):
             tp, ep = (int(n) for n in text.split("x"))
             rows.append((f"2 ranks --tp {tp} --ep {ep}, 1 thread each", run(script, path, (tp, ep), 1, args.steps)))
@@ -129,6 +139,9 @@ def main() -> None:
         print(f"{label:38s} prompt {r['prompt_tok_s']:7.1f} tok/s  decode {r['decode_tok_s']:6.2f} tok/s "
               f"({r['step_ms']:6.1f} ms/step, {r['comm_ms_per_step']:5.1f} in collectives)  "
               f"weights/RssAnon MiB per rank: {mem}")
+        if r["all_reduce_alone_us"]:
+            print(f"{'':38s} {r['collectives_per_step']:.0f} collectives a step; one all-reduce of a token's hidden "
+                  f"state, back to back: {r['all_reduce_alone_us']:.0f} us")
 
 
 if __name__ == "__main__":
