@@ -134,7 +134,9 @@ def load_model(name: str, path: Path, options: Options | None = None, **settings
 
         layout, dev = parallel.start(check_layout(cfg, options.tp, options.ep, gguf is not None), options, dev)
     dt = resolve_dtype(options.dtype, cfg, dev)
-    if options.check_memory and layout is None:
+    if options.check_memory and layout is not None:
+        parallel.check_rank_memory(cfg, layout, dt, dev)
+    elif options.check_memory:
         check_memory(cfg, path, dt, dev, options.quantize, gguf.tensor_infos() if gguf else None)
     start = time.perf_counter()
     tokenizer = with_builtin_chat_format(gguf.tokenizer() if gguf else Tokenizer.from_dir(path), cfg.family)

@@ -218,15 +218,29 @@ def test_layout_errors_before_loading(flags, message, checkpoints, run_cli):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_share_too_large_for_this_machine_is_refused_before_loading(monkeypatch):
+    from llmcli import memory
+    from llmcli.backends.parallel import check_rank_memory
+    from llmcli.errors import LlmcliError
+
+    cfg = config_from_dict(V3_CONFIG)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    needed = 8 * (plan(cfg, 8, 8, "bfloat16")["weight_bytes_per_rank"] + memory.RESERVE_BYTES)  # 1267 GiB
+    with pytest.raises(LlmcliError, match=rf"this share of the model needs {memory.gib(needed)} GiB of memory for 8 "):
+        check_rank_memory(cfg, Layout(8, 8), torch.bfloat16, torch.device("cpu"))
+
+
+V3_CONFIG = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
+             "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+             "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512,
+             "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 256,
+             "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 3, "n_group": 8,
+             "topk_group": 4, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "max_position_embeddings": 163840}
+
+
 def test_plan_by_hand():
     """DeepSeek-V3's shape on 8 ranks, --tp 8 --ep 8, bfloat16: each count written out."""
-    raw = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
-           "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
-           "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512,
-           "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 256,
-           "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 3, "n_group": 8,
-           "topk_group": 4, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "max_position_embeddings": 163840}
-    cfg = config_from_dict(raw)
+    cfg = config_from_dict(V3_CONFIG)
     h, heads = 7168, 128 // 8
     attention_split = 1536 * heads * 192 + 512 * heads * 256 + heads * 128 * h
     attention_whole = h * 576 + 512 + h * 1536 + 1536 + 2 * h  # latent projections, their norms, 2 layer norms

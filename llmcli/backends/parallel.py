@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from llmcli import memory
 from llmcli.backends.prepare import Preparation
 from llmcli.backends.runner import Runner
 from llmcli.backends.sharded_load import sharded_tensors
@@ -24,7 +25,7 @@ from llmcli.backends.tensor_parallel import attach_collectives, local_config, sh
 from llmcli.config import ModelConfig
 from llmcli.errors import LlmcliError
 from llmcli.options import Options
-from llmcli.parallel_plan import Layout
+from llmcli.parallel_plan import ELEMENT_BYTES, Layout, plan
 from llmcli.weights import Checkpoint, load_weights, materialise
 
 
@@ -107,6 +108,23 @@ class ParallelRunner(Runner):
             detail = text.split(". ")[0].split("] ")[-1].strip()
             raise LlmcliError(f"rank {self.rank}: another rank of this parallel run stopped or did not answer "
                               f"({detail})") from exc
+
+
+def check_rank_memory(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, device: torch.device) -> None:
+    """Before reading weights: refuse a share that will not fit (on CPU, the ranks of this machine together;
+    the weights as `llmcli show --tp` plans them, plus llmcli.memory's reserve per rank)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in ELEMENT_BYTES:
+        return
+    share = plan(cfg, layout.tp, layout.ep, name)["weight_bytes_per_rank"] + memory.RESERVE_BYTES
+    if device.type == "cuda":
+        needed, available, where = share, torch.cuda.mem_get_info(device)[0], f"GPU memory on {device}"
+    else:
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world))
+        needed, available, where = share * ranks, memory.available_bytes(), f"memory for {ranks} ranks"
+    if available is not None and needed > available:
+        raise LlmcliError(f"this share of the model needs {memory.gib(needed)} GiB of {where}, "
+                          f"{memory.gib(available, up=False)} GiB available (--force to try anyway)")
 
 
 def build_parallel(model_class, cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
