@@ -21,9 +21,10 @@ import math
 from dataclasses import dataclass
 
 from llmcli.config import ModelConfig
+from llmcli.config_deepseek import indexer_settings
 from llmcli.errors import LlmcliError
 
-FAMILIES = ("qwen", "qwen2", "qwen3", "llama", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("qwen", "qwen2", "qwen3", "llama", "deepseek_v2", "deepseek_v3", "deepseek_v32")
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -107,6 +108,9 @@ def _attention_values(cfg: ModelConfig, layout: Layout) -> tuple[int, int]:
         per_head_q = cfg.qk_nope_head_dim + rope
         kvl, ql = cfg.kv_lora_rank, cfg.q_lora_rank
         whole = h * (kvl + rope) + kvl + (h * ql + ql if ql else 0)  # latent projections and their norms
+        if cfg.family == "deepseek_v32":  # the sparse attention indexer (weights_proj: rank_values' float32)
+            ix = indexer_settings(cfg)
+            whole += ql * ix.heads * ix.head_dim + h * ix.head_dim + 2 * ix.head_dim
         split = (ql or h) * heads * per_head_q + kvl * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
         return split + heads * cfg.v_head_dim * h, whole
     q = cfg.num_heads // tp * cfg.head_dim
@@ -117,7 +121,7 @@ def _attention_values(cfg: ModelConfig, layout: Layout) -> tuple[int, int]:
 
 def rank_values(cfg: ModelConfig, layout: Layout) -> dict[str, int]:
     """Values (parameters) rank 0 holds, by part: 'split' (its share of what is divided) and 'whole' (what
-    every rank holds), and 'router' (DeepSeek's router, kept in float32)."""
+    every rank holds), and 'router' (DeepSeek's router and V3.2's indexer head weights, kept in float32)."""
     h, v, tp = cfg.hidden_size, cfg.vocab_size, layout.tp
     tensor = layout.vocab_rows(v) * h * (1 if cfg.tie_word_embeddings else 2)  # split over tp (whole when 1)
     experts, whole, router = 0, h, 0  # experts: split over the world
@@ -125,6 +129,8 @@ def rank_values(cfg: ModelConfig, layout: Layout) -> dict[str, int]:
         attn_split, attn_whole = _attention_values(cfg, layout)
         tensor += attn_split
         whole += attn_whole + 2 * h
+        if cfg.family == "deepseek_v32":
+            router += h * indexer_settings(cfg).heads
         if cfg.is_moe_layer(i):
             e, mi = cfg.n_routed_experts, cfg.moe_intermediate_size
             router += e * h + (e if cfg.topk_method == "noaux_tc" else 0)
@@ -140,7 +146,8 @@ def rank_values(cfg: ModelConfig, layout: Layout) -> dict[str, int]:
 def cache_bytes_per_token(cfg: ModelConfig, layout: Layout, element: int) -> int:
     """A rank's KV cache per token: its kv heads' keys and values (Qwen), or MLA's whole latent (DeepSeek)."""
     if cfg.family.startswith("deepseek"):
-        return cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * element
+        index = indexer_settings(cfg).head_dim if cfg.family == "deepseek_v32" else 0  # V3.2's cached index keys
+        return cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim + index) * element
     kv = layout.kv_heads(cfg.num_kv_heads) if layout.tp > 1 else cfg.num_kv_heads
     return cfg.num_layers * 2 * kv * cfg.head_dim * element
 

@@ -21,6 +21,7 @@ from llmcli.config import config_from_dict, load_config
 from llmcli.loader import load_model
 from llmcli.parallel_plan import Layout, plan
 from tests.conftest import save_hf_model
+from tests.test_deepseek_v32 import build_reference as build_v32
 from tests.test_qwen1 import qwen1_tensors, random_weights, write_qwen1
 
 transformers = pytest.importorskip("transformers")
@@ -93,6 +94,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         "v3": hf_checkpoint("DeepseekV3", root / "v3", **DEEPSEEK, q_lora_rank=24, n_group=4, topk_group=2,
                             routed_scaling_factor=2.5, norm_topk_prob=True),
         "v2": hf_checkpoint("DeepseekV2", root / "v2", **DEEPSEEK, q_lora_rank=None, topk_method="greedy"),
+        # V3.2: MLA with the sparse attention indexer (kept whole on every rank); prompt longer than its top-k.
+        "v32": build_v32(root / "v32") and root / "v32",
         # Original Qwen: fused c_attn (Q|K|V rows, each split by heads); LogN past its 16-token seq_length.
         "qwen1": write_qwen1(root / "qwen1", qwen1_tensors(random_weights())),
     }
@@ -100,7 +103,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 # name: (checkpoint, tp, ep)
 CASES = {"qwen1-tp2": ("qwen1", 2, 1), "qwen2-tp2": ("qwen2", 2, 1), "qwen3-tp2": ("qwen3", 2, 1),
-         "v3-tp2": ("v3", 2, 1), "v3-ep2": ("v3", 1, 2), "v3-tp2-ep2": ("v3", 2, 2), "v2-tp2": ("v2", 2, 1)}
+         "v3-tp2": ("v3", 2, 1), "v3-ep2": ("v3", 1, 2), "v3-tp2-ep2": ("v3", 2, 2), "v2-tp2": ("v2", 2, 1),
+         "v32-tp2-ep2": ("v32", 2, 2)}
 
 
 def single_process(path: Path, ids: list[int], steps: int) -> tuple[torch.Tensor, list[int]]:
