@@ -2,7 +2,7 @@
 plans with it, loading checks it before reading any weight).
 
 `--tp T`: attention heads, dense MLPs, shared experts and the vocabulary (embedding and head) are split over
-T ranks. `--ep E`: the routed experts of DeepSeekMoE layers are split into E groups of consecutive experts;
+T ranks. `--ep E`: the routed experts of MoE layers (DeepSeek, Qwen) are split into E groups of consecutive experts;
 each group lives on world/E ranks, which split each of its experts' MLPs (so `--tp 2 --ep 2` on 2 ranks
 gives each rank half the experts, whole). The world (the number of processes torchrun starts) is the larger
 of T and E; T is 1 or the world. With T = 1 every rank runs the whole attention (replicated) and only the
@@ -24,7 +24,7 @@ from llmcli.config import ModelConfig
 from llmcli.config_deepseek import indexer_settings
 from llmcli.errors import LlmcliError
 
-FAMILIES = ("qwen", "qwen2", "qwen3", "llama", "deepseek_v2", "deepseek_v3", "deepseek_v32")
+FAMILIES = ("qwen", "qwen2", "qwen3", "llama", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32")
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -78,23 +78,29 @@ def check_layout(cfg: ModelConfig, tp: int, ep: int, gguf: bool = False) -> Layo
     problems = []
     if tp > 1:
         checks = [("{} attention heads", cfg.num_heads), ("an MLP {} wide", cfg.intermediate_size)]
-        if cfg.n_shared_experts:
-            checks.append(("shared experts {} wide", cfg.n_shared_experts * cfg.moe_intermediate_size))
         problems += [f"{what.format(n)} over {tp} ranks" for what, n in checks if n % tp]
         kv = cfg.num_kv_heads
         if not cfg.family.startswith("deepseek") and kv % tp and tp % kv:
             problems.append(f"{kv} kv heads over {tp} ranks (one must divide the other)")
     if cfg.is_moe and world > 1:
+        shared = _shared_width(cfg)
+        if shared % world:
+            problems.append(f"shared experts {shared} wide over {world} ranks")
         if cfg.n_routed_experts % ep:
             problems.append(f"{cfg.n_routed_experts} routed experts in {ep} groups")
         if cfg.moe_intermediate_size % layout.expert_split:
             problems.append(f"experts {cfg.moe_intermediate_size} wide over {layout.expert_split} ranks")
     elif ep > 1:
-        problems.append("no routed experts to split (--ep is for DeepSeekMoE models)")
+        problems.append("no routed experts to split (--ep is for MoE models)")
     if problems:
         raise LlmcliError(f"--tp {tp} --ep {ep} does not split this {cfg.family} model: {'; '.join(problems)}",
                           exit_code=2)
     return layout
+
+
+def _shared_width(cfg: ModelConfig) -> int:
+    """The shared experts' MLP width: DeepSeek's n_shared x moe_intermediate_size, or Qwen's one shared expert."""
+    return cfg.shared_expert_intermediate_size or cfg.n_shared_experts * cfg.moe_intermediate_size
 
 
 # -- planning (`llmcli show --tp`) ---------------------------------------------------------------------
@@ -133,9 +139,12 @@ def rank_values(cfg: ModelConfig, layout: Layout) -> dict[str, int]:
             router += h * indexer_settings(cfg).heads
         if cfg.is_moe_layer(i):
             e, mi = cfg.n_routed_experts, cfg.moe_intermediate_size
-            router += e * h + (e if cfg.topk_method == "noaux_tc" else 0)
+            if cfg.family.startswith("deepseek"):  # a float32 router
+                router += e * h + (e if cfg.topk_method == "noaux_tc" else 0)
+            else:  # Qwen: the router and the shared expert's gate, in the model's dtype
+                whole += e * h + (h if cfg.shared_expert_intermediate_size else 0)
             experts += e // layout.ep * 3 * h * (mi // layout.expert_split)
-            experts += 3 * h * (cfg.n_shared_experts * mi // layout.world)
+            experts += 3 * h * (_shared_width(cfg) // layout.world)
         else:
             tensor += 3 * h * (cfg.intermediate_size // tp)
     if tp == 1:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.config import ModelConfig
+from llmcli.errors import LlmcliError
 from llmcli.models.base import CausalLM
 from llmcli.models.hooks import RouterChoice
 from llmcli.models.layers import SwiGLU
@@ -97,8 +98,10 @@ def shard_model(model: CausalLM, cfg: ModelConfig, layout: Layout) -> CausalLM:
             moe = layer.mlp
             intermediate = cfg.moe_intermediate_size // layout.expert_split
             moe.experts = LocalExperts(layout.experts(cfg.n_routed_experts), hidden, intermediate)
-            if moe.shared_experts is not None:
+            if getattr(moe, "shared_experts", None) is not None:  # DeepSeek
                 moe.shared_experts = SwiGLU(hidden, cfg.n_shared_experts * cfg.moe_intermediate_size // layout.world)
+            if getattr(moe, "shared_expert", None) is not None:  # Qwen MoE: its per-token gate stays whole
+                moe.shared_expert = SwiGLU(hidden, cfg.shared_expert_intermediate_size // layout.world)
     return model
 
 
@@ -152,7 +155,8 @@ _KV = re.compile(r"\.self_attn\.[kv]_proj\.(weight|bias)$")
 _OUT = re.compile(r"\.(self_attn\.o_proj|attn\.c_proj)\.(weight|bias)$")
 _FUSED_QKV = re.compile(r"\.attn\.c_attn\.(weight|bias)$")
 _EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_SHARED = re.compile(r"\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)\.weight$")
+_SHARED = re.compile(r"\.mlp\.shared_experts?\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED_EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _MLP = re.compile(r"\.mlp\.(gate_proj|up_proj|down_proj|w1|w2|c_proj)\.weight$")
 
 
@@ -168,6 +172,9 @@ def slicer(cfg: ModelConfig, layout: Layout):
         return split(shape, 1 if kind in ("down_proj", "c_proj") else 0, parts, index)
 
     def slice_of(name: str, shape: tuple[int, ...]):
+        if _FUSED_EXPERTS.search(name):
+            raise LlmcliError(f"{name}: --tp/--ep read one tensor per expert (as the Hub ships them), not experts "
+                              "saved fused")
         if (m := _EXPERT.search(name)) is not None:
             if int(m.group(1)) not in layout.experts(cfg.n_routed_experts):
                 return False

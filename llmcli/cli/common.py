@@ -163,7 +163,7 @@ FORCE_OPT = typer.Option(False, "--force", help="Load even when the model looks 
 # Tensor and expert parallelism: one process per rank, started by torchrun (llmcli.backends.parallel).
 TP_OPT = typer.Option(1, "--tp", min=1, help="Split the model over this many processes (tensor parallel: "
                       "heads, MLPs, vocabulary); start it with `torchrun --nproc-per-node N -m llmcli ...`.")
-EP_OPT = typer.Option(1, "--ep", min=1, help="DeepSeekMoE: split the routed experts into this many groups, one "
+EP_OPT = typer.Option(1, "--ep", min=1, help="MoE models: split the routed experts into this many groups, one "
                       "per process (expert parallel); combines with --tp.")
 
 
