@@ -39,9 +39,11 @@ VISION = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_h
               temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64)
 
 
-def checkpoint_dir(layers: int, linear_only: bool) -> Path:
-    """Build the random checkpoint once (bfloat16 on disk, like the released models)."""
-    name = f"qwen3.5-shape-random-{layers}{'-linear' if linear_only else ''}"
+def checkpoint_dir(layers: int, linear_only: bool, vocab_size: int | None = None) -> Path:
+    """Build the random checkpoint once (bfloat16 on disk, like the released models); `vocab_size`: a variant
+    with that vocabulary (Qwen3.5's real one, 248320, for llama.cpp's converter and the real tokenizer)."""
+    vocab = f"-vocab{vocab_size}" if vocab_size else ""
+    name = f"qwen3.5-shape-random-{layers}{'-linear' if linear_only else ''}{vocab}"
     target = cache_home() / "benchmarks" / name
     if (target / "config.json").is_file():
         return target
@@ -53,7 +55,8 @@ def checkpoint_dir(layers: int, linear_only: bool) -> Path:
     try:
         torch.manual_seed(0)
         kinds = ["linear_attention" if linear_only or (i + 1) % 4 else "full_attention" for i in range(layers)]
-        text = transformers.Qwen3_5TextConfig(**TEXT, num_hidden_layers=layers, layer_types=kinds).to_dict()
+        shape = {**TEXT, **({"vocab_size": vocab_size} if vocab_size else {})}
+        text = transformers.Qwen3_5TextConfig(**shape, num_hidden_layers=layers, layer_types=kinds).to_dict()
         model = transformers.Qwen3_5ForConditionalGeneration(
             transformers.Qwen3_5Config(text_config=text, vision_config=VISION))
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)

@@ -35,9 +35,11 @@ QWEN3_30B_A3B_LAYER = dict(
 )
 
 
-def checkpoint_dir(layers: int) -> Path:
-    """Build the random checkpoint once (bf16 on disk, like the released model)."""
-    target = cache_home() / "benchmarks" / f"qwen3-30b-a3b-shape-{layers}-layers-random"
+def checkpoint_dir(layers: int, vocab_size: int | None = None) -> Path:
+    """Build the random checkpoint once (bf16 on disk, like the released model); `vocab_size`: a variant with
+    that vocabulary (Qwen3's real one, 151936, for llama.cpp's converter and the real tokenizer)."""
+    suffix = f"-vocab{vocab_size}" if vocab_size else ""
+    target = cache_home() / "benchmarks" / f"qwen3-30b-a3b-shape-{layers}-layers-random{suffix}"
     if (target / "config.json").is_file():
         return target
     import transformers
@@ -47,7 +49,8 @@ def checkpoint_dir(layers: int) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
         torch.manual_seed(0)
-        config = transformers.Qwen3MoeConfig(**QWEN3_30B_A3B_LAYER, num_hidden_layers=layers, dtype="bfloat16")
+        shape = {**QWEN3_30B_A3B_LAYER, **({"vocab_size": vocab_size} if vocab_size else {})}
+        config = transformers.Qwen3MoeConfig(**shape, num_hidden_layers=layers, dtype="bfloat16")
         with torch.device("meta"):
             model = transformers.Qwen3MoeForCausalLM(config)
         model = model.to_empty(device="cpu").to(torch.bfloat16)

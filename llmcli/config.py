@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llmcli.config_deepseek import _fp8_block, parse_deepseek
+from llmcli.config_deepseek_v4 import parse_deepseek_v4
 from llmcli.config_fields import (
     MAX_LAYERS,
     ModelConfig,
@@ -119,6 +120,7 @@ PARSERS: dict[str, Callable[[dict], ModelConfig]] = {
     "deepseek_v2": parse_deepseek,
     "deepseek_v3": parse_deepseek,
     "deepseek_v32": parse_deepseek,
+    "deepseek_v4": parse_deepseek_v4,
     **dict.fromkeys(HYBRID_TYPES, parse_qwen_hybrid),
 }
 
@@ -133,6 +135,7 @@ ARCHITECTURES = {
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "DeepseekV32ForCausalLM": "deepseek_v32",
+    "DeepseekV4ForCausalLM": "deepseek_v4",
     **HYBRID_ARCHITECTURES,
 }
 

@@ -18,10 +18,6 @@ from llmcli.paths import cache_home
 from llmcli.templates import CHATML_TEMPLATE
 
 DEMO_VERSION = 1
-DEMO_NOTICE = (
-    "note: {name} is a built-in demo with random weights (gibberish output); "
-    "for a real model: llmcli download qwen2.5-0.5b-instruct"
-)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 

@@ -4,7 +4,8 @@ layouts the models load), read one at a time from the file.
 Quantised tensors are dequantised with the gguf package's numpy code to float32, one tensor (one expert, or
 a few MiB of rows of a big tensor) at a time, and copied straight into the parameter: peak memory is the
 model in its run dtype plus one dequantised layer matrix. `--quantize int8` then re-quantises each linear
-as it loads, like a safetensors model.
+as it loads, like a safetensors model; `--quantize int4` takes Q4_0, Q4_1 and Q4_K linears' own 4-bit codes
+and scales (`int4_codes`), re-quantising only the others.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from llmcli.config import ModelConfig
 from llmcli.formats.gguf import GGUFFile, open_gguf, unsupported_error
 from llmcli.formats.gguf_config import gguf_config
+from llmcli.formats.gguf_int4 import INT4_TYPES, int4_codes
 from llmcli.formats.gguf_names import Piece, checkpoint_pieces, tensor_infos
 from llmcli.formats.safetensors import TensorInfo
 from llmcli.tokenizer import Tokenizer
@@ -52,6 +54,17 @@ class GGUFSource:
         if bad is not None:
             raise unsupported_error(bad)
         self.pieces: list[Piece] = checkpoint_pieces(self.gguf, self.config)
+        self.by_name = {piece.name: piece for piece in self.pieces}
+
+    def int4_codes(self, name: str):
+        """(q, scale, zero) of checkpoint tensor `name` when the file stores it in a 4-bit type that llmcli's
+        int4 expresses exactly (Q4_0, Q4_1, Q4_K), else None."""
+        piece = self.by_name.get(name)
+        type_name = self.gguf.tensors[piece.source].type_name if piece is not None else None
+        if type_name not in INT4_TYPES or piece.raw is None or len(piece.shape) != 2:
+            return None
+        raw = piece.raw()
+        return None if raw is None else int4_codes(raw, type_name, piece.shape[1])
 
     def tokenizer(self) -> Tokenizer:
         from llmcli.gguf_tokenizer import gguf_tokenizer

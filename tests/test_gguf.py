@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
+from llmcli.backends import int4
 from llmcli.loader import load_model, resolve_dtype
 from tests.gguf_convert import convert
 from tests.test_qwen_parity import PROMPT
@@ -203,6 +204,24 @@ def test_quantised_gguf_equals_gguf_dequantisation(qtype, quant_source, tmp_path
     assert (logits(ours, ids) - expected).abs().max().item() <= 1e-4
     # --dtype auto: quantised and BF16 files run in bfloat16, F16 ones too on CPU (fast there).
     assert resolve_dtype("auto", ours.config, torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.skipif(not int4.available(), reason="this torch build has no CPU int4 product")
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+def test_int4_takes_4bit_files_as_stored(qtype, quant_source, tmp_path):
+    """--quantize int4 keeps a Q4_0/Q4_1/Q4_K file's own codes and scales: each Int4Linear is the GGUF's
+    dequantised matrix exactly (llama's permuted Q/K rows included), where re-quantising would round again."""
+    source = quant_source / ("llama" if qtype != "Q4_0" else "hf")
+    path = convert(source, tmp_path / f"{qtype}.gguf", qtype=Q[qtype])
+    reference = load_file(str(dequantised_checkpoint(path, source, tmp_path / "reference") / "model.safetensors"))
+    ours = load_model("q", path, device="cpu", dtype="float32", quantize="int4")
+    stored = {name: m for name, m in ours.model.named_modules() if isinstance(m, int4.Int4Linear)}
+    assert len(stored) == 2 * 7 and not any(name.endswith(("qkv_proj", "gate_up_proj")) for name in stored)
+    for name, module in stored.items():
+        with torch.inference_mode():
+            bias = module.bias if module.bias is not None else 0
+            weight = (module(torch.eye(module.in_features)) - bias).t()  # the matrix the module multiplies by
+        assert torch.allclose(weight, torch.from_numpy(reference[name + ".weight"]), atol=1e-6, rtol=0), name
 
 
 def test_int8_requantises_a_gguf(quant_source, tmp_path, run_cli, monkeypatch):

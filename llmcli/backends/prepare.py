@@ -117,12 +117,14 @@ class Preparation:
 
     UNITS = (re.compile(r"^(.*?\.layers\.\d+\.mlp\.experts\.\d+\.)"), re.compile(r"^(.*?\.layers\.\d+\.)"))
 
-    def __init__(self, model: CausalLM, options: Options):
+    def __init__(self, model: CausalLM, options: Options, int4_codes=None):
+        """`int4_codes(name)`: a weight's (q, scale, zero) as the file stores them (GGUF 4-bit types), or None."""
         self.model, self.options = model, options
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         cpu = self.device.type == "cpu"
         self.int4 = options.quantize == "int4"
+        self.int4_codes = int4_codes if self.int4 else None
         self.int8 = options.quantize == "int8" or self.int4  # int4 runs keep the head (and misfits) in int8
         self.notes: list[str] = []
         self.int8_kernel = self.bf16_kernel = False
@@ -174,7 +176,10 @@ class Preparation:
                     release_freed_memory()
 
     def prepare_part(self, module: nn.Module, prefix: str = "") -> None:
-        """Fuse, quantise and reorder within `module` (parts already done are left alone)."""
+        """Fuse, quantise and reorder within `module` (parts already done are left alone). Linears stored in
+        4-bit become Int4Linear first, with the file's codes; that leaves them out of fusing."""
+        if self.int4_codes is not None:
+            swap_linears(module, lambda name, child: self.stored_int4(prefix + name, child))
         for part in [m for m in module.modules() if isinstance(m, FusesProjections)]:
             if not part.projections_fused:
                 part.fuse_projections()
@@ -186,6 +191,12 @@ class Preparation:
             swap_linears(module, lambda name, child: None if keep(name) else self.quantized(name, child))
         if self.pack:
             pack_linears(module, self.bf16_kernel, self.prepack, keep)
+
+    def stored_int4(self, name: str, linear: nn.Linear) -> nn.Module | None:
+        if name.rpartition(".")[2] == "lm_head" or self.model.keeps_weight(name) or not int4.fits(linear.weight.shape):
+            return None
+        codes = self.int4_codes(name + ".weight")
+        return Int4Linear(linear, quantized=codes) if codes is not None else None
 
     def quantized(self, name: str, linear: nn.Linear) -> nn.Module:
         if self.int4 and name.rpartition(".")[2] != "lm_head" and int4.fits(linear.weight.shape):

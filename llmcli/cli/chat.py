@@ -279,7 +279,8 @@ def chat_command(
 
     sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     sampling.validate()
-    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force, tp=tp, ep=ep)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force, answers=True,
+                        tp=tp, ep=ep)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     session = ChatSession(loaded, sampling, max_new_tokens, max_context, system and clean_text(system), think,
                           stop_ids=stop_token_ids(loaded))

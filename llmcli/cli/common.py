@@ -195,17 +195,17 @@ def quiet_other_ranks(runner) -> None:
 
 
 def load_model(model: str | None, device: Device, dtype: DType, quiet: bool = False, yes: bool = False,
-               quantize: Quantize | None = None, compile: bool = False, force: bool = False, tp: int = 1,
-               ep: int = 1):
-    """Resolve and load a model, with a spinner on stderr and the demo notice when it applies."""
+               quantize: Quantize | None = None, compile: bool = False, force: bool = False, answers: bool = False,
+               tp: int = 1, ep: int = 1):
+    """Resolve and load a model, with a spinner on stderr and the demo notice when it applies. `answers`: the
+    command answers prompts, so its default is the bundled real model where installed (`hub.default_model_name`)."""
     from llmcli import hub
-    from llmcli.demo import DEMO_NOTICE
     from llmcli.loader import load_model as load
 
     options = run_options(device, dtype, quantize, compile, force, tp, ep)
-    resolved = hub.resolve(model, yes=yes)
+    resolved = hub.resolve(model, yes=yes, answers=answers)
     if resolved.is_demo:
-        err_console.print(DEMO_NOTICE.format(name=resolved.name), style="yellow")
+        err_console.print(hub.demo_notice(resolved.name), style="yellow")
     if not quiet and sys.stderr.isatty():
         with err_console.status(f"loading {resolved.name}"):
             loaded = load(resolved.name, resolved.path, options)

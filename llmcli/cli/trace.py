@@ -42,6 +42,10 @@ TRACE_HELP = "\n\n".join([
     "Sparse attention (DeepSeek-V3.2's DSA): per query the positions the indexer kept (--tokens, JSON "
     "`layers[].indexer`), their overlap with the positions dense attention weighs most, and the entropy "
     "of the index scores. Example: llmcli trace deepseek-v3.2 -p 'a long prompt' --tokens --layer 5",
+    "DeepSeek-V4 (JSON `layers[].v4`): the compressed entries each layer holds, each query's indexer picks "
+    "in CSA layers, each head's sink mass, the hyper-connections' stream mixing matrices and each residual "
+    "stream's RMS; `attention.routing` marks hash-routed layers. Example: llmcli trace deepseek-v4-flash "
+    "-p 'a long prompt' --json -",
     "--logit-lens [K] adds, after every layer, the top-K tokens (default 5) through the final norm and head "
     "and the probability of the token the model finally predicts; --attention-stats adds per layer and head "
     "the attention entropy, the mass on the first token (sink) and the mean attended distance; --html FILE "

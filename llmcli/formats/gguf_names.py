@@ -72,6 +72,13 @@ class Piece:
     read: Callable[[], np.ndarray]
     # Rows start..stop alone, for tensors stored as they load (no transform): big ones are read in parts.
     rows: Callable[[int, int], np.ndarray] | None = None
+    # Its stored blocks, [rows, bytes per row] in the model's row order, for types kept as they are (4-bit).
+    raw: Callable[[], np.ndarray] | None = None
+
+
+def _raw_rows(gg: GGUFFile, name: str, start: int = 0, stop: int | None = None, rows: int | None = None) -> np.ndarray:
+    data = gg.raw(name, start, stop)
+    return data.reshape(rows or (stop or gg.tensors[name].shape[0]) - start, -1)
 
 
 def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -103,13 +110,15 @@ def _pieces_of(gg: GGUFFile, cfg: ModelConfig, name: str) -> list[Piece]:
     if tail in EXPERT_NAMES:
         experts = tensor.shape[0]
         return [Piece(f"{prefix}mlp.experts.{e}.{EXPERT_NAMES[tail]}.weight", tensor.shape[1:], name,
-                      lambda e=e: gg.read(name, e, e + 1)[0]) for e in range(experts)]
+                      lambda e=e: gg.read(name, e, e + 1)[0],
+                      raw=lambda e=e: _raw_rows(gg, name, e, e + 1, rows=tensor.shape[1])) for e in range(experts)]
     if gg.architecture == "qwen" and tail.startswith("attn_qkv."):
         kind = tail.split(".")[1]
         rows = tensor.shape[0] // 3
         return [Piece(f"{prefix}self_attn.{proj}.{kind}", (rows, *tensor.shape[1:]), name,
                       lambda i=i: gg.read(name, i * rows, (i + 1) * rows) if len(tensor.shape) > 1
-                      else gg.read(name)[i * rows:(i + 1) * rows])
+                      else gg.read(name)[i * rows:(i + 1) * rows],
+                      raw=lambda i=i: _raw_rows(gg, name, i * rows, (i + 1) * rows) if len(tensor.shape) > 1 else None)
                 for i, proj in enumerate(("q_proj", "k_proj", "v_proj"))]
     if tail == "attn_k_b.weight":
         if f"blk.{layer}.attn_kv_b.weight" in gg.tensors:
@@ -127,9 +136,10 @@ def _pieces_of(gg: GGUFFile, cfg: ModelConfig, name: str) -> list[Piece]:
         raise LlmcliError(f"{gg.path}: tensor {name} is not one llmcli knows for {gg.architecture}")
     if gg.architecture == "llama" and tail.split(".")[0] in ("attn_q", "attn_k"):
         heads = cfg.num_heads if tail.startswith("attn_q") else cfg.num_kv_heads
-        return [Piece(prefix + LAYER_NAMES[tail], tensor.shape, name, lambda: unpermute(gg.read(name), heads))]
+        return [Piece(prefix + LAYER_NAMES[tail], tensor.shape, name, lambda: unpermute(gg.read(name), heads),
+                      raw=lambda: unpermute(_raw_rows(gg, name), heads))]
     return [Piece(prefix + LAYER_NAMES[tail], tensor.shape, name, lambda: gg.read(name),
-                  lambda start, stop: gg.read(name, start, stop))]
+                  lambda start, stop: gg.read(name, start, stop), lambda: _raw_rows(gg, name))]
 
 
 def checkpoint_pieces(gg: GGUFFile, cfg: ModelConfig) -> list[Piece]:
