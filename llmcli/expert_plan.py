@@ -17,25 +17,21 @@ resident on top of it.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
 from llmcli.errors import LlmcliError
+from llmcli.units import parse_bytes
 
-UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
 CURVE_SHARES = (0.05, 0.10, 0.25, 0.50, 0.75)  # resident share of all experts, for the plan's curve
 
 
 def parse_size(text: str, flag: str = "--plan-memory") -> int:
-    """'24GB' (10^9), '24GiB' (2^30), '512M', '1.5T', '1000' (bytes) -> bytes."""
-    match = SIZE_RE.match(text or "")
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in UNITS:
+    """'24GB' (10^9), '24GiB' (2^30), '512M', '1.5T', '1000' (bytes) -> bytes; an error line otherwise."""
+    size = parse_bytes(text or "")
+    if size is None:
         raise LlmcliError(f"{flag}: {text!r} is not a size (e.g. 24GB, 512MiB, 1.5T)", exit_code=2)
-    return int(float(match.group(1)) * UNITS[unit])
+    return size
 
 
 def expert_bytes(hidden_size: int, moe_intermediate_size: int, element_bytes: float) -> int:

@@ -179,7 +179,7 @@ class Generation:
         logits = self.model(torch.tensor([self.prompt_ids], device=self.device), cache,
                             recorder=self.recorder, last_only=True)
         for step in range(self.max_new_tokens):
-            token = sample_next(logits[0, -1].float(), params, generator, history)
+            token = self.model.shared_token(sample_next(logits[0, -1].float(), params, generator, history))
             if step == 0:
                 synchronize(self.device)
                 t1 = time.perf_counter()

@@ -25,6 +25,7 @@ from llmcli.models.deepseek_v4 import DeepseekV4ForCausalLM
 from llmcli.models.qwen import QwenForCausalLM
 from llmcli.models.qwen_hybrid import QwenHybridForCausalLM
 from llmcli.options import Options
+from llmcli.parallel_plan import check_layout
 from llmcli.tokenizer import Tokenizer
 from llmcli.weights import load_weights, materialise
 
@@ -132,13 +133,23 @@ def load_model(name: str, path: Path, options: Options | None = None, **settings
         raise LlmcliError(f"{path} is not a model directory or a .gguf file")
     dev = resolve_device(options.device)
     cfg = gguf.config if gguf else load_config(path)
+    layout = None
+    if options.tp > 1 or options.ep > 1:  # a share of the model per torchrun process: llmcli.backends.parallel
+        from llmcli.backends import parallel
+
+        layout, dev = parallel.start(check_layout(cfg, options.tp, options.ep, gguf is not None), options, dev)
     dt = resolve_dtype(options.dtype, cfg, dev)
-    if options.check_memory:
+    if options.check_memory and layout is not None:
+        parallel.check_rank_memory(cfg, layout, dt, dev)
+    elif options.check_memory:
         check_memory(cfg, path, dt, dev, options.quantize, gguf.tensor_infos() if gguf else None)
     start = time.perf_counter()
     tokenizer = with_builtin_chat_format(gguf.tokenizer() if gguf else Tokenizer.from_dir(path), cfg.family)
     tokenizer = with_v4_chat_format(tokenizer, cfg.family)
     with torch.inference_mode(False):
-        runner, notes = build_model(cfg, path, dt, dev, options, gguf.tensors() if gguf else None,
-                                    gguf.int4_codes if gguf else None)
+        if layout is not None:
+            runner, notes = parallel.build_parallel(model_class(cfg), cfg, path, dt, dev, options, layout)
+        else:
+            runner, notes = build_model(cfg, path, dt, dev, options, gguf.tensors() if gguf else None,
+                                        gguf.int4_codes if gguf else None)
     return LoadedModel(name, path, cfg, runner, tokenizer, dev, dt, options, time.perf_counter() - start, notes)

@@ -10,6 +10,7 @@ Environment variables (each read when `Options.from_env` or the function naming 
   LLMCLI_PREPACK=0          do not reorder bfloat16 weights for oneDNN
   LLMCLI_CUDA_GEMV=linear   CUDA compiled one-row products through cuBLAS instead of multiply-and-sum
   LLMCLI_REALIZE_THRESHOLD  inductor's realize_opcount_threshold for the compiled decode step
+  LLMCLI_DIST_TIMEOUT       seconds a --tp/--ep run's collectives wait for the other ranks (default 600)
 and one of another tool: OLLAMA_MODELS, Ollama's model store (`ollama:NAME` models).
 """
 
@@ -45,6 +46,9 @@ class Options:
     cuda_gemv: str = "sum"  # CUDA compiled one-row products: "sum" (inductor's loop) or "linear" (cuBLAS)
     realize_threshold: int = 8  # inductor's realize_opcount_threshold for the compiled step
     check_memory: bool = True  # refuse to load a model larger than the available memory (--force: try anyway)
+    tp: int = 1  # tensor-parallel ranks (under torchrun; llmcli.parallel_plan)
+    ep: int = 1  # expert-parallel groups of DeepSeekMoE's routed experts
+    dist_timeout: float = 600.0  # seconds a parallel run's collective waits for the others (ranks load at once)
 
     def __post_init__(self) -> None:
         if self.quantize not in (None, *QUANTIZE_MODES):
@@ -64,7 +68,12 @@ class Options:
             threshold = int(os.environ.get("LLMCLI_REALIZE_THRESHOLD", "8"))
         except ValueError:
             raise LlmcliError("LLMCLI_REALIZE_THRESHOLD must be an integer", exit_code=2) from None
+        try:
+            timeout = float(os.environ.get("LLMCLI_DIST_TIMEOUT", "600"))
+        except ValueError:
+            raise LlmcliError("LLMCLI_DIST_TIMEOUT must be a number of seconds", exit_code=2) from None
         env = {
+            "dist_timeout": timeout,
             "bf16_kernel": _flag("LLMCLI_BF16_KERNEL"),
             "int8_kernel": _flag("LLMCLI_INT8_KERNEL"),
             "prepack": _flag("LLMCLI_PREPACK"),

@@ -85,13 +85,18 @@ class Checkpoint:
         target = out if direct else torch.empty(entry.shape, dtype=entry.dtype)
         if entry.nbytes:
             view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
-            handle = self._handles.get(entry.file)
-            if handle is None:
-                handle = self._handles[entry.file] = open(entry.file, "rb")  # noqa: SIM115
+            handle = self.handle(entry.file)
             handle.seek(entry.start)
             if handle.readinto(view) != entry.nbytes:
                 raise LlmcliError(f"{entry.file} ended while reading tensor {name}")
         return target
+
+    def handle(self, file: Path):
+        """The open file (opened once per checkpoint file)."""
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = open(file, "rb")  # noqa: SIM115
+        return handle
 
     def close(self) -> None:
         for handle in self._handles.values():

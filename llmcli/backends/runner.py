@@ -31,6 +31,14 @@ class Runner:
     def make_cache(self, batch: int, max_len: int):
         return self.model.make_cache(batch, max_len)
 
+    def shared_token(self, token: int) -> int:
+        """The token every process continues with: this one (a parallel runner takes rank 0's)."""
+        return token
+
+    def shared_text(self, text: str | None) -> str | None:
+        """Input every process acts on: this (a parallel runner's ranks take what rank 0 read)."""
+        return text
+
     def __call__(self, input_ids: torch.Tensor, cache, recorder=None, last_only: bool = False) -> torch.Tensor:
         """input_ids [B, T] continue the sequence held in `cache`; returns logits [B, T or 1, vocab]."""
         span = cache.span(input_ids.shape[1], input_ids.device)  # checks that the tokens fit

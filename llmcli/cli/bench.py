@@ -19,9 +19,11 @@ from llmcli.cli.common import (
     COMPILE_OPT,
     DEVICE_OPT,
     DTYPE_OPT,
+    EP_OPT,
     FORCE_OPT,
     MODEL_ARG,
     QUANTIZE_OPT,
+    TP_OPT,
     YES_OPT,
     Device,
     DType,
@@ -174,6 +176,8 @@ def bench_command(
     quantize: Quantize | None = QUANTIZE_OPT,
     compile: bool = COMPILE_OPT,
     force: bool = FORCE_OPT,
+    tp: int = TP_OPT,
+    ep: int = EP_OPT,
 ) -> None:
     """Measure prefill and decode speed, time to first token, peak memory and bandwidth use."""
     from llmcli import bench
@@ -194,7 +198,7 @@ def bench_command(
         torch.set_num_threads(threads)
     try:
         report, moe_note = measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes, quantize, compile,
-                                   force)
+                                   force, tp, ep)
     finally:
         torch.set_num_threads(previous_threads)  # matters when called in-process (tests)
     # The table goes to stdout unless a machine-readable format took stdout; piped output gets a
@@ -214,8 +218,9 @@ def bench_command(
 
 
 def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=False, quantize=None,
-            compile=False, force=False):
-    """Load, run every workload on every backend, return (BenchReport, MoE note or None)."""
+            compile=False, force=False, tp=1, ep=1):
+    """Load, run every workload on every backend, return (BenchReport, MoE note or None). Under --tp/--ep every
+    rank runs the same workloads (rank 0 prints; weights and memory are rank 0's)."""
     import torch
 
     from llmcli import bench, machine
@@ -227,7 +232,9 @@ def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=Fa
         if gguf_path_of(hub.resolve(model, yes=yes).path) is not None:
             raise LlmcliError(f"--compare transformers needs a safetensors model directory; {model} is a GGUF "
                               "model (transformers does not run it as llmcli reads it)", exit_code=2)
-    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force)
+    if compare is not None and (tp > 1 or ep > 1):
+        raise LlmcliError("--compare runs one process: leave out --tp/--ep", exit_code=2)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force, tp=tp, ep=ep)
     mine = bench.LlmcliBackend(loaded.runner, loaded.device)
     bench.validate(settings, loaded.model)  # fail before the slow parts
     reference = None

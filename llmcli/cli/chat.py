@@ -18,11 +18,13 @@ from llmcli.cli.common import (
     COMPILE_OPT,
     DEVICE_OPT,
     DTYPE_OPT,
+    EP_OPT,
     FORCE_OPT,
     MODEL_ARG,
     NO_LOGN_OPT,
     NO_NTK_OPT,
     QUANTIZE_OPT,
+    TP_OPT,
     WINDOW_OPT,
     YES_OPT,
     Device,
@@ -220,6 +222,23 @@ def run_script(session, make_printer) -> bool:
     return failed
 
 
+def run_shared(session, make_printer, runner) -> bool:
+    """A --tp/--ep chat: rank 0 reads each line (from a terminal or a pipe, without line editing) and every rank
+    runs it, so all decode the same reply; only rank 0's output shows. True when any line failed."""
+    lines = stdin_lines() if runner.rank == 0 else iter(())
+    if runner.rank == 0 and sys.stdin.isatty():
+        notify(f"chatting with {session.loaded.name} over {runner.layout.world} ranks: one message per line, "
+               "Ctrl-D to quit")
+    failed = False
+    while (raw := runner.shared_text(next(lines, None))) is not None:
+        line = raw.rstrip("\r\n")
+        outcome = handle_line(session, line, make_printer, interactive=False) if line.strip() else CONTINUE
+        if outcome == QUIT:
+            break
+        failed = failed or outcome == FAILED
+    return failed
+
+
 @app.command("chat")
 def chat_command(
     model: str | None = MODEL_ARG,
@@ -246,6 +265,8 @@ def chat_command(
     quantize: Quantize | None = QUANTIZE_OPT,
     compile: bool = COMPILE_OPT,
     force: bool = FORCE_OPT,
+    tp: int = TP_OPT,
+    ep: int = EP_OPT,
 ) -> None:
     """Chat with a model, keeping its cache between turns.
 
@@ -258,7 +279,8 @@ def chat_command(
 
     sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     sampling.validate()
-    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force, answers=True)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force, answers=True,
+                        tp=tp, ep=ep)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     session = ChatSession(loaded, sampling, max_new_tokens, max_context, system and clean_text(system), think,
                           stop_ids=stop_token_ids(loaded))
@@ -268,7 +290,10 @@ def chat_command(
     def make_printer(turn) -> ReplyPrinter:
         return ReplyPrinter(sys.stdout, interactive, hide_thinking, turn.reasoning_open, color)
 
-    if interactive:
+    if tp > 1 or ep > 1:
+        if run_shared(session, make_printer, loaded.runner):
+            raise typer.Exit(1)
+    elif interactive:
         run_interactive(session, make_printer)
     elif run_script(session, make_printer):
         raise typer.Exit(1)

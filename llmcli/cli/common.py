@@ -161,23 +161,49 @@ def report_compile_time(seconds: float) -> None:
 FORCE_OPT = typer.Option(False, "--force", help="Load even when the model looks larger than the available memory.")
 
 
+# Tensor and expert parallelism: one process per rank, started by torchrun (llmcli.backends.parallel).
+TP_OPT = typer.Option(1, "--tp", min=1, help="Split the model over this many processes (tensor parallel: "
+                      "heads, MLPs, vocabulary); start it with `torchrun --nproc-per-node N -m llmcli ...`.")
+EP_OPT = typer.Option(1, "--ep", min=1, help="MoE models: split the routed experts into this many groups, one "
+                      "per process (expert parallel); combines with --tp.")
+
+
 def run_options(device: Device, dtype: DType, quantize: Quantize | None = None, compile: bool = False,
-                force: bool = False):
+                force: bool = False, tp: int = 1, ep: int = 1):
     """The flags of a command as one Options object (with the LLMCLI_* overrides)."""
     from llmcli.options import Options
 
     return Options.from_env(device=device.value, dtype=dtype.value, quantize=quantize.value if quantize else None,
-                            compile=compile, check_memory=not force)
+                            compile=compile, check_memory=not force, tp=tp, ep=ep)
+
+
+def other_rank(tp: int, ep: int) -> bool:
+    """A --tp/--ep process other than rank 0 (which alone reads stdin and prints)."""
+    if tp == 1 and ep == 1:
+        return False
+    from llmcli.backends.parallel import launched_rank
+
+    return launched_rank() != 0
+
+
+def quiet_other_ranks(runner) -> None:
+    """In a parallel run only rank 0 prints: the others' stdout and notes go nowhere (errors still show)."""
+    if getattr(runner, "rank", 0):
+        import os
+
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the rest of the process)
+        err_console.quiet = True
 
 
 def load_model(model: str | None, device: Device, dtype: DType, quiet: bool = False, yes: bool = False,
-               quantize: Quantize | None = None, compile: bool = False, force: bool = False, answers: bool = False):
+               quantize: Quantize | None = None, compile: bool = False, force: bool = False, answers: bool = False,
+               tp: int = 1, ep: int = 1):
     """Resolve and load a model, with a spinner on stderr and the demo notice when it applies. `answers`: the
     command answers prompts, so its default is the bundled real model where installed (`hub.default_model_name`)."""
     from llmcli import hub
     from llmcli.loader import load_model as load
 
-    options = run_options(device, dtype, quantize, compile, force)
+    options = run_options(device, dtype, quantize, compile, force, tp, ep)
     resolved = hub.resolve(model, yes=yes, answers=answers)
     if resolved.is_demo:
         err_console.print(hub.demo_notice(resolved.name), style="yellow")
@@ -186,6 +212,7 @@ def load_model(model: str | None, device: Device, dtype: DType, quiet: bool = Fa
             loaded = load(resolved.name, resolved.path, options)
     else:
         loaded = load(resolved.name, resolved.path, options)
+    quiet_other_ranks(loaded.runner)
     for note in loaded.notes:
         err_console.print(f"note: {note}", style="dim")
     if loaded.runner.compiled is not None:

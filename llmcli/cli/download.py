@@ -204,9 +204,17 @@ def show_command(
              "hit rate, bytes read per token (e.g. show MODEL --experts-from stats.json --plan-memory 24GB)."),
     plan_memory: str | None = typer.Option(None, "--plan-memory", metavar="SIZE",
                                            help="With --experts-from: memory for routed experts (e.g. 24GB)."),
+    tp: int | None = typer.Option(None, "--tp", min=1, help="Plan a tensor-parallel run over this many ranks: "
+                                  "each rank's weight and cache bytes (from config.json alone)."),
+    ep: int | None = typer.Option(None, "--ep", min=1, help="Plan with the routed experts in this many groups."),
+    memory: str | None = typer.Option(None, "--memory", metavar="SIZE",
+                                      help="With --tp/--ep: memory per rank (e.g. 141GB, 80GiB): does it fit?"),
+    dtype: str | None = typer.Option(None, "--dtype", help="With --tp/--ep: plan in this dtype (float32, "
+                                     "bfloat16, float16; default: the one llmcli runs the model in)."),
 ) -> None:
     """What a model is: architecture, parameters, experts, context, RoPE, cache size. Reads no weights; a model
-    that is not on disk gets only its config and tokenizer files."""
+    that is not on disk gets only its config and tokenizer files. With --tp/--ep: what each rank of a parallel
+    run holds, e.g. `llmcli show deepseek-r1 --tp 8 --ep 8 --memory 141GB`."""
     from llmcli import hub
     from llmcli.show import describe
 
@@ -217,10 +225,38 @@ def show_command(
         return
     resolved = hub.resolve(model, weights=False)
     facts = describe(resolved.path, resolved.name, resolved.repo, resolved.remote_bytes)
+    if tp or ep or memory or dtype:
+        facts["parallel"] = _parallel_plan(resolved.path, tp or 1, ep or 1, memory, dtype or facts["run_dtype"])
     if as_json:
         _print_json(facts)
         return
     _render_facts(facts)
+
+
+def _parallel_plan(path: Path, tp: int, ep: int, memory: str | None, dtype: str) -> dict:
+    from llmcli.config import load_config
+    from llmcli.parallel_plan import ELEMENT_BYTES, plan
+    from llmcli.units import parse_bytes
+
+    per_rank = None if memory is None else parse_bytes(memory)
+    if memory is not None and not per_rank:
+        raise LlmcliError(f"--memory {memory!r}: expected a size such as 141GB or 80GiB", exit_code=2)
+    if dtype not in ELEMENT_BYTES:
+        raise LlmcliError(f"--dtype {dtype!r}: plan in one of {', '.join(ELEMENT_BYTES)}", exit_code=2)
+    if not (Path(path) / "config.json").is_file():
+        raise LlmcliError("--tp/--ep planning reads the model's config.json, which it does not have", exit_code=2)
+    return plan(load_config(path), tp, ep, dtype, per_rank)
+
+
+def _parallel_line(p: dict, human_bytes) -> str:
+    line = (f"{p['ranks']} ranks (--tp {p['tp']} --ep {p['ep']}), {p['dtype']}: each holds "
+            f"{human_bytes(p['weight_bytes_per_rank'])} of weights ({human_bytes(p['replicated_bytes_per_rank'])} "
+            f"of them on every rank) and {human_bytes(p['cache_bytes_per_token_per_rank'])} of cache per token")
+    if p["memory_per_rank"] is not None:
+        line += (f"; fits in {human_bytes(p['memory_per_rank'])} with room for "
+                 f"{p['cache_tokens_that_fit']:,} tokens of cache" if p["fits"]
+                 else f"; does NOT fit in {human_bytes(p['memory_per_rank'])} a rank")
+    return line
 
 
 def _render_facts(f: dict) -> None:
@@ -313,6 +349,8 @@ def _render_facts(f: dict) -> None:
         add("kv cache", cache)
     if f.get("memory"):
         add("memory", f["memory"]["summary"])
+    if f.get("parallel"):
+        add("per rank", _parallel_line(f["parallel"], human_bytes))
     add("chat template", f["chat_template"] or "none")
     add("tokenizer", f["tokenizer"] or "missing")
     size = human_bytes(f["size_on_disk"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 EXAMPLES: dict[str, list[str]] = {
     "generate": ['llmcli generate "What is the capital of France?"',
                  'llmcli generate qwen2.5-0.5b-instruct "Write a haiku" -n 64 --json',
-                 'cat notes.txt | llmcli generate qwen3-0.6b --raw -t 0.7 --seed 1'],
+                 'cat notes.txt | llmcli generate qwen3-0.6b --raw -t 0.7 --seed 1',
+                 'torchrun --nproc-per-node 2 -m llmcli generate qwen2.5-7b-instruct -p "Hello" --tp 2'],
     "chat": ["llmcli chat", "llmcli chat qwen3-0.6b --no-think",
              "printf 'Hi\\nWhat did I say?\\n' | llmcli chat qwen2.5-0.5b-instruct"],
     "run": ["llmcli run qwen2.5-0.5b-instruct", 'llmcli run qwen3-0.6b "Why is the sky blue?"'],
@@ -16,7 +17,7 @@ EXAMPLES: dict[str, list[str]] = {
     "download": ["llmcli download qwen2.5-0.5b-instruct", "llmcli download deepseek-ai/DeepSeek-V3 --dry-run"],
     "pull": ["llmcli pull qwen3-0.6b", "llmcli pull Qwen/Qwen2.5-7B-Instruct --revision main"],
     "list": ["llmcli list", "llmcli list --json"],
-    "show": ["llmcli show deepseek-v3", "llmcli show qwen2.5-7b-instruct --json",
+    "show": ["llmcli show deepseek-v3", "llmcli show deepseek-r1 --tp 8 --ep 8 --memory 141GB",
              "llmcli show demo-deepseek --experts-from stats.json --plan-memory 1MB"],
     "serve": ["llmcli serve qwen2.5-0.5b-instruct",
               "llmcli serve demo-qwen --port 8080 --api-key secret --max-batch 8"],

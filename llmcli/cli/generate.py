@@ -12,11 +12,13 @@ from llmcli.cli.common import (
     COMPILE_OPT,
     DEVICE_OPT,
     DTYPE_OPT,
+    EP_OPT,
     FORCE_OPT,
     MODEL_ARG,
     NO_LOGN_OPT,
     NO_NTK_OPT,
     QUANTIZE_OPT,
+    TP_OPT,
     WINDOW_OPT,
     YES_OPT,
     Device,
@@ -27,6 +29,7 @@ from llmcli.cli.common import (
     err_console,
     human_bytes,
     load_model,
+    other_rank,
     read_stdin,
 )
 from llmcli.errors import LlmcliError
@@ -89,6 +92,8 @@ def generate_command(
     quantize: Quantize | None = QUANTIZE_OPT,
     compile: bool = COMPILE_OPT,
     force: bool = FORCE_OPT,
+    tp: int = TP_OPT,
+    ep: int = EP_OPT,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout (stats on stderr).
 
@@ -101,8 +106,10 @@ def generate_command(
     sampling.validate()
     if prompt is None:  # with -p, the positional argument can only be the model
         model, positional_prompt = model_and_prompt(model, positional_prompt)
-    text = read_prompt(prompt, positional_prompt)
-    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force, answers=True)
+    text = None if other_rank(tp, ep) else read_prompt(prompt, positional_prompt)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, compile=compile, force=force, answers=True,
+                        tp=tp, ep=ep)
+    text = loaded.runner.shared_text(text)  # a parallel run's ranks take rank 0's prompt (it alone reads stdin)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     ids = prompt_token_ids(loaded, text, chat, system and clean_text(system))
     gen = Generation(loaded.runner, loaded.tokenizer, ids, max_new_tokens, sampling,
