@@ -212,8 +212,13 @@ def run_interactive(session, make_printer) -> None:
 def run_script(session, make_printer) -> bool:
     """Each stdin line is one user message (or command); replies go to stdout undecorated. A line that fails
     shows its error and the script goes on, as a session would; True when any line failed."""
+    return run_lines(session, make_printer, stdin_lines())
+
+
+def run_lines(session, make_printer, lines) -> bool:
+    """Run each line as a message (or command), without line editing; True when any line failed."""
     failed = False
-    for raw in stdin_lines():
+    for raw in lines:
         line = raw.rstrip("\r\n")
         outcome = handle_line(session, line, make_printer, interactive=False) if line.strip() else CONTINUE
         if outcome == QUIT:
@@ -229,14 +234,8 @@ def run_shared(session, make_printer, runner) -> bool:
     if runner.rank == 0 and sys.stdin.isatty():
         notify(f"chatting with {session.loaded.name} over {runner.layout.world} ranks: one message per line, "
                "Ctrl-D to quit")
-    failed = False
-    while (raw := runner.shared_text(next(lines, None))) is not None:
-        line = raw.rstrip("\r\n")
-        outcome = handle_line(session, line, make_printer, interactive=False) if line.strip() else CONTINUE
-        if outcome == QUIT:
-            break
-        failed = failed or outcome == FAILED
-    return failed
+    shared = iter(lambda: runner.shared_text(next(lines, None)), None)  # every rank gets rank 0's lines
+    return run_lines(session, make_printer, shared)
 
 
 @app.command("chat")
