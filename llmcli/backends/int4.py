@@ -1,5 +1,6 @@
-"""Weight-only int4: 4-bit weights with a scale and a zero point per group of GROUP inputs, on torch's own
-int4 product for CPU (`_weight_int4pack_mm_for_cpu`, vectorised by ATen for AVX2 and AVX-512).
+"""Weight-only int4: 4-bit weights with a scale and a zero point per group of GROUP inputs, on llmcli's integer
+kernel where the CPU has AVX2 (int_dot.py), else on torch's own int4 product for CPU
+(`_weight_int4pack_mm_for_cpu`, vectorised by ATen for AVX2 and AVX-512).
 
 A decode step reads every active weight once per token: a quarter of bf16's bytes (plus 4 bytes per group
 of scales) makes it the cheapest format that keeps the model's answers (quality figures in README). The
