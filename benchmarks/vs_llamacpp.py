@@ -1,6 +1,7 @@
 """llmcli against llama.cpp on the same weights and threads: bf16 / int8 / int4 against BF16 / Q8_0 / Q4_0.
 
     python benchmarks/vs_llamacpp.py [--threads 2] [--models qwen,deepseek] [-p 128] [-n 64] [--repeat 3]
+                                     [--precisions bf16,int8,int4]
 
 llama.cpp is built once, offline, from the source the `llama-cpp-python` sdist on PyPI vendors (`pip download
 --no-binary :all: --no-deps llama-cpp-python==VERSION`; cmake, targets llama-bench and llama-quantize) into
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("-p", "--prompt", type=int, default=128)
     parser.add_argument("-n", "--gen", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--precisions", default="bf16,int8,int4", help="which of bf16, int8, int4 to run")
     args = parser.parse_args()
     work = cache_home() / "llama.cpp"
     source = llama_cpp_source(work)
@@ -181,7 +183,7 @@ def main() -> None:
     for title, checkpoint, family in checkpoints(args.models.split(",")):
         real = with_real_tokenizer(checkpoint, family, work)
         files = ggufs(real, source, binaries, work, family)
-        for mine, quantize, theirs in PAIRS:
+        for mine, quantize, theirs in [pair for pair in PAIRS if pair[0] in args.precisions.split(",")]:
             prompt, decode, products = llmcli_bench(checkpoint, quantize, args)
             their_prompt, their_decode = llama_bench(binaries, files[theirs], args)
             print(f"| {title} | {mine} | {theirs} | {decode:.1f} | {their_decode:.1f} | {decode / their_decode:.2f}x "

@@ -161,6 +161,7 @@ WHY = {
     "bf16 kernel": "llmcli's bfloat16 kernel, built for this CPU's best instructions",
     "oneDNN prepacked": "oneDNN's blocked layout (no AVX512-BF16 kernel here)",
     "int8 kernel": "llmcli's int8 kernel",
+    "int4 kernel": "llmcli's int4 kernel (int8 activations, integer dot products)",
     "F.linear": "torch's own product",
 }
 

@@ -28,7 +28,7 @@ import torch
 
 from llmcli.paths import kernel_builds
 
-SOURCES = [Path(__file__).with_name("kernels") / name for name in ("int8_gemv.cpp", "bf16_gemm.cpp")]
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("int8_gemv.cpp", "bf16_gemm.cpp", "int_dot.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 BUILD_WAIT_SECONDS = 600  # for another process's build (10-50 s); past this it is stuck, not slow
 
@@ -169,6 +169,18 @@ def register_fake() -> None:
     @torch.library.register_fake("llmcli::bf16_linear")
     def _(x, w, bias, experts):
         return x.new_empty(x.shape[0], w.shape[1] * w.shape[3])
+
+    @torch.library.register_fake("llmcli::int8_dot")
+    def _(x, w, scales, experts):
+        return x.new_empty(x.shape[0], w.shape[1] * w.shape[3])
+
+    @torch.library.register_fake("llmcli::int4_dot")
+    def _(x, w, sm):
+        return x.new_empty(x.shape[0], w.shape[0] * w.shape[2])
+
+    @torch.library.register_fake("llmcli::int4_unblock")
+    def _(w, sm, dtype):
+        return w.new_empty(w.shape[0] * w.shape[2], w.shape[1] * 32, dtype=dtype)
 
     @torch.library.register_fake("llmcli::int8_gemm")
     def _(x, w, scales, bias):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcli.backends import bf16_kernel, int8_kernel
+from llmcli.backends import bf16_kernel, int8_kernel, int_dot
 from llmcli.backends.int8 import Int8Linear
 from llmcli.backends.linear import FEW_ROWS, BlockedLinear, one_row, one_row_linear
 from llmcli.models.hooks import RouterChoice
@@ -75,7 +75,9 @@ class StackedExperts(Experts):
         if self.kernel:  # the kernel picks each row's expert itself
             rows = inputs.expand(*choice.experts.shape, inputs.shape[-1])
             if stack.dtype == torch.int8:
-                return int8_kernel.gemv(rows, stack, scales, choice.experts.reshape(-1))
+                integer = getattr(getattr(self[0], name), "integer", False)  # activations quantised to int8
+                product = int_dot.int8_dot if integer else int8_kernel.gemv
+                return product(rows, stack, scales, choice.experts.reshape(-1))
             out = bf16_kernel.linear(rows, stack, experts=choice.experts.reshape(-1))
             return out[..., :getattr(self[0], name).out_features]  # outputs padded to whole panels
         weight = stack[choice.experts]  # [N, k, out, in]

@@ -1,5 +1,6 @@
-"""Weight-only int4: 4-bit weights with a scale and a zero point per group of GROUP inputs, on torch's own
-int4 product for CPU (`_weight_int4pack_mm_for_cpu`, vectorised by ATen for AVX2 and AVX-512).
+"""Weight-only int4: 4-bit weights with a scale and a zero point per group of GROUP inputs, on llmcli's integer
+kernel where the CPU has AVX2 (int_dot.py), else on torch's own int4 product for CPU
+(`_weight_int4pack_mm_for_cpu`, vectorised by ATen for AVX2 and AVX-512).
 
 A decode step reads every active weight once per token: a quarter of bf16's bytes (plus 4 bytes per group
 of scales) makes it the cheapest format that keeps the model's answers (quality figures in README). The
@@ -14,6 +15,8 @@ import functools
 import torch
 from torch import nn
 
+from llmcli.backends import int_dot
+from llmcli.backends.int8 import KERNEL_ROWS, bf16_matmul_is_fast
 from llmcli.backends.linear import Product
 
 GROUP = 32  # inputs per scale; measured against 64 and 128 (README: quality and decode speed)
@@ -65,26 +68,52 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
 
 class Int4Linear(Product, nn.Module):
     """A drop-in replacement for nn.Linear holding int4 weights (two per byte, in torch's packed layout) and
-    a scale and zero point per group of inputs, in the activations' dtype."""
+    a scale and zero point per group of inputs, in the activations' dtype.
 
-    def __init__(self, linear: nn.Linear, group: int = GROUP, quantized=None):
+    With `integer` (the integer dot-product kernel runs here, AVX2; groups of 32 and a fitting shape), the
+    weights are stored in that kernel's blocks with float16 scales and minimums instead (int_dot.py): few
+    rows (decoding) go through it with the activations quantised to int8, many rows (prompts) through a GEMM
+    on the weight converted to float32 (or the activations' dtype where bfloat16 products are fast)."""
+
+    def __init__(self, linear: nn.Linear, group: int = GROUP, quantized=None, integer: bool = False):
         """`quantized`: (q, scale, zero) from a file already in this format (GGUF Q4_0/Q4_1), else computed."""
         super().__init__()
         self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
         dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.bfloat16
         q, scale, zero = quantized if quantized is not None else quantize_int4(linear.weight.detach(), group)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
-        self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], -1).to(dtype).contiguous())
+        self.integer = integer and group == int_dot.GROUP and int_dot.int4_fits(tuple(q.shape))
+        if self.integer:
+            packed, sm = int_dot.int4_blocks(q, scale, zero - 8 * scale)  # w = q * scale + min
+            self.register_buffer("packed", packed)
+            self.register_buffer("scales_and_mins", sm)
+        else:
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+            self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], -1).to(dtype).contiguous())
+        self.dtype = dtype
         self.bias = linear.bias
 
     @property
     def label(self) -> str:
+        if self.integer:
+            return f"int4 kernel (x int8 activations, AVX2, groups of {self.group})"
         return f"torch int4 (groups of {self.group})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.integer:
+            return self._integer(x)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype).contiguous()
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_and_zeros)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def _integer(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows <= KERNEL_ROWS:
+            out = int_dot.int4_dot(x, self.packed, self.scales_and_mins)
+        else:  # prompts: compute-bound, a GEMM on the converted weight
+            dtype = x.dtype if x.dtype == torch.float32 or bf16_matmul_is_fast() else torch.float32
+            weight = int_dot.int4_unblock(self.packed, self.scales_and_mins, dtype)
+            out = torch.nn.functional.linear(x.to(dtype), weight).to(x.dtype)
+        return out if self.bias is None else out + self.bias.to(out.dtype)

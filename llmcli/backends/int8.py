@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcli.backends import int8_kernel
+from llmcli.backends import int8_kernel, int_dot
 from llmcli.backends.cpu_kernels import cpu_model
 from llmcli.backends.int8_kernel import CHUNK, ROWS, to_blocks
 from llmcli.backends.linear import Product, one_row, one_row_linear
@@ -69,10 +69,12 @@ class Int8Linear(Product, nn.Module):
 
     With `kernel` (the int8 CPU kernel is built) and a CPU weight whose shape fits its blocks, `weight` is
     stored in the kernel's blocked layout (see int8_kernel.py); `int8_weight()` gives it back as [out, in].
-    `gemm`: the kernel's many-row product runs here (AVX512-BF16). `compiled`: a compiled decode step
-    runs it (what `label` says)."""
+    `gemm`: the kernel's many-row product runs here (AVX512-BF16). `integer`: few-row products quantise the
+    activations to int8 and use integer dot products (int_dot.py; AVX2 CPUs). `compiled`: a compiled decode
+    step runs it (what `label` says)."""
 
-    def __init__(self, linear: nn.Linear, kernel: bool = False, gemm: bool = False, compiled: bool = False):
+    def __init__(self, linear: nn.Linear, kernel: bool = False, gemm: bool = False, compiled: bool = False,
+                 integer: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.blocked = kernel and int8_kernel.suits(linear.weight)
@@ -83,10 +85,13 @@ class Int8Linear(Product, nn.Module):
         self.bias = linear.bias
         self.packed = packed_kernel_works(q.device.type, dtype)
         self.gemm = self.blocked and gemm  # decided here: a compiled step cannot ask
+        self.integer = self.blocked and integer and int_dot.int8_fits(linear.weight.shape)
         self.compiled = compiled
 
     @property
     def label(self) -> str:
+        if self.integer:
+            return "int8 kernel (x int8 activations, AVX2)"
         if self.blocked:
             return "int8 kernel"
         return "torch int8" + (", compiled one-row steps multiply-and-sum" if self.compiled else "")
@@ -102,7 +107,8 @@ class Int8Linear(Product, nn.Module):
         if self.gemm and rows >= GEMM_ROWS and x.dtype == torch.bfloat16:
             return int8_kernel.gemm(x, self.weight, self.scales, self.bias)  # prompts, batches
         if self.blocked and rows <= KERNEL_ROWS:  # decoding (and short prompts): the int8 kernel
-            out = int8_kernel.gemv(x, self.weight, self.scales)
+            product = int_dot.int8_dot if self.integer else int8_kernel.gemv
+            out = product(x, self.weight, self.scales)
             return out if self.bias is None else out + self.bias
         if one_row(x):  # compiled decode step without the kernel: one fused loop reading the int8 rows
             return one_row_linear(x, self.weight, self.bias, self.scales)

@@ -20,8 +20,9 @@ import re
 import torch
 from torch import nn
 
-from llmcli.backends import bf16_kernel, int4, int8_kernel
+from llmcli.backends import bf16_kernel, int4, int8_kernel, int_dot
 from llmcli.backends.compile import CompiledDecode
+from llmcli.backends.cpu_kernels import cpu_model
 from llmcli.backends.experts import StackedExperts, in_kernel_blocks
 from llmcli.backends.int4 import Int4Linear
 from llmcli.backends.int8 import Int8Linear
@@ -145,6 +146,10 @@ class Preparation:
             if not self.int8 and note:
                 self.notes.append(note)
         self.int8_gemm = self.int8_kernel and int8_kernel.gemm_available()
+        # integer dot products (activations quantised to int8) where the CPU has AVX2: int4 always, int8 where
+        # the float int8 kernel has no AVX-512 path (with one, it reads the weights as fast as the memory)
+        self.int_dot = self.int8_kernel and options.int_dot and int_dot.runs_fast()
+        self.int8_dot = self.int_dot and "avx512f" not in cpu_model().split()
         self.pack = cpu  # bfloat16 linears reordered for CPU products
         self.prepack = cpu and options.prepack and not options.compile and prepacking_available()
         self.pending: dict[str, set[str]] = {}
@@ -196,12 +201,13 @@ class Preparation:
         if name.rpartition(".")[2] == "lm_head" or self.model.keeps_weight(name) or not int4.fits(linear.weight.shape):
             return None
         codes = self.int4_codes(name + ".weight")
-        return Int4Linear(linear, quantized=codes) if codes is not None else None
+        return Int4Linear(linear, quantized=codes, integer=self.int_dot) if codes is not None else None
 
     def quantized(self, name: str, linear: nn.Linear) -> nn.Module:
         if self.int4 and name.rpartition(".")[2] != "lm_head" and int4.fits(linear.weight.shape):
-            return Int4Linear(linear)
-        return Int8Linear(linear, kernel=self.int8_kernel, gemm=self.int8_gemm, compiled=self.options.compile)
+            return Int4Linear(linear, integer=self.int_dot)
+        return Int8Linear(linear, kernel=self.int8_kernel, gemm=self.int8_gemm, compiled=self.options.compile,
+                          integer=self.int8_dot)
 
     # -- the whole model -------------------------------------------------------------------------
 

@@ -1,0 +1,85 @@
+"""Integer dot-product kernels for int8 and int4 weights on AVX2 CPUs, from `kernels/int_dot.cpp` (built with
+llmcli's other CPU kernels, see cpu_kernels.py).
+
+On a CPU without AVX-512 the int8 decode kernel (int8_kernel.py) converts every weight to float and is
+compute-bound at about half the memory's bandwidth; torch's int4 product is no faster. llama.cpp's Q8_0 and
+Q4_0 paths quantise the activation row to int8 (a scale per 32 inputs) and multiply bytes by bytes
+(`maddubs`): 2.4-2.8x llmcli's decode on the same CPU. These kernels do the same for llmcli's weights:
+int8 weights in the int8 kernel's blocks (a scale per output row) and int4 weights with a float16 scale and
+minimum per group of 32 inputs (w = q * scale + min, GGUF's Q4_1). Quantising the activations changes the
+numbers slightly (README: quality); `Options.int_dot` (LLMCLI_INT_DOT=0) turns it off.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmcli.backends import cpu_kernels
+
+GROUP = 32  # inputs per activation scale and per int4 weight scale (kGroup in the C++ source)
+ROWS = 8  # output rows per block
+INT4_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # the order of a block's rows in int4 storage (kInt4Order)
+
+
+def isa() -> str | None:
+    """What the kernels were built for here: "avx2" or "portable"; None when not built."""
+    return str(torch.ops.llmcli.int_dot_isa()) if cpu_kernels.load_once()[0] else None
+
+
+def runs_fast() -> bool:
+    """Built with AVX2 (the plain C++ loops are slower than the float paths)."""
+    return isa() == "avx2"
+
+
+def int8_fits(shape: torch.Size | tuple[int, ...]) -> bool:
+    return len(shape) == 2 and shape[0] % ROWS == 0 and shape[1] % GROUP == 0
+
+
+def int8_dot(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
+             experts: torch.Tensor | None = None) -> torch.Tensor:
+    """≈ (x @ w.T) * scales for x [..., in] with few rows, x quantised to int8 per group of 32. `blocks` is
+    one matrix in the int8 kernel's blocks [out/8, in/16, 8, 16] with scales [out], or a stack [E, ...] with
+    scales [E, out] and `experts` naming each row's matrix."""
+    if blocks.dim() == 4:
+        blocks, scales = blocks.unsqueeze(0), scales.unsqueeze(0)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.ops.llmcli.int8_dot(rows, blocks, scales.float().contiguous(), experts)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def int4_fits(shape: torch.Size | tuple[int, ...]) -> bool:
+    return len(shape) == 2 and shape[0] % ROWS == 0 and shape[1] % GROUP == 0 and shape[1] > 0
+
+
+def int4_blocks(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, K] in 0..15, scale and low [N, K/32] (w = q * scale + low) -> the kernel's storage: bytes
+    [N/8, K/32, 8, 16] (byte j of a row's group: q[j] | q[j + 16] << 4; rows in INT4_ORDER) and float16
+    [N/8, K/32, 2, 8] (scales, then mins, rows in order)."""
+    n, k = q.shape
+    groups = q.to(torch.uint8).reshape(n // ROWS, ROWS, k // GROUP, 2, 16)
+    packed = groups[:, :, :, 0] | (groups[:, :, :, 1] << 4)  # [N/8, 8, K/32, 16]
+    packed = packed[:, list(INT4_ORDER)].permute(0, 2, 1, 3).contiguous()
+    sm = torch.stack([scale, low], 0).reshape(2, n // ROWS, ROWS, k // GROUP).permute(1, 3, 0, 2)
+    return packed, sm.to(torch.float16).contiguous()
+
+
+def int4_dot(x: torch.Tensor, packed: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
+    """≈ x @ w.T for x [..., in] with few rows, x quantised to int8 per group of 32."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.ops.llmcli.int4_dot(rows, packed, sm)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def int4_unblock(packed: torch.Tensor, sm: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The int4 weight as [N, K] in `dtype` (q * scale + min): for products over many rows."""
+    return torch.ops.llmcli.int4_unblock(packed, sm, dtype)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' activation quantisation in torch ops (a reference): x [..., K] -> (q [..., K] int8,
+    d [..., K/32] float32) with x ≈ q * d per group: d = max|x| / 127, q = round(x * (1/d))."""
+    groups = x.float().reshape(*x.shape[:-1], -1, GROUP)
+    d = groups.abs().amax(-1) / 127.0
+    inverse = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(groups * inverse[..., None]).clamp(-127, 127)
+    return q.to(torch.int8).reshape(x.shape), d

@@ -1,0 +1,289 @@
+// Integer dot products for int8 and int4 weights, a few rows at a time (decoding), on CPUs with AVX2;
+// built with llmcli's other kernels and called by llmcli/backends/int_dot.py.
+//
+// Without AVX-512, converting each int8 weight to float and multiplying in float32 is compute-bound at
+// about half the memory's bandwidth (2 cores, Zen 3). As llama.cpp does for Q8_0 and Q4_0, the activation
+// row is quantised to int8 once per call, a scale per block of 32 inputs (d = max|x| / 127), and the
+// products are integer: _mm256_maddubs_epi16 multiplies unsigned by signed bytes and adds pairs into int16,
+// _mm256_madd_epi16 adds those pairs into int32, and each block's int32 sum is scaled in float.
+//
+// int8 weights (a scale per output row) keep the int8 kernel's blocks [N/8][K/16][8][16]. maddubs wants
+// one unsigned operand: it gets |x| and the weight takes x's sign (_mm256_sign_epi8), so each product is
+// x * w exactly (|x|, |w| <= 127: a pair sum fits int16).
+//
+// int4 weights (q in 0..15, w = q * scale + min per group of 32 inputs, GGUF's Q4_1) are stored
+// [N/8][K/32][8][16] bytes, byte j of a row's group holding q[j] (low nibble) and q[j + 16]; the 8 rows of
+// a block in the order 0 4 1 5 2 6 3 7, so that after the horizontal adds the 8 sums come out in row
+// order. Scales and mins are float16 [N/8][K/32][2][8]. A group's sum is
+//   d_x * (scale * sum_j q_j x_j + min * sum_j x_j),
+// and q is unsigned already: maddubs(q, x) needs no sign trick (pair sums <= 2 * 15 * 127).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LLMCLI_INT_DOT_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kRows = 8;    // output rows per block
+constexpr int64_t kChunk = 16;  // int8 weights: inputs per chunk of a block
+constexpr int64_t kGroup = 32;  // inputs per activation scale, and per int4 weight scale
+constexpr int kInt4Order[kRows] = {0, 4, 1, 5, 2, 6, 3, 7};  // stored row r is block row kInt4Order[r]
+
+// One row of activations, quantised: q (|q| <= 127), |q|, d per group, and d * sum(q) per group.
+struct QuantRow {
+  const int8_t* q;
+  const uint8_t* abs;
+  const float* d;
+  const float* dsum;
+};
+
+// x [M, K] (any float type) -> int8 per group of 32: q = round(x / d), d = max|x| / 127 (0 for a zero group).
+template <typename scalar_t>
+void quantize_rows(const scalar_t* x, int64_t M, int64_t K, int8_t* q, uint8_t* qabs, float* d, float* dsum) {
+  at::parallel_for(0, M * (K / kGroup), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const scalar_t* xg = x + g * kGroup;
+      float amax = 0.f;
+      for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::abs(static_cast<float>(xg[j])));
+      const float dg = amax / 127.f;
+      const float inv = dg > 0.f ? 1.f / dg : 0.f;
+      int32_t sum = 0;
+      for (int64_t j = 0; j < kGroup; ++j) {
+        const float v = std::nearbyint(static_cast<float>(xg[j]) * inv);  // ties to even, as torch.round
+        const int8_t qj = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+        q[g * kGroup + j] = qj;
+        qabs[g * kGroup + j] = static_cast<uint8_t>(qj < 0 ? -qj : qj);
+        sum += qj;
+      }
+      d[g] = dg;
+      dsum[g] = dg * static_cast<float>(sum);
+    }
+  });
+}
+
+#if defined(LLMCLI_INT_DOT_AVX2)
+// [a0..a7] (4 lanes of row 2j, then 4 of row 2j+1, for j = 0..3) -> the 8 row sums, in the order
+// rows (0, 2, 4, 6, 1, 3, 5, 7) for registers holding rows (2j, 2j+1).
+inline __m256 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  return _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+}
+inline __m256i hsum4(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+  return _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+}
+#endif
+
+// sums[r] = sum_k x[k] * w[r][k] for the 8 rows of one int8 block [K/16][8][16].
+inline void int8_block(const QuantRow& x, const int8_t* w, int64_t K, float* sums) {
+#if defined(LLMCLI_INT_DOT_AVX2)
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t g = 0; g < K / kGroup; ++g) {
+    __m256i s[4];
+    for (int h = 0; h < 2; ++h, w += kRows * kChunk) {  // the group's two chunks of 16 inputs
+      const int64_t k = g * kGroup + h * kChunk;
+      const __m256i xs = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x.q + k)));
+      const __m256i xa = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x.abs + k)));
+      for (int j = 0; j < 4; ++j) {  // rows 2j and 2j+1
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 2 * kChunk));
+        const __m256i pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(wv, xs)), ones);
+        s[j] = h ? _mm256_add_epi32(s[j], pairs) : pairs;
+      }
+    }
+    const __m256 d = _mm256_set1_ps(x.d[g]);
+    for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[j]), d, acc[j]);
+  }
+  alignas(32) float t[kRows];
+  _mm256_store_ps(t, hsum4(acc[0], acc[1], acc[2], acc[3]));
+  for (int i = 0; i < 4; ++i) sums[2 * i] = t[i], sums[2 * i + 1] = t[4 + i];
+#else  // the same quantised math in plain C++
+  for (int64_t r = 0; r < kRows; ++r) sums[r] = 0.f;
+  for (int64_t g = 0; g < K / kGroup; ++g) {
+    int32_t s[kRows] = {};
+    for (int h = 0; h < 2; ++h, w += kRows * kChunk)
+      for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t j = 0; j < kChunk; ++j) s[r] += int32_t(x.q[g * kGroup + h * kChunk + j]) * w[r * kChunk + j];
+    for (int64_t r = 0; r < kRows; ++r) sums[r] += static_cast<float>(s[r]) * x.d[g];
+  }
+#endif
+}
+
+// sums[r] = sum_k x[k] * w[r][k] for the 8 rows of one int4 block (w [K/32][8][16] bytes, sm [K/32][2][8]).
+inline void int4_block(const QuantRow& x, const uint8_t* w, const c10::Half* sm, int64_t K, float* sums) {
+#if defined(LLMCLI_INT_DOT_AVX2)
+  const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0F);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t g = 0; g < K / kGroup; ++g, w += kRows * 16, sm += 2 * kRows) {
+    const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x.q + g * kGroup)));
+    const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x.q + g * kGroup + 16)));
+    __m256i s[4];
+    for (int j = 0; j < 4; ++j) {  // stored rows 2j, 2j+1: block rows j, j+4
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 32));
+      const __m256i q0 = _mm256_and_si256(v, nibble), q1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      s[j] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(q0, lo), _mm256_maddubs_epi16(q1, hi)), ones);
+    }
+    const __m256 dots = _mm256_cvtepi32_ps(hsum4(s[0], s[1], s[2], s[3]));  // rows 0..7
+    const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm)));
+    const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm + kRows)));
+    acc = _mm256_fmadd_ps(dots, _mm256_mul_ps(scale, _mm256_set1_ps(x.d[g])), acc);
+    acc = _mm256_fmadd_ps(low, _mm256_set1_ps(x.dsum[g]), acc);
+  }
+  _mm256_storeu_ps(sums, acc);
+#else
+  for (int64_t r = 0; r < kRows; ++r) sums[r] = 0.f;
+  for (int64_t g = 0; g < K / kGroup; ++g, w += kRows * 16, sm += 2 * kRows)
+    for (int64_t i = 0; i < kRows; ++i) {
+      const int64_t r = kInt4Order[i];
+      const int8_t* xq = x.q + g * kGroup;
+      int32_t s = 0;
+      for (int64_t j = 0; j < 16; ++j) s += int32_t(w[i * 16 + j] & 0x0F) * xq[j] + int32_t(w[i * 16 + j] >> 4) * xq[j + 16];
+      sums[r] += static_cast<float>(s) * (static_cast<float>(sm[r]) * x.d[g]) + static_cast<float>(sm[kRows + r]) * x.dsum[g];
+    }
+#endif
+}
+
+// Quantises x [M, K] and runs `block(row m, block b, sums)` over all rows and blocks, on all threads
+// (split over blocks of output rows), writing out [M, N] = sums * scale(m, n) in x's dtype.
+template <typename Block, typename Scale>
+at::Tensor run_rows(const at::Tensor& x, int64_t blocks, Block block, Scale scale) {
+  const int64_t M = x.size(0), K = x.size(1), N = blocks * kRows;
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor qabs = at::empty({M, K}, x.options().dtype(at::kByte));
+  at::Tensor d = at::empty({2, M * (K / kGroup)}, x.options().dtype(at::kFloat));  // d, then d * sum(q)
+  at::Tensor out = at::empty({M, N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "int_dot", [&] {
+    const int64_t G = K / kGroup;
+    int8_t* qp = q.data_ptr<int8_t>();
+    uint8_t* ap = qabs.data_ptr<uint8_t>();
+    float* dp = d.data_ptr<float>();
+    const scalar_t* xs = x.const_data_ptr<scalar_t>();
+    quantize_rows(xs, M, K, qp, ap, dp, dp + M * G);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      float sums[kRows];
+      for (int64_t b = begin; b < end; ++b)
+        for (int64_t m = 0; m < M; ++m) {  // the block stays in L1/L2 for the next row
+          const QuantRow row{qp + m * K, ap + m * K, dp + m * G, dp + (M + m) * G};
+          block(row, m, b, sums);
+          for (int64_t r = 0; r < kRows; ++r)
+            op[m * N + b * kRows + r] = static_cast<scalar_t>(sums[r] * scale(m, b * kRows + r));
+        }
+    });
+  });
+  return out;
+}
+
+void check_rows(const at::Tensor& x, int64_t K, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous() && x.is_floating_point(), name,
+              ": x must be 2-D, contiguous, floating point, CPU");
+  TORCH_CHECK(x.size(1) == K, name, ": x has ", x.size(1), " inputs, the weight ", K);
+  TORCH_CHECK(K % kGroup == 0, name, ": inputs must be a multiple of ", kGroup, ", got ", K);
+}
+
+// x [M, K]; w [E, N/8, K/16, 8, 16] int8; scales [E, N] float32; experts: optional [M] int64, each row's
+// matrix. Returns [M, N] ≈ (x @ w[e].T) * scales[e] with x quantised to int8 per group of 32.
+at::Tensor int8_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                    const std::optional<at::Tensor>& experts) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 5 && w.is_contiguous() && w.size(3) == kRows &&
+                  w.size(4) == kChunk, "int8_dot: w must be int8 blocks [E, N/8, K/16, 8, 16]");
+  const int64_t K = w.size(2) * kChunk, E = w.size(0), blocks = w.size(1), N = blocks * kRows, M = x.size(0);
+  check_rows(x, K, "int8_dot");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == E && scales.size(1) == N && scales.is_contiguous() &&
+                  scales.scalar_type() == at::kFloat, "int8_dot: scales must be [E, N] float32");
+  const int64_t* ids = nullptr;
+  if (experts.has_value()) {
+    TORCH_CHECK(experts->scalar_type() == at::kLong && experts->numel() == M && experts->is_contiguous(),
+                "int8_dot: experts must be [M] int64");
+    ids = experts->const_data_ptr<int64_t>();
+    for (int64_t m = 0; m < M; ++m) TORCH_CHECK(ids[m] >= 0 && ids[m] < E, "int8_dot: expert out of range");
+  }
+  const int8_t* wp = w.const_data_ptr<int8_t>();
+  const float* sp = scales.const_data_ptr<float>();
+  auto block = [&](const QuantRow& row, int64_t m, int64_t b, float* sums) {
+    int8_block(row, wp + ((ids ? ids[m] : 0) * blocks + b) * kRows * K, K, sums);
+  };
+  auto scale = [&](int64_t m, int64_t n) { return sp[(ids ? ids[m] : 0) * N + n]; };
+  return run_rows(x, blocks, block, scale);
+}
+
+// x [M, K]; w [N/8, K/32, 8, 16] uint8 (two int4 per byte); sm [N/8, K/32, 2, 8] float16 scales and mins.
+// Returns [M, N] ≈ x @ (q * scale + min).T with x quantised to int8 per group of 32.
+at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sm) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 4 && w.is_contiguous() && w.size(2) == kRows &&
+                  w.size(3) == 16, "int4_dot: w must be uint8 blocks [N/8, K/32, 8, 16]");
+  const int64_t K = w.size(1) * kGroup, blocks = w.size(0);
+  check_rows(x, K, "int4_dot");
+  TORCH_CHECK(sm.scalar_type() == at::kHalf && sm.dim() == 4 && sm.is_contiguous() && sm.size(0) == blocks &&
+                  sm.size(1) == w.size(1) && sm.size(2) == 2 && sm.size(3) == kRows,
+              "int4_dot: sm must be float16 [N/8, K/32, 2, 8]");
+  const uint8_t* wp = w.const_data_ptr<uint8_t>();
+  const c10::Half* sp = sm.const_data_ptr<c10::Half>();
+  auto block = [&](const QuantRow& row, int64_t, int64_t b, float* sums) {
+    int4_block(row, wp + b * kRows * K / 2, sp + b * (K / kGroup) * 2 * kRows, K, sums);
+  };
+  return run_rows(x, blocks, block, [](int64_t, int64_t) { return 1.f; });
+}
+
+// The int4 weight as row-major [N, K] in `dtype` (q * scale + min, in float then rounded), for prompts.
+at::Tensor int4_unblock(const at::Tensor& w, const at::Tensor& sm, at::ScalarType dtype) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 4 && w.is_contiguous() && w.size(2) == kRows &&
+                  w.size(3) == 16 && sm.scalar_type() == at::kHalf && sm.is_contiguous() &&
+                  sm.numel() == w.size(0) * w.size(1) * 2 * kRows, "int4_unblock: bad blocks");
+  const int64_t blocks = w.size(0), G = w.size(1), K = G * kGroup;
+  at::Tensor out = at::empty({blocks * kRows, K}, w.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "int4_unblock", [&] {
+    const uint8_t* wp = w.const_data_ptr<uint8_t>();
+    const c10::Half* sp = sm.const_data_ptr<c10::Half>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t i = 0; i < kRows; ++i) {
+            const int64_t r = kInt4Order[i];
+            const uint8_t* src = wp + ((b * G + g) * kRows + i) * 16;
+            const float scale = sp[(b * G + g) * 2 * kRows + r], low = sp[(b * G + g) * 2 * kRows + kRows + r];
+            scalar_t* dst = op + (b * kRows + r) * K + g * kGroup;
+            for (int64_t j = 0; j < 16; ++j) {
+              dst[j] = static_cast<scalar_t>(static_cast<float>(src[j] & 0x0F) * scale + low);
+              dst[j + 16] = static_cast<scalar_t>(static_cast<float>(src[j] >> 4) * scale + low);
+            }
+          }
+    });
+  });
+  return out;
+}
+
+std::string int_dot_isa() {
+#if defined(LLMCLI_INT_DOT_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
+}  // namespace
+
+#ifndef LLMCLI_OPS_NAMESPACE
+#define LLMCLI_OPS_NAMESPACE llmcli
+#endif
+
+TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
+  m.def("int8_dot(Tensor x, Tensor w, Tensor scales, Tensor? experts) -> Tensor");
+  m.def("int4_dot(Tensor x, Tensor w, Tensor sm) -> Tensor");
+  m.def("int4_unblock(Tensor w, Tensor sm, ScalarType dtype) -> Tensor");
+  m.def("int_dot_isa() -> str", &int_dot_isa);
+}
+TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) {
+  m.impl("int8_dot", &int8_dot);
+  m.impl("int4_dot", &int4_dot);
+  m.impl("int4_unblock", &int4_unblock);
+}

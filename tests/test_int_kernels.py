@@ -1,0 +1,171 @@
+"""The integer dot-product kernels (llmcli/backends/kernels/int_dot.cpp): int8 and int4 weights times
+activations quantised to int8 per group of 32, against a float64 reference of the same quantised math;
+the storage of int4 weights; which layers get them; bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmcli.backends import int8_kernel, int_dot
+from llmcli.backends.int4 import quantize_int4
+from llmcli.backends.int8 import quantize_weight
+
+pytestmark = pytest.mark.skipif(not int8_kernel.available()[0], reason="llmcli's CPU kernels cannot be built here")
+
+
+def dequantised_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels see it: q * d per group of 32, in float64."""
+    q, d = int_dot.quantize_rows(x)
+    return (q.double().reshape(*q.shape[:-1], -1, 32) * d.double()[..., None]).reshape(x.shape)
+
+
+def int4_weight(n: int, k: int, seed: int = 0):
+    """A random int4 weight: (q, scale, min) with float16-representable scales, and the float64 weight."""
+    torch.manual_seed(seed)
+    q, scale, zero = quantize_int4(torch.randn(n, k))
+    scale, low = scale.half().float(), (zero - 8 * scale).half().float()
+    weight = q.double() * scale.double().repeat_interleave(32, 1) + low.double().repeat_interleave(32, 1)
+    return (q, scale, low), weight
+
+
+def close(got: torch.Tensor, expected: torch.Tensor, relative: float) -> bool:
+    """Within float32 summation (or the output dtype's) rounding of the exact result."""
+    return bool(((got.double() - expected).abs() <= relative * expected.abs() + 1e-5 * expected.abs().max()).all())
+
+
+def test_activation_quantisation_is_within_half_a_step_per_group():
+    x = torch.randn(3, 96) * torch.tensor([0.01, 1.0, 100.0])[:, None]
+    x[1, 32:64] = 0  # a zero group: step 0, all zeros
+    q, d = int_dot.quantize_rows(x)
+    assert q.dtype == torch.int8 and d.shape == (3, 3) and d[1, 1] == 0 and q.abs().max() == 127
+    assert ((dequantised_rows(x) - x.double()).abs() <= d.double().repeat_interleave(32, -1) / 2 + 1e-12).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 17])
+def test_int8_product_equals_the_quantised_reference(dtype, rows):
+    """Outputs not a multiple of 16 (200), inputs 3 groups of 32 and 152 groups (the 0.5B down projection)."""
+    for n, k in ((200, 96), (16, 4864)):
+        torch.manual_seed(rows)
+        q, scale = quantize_weight(torch.randn(n, k))
+        x = torch.randn(rows, k).to(dtype)
+        got = int_dot.int8_dot(x, int8_kernel.to_blocks(q), scale)
+        expected = (dequantised_rows(x) @ q.double().T) * scale.double()
+        assert got.dtype == dtype and got.shape == (rows, n)
+        assert close(got, expected, 1e-5 if dtype == torch.float32 else 2**-8)
+
+
+def test_int8_rows_go_through_their_own_expert():
+    torch.manual_seed(0)
+    weights = [quantize_weight(torch.randn(24, 64)) for _ in range(3)]
+    stack = torch.stack([int8_kernel.to_blocks(q) for q, _ in weights])
+    scales = torch.stack([s for _, s in weights])
+    x, experts = torch.randn(4, 64), torch.tensor([2, 0, 2, 1])
+    got = int_dot.int8_dot(x, stack, scales, experts)
+    for row, e in enumerate(experts.tolist()):
+        q, s = weights[e]
+        assert close(got[row], (dequantised_rows(x[row]) @ q.double().T) * s.double(), 1e-5)
+
+
+def test_int4_storage_round_trips_and_is_read_in_order():
+    (q, scale, low), weight = int4_weight(24, 64)
+    packed, sm = int_dot.int4_blocks(q, scale, low)
+    assert packed.shape == (3, 2, 8, 16) and packed.dtype == torch.uint8 and sm.shape == (3, 2, 2, 8)
+    assert torch.equal(int_dot.int4_unblock(packed, sm).double(), weight)
+    # stored row 1 of the first block is row 4; its byte j holds inputs j (low nibble) and j + 16
+    assert torch.equal(packed[0, 0, 1].long(), q[4, :16] | (q[4, 16:32] << 4))
+    assert torch.equal(sm[0, 1, 0].float(), scale[:8, 1]) and torch.equal(sm[0, 1, 1].float(), low[:8, 1])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 17])
+def test_int4_product_equals_the_quantised_reference(rows):
+    for n, k in ((40, 96), (8, 4864)):
+        (q, scale, low), weight = int4_weight(n, k, seed=rows)
+        packed, sm = int_dot.int4_blocks(q, scale, low)
+        x = torch.randn(2, rows, k)
+        got = int_dot.int4_dot(x, packed, sm)
+        assert got.shape == (2, rows, n)
+        assert close(got, dequantised_rows(x) @ weight.T, 1e-5)
+
+
+def test_bad_inputs_are_refused_not_read_out_of_bounds():
+    q, scale = quantize_weight(torch.randn(16, 48))  # 48 inputs: not whole groups of 32
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        int_dot.int8_dot(torch.randn(1, 48), int8_kernel.to_blocks(q), scale)
+    q, scale = quantize_weight(torch.randn(16, 64))
+    with pytest.raises(RuntimeError, match="inputs"):
+        int_dot.int8_dot(torch.randn(1, 32), int8_kernel.to_blocks(q), scale)
+    with pytest.raises(RuntimeError, match="expert out of range"):
+        int_dot.int8_dot(torch.randn(1, 64), int8_kernel.to_blocks(q), scale, torch.tensor([1]))
+    (q4, s4, low), _ = int4_weight(16, 64)
+    packed, sm = int_dot.int4_blocks(q4, s4, low)
+    with pytest.raises(RuntimeError, match="float16"):
+        int_dot.int4_dot(torch.randn(1, 64), packed, sm.float())
+
+
+def test_avx2_and_portable_builds_compute_the_same_products(portable_ops, avx2_ops):
+    """The AVX2 code (x86-64-v3, what CPUs without AVX-512 run) and the plain C++ loops (the fallback)."""
+    assert str(portable_ops.int_dot_isa()) == "portable" and str(avx2_ops.int_dot_isa()) == "avx2"
+    torch.manual_seed(0)
+    q, scale = quantize_weight(torch.randn(40, 96))
+    blocks = int8_kernel.to_blocks(q)[None]
+    x = torch.randn(3, 96)
+    expected = (dequantised_rows(x) @ q.double().T) * scale.double()
+    for ops in (portable_ops, avx2_ops):
+        assert close(ops.int8_dot(x, blocks, scale[None], None), expected, 1e-5)
+    (q4, s4, low), weight = int4_weight(40, 96)
+    packed, sm = int_dot.int4_blocks(q4, s4, low)
+    for ops in (portable_ops, avx2_ops):
+        assert close(ops.int4_dot(x, packed, sm), dequantised_rows(x) @ weight.T, 1e-5)
+        assert torch.equal(ops.int4_unblock(packed, sm, torch.float32).double(), weight)
+
+
+def load_demo(quantize: str, **options):
+    from llmcli.demo import ensure_demo
+    from llmcli.loader import load_model
+    from llmcli.options import Options
+
+    opts = Options(device="cpu", dtype="float32", quantize=quantize, **options)
+    return load_model("demo-qwen", ensure_demo("demo-qwen"), options=opts)
+
+
+def layer_kinds(model) -> set[str]:
+    from llmcli.backends.linear import label_of
+
+    return {label_of(m) for m in model.modules() if label_of(m) is not None}
+
+
+def test_dispatch_picks_the_integer_kernels_by_cpu_feature_and_option():
+    from llmcli.backends.cpu_kernels import cpu_model
+
+    if not int_dot.runs_fast():
+        pytest.skip(f"the integer kernels need AVX2 (built here: {int_dot.isa()})")
+    avx512 = "avx512f" in cpu_model().split()
+    int8 = layer_kinds(load_demo("int8").model)
+    assert ("int8 kernel (x int8 activations, AVX2)" in int8) == (not avx512), int8
+    int4 = layer_kinds(load_demo("int4").model)
+    assert "int4 kernel (x int8 activations, AVX2, groups of 32)" in int4, int4
+    off = layer_kinds(load_demo("int4", int_dot=False).model) | layer_kinds(load_demo("int8", int_dot=False).model)
+    assert not any("x int8 activations" in kind for kind in off) and "torch int4 (groups of 32)" in off
+
+
+def decode_logits(runner, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [T, vocab] feeding `ids` one token at a time (the decode path: one-row products)."""
+    cache = runner.make_cache(1, ids.numel())
+    with torch.inference_mode():
+        return torch.cat([runner(ids[None, i:i + 1], cache)[0] for i in range(ids.numel())]).float()
+
+
+def test_quantised_activations_keep_the_float_paths_logits_and_tokens():
+    """On the tiny demo model (random weights, float32): the integer kernels' logits stay within 3% of the
+    logits' range of the float int8/int4 paths, and pick the same next token at most positions."""
+    if not int_dot.runs_fast():
+        pytest.skip(f"the integer kernels need AVX2 (built here: {int_dot.isa()})")
+    ids = torch.randint(0, 200, (24,), generator=torch.Generator().manual_seed(0))
+    for quantize in ("int8", "int4"):
+        integer = decode_logits(load_demo(quantize).runner, ids)
+        reference = decode_logits(load_demo(quantize, int_dot=False).runner, ids)
+        spread = (reference.amax(-1) - reference.amin(-1)).min()
+        assert (integer - reference).abs().max() <= 0.03 * spread, quantize
+        assert (integer.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9, quantize
