@@ -210,7 +210,7 @@ def test_quantised_gguf_equals_gguf_dequantisation(qtype, quant_source, tmp_path
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
 def test_int4_takes_4bit_files_as_stored(qtype, quant_source, tmp_path):
     """--quantize int4 keeps a Q4_0/Q4_1/Q4_K file's own codes and scales: each Int4Linear is the GGUF's
-    dequantised matrix exactly (llama's permuted Q/K rows included), where re-quantising would round again."""
+    dequantised matrix (llama's permuted Q/K rows included), where re-quantising would round again."""
     source = quant_source / ("llama" if qtype != "Q4_0" else "hf")
     path = convert(source, tmp_path / f"{qtype}.gguf", qtype=Q[qtype])
     reference = load_file(str(dequantised_checkpoint(path, source, tmp_path / "reference") / "model.safetensors"))
@@ -221,7 +221,10 @@ def test_int4_takes_4bit_files_as_stored(qtype, quant_source, tmp_path):
         with torch.inference_mode():
             bias = module.bias if module.bias is not None else 0
             weight = (module(torch.eye(module.in_features)) - bias).t()  # the matrix the module multiplies by
-        assert torch.allclose(weight, torch.from_numpy(reference[name + ".weight"]), atol=1e-6, rtol=0), name
+        expected = torch.from_numpy(reference[name + ".weight"])
+        # The AVX2 integer kernel keeps scales in float16: Q4_K's (d x a 6-bit sub-scale) round there.
+        atol = 2**-11 * expected.abs().max().item() if module.integer and qtype == "Q4_K" else 1e-6
+        assert torch.allclose(weight, expected, atol=atol, rtol=0), name
 
 
 def test_int8_requantises_a_gguf(quant_source, tmp_path, run_cli, monkeypatch):
