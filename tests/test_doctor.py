@@ -127,8 +127,10 @@ def test_every_command_help_ends_with_examples(run_cli):
 
 
 def test_shell_completion_script_and_answers(tmp_path):
-    script = subprocess.run([sys.executable, "-m", "llmcli", "--show-completion", "bash"], capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "SHELL": "/bin/bash"})
+    # `--show-completion` prints the script of the shell it detects among the parent processes (none under some
+    # launchers); the completion variable names the shell outright.
+    script = subprocess.run([sys.executable, "-m", "llmcli"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "_LLMCLI_COMPLETE": "source_bash"})
     assert script.returncode == 0, script.stderr
     assert "_LLMCLI_COMPLETE" in script.stdout and "complete" in script.stdout
     env = {**os.environ, "_LLMCLI_COMPLETE": "complete_bash", "COMP_WORDS": "llmcli do", "COMP_CWORD": "1"}

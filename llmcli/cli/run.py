@@ -45,7 +45,7 @@ def run_command(
     model, prompt = model_and_prompt(model, prompt)
     shared = dict(model=model, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0,
                   top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=seed, no_logn=False, no_ntk=False, window=None,
-                  device=device, dtype=dtype, yes=yes, quantize=quantize, compile=compile, force=force)
+                  device=device, dtype=dtype, yes=yes, quantize=quantize, compile=compile, force=force, tp=1, ep=1)
     if prompt is None:
         chat_command(**shared, max_context=None, hide_thinking=False, think=None)
     else:
