@@ -64,7 +64,10 @@ class GGUFSource:
         if type_name not in INT4_TYPES or piece.raw is None or len(piece.shape) != 2:
             return None
         raw = piece.raw()
-        return None if raw is None else int4_codes(raw, type_name, piece.shape[1])
+        if raw is None:
+            return None
+        codes = int4_codes(raw, type_name, piece.shape[1])
+        return tuple(torch.from_numpy(np.ascontiguousarray(part)) for part in codes)
 
     def tokenizer(self) -> Tokenizer:
         from llmcli.gguf_tokenizer import gguf_tokenizer

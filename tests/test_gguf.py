@@ -422,3 +422,14 @@ def test_real_smollm2_q4_1_answers_like_transformers(run_cli):
     assert result["prompt_tokens"] == 37
     assert result["token_ids"] == [504, 3575, 282, 4649, 314, 7042, 30]  # then <|im_end|> (2) stops it
     assert result["text"].strip() == "The capital of France is Paris."
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+def test_4bit_dequantisation_equals_the_gguf_packages_bit_for_bit(qtype):
+    from llmcli.formats.gguf_int4 import dequantize_4bit
+    from tests.gguf_convert import random_k_blocks
+
+    weights = np.random.default_rng(0).standard_normal((48, 512)).astype(np.float32)
+    data = random_k_blocks(weights.shape, Q.Q4_K) if qtype == "Q4_K" else gguf.quants.quantize(weights, Q[qtype])
+    expected = gguf.quants.dequantize(data, Q[qtype])
+    assert np.array_equal(dequantize_4bit(data.reshape(-1), qtype, weights.shape), expected)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from llmcli.errors import LlmcliError
+from llmcli.formats.gguf_int4 import INT4_TYPES, dequantize_4bit
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -146,7 +147,8 @@ class GGUFFile:
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """A tensor (rows start..stop of its first dimension) as numpy: float32, float16 or, for BF16,
-        the stored uint16 bits; quantised types are dequantised to float32 by the gguf package's own code."""
+        the stored uint16 bits; quantised types are dequantised to float32 by the gguf package's own code (4-bit
+        types by an equal, vectorised one: `gguf_int4`)."""
         tensor = self.tensors[name]
         if tensor.type_name not in SUPPORTED_TYPES:
             raise unsupported_error(tensor)
@@ -160,6 +162,8 @@ class GGUFFile:
             return data.view(np.float16).reshape(shape)
         if tensor.type_name == "BF16":
             return data.view(np.uint16).reshape(shape)
+        if tensor.type_name in INT4_TYPES:
+            return dequantize_4bit(data, tensor.type_name, shape)
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize, quant_shape_to_byte_shape
 
