@@ -36,8 +36,8 @@ from llmcli.models.layers import (
 )
 from llmcli.models.qwen_moe import SparseMoeBlock, split_fused_experts
 from llmcli.models.rope import (
-    apply_rope,
     default_inv_freq,
+    fold_sign,
     logn_factor,
     logn_scale,
     logn_scale_at,
@@ -45,6 +45,7 @@ from llmcli.models.rope import (
     ntk_base,
     rope_cos_sin,
     rope_inv_freq,
+    rotate,
 )
 
 # The reference code's LogN table and the Qwen README's NTK claim cover 32K positions.
@@ -75,31 +76,40 @@ class Attention(FusesProjections, nn.Module):
         self.qkv_sizes = fuse_linears(self, ["q_proj", "k_proj", "v_proj"], "qkv_proj")
 
     def _rope(self, x, cos, sin):
+        """RoPE with `sin` sign-folded (`rope.fold_sign`)."""
         if self.rotary_dim is None and cos.dtype == x.dtype:
-            return apply_rope(x, cos, sin)  # Qwen2/3: in the model's dtype
+            return rotate(x, cos, sin)  # Qwen2/3: in the model's dtype
         # Original Qwen rotates in float32 and casts back, possibly only the first rotary_dim dims.
         y = x.to(cos.dtype)
         if self.rotary_dim is None:
-            y = apply_rope(y, cos, sin)
+            y = rotate(y, cos, sin)
         else:
-            y = torch.cat((apply_rope(y[..., :self.rotary_dim], cos, sin), y[..., self.rotary_dim:]), dim=-1)
+            y = torch.cat((rotate(y[..., :self.rotary_dim], cos, sin), y[..., self.rotary_dim:]), dim=-1)
         return y.to(x.dtype)
+
+    def _heads(self, x, cos, sin):
+        """q, k, v [B, heads, T, D]: projected, normalised (Qwen3) and rotated. From the fused product,
+        q and k are one view of its output and rotate together."""
+        b, t, _ = x.shape
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_sizes is None:
+            q, k, v = (p(x).view(b, t, -1, d).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            qkv = self.qkv_proj(x).view(b, t, h + 2 * kv, d).transpose(1, 2)
+            if self.q_norm is None:
+                qk = self._rope(qkv[:, :h + kv], cos, sin)
+                return qk[:, :h], qk[:, h:], qkv[:, h + kv:]
+            q, k, v = qkv.split([h, kv, kv], dim=1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self._rope(q, cos, sin), self._rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, layer_cache: KVLayerCache, span: Span, q_scale=None, recorder=None
                 ) -> torch.Tensor:
-        """`q_scale` (LogN): a float for one eager query (folded into the softmax scale), else [T, 1]."""
+        """`sin` sign-folded (`rope.fold_sign`); `q_scale` (LogN): a float for one eager query (folded into
+        the softmax scale), else [T, 1]."""
         b, t, _ = x.shape
-        if self.qkv_sizes is not None:
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b, t, self.num_heads, self.head_dim)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        q, k, v = self._heads(x, cos, sin)
         scale = None
         if isinstance(q_scale, float):
             scale = q_scale / self.head_dim ** 0.5
@@ -112,8 +122,8 @@ class Attention(FusesProjections, nn.Module):
         mask, causal = attention_mask(span, t, k.shape[2], self.window, x.device)
         if span.static:  # a compiled decode step over the whole static cache
             out = one_query_attention(q, k, v, mask, scale)
-        elif t == 1 and x.device.type == "cpu":  # an eager decode step
-            out = one_query_attention_eager(q, k, v, mask, scale)
+        elif t == 1 and x.device.type == "cpu":  # an eager decode step: [B, H, 1, D] is [B, 1, H * D]
+            return self.o_proj(one_query_attention_eager(q, k, v, mask, scale).view(b, 1, -1))
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                                  enable_gqa=self.num_kv_heads != self.num_heads)
@@ -290,6 +300,7 @@ class QwenForCausalLM(CausalLM):
         span = self.span(positions, cache)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self._inv_freq(cache, span, t), self.rope_scale, self.rope_dtype or x.dtype)
+        sin = fold_sign(sin)  # once here rather than in every layer
         q_scale = self._q_scale(span, t, x.dtype, x.device)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, span, recorder, q_scale)

@@ -149,6 +149,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def fold_sign(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half's minus sign moved onto sin, once per forward call, so
+    that `rotate` needs no negation and no concatenation in every layer."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, folded_sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with sin from `fold_sign`, in 4 ops instead of 7: rotate_half(x) * sin is the halves of x
+    swapped times the folded sin, and negating a factor of a product is exact, so the result is bit for bit
+    apply_rope's."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * folded_sin
+
+
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """RoPE on the last dim of x with cos/sin [T, d/2]. Pairs are (x0, x1), (x2, x3)... when interleaved
     (DeepSeek's checkpoint layout), else (x_i, x_{i+d/2}). The result is written half-split either way:
