@@ -109,9 +109,10 @@ class Int4Linear(Product, nn.Module):
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def _integer(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows <= KERNEL_ROWS:
-            out = int_dot.int4_dot(x, self.packed, self.scales_and_mins)
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= KERNEL_ROWS:  # `int_dot.int4_dot` inlined: less Python around each decode product
+            out = torch.ops.llmcli.int4_dot.default(rows.contiguous(), self.packed, self.scales_and_mins)
+            out = out.view(*x.shape[:-1], -1)
         else:  # prompts: compute-bound, a GEMM on the converted weight
             dtype = x.dtype if x.dtype == torch.float32 or bf16_matmul_is_fast() else torch.float32
             weight = int_dot.int4_unblock(self.packed, self.scales_and_mins, dtype)

@@ -107,8 +107,14 @@ class Int8Linear(Product, nn.Module):
         if self.gemm and rows >= GEMM_ROWS and x.dtype == torch.bfloat16:
             return int8_kernel.gemm(x, self.weight, self.scales, self.bias)  # prompts, batches
         if self.blocked and rows <= KERNEL_ROWS:  # decoding (and short prompts): the int8 kernel
-            product = int_dot.int8_dot if self.integer else int8_kernel.gemv
-            out = product(x, self.weight, self.scales)
+            # int_dot.int8_dot / int8_kernel.gemv inlined: less Python around each decode product. The [1, ...]
+            # views are made per call: StackedExperts swaps an expert's tensors for views of its stacks.
+            flat, blocks, scales = x.reshape(-1, self.in_features).contiguous(), self.weight[None], self.scales[None]
+            if self.integer:
+                out = torch.ops.llmcli.int8_dot.default(flat, blocks, scales.float(), None)
+            else:
+                out = torch.ops.llmcli.int8_gemv.default(flat, blocks, scales.to(x.dtype), None)
+            out = out.view(*x.shape[:-1], -1)
             return out if self.bias is None else out + self.bias
         if one_row(x):  # compiled decode step without the kernel: one fused loop reading the int8 rows
             return one_row_linear(x, self.weight, self.bias, self.scales)
