@@ -129,18 +129,19 @@ class Preparation:
         self.int8 = options.quantize == "int8" or self.int4  # int4 runs keep the head (and misfits) in int8
         self.notes: list[str] = []
         self.int8_kernel = self.bf16_kernel = False
+        wait = options.kernel_build != "background"
         if self.int4 and not int4.available(self.device.type):
             raise LlmcliError(f"--quantize int4 runs on CPU only (torch's int4 product); this model is on "
                               f"{self.device.type}: use --quantize int8 there", exit_code=2)
         if cpu and self.int8:
             if options.int8_kernel:
-                self.int8_kernel, note = int8_kernel.available()
+                self.int8_kernel, note = int8_kernel.available(wait)
             else:
                 note = "int8 decode kernel disabled (LLMCLI_INT8_KERNEL=0)"
             self.notes += [note] if note else []
         if cpu and self.dtype == torch.bfloat16:
             if options.bf16_kernel:
-                self.bf16_kernel, note = bf16_kernel.available()
+                self.bf16_kernel, note = bf16_kernel.available(wait)
             else:
                 note = "bfloat16 CPU kernel disabled (LLMCLI_BF16_KERNEL=0)"
             if not self.int8 and note:
