@@ -61,15 +61,20 @@ class GGUFSource:
     def int4_codes(self, name: str):
         """(q, scale, zero) of checkpoint tensor `name` when the file stores it in a 4-bit type that llmcli's
         int4 expresses exactly (Q4_0, Q4_1, Q4_K), else None."""
-        piece = self.by_name.get(name)
-        type_name = self.gguf.tensors[piece.source].type_name if piece is not None else None
-        if type_name not in INT4_TYPES or piece.raw is None or len(piece.shape) != 2:
+        if not self.stores_int4(name):
             return None
+        piece = self.by_name[name]
         raw = piece.raw()
         if raw is None:
             return None
-        codes = int4_codes(raw, type_name, piece.shape[1])
+        codes = int4_codes(raw, self.gguf.tensors[piece.source].type_name, piece.shape[1])
         return tuple(torch.from_numpy(np.ascontiguousarray(part)) for part in codes)
+
+    def stores_int4(self, name: str) -> bool:
+        """Is checkpoint tensor `name` a matrix in a 4-bit type that `int4_codes` takes as stored?"""
+        piece = self.by_name.get(name)
+        return (piece is not None and self.gguf.tensors[piece.source].type_name in INT4_TYPES
+                and piece.raw is not None and len(piece.shape) == 2)
 
     def _dequantises(self, piece: Piece) -> bool:
         """Is `piece` in a type that gguf_dequant reads, with its stored rows at hand?"""
@@ -85,11 +90,14 @@ class GGUFSource:
 
         return gguf_tokenizer(self.gguf)
 
-    def tensors(self) -> Iterator[tuple[str, Path, Callable]]:
-        """(name, file, load) for weights.load_weights; load(out=parameter) fills the parameter in place."""
+    def tensors(self, unread: Callable[[str], bool] | None = None) -> Iterator[tuple[str, Path, Callable]]:
+        """(name, file, load) for weights.load_weights; load(out=parameter) fills the parameter in place, except
+        where `unread(name)`: a weight that loading replaces from the file's own codes is left as allocated."""
         for piece in self.pieces:
             def load(piece=piece, out=None):
                 fills = out is not None and out.device.type == "cpu" and tuple(out.shape) == piece.shape
+                if fills and unread is not None and unread(piece.name):
+                    return out
                 if fills and len(piece.shape) == 2 and out.is_contiguous() and self._dequantises(piece):
                     return dequantize_into(self._raw(piece), self.gguf.tensors[piece.source].type_name, out)
                 if fills and piece.rows is not None and piece.shape:

@@ -76,13 +76,14 @@ def model_class(cfg: ModelConfig) -> type[CausalLM]:
 
 
 def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
-                options: Options, tensors=None, int4_codes=None) -> tuple[Runner, list[str]]:
+                options: Options, gguf: GGUFSource | None = None) -> tuple[Runner, list[str]]:
     """The model with its weights, prepared for `options` layer by layer as they load; its runner.
-    `tensors`: (name, file, load) of a GGUF model instead of model_dir's safetensors; `int4_codes`: its
-    4-bit weights as stored (see `Preparation`)."""
+    `gguf`: a GGUF model's tensors instead of model_dir's safetensors (its 4-bit weights taken as stored under
+    --quantize int4, without reading them as floats first: see `Preparation`)."""
     cls = model_class(cfg)
     model = materialise(lambda: cls(cfg), dtype, device)
-    preparation = Preparation(model, options, int4_codes)
+    preparation = Preparation(model, options, gguf)
+    tensors = gguf.tensors(unread=preparation.takes_stored_int4) if gguf else None
     notes = load_weights(model, model_dir, loaded=preparation.loaded, tensors=tensors) + preparation.notes
     preparation.finish()
     return preparation.runner(), notes
@@ -150,6 +151,5 @@ def load_model(name: str, path: Path, options: Options | None = None, **settings
         if layout is not None:
             runner, notes = parallel.build_parallel(model_class(cfg), cfg, path, dt, dev, options, layout)
         else:
-            runner, notes = build_model(cfg, path, dt, dev, options, gguf.tensors() if gguf else None,
-                                        gguf.int4_codes if gguf else None)
+            runner, notes = build_model(cfg, path, dt, dev, options, gguf)
     return LoadedModel(name, path, cfg, runner, tokenizer, dev, dt, options, time.perf_counter() - start, notes)
