@@ -117,6 +117,10 @@ class ParallelRunner(Runner):
     def comm_seconds(self) -> float:
         return CLOCK.seconds()
 
+    def barrier(self) -> None:
+        with self._peers_alive():
+            dist.barrier()
+
     def gathered(self, value) -> list:
         """Every rank's `value` (any picklable object), in rank order, on every rank."""
         out = [None] * self.layout.world

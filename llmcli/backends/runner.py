@@ -51,6 +51,9 @@ class Runner:
         """Seconds spent communicating with other processes so far (None: one process)."""
         return None
 
+    def barrier(self) -> None:
+        """Wait for every process to reach this point (here, none other)."""
+
     def gathered(self, value) -> list:
         """Every process's `value`, in rank order: here, one."""
         return [value]
