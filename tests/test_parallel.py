@@ -1,6 +1,7 @@
 """Tensor and expert parallelism: real torchrun launches of 2 gloo ranks on CPU, compared in float32 with the
-single-process run of the same checkpoints (logits within 1e-5, identical greedy tokens); a rank that fails
-ends the job; layouts that do not divide the model are refused before loading; `show --tp` planning."""
+single-process run of the same checkpoints (logits within 1e-5, identical greedy tokens), and so are `trace`'s
+figures; `bench` reports time in collectives and each rank's memory; a rank that fails ends the job; layouts
+that do not divide the model are refused before loading; `show --tp` planning."""
 
 from __future__ import annotations
 
