@@ -246,6 +246,13 @@ def test_trace_under_torchrun_equals_single_process(name, checkpoints, launched,
                    for kept, seen in zip(layer["indexer"]["selected"], layer["indexer"]["visible"], strict=True))
 
 
+def test_trace_corpus_runs_in_one_process(checkpoints, run_cli, tmp_path):
+    (tmp_path / "corpus.txt").write_text("a prompt\n")
+    code, out, err = run_cli("trace", str(checkpoints["qwen2"]), "--corpus", str(tmp_path / "corpus.txt"), "--tp", "2")
+    assert code == 2 and out == ""
+    assert "--corpus traces in one process: leave out --tp/--ep" in err and len(err.strip().splitlines()) == 1
+
+
 def test_bench_under_torchrun_reports_communication_and_each_rank(launched):
     data = json.loads((launched / "cli-bench.txt").read_text())
     assert data["env"]["ranks"] == {"world": 2, "tp": 2, "ep": 1}

@@ -63,7 +63,8 @@ TRACE_HELP = "\n\n".join([
 LENS_DEFAULT_K = 5
 # Options of `trace` that take a value: their value is never read as an option name.
 VALUE_OPTIONS = {"--prompt", "-p", "--layer", "-l", "--generate", "-g", "--json", "--html", "--window", "--device",
-                 "--dtype", "--logit-lens", "--corpus", "--batch-size", "--max-tokens", "--csv", "--plan-memory"}
+                 "--dtype", "--logit-lens", "--corpus", "--batch-size", "--max-tokens", "--csv", "--plan-memory",
+                 "--tp", "--ep"}
 
 
 def optional_lens_value(args: list[str]) -> list[str]:
