@@ -138,6 +138,9 @@ def load_model(name: str, path: Path, options: Options | None = None, **settings
     if options.tp > 1 or options.ep > 1:  # a share of the model per torchrun process: llmcli.backends.parallel
         from llmcli.backends import parallel
 
+        if options.compile and cfg.is_moe:  # a rank's share of the routed experts depends on the tokens' routes
+            raise LlmcliError("--compile with --tp/--ep runs dense models; leave it out for this MoE model",
+                              exit_code=2)
         layout, dev = parallel.start(check_layout(cfg, options.tp, options.ep, gguf is not None), options, dev)
     dt = resolve_dtype(options.dtype, cfg, dev)
     if options.check_memory and layout is not None:

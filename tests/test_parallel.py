@@ -129,7 +129,10 @@ FLOAT32 = ["--device", "cpu", "--dtype", "float32"]
 CLI = [(["generate", "{v3}", "--raw", "-p", "parallel ranks agree", "-n", "10", "--json", *FLOAT32], "",
         ["--tp", "2", "--ep", "2"]),
        (["generate", "{qwen2}", "--raw", "-n", "8", "--json", *FLOAT32], "a prompt piped in\n", ["--tp", "2"]),
-       (["chat", "{qwen2}", "-n", "5", *FLOAT32], "first message\n/stats\nsecond message\n", ["--tp", "2"])]
+       (["chat", "{qwen2}", "-n", "5", *FLOAT32], "first message\n/stats\nsecond message\n", ["--tp", "2"]),
+       # the compiled decode step on each rank (the head's gather is traced into it) against eager, one process
+       (["generate", "{qwen2}", "--raw", "-p", "compiled ranks", "-n", "8", "--json", *FLOAT32], "",
+        ["--tp", "2", "--compile"])]
 
 
 # trace and bench in the same launch (named runs): the trace's JSON on rank 0 alone, compared with one process's.
@@ -306,6 +309,13 @@ def test_layout_errors_before_loading(flags, message, checkpoints, run_cli):
     code, out, err = run_cli("generate", str(checkpoints["qwen2"]), "-p", "hi", "--device", "cpu", *flags)
     assert code == 2 and out == ""
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_compile_under_ranks_refuses_moe_models_before_loading(checkpoints, run_cli):
+    code, out, err = run_cli("generate", str(checkpoints["v3"]), "-p", "hi", "--device", "cpu", "--ep", "2",
+                             "--compile")
+    assert code == 2 and out == ""
+    assert err.strip() == "error: --compile with --tp/--ep runs dense models; leave it out for this MoE model"
 
 
 def test_a_share_too_large_for_this_machine_is_refused_before_loading(monkeypatch):

@@ -14,6 +14,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 
 class CommClock:
@@ -48,14 +49,20 @@ CLOCK = CommClock()
 
 
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over the ranks, in place (timed)."""
+    """Sum `tensor` over the ranks, in place (timed); inside a compiled step (--compile), torch's traceable
+    functional form, untimed."""
+    if torch.compiler.is_compiling():
+        return funcol.all_reduce(tensor, "sum", dist.group.WORLD)
     CLOCK.run(tensor, dist.all_reduce, tensor)
     return tensor
 
 
 def all_gather(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    """Every rank's `tensor` (equal shapes), concatenated in rank order along `dim` (timed)."""
+    """Every rank's `tensor` (equal shapes), concatenated in rank order along `dim` (timed; untimed and
+    functional inside a compiled step)."""
     tensor = tensor.contiguous()
+    if torch.compiler.is_compiling():
+        return funcol.all_gather_tensor(tensor, dim % tensor.dim(), dist.group.WORLD)
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     CLOCK.run(tensor, dist.all_gather, parts, tensor)
     return torch.cat(parts, dim=dim)

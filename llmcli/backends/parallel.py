@@ -23,7 +23,7 @@ from llmcli.backends.prepare import Preparation
 from llmcli.backends.rank_recorder import RankRecorder
 from llmcli.backends.runner import Runner
 from llmcli.backends.sharded_load import sharded_tensors
-from llmcli.backends.tensor_parallel import attach_collectives, gather_vocab, local_config, shard_model, slicer
+from llmcli.backends.tensor_parallel import attach_collectives, attach_head_gather, local_config, shard_model, slicer
 from llmcli.config import ModelConfig
 from llmcli.errors import LlmcliError
 from llmcli.options import Options
@@ -51,8 +51,8 @@ def start(layout: Layout, options: Options, device: torch.device) -> tuple[Layou
                           f"{layout.world} -m llmcli ...`", exit_code=2)
     if world != layout.world:
         raise LlmcliError(f"{flags} needs {layout.world} processes; torchrun started {world}", exit_code=2)
-    if options.compile or options.quantize == "int4":
-        raise LlmcliError(f"{flags} does not run with --compile or --quantize int4 yet", exit_code=2)
+    if options.quantize == "int4":
+        raise LlmcliError(f"{flags} does not run with --quantize int4 yet", exit_code=2)
     if device.type not in ("cpu", "cuda"):
         raise LlmcliError(f"{flags} runs on CPU (gloo) or CUDA (NCCL), not {device.type}", exit_code=2)
     if device.type == "cuda":
@@ -103,8 +103,7 @@ class ParallelRunner(Runner):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The whole vocabulary's logits: each rank's slice of the head, gathered."""
-        logits = self.model.lm_head(x)
-        return gather_vocab(logits, self.whole_config.vocab_size) if self.layout.tp > 1 else logits
+        return self.model.lm_head(x)  # gathered by its hook (attach_head_gather)
 
     def attention_info(self, index: int, cache=None) -> dict:
         """The model's facts with the whole model's head counts (and cache bytes), not this rank's share."""
@@ -170,4 +169,5 @@ def build_parallel(model_class, cfg: ModelConfig, model_dir: Path, dtype: torch.
         tensors = sharded_tensors(ckpt, slicer(cfg, layout), dtype, cfg.fp8_block_size)
         notes = load_weights(model, model_dir, loaded=preparation.loaded, tensors=tensors) + preparation.notes
     preparation.finish()
-    return ParallelRunner(model, layout, cfg), notes
+    attach_head_gather(model, cfg, layout)
+    return ParallelRunner(model, layout, cfg, preparation.runner().compiled), notes

@@ -117,15 +117,20 @@ def gather_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def attach_collectives(model: CausalLM, cfg: ModelConfig, layout: Layout) -> None:
-    """All-reduce each block's partial sums, gather the head's vocabulary slices into whole logits."""
+    """All-reduce each block's partial sums (the head's gather: attach_head_gather)."""
     for layer in model.model.layers:
         moe = getattr(layer, "is_moe", False)
         if layout.tp > 1:
             layer.self_attn.register_forward_hook(_all_reduce_output)
         if moe or layout.tp > 1:
             layer.mlp.register_forward_hook(_all_reduce_output)
+
+
+def attach_head_gather(model: CausalLM, cfg: ModelConfig, layout: Layout) -> None:
+    """The head's vocabulary slices gathered into whole logits: a hook on the head itself, so a compiled decode
+    step (which runs the model's forward, not its hooks) gathers too. After preparation: it may swap the head."""
     if layout.tp > 1:
-        model.register_forward_hook(lambda module, args, logits: gather_vocab(logits, cfg.vocab_size))
+        model.lm_head.register_forward_hook(lambda module, args, logits: gather_vocab(logits, cfg.vocab_size))
 
 
 # -- which slice of each checkpoint tensor a rank reads ---------------------------------------------------
