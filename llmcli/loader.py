@@ -20,10 +20,6 @@ from llmcli.formats.gguf import gguf_path_of
 from llmcli.formats.safetensors import read_checkpoint
 from llmcli.gguf_load import GGUFSource
 from llmcli.models.base import CausalLM
-from llmcli.models.deepseek import DeepseekForCausalLM
-from llmcli.models.deepseek_v4 import DeepseekV4ForCausalLM
-from llmcli.models.qwen import QwenForCausalLM
-from llmcli.models.qwen_hybrid import QwenHybridForCausalLM
 from llmcli.options import Options
 from llmcli.parallel_plan import check_layout
 from llmcli.tokenizer import Tokenizer
@@ -64,13 +60,22 @@ def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dt
 
 
 def model_class(cfg: ModelConfig) -> type[CausalLM]:
+    """The family's model (imported here: a first answer should not wait for every family's modules)."""
     if cfg.family in ("qwen", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama"):
+        from llmcli.models.qwen import QwenForCausalLM
+
         return QwenForCausalLM
     if cfg.family in ("deepseek_v2", "deepseek_v3", "deepseek_v32"):
+        from llmcli.models.deepseek import DeepseekForCausalLM
+
         return DeepseekForCausalLM
     if cfg.family == "deepseek_v4":
+        from llmcli.models.deepseek_v4 import DeepseekV4ForCausalLM
+
         return DeepseekV4ForCausalLM
     if cfg.layer_types:  # Qwen3-Next, Qwen3.5, Qwen3.5-MoE: Gated DeltaNet + gated attention
+        from llmcli.models.qwen_hybrid import QwenHybridForCausalLM
+
         return QwenHybridForCausalLM
     raise LlmcliError(f"no model implementation for {cfg.family!r}")
 
