@@ -63,6 +63,9 @@ class RunTiming:
     prefill_s: float  # start (cache allocation included) -> first token ready = TTFT
     decode_s: float  # the remaining gen_tokens - 1 forward passes
     token_ids: list[list[int]] = field(default_factory=list, repr=False)  # [batch][gen_tokens] greedy ids
+    # Under --tp/--ep: seconds of each phase this rank spent inside collectives (llmcli.backends.comm_clock).
+    prefill_comm_s: float | None = None
+    decode_comm_s: float | None = None
 
     @property
     def generated_tokens(self) -> int:
@@ -165,12 +168,15 @@ class LlmcliBackend:
         ids = ids.to(device)
         with torch.inference_mode():
             synchronize(device)
+            model.barrier()  # ranks start together: one rank's late start is not the others' communication
+            c0 = model.comm_seconds()
             t0 = time.perf_counter()
             cache = model.make_cache(batch, length + gen_tokens)
             logits = model(ids, cache, recorder=recorder, last_only=True)
             token = logits[:, -1].argmax(-1, keepdim=True)
             synchronize(device)
             t1 = time.perf_counter()
+            c1 = model.comm_seconds()
             tokens = [token]  # kept on the device: no host sync inside the timed loop
             if recorder is not None:
                 recorder.decoding = True
@@ -180,9 +186,13 @@ class LlmcliBackend:
                 tokens.append(token)
             synchronize(device)
             t2 = time.perf_counter()
+            c2 = model.comm_seconds()
             if recorder is not None:
                 recorder.decoding = False
-        return RunTiming(t1 - t0, t2 - t1, torch.cat(tokens, 1).tolist())
+        timing = RunTiming(t1 - t0, t2 - t1, torch.cat(tokens, 1).tolist())
+        if c0 is not None:
+            timing.prefill_comm_s, timing.decode_comm_s = c1 - c0, c2 - c1
+        return timing
 
     def close(self) -> None:
         pass
@@ -272,6 +282,7 @@ class BenchRow:
     peak_memory_method: str
     active_experts: float | None = None
     ratio: dict | None = None  # llmcli / transformers, on llmcli rows when compared
+    ranks: dict | None = None  # --tp/--ep: every rank's figures (`gather_ranks`)
 
     @property
     def prefill_tokens_per_s(self) -> Stat:
@@ -288,6 +299,33 @@ class BenchRow:
     @property
     def ttft_s(self) -> Stat:
         return Stat.of([r.prefill_s for r in self.runs])
+
+    @property
+    def comm_per_decode_step_s(self) -> Stat | None:
+        """This rank's seconds in collectives per decode step (None: one process)."""
+        steps = self.workload.decode_steps
+        if not self.runs or self.runs[0].decode_comm_s is None or steps == 0:
+            return None
+        return Stat.of([r.decode_comm_s / steps for r in self.runs])
+
+    @property
+    def comm_per_prefill_s(self) -> Stat | None:
+        if not self.runs or self.runs[0].prefill_comm_s is None:
+            return None
+        return Stat.of([r.prefill_comm_s for r in self.runs])
+
+    def communication(self) -> dict:
+        """Time in collectives (rank 0's, and each rank's per decode step) and each rank's peak memory."""
+        decode, prefill = self.comm_per_decode_step_s, self.comm_per_prefill_s
+        decode_s = statistics.fmean(r.decode_s for r in self.runs)
+        prefill_s = statistics.fmean(r.prefill_s for r in self.runs)
+        return {
+            "comm_s_per_decode_step": decode.as_dict() if decode else None,
+            "comm_s_per_prefill": prefill.as_dict(),
+            "comm_fraction_of_decode": decode.mean * self.workload.decode_steps / decode_s if decode else None,
+            "comm_fraction_of_prefill": prefill.mean / prefill_s if prefill_s else None,
+            **(self.ranks or {}),
+        }
 
     @property
     def bandwidth_fraction(self) -> float | None:
@@ -318,6 +356,10 @@ class BenchRow:
             "runs": [{"prefill_s": r.prefill_s, "decode_s": r.decode_s,
                       "generated_tokens": r.generated_tokens} for r in self.runs],
         }
+        if self.runs and self.runs[0].prefill_comm_s is not None:
+            out["communication"] = self.communication()
+            for run, timing in zip(out["runs"], self.runs, strict=True):
+                run.update(prefill_comm_s=timing.prefill_comm_s, decode_comm_s=timing.decode_comm_s)
         if self.active_experts is not None:
             out["active_experts_per_moe_layer"] = self.active_experts
         if self.ratio is not None:
@@ -402,6 +444,18 @@ def run_bench(llmcli: LlmcliBackend, settings: BenchSettings, bandwidth: float,
                 "decode": _ratio(mine.decode_tokens_per_s.mean, theirs.decode_tokens_per_s.mean),
             }
     return rows
+
+
+def gather_ranks(runner: Runner, rows: list[BenchRow]) -> None:
+    """Under --tp/--ep (every rank runs the same rows): each row gets every rank's peak memory and time in
+    collectives per decode step and per prompt, gathered to all ranks."""
+    mine = [(row.peak_memory_bytes, getattr(row.comm_per_decode_step_s, "mean", None), row.comm_per_prefill_s.mean)
+            for row in rows]
+    every = runner.gathered(mine)
+    for i, row in enumerate(rows):
+        row.ranks = {"peak_memory_bytes_per_rank": [rank[i][0] for rank in every],
+                     "comm_s_per_decode_step_per_rank": [rank[i][1] for rank in every],
+                     "comm_s_per_prefill_per_rank": [rank[i][2] for rank in every]}
 
 
 def _ratio(a: float, b: float) -> float | None:

@@ -1,9 +1,10 @@
 """A GGUF model as the loader sees it: config, tokenizer and checkpoint tensors (torch, in the names and
 layouts the models load), read one at a time from the file.
 
-Quantised tensors are dequantised with the gguf package's numpy code to float32, one tensor (one expert, or
-a few MiB of rows of a big tensor) at a time, and copied straight into the parameter: peak memory is the
-model in its run dtype plus one dequantised layer matrix. `--quantize int8` then re-quantises each linear
+Q8_0, Q4_0 and Q4_1 tensors are dequantised with torch (`gguf_dequant`), other quantised types with the gguf
+package's numpy code to float32; either way one tensor (one expert, or a few MiB of rows of a big tensor) at a
+time, copied straight into the parameter: peak memory is the model in its run dtype plus one dequantised
+layer matrix. `--quantize int8` then re-quantises each linear
 as it loads, like a safetensors model; `--quantize int4` takes Q4_0, Q4_1 and Q4_K linears' own 4-bit codes
 and scales (`int4_codes`), re-quantising only the others.
 """
@@ -22,6 +23,7 @@ from llmcli.formats.gguf_config import gguf_config
 from llmcli.formats.gguf_int4 import INT4_TYPES, int4_codes
 from llmcli.formats.gguf_names import Piece, checkpoint_pieces, tensor_infos
 from llmcli.formats.safetensors import TensorInfo
+from llmcli.gguf_dequant import TORCH_TYPES, dequantize_into
 from llmcli.tokenizer import Tokenizer
 
 
@@ -59,27 +61,46 @@ class GGUFSource:
     def int4_codes(self, name: str):
         """(q, scale, zero) of checkpoint tensor `name` when the file stores it in a 4-bit type that llmcli's
         int4 expresses exactly (Q4_0, Q4_1, Q4_K), else None."""
-        piece = self.by_name.get(name)
-        type_name = self.gguf.tensors[piece.source].type_name if piece is not None else None
-        if type_name not in INT4_TYPES or piece.raw is None or len(piece.shape) != 2:
+        if not self.stores_int4(name):
             return None
+        piece = self.by_name[name]
         raw = piece.raw()
         if raw is None:
             return None
-        codes = int4_codes(raw, type_name, piece.shape[1])
+        codes = int4_codes(raw, self.gguf.tensors[piece.source].type_name, piece.shape[1])
         return tuple(torch.from_numpy(np.ascontiguousarray(part)) for part in codes)
+
+    def stores_int4(self, name: str) -> bool:
+        """Is checkpoint tensor `name` a matrix in a 4-bit type that `int4_codes` takes as stored?"""
+        piece = self.by_name.get(name)
+        return (piece is not None and self.gguf.tensors[piece.source].type_name in INT4_TYPES
+                and piece.raw is not None and len(piece.shape) == 2)
+
+    def _dequantises(self, piece: Piece) -> bool:
+        """Is `piece` in a type that gguf_dequant reads, with its stored rows at hand?"""
+        return self.gguf.tensors[piece.source].type_name in TORCH_TYPES and (piece.raw or piece.rows) is not None
+
+    def _raw(self, piece: Piece) -> torch.Tensor:
+        """`piece`'s stored blocks, [rows, bytes per row] (raw bytes are 3.5-7x smaller than the float32 values)."""
+        raw = piece.raw() if piece.raw is not None else self.gguf.raw(piece.source).reshape(piece.shape[0], -1)
+        return torch.from_numpy(np.ascontiguousarray(raw))
 
     def tokenizer(self) -> Tokenizer:
         from llmcli.gguf_tokenizer import gguf_tokenizer
 
         return gguf_tokenizer(self.gguf)
 
-    def tensors(self) -> Iterator[tuple[str, Path, Callable]]:
-        """(name, file, load) for weights.load_weights; load(out=parameter) fills the parameter in place."""
+    def tensors(self, unread: Callable[[str], bool] | None = None) -> Iterator[tuple[str, Path, Callable]]:
+        """(name, file, load) for weights.load_weights; load(out=parameter) fills the parameter in place, except
+        where `unread(name)`: a weight that loading replaces from the file's own codes is left as allocated."""
         for piece in self.pieces:
             def load(piece=piece, out=None):
-                if (out is not None and piece.rows is not None and out.device.type == "cpu" and piece.shape
-                        and tuple(out.shape) == piece.shape):
+                fills = out is not None and out.device.type == "cpu" and tuple(out.shape) == piece.shape
+                if fills and unread is not None and unread(piece.name):
+                    return out
+                if fills and len(piece.shape) == 2 and out.is_contiguous() and self._dequantises(piece):
+                    return dequantize_into(self._raw(piece), self.gguf.tensors[piece.source].type_name, out)
+                if fills and piece.rows is not None and piece.shape:
                     return _read_in_parts(piece, out)
                 tensor = _to_torch(piece.read())
                 if out is not None and out.device.type == "cpu" and tuple(out.shape) == tuple(tensor.shape):

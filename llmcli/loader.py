@@ -20,10 +20,6 @@ from llmcli.formats.gguf import gguf_path_of
 from llmcli.formats.safetensors import read_checkpoint
 from llmcli.gguf_load import GGUFSource
 from llmcli.models.base import CausalLM
-from llmcli.models.deepseek import DeepseekForCausalLM
-from llmcli.models.deepseek_v4 import DeepseekV4ForCausalLM
-from llmcli.models.qwen import QwenForCausalLM
-from llmcli.models.qwen_hybrid import QwenHybridForCausalLM
 from llmcli.options import Options
 from llmcli.parallel_plan import check_layout
 from llmcli.tokenizer import Tokenizer
@@ -64,25 +60,35 @@ def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dt
 
 
 def model_class(cfg: ModelConfig) -> type[CausalLM]:
+    """The family's model (imported here: a first answer should not wait for every family's modules)."""
     if cfg.family in ("qwen", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama"):
+        from llmcli.models.qwen import QwenForCausalLM
+
         return QwenForCausalLM
     if cfg.family in ("deepseek_v2", "deepseek_v3", "deepseek_v32"):
+        from llmcli.models.deepseek import DeepseekForCausalLM
+
         return DeepseekForCausalLM
     if cfg.family == "deepseek_v4":
+        from llmcli.models.deepseek_v4 import DeepseekV4ForCausalLM
+
         return DeepseekV4ForCausalLM
     if cfg.layer_types:  # Qwen3-Next, Qwen3.5, Qwen3.5-MoE: Gated DeltaNet + gated attention
+        from llmcli.models.qwen_hybrid import QwenHybridForCausalLM
+
         return QwenHybridForCausalLM
     raise LlmcliError(f"no model implementation for {cfg.family!r}")
 
 
 def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
-                options: Options, tensors=None, int4_codes=None) -> tuple[Runner, list[str]]:
+                options: Options, gguf: GGUFSource | None = None) -> tuple[Runner, list[str]]:
     """The model with its weights, prepared for `options` layer by layer as they load; its runner.
-    `tensors`: (name, file, load) of a GGUF model instead of model_dir's safetensors; `int4_codes`: its
-    4-bit weights as stored (see `Preparation`)."""
+    `gguf`: a GGUF model's tensors instead of model_dir's safetensors (its 4-bit weights taken as stored under
+    --quantize int4, without reading them as floats first: see `Preparation`)."""
     cls = model_class(cfg)
     model = materialise(lambda: cls(cfg), dtype, device)
-    preparation = Preparation(model, options, int4_codes)
+    preparation = Preparation(model, options, gguf)
+    tensors = gguf.tensors(unread=preparation.takes_stored_int4) if gguf else None
     notes = load_weights(model, model_dir, loaded=preparation.loaded, tensors=tensors) + preparation.notes
     preparation.finish()
     return preparation.runner(), notes
@@ -137,6 +143,9 @@ def load_model(name: str, path: Path, options: Options | None = None, **settings
     if options.tp > 1 or options.ep > 1:  # a share of the model per torchrun process: llmcli.backends.parallel
         from llmcli.backends import parallel
 
+        if options.compile and cfg.is_moe:  # a rank's share of the routed experts depends on the tokens' routes
+            raise LlmcliError("--compile with --tp/--ep runs dense models; leave it out for this MoE model",
+                              exit_code=2)
         layout, dev = parallel.start(check_layout(cfg, options.tp, options.ep, gguf is not None), options, dev)
     dt = resolve_dtype(options.dtype, cfg, dev)
     if options.check_memory and layout is not None:
@@ -150,6 +159,5 @@ def load_model(name: str, path: Path, options: Options | None = None, **settings
         if layout is not None:
             runner, notes = parallel.build_parallel(model_class(cfg), cfg, path, dt, dev, options, layout)
         else:
-            runner, notes = build_model(cfg, path, dt, dev, options, gguf.tensors() if gguf else None,
-                                        gguf.int4_codes if gguf else None)
+            runner, notes = build_model(cfg, path, dt, dev, options, gguf)
     return LoadedModel(name, path, cfg, runner, tokenizer, dev, dt, options, time.perf_counter() - start, notes)

@@ -12,6 +12,9 @@ Environment variables (each read when `Options.from_env` or the function naming 
   LLMCLI_CUDA_GEMV=linear   CUDA compiled one-row products through cuBLAS instead of multiply-and-sum
   LLMCLI_REALIZE_THRESHOLD  inductor's realize_opcount_threshold for the compiled decode step
   LLMCLI_DIST_TIMEOUT       seconds a --tp/--ep run's collectives wait for the other ranks (default 600)
+  LLMCLI_KERNEL_BUILD       when the CPU kernels are not built yet: "wait" for the build, or build them in the
+                            "background" while this run uses torch's paths (generate, chat, run and serve
+                            default to background, every other command waits)
 and one of another tool: OLLAMA_MODELS, Ollama's model store (`ollama:NAME` models).
 """
 
@@ -25,6 +28,7 @@ from llmcli.errors import LlmcliError
 
 QUANTIZE_MODES = ("int8", "int4")
 CUDA_GEMV_MODES = ("sum", "linear")
+KERNEL_BUILD_MODES = ("wait", "background")
 
 
 def _flag(name: str, default: bool = True) -> bool:
@@ -51,6 +55,7 @@ class Options:
     tp: int = 1  # tensor-parallel ranks (under torchrun; llmcli.parallel_plan)
     ep: int = 1  # expert-parallel groups of DeepSeekMoE's routed experts
     dist_timeout: float = 600.0  # seconds a parallel run's collective waits for the others (ranks load at once)
+    kernel_build: str | None = None  # unbuilt CPU kernels: "wait" or "background"; None: the command decides
 
     def __post_init__(self) -> None:
         if self.quantize not in (None, *QUANTIZE_MODES):
@@ -59,6 +64,9 @@ class Options:
         if self.cuda_gemv not in CUDA_GEMV_MODES:
             raise LlmcliError(f"LLMCLI_CUDA_GEMV must be one of {', '.join(CUDA_GEMV_MODES)}, got {self.cuda_gemv!r}",
                               exit_code=2)
+        if self.kernel_build not in (None, *KERNEL_BUILD_MODES):
+            raise LlmcliError(f"LLMCLI_KERNEL_BUILD must be one of {', '.join(KERNEL_BUILD_MODES)}, got "
+                              f"{self.kernel_build!r}", exit_code=2)
 
     @classmethod
     def from_env(cls, **given) -> Options:
@@ -82,6 +90,7 @@ class Options:
             "prepack": _flag("LLMCLI_PREPACK"),
             "cuda_gemv": os.environ.get("LLMCLI_CUDA_GEMV", "sum"),
             "realize_threshold": threshold,
+            "kernel_build": os.environ.get("LLMCLI_KERNEL_BUILD") or None,
         }
         return cls(**{**env, **{k: v for k, v in given.items() if v is not None}})
 

@@ -227,7 +227,7 @@ def json_safe(value):
 
 
 def attention_snapshot(model, cache, index: int) -> dict:
-    """The model's attention facts for one layer, plus the span a new query can see now."""
+    """The model's (or runner's) attention facts for one layer, plus the span a new query can see now."""
     info = dict(model.attention_info(index, cache))
     for key in ("type", "window", "logn_scale", "ntk_alpha", "rope_base"):
         info.setdefault(key, None)
@@ -258,7 +258,7 @@ def run_trace(model, prompt_ids: list[int], layers: list[int] | None = None, gen
     if total > limit:
         raise LlmcliError(f"prompt ({len(prompt_ids)} tokens) + --generate {generate} exceeds the context "
                           f"of {limit} tokens")
-    lens = LogitLens(model.model.norm, model.lm_head, logit_lens) if logit_lens > 0 else None
+    lens = LogitLens(model.model.norm, runner.head, logit_lens) if logit_lens > 0 else None
     recorder = TraceRecorder(layers, lens, AttentionStats() if attention_stats else None)
     device = runner.device
     cache = model.make_cache(1, total)
@@ -266,7 +266,7 @@ def run_trace(model, prompt_ids: list[int], layers: list[int] | None = None, gen
     with torch.inference_mode():
         logits = runner(torch.tensor([prompt_ids], device=device), cache, recorder=recorder)
         run = TraceRun(recorder, selected, num_layers, list(prompt_ids), len(prompt_ids), _argmax(logits),
-                       [attention_snapshot(model, cache, i) for i in selected])
+                       [attention_snapshot(runner, cache, i) for i in selected])
         for step in range(1, generate + 1):
             token = run.next_token_id
             if token in stop_ids:
@@ -276,7 +276,7 @@ def run_trace(model, prompt_ids: list[int], layers: list[int] | None = None, gen
             run.token_ids.append(token)
             run.next_token_id = _argmax(logits)
             run.steps.append(DecodeStep(step, cache.length - 1, token, run.next_token_id, cache.length,
-                                        [attention_snapshot(model, cache, i) for i in selected]))
+                                        [attention_snapshot(runner, cache, i) for i in selected]))
     return run
 
 

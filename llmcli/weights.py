@@ -208,7 +208,9 @@ def materialise(model_factory: Callable[[], CausalLM], dtype, device) -> CausalL
             model = model_factory()
     finally:
         torch.set_default_dtype(previous)
-    model = model.to_empty(device=device)
+    # Not Module.to_empty: its empty_like on meta tensors imports torch's meta registrations and sympy (about
+    # 1 s, a fifth of a first answer); empty() of the same shape allocates the same uninitialised memory.
+    model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     model.init_buffers(device)
     return model
 

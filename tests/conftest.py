@@ -17,8 +17,9 @@ def llmcli_home(tmp_path_factory) -> Path:
     """Set for the whole session, so module-scoped fixtures never touch the user's real caches."""
     home = tmp_path_factory.mktemp("llmcli-home")
     saved = dict(os.environ)
+    # LLMCLI_KERNEL_BUILD=wait: every test runs the kernels this CPU has, not torch's paths while they build
     os.environ.update({"LLMCLI_HOME": str(home), "HF_HOME": str(tmp_path_factory.getbasetemp() / "hf-home"),
-                       "HF_HUB_OFFLINE": "1"})
+                       "HF_HUB_OFFLINE": "1", "LLMCLI_KERNEL_BUILD": "wait"})
     for name in ("LLMCLI_MODEL", "HF_TOKEN"):
         os.environ.pop(name, None)
     yield home

@@ -3,7 +3,8 @@
 `python -m torch.distributed.run --nproc-per-node 2 tests/parallel_worker.py cases SPEC.json OUT_DIR`: loads
 each case's model with its --tp/--ep through llmcli's Python API, runs the prompt and greedy decode steps,
 and rank 0 writes the logits and tokens (OUT_DIR/NAME.safetensors, OUT_DIR/NAME.json); then runs SPEC's "cli"
-commands (arguments and rank 0's stdin), the N-th one's stdout going to OUT_DIR/cli-N.txt.
+commands (arguments and rank 0's stdin), the N-th one's stdout going to OUT_DIR/cli-N.txt (cli-NAME.txt when the
+command has a name).
 `... parallel_worker.py fault MODEL_DIR raise|hang`: rank 1 raises, or hangs, in its first forward pass, through
 the CLI.
 """
@@ -42,14 +43,23 @@ def run_case(case: dict, out: Path) -> None:
         (out / f"{case['name']}.json").write_text(json.dumps({"tokens": tokens, "weight_bytes": weight_bytes}))
 
 
+def small_bandwidth_probe() -> None:
+    """bench measures the machine's memory bandwidth once (a fresh LLMCLI_HOME here): with a small buffer."""
+    from llmcli import machine
+
+    measure = machine.measure_bandwidth
+    machine.measure_bandwidth = lambda device: measure(device, buffer_bytes=32 << 20, repeats=2)
+
+
 def cases(spec_file: str, out_dir: str) -> int:
     spec, out = json.loads(Path(spec_file).read_text()), Path(out_dir)
     for case in spec["cases"]:
         run_case(case, out)
     rank = int(os.environ["RANK"])
+    small_bandwidth_probe()
     for index, run in enumerate(spec.get("cli", [])):
         sys.stdin = io.StringIO(run["stdin"] if rank == 0 else "")  # a parallel run reads stdin on rank 0 only
-        with open(out / f"cli-{index}.txt" if rank == 0 else os.devnull, "w") as sink, \
+        with open(out / f"cli-{run.get('name', index)}.txt" if rank == 0 else os.devnull, "w") as sink, \
                 contextlib.redirect_stdout(sink):
             code = main(run["args"])
         if code:

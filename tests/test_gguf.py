@@ -433,3 +433,37 @@ def test_4bit_dequantisation_equals_the_gguf_packages_bit_for_bit(qtype):
     data = random_k_blocks(weights.shape, Q.Q4_K) if qtype == "Q4_K" else gguf.quants.quantize(weights, Q[qtype])
     expected = gguf.quants.dequantize(data, Q[qtype])
     assert np.array_equal(dequantize_4bit(data.reshape(-1), qtype, weights.shape), expected)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_torch_dequantisation_equals_the_gguf_packages_bit_for_bit(qtype, monkeypatch):
+    """What loading uses for these types (llmcli.gguf_dequant), in parts smaller than the tensor."""
+    from llmcli import gguf_dequant
+
+    weights = np.random.default_rng(1).standard_normal((40, 256)).astype(np.float32)
+    data = gguf.quants.quantize(weights, Q[qtype])
+    expected = torch.from_numpy(gguf.quants.dequantize(data, Q[qtype]))
+    out = torch.empty(weights.shape)
+    monkeypatch.setattr(gguf_dequant, "PART_VALUES", 3 * 256)  # three rows at a time: the last part is short
+    gguf_dequant.dequantize_into(torch.from_numpy(data.reshape(40, -1)), qtype, out)
+    assert torch.equal(out, expected)
+
+
+def test_a_cut_or_damaged_header_is_one_error(tiny_gguf, tmp_path):
+    """The header's string arrays (the vocabulary) are read with bounds checked once at the end: a file cut
+    anywhere in the header, or with a length field made huge, still ends in LlmcliError, never another one."""
+    from llmcli.errors import LlmcliError
+    from llmcli.formats.gguf import open_gguf
+
+    data = tiny_gguf.read_bytes()
+    header_end = min(tensor.start for tensor in open_gguf(tiny_gguf).tensors.values())
+    damaged = tmp_path / "damaged.gguf"
+    for cut in np.linspace(5, header_end - 32, 40).astype(int):  # the last 0-31 bytes may be alignment
+        damaged.write_bytes(data[:cut])
+        with pytest.raises(LlmcliError):
+            open_gguf(damaged)
+    token = data.index(b"tokenizer.ggml.tokens")  # then: type, item type, count, the first string's length
+    for at in (token + len("tokenizer.ggml.tokens") + 8, token + len("tokenizer.ggml.tokens") + 16):
+        damaged.write_bytes(data[:at] + b"\xff" * 8 + data[at + 8:])
+        with pytest.raises(LlmcliError):
+            open_gguf(damaged)

@@ -89,6 +89,17 @@ def test_int4_product_equals_the_quantised_reference(rows):
         assert close(got, dequantised_rows(x) @ weight.T, 1e-5)
 
 
+def test_int4_rows_in_tiles_equal_rows_one_at_a_time():
+    """Prompts run up to four rows at once over each unpacked block: every row's result is bit for bit the
+    one-row product's (9 rows: tiles of 4, 4 and 1; 6 rows: 4 and 2; 3 rows: one tile of 3)."""
+    (q, scale, low), _ = int4_weight(48, 160, seed=3)
+    packed, sm = int_dot.int4_blocks(q, scale, low)
+    for rows in (9, 6, 3):
+        x = torch.randn(rows, 160)
+        together = int_dot.int4_dot(x, packed, sm)
+        assert torch.equal(together, torch.cat([int_dot.int4_dot(x[i:i + 1], packed, sm) for i in range(rows)]))
+
+
 def test_bad_inputs_are_refused_not_read_out_of_bounds():
     q, scale = quantize_weight(torch.randn(16, 48))  # 48 inputs: not whole groups of 32
     with pytest.raises(RuntimeError, match="multiple of 32"):
@@ -110,7 +121,7 @@ def test_avx2_and_portable_builds_compute_the_same_products(portable_ops, avx2_o
     torch.manual_seed(0)
     q, scale = quantize_weight(torch.randn(40, 96))
     blocks = int8_kernel.to_blocks(q)[None]
-    x = torch.randn(3, 96)
+    x = torch.randn(7, 96)  # int4: a tile of 4 rows, then one of 3
     expected = (dequantised_rows(x) @ q.double().T) * scale.double()
     for ops in (portable_ops, avx2_ops):
         assert close(ops.int8_dot(x, blocks, scale[None], None), expected, 1e-5)

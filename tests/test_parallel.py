@@ -1,6 +1,7 @@
 """Tensor and expert parallelism: real torchrun launches of 2 gloo ranks on CPU, compared in float32 with the
-single-process run of the same checkpoints (logits within 1e-5, identical greedy tokens); a rank that fails
-ends the job; layouts that do not divide the model are refused before loading; `show --tp` planning."""
+single-process run of the same checkpoints (logits within 1e-5, identical greedy tokens), and so are `trace`'s
+figures; `bench` reports time in collectives and each rank's memory; a rank that fails ends the job; layouts
+that do not divide the model are refused before loading; `show --tp` planning."""
 
 from __future__ import annotations
 
@@ -128,7 +129,24 @@ FLOAT32 = ["--device", "cpu", "--dtype", "float32"]
 CLI = [(["generate", "{v3}", "--raw", "-p", "parallel ranks agree", "-n", "10", "--json", *FLOAT32], "",
         ["--tp", "2", "--ep", "2"]),
        (["generate", "{qwen2}", "--raw", "-n", "8", "--json", *FLOAT32], "a prompt piped in\n", ["--tp", "2"]),
-       (["chat", "{qwen2}", "-n", "5", *FLOAT32], "first message\n/stats\nsecond message\n", ["--tp", "2"])]
+       (["chat", "{qwen2}", "-n", "5", *FLOAT32], "first message\n/stats\nsecond message\n", ["--tp", "2"]),
+       # the compiled decode step on each rank (the head's gather is traced into it) against eager, one process
+       (["generate", "{qwen2}", "--raw", "-p", "compiled ranks", "-n", "8", "--json", *FLOAT32], "",
+        ["--tp", "2", "--compile"])]
+
+
+# trace and bench in the same launch (named runs): the trace's JSON on rank 0 alone, compared with one process's.
+TRACE = ["trace", "-p", "ranks trace the same model", "-g", "2", "--logit-lens", "3", "--attention-stats",
+         "--json", "-", *FLOAT32]
+TRACED = {"qwen2-tp2": ("qwen2", 2, 1), "v3-tp2-ep2": ("v3", 2, 2), "v32-tp2": ("v32", 2, 1)}  # checkpoint, tp, ep
+BENCH = ["bench", "{qwen2}", "-p", "12", "-n", "5", "-r", "2", "-w", "0", "--json", "-", *FLOAT32, "--tp", "2"]
+
+
+def named_runs(checkpoints) -> list[dict]:
+    runs = [{"name": f"trace-{name}", "stdin": "",
+             "args": cli_args([TRACE[0], f"{{{ckpt}}}", *TRACE[1:], "--tp", str(tp), "--ep", str(ep)], checkpoints)}
+            for name, (ckpt, tp, ep) in TRACED.items()]
+    return runs + [{"name": "bench", "args": cli_args(BENCH, checkpoints), "stdin": ""}]
 
 
 def cli_args(args: list[str], checkpoints) -> list[str]:
@@ -142,7 +160,8 @@ def launched(checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel-out")
     spec = {"cases": [{"name": name, "path": str(checkpoints[ckpt]), "tp": tp, "ep": ep, "ids": PROMPT_IDS,
                        "steps": STEPS} for name, (ckpt, tp, ep) in CASES.items()],
-            "cli": [{"args": cli_args(args + parallel, checkpoints), "stdin": stdin} for args, stdin, parallel in CLI]}
+            "cli": [{"args": cli_args(args + parallel, checkpoints), "stdin": stdin} for args, stdin, parallel in CLI]
+            + named_runs(checkpoints)}
     (out / "spec.json").write_text(json.dumps(spec))
     for done in two_nodes(str(WORKER), "cases", str(out / "spec.json"), str(out)):
         assert done.returncode == 0, done.stderr[-3000:]
@@ -188,6 +207,70 @@ def test_cli_under_torchrun_prints_once_and_matches(index, checkpoints, launched
         assert ranked == out and len(out.splitlines()) == 2
 
 
+def assert_close(ranked, single, where="trace"):
+    """Same keys, lists and exact ints/strings (token ids, expert choices); floats as float32 sums in another
+    order allow (the JSON keeps 7 digits)."""
+    if isinstance(single, dict):
+        assert ranked.keys() == single.keys(), where
+        for key in single:
+            assert_close(ranked[key], single[key], f"{where}.{key}")
+    elif isinstance(single, list):
+        assert len(ranked) == len(single), where
+        for i, (a, b) in enumerate(zip(ranked, single, strict=True)):
+            assert_close(a, b, f"{where}[{i}]")
+    elif isinstance(single, float):
+        assert ranked == pytest.approx(single, rel=1e-4, abs=1e-5), where
+    else:
+        assert ranked == single, where
+
+
+@pytest.mark.parametrize("name", sorted(TRACED))
+def test_trace_under_torchrun_equals_single_process(name, checkpoints, launched, run_cli):
+    """Every figure of the trace (RMS and max |x| per point, router choices and weights, shared/routed RMS,
+    attention facts, per-head attention statistics, the logit lens, sparse attention's picks) is rank 0's
+    gathered whole: what one process reports."""
+    ckpt, tp, ep = TRACED[name]
+    code, out, err = run_cli(*cli_args([TRACE[0], f"{{{ckpt}}}", *TRACE[1:]], checkpoints))
+    assert code == 0, err
+    single, lines = json.loads(out), (launched / f"cli-trace-{name}.txt").read_text().splitlines()
+    assert len(lines) == 1  # rank 0's JSON only
+    ranked = json.loads(lines[0])
+    assert ranked["settings"].pop("ranks") == {"tp": tp, "ep": ep}
+    assert_close(ranked, single)
+    layers = single["layers"]
+    if ckpt != "v32":  # sparse attention layers hand over no probabilities
+        assert all(len(layer["attention_stats"]["entropy"]) == 4 for layer in layers)  # every head, in order
+    assert layers[0]["attention"]["heads"] == 4  # the whole model's, not a rank's 2
+    if ckpt != "qwen2":
+        moe = [layer["router"] for layer in layers if layer["router"]]
+        assert moe and all(r["shared_rms"] > 0 and r["routed_rms"] > 0 for r in moe)
+    if ckpt == "v32":
+        assert any(len(kept) < seen for layer in layers[1:]
+                   for kept, seen in zip(layer["indexer"]["selected"], layer["indexer"]["visible"], strict=True))
+
+
+def test_trace_corpus_runs_in_one_process(checkpoints, run_cli, tmp_path):
+    (tmp_path / "corpus.txt").write_text("a prompt\n")
+    code, out, err = run_cli("trace", str(checkpoints["qwen2"]), "--corpus", str(tmp_path / "corpus.txt"), "--tp", "2")
+    assert code == 2 and out == ""
+    assert "--corpus traces in one process: leave out --tp/--ep" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_under_torchrun_reports_communication_and_each_rank(launched):
+    data = json.loads((launched / "cli-bench.txt").read_text())
+    assert data["env"]["ranks"] == {"world": 2, "tp": 2, "ep": 1}
+    (row,) = data["results"]
+    comm, runs = row["communication"], row["runs"]
+    step = sum(r["decode_s"] for r in runs) / len(runs) / row["decode_steps"]
+    assert 0 < comm["comm_s_per_decode_step"]["mean"] < step  # all-reduces are part of each step, not all of it
+    assert 0 < comm["comm_s_per_prefill"]["mean"] < row["ttft_s"]["mean"]
+    assert 0 < comm["comm_fraction_of_decode"] < 1
+    assert all(0 < r["decode_comm_s"] < r["decode_s"] and 0 < r["prefill_comm_s"] < r["prefill_s"] for r in runs)
+    assert len(comm["peak_memory_bytes_per_rank"]) == 2 and min(comm["peak_memory_bytes_per_rank"]) > 2**20
+    assert comm["peak_memory_bytes_per_rank"][0] == row["peak_memory_bytes"]  # the table's is rank 0's
+    assert comm["comm_s_per_decode_step_per_rank"][0] == comm["comm_s_per_decode_step"]["mean"]
+
+
 def test_sharded_weights_are_a_share(checkpoints, launched):
     """Per rank: the split parts halve, the replicated ones stay (qwen2: norms only)."""
     full = plan(load_config(checkpoints["qwen2"]), 1, 1, "float32")["weight_bytes_per_rank"]
@@ -226,6 +309,13 @@ def test_layout_errors_before_loading(flags, message, checkpoints, run_cli):
     code, out, err = run_cli("generate", str(checkpoints["qwen2"]), "-p", "hi", "--device", "cpu", *flags)
     assert code == 2 and out == ""
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_compile_under_ranks_refuses_moe_models_before_loading(checkpoints, run_cli):
+    code, out, err = run_cli("generate", str(checkpoints["v3"]), "-p", "hi", "--device", "cpu", "--ep", "2",
+                             "--compile")
+    assert code == 2 and out == ""
+    assert err.strip() == "error: --compile with --tp/--ep runs dense models; leave it out for this MoE model"
 
 
 def test_a_share_too_large_for_this_machine_is_refused_before_loading(monkeypatch):

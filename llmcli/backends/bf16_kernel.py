@@ -26,9 +26,10 @@ PANEL = 64  # outputs per panel (kPanel in the C++ source)
 FAST_ISAS = {"avx512_bf16": "AVX512-BF16", "avx2": "AVX2"}  # the builds faster than torch's paths
 
 
-def available() -> tuple[bool, str]:
-    """(runs on this CPU, a note for the user, empty if none). The portable loops are slower than oneDNN."""
-    loaded, note = cpu_kernels.load_once()
+def available(wait: bool = True) -> tuple[bool, str]:
+    """(runs on this CPU, a note for the user, empty if none). The portable loops are slower than oneDNN.
+    `wait`: for a first build of the kernels (else it runs in the background, for later runs)."""
+    loaded, note = cpu_kernels.load_once() if wait else cpu_kernels.load_if_built()
     return loaded and cpu_kernels.bf16_isa() in FAST_ISAS, note
 
 

@@ -10,15 +10,21 @@ Several processes may start on an empty cache at once: one builds, under a lock 
 it dies, in a scratch folder renamed into place once the library is linked; the others wait and load
 that. (torch's own lock is a file that a killed build leaves behind, and every later build then waits
 for it forever; a build killed mid-way could also leave half-written files where the next one looks.)
+Commands that answer a user (generate, chat, serve) do not wait for a first build: it runs in a background
+process while they use torch's paths (`load_if_built`).
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import logging
+import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -36,7 +42,7 @@ BUILD_WAIT_SECONDS = 600  # for another process's build (10-50 s); past this it 
 @functools.cache
 def load_once() -> tuple[bool, str]:
     """Once per process (a library registers its ops when loaded, and a second registration aborts):
-    (loaded, a note for the user, empty if none)."""
+    (loaded, a note for the user, empty if none). Builds first when the cache has no build."""
     start = time.perf_counter()
     try:
         built = compile_library("llmcli", FLAGS)
@@ -49,6 +55,55 @@ def load_once() -> tuple[bool, str]:
     if seconds >= 2:
         return True, f"waited {seconds:.1f} s for another llmcli process to build the CPU kernels"
     return True, ""  # loaded from the cache: nothing worth saying
+
+
+def load_if_built() -> tuple[bool, str]:
+    """Like load_once, but never waits for a build: with none cached, start one in a background process (for
+    the next run) and answer (False, a note). A first `llmcli generate` then answers in seconds on torch's
+    paths instead of after a 10-50 s compile."""
+    if load_once.cache_info().currsize:
+        return load_once()
+    directory = build_directory("llmcli", FLAGS)
+    if (directory / f"{directory.name}.so").is_file():
+        return load_once()
+    if directory.is_dir():  # an earlier build failed there: say so once per run, do not retry in a loop
+        return False, f"CPU kernels unavailable (their build failed: `ninja -C {directory}` shows why); " \
+                      "using torch's slower paths"
+    if building(directory):
+        return False, "another llmcli process is building the CPU kernels; this run uses torch's slower paths"
+    # at exit: a build beside this run would take its cores (OpenMP threads then wait on each other, 5-20x slower)
+    atexit.register(start_background_build, directory)
+    return False, ("llmcli's CPU kernels are not built yet: this run uses torch's slower paths, and they build in "
+                   f"the background when it ends (once, 10-50 s; log: {log_path(directory)})")
+
+
+def log_path(directory: Path) -> Path:
+    return directory.with_name(f"{directory.name}.log")
+
+
+def building(directory: Path) -> bool:
+    """Does another process hold the build lock of `directory`?"""
+    from filelock import FileLock, Timeout
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(f"{directory}.lock", timeout=0):
+            return False
+    except Timeout:
+        return True
+
+
+def start_background_build(directory: Path) -> None:
+    """Start `python -m llmcli.backends.cpu_kernels` detached and at low priority, unless one is building."""
+    if building(directory) or (directory / f"{directory.name}.so").is_file():
+        return
+    log = log_path(directory)
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llmcli.backends.cpu_kernels"], stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,  # outlives this run, and a Ctrl-C in its terminal
+            preexec_fn=lambda: os.nice(10), close_fds=True)
+    log.with_suffix(".pid").write_text(f"{process.pid}\n")
 
 
 def has_avx512_bf16() -> bool:
@@ -185,3 +240,13 @@ def register_fake() -> None:
     @torch.library.register_fake("llmcli::int8_gemm")
     def _(x, w, scales, bias):
         return x.new_empty(x.shape[0], w.shape[0] * w.shape[2])
+
+
+if __name__ == "__main__":  # the background build (start_background_build)
+    print(f"building in {build_directory('llmcli', FLAGS)}", flush=True)
+    try:
+        compile_library("llmcli", FLAGS)
+    except KernelBuildError as exc:
+        print(f"failed: {exc}", flush=True)
+        sys.exit(1)
+    print("built", flush=True)

@@ -16,10 +16,14 @@ import torch
 from torch import nn
 
 from llmcli.backends import int_dot
-from llmcli.backends.int8 import KERNEL_ROWS, bf16_matmul_is_fast
+from llmcli.backends.int8 import bf16_matmul_is_fast
 from llmcli.backends.linear import Product
 
 GROUP = 32  # inputs per scale; measured against 64 and 128 (README: quality and decode speed)
+# Up to this many rows the integer kernel (four rows per pass over each unpacked block) beat converting the
+# weight to float32 for a GEMM, on the Qwen2.5-0.5B shapes (Zen 3, AVX2): 1.1-3x at 16-128 rows, even at 256,
+# behind at 512.
+INTEGER_PROMPT_ROWS = 256
 MULTIPLE_OF_OUTPUTS = 16  # torch's packing takes whole groups of 16 output rows
 
 
@@ -72,8 +76,9 @@ class Int4Linear(Product, nn.Module):
 
     With `integer` (the integer dot-product kernel runs here, AVX2; groups of 32 and a fitting shape), the
     weights are stored in that kernel's blocks with float16 scales and minimums instead (int_dot.py): few
-    rows (decoding) go through it with the activations quantised to int8, many rows (prompts) through a GEMM
-    on the weight converted to float32 (or the activations' dtype where bfloat16 products are fast)."""
+    rows (decoding, and prompts up to INTEGER_PROMPT_ROWS) go through it with the activations quantised to int8,
+    longer prompts through a GEMM on the weight converted to float32 (or the activations' dtype where bfloat16
+    products are fast)."""
 
     def __init__(self, linear: nn.Linear, group: int = GROUP, quantized=None, integer: bool = False):
         """`quantized`: (q, scale, zero) from a file already in this format (GGUF Q4_0/Q4_1), else computed."""
@@ -110,10 +115,10 @@ class Int4Linear(Product, nn.Module):
 
     def _integer(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= KERNEL_ROWS:  # `int_dot.int4_dot` inlined: less Python around each decode product
+        if rows.shape[0] <= INTEGER_PROMPT_ROWS:  # `int_dot.int4_dot` inlined: less Python around each product
             out = torch.ops.llmcli.int4_dot.default(rows.contiguous(), self.packed, self.scales_and_mins)
             out = out.view(*x.shape[:-1], -1)
-        else:  # prompts: compute-bound, a GEMM on the converted weight
+        else:  # long prompts: a float GEMM on the converted weight
             dtype = x.dtype if x.dtype == torch.float32 or bf16_matmul_is_fast() else torch.float32
             weight = int_dot.int4_unblock(self.packed, self.scales_and_mins, dtype)
             out = torch.nn.functional.linear(x.to(dtype), weight).to(x.dtype)

@@ -19,9 +19,10 @@ from llmcli.backends import cpu_kernels
 ROWS, CHUNK = 8, 16  # the kernel's block: output rows x inputs (kRows, kChunk in the C++ source)
 
 
-def available() -> tuple[bool, str]:
-    """Build (or load the cached build of) the kernel: (usable, a note for the user, empty if none)."""
-    return cpu_kernels.load_once()
+def available(wait: bool = True) -> tuple[bool, str]:
+    """Build (or load the cached build of) the kernel: (usable, a note for the user, empty if none). `wait`: for
+    a first build (else it runs in the background, for later runs)."""
+    return cpu_kernels.load_once() if wait else cpu_kernels.load_if_built()
 
 
 def gemm_available() -> bool:

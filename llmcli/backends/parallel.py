@@ -18,10 +18,12 @@ import torch
 import torch.distributed as dist
 
 from llmcli import memory
+from llmcli.backends.comm_clock import CLOCK
 from llmcli.backends.prepare import Preparation
+from llmcli.backends.rank_recorder import RankRecorder
 from llmcli.backends.runner import Runner
 from llmcli.backends.sharded_load import sharded_tensors
-from llmcli.backends.tensor_parallel import attach_collectives, local_config, shard_model, slicer
+from llmcli.backends.tensor_parallel import attach_collectives, attach_head_gather, local_config, shard_model, slicer
 from llmcli.config import ModelConfig
 from llmcli.errors import LlmcliError
 from llmcli.options import Options
@@ -49,8 +51,8 @@ def start(layout: Layout, options: Options, device: torch.device) -> tuple[Layou
                           f"{layout.world} -m llmcli ...`", exit_code=2)
     if world != layout.world:
         raise LlmcliError(f"{flags} needs {layout.world} processes; torchrun started {world}", exit_code=2)
-    if options.compile or options.quantize == "int4":
-        raise LlmcliError(f"{flags} does not run with --compile or --quantize int4 yet", exit_code=2)
+    if options.quantize == "int4":
+        raise LlmcliError(f"{flags} does not run with --quantize int4 yet", exit_code=2)
     if device.type not in ("cpu", "cuda"):
         raise LlmcliError(f"{flags} runs on CPU (gloo) or CUDA (NCCL), not {device.type}", exit_code=2)
     if device.type == "cuda":
@@ -69,11 +71,12 @@ def _leave() -> None:
 
 
 class ParallelRunner(Runner):
-    """A runner whose ranks decode the same sequence: every rank continues with rank 0's token."""
+    """A runner whose ranks decode the same sequence: every rank continues with rank 0's token. What it tells
+    a driver (logits, recorded values, attention facts) is about the whole model, as one process would say."""
 
-    def __init__(self, model, layout: Layout, compiled=None):
+    def __init__(self, model, layout: Layout, whole_config: ModelConfig, compiled=None):
         super().__init__(model, compiled)
-        self.layout = layout
+        self.layout, self.whole_config = layout, whole_config
 
     @property
     def rank(self) -> int:
@@ -92,9 +95,37 @@ class ParallelRunner(Runner):
             dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, cache, recorder=None, last_only: bool = False) -> torch.Tensor:
+        if recorder is not None:
+            recorder = RankRecorder(recorder, self.layout)
         with self._peers_alive():
-            return super().__call__(*args, **kwargs)
+            return super().__call__(input_ids, cache, recorder, last_only)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole vocabulary's logits: each rank's slice of the head, gathered."""
+        return self.model.lm_head(x)  # gathered by its hook (attach_head_gather)
+
+    def attention_info(self, index: int, cache=None) -> dict:
+        """The model's facts with the whole model's head counts (and cache bytes), not this rank's share."""
+        local, self.model.config = self.model.config, self.whole_config
+        try:
+            return self.model.attention_info(index, cache)
+        finally:
+            self.model.config = local
+
+    def comm_seconds(self) -> float:
+        return CLOCK.seconds()
+
+    def barrier(self) -> None:
+        with self._peers_alive():
+            dist.barrier()
+
+    def gathered(self, value) -> list:
+        """Every rank's `value` (any picklable object), in rank order, on every rank."""
+        out = [None] * self.layout.world
+        with self._peers_alive():
+            dist.all_gather_object(out, value)
+        return out
 
     @contextlib.contextmanager
     def _peers_alive(self):
@@ -138,4 +169,5 @@ def build_parallel(model_class, cfg: ModelConfig, model_dir: Path, dtype: torch.
         tensors = sharded_tensors(ckpt, slicer(cfg, layout), dtype, cfg.fp8_block_size)
         notes = load_weights(model, model_dir, loaded=preparation.loaded, tensors=tensors) + preparation.notes
     preparation.finish()
-    return ParallelRunner(model, layout), notes
+    attach_head_gather(model, cfg, layout)
+    return ParallelRunner(model, layout, cfg, preparation.runner().compiled), notes

@@ -118,29 +118,31 @@ class Preparation:
 
     UNITS = (re.compile(r"^(.*?\.layers\.\d+\.mlp\.experts\.\d+\.)"), re.compile(r"^(.*?\.layers\.\d+\.)"))
 
-    def __init__(self, model: CausalLM, options: Options, int4_codes=None):
-        """`int4_codes(name)`: a weight's (q, scale, zero) as the file stores them (GGUF 4-bit types), or None."""
+    def __init__(self, model: CausalLM, options: Options, stored=None):
+        """`stored`: a file with 4-bit weights (GGUF): `stored.stores_int4(name)`, is that weight one, and
+        `stored.int4_codes(name)`, its (q, scale, zero) as the file stores them."""
         self.model, self.options = model, options
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         cpu = self.device.type == "cpu"
         self.int4 = options.quantize == "int4"
-        self.int4_codes = int4_codes if self.int4 else None
+        self.stored = stored if self.int4 else None
         self.int8 = options.quantize == "int8" or self.int4  # int4 runs keep the head (and misfits) in int8
         self.notes: list[str] = []
         self.int8_kernel = self.bf16_kernel = False
+        wait = options.kernel_build != "background"
         if self.int4 and not int4.available(self.device.type):
             raise LlmcliError(f"--quantize int4 runs on CPU only (torch's int4 product); this model is on "
                               f"{self.device.type}: use --quantize int8 there", exit_code=2)
         if cpu and self.int8:
             if options.int8_kernel:
-                self.int8_kernel, note = int8_kernel.available()
+                self.int8_kernel, note = int8_kernel.available(wait)
             else:
                 note = "int8 decode kernel disabled (LLMCLI_INT8_KERNEL=0)"
             self.notes += [note] if note else []
         if cpu and self.dtype == torch.bfloat16:
             if options.bf16_kernel:
-                self.bf16_kernel, note = bf16_kernel.available()
+                self.bf16_kernel, note = bf16_kernel.available(wait)
             else:
                 note = "bfloat16 CPU kernel disabled (LLMCLI_BF16_KERNEL=0)"
             if not self.int8 and note:
@@ -183,7 +185,7 @@ class Preparation:
     def prepare_part(self, module: nn.Module, prefix: str = "") -> None:
         """Fuse, quantise and reorder within `module` (parts already done are left alone). Linears stored in
         4-bit become Int4Linear first, with the file's codes; that leaves them out of fusing."""
-        if self.int4_codes is not None:
+        if self.stored is not None:
             swap_linears(module, lambda name, child: self.stored_int4(prefix + name, child))
         for part in [m for m in module.modules() if isinstance(m, FusesProjections)]:
             if not part.projections_fused:
@@ -197,10 +199,27 @@ class Preparation:
         if self.pack:
             pack_linears(module, self.bf16_kernel, self.prepack, keep)
 
+    def takes_stored_int4(self, weight_name: str) -> bool:
+        """Will this weight become an Int4Linear from the file's own 4-bit codes? (Then loading need not read it
+        as floats: the codes are read once, when the layer is prepared.)"""
+        if self.stored is None or not weight_name.endswith(".weight"):
+            return False
+        name = weight_name.removesuffix(".weight")
+        try:
+            linear = self.model.get_submodule(name)
+        except AttributeError:
+            return False
+        return (type(linear) is nn.Linear and self._may_store_int4(name, linear)
+                and self.stored.stores_int4(weight_name))
+
+    def _may_store_int4(self, name: str, linear: nn.Linear) -> bool:
+        return (name.rpartition(".")[2] != "lm_head" and not self.model.keeps_weight(name)
+                and int4.fits(linear.weight.shape))
+
     def stored_int4(self, name: str, linear: nn.Linear) -> nn.Module | None:
-        if name.rpartition(".")[2] == "lm_head" or self.model.keeps_weight(name) or not int4.fits(linear.weight.shape):
+        if not self._may_store_int4(name, linear):
             return None
-        codes = self.int4_codes(name + ".weight")
+        codes = self.stored.int4_codes(name + ".weight")
         return Int4Linear(linear, quantized=codes, integer=self.int_dot) if codes is not None else None
 
     def quantized(self, name: str, linear: nn.Linear) -> nn.Module:

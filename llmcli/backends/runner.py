@@ -39,6 +39,25 @@ class Runner:
         """Input every process acts on: this (a parallel runner's ranks take what rank 0 read)."""
         return text
 
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head over the whole vocabulary (the logit lens reads every layer through it)."""
+        return self.model.lm_head(x)
+
+    def attention_info(self, index: int, cache=None) -> dict:
+        """Facts about layer `index`'s attention (`trace`)."""
+        return self.model.attention_info(index, cache)
+
+    def comm_seconds(self) -> float | None:
+        """Seconds spent communicating with other processes so far (None: one process)."""
+        return None
+
+    def barrier(self) -> None:
+        """Wait for every process to reach this point (here, none other)."""
+
+    def gathered(self, value) -> list:
+        """Every process's `value`, in rank order: here, one."""
+        return [value]
+
     def __call__(self, input_ids: torch.Tensor, cache, recorder=None, last_only: bool = False) -> torch.Tensor:
         """input_ids [B, T] continue the sequence held in `cache`; returns logits [B, T or 1, vocab]."""
         span = cache.span(input_ids.shape[1], input_ids.device)  # checks that the tokens fit

@@ -21,10 +21,10 @@ import dataclasses
 import re
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from llmcli.backends.comm_clock import all_gather, all_reduce
 from llmcli.config import ModelConfig
 from llmcli.errors import LlmcliError
 from llmcli.models.base import CausalLM
@@ -56,8 +56,7 @@ class VocabParallelEmbedding(nn.Module):
         local = ids - self.start
         outside = (local < 0) | (local >= self.rows)
         out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0)
-        dist.all_reduce(out)
-        return out
+        return all_reduce(out)
 
 
 class LocalExperts(nn.ModuleDict):
@@ -109,27 +108,29 @@ def shard_model(model: CausalLM, cfg: ModelConfig, layout: Layout) -> CausalLM:
 
 
 def _all_reduce_output(module, args, output):
-    dist.all_reduce(output)
-    return output
+    return all_reduce(output)
+
+
+def gather_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The whole vocabulary's logits from every rank's slice (the last rank's padding cut off)."""
+    return all_gather(logits, -1)[..., :vocab]
 
 
 def attach_collectives(model: CausalLM, cfg: ModelConfig, layout: Layout) -> None:
-    """All-reduce each block's partial sums, gather the head's vocabulary slices into whole logits."""
+    """All-reduce each block's partial sums (the head's gather: attach_head_gather)."""
     for layer in model.model.layers:
         moe = getattr(layer, "is_moe", False)
         if layout.tp > 1:
             layer.self_attn.register_forward_hook(_all_reduce_output)
         if moe or layout.tp > 1:
             layer.mlp.register_forward_hook(_all_reduce_output)
+
+
+def attach_head_gather(model: CausalLM, cfg: ModelConfig, layout: Layout) -> None:
+    """The head's vocabulary slices gathered into whole logits: a hook on the head itself, so a compiled decode
+    step (which runs the model's forward, not its hooks) gathers too. After preparation: it may swap the head."""
     if layout.tp > 1:
-        vocab, world = cfg.vocab_size, layout.world
-
-        def gather_logits(module, args, logits):
-            parts = [torch.empty_like(logits) for _ in range(world)]
-            dist.all_gather(parts, logits.contiguous())
-            return torch.cat(parts, dim=-1)[..., :vocab]
-
-        model.register_forward_hook(gather_logits)
+        model.lm_head.register_forward_hook(lambda module, args, logits: gather_vocab(logits, cfg.vocab_size))
 
 
 # -- which slice of each checkpoint tensor a rank reads ---------------------------------------------------

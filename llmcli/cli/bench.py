@@ -31,6 +31,7 @@ from llmcli.cli.common import (
     err_console,
     human_bytes,
     load_model,
+    other_rank,
 )
 from llmcli.errors import LlmcliError
 
@@ -87,6 +88,10 @@ def render_table(report, compared: bool) -> Table:
     if compared:
         table.add_column("pp llmcli/tf", justify="right")
         table.add_column("tg llmcli/tf", justify="right")
+    ranked = any(row.ranks for row in report.rows)
+    if ranked:  # --tp/--ep: rank 0's time inside collectives
+        table.add_column("comm ms/step", justify="right")
+        table.add_column("comm ms/prompt", justify="right")
     for row in report.rows:
         w = row.workload
         test = f"pp{w.prompt_tokens}+tg{w.gen_tokens}" + (f" ×{w.batch}" if w.batch > 1 else "")
@@ -95,6 +100,9 @@ def render_table(report, compared: bool) -> Table:
         if compared:
             ratio = row.ratio or {}
             cells += [_times(ratio.get("prefill")), _times(ratio.get("decode"))]
+        if ranked:
+            step = row.comm_per_decode_step_s
+            cells += [_stat(step, 1000, 2) if step else "-", _stat(row.comm_per_prefill_s, 1000, 2)]
         table.add_row(*cells)
     return table
 
@@ -119,9 +127,21 @@ def header_lines(report, active_note: str | None) -> list[str]:
         + f" | memory bandwidth {bw / 1e9:.1f} GB/s ({env['memory_bandwidth_source']})"
         + (f" | load {env['load_average_1m']}" if "load_average_1m" in env else ""),
     ]
+    if env.get("ranks"):
+        lines.append(rank_line(report))
     if active_note:
         lines.append(active_note)
     return lines
+
+
+def rank_line(report) -> str:
+    """--tp/--ep: each rank's peak memory (the highest over the tests) and what the comm columns mean."""
+    ranks = report.env["ranks"]
+    peaks = [max(column) for column in zip(*(row.ranks["peak_memory_bytes_per_rank"] for row in report.rows),
+                                           strict=True)]
+    return (f"{ranks['world']} ranks (--tp {ranks['tp']} --ep {ranks['ep']}), the table is rank 0's | peak mem per "
+            f"rank: {', '.join(human_bytes(p) for p in peaks)} | comm: time inside all-reduce/all-gather, waiting "
+            "for the other ranks included")
 
 
 def write_output(target: str, text: str) -> None:
@@ -211,6 +231,8 @@ def bench_command(
     if compare is not None:  # one process holds both models: its peak is not either backend's alone
         console.print("peak mem is the process's, with both backends' weights loaded; run without --compare "
                       "for llmcli's own", style="dim", markup=False)
+    if other_rank(tp, ep):  # rank 0 alone writes files (the others' stdout already goes nowhere)
+        return
     if json_out:
         write_output(json_out, json.dumps(report.as_dict(), indent=2) + "\n")
     if csv_out:
@@ -258,6 +280,9 @@ def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=Fa
     if reference is not None:
         reference.close()
     env = bench.environment(loaded.device, loaded.dtype, bandwidth, source, reference)
+    if tp > 1 or ep > 1:
+        bench.gather_ranks(loaded.runner, rows)
+        env["ranks"] = {"world": loaded.runner.layout.world, "tp": tp, "ep": ep}
     if machine.is_busy(env.get("load_average_1m", 0.0), own=torch.get_num_threads()):
         err_console.print(f"note: the machine is busy (load {env['load_average_1m']}): figures will be low and "
                           "noisy", style="yellow")

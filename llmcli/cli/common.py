@@ -204,6 +204,8 @@ def load_model(model: str | None, device: Device, dtype: DType, quiet: bool = Fa
     from llmcli.loader import load_model as load
 
     options = run_options(device, dtype, quantize, compile, force, tp, ep)
+    if answers and options.kernel_build is None and tp == ep == 1:  # a first answer should not wait for a compile
+        options = options.replace(kernel_build="background")
     resolved = hub.resolve(model, yes=yes, answers=answers)
     if resolved.is_demo:
         err_console.print(hub.demo_notice(resolved.name), style="yellow")

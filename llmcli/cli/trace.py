@@ -13,11 +13,13 @@ from llmcli.cli.app import app
 from llmcli.cli.common import (
     DEVICE_OPT,
     DTYPE_OPT,
+    EP_OPT,
     FORCE_OPT,
     MODEL_ARG,
     NO_LOGN_OPT,
     NO_NTK_OPT,
     QUANTIZE_OPT,
+    TP_OPT,
     WINDOW_OPT,
     YES_OPT,
     Device,
@@ -27,6 +29,7 @@ from llmcli.cli.common import (
     clean_text,
     err_console,
     load_model,
+    other_rank,
     read_stdin,
 )
 from llmcli.cli.trace_corpus import CORPUS_HELP, check_corpus_options, run_corpus
@@ -51,6 +54,8 @@ TRACE_HELP = "\n\n".join([
     "and the probability of the token the model finally predicts; --attention-stats adds per layer and head "
     "the attention entropy, the mass on the first token (sink) and the mean attended distance; --html FILE "
     "writes one self-contained page (heatmaps with hover values, no network needed to view it).",
+    "Under torchrun with --tp/--ep every rank traces its share and rank 0 prints the whole model's figures, "
+    "those of one process: torchrun --nproc-per-node 2 -m llmcli trace MODEL --tp 2 --attention-stats --json -",
     "Examples: llmcli trace demo-deepseek --logit-lens --attention-stats --html trace.html · "
     "llmcli trace Qwen/Qwen2.5-0.5B-Instruct -p 'The capital of France is' --logit-lens 3",
     CORPUS_HELP,
@@ -58,7 +63,8 @@ TRACE_HELP = "\n\n".join([
 LENS_DEFAULT_K = 5
 # Options of `trace` that take a value: their value is never read as an option name.
 VALUE_OPTIONS = {"--prompt", "-p", "--layer", "-l", "--generate", "-g", "--json", "--html", "--window", "--device",
-                 "--dtype", "--logit-lens", "--corpus", "--batch-size", "--max-tokens", "--csv", "--plan-memory"}
+                 "--dtype", "--logit-lens", "--corpus", "--batch-size", "--max-tokens", "--csv", "--plan-memory",
+                 "--tp", "--ep"}
 
 
 def optional_lens_value(args: list[str]) -> list[str]:
@@ -132,6 +138,8 @@ def trace_command(
     yes: bool = YES_OPT,
     quantize: Quantize | None = QUANTIZE_OPT,
     force: bool = FORCE_OPT,
+    tp: int = TP_OPT,
+    ep: int = EP_OPT,
 ) -> None:
     from llmcli.cli.generate import prompt_token_ids, stop_token_ids
     from llmcli.trace import DEFAULT_PROMPT, build_trace_json, parse_layer_specs, run_trace, select_layers
@@ -142,6 +150,8 @@ def trace_command(
     used = {"--prompt": prompt is not None, "--layer": bool(layer), "--tokens": tokens,
             "--logit-lens": logit_lens > 0, "--attention-stats": attention_stats}
     plan_budget = check_corpus_options(corpus, used, csv_out, plan_memory)
+    if corpus is not None and (tp > 1 or ep > 1):
+        raise LlmcliError("--corpus traces in one process: leave out --tp/--ep", exit_code=2)
     if corpus is not None:
         loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, force=force)
         apply_attention_overrides(loaded, no_logn, no_ntk, window)
@@ -149,8 +159,11 @@ def trace_command(
                    json_out=json_out, html_out=html_out, csv_out=csv_out, plan_budget=plan_budget,
                    quantize=quantize, write_json=write_json)
         return
-    text = read_stdin() if prompt == "-" else clean_text(prompt if prompt is not None else DEFAULT_PROMPT)
-    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, force=force)
+    text = None if other_rank(tp, ep) else read_stdin() if prompt == "-" else clean_text(
+        prompt if prompt is not None else DEFAULT_PROMPT)
+    loaded = load_model(model, device, dtype, yes=yes, quantize=quantize, force=force, tp=tp, ep=ep)
+    text = loaded.runner.shared_text(text)  # a parallel run's ranks trace rank 0's prompt
+    writes = not other_rank(tp, ep)  # files come from rank 0 only (the others' stdout goes nowhere)
     apply_attention_overrides(loaded, no_logn, no_ntk, window)
     layers = select_layers(layer, loaded.config.num_layers, loaded.name)
     ids = prompt_token_ids(loaded, text, chat, None)
@@ -160,13 +173,15 @@ def trace_command(
                 "device": str(loaded.runner.device), "window": window, "no_logn": no_logn, "no_ntk": no_ntk,
                 "logit_lens": logit_lens, "attention_stats": attention_stats,
                 "quantize": quantize.value if quantize else None}
+    if tp > 1 or ep > 1:
+        settings["ranks"] = {"tp": tp, "ep": ep}
     data = build_trace_json(run, loaded.model, loaded.tokenizer, loaded.name, settings)
-    if html_out:
+    if html_out and writes:
         size = write_trace_html(data, html_out)
         err_console.print(f"wrote {html_out} ({size / 1e6:.2f} MB)", style="dim")
     if json_out == "-":
         write_json(data, "-")
         return
     render_report(data, Console(highlight=False), per_token=tokens, filtered=layers is not None)
-    if json_out:
+    if json_out and writes:
         write_json(data, json_out)

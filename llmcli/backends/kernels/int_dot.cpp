@@ -24,6 +24,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -117,42 +118,60 @@ inline void int8_block(const QuantRow& x, const int8_t* w, int64_t K, float* sum
 #endif
 }
 
-// sums[r] = sum_k x[k] * w[r][k] for the 8 rows of one int4 block (w [K/32][8][16] bytes, sm [K/32][2][8]).
-inline void int4_block(const QuantRow& x, const uint8_t* w, const c10::Half* sm, int64_t K, float* sums) {
+// sums[m][r] = sum_k x_m[k] * w[r][k] for R rows of activations and the 8 rows of one int4 block (w [K/32][8][16]
+// bytes, sm [K/32][2][8]). The rows share each group's unpacked weights and scales (prompts: R = 4, about twice
+// the rate of one row at a time); each row's arithmetic is the one-row order, so results do not depend on R.
+template <int R>
+inline void int4_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm, int64_t K, float (*sums)[kRows]) {
 #if defined(LLMCLI_INT_DOT_AVX2)
   const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0F);
-  __m256 acc = _mm256_setzero_ps();
+  __m256 acc[R];
+  for (int m = 0; m < R; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < K / kGroup; ++g, w += kRows * 16, sm += 2 * kRows) {
-    const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x.q + g * kGroup)));
-    const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x.q + g * kGroup + 16)));
-    __m256i s[4];
+    __m256i q0[4], q1[4];
     for (int j = 0; j < 4; ++j) {  // stored rows 2j, 2j+1: block rows j, j+4
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 32));
-      const __m256i q0 = _mm256_and_si256(v, nibble), q1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-      s[j] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(q0, lo), _mm256_maddubs_epi16(q1, hi)), ones);
+      q0[j] = _mm256_and_si256(v, nibble);
+      q1[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
     }
-    const __m256 dots = _mm256_cvtepi32_ps(hsum4(s[0], s[1], s[2], s[3]));  // rows 0..7
     const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm)));
     const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm + kRows)));
-    acc = _mm256_fmadd_ps(dots, _mm256_mul_ps(scale, _mm256_set1_ps(x.d[g])), acc);
-    acc = _mm256_fmadd_ps(low, _mm256_set1_ps(x.dsum[g]), acc);
-  }
-  _mm256_storeu_ps(sums, acc);
-#else
-  for (int64_t r = 0; r < kRows; ++r) sums[r] = 0.f;
-  for (int64_t g = 0; g < K / kGroup; ++g, w += kRows * 16, sm += 2 * kRows)
-    for (int64_t i = 0; i < kRows; ++i) {
-      const int64_t r = kInt4Order[i];
-      const int8_t* xq = x.q + g * kGroup;
-      int32_t s = 0;
-      for (int64_t j = 0; j < 16; ++j) s += int32_t(w[i * 16 + j] & 0x0F) * xq[j] + int32_t(w[i * 16 + j] >> 4) * xq[j + 16];
-      sums[r] += static_cast<float>(s) * (static_cast<float>(sm[r]) * x.d[g]) + static_cast<float>(sm[kRows + r]) * x.dsum[g];
+    for (int m = 0; m < R; ++m) {
+      const int8_t* xq = x[m].q + g * kGroup;
+      const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)));
+      const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + 16)));
+      __m256i s[4];
+      for (int j = 0; j < 4; ++j)
+        s[j] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(q0[j], lo), _mm256_maddubs_epi16(q1[j], hi)), ones);
+      const __m256 dots = _mm256_cvtepi32_ps(hsum4(s[0], s[1], s[2], s[3]));  // rows 0..7
+      acc[m] = _mm256_fmadd_ps(dots, _mm256_mul_ps(scale, _mm256_set1_ps(x[m].d[g])), acc[m]);
+      acc[m] = _mm256_fmadd_ps(low, _mm256_set1_ps(x[m].dsum[g]), acc[m]);
     }
+  }
+  for (int m = 0; m < R; ++m) _mm256_storeu_ps(sums[m], acc[m]);
+#else
+  for (int m = 0; m < R; ++m) {
+    const uint8_t* wg = w;
+    const c10::Half* sg = sm;
+    for (int64_t r = 0; r < kRows; ++r) sums[m][r] = 0.f;
+    for (int64_t g = 0; g < K / kGroup; ++g, wg += kRows * 16, sg += 2 * kRows)
+      for (int64_t i = 0; i < kRows; ++i) {
+        const int64_t r = kInt4Order[i];
+        const int8_t* xq = x[m].q + g * kGroup;
+        int32_t s = 0;
+        for (int64_t j = 0; j < 16; ++j)
+          s += int32_t(wg[i * 16 + j] & 0x0F) * xq[j] + int32_t(wg[i * 16 + j] >> 4) * xq[j + 16];
+        sums[m][r] += static_cast<float>(s) * (static_cast<float>(sg[r]) * x[m].d[g]) +
+                      static_cast<float>(sg[kRows + r]) * x[m].dsum[g];
+      }
+  }
 #endif
 }
 
-// Quantises x [M, K] and runs `block(row m, block b, sums)` over all rows and blocks, on all threads
-// (split over blocks of output rows), writing out [M, N] = sums * scale(m, n) in x's dtype.
+constexpr int64_t kTile = 4;  // rows of activations per call of a block function
+
+// Quantises x [M, K] and runs `block(rows, count, m, b, sums)` over tiles of up to kTile rows and all blocks,
+// on all threads (split over blocks of output rows), writing out [M, N] = sums * scale(m, n) in x's dtype.
 template <typename Block, typename Scale>
 at::Tensor run_rows(const at::Tensor& x, int64_t blocks, Block block, Scale scale) {
   const int64_t M = x.size(0), K = x.size(1), N = blocks * kRows;
@@ -169,13 +188,19 @@ at::Tensor run_rows(const at::Tensor& x, int64_t blocks, Block block, Scale scal
     quantize_rows(xs, M, K, qp, ap, dp, dp + M * G);
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      float sums[kRows];
+      float sums[kTile][kRows];
+      QuantRow rows[kTile];
       for (int64_t b = begin; b < end; ++b)
-        for (int64_t m = 0; m < M; ++m) {  // the block stays in L1/L2 for the next row
-          const QuantRow row{qp + m * K, ap + m * K, dp + m * G, dp + (M + m) * G};
-          block(row, m, b, sums);
-          for (int64_t r = 0; r < kRows; ++r)
-            op[m * N + b * kRows + r] = static_cast<scalar_t>(sums[r] * scale(m, b * kRows + r));
+        for (int64_t m0 = 0; m0 < M; m0 += kTile) {  // the block stays in L1/L2 for the next tile
+          const int64_t count = std::min(kTile, M - m0);
+          for (int64_t t = 0; t < count; ++t) {
+            const int64_t m = m0 + t;
+            rows[t] = QuantRow{qp + m * K, ap + m * K, dp + m * G, dp + (M + m) * G};
+          }
+          block(rows, count, m0, b, sums);
+          for (int64_t t = 0; t < count; ++t)
+            for (int64_t r = 0; r < kRows; ++r)
+              op[(m0 + t) * N + b * kRows + r] = static_cast<scalar_t>(sums[t][r] * scale(m0 + t, b * kRows + r));
         }
     });
   });
@@ -208,8 +233,9 @@ at::Tensor int8_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   }
   const int8_t* wp = w.const_data_ptr<int8_t>();
   const float* sp = scales.const_data_ptr<float>();
-  auto block = [&](const QuantRow& row, int64_t m, int64_t b, float* sums) {
-    int8_block(row, wp + ((ids ? ids[m] : 0) * blocks + b) * kRows * K, K, sums);
+  auto block = [&](const QuantRow* rows, int64_t count, int64_t m0, int64_t b, float (*sums)[kRows]) {
+    for (int64_t t = 0; t < count; ++t)
+      int8_block(rows[t], wp + ((ids ? ids[m0 + t] : 0) * blocks + b) * kRows * K, K, sums[t]);
   };
   auto scale = [&](int64_t m, int64_t n) { return sp[(ids ? ids[m] : 0) * N + n]; };
   return run_rows(x, blocks, block, scale);
@@ -227,8 +253,15 @@ at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
               "int4_dot: sm must be float16 [N/8, K/32, 2, 8]");
   const uint8_t* wp = w.const_data_ptr<uint8_t>();
   const c10::Half* sp = sm.const_data_ptr<c10::Half>();
-  auto block = [&](const QuantRow& row, int64_t, int64_t b, float* sums) {
-    int4_block(row, wp + b * kRows * K / 2, sp + b * (K / kGroup) * 2 * kRows, K, sums);
+  auto block = [&](const QuantRow* rows, int64_t count, int64_t, int64_t b, float (*sums)[kRows]) {
+    const uint8_t* wb = wp + b * kRows * K / 2;
+    const c10::Half* sb = sp + b * (K / kGroup) * 2 * kRows;
+    switch (count) {
+      case 4: int4_block<4>(rows, wb, sb, K, sums); break;
+      case 3: int4_block<3>(rows, wb, sb, K, sums); break;
+      case 2: int4_block<2>(rows, wb, sb, K, sums); break;
+      default: int4_block<1>(rows, wb, sb, K, sums);
+    }
   };
   return run_rows(x, blocks, block, [](int64_t, int64_t) { return 1.f; });
 }
