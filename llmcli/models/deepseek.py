@@ -114,8 +114,9 @@ class MLAttention(FusesProjections, nn.Module):
             q = self.q_b_proj(c_q)
         q_nope, q_pe = q.view(b, t, self.num_heads, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)
         c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)
-        q_pe = rotate_pairs(q_pe, cos, sin, self.interleaved)
-        k_pe = rotate_pairs(k_pe[:, None], cos, sin, self.interleaved)[:, 0]  # one head, as q_pe has H
+        # q_pe and the one k_pe head rotate in one pass (a decode step's ops are mostly fixed costs)
+        pe = rotate_pairs(torch.cat((q_pe, k_pe[:, None]), dim=1), cos, sin, self.interleaved)
+        q_pe, k_pe = pe[:, :self.num_heads], pe[:, self.num_heads]
         return q_nope, q_pe, c_q, layer_cache.update(span, self.kv_a_layernorm(c_kv), k_pe)
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
