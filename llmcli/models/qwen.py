@@ -70,11 +70,17 @@ class Attention(FusesProjections, nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.qkv_sizes: list[int] | None = None
-        self._qk_weight: tuple | None = None  # (key, stacked q_norm | k_norm weight), see _qk_norm_weight
 
     def fuse_projections(self) -> None:
-        """After loading: q, k and v become one product (`qkv_proj`)."""
+        """After loading: q, k and v become one product (`qkv_proj`). With q/k norms (Qwen3), their weights
+        are also stacked per head, [H + KV, 1, D], so that one product scales the normalised q and k of the
+        fused output (the norms share eps, rms_norm_eps). A plain attribute, not a buffer: derived, a few KiB,
+        and made where the loaded weights already are."""
         self.qkv_sizes = fuse_linears(self, ["q_proj", "k_proj", "v_proj"], "qkv_proj")
+        if self.qkv_sizes is not None and self.q_norm is not None:
+            h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+            stacked = torch.cat((self.q_norm.weight.detach().expand(h, d), self.k_norm.weight.detach().expand(kv, d)))
+            self.qk_norm_weight = stacked[:, None]
 
     def _rope(self, x, cos, sin):
         """RoPE with `sin` sign-folded (`rope.fold_sign`)."""
@@ -88,17 +94,6 @@ class Attention(FusesProjections, nn.Module):
             y = torch.cat((rotate(y[..., :self.rotary_dim], cos, sin), y[..., self.rotary_dim:]), dim=-1)
         return y.to(x.dtype)
 
-    def _qk_norm_weight(self) -> torch.Tensor:
-        """[H + KV, 1, D]: q_norm's weight for each query head, then k_norm's for each key head, so that one
-        product scales the normalised q and k of the fused projection. The norms share eps (rms_norm_eps).
-        Rebuilt when either weight is replaced or changed in place."""
-        wq, wk = self.q_norm.weight, self.k_norm.weight
-        key = (wq.data_ptr(), wq._version, wk.data_ptr(), wk._version, wq.dtype)
-        if self._qk_weight is None or self._qk_weight[0] != key:
-            h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
-            self._qk_weight = (key, torch.cat((wq.detach().expand(h, d), wk.detach().expand(kv, d)))[:, None])
-        return self._qk_weight[1]
-
     def _heads(self, x, cos, sin):
         """q, k, v [B, heads, T, D]: projected, normalised (Qwen3) and rotated. From the fused product,
         q and k are one view of its output and rotate together."""
@@ -108,13 +103,11 @@ class Attention(FusesProjections, nn.Module):
             q, k, v = (p(x).view(b, t, -1, d).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         else:
             qkv = self.qkv_proj(x).view(b, t, h + 2 * kv, d).transpose(1, 2)
-            if self.q_norm is None or not torch.compiler.is_compiling():  # compiled steps fuse the ops anyway
-                qk = qkv[:, :h + kv]
-                if self.q_norm is not None:  # Qwen3: q and k normalised together, then each norm's weight
-                    qk = self._qk_norm_weight() * self.q_norm.normalized(qk)
-                qk = self._rope(qk, cos, sin)
-                return qk[:, :h], qk[:, h:], qkv[:, h + kv:]
-            q, k, v = qkv.split([h, kv, kv], dim=1)
+            qk = qkv[:, :h + kv]
+            if self.q_norm is not None:  # Qwen3: q and k normalised together, then each norm's weight
+                qk = self.qk_norm_weight * self.q_norm.normalized(qk)
+            qk = self._rope(qk, cos, sin)
+            return qk[:, :h], qk[:, h:], qkv[:, h + kv:]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return self._rope(q, cos, sin), self._rope(k, cos, sin), v
@@ -235,6 +228,10 @@ class QwenForCausalLM(CausalLM):
         if self.config.family == "qwen":
             return qwen1_checkpoint_tensors(name, load)
         return (self.config.is_moe and split_fused_experts(name, load)) or [(name, load())]
+
+    def derived_tensors(self) -> list[torch.Tensor]:
+        """Qwen3's stacked q/k norm weights (`Attention.fuse_projections`)."""
+        return [t for layer in self.model.layers if (t := getattr(layer.self_attn, "qk_norm_weight", None)) is not None]
 
     @property
     def rope_dim(self) -> int:
