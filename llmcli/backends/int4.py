@@ -117,7 +117,7 @@ class Int4Linear(Product, nn.Module):
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] <= INTEGER_PROMPT_ROWS:  # `int_dot.int4_dot` inlined: less Python around each product
             out = torch.ops.llmcli.int4_dot.default(rows.contiguous(), self.packed, self.scales_and_mins)
-            out = out.view(*x.shape[:-1], -1)
+            out = out.view(*x.shape[:-1], out.shape[-1])
         else:  # long prompts: a float GEMM on the converted weight
             dtype = x.dtype if x.dtype == torch.float32 or bf16_matmul_is_fast() else torch.float32
             weight = int_dot.int4_unblock(self.packed, self.scales_and_mins, dtype)

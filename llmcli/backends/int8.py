@@ -114,7 +114,7 @@ class Int8Linear(Product, nn.Module):
                 out = torch.ops.llmcli.int8_dot.default(flat, blocks, scales.float(), None)
             else:
                 out = torch.ops.llmcli.int8_gemv.default(flat, blocks, scales.to(x.dtype), None)
-            out = out.view(*x.shape[:-1], -1)
+            out = out.view(*x.shape[:-1], out.shape[-1])
             return out if self.bias is None else out + self.bias
         if one_row(x):  # compiled decode step without the kernel: one fused loop reading the int8 rows
             return one_row_linear(x, self.weight, self.bias, self.scales)

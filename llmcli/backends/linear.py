@@ -129,7 +129,8 @@ class BlockedLinear(Product, nn.Module):
         # around each cost as much as a small product (0.5B shape: ~20 us a call of ~45).
         rows = x.reshape(-1, self.in_features).contiguous()
         panels = self.weight.unsqueeze(0)  # per call: StackedExperts swaps an expert's weight for a view
-        out = torch.ops.llmcli.bf16_linear.default(rows, panels, self.bias, None).view(*x.shape[:-1], -1)
+        out = torch.ops.llmcli.bf16_linear.default(rows, panels, self.bias, None)
+        out = out.view(*x.shape[:-1], out.shape[-1])  # not -1: a call may have no rows
         return out[..., :self.out_features] if self.padding else out
 
 
