@@ -375,3 +375,15 @@ def test_dot_products_depend_on_position_difference(layout):
     assert score(4, 4) == pytest.approx(score(0, 0), abs=1e-9)
     assert score(0, 0) == pytest.approx(torch.dot(q, k).item(), abs=1e-12)
     assert score(10, 3) != pytest.approx(score(10, 4), abs=1e-6)  # a different offset does change it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_with_folded_sin_is_apply_rope_bit_for_bit(dtype):
+    """Decode steps rotate q and k with rotate-half's sign folded into sin (fewer ops): the same bits,
+    also on the transposed views that attention hands it."""
+    from llmcli.models.rope import apply_rope, fold_sign, rotate
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 16, dtype=dtype).transpose(1, 2)  # [B, heads, T, D], not contiguous
+    cos, sin = torch.randn(5, 16, dtype=dtype), torch.randn(5, 16, dtype=dtype)
+    assert torch.equal(rotate(x, cos, fold_sign(sin)), apply_rope(x, cos, sin))
