@@ -476,6 +476,7 @@ def environment(device: torch.device, dtype: torch.dtype, bandwidth: float, band
         "platform": platform.platform(terse=True),
         "device_name": machine.device_name(device),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),  # passive on a busy machine (llmcli.openmp)
         "dtype": str(dtype).replace("torch.", ""),
         "memory_bandwidth_bytes_per_s": bandwidth,
         "memory_bandwidth_source": bandwidth_source,

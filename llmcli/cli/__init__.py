@@ -15,6 +15,7 @@ from llmcli.cli import bench, chat, doctor, download, generate, run, serve, trac
 from llmcli.cli.app import app
 from llmcli.cli.examples import add_examples
 from llmcli.errors import LlmcliError
+from llmcli.openmp import choose_wait_policy
 from llmcli.options import debug
 
 # Typer >= 0.26 vendors click; older releases raise click's own exceptions. Catch both.
@@ -39,6 +40,7 @@ add_examples(app)
 
 
 def main(argv: list[str] | None = None) -> int:
+    choose_wait_policy()  # before any command imports torch
     command = typer.main.get_command(app)
     argv = trace.optional_lens_value(sys.argv[1:] if argv is None else list(argv))
     try:
