@@ -22,12 +22,14 @@ def busy_cores() -> float:
 
 
 def choose_wait_policy(environ=None) -> str | None:
-    """Set OMP_WAIT_POLICY=PASSIVE when more than half the cores are busy already, unless the user chose a
-    policy or torch (and its OpenMP runtime) is loaded. Returns the policy set, or None."""
+    """Set OMP_WAIT_POLICY=PASSIVE when other work already keeps (almost) every core busy, unless the user chose
+    a policy or torch (and its OpenMP runtime) is loaded. Returns the policy set, or None. Not at a lower load:
+    passive waits cost an idle machine's decode about a fifth (SmolLM2, 2 cores), and the load average still
+    counts the llmcli run just before this one (a 2-thread run of 30 s leaves about 0.8)."""
     environ = os.environ if environ is None else environ
     if "OMP_WAIT_POLICY" in environ or "torch" in sys.modules:
         return None
-    if busy_cores() <= 0.5 * (os.cpu_count() or 1):
+    if busy_cores() <= (os.cpu_count() or 1) - 0.5:
         return None
     environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return "PASSIVE"

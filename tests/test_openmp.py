@@ -18,8 +18,8 @@ def test_busy_machine_gets_passive_waits(monkeypatch):
     monkeypatch.setattr(openmp, "busy_cores", lambda: float(cores))
     environ = {}
     assert openmp.choose_wait_policy(environ) == "PASSIVE" and environ == {"OMP_WAIT_POLICY": "PASSIVE"}
-    monkeypatch.setattr(openmp, "busy_cores", lambda: 0.4 * cores)
-    assert openmp.choose_wait_policy({}) is None  # idle: spinning saves the wake-ups between regions
+    monkeypatch.setattr(openmp, "busy_cores", lambda: cores - 0.6)
+    assert openmp.choose_wait_policy({}) is None  # a core left: spinning saves the wake-ups between regions
     monkeypatch.setattr(openmp, "busy_cores", lambda: float(cores))
     chosen = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert openmp.choose_wait_policy(chosen) is None and chosen == {"OMP_WAIT_POLICY": "ACTIVE"}  # the user's
