@@ -1,5 +1,3 @@
-import sys
+from llmcli.cli import launch
 
-from llmcli.cli import main
-
-sys.exit(main())
+launch()

@@ -4,6 +4,7 @@ tokenizer."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,11 +154,12 @@ def load_model(name: str, path: Path, options: Options | None = None, **settings
     elif options.check_memory:
         check_memory(cfg, path, dt, dev, options.quantize, gguf.tensor_infos() if gguf else None)
     start = time.perf_counter()
-    tokenizer = with_builtin_chat_format(gguf.tokenizer() if gguf else Tokenizer.from_dir(path), cfg.family)
-    tokenizer = with_v4_chat_format(tokenizer, cfg.family)
-    with torch.inference_mode(False):
+    with ThreadPoolExecutor(1) as pool, torch.inference_mode(False):
+        # the tokenizer builds (Python and Rust) while the weights load (torch's ops, which release the GIL)
+        building = pool.submit(gguf.tokenizer if gguf else Tokenizer.from_dir, *(() if gguf else (path,)))
         if layout is not None:
             runner, notes = parallel.build_parallel(model_class(cfg), cfg, path, dt, dev, options, layout)
         else:
             runner, notes = build_model(cfg, path, dt, dev, options, gguf)
+        tokenizer = with_v4_chat_format(with_builtin_chat_format(building.result(), cfg.family), cfg.family)
     return LoadedModel(name, path, cfg, runner, tokenizer, dev, dt, options, time.perf_counter() - start, notes)

@@ -6,6 +6,8 @@ becomes one line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 
 import typer
@@ -64,3 +66,17 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"internal error: {type(exc).__name__}: {exc} (set LLMCLI_DEBUG=1 for a traceback)")
         return 1
     return result if isinstance(result, int) else 0
+
+
+def launch() -> None:
+    """The `llmcli` program (console script and `python -m llmcli`): main(), then the exit handlers and a flush,
+    then the process ends without tearing the interpreter down, which took 0.5-0.6 s after a model had run
+    (freeing torch's objects one by one): a tenth of a first answer."""
+    code = main()
+    atexit._run_exitfuncs()  # what a normal exit runs: logging's flush, the background kernel build, ...
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # a reader that went away, a stream already closed
+            pass
+    os._exit(code)
