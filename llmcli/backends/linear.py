@@ -21,6 +21,7 @@ from torch import nn
 from llmcli.backends import bf16_kernel
 
 FEW_ROWS = 8  # the most sequences a compiled decode step takes (beyond that, products are not weight-bound)
+FLOAT32_PROMPT_ROWS = 16  # Float32PromptLinear: above this many rows, converting the weight pays for itself
 CUDA_SUM_MAX_ROWS = 65536  # an H200 ran a vocabulary-sized head at 296 GB/s as a sum, 3476 through cuBLAS
 
 
@@ -88,6 +89,25 @@ def prepacking_available() -> bool:
         return bool((out.float() == 16).all())
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
+
+
+class Float32PromptLinear(Product, nn.Linear):
+    """A bfloat16 nn.Linear on a CPU without native bfloat16 products where neither llmcli's kernel (not built
+    yet, or no compiler) nor oneDNN's prepacking runs: prompts multiply in float32, where torch's bfloat16 GEMM
+    was 4x slower (37 rows, SmolLM2's 576 x 1536, Zen 3); few rows keep the bfloat16 product, which reads half
+    the bytes. Rounded once to bfloat16 either way: equal up to summation order."""
+
+    label = "F.linear (prompts in float32)"
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // x.shape[-1] <= FLOAT32_PROMPT_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
 
 
 class PackedLinear(Product, nn.Module):

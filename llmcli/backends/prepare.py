@@ -25,8 +25,15 @@ from llmcli.backends.compile import CompiledDecode
 from llmcli.backends.cpu_kernels import cpu_model
 from llmcli.backends.experts import StackedExperts, in_kernel_blocks
 from llmcli.backends.int4 import Int4Linear
-from llmcli.backends.int8 import Int8Linear
-from llmcli.backends.linear import BlockedEmbedding, BlockedLinear, PackedLinear, SummingLinear, prepacking_available
+from llmcli.backends.int8 import Int8Linear, bf16_matmul_is_fast
+from llmcli.backends.linear import (
+    BlockedEmbedding,
+    BlockedLinear,
+    Float32PromptLinear,
+    PackedLinear,
+    SummingLinear,
+    prepacking_available,
+)
 from llmcli.backends.runner import Runner
 from llmcli.errors import LlmcliError
 from llmcli.models.base import CausalLM, FusesProjections
@@ -93,11 +100,12 @@ def block_tied_head(module: nn.Module) -> bool:
     return False
 
 
-def pack_linears(module: nn.Module, kernel: bool, prepack: bool, keep=lambda name: False) -> int:
+def pack_linears(module: nn.Module, kernel: bool, prepack: bool, keep=lambda name: False,
+                 float32_prompts: bool = False) -> int:
     """CPU bfloat16 linears into the bfloat16 kernel's panels (`kernel`: it runs here), else into oneDNN's
-    layout (`prepack`). Layers whose weight other code reads directly (`keep(name)`) stay as they are, and
-    so do those that share their weight, unless it is a head tied to the embedding and the kernel runs.
-    Returns the number of layers swapped."""
+    layout (`prepack`), else with prompts in float32 (`float32_prompts`: no native bfloat16 products here).
+    Layers whose weight other code reads directly (`keep(name)`) stay as they are, and so do those that share
+    their weight, unless it is a head tied to the embedding and the kernel runs. Returns the number swapped."""
     count = int(kernel and block_tied_head(module))
     shared = shared_weights(module)
 
@@ -107,7 +115,9 @@ def pack_linears(module: nn.Module, kernel: bool, prepack: bool, keep=lambda nam
             return None
         if kernel and bf16_kernel.suits(w):
             return BlockedLinear(child, consume=True)
-        return PackedLinear(child) if prepack else None
+        if prepack:
+            return PackedLinear(child)
+        return Float32PromptLinear(child) if float32_prompts else None
 
     return count + swap_linears(module, pack)
 
@@ -154,6 +164,7 @@ class Preparation:
         self.int8_dot = self.int_dot and "avx512f" not in cpu_model().split()
         self.pack = cpu  # bfloat16 linears reordered for CPU products
         self.prepack = cpu and options.prepack and not options.compile and prepacking_available()
+        self.float32_prompts = cpu and not options.compile and not bf16_matmul_is_fast()
         self.pending: dict[str, set[str]] = {}
         for name in model.state_dict():
             for prefix in self._units(name):
@@ -197,7 +208,7 @@ class Preparation:
         if self.int8:
             swap_linears(module, lambda name, child: None if keep(name) else self.quantized(name, child))
         if self.pack:
-            pack_linears(module, self.bf16_kernel, self.prepack, keep)
+            pack_linears(module, self.bf16_kernel, self.prepack, keep, self.float32_prompts)
 
     def takes_stored_int4(self, weight_name: str) -> bool:
         """Will this weight become an Int4Linear from the file's own 4-bit codes? (Then loading need not read it
