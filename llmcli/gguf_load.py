@@ -85,6 +85,12 @@ class GGUFSource:
         raw = piece.raw() if piece.raw is not None else self.gguf.raw(piece.source).reshape(piece.shape[0], -1)
         return torch.from_numpy(np.ascontiguousarray(raw))
 
+    def check_tokenizer(self) -> None:
+        """Refuse a tokenizer llmcli cannot build before the weights load (it is built while they do)."""
+        from llmcli.gguf_tokenizer import check_tokenizer
+
+        check_tokenizer(self.gguf)
+
     def tokenizer(self) -> Tokenizer:
         from llmcli.gguf_tokenizer import gguf_tokenizer
 

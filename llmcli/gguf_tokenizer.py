@@ -73,8 +73,9 @@ def _pre_tokenizer(name: str) -> tuple[dict, dict | None, bool]:
     return {"type": "Sequence", "pretokenizers": steps}, {"type": "NFC"} if nfc else None, ignore_merges
 
 
-def tokenizer_json(gg: GGUFFile) -> str:
-    """The tokenizer.json that the metadata stands for."""
+def check_tokenizer(gg: GGUFFile) -> None:
+    """Stop (LlmcliError) on a tokenizer llmcli cannot build, before anything slow: the metadata checks of
+    `tokenizer_json`, without building it."""
     model = _field(gg, "model")
     if model != "gpt2":
         raise LlmcliError(f"{gg.path}: GGUF tokenizer model {model!r} is not supported (supported: gpt2, the "
@@ -85,6 +86,14 @@ def tokenizer_json(gg: GGUFFile) -> str:
     types = _field(gg, "token_type") or [NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise LlmcliError(f"{gg.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    _pre_tokenizer(str(_field(gg, "pre", "default")))
+
+
+def tokenizer_json(gg: GGUFFile) -> str:
+    """The tokenizer.json that the metadata stands for."""
+    check_tokenizer(gg)
+    tokens, merges = _field(gg, "tokens"), _field(gg, "merges", [])
+    types = _field(gg, "token_type") or [NORMAL] * len(tokens)
     pre, normalizer, ignore_merges = _pre_tokenizer(str(_field(gg, "pre", "default")))
     vocab, added = {}, []
     for i, (token, kind) in enumerate(zip(tokens, types, strict=True)):

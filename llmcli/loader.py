@@ -154,12 +154,17 @@ def load_model(name: str, path: Path, options: Options | None = None, **settings
     elif options.check_memory:
         check_memory(cfg, path, dt, dev, options.quantize, gguf.tensor_infos() if gguf else None)
     start = time.perf_counter()
+    if gguf:
+        gguf.check_tokenizer()  # a tokenizer that cannot be built stops the run now, not after the weights
     with ThreadPoolExecutor(1) as pool, torch.inference_mode(False):
-        # the tokenizer builds (Python and Rust) while the weights load (torch's ops, which release the GIL)
-        building = pool.submit(gguf.tokenizer if gguf else Tokenizer.from_dir, *(() if gguf else (path,)))
+        # a GGUF's tokenizer builds (Python and Rust, 0.3 s for SmolLM2) while the weights load (torch's ops,
+        # which release the GIL); a directory's tokenizer.json loads at once, so a broken one stops the run first
+        building = pool.submit(gguf.tokenizer) if gguf else None
+        tokenizer = None if gguf else Tokenizer.from_dir(path)
         if layout is not None:
             runner, notes = parallel.build_parallel(model_class(cfg), cfg, path, dt, dev, options, layout)
         else:
             runner, notes = build_model(cfg, path, dt, dev, options, gguf)
-        tokenizer = with_v4_chat_format(with_builtin_chat_format(building.result(), cfg.family), cfg.family)
+        tokenizer = building.result() if building is not None else tokenizer
+        tokenizer = with_v4_chat_format(with_builtin_chat_format(tokenizer, cfg.family), cfg.family)
     return LoadedModel(name, path, cfg, runner, tokenizer, dev, dt, options, time.perf_counter() - start, notes)

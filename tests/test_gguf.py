@@ -467,3 +467,22 @@ def test_a_cut_or_damaged_header_is_one_error(tiny_gguf, tmp_path):
         damaged.write_bytes(data[:at] + b"\xff" * 8 + data[at + 8:])
         with pytest.raises(LlmcliError):
             open_gguf(damaged)
+
+
+def test_an_unbuildable_tokenizer_stops_the_run_before_the_weights_load(tiny_gguf, tmp_path, run_cli, monkeypatch):
+    """The tokenizer is built while the weights load; its metadata is checked first, so a file whose
+    pre-tokenizer llmcli does not know fails at once with one line, without reading a weight."""
+    data = bytearray(tiny_gguf.read_bytes())
+    key = b"tokenizer.ggml.pre"
+    at = data.index(key) + len(key) + 4  # the key, then the value's type (u32), then its length (u64)
+    length = int.from_bytes(data[at:at + 8], "little")
+    data[at + 8:at + 8 + length] = b"z" * length  # the same length: a name no tokenizer has
+    unknown = tmp_path / "unknown-pre.gguf"
+    unknown.write_bytes(bytes(data))
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the tokenizer was checked")
+
+    monkeypatch.setattr("llmcli.loader.build_model", no_weights)
+    line = one_error_line(*run_cli("generate", unknown, "-p", "x", "-n", "1")[0::2])
+    assert f"GGUF pre-tokenizer {'z' * length!r} is not supported" in line, line
