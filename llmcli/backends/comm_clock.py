@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+MAX_PENDING_EVENTS = 4096  # CUDA event pairs kept before they are read (one sync per this many collectives)
+
 
 class CommClock:
     def __init__(self):
@@ -31,6 +33,8 @@ class CommClock:
             collective(*args)
             end.record()
             self._events.append((start, end))
+            if len(self._events) >= MAX_PENDING_EVENTS:  # a long generate or serve never asks: fold them now
+                self.seconds()
             return
         began = time.perf_counter()
         collective(*args)

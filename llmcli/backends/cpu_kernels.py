@@ -64,7 +64,7 @@ def load_if_built() -> tuple[bool, str]:
     if load_once.cache_info().currsize:
         return load_once()
     directory = build_directory("llmcli", FLAGS)
-    if (directory / f"{directory.name}.so").is_file():
+    if library_of(directory).is_file():
         return load_once()
     if directory.is_dir():  # an earlier build failed there: say so once per run, do not retry in a loop
         return False, f"CPU kernels unavailable (their build failed: `ninja -C {directory}` shows why); " \
@@ -75,6 +75,11 @@ def load_if_built() -> tuple[bool, str]:
     atexit.register(start_background_build, directory)
     return False, ("llmcli's CPU kernels are not built yet: this run uses torch's slower paths, and they build in "
                    f"the background when it ends (once, 10-50 s; log: {log_path(directory)})")
+
+
+def library_of(directory: Path) -> Path:
+    """The built library in a build folder, as torch's builder names it (gcc and clang platforms)."""
+    return directory / f"{directory.name}.so"
 
 
 def log_path(directory: Path) -> Path:
@@ -95,7 +100,7 @@ def building(directory: Path) -> bool:
 
 def start_background_build(directory: Path) -> None:
     """Start `python -m llmcli.backends.cpu_kernels` detached and at low priority, unless one is building."""
-    if building(directory) or (directory / f"{directory.name}.so").is_file():
+    if building(directory) or library_of(directory).is_file():
         return
     log = log_path(directory)
     with log.open("w") as out:
@@ -125,7 +130,7 @@ def compile_library(namespace: str, flags: list[str]) -> bool:
     torch.ops.<namespace>.*. True when this process built them. Other namespaces than "llmcli" are for tests
     (e.g. the portable loops)."""
     directory = build_directory(namespace, flags)
-    library = directory / f"{directory.name}.so"  # as torch's builder names it (gcc and clang platforms)
+    library = library_of(directory)
     if not library.is_file():
         with build_lock(directory):
             if not library.is_file():  # nor built by another process while this one waited
