@@ -39,6 +39,10 @@ constexpr int64_t kRows = 8;    // output rows per block
 constexpr int64_t kChunk = 16;  // int8 weights: inputs per chunk of a block
 constexpr int64_t kGroup = 32;  // inputs per activation scale, and per int4 weight scale
 constexpr int kInt4Order[kRows] = {0, 4, 1, 5, 2, 6, 3, 7};  // stored row r is block row kInt4Order[r]
+// How far ahead of the group being multiplied its weights are requested from memory. The hardware
+// prefetcher alone left a one-row product at 13 GB/s of 22 on a 2-core EPYC (memory waits and arithmetic
+// taking turns); 2 KiB ahead (about 16 int4 groups) brought it to 17-19 GB/s there.
+constexpr int64_t kPrefetchBytes = 2048;
 
 // One row of activations, quantised: q (|q| <= 127), |q|, d per group, and d * sum(q) per group.
 struct QuantRow {
@@ -73,13 +77,16 @@ void quantize_rows(const scalar_t* x, int64_t M, int64_t K, int8_t* q, uint8_t* 
 }
 
 #if defined(LLMCLI_INT_DOT_AVX2)
+// Requests `lines` cache lines from `bytes` ahead of p into L1 (a hint: addresses past the end do not fault).
+inline void prefetch_ahead(const void* p, int64_t bytes, int lines) {
+  const char* at = static_cast<const char*>(p) + bytes;
+  for (int i = 0; i < lines; ++i) _mm_prefetch(at + 64 * i, _MM_HINT_T0);
+}
+
 // [a0..a7] (4 lanes of row 2j, then 4 of row 2j+1, for j = 0..3) -> the 8 row sums, in the order
 // rows (0, 2, 4, 6, 1, 3, 5, 7) for registers holding rows (2j, 2j+1).
 inline __m256 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   return _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-}
-inline __m256i hsum4(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
-  return _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
 }
 #endif
 
@@ -89,6 +96,7 @@ inline void int8_block(const QuantRow& x, const int8_t* w, int64_t K, float* sum
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t g = 0; g < K / kGroup; ++g) {
+    prefetch_ahead(w, kPrefetchBytes, 4);  // the group's 256 bytes
     __m256i s[4];
     for (int h = 0; h < 2; ++h, w += kRows * kChunk) {  // the group's two chunks of 16 inputs
       const int64_t k = g * kGroup + h * kChunk;
@@ -128,6 +136,8 @@ inline void int4_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm,
   __m256 acc[R];
   for (int m = 0; m < R; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < K / kGroup; ++g, w += kRows * 16, sm += 2 * kRows) {
+    prefetch_ahead(w, kPrefetchBytes, 2);  // the group's 128 bytes of weights, and its scales
+    prefetch_ahead(sm, kPrefetchBytes / 4, 1);
     __m256i q0[4], q1[4];
     for (int j = 0; j < 4; ++j) {  // stored rows 2j, 2j+1: block rows j, j+4
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 32));
@@ -140,10 +150,13 @@ inline void int4_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm,
       const int8_t* xq = x[m].q + g * kGroup;
       const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)));
       const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + 16)));
+      // Each int16 lane holds 4 products, |sum| <= 4 * 15 * 127; the two horizontal adds make it 16 products,
+      // <= 30480, still int16, so one madd (not four) widens the row sums to int32, exactly.
       __m256i s[4];
       for (int j = 0; j < 4; ++j)
-        s[j] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(q0[j], lo), _mm256_maddubs_epi16(q1[j], hi)), ones);
-      const __m256 dots = _mm256_cvtepi32_ps(hsum4(s[0], s[1], s[2], s[3]));  // rows 0..7
+        s[j] = _mm256_add_epi16(_mm256_maddubs_epi16(q0[j], lo), _mm256_maddubs_epi16(q1[j], hi));
+      const __m256i pairs = _mm256_hadd_epi16(_mm256_hadd_epi16(s[0], s[1]), _mm256_hadd_epi16(s[2], s[3]));
+      const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));  // rows 0..7
       acc[m] = _mm256_fmadd_ps(dots, _mm256_mul_ps(scale, _mm256_set1_ps(x[m].d[g])), acc[m]);
       acc[m] = _mm256_fmadd_ps(low, _mm256_set1_ps(x[m].dsum[g]), acc[m]);
     }
