@@ -1,7 +1,7 @@
 """llmcli against llama.cpp on the same weights and threads: bf16 / int8 / int4 against BF16 / Q8_0 / Q4_0.
 
     python benchmarks/vs_llamacpp.py [--threads 2] [--models qwen,deepseek] [-p 128] [-n 64] [--repeat 3]
-                                     [--precisions bf16,int8,int4]
+                                     [--precisions bf16,int8,int4] [--compile]
 
 llama.cpp is built once, offline, from the source the `llama-cpp-python` sdist on PyPI vendors (`pip download
 --no-binary :all: --no-deps llama-cpp-python==VERSION`; cmake, targets llama-bench and llama-quantize) into
@@ -9,6 +9,7 @@ llmcli's cache. Each checkpoint (random weights, the Qwen2.5-0.5B shape and a sm
 with the real tokenizer of the family so that llama.cpp's converter accepts it) is converted with
 llama.cpp's own `convert_hf_to_gguf.py` to BF16, then `llama-quantize` makes Q8_0 and Q4_0. Then
 `llama-bench` and `llmcli bench` run prompt P and decode N, one after the other, and one table is printed.
+With --compile, llmcli's decode steps are compiled (the first run of a shape compiles for a minute or two).
 The converter imports `sentencepiece` even for BPE vocabularies: `pip install sentencepiece` first.
 """
 
@@ -131,6 +132,7 @@ def llama_bench(binaries: Path, model: Path, args) -> tuple[float, float]:
 def llmcli_bench(checkpoint: Path, quantize: str | None, args) -> tuple[float, float, str]:
     cmd = [sys.executable, "-m", "llmcli", "bench", checkpoint, "-p", args.prompt, "-n", args.gen, "-r", args.repeat,
            "-t", args.threads, "--dtype", "bfloat16", "--json", "-"] + (["--quantize", quantize] if quantize else [])
+    cmd += ["--compile"] if args.compile else []
     report = json.loads(run(cmd, capture_output=True, text=True).stdout)
     row = report["results"][0]
     products = ", ".join(f"{k} ({v})" for k, v in report["env"].get("products", {}).items())
@@ -170,13 +172,15 @@ def main() -> None:
     parser.add_argument("-n", "--gen", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--precisions", default="bf16,int8,int4", help="which of bf16, int8, int4 to run")
+    parser.add_argument("--compile", action="store_true", help="llmcli bench --compile (compiled decode steps)")
     args = parser.parse_args()
     work = cache_home() / "llama.cpp"
     source = llama_cpp_source(work)
     binaries = build_llama_cpp(source)
     cpuinfo = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     flags = sorted({f for f in cpuinfo if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")})
-    print(f"threads {args.threads}, prompt {args.prompt}, decode {args.gen}, CPU flags: {' '.join(flags)}, "
+    print(f"threads {args.threads}, prompt {args.prompt}, decode {args.gen}, "
+          f"llmcli decode {'compiled' if args.compile else 'eager'}, CPU flags: {' '.join(flags)}, "
           f"load {os.getloadavg()[0]:.1f}")
     print(f"| model | llmcli | llama.cpp | decode llmcli | decode llama.cpp | ratio | prompt llmcli | "
           f"prompt llama.cpp | ratio | llmcli products |\n|{'---|' * 10}")

@@ -12,6 +12,9 @@ Environment variables (each read when `Options.from_env` or the function naming 
   LLMCLI_CUDA_GEMV=linear   CUDA compiled one-row products through cuBLAS instead of multiply-and-sum
   LLMCLI_REALIZE_THRESHOLD  inductor's realize_opcount_threshold for the compiled decode step
   LLMCLI_DIST_TIMEOUT       seconds a --tp/--ep run's collectives wait for the other ranks (default 600)
+  LLMCLI_EXPERT_PRODUCTS    how a MoE layer's routed experts run many rows: "grouped" (sorted by expert, one
+                            grouped product per projection), "loop" (expert after expert) or "auto" (grouped
+                            on CUDA and for float32 weights on CPU, else the loop)
   LLMCLI_KERNEL_BUILD       when the CPU kernels are not built yet: "wait" for the build, or build them in the
                             "background" while this run uses torch's paths (generate, chat, run and serve
                             default to background, every other command waits)
@@ -29,6 +32,7 @@ from llmcli.errors import LlmcliError
 QUANTIZE_MODES = ("int8", "int4")
 CUDA_GEMV_MODES = ("sum", "linear")
 KERNEL_BUILD_MODES = ("wait", "background")
+EXPERT_PRODUCT_MODES = ("auto", "grouped", "loop")
 
 
 def _flag(name: str, default: bool = True) -> bool:
@@ -56,6 +60,7 @@ class Options:
     ep: int = 1  # expert-parallel groups of DeepSeekMoE's routed experts
     dist_timeout: float = 600.0  # seconds a parallel run's collective waits for the others (ranks load at once)
     kernel_build: str | None = None  # unbuilt CPU kernels: "wait" or "background"; None: the command decides
+    expert_products: str = "auto"  # routed experts over many rows: "grouped", "loop", or auto (CUDA, CPU float32)
 
     def __post_init__(self) -> None:
         if self.quantize not in (None, *QUANTIZE_MODES):
@@ -67,6 +72,10 @@ class Options:
         if self.kernel_build not in (None, *KERNEL_BUILD_MODES):
             raise LlmcliError(f"LLMCLI_KERNEL_BUILD must be one of {', '.join(KERNEL_BUILD_MODES)}, got "
                               f"{self.kernel_build!r}", exit_code=2)
+
+        if self.expert_products not in EXPERT_PRODUCT_MODES:
+            raise LlmcliError(f"LLMCLI_EXPERT_PRODUCTS must be one of {', '.join(EXPERT_PRODUCT_MODES)}, got "
+                              f"{self.expert_products!r}", exit_code=2)
 
     @classmethod
     def from_env(cls, **given) -> Options:
@@ -91,6 +100,7 @@ class Options:
             "cuda_gemv": os.environ.get("LLMCLI_CUDA_GEMV", "sum"),
             "realize_threshold": threshold,
             "kernel_build": os.environ.get("LLMCLI_KERNEL_BUILD") or None,
+            "expert_products": os.environ.get("LLMCLI_EXPERT_PRODUCTS") or "auto",
         }
         return cls(**{**env, **{k: v for k, v in given.items() if v is not None}})
 

@@ -151,3 +151,20 @@ def test_bench_on_cuda_with_compile(run_cli, tmp_path):
     assert report["env"]["device_name"] == torch.cuda.get_device_name()
     row = report["results"][0]
     assert row["decode_tokens_per_s"]["mean"] > 0 and row["peak_memory_method"] == "cuda_max_allocated"
+
+
+def test_grouped_experts_on_cuda_match_the_loop():
+    """bfloat16 MoE prompts on CUDA run as grouped products by default; the expert-by-expert loop gives the
+    same logits to bfloat16 precision."""
+    from llmcli.backends.grouped_experts import GroupedExperts
+
+    grouped = load_model("demo-deepseek", ensure_demo("demo-deepseek"), device="cuda", dtype="bfloat16")
+    loop = load_model("demo-deepseek", ensure_demo("demo-deepseek"), device="cuda", dtype="bfloat16",
+                      expert_products="loop")
+    assert any(isinstance(m, GroupedExperts) for m in grouped.model.modules())
+    assert not any(isinstance(m, GroupedExperts) for m in loop.model.modules())
+    prompt = random_prompt(grouped.config.vocab_size, batch=2, length=33, seed=4).to(CUDA)
+    with torch.inference_mode():
+        a = grouped.runner(prompt, grouped.model.make_cache(2, 40)).float()
+        b = loop.runner(prompt, loop.model.make_cache(2, 40)).float()
+    assert (a - b).abs().max().item() < 0.03 * b.abs().max().item()

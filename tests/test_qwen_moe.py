@@ -200,9 +200,10 @@ def test_show_weight_bytes_equal_the_loaded_model(case, run_cli, monkeypatch):
     assert code == 0, err
     sizes = json.loads(out)["weight_bytes"]
     for key, model in (("float32", models[None]), ("int8", models["int8"])):
-        tensors = {t.data_ptr(): t for t in list(model.parameters()) + [b for n, b in model.named_buffers()
-                                                                          if n != "inv_freq"]}
-        assert sizes[key] == sum(t.numel() * t.element_size() for t in tensors.values()), key
+        # Bytes of each storage once: stacked experts' weights are views into one stack per projection.
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in
+                    list(model.parameters()) + [b for n, b in model.named_buffers() if n != "inv_freq"]}
+        assert sizes[key] == sum(storages.values()), key
 
 
 def test_trace_shows_router_choices(case, run_cli, tmp_path):
