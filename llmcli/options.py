@@ -8,6 +8,7 @@ Environment variables (each read when `Options.from_env` or the function naming 
   LLMCLI_BF16_KERNEL=0      do not use llmcli's bfloat16 CPU kernel
   LLMCLI_INT8_KERNEL=0      do not use llmcli's int8 CPU kernel
   LLMCLI_INT_DOT=0          int8/int4 decode on AVX2 without quantising activations to int8 (backends/int_dot.py)
+  LLMCLI_FUSED_DECODE=0     eager CPU steps without llmcli's fused RMSNorm and attention ops
   LLMCLI_PREPACK=0          do not reorder bfloat16 weights for oneDNN
   LLMCLI_CUDA_GEMV=linear   CUDA compiled one-row products through cuBLAS instead of multiply-and-sum
   LLMCLI_REALIZE_THRESHOLD  inductor's realize_opcount_threshold for the compiled decode step
@@ -52,6 +53,7 @@ class Options:
     bf16_kernel: bool = True  # llmcli's bfloat16 CPU kernel, where the CPU has AVX512-BF16
     int8_kernel: bool = True  # llmcli's int8 CPU kernel, for --quantize int8
     int_dot: bool = True  # int8/int4 decode on AVX2 CPUs: activations quantised to int8, integer dot products
+    fused_decode: bool = True  # eager CPU steps: fused RMSNorm and attention ops (backends/decode_ops.py)
     prepack: bool = True  # eager CPU bfloat16 linears in oneDNN's blocked layout where the kernel does not run
     cuda_gemv: str = "sum"  # CUDA compiled one-row products: "sum" (inductor's loop) or "linear" (cuBLAS)
     realize_threshold: int = 8  # inductor's realize_opcount_threshold for the compiled step
@@ -97,6 +99,7 @@ class Options:
             "int8_kernel": _flag("LLMCLI_INT8_KERNEL"),
             "int_dot": _flag("LLMCLI_INT_DOT"),
             "prepack": _flag("LLMCLI_PREPACK"),
+            "fused_decode": _flag("LLMCLI_FUSED_DECODE"),
             "cuda_gemv": os.environ.get("LLMCLI_CUDA_GEMV", "sum"),
             "realize_threshold": threshold,
             "kernel_build": os.environ.get("LLMCLI_KERNEL_BUILD") or None,

@@ -34,7 +34,8 @@ import torch
 
 from llmcli.paths import kernel_builds
 
-SOURCES = [Path(__file__).with_name("kernels") / name for name in ("int8_gemv.cpp", "bf16_gemm.cpp", "int_dot.cpp")]
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("int8_gemv.cpp", "bf16_gemm.cpp", "int_dot.cpp",
+                                                                            "decode_ops.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 BUILD_WAIT_SECONDS = 600  # for another process's build (10-50 s); past this it is stuck, not slow
 

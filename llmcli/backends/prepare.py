@@ -20,7 +20,7 @@ import re
 import torch
 from torch import nn
 
-from llmcli.backends import bf16_kernel, int4, int8_kernel, int_dot
+from llmcli.backends import bf16_kernel, decode_ops, int4, int8_kernel, int_dot
 from llmcli.backends.compile import CompiledDecode
 from llmcli.backends.cpu_kernels import cpu_model
 from llmcli.backends.experts import StackedExperts, in_kernel_blocks
@@ -166,6 +166,7 @@ class Preparation:
         self.pack = cpu  # bfloat16 linears reordered for CPU products
         self.prepack = cpu and options.prepack and not options.compile and prepacking_available()
         self.float32_prompts = cpu and not options.compile and not bf16_matmul_is_fast()
+        self.fused_decode = cpu and not options.compile and options.fused_decode and decode_ops.available(wait)
         self.pending: dict[str, set[str]] = {}
         for name in model.state_dict():
             for prefix in self._units(name):
@@ -260,6 +261,8 @@ class Preparation:
                     elif stackable and (self.options.compile or in_kernel_blocks(child)):
                         setattr(parent, name, StackedExperts(child))  # eager: a decode step's experts in 2 calls
                         release_freed_memory()
+            if self.fused_decode:
+                decode_ops.install(self.model)
         self.model.eval()
 
     def groups_experts(self) -> bool:

@@ -1,0 +1,166 @@
+// The small steps of an eager one-token decode step on CPU, each as one op; built with llmcli's other kernels
+// and called by llmcli/backends/decode_ops.py.
+//
+// Between its products, a decode step of the Qwen2.5-0.5B shape ran about 65 torch ops per layer, each
+// 3-12 us of dispatch and allocation for a few thousand numbers: an RMSNorm of one row took 78 us, the
+// attention of one query over 40 keys (RoPE, cache write, two products, softmax) 345 us. Here each is one
+// call that keeps torch's rounding where it is observable: every elementwise step in the model's dtype is
+// rounded as torch rounds it (to the dtype after each op), reductions are summed in float32 (torch's order of
+// summation is not reproduced, so results may differ from the torch path in the last bit).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+// torch rounds every elementwise op's result; a fused multiply-add would skip the rounding of a product
+// (float32 RoPE: x * cos + roll(x) * sin would not match), so the compiler must not contract here.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+namespace {
+
+// Rounded to scalar_t, back in float: what a torch op in scalar_t stores.
+template <typename scalar_t>
+inline float rounded(float v) {
+  return static_cast<float>(static_cast<scalar_t>(v));
+}
+
+// sum_i a[i] * b[i] in float32, in 8 interleaved partial sums (the compiler keeps them in one vector register).
+template <typename scalar_t>
+inline float dot(const float* a, const scalar_t* b, int64_t n) {
+  float partial[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) partial[l] += a[i + l] * static_cast<float>(b[i + l]);
+  float total = 0.f;
+  for (; i < n; ++i) total += a[i] * static_cast<float>(b[i]);
+  for (int l = 0; l < 8; ++l) total += partial[l];
+  return total;
+}
+
+// RMSNorm as llmcli's models compute it: y = weight * to_dtype(x * rsqrt(mean(x^2) + eps)), x in float32.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.is_floating_point(), "rms_norm: x must be contiguous CPU");
+  const int64_t D = x.size(-1), rows = x.numel() / std::max<int64_t>(D, 1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == D && weight.scalar_type() == x.scalar_type() &&
+                  weight.is_contiguous(), "rms_norm: weight must be [", D, "] in x's dtype");
+  at::Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* row = xp + r * D;
+        float partial[8] = {}, squares = 0.f;
+        int64_t i = 0;
+        for (; i + 8 <= D; i += 8)
+          for (int l = 0; l < 8; ++l) partial[l] += static_cast<float>(row[i + l]) * static_cast<float>(row[i + l]);
+        for (; i < D; ++i) squares += static_cast<float>(row[i]) * static_cast<float>(row[i]);
+        for (int l = 0; l < 8; ++l) squares += partial[l];
+        const float factor = 1.f / std::sqrt(squares / static_cast<float>(D) + static_cast<float>(eps));
+        for (int64_t i = 0; i < D; ++i) {
+          const float normalised = rounded<scalar_t>(static_cast<float>(row[i]) * factor);
+          op[r * D + i] = static_cast<scalar_t>(static_cast<float>(wp[i]) * normalised);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// One new token's attention per sequence, from the fused q/k/v projection's output:
+//   qkv [B, H + 2KV, D] (q heads, k heads, v heads); cos, sin [D] (sin with rotate_half's sign folded in);
+//   k_cache, v_cache [L, B, KV, D], written at `position`; keys max(0, position - window + 1)..position seen
+//   (window 0: all). q and k are rotated like x * cos + roll(x, D/2) * sin in the dtype; scores are
+//   (q . k) * scale in float32, softmaxed, and the values' weighted sum is rounded to the dtype: [B, H * D].
+at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                            at::Tensor& v_cache, int64_t position, int64_t heads, int64_t window, double scale) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 3 && qkv.is_contiguous(), "decode_attention: qkv must be [B, H + 2KV, D]");
+  const int64_t B = qkv.size(0), D = qkv.size(2), KV = (qkv.size(1) - heads) / 2, L = k_cache.size(0);
+  TORCH_CHECK(KV > 0 && heads % KV == 0 && heads + 2 * KV == qkv.size(1) && D % 2 == 0,
+              "decode_attention: qkv's heads do not split into ", heads, " q heads and equal k and v heads");
+  for (const at::Tensor* cache : {&k_cache, &v_cache})
+    TORCH_CHECK(cache->is_contiguous() && cache->dim() == 4 && cache->size(0) == L && cache->size(1) == B &&
+                    cache->size(2) == KV && cache->size(3) == D && cache->scalar_type() == qkv.scalar_type(),
+                "decode_attention: caches must be [L, B, KV, D] in qkv's dtype");
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->is_contiguous() && t->numel() == D && t->scalar_type() == qkv.scalar_type(),
+                "decode_attention: cos and sin must be [D] in qkv's dtype");
+  TORCH_CHECK(position >= 0 && position < L, "decode_attention: position ", position, " outside the cache of ", L);
+  const int64_t first = window > 0 ? std::max<int64_t>(0, position - window + 1) : 0, keys = position + 1 - first;
+  const int64_t group = heads / KV, half = D / 2;
+  at::Tensor out = at::empty({B, heads * D}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "decode_attention", [&] {
+    const scalar_t* in = qkv.const_data_ptr<scalar_t>();
+    const scalar_t* cp = cos.const_data_ptr<scalar_t>();
+    const scalar_t* sp = sin.const_data_ptr<scalar_t>();
+    scalar_t* kc = k_cache.data_ptr<scalar_t>();
+    scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    auto rotate = [&](const scalar_t* x, int64_t i) {  // element i of the rotated row x, rounded like torch
+      const float straight = rounded<scalar_t>(static_cast<float>(x[i]) * static_cast<float>(cp[i]));
+      const float swapped = rounded<scalar_t>(static_cast<float>(x[(i + half) % D]) * static_cast<float>(sp[i]));
+      return straight + swapped;  // rounded by the caller's store
+    };
+    for (int64_t b = 0; b < B; ++b)  // the new key (rotated) and value into the caches
+      for (int64_t h = 0; h < KV; ++h) {
+        const scalar_t* k = in + (b * (heads + 2 * KV) + heads + h) * D;
+        const scalar_t* v = in + (b * (heads + 2 * KV) + heads + KV + h) * D;
+        scalar_t* kd = kc + ((position * B + b) * KV + h) * D;
+        scalar_t* vd = vc + ((position * B + b) * KV + h) * D;
+        for (int64_t i = 0; i < D; ++i) kd[i] = static_cast<scalar_t>(rotate(k, i)), vd[i] = v[i];
+      }
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(keys * D, 1));
+    at::parallel_for(0, B * heads, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> q(D), scores(keys), acc(D);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / heads, h = bh % heads, kvh = h / group;
+        const scalar_t* x = in + (b * (heads + 2 * KV) + h) * D;
+        for (int64_t i = 0; i < D; ++i) q[i] = static_cast<float>(static_cast<scalar_t>(rotate(x, i)));
+        float best = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < keys; ++j) {
+          const scalar_t* k = kc + (((first + j) * B + b) * KV + kvh) * D;
+          scores[j] = dot(q.data(), k, D) * static_cast<float>(scale);
+          best = std::max(best, scores[j]);
+        }
+        float total = 0.f;
+        for (int64_t j = 0; j < keys; ++j) total += (scores[j] = std::exp(scores[j] - best));
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t j = 0; j < keys; ++j) {
+          const float p = scores[j] / total;
+          const scalar_t* v = vc + (((first + j) * B + b) * KV + kvh) * D;
+          for (int64_t i = 0; i < D; ++i) acc[i] += p * static_cast<float>(v[i]);
+        }
+        for (int64_t i = 0; i < D; ++i) op[(b * heads + h) * D + i] = static_cast<scalar_t>(acc[i]);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+#ifndef LLMCLI_OPS_NAMESPACE
+#define LLMCLI_OPS_NAMESPACE llmcli
+#endif
+
+TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int position, "
+        "int heads, int window, float scale) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("decode_attention", &decode_attention);
+}
