@@ -144,11 +144,16 @@ class MLAttention(FusesProjections, nn.Module):
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head into W_UK [H, nope, rank] and W_UV^T [H, rank, v_dim], contiguous so
         that the per-step batched products read them once instead of copying strided views every step.
-        Rebuilt whenever kv_b_proj's weight is replaced or changed in place."""
+        On CPU in float32: torch's bfloat16 bmm of one row per head fell back to plain loops on a CPU without
+        AVX512-BF16 (430 us a call, a fifth of a DeepSeek-V3-shaped int4 decode step); the copy is twice
+        kv_b_proj's bytes in bfloat16, well under 1% of a DeepSeek model. Rebuilt whenever kv_b_proj's weight
+        is replaced or changed in place."""
         weight = self.kv_b_proj.weight
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if self._absorbed_weights is None or self._absorbed_weights[0] != key:
             w = weight.detach().view(self.num_heads, self.nope + self.v_dim, self.rank)
+            if w.device.type == "cpu":
+                w = w.float()
             w_uk = w[:, : self.nope].contiguous()
             w_uv_t = w[:, self.nope:].transpose(1, 2).contiguous()
             self._absorbed_weights = (key, w_uk, w_uv_t)
@@ -179,16 +184,16 @@ class MLAttention(FusesProjections, nn.Module):
         """[q_nope W_UK | q_pe] with heads folded into the query axis: [B, 1, H*T, rank + rope]."""
         b, h, t, _ = q_nope.shape
         w_uk, _ = self.absorbed_weights()
-        q_latent = torch.bmm(q_nope.transpose(0, 1).reshape(h, b * t, self.nope), w_uk)  # [H, B*T, rank]
-        q_latent = q_latent.view(h, b, t, self.rank).transpose(0, 1)
+        rows = q_nope.transpose(0, 1).reshape(h, b * t, self.nope).to(w_uk.dtype)
+        q_latent = torch.bmm(rows, w_uk).to(q_pe.dtype).view(h, b, t, self.rank).transpose(0, 1)  # [B, H, T, rank]
         return torch.cat((q_latent, q_pe), dim=-1).reshape(b, 1, h * t, self.rank + self.rope)
 
     def absorbed_output(self, mixed: torch.Tensor) -> torch.Tensor:
         """Mixed latents [B, H, T, rank] through W_UV -> [B, H, T, v_dim]."""
         b, h, t, _ = mixed.shape
         _, w_uv_t = self.absorbed_weights()
-        out = torch.bmm(mixed.transpose(0, 1).reshape(h, b * t, self.rank), w_uv_t)
-        return out.view(h, b, t, self.v_dim).transpose(0, 1)
+        out = torch.bmm(mixed.transpose(0, 1).reshape(h, b * t, self.rank).to(w_uv_t.dtype), w_uv_t)
+        return out.to(mixed.dtype).view(h, b, t, self.v_dim).transpose(0, 1)
 
     def _absorbed_static(self, q_nope, q_pe, latent, positions, selected=None) -> torch.Tensor:
         """The absorbed form for a compiled decode step: one query per sequence over all the cache rows it
