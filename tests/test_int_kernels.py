@@ -100,6 +100,38 @@ def test_int4_rows_in_tiles_equal_rows_one_at_a_time():
         assert torch.equal(together, torch.cat([int_dot.int4_dot(x[i:i + 1], packed, sm) for i in range(rows)]))
 
 
+def test_int4_rows_go_through_their_own_expert():
+    """A stack of int4 matrices with each row's expert named: bit for bit each matrix's own one-row product."""
+    parts = [int_dot.int4_blocks(*int4_weight(24, 64, seed=e)[0]) for e in range(3)]
+    packed, sm = torch.stack([p for p, _ in parts]), torch.stack([m for _, m in parts])
+    x, experts = torch.randn(5, 64), torch.tensor([2, 0, 2, 1, 0])
+    got = int_dot.int4_dot(x, packed, sm, experts)
+    for row, e in enumerate(experts.tolist()):
+        assert torch.equal(got[row], int_dot.int4_dot(x[row:row + 1], *parts[e])[0])
+    with pytest.raises(RuntimeError, match="expert out of range"):
+        int_dot.int4_dot(x[:1], packed, sm, torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="needs experts"):
+        int_dot.int4_dot(x[:1], packed, sm)
+
+
+def test_int4_experts_stack_for_decode_with_the_same_logits():
+    """int4 MoE experts in the integer kernel's blocks are stacked: a decode step reads its k experts with
+    one call per projection, and gives the logits of running them one module each, bit for bit."""
+    from llmcli.backends.experts import StackedExperts
+    from llmcli.models.layers import Experts
+
+    if not int_dot.runs_fast():
+        pytest.skip(f"int4 experts take the integer kernel with AVX2 (built here: {int_dot.isa()})")
+    stacked, plain = load_demo("int4", name="demo-deepseek"), load_demo("int4", name="demo-deepseek")
+    modules = [m for m in stacked.model.modules() if isinstance(m, StackedExperts)]
+    assert modules and all(m.label == "stacked, int4 kernel" for m in modules)
+    for module in plain.model.modules():
+        if isinstance(module, StackedExperts):
+            module.forward = Experts.forward.__get__(module)  # expert by expert, the views into the stacks
+    ids = torch.tensor([5, 9, 13, 2, 7, 11])
+    assert torch.equal(decode_logits(stacked.runner, ids), decode_logits(plain.runner, ids))
+
+
 def test_bad_inputs_are_refused_not_read_out_of_bounds():
     q, scale = quantize_weight(torch.randn(16, 48))  # 48 inputs: not whole groups of 32
     with pytest.raises(RuntimeError, match="multiple of 32"):
@@ -132,13 +164,13 @@ def test_avx2_and_portable_builds_compute_the_same_products(portable_ops, avx2_o
         assert torch.equal(ops.int4_unblock(packed, sm, torch.float32).double(), weight)
 
 
-def load_demo(quantize: str, **options):
+def load_demo(quantize: str, name: str = "demo-qwen", **options):
     from llmcli.demo import ensure_demo
     from llmcli.loader import load_model
     from llmcli.options import Options
 
     opts = Options(device="cpu", dtype="float32", quantize=quantize, **options)
-    return load_model("demo-qwen", ensure_demo("demo-qwen"), options=opts)
+    return load_model(name, ensure_demo(name), options=opts)
 
 
 def layer_kinds(model) -> set[str]:

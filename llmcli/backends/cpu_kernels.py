@@ -236,8 +236,8 @@ def register_fake() -> None:
         return x.new_empty(x.shape[0], w.shape[1] * w.shape[3])
 
     @torch.library.register_fake("llmcli::int4_dot")
-    def _(x, w, sm):
-        return x.new_empty(x.shape[0], w.shape[0] * w.shape[2])
+    def _(x, w, sm, experts=None):
+        return x.new_empty(x.shape[0], w.shape[-4] * w.shape[-2])
 
     @torch.library.register_fake("llmcli::int4_unblock")
     def _(w, sm, dtype):

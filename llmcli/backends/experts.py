@@ -14,19 +14,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.backends import bf16_kernel, int8_kernel, int_dot
+from llmcli.backends.int4 import Int4Linear
 from llmcli.backends.int8 import Int8Linear
 from llmcli.backends.linear import FEW_ROWS, BlockedLinear, one_row, one_row_linear
 from llmcli.models.hooks import RouterChoice
 from llmcli.models.layers import Experts
 
 PROJECTIONS = ("gate_up_proj", "down_proj")  # the experts' projections after fusing gate and up
+STACKED = ("weight", "scales", "packed", "scales_and_mins")  # tensors of a projection that go into stacks
 
 
 def in_kernel_blocks(experts: Experts) -> bool:
-    """Are the experts' weights in a CPU kernel's blocks (bf16 panels or int8 blocks), so that one kernel
-    call can run each row through its own expert of a stack?"""
+    """Are the experts' weights in a CPU kernel's blocks (bf16 panels, int8 or int4 blocks), so that one
+    kernel call can run each row through its own expert of a stack?"""
     first = getattr(experts[0], PROJECTIONS[0], None)
-    return isinstance(first, BlockedLinear) or (isinstance(first, Int8Linear) and first.blocked)
+    return (isinstance(first, BlockedLinear) or (isinstance(first, Int8Linear) and first.blocked)
+            or (isinstance(first, Int4Linear) and first.integer))
 
 
 class StackedExperts(Experts):
@@ -38,20 +41,22 @@ class StackedExperts(Experts):
         nn.ModuleList.__init__(self, list(experts))
         self.kernel = in_kernel_blocks(experts)
         for name in PROJECTIONS:
-            for attr in ("weight", "scales"):  # scales: int8 experts
+            for attr in STACKED:  # scales: int8 experts; packed, scales_and_mins: int4 experts
                 self._stack(name, attr)
 
     @property
     def label(self) -> str:
         if not self.kernel:
             return "stacked, compiled one-row steps multiply-and-sum"
+        if "gate_up_proj_packed_stack" in self._buffers:
+            return "stacked, int4 kernel"
         if self.gate_up_proj_weight_stack.dtype == torch.int8:
             return "stacked, int8 kernel"
         return f"stacked, {bf16_kernel.label()}"
 
     def _stack(self, name: str, attr: str) -> None:
         part = getattr(getattr(self[0], name), attr, None)
-        if part is None:
+        if not isinstance(part, torch.Tensor):  # absent, or a flag of the same name (Int8Linear.packed)
             return
         stack = torch.empty((len(self), *part.shape), dtype=part.dtype, device=part.device)
         for index, expert in enumerate(self):
@@ -71,9 +76,14 @@ class StackedExperts(Experts):
         return super().forward(x, choice)
 
     def _project(self, inputs: torch.Tensor, name: str, choice: RouterChoice) -> torch.Tensor:
-        stack, scales = self._buffers[f"{name}_weight_stack"], self._buffers.get(f"{name}_scales_stack")
         if self.kernel:  # the kernel picks each row's expert itself
             rows = inputs.expand(*choice.experts.shape, inputs.shape[-1])
+            packed = self._buffers.get(f"{name}_packed_stack")
+            if packed is not None:  # int4 blocks
+                sm = self._buffers[f"{name}_scales_and_mins_stack"]
+                return int_dot.int4_dot(rows, packed, sm, choice.experts.reshape(-1))
+        stack, scales = self._buffers[f"{name}_weight_stack"], self._buffers.get(f"{name}_scales_stack")
+        if self.kernel:
             if stack.dtype == torch.int8:
                 integer = getattr(getattr(self[0], name), "integer", False)  # activations quantised to int8
                 product = int_dot.int8_dot if integer else int8_kernel.gemv

@@ -63,10 +63,12 @@ def int4_blocks(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tupl
     return packed, sm.to(torch.float16).contiguous()
 
 
-def int4_dot(x: torch.Tensor, packed: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
-    """≈ x @ w.T for x [..., in] with few rows, x quantised to int8 per group of 32."""
+def int4_dot(x: torch.Tensor, packed: torch.Tensor, sm: torch.Tensor,
+             experts: torch.Tensor | None = None) -> torch.Tensor:
+    """≈ x @ w.T for x [..., in] with few rows, x quantised to int8 per group of 32. `packed` and `sm` hold one
+    matrix, or a stack [E, ...] with `experts` naming each row's matrix."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.ops.llmcli.int4_dot(rows, packed, sm)
+    out = torch.ops.llmcli.int4_dot(rows, packed, sm, experts)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

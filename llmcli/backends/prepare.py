@@ -254,7 +254,8 @@ class Preparation:
                 swap_linears(self.model, lambda name, child: SummingLinear(child, cuda_sum))
             for parent in list(self.model.modules()):
                 for name, child in list(parent.named_children()):
-                    stackable = type(child) is Experts and not self.int4  # int4 experts stay one module each
+                    # int4 experts stack only in the integer kernel's blocks (torch's int4 packing has no stacked form)
+                    stackable = type(child) is Experts and (not self.int4 or in_kernel_blocks(child))
                     if stackable and self.groups_experts() and can_group(child):
                         setattr(parent, name, GroupedExperts(child))
                         release_freed_memory()

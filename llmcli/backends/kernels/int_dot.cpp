@@ -254,21 +254,40 @@ at::Tensor int8_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   return run_rows(x, blocks, block, scale);
 }
 
-// x [M, K]; w [N/8, K/32, 8, 16] uint8 (two int4 per byte); sm [N/8, K/32, 2, 8] float16 scales and mins.
-// Returns [M, N] ≈ x @ (q * scale + min).T with x quantised to int8 per group of 32.
-at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sm) {
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 4 && w.is_contiguous() && w.size(2) == kRows &&
-                  w.size(3) == 16, "int4_dot: w must be uint8 blocks [N/8, K/32, 8, 16]");
-  const int64_t K = w.size(1) * kGroup, blocks = w.size(0);
+// x [M, K]; w [N/8, K/32, 8, 16] uint8 (two int4 per byte), or a stack [E, N/8, K/32, 8, 16] with experts [M]
+// int64 naming each row's matrix; sm [(E,) N/8, K/32, 2, 8] float16 scales and mins. Returns [M, N] ≈
+// x @ (q * scale + min).T with x quantised to int8 per group of 32.
+at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sm,
+                    const std::optional<at::Tensor>& experts) {
+  const bool stacked = w.dim() == 5;
+  TORCH_CHECK(w.scalar_type() == at::kByte && (w.dim() == 4 || stacked) && w.is_contiguous() &&
+                  w.size(-2) == kRows && w.size(-1) == 16, "int4_dot: w must be uint8 blocks [(E,) N/8, K/32, 8, 16]");
+  const int64_t E = stacked ? w.size(0) : 1, blocks = w.size(-4), G = w.size(-3), K = G * kGroup, M = x.size(0);
   check_rows(x, K, "int4_dot");
-  TORCH_CHECK(sm.scalar_type() == at::kHalf && sm.dim() == 4 && sm.is_contiguous() && sm.size(0) == blocks &&
-                  sm.size(1) == w.size(1) && sm.size(2) == 2 && sm.size(3) == kRows,
-              "int4_dot: sm must be float16 [N/8, K/32, 2, 8]");
+  TORCH_CHECK(sm.scalar_type() == at::kHalf && sm.dim() == w.dim() && sm.is_contiguous() &&
+                  (!stacked || sm.size(0) == E) && sm.size(-4) == blocks && sm.size(-3) == G && sm.size(-2) == 2 &&
+                  sm.size(-1) == kRows, "int4_dot: sm must be float16 [(E,) N/8, K/32, 2, 8]");
+  const int64_t* ids = nullptr;
+  if (experts.has_value()) {
+    TORCH_CHECK(stacked && experts->scalar_type() == at::kLong && experts->numel() == M && experts->is_contiguous(),
+                "int4_dot: experts must be [M] int64, with a stack of weights");
+    ids = experts->const_data_ptr<int64_t>();
+    for (int64_t m = 0; m < M; ++m) TORCH_CHECK(ids[m] >= 0 && ids[m] < E, "int4_dot: expert out of range");
+  } else {
+    TORCH_CHECK(!stacked || E == 1, "int4_dot: a stack of weights needs experts");
+  }
   const uint8_t* wp = w.const_data_ptr<uint8_t>();
   const c10::Half* sp = sm.const_data_ptr<c10::Half>();
-  auto block = [&](const QuantRow* rows, int64_t count, int64_t, int64_t b, float (*sums)[kRows]) {
+  auto block = [&](const QuantRow* rows, int64_t count, int64_t m0, int64_t b, float (*sums)[kRows]) {
+    if (ids != nullptr) {  // each row its own matrix: one row at a time
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t at = ids[m0 + t] * blocks + b;
+        int4_block<1>(rows + t, wp + at * kRows * K / 2, sp + at * G * 2 * kRows, K, sums + t);
+      }
+      return;
+    }
     const uint8_t* wb = wp + b * kRows * K / 2;
-    const c10::Half* sb = sp + b * (K / kGroup) * 2 * kRows;
+    const c10::Half* sb = sp + b * G * 2 * kRows;
     switch (count) {
       case 4: int4_block<4>(rows, wb, sb, K, sums); break;
       case 3: int4_block<3>(rows, wb, sb, K, sums); break;
@@ -324,7 +343,7 @@ std::string int_dot_isa() {
 
 TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
   m.def("int8_dot(Tensor x, Tensor w, Tensor scales, Tensor? experts) -> Tensor");
-  m.def("int4_dot(Tensor x, Tensor w, Tensor sm) -> Tensor");
+  m.def("int4_dot(Tensor x, Tensor w, Tensor sm, Tensor? experts=None) -> Tensor");
   m.def("int4_unblock(Tensor w, Tensor sm, ScalarType dtype) -> Tensor");
   m.def("int_dot_isa() -> str", &int_dot_isa);
 }
