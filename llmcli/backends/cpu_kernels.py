@@ -58,6 +58,9 @@ def load_once() -> tuple[bool, str]:
     return True, ""  # loaded from the cache: nothing worth saying
 
 
+_BUILDS_AT_EXIT: set[Path] = set()  # build folders this process starts a background build of when it exits
+
+
 def load_if_built() -> tuple[bool, str]:
     """Like load_once, but never waits for a build: with none cached, start one in a background process (for
     the next run) and answer (False, a note). A first `llmcli generate` then answers in seconds on torch's
@@ -72,8 +75,11 @@ def load_if_built() -> tuple[bool, str]:
                       "using torch's slower paths"
     if building(directory):
         return False, "another llmcli process is building the CPU kernels; this run uses torch's slower paths"
-    # at exit: a build beside this run would take its cores (OpenMP threads then wait on each other, 5-20x slower)
-    atexit.register(start_background_build, directory)
+    # at exit: a build beside this run would take its cores (OpenMP threads then wait on each other, 5-20x slower);
+    # once, however many of the run's backends asked
+    if directory not in _BUILDS_AT_EXIT:
+        _BUILDS_AT_EXIT.add(directory)
+        atexit.register(start_background_build, directory)
     return False, ("llmcli's CPU kernels are not built yet: this run uses torch's slower paths, and they build in "
                    f"the background when it ends (once, 10-50 s; log: {log_path(directory)})")
 
