@@ -34,8 +34,10 @@ import torch
 
 from llmcli.paths import kernel_builds
 
-SOURCES = [Path(__file__).with_name("kernels") / name for name in ("int8_gemv.cpp", "bf16_gemm.cpp", "int_dot.cpp",
-                                                                            "decode_ops.cpp")]
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = [KERNELS / name for name in ("int8_gemv.cpp", "bf16_gemm.cpp", "int_dot.cpp")]  # one compile each
+# compiled inside int_dot.cpp's unit: torch's headers alone take ~10 s of a unit's compile on a 2-core machine
+INCLUDED = [KERNELS / "decode_ops.cpp"]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 BUILD_WAIT_SECONDS = 600  # for another process's build (10-50 s); past this it is stuck, not slow
 
@@ -153,7 +155,7 @@ def compile_library(namespace: str, flags: list[str]) -> bool:
 def build_directory(namespace: str, flags: list[str]) -> Path:
     """Where a build lives, keyed by source, torch version, flags and CPU (-march=native code runs only
     on CPUs like this one)."""
-    sources = b"".join(source.read_bytes() for source in SOURCES)
+    sources = b"".join(source.read_bytes() for source in SOURCES + INCLUDED)
     key = hashlib.sha256(sources + " ".join([torch.__version__, *flags, cpu_model()]).encode())
     return kernel_builds() / f"{namespace}_{key.hexdigest()[:12]}"
 

@@ -1,5 +1,5 @@
-// The small steps of an eager one-token decode step on CPU, each as one op; built with llmcli's other kernels
-// and called by llmcli/backends/decode_ops.py.
+// The small steps of an eager one-token decode step on CPU, each as one op; compiled as part of int_dot.cpp
+// (included at its end) and called by llmcli/backends/decode_ops.py.
 //
 // Between its products, a decode step of the Qwen2.5-0.5B shape ran about 65 torch ops per layer, each
 // 3-12 us of dispatch and allocation for a few thousand numbers: an RMSNorm of one row took 78 us, the

@@ -352,3 +352,6 @@ TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) {
   m.impl("int4_dot", &int4_dot);
   m.impl("int4_unblock", &int4_unblock);
 }
+
+// The eager decode ops, in this translation unit (torch's headers cost ~10 s per unit to compile).
+#include "decode_ops.cpp"
