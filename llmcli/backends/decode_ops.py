@@ -57,14 +57,25 @@ class FusedDecodeAttention(Attention):
         return self.o_proj(out.view(b, 1, h * d))
 
     def _fits(self, x, cos, layer_cache, span, q_scale, recorder) -> bool:
-        return (eager_cpu(x) and x.shape[1] == 1 and not span.static and self.qkv_sizes is not None
-                and self.rotary_dim is None and cos.dtype == x.dtype and (q_scale is None or isinstance(q_scale, float))
-                and isinstance(layer_cache, KVLayerCache)
+        """Per call (what `install` could not know): an eager CPU step of one token, RoPE in the model's dtype
+        (original Qwen rotates in float32), a contiguous cache of that dtype with room for the token."""
+        return (eager_cpu(x) and x.shape[1] == 1 and not span.static and cos.dtype == x.dtype
+                and (q_scale is None or isinstance(q_scale, float)) and isinstance(layer_cache, KVLayerCache)
                 and layer_cache.k.dtype == x.dtype and layer_cache.k.is_contiguous()
                 and layer_cache.v.is_contiguous() and span.start < layer_cache.k.shape[0])
 
+    @staticmethod
+    def takes(attention: Attention) -> bool:
+        """Once, at install: q, k and v fused into one product, and RoPE over the whole head."""
+        return attention.qkv_sizes is not None and attention.rotary_dim is None
 
-FUSED = {RMSNorm: FusedRMSNorm, Attention: FusedDecodeAttention}
+
+def fused_class(module: nn.Module) -> type | None:
+    if type(module) is RMSNorm:
+        return FusedRMSNorm
+    if type(module) is Attention and FusedDecodeAttention.takes(module):
+        return FusedDecodeAttention
+    return None
 
 
 def available(wait: bool = True) -> bool:
@@ -72,13 +83,10 @@ def available(wait: bool = True) -> bool:
     return (cpu_kernels.load_once() if wait else cpu_kernels.load_if_built())[0]
 
 
-def install(model: nn.Module) -> int:
-    """Give each RMSNorm and Qwen attention module of `model` its fused subclass (the module keeps its
-    parameters, buffers and hooks: only its class changes). Returns how many modules changed."""
-    changed = 0
+def install(model: nn.Module) -> None:
+    """Give each RMSNorm and each Qwen attention module the op takes its fused subclass (the module keeps its
+    parameters, buffers and hooks: only its class changes)."""
     for module in model.modules():
-        fused = FUSED.get(type(module))
+        fused = fused_class(module)
         if fused is not None:
             module.__class__ = fused
-            changed += 1
-    return changed

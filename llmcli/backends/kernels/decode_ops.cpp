@@ -36,14 +36,14 @@ inline float rounded(float v) {
 }
 
 // sum_i a[i] * b[i] in float32, in 8 interleaved partial sums (the compiler keeps them in one vector register).
-template <typename scalar_t>
-inline float dot(const float* a, const scalar_t* b, int64_t n) {
+template <typename A, typename B>
+inline float dot(const A* a, const B* b, int64_t n) {
   float partial[8] = {};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    for (int l = 0; l < 8; ++l) partial[l] += a[i + l] * static_cast<float>(b[i + l]);
+    for (int l = 0; l < 8; ++l) partial[l] += static_cast<float>(a[i + l]) * static_cast<float>(b[i + l]);
   float total = 0.f;
-  for (; i < n; ++i) total += a[i] * static_cast<float>(b[i]);
+  for (; i < n; ++i) total += static_cast<float>(a[i]) * static_cast<float>(b[i]);
   for (int l = 0; l < 8; ++l) total += partial[l];
   return total;
 }
@@ -62,13 +62,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = xp + r * D;
-        float partial[8] = {}, squares = 0.f;
-        int64_t i = 0;
-        for (; i + 8 <= D; i += 8)
-          for (int l = 0; l < 8; ++l) partial[l] += static_cast<float>(row[i + l]) * static_cast<float>(row[i + l]);
-        for (; i < D; ++i) squares += static_cast<float>(row[i]) * static_cast<float>(row[i]);
-        for (int l = 0; l < 8; ++l) squares += partial[l];
-        const float factor = 1.f / std::sqrt(squares / static_cast<float>(D) + static_cast<float>(eps));
+        const float factor = 1.f / std::sqrt(dot(row, row, D) / static_cast<float>(D) + static_cast<float>(eps));
         for (int64_t i = 0; i < D; ++i) {
           const float normalised = rounded<scalar_t>(static_cast<float>(row[i]) * factor);
           op[r * D + i] = static_cast<scalar_t>(static_cast<float>(wp[i]) * normalised);
