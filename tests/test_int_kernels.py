@@ -68,6 +68,23 @@ def test_int8_rows_go_through_their_own_expert():
         assert close(got[row], (dequantised_rows(x[row]) @ q.double().T) * s.double(), 1e-5)
 
 
+def test_bias_inside_the_op_rounds_as_a_separate_add():
+    """A linear's bias is added inside the products (one op call per decode product): bit for bit the product
+    in x's dtype, then a separate bf16 add; x of any leading shape, not contiguous; scales in bf16."""
+    torch.manual_seed(1)
+    q, scale = quantize_weight(torch.randn(40, 96))
+    blocks, bias = int8_kernel.to_blocks(q), torch.randn(40).bfloat16()
+    x = torch.randn(3, 96, 2).bfloat16().transpose(1, 2)  # [3, 2, 96], not contiguous
+    plain = int_dot.int8_dot(x.contiguous(), blocks, scale.bfloat16().float())
+    assert torch.equal(torch.ops.llmcli.int8_dot(x, blocks, scale.bfloat16(), None, bias), plain + bias)
+    (q4, s4, low), _ = int4_weight(40, 96)
+    packed, sm = int_dot.int4_blocks(q4, s4, low)
+    assert torch.equal(torch.ops.llmcli.int4_dot(x, packed, sm, None, bias),
+                       int_dot.int4_dot(x.contiguous(), packed, sm) + bias)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        torch.ops.llmcli.int8_dot(x, blocks, scale, None, bias.float())
+
+
 def test_int4_storage_round_trips_and_is_read_in_order():
     (q, scale, low), weight = int4_weight(24, 64)
     packed, sm = int_dot.int4_blocks(q, scale, low)

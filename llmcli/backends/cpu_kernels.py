@@ -240,12 +240,12 @@ def register_fake() -> None:
         return x.new_empty(x.shape[0], w.shape[1] * w.shape[3])
 
     @torch.library.register_fake("llmcli::int8_dot")
-    def _(x, w, scales, experts):
-        return x.new_empty(x.shape[0], w.shape[1] * w.shape[3])
+    def _(x, w, scales, experts=None, bias=None):
+        return x.new_empty(*x.shape[:-1], w.shape[-4] * w.shape[-2])
 
     @torch.library.register_fake("llmcli::int4_dot")
-    def _(x, w, sm, experts=None):
-        return x.new_empty(x.shape[0], w.shape[-4] * w.shape[-2])
+    def _(x, w, sm, experts=None, bias=None):
+        return x.new_empty(*x.shape[:-1], w.shape[-4] * w.shape[-2])
 
     @torch.library.register_fake("llmcli::int4_unblock")
     def _(w, sm, dtype):

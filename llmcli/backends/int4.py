@@ -114,12 +114,11 @@ class Int4Linear(Product, nn.Module):
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def _integer(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= INTEGER_PROMPT_ROWS:  # `int_dot.int4_dot` inlined: less Python around each product
-            out = torch.ops.llmcli.int4_dot.default(rows.contiguous(), self.packed, self.scales_and_mins)
-            out = out.view(*x.shape[:-1], out.shape[-1])
-        else:  # long prompts: a float GEMM on the converted weight
-            dtype = x.dtype if x.dtype == torch.float32 or bf16_matmul_is_fast() else torch.float32
-            weight = int_dot.int4_unblock(self.packed, self.scales_and_mins, dtype)
-            out = torch.nn.functional.linear(x.to(dtype), weight).to(x.dtype)
+        if x.numel() <= INTEGER_PROMPT_ROWS * self.in_features:  # one op call, bias included: less Python
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return torch.ops.llmcli.int4_dot.default(x, self.packed, self.scales_and_mins, None, bias)
+        # long prompts: a float GEMM on the converted weight
+        dtype = x.dtype if x.dtype == torch.float32 or bf16_matmul_is_fast() else torch.float32
+        weight = int_dot.int4_unblock(self.packed, self.scales_and_mins, dtype)
+        out = torch.nn.functional.linear(x.to(dtype), weight).to(x.dtype)
         return out if self.bias is None else out + self.bias.to(out.dtype)

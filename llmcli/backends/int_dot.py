@@ -40,11 +40,7 @@ def int8_dot(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
     """≈ (x @ w.T) * scales for x [..., in] with few rows, x quantised to int8 per group of 32. `blocks` is
     one matrix in the int8 kernel's blocks [out/8, in/16, 8, 16] with scales [out], or a stack [E, ...] with
     scales [E, out] and `experts` naming each row's matrix."""
-    if blocks.dim() == 4:
-        blocks, scales = blocks.unsqueeze(0), scales.unsqueeze(0)
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.ops.llmcli.int8_dot(rows, blocks, scales.float().contiguous(), experts)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    return torch.ops.llmcli.int8_dot(x, blocks, scales.contiguous(), experts)
 
 
 def int4_fits(shape: torch.Size | tuple[int, ...]) -> bool:
@@ -67,9 +63,7 @@ def int4_dot(x: torch.Tensor, packed: torch.Tensor, sm: torch.Tensor,
              experts: torch.Tensor | None = None) -> torch.Tensor:
     """≈ x @ w.T for x [..., in] with few rows, x quantised to int8 per group of 32. `packed` and `sm` hold one
     matrix, or a stack [E, ...] with `experts` naming each row's matrix."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.ops.llmcli.int4_dot(rows, packed, sm, experts)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    return torch.ops.llmcli.int4_dot(x, packed, sm, experts)
 
 
 def int4_unblock(packed: torch.Tensor, sm: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

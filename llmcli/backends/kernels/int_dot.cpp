@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -183,15 +184,35 @@ inline void int4_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm,
 
 constexpr int64_t kTile = 4;  // rows of activations per call of a block function
 
-// Quantises x [M, K] and runs `block(rows, count, m, b, sums)` over tiles of up to kTile rows and all blocks,
-// on all threads (split over blocks of output rows), writing out [M, N] = sums * scale(m, n) in x's dtype.
+// A per-output-row float factor (the int8 weights' scales) or addend (a bias), stored in any float type.
+struct RowValues {
+  const void* data = nullptr;
+  at::ScalarType type = at::kFloat;
+  RowValues() = default;
+  explicit RowValues(const at::Tensor& t) : data(t.const_data_ptr()), type(t.scalar_type()) {}
+  explicit RowValues(const std::optional<at::Tensor>& t) : RowValues(t.has_value() ? RowValues(*t) : RowValues()) {}
+  float operator[](int64_t i) const {
+    switch (type) {
+      case at::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(data)[i]);
+      case at::kHalf: return static_cast<float>(static_cast<const c10::Half*>(data)[i]);
+      default: return static_cast<const float*>(data)[i];
+    }
+  }
+};
+
+// Quantises x [..., K] and runs `block(rows, count, m, b, sums)` over tiles of up to kTile rows and all blocks,
+// on all threads (split over blocks of output rows), writing out [..., N] = sums * scale(m, n) in x's dtype,
+// then + bias[n] (rounded to x's dtype before and after the add, as a separate torch add rounds).
 template <typename Block, typename Scale>
-at::Tensor run_rows(const at::Tensor& x, int64_t blocks, Block block, Scale scale) {
+at::Tensor run_rows(const at::Tensor& input, int64_t blocks, Block block, Scale scale, const RowValues& bias) {
+  const at::Tensor x = input.contiguous().view({-1, input.size(-1)});
   const int64_t M = x.size(0), K = x.size(1), N = blocks * kRows;
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor qabs = at::empty({M, K}, x.options().dtype(at::kByte));
   at::Tensor d = at::empty({2, M * (K / kGroup)}, x.options().dtype(at::kFloat));  // d, then d * sum(q)
-  at::Tensor out = at::empty({M, N}, x.options());
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = N;
+  at::Tensor out = at::empty(shape, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "int_dot", [&] {
     const int64_t G = K / kGroup;
     int8_t* qp = q.data_ptr<int8_t>();
@@ -212,58 +233,72 @@ at::Tensor run_rows(const at::Tensor& x, int64_t blocks, Block block, Scale scal
           }
           block(rows, count, m0, b, sums);
           for (int64_t t = 0; t < count; ++t)
-            for (int64_t r = 0; r < kRows; ++r)
-              op[(m0 + t) * N + b * kRows + r] = static_cast<scalar_t>(sums[t][r] * scale(m0 + t, b * kRows + r));
+            for (int64_t r = 0; r < kRows; ++r) {
+              const int64_t n = b * kRows + r;
+              scalar_t v = static_cast<scalar_t>(sums[t][r] * scale(m0 + t, n));
+              if (bias.data != nullptr) v = static_cast<scalar_t>(static_cast<float>(v) + bias[n]);
+              op[(m0 + t) * N + n] = v;
+            }
         }
     });
   });
   return out;
 }
 
-void check_rows(const at::Tensor& x, int64_t K, const char* name) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous() && x.is_floating_point(), name,
-              ": x must be 2-D, contiguous, floating point, CPU");
-  TORCH_CHECK(x.size(1) == K, name, ": x has ", x.size(1), " inputs, the weight ", K);
+void check_rows(const at::Tensor& x, int64_t K, const std::optional<at::Tensor>& bias, int64_t N,
+                const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.is_floating_point(), name,
+              ": x must be floating point, on the CPU");
+  TORCH_CHECK(x.size(-1) == K, name, ": x has ", x.size(-1), " inputs, the weight ", K);
   TORCH_CHECK(K % kGroup == 0, name, ": inputs must be a multiple of ", kGroup, ", got ", K);
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == x.scalar_type() && bias->dim() == 1 &&
+                                    bias->size(0) == N && bias->is_contiguous()),
+              name, ": bias must be [", N, "] in x's dtype");
 }
 
-// x [M, K]; w [E, N/8, K/16, 8, 16] int8; scales [E, N] float32; experts: optional [M] int64, each row's
-// matrix. Returns [M, N] ≈ (x @ w[e].T) * scales[e] with x quantised to int8 per group of 32.
+// x [..., K]; w [N/8, K/16, 8, 16] int8 with scales [N], or a stack [E, N/8, K/16, 8, 16] with scales [E, N] and
+// experts [M] int64 naming each row's matrix (M = x's rows); scales in any float type; bias: optional [N] in x's
+// dtype. Returns [..., N] ≈ (x @ w[e].T) * scales[e] (+ bias) with x quantised to int8 per group of 32.
 at::Tensor int8_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                    const std::optional<at::Tensor>& experts) {
-  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 5 && w.is_contiguous() && w.size(3) == kRows &&
-                  w.size(4) == kChunk, "int8_dot: w must be int8 blocks [E, N/8, K/16, 8, 16]");
-  const int64_t K = w.size(2) * kChunk, E = w.size(0), blocks = w.size(1), N = blocks * kRows, M = x.size(0);
-  check_rows(x, K, "int8_dot");
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == E && scales.size(1) == N && scales.is_contiguous() &&
-                  scales.scalar_type() == at::kFloat, "int8_dot: scales must be [E, N] float32");
+                    const std::optional<at::Tensor>& experts, const std::optional<at::Tensor>& bias) {
+  const bool stacked = w.dim() == 5;
+  TORCH_CHECK(w.scalar_type() == at::kChar && (w.dim() == 4 || stacked) && w.is_contiguous() &&
+                  w.size(-2) == kRows && w.size(-1) == kChunk, "int8_dot: w must be int8 blocks [(E,) N/8, K/16, 8, 16]");
+  const int64_t E = stacked ? w.size(0) : 1, blocks = w.size(-4), K = w.size(-3) * kChunk, N = blocks * kRows;
+  check_rows(x, K, bias, N, "int8_dot");
+  TORCH_CHECK(scales.dim() == w.dim() - 3 && (!stacked || scales.size(0) == E) && scales.size(-1) == N &&
+                  scales.is_contiguous() && scales.is_floating_point(), "int8_dot: scales must be [(E,) N], float");
+  const int64_t M = x.numel() / K;
   const int64_t* ids = nullptr;
   if (experts.has_value()) {
     TORCH_CHECK(experts->scalar_type() == at::kLong && experts->numel() == M && experts->is_contiguous(),
                 "int8_dot: experts must be [M] int64");
     ids = experts->const_data_ptr<int64_t>();
     for (int64_t m = 0; m < M; ++m) TORCH_CHECK(ids[m] >= 0 && ids[m] < E, "int8_dot: expert out of range");
+  } else {
+    TORCH_CHECK(E == 1, "int8_dot: a stack of weights needs experts");
   }
   const int8_t* wp = w.const_data_ptr<int8_t>();
-  const float* sp = scales.const_data_ptr<float>();
+  const RowValues sp(scales);
   auto block = [&](const QuantRow* rows, int64_t count, int64_t m0, int64_t b, float (*sums)[kRows]) {
     for (int64_t t = 0; t < count; ++t)
       int8_block(rows[t], wp + ((ids ? ids[m0 + t] : 0) * blocks + b) * kRows * K, K, sums[t]);
   };
   auto scale = [&](int64_t m, int64_t n) { return sp[(ids ? ids[m] : 0) * N + n]; };
-  return run_rows(x, blocks, block, scale);
+  return run_rows(x, blocks, block, scale, RowValues(bias));
 }
 
-// x [M, K]; w [N/8, K/32, 8, 16] uint8 (two int4 per byte), or a stack [E, N/8, K/32, 8, 16] with experts [M]
-// int64 naming each row's matrix; sm [(E,) N/8, K/32, 2, 8] float16 scales and mins. Returns [M, N] ≈
-// x @ (q * scale + min).T with x quantised to int8 per group of 32.
+// x [..., K]; w [N/8, K/32, 8, 16] uint8 (two int4 per byte), or a stack [E, N/8, K/32, 8, 16] with experts [M]
+// int64 naming each row's matrix; sm [(E,) N/8, K/32, 2, 8] float16 scales and mins; bias: optional [N] in x's
+// dtype. Returns [..., N] ≈ x @ (q * scale + min).T (+ bias) with x quantised to int8 per group of 32.
 at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sm,
-                    const std::optional<at::Tensor>& experts) {
+                    const std::optional<at::Tensor>& experts, const std::optional<at::Tensor>& bias) {
   const bool stacked = w.dim() == 5;
   TORCH_CHECK(w.scalar_type() == at::kByte && (w.dim() == 4 || stacked) && w.is_contiguous() &&
                   w.size(-2) == kRows && w.size(-1) == 16, "int4_dot: w must be uint8 blocks [(E,) N/8, K/32, 8, 16]");
-  const int64_t E = stacked ? w.size(0) : 1, blocks = w.size(-4), G = w.size(-3), K = G * kGroup, M = x.size(0);
-  check_rows(x, K, "int4_dot");
+  const int64_t E = stacked ? w.size(0) : 1, blocks = w.size(-4), G = w.size(-3), K = G * kGroup;
+  check_rows(x, K, bias, blocks * kRows, "int4_dot");
+  const int64_t M = x.numel() / K;
   TORCH_CHECK(sm.scalar_type() == at::kHalf && sm.dim() == w.dim() && sm.is_contiguous() &&
                   (!stacked || sm.size(0) == E) && sm.size(-4) == blocks && sm.size(-3) == G && sm.size(-2) == 2 &&
                   sm.size(-1) == kRows, "int4_dot: sm must be float16 [(E,) N/8, K/32, 2, 8]");
@@ -295,7 +330,7 @@ at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
       default: int4_block<1>(rows, wb, sb, K, sums);
     }
   };
-  return run_rows(x, blocks, block, [](int64_t, int64_t) { return 1.f; });
+  return run_rows(x, blocks, block, [](int64_t, int64_t) { return 1.f; }, RowValues(bias));
 }
 
 // The int4 weight as row-major [N, K] in `dtype` (q * scale + min, in float then rounded), for prompts.
@@ -342,8 +377,8 @@ std::string int_dot_isa() {
 #endif
 
 TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
-  m.def("int8_dot(Tensor x, Tensor w, Tensor scales, Tensor? experts) -> Tensor");
-  m.def("int4_dot(Tensor x, Tensor w, Tensor sm, Tensor? experts=None) -> Tensor");
+  m.def("int8_dot(Tensor x, Tensor w, Tensor scales, Tensor? experts=None, Tensor? bias=None) -> Tensor");
+  m.def("int4_dot(Tensor x, Tensor w, Tensor sm, Tensor? experts=None, Tensor? bias=None) -> Tensor");
   m.def("int4_unblock(Tensor w, Tensor sm, ScalarType dtype) -> Tensor");
   m.def("int_dot_isa() -> str", &int_dot_isa);
 }
