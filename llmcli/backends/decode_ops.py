@@ -1,6 +1,7 @@
 """Eager CPU steps between the products, each as one of llmcli's fused ops (kernels/decode_ops.cpp): RMSNorm
 and a decode step's attention (RoPE, cache write, softmax attention over the cache) for the Qwen families'
-attention. (SwiGLU's silu(gate) * up stays torch's: its vectorised exp beat a plain loop's, 35 us to 62.)
+attention and DeepSeek's absorbed latent attention. (SwiGLU's silu(gate) * up stays torch's: its vectorised
+exp beat a plain loop's, 35 us to 62.)
 
 An eager decode step of the Qwen2.5-0.5B shape (int4, 2 cores) spent about a third of its time in torch ops on
 a few thousand numbers each (dispatch and allocation, not arithmetic): 78 us per RMSNorm of one row, 345 us
@@ -18,11 +19,12 @@ import torch
 from torch import nn
 
 from llmcli.backends import cpu_kernels
-from llmcli.models.cache import KVLayerCache
+from llmcli.models.cache import KVLayerCache, LatentLayerCache
+from llmcli.models.deepseek import MLAttention
 from llmcli.models.hooks import ATTN_PROBS, AttentionWeights, asks
 from llmcli.models.layers import RMSNorm, head_probs
 from llmcli.models.qwen import Attention
-from llmcli.models.rope import rotate
+from llmcli.models.rope import rotate, rotate_pairs
 
 
 def eager_cpu(x: torch.Tensor) -> bool:
@@ -70,11 +72,52 @@ class FusedDecodeAttention(Attention):
         return attention.qkv_sizes is not None and attention.rotary_dim is None
 
 
+class FusedMLAttention(MLAttention):
+    """DeepSeek's absorbed one-token attention as one op after the two input products: kv_a's norm, RoPE, the
+    cache write, q_nope W_UK, softmax over the latent cache and W_UV (about 20 torch ops and two batched products
+    of one row per head, 1.3 ms of a DeepSeek-V3-shaped layer's step besides its products)."""
+
+    def forward(self, x, cos, sin, layer_cache, span, absorbed: bool, recorder=None) -> torch.Tensor:
+        if not (absorbed and self._fits(x, cos, layer_cache, span)):
+            return super().forward(x, cos, sin, layer_cache, span, absorbed, recorder)
+        b = x.shape[0]
+        if self.in_sizes is not None:
+            q, kv = self.in_proj(x).split(self.in_sizes, dim=-1)
+        else:
+            q, kv = (self.q_a_proj(x) if self.q_lora else self.q_proj(x)), self.kv_a_proj_with_mqa(x)
+        if self.q_lora:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        q = q.view(b, self.num_heads, -1)
+        norm = self.kv_a_layernorm
+        out = torch.ops.llmcli.mla_decode(q, kv.contiguous(), norm.weight, norm.eps, cos.reshape(-1), sin.reshape(-1),
+                                          layer_cache.kv, span.start, self.kv_b_proj.weight, self.v_dim,
+                                          self.softmax_scale, self.interleaved)
+        if asks(recorder, ATTN_PROBS):  # beside the op, from the rows it wrote: the torch path's rounding
+            q_nope, q_pe = q[:, :, None].split([self.nope, self.rope], dim=-1)
+            q_pe = rotate_pairs(q_pe, cos, sin, self.interleaved)
+            probs = self.absorbed_probs(q_nope, q_pe, layer_cache.kv[:span.start + 1].transpose(0, 1), span.start)
+            recorder.record(self.index, ATTN_PROBS, AttentionWeights(probs, span.start))
+        return self.o_proj(out.view(b, 1, -1))
+
+    def _fits(self, x, cos, layer_cache, span) -> bool:
+        """An eager CPU step of one token, cos/sin of one position in the model's dtype, a contiguous latent
+        cache of that dtype with room for the token, kv_b_proj a plain weight."""
+        weight = self.kv_b_proj.weight
+        return (eager_cpu(x) and x.shape[1] == 1 and not span.static and cos.dtype == x.dtype
+                and cos.numel() == self.rope // 2 and type(layer_cache) is LatentLayerCache
+                and layer_cache.kv.dtype == x.dtype and layer_cache.kv.is_contiguous()
+                and span.start < layer_cache.kv.shape[0] and isinstance(weight, torch.Tensor)
+                and weight.dtype in (x.dtype, torch.float32) and weight.is_contiguous()
+                and self.kv_a_layernorm.weight.dtype == x.dtype)
+
+
 def fused_class(module: nn.Module) -> type | None:
     if type(module) is RMSNorm:
         return FusedRMSNorm
     if type(module) is Attention and FusedDecodeAttention.takes(module):
         return FusedDecodeAttention
+    if type(module) is MLAttention:
+        return FusedMLAttention
     return None
 
 
@@ -84,8 +127,8 @@ def available(wait: bool = True) -> bool:
 
 
 def install(model: nn.Module) -> None:
-    """Give each RMSNorm and each Qwen attention module the op takes its fused subclass (the module keeps its
-    parameters, buffers and hooks: only its class changes)."""
+    """Give each RMSNorm, each Qwen attention module the op takes and each MLA module its fused subclass (the
+    module keeps its parameters, buffers and hooks: only its class changes)."""
     for module in model.modules():
         fused = fused_class(module)
         if fused is not None:

@@ -143,6 +143,114 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   return out;
 }
 
+// One new token's absorbed Multi-head Latent Attention (DeepSeek) per sequence, from the layer's projections:
+//   q [B, H, nope + rope] (q_b_proj's output), kv [B, rank + rope] (kv_a's output: c_kv, then k_pe), both not yet
+//   normalised or rotated; norm [rank] (kv_a_layernorm's weight, eps); cos, sin [rope / 2] (one per rotated
+//   pair); cache [L, B, rank + rope], written at `position` with the normalised c_kv and rotated k_pe;
+//   wkv_b [H, nope + v, rank] (kv_b_proj's weight: W_UK rows, then W_UV rows, per head), float32 or the dtype.
+// As MLAttention's absorbed form computes it: pairs (x[2i], x[2i+1]) when interleaved, else (x[i], x[i + rope/2]),
+// rotated into [x1 cos - x2 sin | x2 cos + x1 sin] in the dtype; q_latent = q_nope W_UK rounded to the dtype;
+// scores = ([q_latent | q_pe] . cache row) * scale in float32 over rows 0..position, softmaxed; the mixed latent
+// (rounded to the dtype) through W_UV, rounded: [B, H * v].
+template <typename scalar_t, typename weight_t>
+void mla_decode_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& norm, double eps,
+                     const at::Tensor& cos, const at::Tensor& sin, at::Tensor& cache, int64_t position,
+                     const at::Tensor& wkv_b, int64_t v_dim, double scale, bool interleaved, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), R = norm.size(0), row = cache.size(2), rope = row - R;
+  const int64_t nope = q.size(2) - rope, half = rope / 2, keys = position + 1;
+  const scalar_t* qp = q.const_data_ptr<scalar_t>();
+  const scalar_t* kp = kv.const_data_ptr<scalar_t>();
+  const scalar_t* np = norm.const_data_ptr<scalar_t>();
+  const scalar_t* cp = cos.const_data_ptr<scalar_t>();
+  const scalar_t* sp = sin.const_data_ptr<scalar_t>();
+  const weight_t* wp = wkv_b.const_data_ptr<weight_t>();
+  scalar_t* cache_p = cache.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  // x [rope] -> rotated [rope], each product and sum rounded like torch's ops in the dtype.
+  auto rotate = [&](const scalar_t* x, float* y) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = static_cast<float>(interleaved ? x[2 * i] : x[i]);
+      const float x2 = static_cast<float>(interleaved ? x[2 * i + 1] : x[i + half]);
+      const float c = static_cast<float>(cp[i]), s = static_cast<float>(sp[i]);
+      y[i] = rounded<scalar_t>(rounded<scalar_t>(x1 * c) - rounded<scalar_t>(x2 * s));
+      y[half + i] = rounded<scalar_t>(rounded<scalar_t>(x2 * c) + rounded<scalar_t>(x1 * s));
+    }
+  };
+  std::vector<float> rotated(rope);
+  for (int64_t b = 0; b < B; ++b) {  // the new row: normalised c_kv, rotated k_pe
+    const scalar_t* c_kv = kp + b * (R + rope);
+    scalar_t* dst = cache_p + (position * B + b) * row;
+    const float factor = 1.f / std::sqrt(dot(c_kv, c_kv, R) / static_cast<float>(R) + static_cast<float>(eps));
+    for (int64_t i = 0; i < R; ++i)
+      dst[i] = static_cast<scalar_t>(static_cast<float>(np[i]) * rounded<scalar_t>(static_cast<float>(c_kv[i]) * factor));
+    rotate(c_kv + R, rotated.data());
+    for (int64_t i = 0; i < rope; ++i) dst[R + i] = static_cast<scalar_t>(rotated[i]);
+  }
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(keys * row + nope * R, 1));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> query(row), scores(keys), mixed(R);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const scalar_t* qh = qp + bh * (nope + rope);
+      const weight_t* w = wp + h * (nope + v_dim) * R;  // W_UK [nope, rank], then W_UV [v, rank]
+      std::fill(query.begin(), query.begin() + R, 0.f);
+      for (int64_t n = 0; n < nope; ++n) {
+        const float qn = static_cast<float>(qh[n]);
+        for (int64_t r = 0; r < R; ++r) query[r] += qn * static_cast<float>(w[n * R + r]);
+      }
+      for (int64_t r = 0; r < R; ++r) query[r] = rounded<scalar_t>(query[r]);
+      rotate(qh + nope, query.data() + R);
+      float best = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < keys; ++j) {
+        scores[j] = dot(query.data(), cache_p + (j * B + b) * row, row) * static_cast<float>(scale);
+        best = std::max(best, scores[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j < keys; ++j) total += (scores[j] = std::exp(scores[j] - best));
+      std::fill(mixed.begin(), mixed.end(), 0.f);
+      for (int64_t j = 0; j < keys; ++j) {
+        const float p = scores[j] / total;
+        const scalar_t* c = cache_p + (j * B + b) * row;
+        for (int64_t r = 0; r < R; ++r) mixed[r] += p * static_cast<float>(c[r]);
+      }
+      for (int64_t r = 0; r < R; ++r) mixed[r] = rounded<scalar_t>(mixed[r]);
+      for (int64_t i = 0; i < v_dim; ++i)
+        op[bh * v_dim + i] = static_cast<scalar_t>(dot(mixed.data(), w + (nope + i) * R, R));
+    }
+  });
+}
+
+at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& norm, double eps,
+                      const at::Tensor& cos, const at::Tensor& sin, at::Tensor& cache, int64_t position,
+                      const at::Tensor& wkv_b, int64_t v_dim, double scale, bool interleaved) {
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.is_contiguous(), "mla_decode: q must be [B, H, nope + rope]");
+  const int64_t B = q.size(0), H = q.size(1), R = norm.numel();
+  TORCH_CHECK(cache.is_contiguous() && cache.dim() == 3 && cache.size(1) == B && cache.size(2) > R &&
+                  cache.scalar_type() == q.scalar_type(), "mla_decode: cache must be [L, B, rank + rope] in q's dtype");
+  const int64_t rope = cache.size(2) - R, nope = q.size(2) - rope;
+  TORCH_CHECK(rope % 2 == 0 && nope > 0, "mla_decode: q's heads do not split into nope and rope parts");
+  TORCH_CHECK(kv.is_contiguous() && kv.numel() == B * (R + rope) && kv.scalar_type() == q.scalar_type(),
+              "mla_decode: kv must be [B, rank + rope] in q's dtype");
+  TORCH_CHECK(norm.is_contiguous() && norm.dim() == 1 && norm.scalar_type() == q.scalar_type(),
+              "mla_decode: norm must be [rank] in q's dtype");
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->is_contiguous() && t->numel() == rope / 2 && t->scalar_type() == q.scalar_type(),
+                "mla_decode: cos and sin must be [rope / 2] in q's dtype");
+  TORCH_CHECK(wkv_b.is_contiguous() && wkv_b.numel() == H * (nope + v_dim) * R &&
+                  (wkv_b.scalar_type() == at::kFloat || wkv_b.scalar_type() == q.scalar_type()),
+              "mla_decode: wkv_b must be [H, nope + v, rank], float32 or q's dtype");
+  TORCH_CHECK(position >= 0 && position < cache.size(0), "mla_decode: position ", position, " outside the cache");
+  at::Tensor out = at::empty({B, H * v_dim}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mla_decode", [&] {
+    if (wkv_b.scalar_type() == at::kFloat)
+      mla_decode_impl<scalar_t, float>(q, kv, norm, eps, cos, sin, cache, position, wkv_b, v_dim, scale, interleaved, out);
+    else
+      mla_decode_impl<scalar_t, scalar_t>(q, kv, norm, eps, cos, sin, cache, position, wkv_b, v_dim, scale,
+                                          interleaved, out);
+  });
+  return out;
+}
+
 }  // namespace
 
 #ifndef LLMCLI_OPS_NAMESPACE
@@ -153,8 +261,11 @@ TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int position, "
         "int heads, int window, float scale) -> Tensor");
+  m.def("mla_decode(Tensor q, Tensor kv, Tensor norm, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
+        "int position, Tensor wkv_b, int v_dim, float scale, bool interleaved) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("decode_attention", &decode_attention);
+  m.impl("mla_decode", &mla_decode);
 }
