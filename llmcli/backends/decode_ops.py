@@ -19,10 +19,13 @@ import torch
 from torch import nn
 
 from llmcli.backends import cpu_kernels
+from llmcli.backends.experts import StackedExperts
+from llmcli.backends.int4 import Int4Linear
+from llmcli.backends.int8 import Int8Linear
 from llmcli.models.cache import KVLayerCache, LatentLayerCache
-from llmcli.models.deepseek import MLAttention
-from llmcli.models.hooks import ATTN_PROBS, AttentionWeights, asks
-from llmcli.models.layers import RMSNorm, head_probs
+from llmcli.models.deepseek import MLAttention, Router
+from llmcli.models.hooks import ATTN_PROBS, AttentionWeights, RouterChoice, asks
+from llmcli.models.layers import RMSNorm, SwiGLU, head_probs
 from llmcli.models.qwen import Attention
 from llmcli.models.rope import rotate, rotate_pairs
 
@@ -111,6 +114,74 @@ class FusedMLAttention(MLAttention):
                 and self.kv_a_layernorm.weight.dtype == x.dtype)
 
 
+ROUTING_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}  # the op's method codes
+FEW_TOKENS = 16  # the op picks experts in plain loops: for decode steps and small batches
+
+
+class FusedRouter(Router):
+    """A DeepSeek router for a few tokens as one op: torch's float32 logits and scores, then group and expert
+    choice in plain loops (about 20 torch ops of a handful of numbers each, 470 us a layer on a
+    DeepSeek-V3-shaped decode step)."""
+
+    def forward(self, x: torch.Tensor) -> RouterChoice:
+        if not (eager_cpu(x) and x.shape[0] <= FEW_TOKENS and self.method in ROUTING_METHODS
+                and self.scoring in ("sigmoid", "softmax") and self.weight.dtype == torch.float32):
+            return super().forward(x)
+        bias = self.e_score_correction_bias if self.method == "noaux_tc" else None
+        experts, weights, scores, groups = torch.ops.llmcli.route(
+            x, self.weight, bias, self.top_k, ROUTING_METHODS[self.method], self.n_group or 1,
+            self.topk_group or 1, self.scoring == "sigmoid", bool(self.normalise), float(self.scaling))
+        return RouterChoice(experts=experts, weights=weights, scores=scores,
+                            groups=None if self.method == "greedy" else groups)
+
+
+def integer_weights(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(blocks, scales) of a product on the integer kernels, without a bias; None for any other product."""
+    if isinstance(linear, Int8Linear) and linear.integer and linear.bias is None:
+        return linear.weight, linear.scales
+    if isinstance(linear, Int4Linear) and linear.integer and linear.bias is None:
+        return linear.packed, linear.scales_and_mins
+    return None
+
+
+class FusedSwiGLU(SwiGLU):
+    """An MLP on the integer kernels as one op for a few rows: both products, silu(gate) * up between them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if eager_cpu(x) and x.numel() <= FEW_TOKENS * x.shape[-1]:
+            return torch.ops.llmcli.int_swiglu(x, *integer_weights(self.gate_up_proj), *integer_weights(self.down_proj))
+        return super().forward(x)
+
+    @staticmethod
+    def takes(mlp: SwiGLU) -> bool:
+        return mlp.fused and integer_weights(mlp.gate_up_proj) is not None and (
+            type(mlp.gate_up_proj) is type(mlp.down_proj) and integer_weights(mlp.down_proj) is not None)
+
+
+class FusedStackedExperts(StackedExperts):
+    """A decode step's routed experts on the integer kernels as one op: the k experts' gate_up products, SwiGLU,
+    their down products and the weighted mix (about 10 torch ops besides the products, 370 us a layer of a
+    DeepSeek-V3-shaped int8 step)."""
+
+    def _stacked(self, x: torch.Tensor, choice: RouterChoice) -> torch.Tensor:
+        if not eager_cpu(x):
+            return super()._stacked(x, choice)
+        return torch.ops.llmcli.int_swiglu(x, *self.stack("gate_up_proj"), *self.stack("down_proj"),
+                                           choice.experts, choice.weights.float())
+
+    def stack(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        buffers = self._buffers
+        if f"{name}_packed_stack" in buffers:  # int4
+            return buffers[f"{name}_packed_stack"], buffers[f"{name}_scales_and_mins_stack"]
+        return buffers[f"{name}_weight_stack"], buffers[f"{name}_scales_stack"]
+
+    @staticmethod
+    def takes(experts: StackedExperts) -> bool:
+        first = experts[0]
+        return experts.kernel and all(integer_weights(getattr(first, name)) is not None
+                                      for name in ("gate_up_proj", "down_proj"))
+
+
 def fused_class(module: nn.Module) -> type | None:
     if type(module) is RMSNorm:
         return FusedRMSNorm
@@ -118,6 +189,12 @@ def fused_class(module: nn.Module) -> type | None:
         return FusedDecodeAttention
     if type(module) is MLAttention:
         return FusedMLAttention
+    if type(module) is Router:
+        return FusedRouter
+    if type(module) is SwiGLU and FusedSwiGLU.takes(module):
+        return FusedSwiGLU
+    if type(module) is StackedExperts and FusedStackedExperts.takes(module):
+        return FusedStackedExperts
     return None
 
 

@@ -12,11 +12,15 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/softmax.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 // torch rounds every elementwise op's result; a fused multiply-add would skip the rounding of a product
@@ -251,6 +255,86 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tenso
   return out;
 }
 
+// The k largest of values[0..n) (those not -inf-masked out by `allowed`, when given), largest first; ties go to
+// the lower index.
+inline void top(const float* values, int64_t n, int64_t k, const bool* allowed, int64_t* chosen) {
+  for (int64_t c = 0; c < k; ++c) {
+    int64_t best = -1;
+    for (int64_t i = 0; i < n; ++i) {
+      if (allowed != nullptr && !allowed[i]) continue;
+      bool taken = false;
+      for (int64_t p = 0; p < c; ++p) taken = taken || chosen[p] == i;
+      if (!taken && (best < 0 || values[i] > values[best])) best = i;
+    }
+    chosen[c] = best;
+  }
+}
+
+// A DeepSeek MoE router for a few tokens, as llmcli's Router computes it: x [N, hidden] -> logits in float32
+// (weight [E, hidden] float32), scores = sigmoid or softmax; the choice adds `bias` (noaux_tc) for choosing only;
+// method 1 (group_limited_greedy) or 2 (noaux_tc) keeps the topk_group best of n_group groups (by their best
+// score, or the sum of their two best), then the top_k experts among the kept; their scores, normalised to sum
+// 1 (with normalise and top_k > 1), times scaling, ordered by weight. Returns (experts [N, k] int64, weights
+// [N, k] float32, scores [N, E] float32, groups [N, topk_group] int64: empty for greedy routing).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t top_k,
+    int64_t method, int64_t n_group, int64_t topk_group, bool sigmoid, bool normalise, double scaling) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.scalar_type() == at::kFloat && x.size(1) == weight.size(1),
+              "route: x must be [N, hidden] and the weight [E, hidden] float32");
+  const int64_t N = x.size(0), E = weight.size(0);
+  const bool grouped = method != 0;
+  TORCH_CHECK(top_k > 0 && top_k <= E && (!grouped || (n_group > 0 && E % n_group == 0 && topk_group > 0 &&
+                                                       topk_group <= n_group && top_k <= topk_group * (E / n_group))),
+              "route: top_k, n_group and topk_group do not fit ", E, " experts");
+  TORCH_CHECK(!bias.has_value() || (bias->numel() == E && bias->scalar_type() == at::kFloat && bias->is_contiguous()),
+              "route: bias must be [E] float32");
+  const at::Tensor logits = at::linear(x.to(at::kFloat), weight);
+  const at::Tensor scores = (sigmoid ? at::sigmoid(logits) : at::softmax(logits, -1)).contiguous();
+  at::Tensor experts = at::empty({N, top_k}, x.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({N, top_k}, x.options().dtype(at::kFloat));
+  at::Tensor groups = at::empty({N, grouped ? topk_group : 0}, x.options().dtype(at::kLong));
+  const float* sp = scores.const_data_ptr<float>();
+  const float* bp = bias.has_value() && method == 2 ? bias->const_data_ptr<float>() : nullptr;
+  const int64_t per_group = grouped ? E / n_group : E;
+  std::vector<float> choice(E), group_score(std::max<int64_t>(n_group, 1)), chosen_weight(top_k);
+  std::vector<int64_t> chosen(top_k), kept_groups(std::max<int64_t>(topk_group, 1)), two(2), order(top_k);
+  std::vector<char> allowed(E, 1);
+  for (int64_t t = 0; t < N; ++t) {
+    const float* row = sp + t * E;
+    for (int64_t e = 0; e < E; ++e) choice[e] = bp ? row[e] + bp[e] : row[e];
+    if (grouped) {
+      for (int64_t g = 0; g < n_group; ++g) {
+        const float* in_group = choice.data() + g * per_group;
+        if (method == 2) {
+          top(in_group, per_group, 2, nullptr, two.data());
+          group_score[g] = in_group[two[0]] + in_group[two[1]];
+        } else {
+          group_score[g] = *std::max_element(in_group, in_group + per_group);
+        }
+      }
+      top(group_score.data(), n_group, topk_group, nullptr, kept_groups.data());
+      std::fill(allowed.begin(), allowed.end(), 0);
+      for (int64_t i = 0; i < topk_group; ++i) {
+        groups.data_ptr<int64_t>()[t * topk_group + i] = kept_groups[i];
+        std::fill(allowed.begin() + kept_groups[i] * per_group, allowed.begin() + (kept_groups[i] + 1) * per_group, 1);
+      }
+    }
+    top(choice.data(), E, top_k, grouped ? reinterpret_cast<const bool*>(allowed.data()) : nullptr, chosen.data());
+    float total = 0.f;
+    for (int64_t i = 0; i < top_k; ++i) total += (chosen_weight[i] = row[chosen[i]]);
+    for (int64_t i = 0; i < top_k; ++i) {
+      if (normalise && top_k > 1) chosen_weight[i] = chosen_weight[i] / (total + 1e-20f);
+      chosen_weight[i] = chosen_weight[i] * static_cast<float>(scaling);
+    }
+    top(chosen_weight.data(), top_k, top_k, nullptr, order.data());
+    for (int64_t i = 0; i < top_k; ++i) {
+      experts.data_ptr<int64_t>()[t * top_k + i] = chosen[order[i]];
+      weights.data_ptr<float>()[t * top_k + i] = chosen_weight[order[i]];
+    }
+  }
+  return {experts, weights, scores, groups};
+}
+
 }  // namespace
 
 #ifndef LLMCLI_OPS_NAMESPACE
@@ -263,9 +347,12 @@ TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
         "int heads, int window, float scale) -> Tensor");
   m.def("mla_decode(Tensor q, Tensor kv, Tensor norm, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
         "int position, Tensor wkv_b, int v_dim, float scale, bool interleaved) -> Tensor");
+  m.def("route(Tensor x, Tensor weight, Tensor? bias, int top_k, int method, int n_group, int topk_group, "
+        "bool sigmoid, bool normalise, float scaling) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("decode_attention", &decode_attention);
   m.impl("mla_decode", &mla_decode);
+  m.impl("route", &route);
 }

@@ -1,6 +1,6 @@
-"""The fused one-token latent attention op (DeepSeek's absorbed MLA, backends/decode_ops.py) against the model's
-torch path: whole models with and without q_lora, probabilities recorded beside the op, and the cases that
-must fall back to the torch path."""
+"""DeepSeek's fused decode ops (backends/decode_ops.py) against the model's torch path: the one-token latent
+attention (whole models with and without q_lora, probabilities recorded beside the op, the cases that must
+fall back) and the router (each routing method, on many random tokens)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from llmcli.backends import decode_ops
-from llmcli.backends.decode_ops import FusedMLAttention
+from llmcli.backends.decode_ops import FusedMLAttention, FusedRouter, FusedStackedExperts, FusedSwiGLU
+from llmcli.backends.experts import StackedExperts
 from llmcli.loader import load_model
 from llmcli.models.hooks import ATTN_PROBS
+from llmcli.models.layers import SwiGLU
 from tests.test_decode_ops import decode
 
 pytestmark = pytest.mark.skipif(not decode_ops.available(), reason="llmcli's CPU kernels could not be built here")
@@ -116,3 +118,82 @@ def test_mla_op_rejects_bad_shapes():
         torch.ops.llmcli.mla_decode(q, kv, norm, 1e-6, cos, sin, cache, 4, w, 16, 0.1, True)
     with pytest.raises(RuntimeError, match="wkv_b must be"):
         torch.ops.llmcli.mla_decode(q, kv, norm, 1e-6, cos, sin, cache, 0, w[:1], 16, 0.1, True)
+
+
+ROUTERS = {  # method, scoring, experts, groups, kept groups, k, normalise, scaling
+    "v2-lite greedy": ("greedy", "softmax", 64, 1, 1, 6, False, 1.0),
+    "v2 group-limited": ("group_limited_greedy", "softmax", 160, 8, 3, 6, False, 16.0),
+    "v3 noaux_tc": ("noaux_tc", "sigmoid", 256, 8, 4, 8, True, 2.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_router_op_chooses_like_the_torch_router(name):
+    """Experts and groups equal the torch router's; weights and scores equal too, or within a float32 step
+    where the order of a sum differs."""
+    from types import SimpleNamespace
+
+    from llmcli.models.deepseek import Router
+
+    method, scoring, experts, groups, kept, k, normalise, scaling = ROUTERS[name]
+    cfg = SimpleNamespace(num_experts_per_tok=k, topk_method=method, scoring_func=scoring, n_group=groups,
+                          topk_group=kept, norm_topk_prob=normalise, routed_scaling_factor=scaling,
+                          n_routed_experts=experts, hidden_size=64)
+    torch.manual_seed(experts)
+    router = Router(cfg)
+    with torch.no_grad():
+        router.weight.normal_()
+        if method == "noaux_tc":
+            router.e_score_correction_bias.normal_(std=0.1)
+    x = torch.randn(16, 64).bfloat16()
+    for tokens in (x[:1], x):
+        router.__class__ = Router
+        want = router(tokens)
+        router.__class__ = FusedRouter
+        got = router(tokens)
+        assert torch.equal(got.experts, want.experts)
+        assert torch.equal(got.scores, want.scores)
+        torch.testing.assert_close(got.weights, want.weights, rtol=2e-7, atol=0)
+        assert (got.groups is None) == (want.groups is None)
+        if want.groups is not None:
+            assert torch.equal(got.groups, want.groups)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        torch.ops.llmcli.route(x, router.weight, None, experts + 1, 0, 1, 1, True, True, 1.0)
+
+
+def test_models_use_the_router_op(mla_case):
+    fused, plain = models(mla_case, "float32")
+    assert any(isinstance(m, FusedRouter) for m in fused.model.modules())
+    assert not any(isinstance(m, FusedRouter) for m in plain.model.modules())
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_integer_mlps_and_experts_as_one_op_equal_the_torch_path(mla_case, quantize):
+    """Dense and shared MLPs and a decode step's routed experts on the integer kernels, each one op call: bit for
+    bit the modules' own products and torch ops."""
+    name, path = mla_case
+    runner = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
+    mlps = [m for m in runner.model.modules() if isinstance(m, FusedSwiGLU)]
+    experts = [m for m in runner.model.modules() if isinstance(m, FusedStackedExperts)]
+    if not mlps:
+        pytest.skip(f"{quantize} products are not on the integer kernels on this CPU")
+    assert experts
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for mlp in mlps:
+            x = torch.randn(2, 1, 64).bfloat16()
+            fused = mlp(x)
+            mlp.__class__ = SwiGLU
+            assert torch.equal(fused, mlp(x))
+            mlp.__class__ = FusedSwiGLU
+        for module in experts:
+            x = torch.randn(3, 64).bfloat16()
+            choice = module_router(runner, module)(x)
+            fused = module(x, choice)
+            module.__class__ = StackedExperts
+            assert torch.equal(fused, module(x, choice))
+            module.__class__ = FusedStackedExperts
+
+
+def module_router(runner, experts):
+    return next(m.gate for m in runner.model.modules() if getattr(m, "experts", None) is experts)
