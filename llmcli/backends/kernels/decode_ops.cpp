@@ -21,6 +21,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 // torch rounds every elementwise op's result; a fused multiply-add would skip the rounding of a product
@@ -50,6 +51,54 @@ inline float dot(const A* a, const B* b, int64_t n) {
   for (; i < n; ++i) total += static_cast<float>(a[i]) * static_cast<float>(b[i]);
   for (int l = 0; l < 8; ++l) total += partial[l];
   return total;
+}
+
+// Sums for the latent attention's products: sum_i a[i] * b[i] with float a, and y[i] += a * w[i]. With AVX2
+// (this file is compiled inside int_dot.cpp's unit) 8 lanes at a time with fused multiply-adds: these are sums
+// whose order already differs from torch's, so contraction changes nothing observable.
+#if defined(LLMCLI_INT_DOT_AVX2)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {  // bfloat16 is float32's upper half
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+template <typename T>
+inline constexpr bool kVectorType = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> ||
+                                    std::is_same_v<T, c10::Half>;
+#endif
+
+template <typename B>
+inline float dot_float(const float* a, const B* b, int64_t n) {
+#if defined(LLMCLI_INT_DOT_AVX2)
+  if constexpr (kVectorType<B>) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), s1);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, _mm256_add_ps(s0, s1));
+    float total = 0.f;
+    for (; i < n; ++i) total += a[i] * static_cast<float>(b[i]);
+    for (float lane : lanes) total += lane;
+    return total;
+  }
+#endif
+  return dot(a, b, n);
+}
+
+template <typename W>
+inline void add_scaled(float a, const W* w, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(LLMCLI_INT_DOT_AVX2)
+  if constexpr (kVectorType<W>) {
+    const __m256 av = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load8(w + i), _mm256_loadu_ps(y + i)));
+  }
+#endif
+  for (; i < n; ++i) y[i] += a * static_cast<float>(w[i]);
 }
 
 // RMSNorm as llmcli's models compute it: y = weight * to_dtype(x * rsqrt(mean(x^2) + eps)), x in float32.
@@ -198,28 +247,23 @@ void mla_decode_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor
       const scalar_t* qh = qp + bh * (nope + rope);
       const weight_t* w = wp + h * (nope + v_dim) * R;  // W_UK [nope, rank], then W_UV [v, rank]
       std::fill(query.begin(), query.begin() + R, 0.f);
-      for (int64_t n = 0; n < nope; ++n) {
-        const float qn = static_cast<float>(qh[n]);
-        for (int64_t r = 0; r < R; ++r) query[r] += qn * static_cast<float>(w[n * R + r]);
-      }
+      for (int64_t n = 0; n < nope; ++n) add_scaled(static_cast<float>(qh[n]), w + n * R, query.data(), R);
       for (int64_t r = 0; r < R; ++r) query[r] = rounded<scalar_t>(query[r]);
       rotate(qh + nope, query.data() + R);
       float best = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < keys; ++j) {
-        scores[j] = dot(query.data(), cache_p + (j * B + b) * row, row) * static_cast<float>(scale);
+        scores[j] = dot_float(query.data(), cache_p + (j * B + b) * row, row) * static_cast<float>(scale);
         best = std::max(best, scores[j]);
       }
       float total = 0.f;
       for (int64_t j = 0; j < keys; ++j) total += (scores[j] = std::exp(scores[j] - best));
       std::fill(mixed.begin(), mixed.end(), 0.f);
       for (int64_t j = 0; j < keys; ++j) {
-        const float p = scores[j] / total;
-        const scalar_t* c = cache_p + (j * B + b) * row;
-        for (int64_t r = 0; r < R; ++r) mixed[r] += p * static_cast<float>(c[r]);
+        add_scaled(scores[j] / total, cache_p + (j * B + b) * row, mixed.data(), R);
       }
       for (int64_t r = 0; r < R; ++r) mixed[r] = rounded<scalar_t>(mixed[r]);
       for (int64_t i = 0; i < v_dim; ++i)
-        op[bh * v_dim + i] = static_cast<scalar_t>(dot(mixed.data(), w + (nope + i) * R, R));
+        op[bh * v_dim + i] = static_cast<scalar_t>(dot_float(mixed.data(), w + (nope + i) * R, R));
     }
   });
 }
