@@ -379,6 +379,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route(
   return {experts, weights, scores, groups};
 }
 
+// SwiGLU through the integer products (int_dot.cpp, this unit), as one op for a decode step: down(silu(gate) * up)
+// with [gate | up] = gate_up(x). Weights are int8 blocks with scales or int4 blocks with scales and mins (by
+// gate_up's dtype), one matrix each, or stacks [E, ...] with experts [N, k] and weights [N, k] float32: each token
+// x [N, hidden] runs through its k experts, mixed as sum_k weight * output in float32, rounded to x's dtype.
+// silu and the product are rounded to the dtype as torch's ops round them; silu's exp is the C library's (torch's
+// vectorised one may differ in the last bit of float32, rarely visible after rounding to bfloat16).
+at::Tensor int_swiglu(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& gate_up_scales,
+                      const at::Tensor& down, const at::Tensor& down_scales, const std::optional<at::Tensor>& experts,
+                      const std::optional<at::Tensor>& weights) {
+  TORCH_CHECK(down.scalar_type() == gate_up.scalar_type(), "int_swiglu: gate_up and down must share a format");
+  auto product = [&](const at::Tensor& in, const at::Tensor& w, const at::Tensor& s,
+                     const std::optional<at::Tensor>& ids) {
+    return w.scalar_type() == at::kByte ? int4_dot(in, w, s, ids, std::nullopt) : int8_dot(in, w, s, ids, std::nullopt);
+  };
+  at::Tensor rows = x;
+  std::optional<at::Tensor> ids;
+  int64_t k = 1;
+  if (experts.has_value()) {
+    TORCH_CHECK(weights.has_value() && x.dim() == 2 && experts->dim() == 2 && experts->size(0) == x.size(0) &&
+                    weights->sizes() == experts->sizes() && weights->scalar_type() == at::kFloat &&
+                    weights->is_contiguous(), "int_swiglu: x [N, hidden] needs experts [N, k] and float32 weights [N, k]");
+    k = experts->size(1);
+    rows = x.unsqueeze(1).expand({x.size(0), k, x.size(1)});
+    ids = experts->reshape({-1}).contiguous();
+  }
+  const at::Tensor both = product(rows, gate_up, gate_up_scales, ids);
+  const int64_t I = both.size(-1) / 2, count = both.numel() / std::max<int64_t>(2 * I, 1);
+  std::vector<int64_t> shape(both.sizes().begin(), both.sizes().end());
+  shape.back() = I;
+  at::Tensor hidden = at::empty(shape, both.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, both.scalar_type(), "int_swiglu", [&] {
+    const scalar_t* bp = both.const_data_ptr<scalar_t>();
+    scalar_t* hp = hidden.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < count; ++r)
+      for (int64_t i = 0; i < I; ++i) {
+        const float gate = static_cast<float>(bp[r * 2 * I + i]), up = static_cast<float>(bp[r * 2 * I + I + i]);
+        hp[r * I + i] = static_cast<scalar_t>(rounded<scalar_t>(gate / (1.f + std::exp(-gate))) * up);
+      }
+  });
+  const at::Tensor out = product(hidden, down, down_scales, ids);
+  if (!experts.has_value()) return out;
+  const int64_t N = x.size(0), D = out.size(-1);
+  at::Tensor mixed = at::empty({N, D}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "int_swiglu", [&] {
+    const scalar_t* op = out.const_data_ptr<scalar_t>();
+    const float* wp = weights->const_data_ptr<float>();
+    scalar_t* mp = mixed.data_ptr<scalar_t>();
+    std::vector<float> total(D);
+    for (int64_t n = 0; n < N; ++n) {
+      std::fill(total.begin(), total.end(), 0.f);
+      for (int64_t e = 0; e < k; ++e)  // in the order of the experts, as torch sums over that axis
+        for (int64_t d = 0; d < D; ++d) total[d] += static_cast<float>(op[(n * k + e) * D + d]) * wp[n * k + e];
+      for (int64_t d = 0; d < D; ++d) mp[n * D + d] = static_cast<scalar_t>(total[d]);
+    }
+  });
+  return mixed;
+}
+
 }  // namespace
 
 #ifndef LLMCLI_OPS_NAMESPACE
@@ -391,6 +449,8 @@ TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
         "int heads, int window, float scale) -> Tensor");
   m.def("mla_decode(Tensor q, Tensor kv, Tensor norm, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
         "int position, Tensor wkv_b, int v_dim, float scale, bool interleaved) -> Tensor");
+  m.def("int_swiglu(Tensor x, Tensor gate_up, Tensor gate_up_scales, Tensor down, Tensor down_scales, "
+        "Tensor? experts=None, Tensor? weights=None) -> Tensor");
   m.def("route(Tensor x, Tensor weight, Tensor? bias, int top_k, int method, int n_group, int topk_group, "
         "bool sigmoid, bool normalise, float scaling) -> (Tensor, Tensor, Tensor, Tensor)");
 }
@@ -399,4 +459,5 @@ TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("mla_decode", &mla_decode);
   m.impl("route", &route);
+  m.impl("int_swiglu", &int_swiglu);
 }

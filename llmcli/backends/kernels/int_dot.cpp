@@ -21,9 +21,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mul.h>
-#include <ATen/ops/silu.h>
-#include <ATen/ops/sum.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -344,36 +341,6 @@ at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   return run_rows(x, blocks, block, [](int64_t, int64_t) { return 1.f; }, RowValues(bias), ids != nullptr);
 }
 
-// SwiGLU through the integer products, as one op for a decode step: down(silu(gate) * up) with [gate | up] =
-// gate_up(x). Weights are int8 blocks with scales or int4 blocks with scales and mins (by gate_up's dtype), one
-// matrix each, or stacks [E, ...] with experts [N, k] and weights [N, k] float32: each token x [N, hidden] runs
-// through its k experts and their outputs are mixed as sum_k weight * output in float32. Every step rounds as the
-// torch code it replaces (the same ops, called from here without Python between them).
-at::Tensor int_swiglu(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& gate_up_scales,
-                      const at::Tensor& down, const at::Tensor& down_scales, const std::optional<at::Tensor>& experts,
-                      const std::optional<at::Tensor>& weights) {
-  TORCH_CHECK(down.scalar_type() == gate_up.scalar_type(), "int_swiglu: gate_up and down must share a format");
-  auto product = [&](const at::Tensor& in, const at::Tensor& w, const at::Tensor& s,
-                     const std::optional<at::Tensor>& ids) {
-    return w.scalar_type() == at::kByte ? int4_dot(in, w, s, ids, std::nullopt) : int8_dot(in, w, s, ids, std::nullopt);
-  };
-  at::Tensor rows = x;
-  std::optional<at::Tensor> ids;
-  if (experts.has_value()) {
-    TORCH_CHECK(weights.has_value() && x.dim() == 2 && experts->dim() == 2 && experts->size(0) == x.size(0) &&
-                    weights->sizes() == experts->sizes() && weights->scalar_type() == at::kFloat,
-                "int_swiglu: x [N, hidden] needs experts [N, k] and float32 weights [N, k]");
-    rows = x.unsqueeze(1).expand({x.size(0), experts->size(1), x.size(1)});
-    ids = experts->reshape({-1}).contiguous();
-  }
-  const at::Tensor both = product(rows, gate_up, gate_up_scales, ids);
-  const int64_t I = both.size(-1) / 2;
-  const at::Tensor hidden = at::mul(at::silu(both.narrow(-1, 0, I)), both.narrow(-1, I, I));
-  const at::Tensor out = product(hidden, down, down_scales, ids);
-  if (!experts.has_value()) return out;
-  return at::sum(at::mul(out.to(at::kFloat), weights->unsqueeze(-1)), {1}).to(x.scalar_type());
-}
-
 // The int4 weight as row-major [N, K] in `dtype` (q * scale + min, in float then rounded), for prompts.
 at::Tensor int4_unblock(const at::Tensor& w, const at::Tensor& sm, at::ScalarType dtype) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 4 && w.is_contiguous() && w.size(2) == kRows &&
@@ -421,15 +388,12 @@ TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
   m.def("int8_dot(Tensor x, Tensor w, Tensor scales, Tensor? experts=None, Tensor? bias=None) -> Tensor");
   m.def("int4_dot(Tensor x, Tensor w, Tensor sm, Tensor? experts=None, Tensor? bias=None) -> Tensor");
   m.def("int4_unblock(Tensor w, Tensor sm, ScalarType dtype) -> Tensor");
-  m.def("int_swiglu(Tensor x, Tensor gate_up, Tensor gate_up_scales, Tensor down, Tensor down_scales, "
-        "Tensor? experts=None, Tensor? weights=None) -> Tensor");
   m.def("int_dot_isa() -> str", &int_dot_isa);
 }
 TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) {
   m.impl("int8_dot", &int8_dot);
   m.impl("int4_dot", &int4_dot);
   m.impl("int4_unblock", &int4_unblock);
-  m.impl("int_swiglu", &int_swiglu);
 }
 
 // The eager decode ops, in this translation unit (torch's headers cost ~10 s per unit to compile).
