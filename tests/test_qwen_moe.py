@@ -175,7 +175,9 @@ def test_int8_runs_and_stays_close(case, run_cli):
     ids = prompt_ids(path)
     bf16 = load_model(name, path, device="cpu", dtype="bfloat16").runner
     int8 = load_model(name, path, device="cpu", dtype="bfloat16", quantize="int8").runner
-    experts = [m for m in int8.model.modules() if type(m).__name__ in ("Experts", "StackedExperts")]
+    from llmcli.models.layers import Experts
+
+    experts = [m for m in int8.model.modules() if isinstance(m, Experts)]
     assert experts and any(isinstance(m, Int8Linear) for m in int8.model.modules())
     a, b = logits(bf16, ids).float(), logits(int8, ids).float()
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.98
