@@ -11,9 +11,8 @@ from llmcli.backends import decode_ops
 from llmcli.backends.decode_ops import FusedMLAttention, FusedRouter, FusedStackedExperts, FusedSwiGLU
 from llmcli.backends.experts import StackedExperts
 from llmcli.loader import load_model
-from llmcli.models.hooks import ATTN_PROBS
 from llmcli.models.layers import SwiGLU
-from tests.test_decode_ops import decode
+from tests.test_decode_ops import Probs, decode, step
 
 pytestmark = pytest.mark.skipif(not decode_ops.available(), reason="llmcli's CPU kernels could not be built here")
 
@@ -52,28 +51,10 @@ def test_mla_decodes_like_the_torch_path(mla_case, dtype):
         assert (logits[:4] - plain_logits[:4]).abs().max().item() < 0.05 * scale
 
 
-class Probs:
-    optional_points = (ATTN_PROBS,)
-
-    def __init__(self):
-        self.seen = []
-
-    def record(self, layer, what, value):
-        if what == ATTN_PROBS:
-            self.seen.append(value.probs)
-
-
 def test_mla_probabilities_are_recorded_beside_the_op(mla_case):
     """A recorder asking for attention probabilities gets the torch path's; the logits stay those of a step
     without a recorder, bit for bit."""
     fused, plain = models(mla_case, "bfloat16")
-
-    def step(runner, recorder=None):
-        cache = runner.make_cache(1, 24)
-        with torch.inference_mode():
-            runner(torch.tensor([list(range(3, 20))]), cache)
-            return runner(torch.tensor([[7]]), cache, recorder=recorder)
-
     fused_probs, torch_probs = Probs(), Probs()
     assert torch.equal(step(fused, fused_probs), step(fused))
     step(plain, torch_probs)

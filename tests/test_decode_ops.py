@@ -10,6 +10,7 @@ import torch
 from llmcli.backends import decode_ops
 from llmcli.backends.decode_ops import FusedDecodeAttention, FusedRMSNorm
 from llmcli.loader import load_model
+from llmcli.models.hooks import ATTN_PROBS
 from llmcli.models.layers import RMSNorm
 from llmcli.models.rope import rotate
 
@@ -145,29 +146,32 @@ def test_batch_rows_of_a_cache_use_the_torch_path(case):
     assert attention._fits(x, cos, cache.layers[attention.index], span, None, None)
 
 
+class Probs:
+    """A recorder that asks for attention probabilities and keeps them."""
+
+    optional_points = (ATTN_PROBS,)
+
+    def __init__(self):
+        self.seen = []
+
+    def record(self, layer, what, value):
+        if what == ATTN_PROBS:
+            self.seen.append(value.probs)
+
+
+def step(runner, recorder=None):
+    """A 17-token prompt, then one decode step's logits."""
+    cache = runner.make_cache(1, 24)
+    with torch.inference_mode():
+        runner(torch.tensor([list(range(3, 20))]), cache)
+        return runner(torch.tensor([[7]]), cache, recorder=recorder)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_attention_probabilities_are_recorded_beside_the_op(case, dtype):
     """A recorder asking for attention probabilities gets the torch path's, and the step's logits are those of
     a step without a recorder."""
-    from llmcli.models.hooks import ATTN_PROBS
-
     name, path = case
-
-    class Probs:
-        optional_points = (ATTN_PROBS,)
-
-        def __init__(self):
-            self.seen = []
-
-        def record(self, layer, what, value):
-            if what == ATTN_PROBS:
-                self.seen.append(value.probs)
-
-    def step(runner, recorder=None):
-        cache = runner.make_cache(1, 24)
-        with torch.inference_mode():
-            runner(torch.tensor([list(range(3, 20))]), cache)
-            return runner(torch.tensor([[7]]), cache, recorder=recorder)
 
     fused = load_model(name, path, device="cpu", dtype=dtype).runner
     plain = load_model(name, path, device="cpu", dtype=dtype, fused_decode=False).runner
