@@ -23,12 +23,11 @@ def mla_case(request, tmp_path_factory):
 
     kind, overrides = CASES[request.param]
     path = tmp_path_factory.mktemp(request.param)
-    build_reference(kind, overrides, path)
-    return request.param, path
+    return request.param, path, build_reference(kind, overrides, path)
 
 
 def models(case, dtype):
-    name, path = case
+    name, path, _ = case
     fused = load_model(name, path, device="cpu", dtype=dtype).runner
     plain = load_model(name, path, device="cpu", dtype=dtype, fused_decode=False).runner
     assert any(isinstance(m, FusedMLAttention) for m in fused.model.modules())
@@ -46,6 +45,10 @@ def test_mla_decodes_like_the_torch_path(mla_case, dtype):
     if dtype == "float32":
         assert tokens == plain_tokens
         assert (logits - plain_logits).abs().max().item() < 1e-4 * scale
+        # and against transformers' own model, run over the whole sequence at once
+        with torch.inference_mode():
+            theirs = mla_case[2](torch.tensor([prompt + tokens])).logits[0, len(prompt):].float()
+        assert (logits - theirs).abs().max().item() < 1e-4 * scale
     else:
         assert tokens[:4] == plain_tokens[:4]
         assert (logits[:4] - plain_logits[:4]).abs().max().item() < 0.05 * scale
@@ -152,7 +155,7 @@ def test_models_use_the_router_op(mla_case):
 def test_integer_mlps_and_experts_as_one_op_equal_the_torch_path(mla_case, quantize):
     """Dense and shared MLPs and a decode step's routed experts on the integer kernels, each one op call: bit for
     bit the modules' own products and torch ops."""
-    name, path = mla_case
+    name, path, _ = mla_case
     runner = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
     mlps = [m for m in runner.model.modules() if isinstance(m, FusedSwiGLU)]
     experts = [m for m in runner.model.modules() if isinstance(m, FusedStackedExperts)]

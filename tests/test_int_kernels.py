@@ -157,7 +157,9 @@ def test_bad_inputs_are_refused_not_read_out_of_bounds():
     with pytest.raises(RuntimeError, match="inputs"):
         int_dot.int8_dot(torch.randn(1, 32), int8_kernel.to_blocks(q), scale)
     with pytest.raises(RuntimeError, match="expert out of range"):
-        int_dot.int8_dot(torch.randn(1, 64), int8_kernel.to_blocks(q), scale, torch.tensor([1]))
+        int_dot.int8_dot(torch.randn(1, 64), int8_kernel.to_blocks(q)[None], scale[None], torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="with a stack of weights"):
+        int_dot.int8_dot(torch.randn(1, 64), int8_kernel.to_blocks(q), scale, torch.tensor([0]))
     (q4, s4, low), _ = int4_weight(16, 64)
     packed, sm = int_dot.int4_blocks(q4, s4, low)
     with pytest.raises(RuntimeError, match="float16"):

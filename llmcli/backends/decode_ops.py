@@ -171,12 +171,6 @@ class FusedStackedExperts(StackedExperts):
         return torch.ops.llmcli.int_swiglu(x, *self.stack("gate_up_proj"), *self.stack("down_proj"),
                                            choice.experts, choice.weights.float())
 
-    def stack(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        buffers = self._buffers
-        if f"{name}_packed_stack" in buffers:  # int4
-            return buffers[f"{name}_packed_stack"], buffers[f"{name}_scales_and_mins_stack"]
-        return buffers[f"{name}_weight_stack"], buffers[f"{name}_scales_stack"]
-
     @staticmethod
     def takes(experts: StackedExperts) -> bool:
         first = experts[0]

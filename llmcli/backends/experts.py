@@ -75,15 +75,20 @@ class StackedExperts(Experts):
             return self._stacked(x, choice)
         return super().forward(x, choice)
 
+    def stack(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A projection's stacks: int4 blocks with their scales and minimums, else the weights with their int8
+        scales (None for bfloat16 weights)."""
+        buffers = self._buffers
+        if f"{name}_packed_stack" in buffers:
+            return buffers[f"{name}_packed_stack"], buffers[f"{name}_scales_and_mins_stack"]
+        return buffers[f"{name}_weight_stack"], buffers.get(f"{name}_scales_stack")
+
     def _project(self, inputs: torch.Tensor, name: str, choice: RouterChoice) -> torch.Tensor:
+        stack, scales = self.stack(name)
         if self.kernel:  # the kernel picks each row's expert itself
             rows = inputs.expand(*choice.experts.shape, inputs.shape[-1])
-            packed = self._buffers.get(f"{name}_packed_stack")
-            if packed is not None:  # int4 blocks
-                sm = self._buffers[f"{name}_scales_and_mins_stack"]
-                return int_dot.int4_dot(rows, packed, sm, choice.experts.reshape(-1))
-        stack, scales = self._buffers[f"{name}_weight_stack"], self._buffers.get(f"{name}_scales_stack")
-        if self.kernel:
+            if stack.dtype == torch.uint8:  # int4 blocks
+                return int_dot.int4_dot(rows, stack, scales, choice.experts.reshape(-1))
             if stack.dtype == torch.int8:
                 integer = getattr(getattr(self[0], name), "integer", False)  # activations quantised to int8
                 product = int_dot.int8_dot if integer else int8_kernel.gemv

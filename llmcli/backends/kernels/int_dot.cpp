@@ -264,6 +264,20 @@ void check_rows(const at::Tensor& x, int64_t K, const std::optional<at::Tensor>&
               name, ": bias must be [", N, "] in x's dtype");
 }
 
+// Each of the M rows' matrix in a stack of E (experts [M] int64, checked), or nullptr for one matrix.
+const int64_t* expert_ids(const std::optional<at::Tensor>& experts, int64_t M, bool stacked, int64_t E,
+                          const char* name) {
+  if (!experts.has_value()) {
+    TORCH_CHECK(E == 1, name, ": a stack of weights needs experts");
+    return nullptr;
+  }
+  TORCH_CHECK(stacked && experts->scalar_type() == at::kLong && experts->numel() == M && experts->is_contiguous(),
+              name, ": experts must be [M] int64, with a stack of weights");
+  const int64_t* ids = experts->const_data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m) TORCH_CHECK(ids[m] >= 0 && ids[m] < E, name, ": expert out of range");
+  return ids;
+}
+
 // x [..., K]; w [N/8, K/16, 8, 16] int8 with scales [N], or a stack [E, N/8, K/16, 8, 16] with scales [E, N] and
 // experts [M] int64 naming each row's matrix (M = x's rows); scales in any float type; bias: optional [N] in x's
 // dtype. Returns [..., N] ≈ (x @ w[e].T) * scales[e] (+ bias) with x quantised to int8 per group of 32.
@@ -276,16 +290,7 @@ at::Tensor int8_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   check_rows(x, K, bias, N, "int8_dot");
   TORCH_CHECK(scales.dim() == w.dim() - 3 && (!stacked || scales.size(0) == E) && scales.size(-1) == N &&
                   scales.is_contiguous() && scales.is_floating_point(), "int8_dot: scales must be [(E,) N], float");
-  const int64_t M = x.numel() / K;
-  const int64_t* ids = nullptr;
-  if (experts.has_value()) {
-    TORCH_CHECK(experts->scalar_type() == at::kLong && experts->numel() == M && experts->is_contiguous(),
-                "int8_dot: experts must be [M] int64");
-    ids = experts->const_data_ptr<int64_t>();
-    for (int64_t m = 0; m < M; ++m) TORCH_CHECK(ids[m] >= 0 && ids[m] < E, "int8_dot: expert out of range");
-  } else {
-    TORCH_CHECK(E == 1, "int8_dot: a stack of weights needs experts");
-  }
+  const int64_t* ids = expert_ids(experts, x.numel() / K, stacked, E, "int8_dot");
   const int8_t* wp = w.const_data_ptr<int8_t>();
   const RowValues sp(scales);
   auto block = [&](const QuantRow* rows, int64_t count, int64_t m0, int64_t b, float (*sums)[kRows]) {
@@ -306,19 +311,10 @@ at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
                   w.size(-2) == kRows && w.size(-1) == 16, "int4_dot: w must be uint8 blocks [(E,) N/8, K/32, 8, 16]");
   const int64_t E = stacked ? w.size(0) : 1, blocks = w.size(-4), G = w.size(-3), K = G * kGroup;
   check_rows(x, K, bias, blocks * kRows, "int4_dot");
-  const int64_t M = x.numel() / K;
   TORCH_CHECK(sm.scalar_type() == at::kHalf && sm.dim() == w.dim() && sm.is_contiguous() &&
                   (!stacked || sm.size(0) == E) && sm.size(-4) == blocks && sm.size(-3) == G && sm.size(-2) == 2 &&
                   sm.size(-1) == kRows, "int4_dot: sm must be float16 [(E,) N/8, K/32, 2, 8]");
-  const int64_t* ids = nullptr;
-  if (experts.has_value()) {
-    TORCH_CHECK(stacked && experts->scalar_type() == at::kLong && experts->numel() == M && experts->is_contiguous(),
-                "int4_dot: experts must be [M] int64, with a stack of weights");
-    ids = experts->const_data_ptr<int64_t>();
-    for (int64_t m = 0; m < M; ++m) TORCH_CHECK(ids[m] >= 0 && ids[m] < E, "int4_dot: expert out of range");
-  } else {
-    TORCH_CHECK(!stacked || E == 1, "int4_dot: a stack of weights needs experts");
-  }
+  const int64_t* ids = expert_ids(experts, x.numel() / K, stacked, E, "int4_dot");
   const uint8_t* wp = w.const_data_ptr<uint8_t>();
   const c10::Half* sp = sm.const_data_ptr<c10::Half>();
   auto block = [&](const QuantRow* rows, int64_t count, int64_t m0, int64_t b, float (*sums)[kRows]) {
