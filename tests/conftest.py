@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,28 +13,48 @@ import torch
 
 from llmcli.cli import main
 
+_SAVED_ENVIRON: dict[str, str] = {}
+_TEST_FILES: list[Path] = []  # the session's temporary folder
 
-@pytest.fixture(scope="session", autouse=True)
-def llmcli_home(tmp_path_factory) -> Path:
-    """Set for the whole session, so module-scoped fixtures never touch the user's real caches."""
-    home = tmp_path_factory.mktemp("llmcli-home")
-    saved = dict(os.environ)
+
+def pytest_configure(config):
+    """Before collection: test modules ask at import whether llmcli's kernels build (their skip marks), which
+    builds them, and that must happen in the test home, not the user's cache (where the test processes then
+    built them a second time)."""
+    _SAVED_ENVIRON.update(os.environ)
+    base = Path(tempfile.mkdtemp(prefix="llmcli-tests-"))
+    _TEST_FILES.append(base)
     # LLMCLI_KERNEL_BUILD=wait: every test runs the kernels this CPU has, not torch's paths while they build
-    os.environ.update({"LLMCLI_HOME": str(home), "HF_HOME": str(tmp_path_factory.getbasetemp() / "hf-home"),
+    os.environ.update({"LLMCLI_HOME": str(base / "llmcli-home"), "HF_HOME": str(base / "hf-home"),
                        "HF_HUB_OFFLINE": "1", "LLMCLI_KERNEL_BUILD": "wait"})
     for name in ("LLMCLI_MODEL", "HF_TOKEN"):
         os.environ.pop(name, None)
-    yield home
+
+
+def pytest_unconfigure(config):
     os.environ.clear()
-    os.environ.update(saved)
+    os.environ.update(_SAVED_ENVIRON)
+    for base in _TEST_FILES:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def llmcli_home() -> Path:
+    """The whole session's llmcli home (set before collection, see pytest_configure)."""
+    return Path(os.environ["LLMCLI_HOME"])
+
+
+@pytest.fixture(scope="session")
+def hf_home() -> Path:
+    return Path(os.environ["HF_HOME"])
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch, llmcli_home, tmp_path_factory):
+def _isolated_env(monkeypatch, llmcli_home, hf_home):
     """Every test uses a private llmcli cache (shared within the session so demos build once)
     and an empty Hugging Face cache, with no model chosen by the environment."""
     monkeypatch.setenv("LLMCLI_HOME", str(llmcli_home))
-    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf-home"))
+    monkeypatch.setenv("HF_HOME", str(hf_home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("LLMCLI_MODEL", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -49,7 +71,8 @@ def portable_ops():
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86-64 is an x86 target")
     try:
-        cpu_kernels.compile_library("llmcli_portable_test", ["-O3", "-march=x86-64", "-fopenmp"])
+        # -O1: these tests check the loops' results, not their speed, and -O3 took a third longer to build
+        cpu_kernels.compile_library("llmcli_portable_test", ["-O1", "-march=x86-64", "-fopenmp"])
     except cpu_kernels.KernelBuildError as exc:
         pytest.skip(f"no baseline x86-64 build: {exc}")
     return torch.ops.llmcli_portable_test
@@ -70,7 +93,8 @@ def run_cli(capsys):
 @pytest.fixture(scope="session")
 def avx2_ops():
     """llmcli's CPU kernels built for x86-64-v3 (AVX2 + FMA, no AVX-512), as torch.ops.llmcli_avx2_test: what
-    AMD before Zen 4 and Intel client CPUs run. Skipped where this CPU cannot run them."""
+    AMD before Zen 4 and Intel client CPUs run (the native build, on such a CPU). Skipped where this CPU cannot
+    run them."""
     import platform
 
     from llmcli.backends import cpu_kernels
@@ -81,6 +105,10 @@ def avx2_ops():
     missing = {"avx2", "fma", "bmi2", "movbe"} - cpu_flags()
     if missing:
         pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}: it cannot run x86-64-v3 code")
+    if "avx512f" not in cpu_flags() and cpu_kernels.load_once()[0]:
+        # Without AVX-512 the native build takes the same paths (the kernels choose by __AVX2__, __FMA__, __F16C__
+        # and __AVX512F__): a second build would test nothing more, and costs half a minute.
+        return torch.ops.llmcli
     try:
         cpu_kernels.compile_library("llmcli_avx2_test", ["-O3", "-march=x86-64-v3", "-fopenmp"])
     except cpu_kernels.KernelBuildError as exc:

@@ -108,7 +108,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == D && weight.scalar_type() == x.scalar_type() &&
                   weight.is_contiguous(), "rms_norm: weight must be [", D, "] in x's dtype");
   at::Tensor out = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+  LLMCLI_DISPATCH_FLOATS(x.scalar_type(), "rms_norm", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -148,7 +148,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   const int64_t first = window > 0 ? std::max<int64_t>(0, position - window + 1) : 0, keys = position + 1 - first;
   const int64_t group = heads / KV, half = D / 2;
   at::Tensor out = at::empty({B, heads * D}, qkv.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "decode_attention", [&] {
+  LLMCLI_DISPATCH_FLOATS(qkv.scalar_type(), "decode_attention", [&] {
     const scalar_t* in = qkv.const_data_ptr<scalar_t>();
     const scalar_t* cp = cos.const_data_ptr<scalar_t>();
     const scalar_t* sp = sin.const_data_ptr<scalar_t>();
@@ -289,7 +289,7 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tenso
               "mla_decode: wkv_b must be [H, nope + v, rank], float32 or q's dtype");
   TORCH_CHECK(position >= 0 && position < cache.size(0), "mla_decode: position ", position, " outside the cache");
   at::Tensor out = at::empty({B, H * v_dim}, q.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mla_decode", [&] {
+  LLMCLI_DISPATCH_FLOATS(q.scalar_type(), "mla_decode", [&] {
     if (wkv_b.scalar_type() == at::kFloat)
       mla_decode_impl<scalar_t, float>(q, kv, norm, eps, cos, sin, cache, position, wkv_b, v_dim, scale, interleaved, out);
     else
@@ -409,7 +409,7 @@ at::Tensor int_swiglu(const at::Tensor& x, const at::Tensor& gate_up, const at::
   std::vector<int64_t> shape(both.sizes().begin(), both.sizes().end());
   shape.back() = I;
   at::Tensor hidden = at::empty(shape, both.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, both.scalar_type(), "int_swiglu", [&] {
+  LLMCLI_DISPATCH_FLOATS(both.scalar_type(), "int_swiglu", [&] {
     const scalar_t* bp = both.const_data_ptr<scalar_t>();
     scalar_t* hp = hidden.data_ptr<scalar_t>();
     for (int64_t r = 0; r < count; ++r)
@@ -422,7 +422,7 @@ at::Tensor int_swiglu(const at::Tensor& x, const at::Tensor& gate_up, const at::
   if (!experts.has_value()) return out;
   const int64_t N = x.size(0), D = out.size(-1);
   at::Tensor mixed = at::empty({N, D}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "int_swiglu", [&] {
+  LLMCLI_DISPATCH_FLOATS(out.scalar_type(), "int_swiglu", [&] {
     const scalar_t* op = out.const_data_ptr<scalar_t>();
     const float* wp = weights->const_data_ptr<float>();
     scalar_t* mp = mixed.data_ptr<scalar_t>();

@@ -4,7 +4,7 @@
 // block works on are 8 short interleaved streams, which the hardware prefetcher follows badly
 // (measured about 14 GB/s). Here each block of 8 rows is stored as [in/16][8][16]: the loop reads
 // memory strictly in order, one 128-byte run per 16 inputs, at about 30 GB/s on 2 cores.
-#include <ATen/Dispatch.h>
+#include "dispatch.h"
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -78,7 +78,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   }
   at::Tensor xf = at::empty({M, K}, x.options().dtype(at::kFloat));
   at::Tensor out = at::empty({M, N}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "int8_gemv", [&] {
+  LLMCLI_DISPATCH_FLOATS(x.scalar_type(), "int8_gemv", [&] {
     const scalar_t* xs = x.const_data_ptr<scalar_t>();
     float* xfp = xf.data_ptr<float>();
     for (int64_t i = 0; i < M * K; ++i) xfp[i] = static_cast<float>(xs[i]);

@@ -17,7 +17,7 @@
 // order. Scales and mins are float16 [N/8][K/32][2][8]. A group's sum is
 //   d_x * (scale * sum_j q_j x_j + min * sum_j x_j),
 // and q is unsigned already: maddubs(q, x) needs no sign trick (pair sums <= 2 * 15 * 127).
-#include <ATen/Dispatch.h>
+#include "dispatch.h"
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -216,7 +216,7 @@ at::Tensor run_rows(const at::Tensor& input, int64_t blocks, Block block, Scale 
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape.back() = N;
   at::Tensor out = at::empty(shape, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "int_dot", [&] {
+  LLMCLI_DISPATCH_FLOATS(x.scalar_type(), "int_dot", [&] {
     const int64_t G = K / kGroup;
     int8_t* qp = q.data_ptr<int8_t>();
     uint8_t* ap = qabs.data_ptr<uint8_t>();
@@ -344,7 +344,7 @@ at::Tensor int4_unblock(const at::Tensor& w, const at::Tensor& sm, at::ScalarTyp
                   sm.numel() == w.size(0) * w.size(1) * 2 * kRows, "int4_unblock: bad blocks");
   const int64_t blocks = w.size(0), G = w.size(1), K = G * kGroup;
   at::Tensor out = at::empty({blocks * kRows, K}, w.options().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "int4_unblock", [&] {
+  LLMCLI_DISPATCH_FLOATS(dtype, "int4_unblock", [&] {
     const uint8_t* wp = w.const_data_ptr<uint8_t>();
     const c10::Half* sp = sm.const_data_ptr<c10::Half>();
     scalar_t* op = out.data_ptr<scalar_t>();
