@@ -231,3 +231,26 @@ def test_quantised_activations_keep_the_float_paths_logits_and_tokens():
         spread = (reference.amax(-1) - reference.amin(-1)).min()
         assert (integer - reference).abs().max() <= 0.03 * spread, quantize
         assert (integer.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9, quantize
+
+
+def test_int8_prompts_up_to_integer_rows_run_the_integer_kernel():
+    """Up to INTEGER_ROWS rows (prompt chunks) an int8 layer runs the integer kernel, which beats a GEMM on the
+    converted weight there (int8.py has the figures); longer ones run that GEMM."""
+    import torch.nn.functional as F
+
+    from llmcli.backends.int8 import INTEGER_ROWS, Int8Linear, bf16_matmul_is_fast
+
+    if not int_dot.runs_fast():
+        pytest.skip(f"the integer kernels need AVX2 (built here: {int_dot.isa()})")
+    torch.manual_seed(0)
+    layer = Int8Linear(torch.nn.Linear(96, 64).bfloat16(), kernel=True, integer=True)
+    assert layer.integer
+    for rows in (1, 17, INTEGER_ROWS):
+        x = torch.randn(rows, 96).bfloat16()
+        assert torch.equal(layer(x), torch.ops.llmcli.int8_dot(x, layer.weight, layer.scales, None, layer.bias))
+    x = torch.randn(INTEGER_ROWS + 1, 96).bfloat16()
+    if bf16_matmul_is_fast():
+        gemm = F.linear(x, layer.int8_weight(x.dtype)) * layer.scales
+    else:
+        gemm = (F.linear(x.float(), layer.int8_weight(torch.float32)) * layer.scales.float()).bfloat16()
+    assert torch.equal(layer(x), gemm + layer.bias)

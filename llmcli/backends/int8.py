@@ -25,6 +25,10 @@ KERNEL_ROWS = 16
 # From this many bfloat16 rows, `int8_kernel.gemm` beats the row-by-row kernel where it runs (9728x896:
 # 0.68 vs 0.56 ms at 4 rows, 1.82 vs 1.21 at 16; 3 rows: 0.34 vs 0.54).
 GEMM_ROWS = 4
+# Up to this many rows the integer kernel (x quantised to int8; AVX2 CPUs without AVX-512) beats a float32 GEMM on
+# the converted weight: Qwen2.5-0.5B shapes on a 2-core Zen 1, ms for four layers' products, integer vs GEMM:
+# 37 vs 154 at 16 rows, 141 vs 244 at 64, 288 vs 357 at 128, 601 vs 627 at 256 (prompts come in chunks).
+INTEGER_ROWS = 256
 
 
 def quantize_weight(weight: torch.Tensor, blocked: bool = False,
@@ -69,8 +73,8 @@ class Int8Linear(Product, nn.Module):
 
     With `kernel` (the int8 CPU kernel is built) and a CPU weight whose shape fits its blocks, `weight` is
     stored in the kernel's blocked layout (see int8_kernel.py); `int8_weight()` gives it back as [out, in].
-    `gemm`: the kernel's many-row product runs here (AVX512-BF16). `integer`: few-row products quantise the
-    activations to int8 and use integer dot products (int_dot.py; AVX2 CPUs). `compiled`: a compiled decode
+    `gemm`: the kernel's many-row product runs here (AVX512-BF16). `integer`: products of up to INTEGER_ROWS rows
+    quantise the activations to int8 and use integer dot products (int_dot.py; AVX2 CPUs). `compiled`: a compiled decode
     step runs it (what `label` says)."""
 
     def __init__(self, linear: nn.Linear, kernel: bool = False, gemm: bool = False, compiled: bool = False,
@@ -106,11 +110,11 @@ class Int8Linear(Product, nn.Module):
         rows = x.numel() // x.shape[-1]
         if self.gemm and rows >= GEMM_ROWS and x.dtype == torch.bfloat16:
             return int8_kernel.gemm(x, self.weight, self.scales, self.bias)  # prompts, batches
+        if self.integer and rows <= INTEGER_ROWS and (self.bias is None or self.bias.dtype == x.dtype):
+            # One op call, bias included: Python around each decode product costs more than the small ones
+            # take (Qwen2.5-0.5B shape: 40 us of wrapping around a 90 us product).
+            return torch.ops.llmcli.int8_dot.default(x, self.weight, self.scales, None, self.bias)
         if self.blocked and rows <= KERNEL_ROWS:  # decoding (and short prompts): the int8 kernel
-            if self.integer and (self.bias is None or self.bias.dtype == x.dtype):
-                # One op call, bias included: Python around each decode product costs more than the small ones
-                # take (Qwen2.5-0.5B shape: 40 us of wrapping around a 90 us product).
-                return torch.ops.llmcli.int8_dot.default(x, self.weight, self.scales, None, self.bias)
             # int8_kernel.gemv inlined. The [1, ...] views are made per call: StackedExperts swaps an expert's
             # tensors for views of its stacks.
             flat, blocks, scales = x.reshape(-1, self.in_features).contiguous(), self.weight[None], self.scales[None]
