@@ -136,6 +136,8 @@ def llmcli_bench(checkpoint: Path, quantize: str | None, args) -> tuple[float, f
     report = json.loads(run(cmd, capture_output=True, text=True).stdout)
     row = report["results"][0]
     products = ", ".join(f"{k} ({v})" for k, v in report["env"].get("products", {}).items())
+    if report["env"].get("omp_wait_policy", "default") != "default":  # passive: llmcli found the machine busy
+        products += f"; OpenMP waits {report['env']['omp_wait_policy'].lower()}"
     return row["prefill_tokens_per_s"]["mean"], row["decode_tokens_per_s"]["mean"], products
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from llmcli import openmp
 
@@ -23,6 +26,33 @@ def test_busy_machine_gets_passive_waits(monkeypatch):
     monkeypatch.setattr(openmp, "busy_cores", lambda: float(cores))
     chosen = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert openmp.choose_wait_policy(chosen) is None and chosen == {"OMP_WAIT_POLICY": "ACTIVE"}  # the user's
+
+
+def test_a_load_average_that_lags_is_checked_against_the_cores_now(monkeypatch):
+    """The load average still counts a run that just ended (llama-bench before `llmcli bench`): a machine it calls
+    full whose cores are idle now keeps spinning waits; one that is busy now gets passive ones."""
+    monkeypatch.delitem(sys.modules, "torch")
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(openmp, "load_average", lambda: float(cores))
+    monkeypatch.setattr(openmp, "sampled_busy_cores", lambda: 0.2)
+    assert openmp.choose_wait_policy({}) is None
+    monkeypatch.setattr(openmp, "sampled_busy_cores", lambda: float(cores))
+    assert openmp.choose_wait_policy({}) == "PASSIVE"
+    monkeypatch.setattr(openmp, "sampled_busy_cores", lambda: None)  # no /proc/stat: the average decides
+    assert openmp.choose_wait_policy({}) == "PASSIVE"
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads /proc/stat")
+def test_sampled_busy_cores_see_a_spinning_process():
+    spin = "import time\nend = time.time() + 3\nwhile time.time() < end: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.3)  # started and spinning
+        busy = openmp.sampled_busy_cores(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and 0.5 <= busy <= (os.cpu_count() or 1) + 0.01, busy
 
 
 def test_too_late_once_torch_is_loaded(monkeypatch):
