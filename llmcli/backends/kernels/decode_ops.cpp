@@ -7,13 +7,15 @@
 // call that keeps torch's rounding where it is observable: every elementwise step in the model's dtype is
 // rounded as torch rounds it (to the dtype after each op), reductions are summed in float32 (torch's order of
 // summation is not reproduced, so results may differ from the torch path in the last bit).
-#include <ATen/Dispatch.h>
+#include "dispatch.h"
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/sigmoid.h>
+#include <ATen/ops/silu.h>
 #include <ATen/ops/softmax.h>
 #include <torch/library.h>
 
@@ -383,8 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route(
 // with [gate | up] = gate_up(x). Weights are int8 blocks with scales or int4 blocks with scales and mins (by
 // gate_up's dtype), one matrix each, or stacks [E, ...] with experts [N, k] and weights [N, k] float32: each token
 // x [N, hidden] runs through its k experts, mixed as sum_k weight * output in float32, rounded to x's dtype.
-// silu and the product are rounded to the dtype as torch's ops round them; silu's exp is the C library's (torch's
-// vectorised one may differ in the last bit of float32, rarely visible after rounding to bfloat16).
+// silu and the product are torch's own ops; the mix is rounded as torch's ops round it.
 at::Tensor int_swiglu(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& gate_up_scales,
                       const at::Tensor& down, const at::Tensor& down_scales, const std::optional<at::Tensor>& experts,
                       const std::optional<at::Tensor>& weights) {
@@ -405,19 +406,10 @@ at::Tensor int_swiglu(const at::Tensor& x, const at::Tensor& gate_up, const at::
     ids = experts->reshape({-1}).contiguous();
   }
   const at::Tensor both = product(rows, gate_up, gate_up_scales, ids);
-  const int64_t I = both.size(-1) / 2, count = both.numel() / std::max<int64_t>(2 * I, 1);
-  std::vector<int64_t> shape(both.sizes().begin(), both.sizes().end());
-  shape.back() = I;
-  at::Tensor hidden = at::empty(shape, both.options());
-  LLMCLI_DISPATCH_FLOATS(both.scalar_type(), "int_swiglu", [&] {
-    const scalar_t* bp = both.const_data_ptr<scalar_t>();
-    scalar_t* hp = hidden.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < count; ++r)
-      for (int64_t i = 0; i < I; ++i) {
-        const float gate = static_cast<float>(bp[r * 2 * I + i]), up = static_cast<float>(bp[r * 2 * I + I + i]);
-        hp[r * I + i] = static_cast<scalar_t>(rounded<scalar_t>(gate / (1.f + std::exp(-gate))) * up);
-      }
-  });
+  // torch's own silu and product: its vectorised exp, so the same bits as the model's code, and a third of the
+  // time of a scalar exp per value (4864 values: 46 us on one Zen 1 core)
+  const int64_t I = both.size(-1) / 2;
+  const at::Tensor hidden = at::mul(at::silu(both.narrow(-1, 0, I)), both.narrow(-1, I, I));
   const at::Tensor out = product(hidden, down, down_scales, ids);
   if (!experts.has_value()) return out;
   const int64_t N = x.size(0), D = out.size(-1);
