@@ -254,3 +254,23 @@ def test_int8_prompts_up_to_integer_rows_run_the_integer_kernel():
     else:
         gemm = (F.linear(x.float(), layer.int8_weight(torch.float32)) * layer.scales.float()).bfloat16()
     assert torch.equal(layer(x), gemm + layer.bias)
+
+
+def test_kernels_quantise_activations_as_the_reference_does(portable_ops, avx2_ops):
+    """Through identity weights (127 on the diagonal, scale 1) int8_dot gives q * 127 * d per input, one rounding:
+    both builds' quantisation (AVX2's is vectorised) equals quantize_rows' bit for bit, on ties (x.5 rounds to
+    even), zero groups, and values from 1e-30 to 1e30, in each activation dtype."""
+    torch.manual_seed(0)
+    k = 96
+    x = torch.randn(5, k) * torch.logspace(-30, 30, 5)[:, None]
+    x[0, :32] = torch.arange(32) - 15.5  # max 15.5: steps of 1/8.19..., and ties where x / d lands on .5
+    x[1, 32:64] = torch.tensor([127.0, 2.5, 3.5, -2.5, -0.5, 0.5, 1.5] + [0.0] * 25)  # d = 1: exact ties
+    x[2, 64:] = 0.0  # a zero group
+    blocks = int8_kernel.to_blocks((torch.eye(k) * 127).to(torch.int8))[None]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        xs = x.to(dtype) if dtype == torch.float32 else x.clamp(-6e4, 6e4).to(dtype)
+        q, d = int_dot.quantize_rows(xs)
+        expected = (q.float().reshape(5, -1, 32) * 127 * d[..., None]).reshape(5, k).to(dtype)
+        for ops in (portable_ops, avx2_ops):
+            got = ops.int8_dot(xs, blocks, torch.ones(1, k), None)
+            assert torch.equal(got, expected), (dtype, ops)

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -53,26 +54,84 @@ struct QuantRow {
   const float* dsum;
 };
 
-// x [M, K] (any float type) -> int8 per group of 32: q = round(x / d), d = max|x| / 127 (0 for a zero group).
+#if defined(LLMCLI_INT_DOT_AVX2)
+// 8 values of x as float32.
+template <typename scalar_t>
+inline __m256 load8(const scalar_t* x) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm256_loadu_ps(x);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+  }
+}
+
+// One group of 32 as quantize_group does it, 8 lanes at a time: the same operations on the same floats (the
+// operand order of max and min makes a NaN behave as std::max and std::min make it), so the same bits.
+template <typename scalar_t>
+inline void quantize_group_avx2(const scalar_t* x, int8_t* q, uint8_t* qabs, float* d, float* dsum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4], amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = load8(x + 8 * i);
+    amax = _mm256_max_ps(_mm256_andnot_ps(sign, v[i]), amax);
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float dg = _mm_cvtss_f32(m) / 127.f;
+  const __m256 inv = _mm256_set1_ps(dg > 0.f ? 1.f / dg : 0.f);
+  const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  __m256i n[4], total = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    n[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+    total = _mm256_add_epi32(total, n[i]);
+  }
+  // int32 -> int8 with saturating packs (the values fit), which interleave 128-bit lanes: put them back in order
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+  const __m256i ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), ordered);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(qabs), _mm256_abs_epi8(ordered));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  *d = dg;
+  *dsum = dg * static_cast<float>(_mm_cvtsi128_si32(t));
+}
+#endif
+
+// One group of 32: q = round(x / d), d = max|x| / 127 (0 for a zero group), |q|, and d * sum(q).
+template <typename scalar_t>
+inline void quantize_group(const scalar_t* x, int8_t* q, uint8_t* qabs, float* d, float* dsum) {
+  float amax = 0.f;
+  for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::abs(static_cast<float>(x[j])));
+  const float dg = amax / 127.f;
+  const float inv = dg > 0.f ? 1.f / dg : 0.f;
+  int32_t sum = 0;
+  for (int64_t j = 0; j < kGroup; ++j) {
+    const float v = std::nearbyint(static_cast<float>(x[j]) * inv);  // ties to even, as torch.round
+    const int8_t qj = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+    q[j] = qj;
+    qabs[j] = static_cast<uint8_t>(qj < 0 ? -qj : qj);
+    sum += qj;
+  }
+  *d = dg;
+  *dsum = dg * static_cast<float>(sum);
+}
+
+// x [M, K] (any of the dispatched float types) -> int8 per group of 32 (quantize_group), on all threads.
 template <typename scalar_t>
 void quantize_rows(const scalar_t* x, int64_t M, int64_t K, int8_t* q, uint8_t* qabs, float* d, float* dsum) {
   at::parallel_for(0, M * (K / kGroup), 64, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
-      const scalar_t* xg = x + g * kGroup;
-      float amax = 0.f;
-      for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::abs(static_cast<float>(xg[j])));
-      const float dg = amax / 127.f;
-      const float inv = dg > 0.f ? 1.f / dg : 0.f;
-      int32_t sum = 0;
-      for (int64_t j = 0; j < kGroup; ++j) {
-        const float v = std::nearbyint(static_cast<float>(xg[j]) * inv);  // ties to even, as torch.round
-        const int8_t qj = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
-        q[g * kGroup + j] = qj;
-        qabs[g * kGroup + j] = static_cast<uint8_t>(qj < 0 ? -qj : qj);
-        sum += qj;
-      }
-      d[g] = dg;
-      dsum[g] = dg * static_cast<float>(sum);
+#if defined(LLMCLI_INT_DOT_AVX2)
+      quantize_group_avx2(x + g * kGroup, q + g * kGroup, qabs + g * kGroup, d + g, dsum + g);
+#else
+      quantize_group(x + g * kGroup, q + g * kGroup, qabs + g * kGroup, d + g, dsum + g);
+#endif
     }
   });
 }
