@@ -39,11 +39,11 @@ def main() -> None:
         medians, cpu_medians = [], []
         for _ in range(args.rounds):
             cache = runner.make_cache(1, 32 + args.steps + 16)
-            token = runner(prompt, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+            token = runner(prompt, cache, last_only=True)[:, -1].float().argmax(-1, keepdim=True)
             times, cpu_times = [], []
             for _ in range(args.steps):
                 start, cpu_start = time.perf_counter(), time.process_time()
-                token = runner(token, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+                token = runner(token, cache, last_only=True)[:, -1].float().argmax(-1, keepdim=True)
                 times.append(time.perf_counter() - start)
                 cpu_times.append(time.process_time() - cpu_start)
             medians.append(statistics.median(times) * 1000)
@@ -55,7 +55,7 @@ def main() -> None:
 
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(10):
-                    token = runner(token, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+                    token = runner(token, cache, last_only=True)[:, -1].float().argmax(-1, keepdim=True)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
 
 
