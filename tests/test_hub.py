@@ -188,9 +188,7 @@ def test_failed_shard_then_rerun_skips_completed_files(fake_hub, hf, checkpoint)
 
 def test_ctrl_c_exits_130_without_partial_files(fake_hub, hf, checkpoint):
     fake_hub.slow[SHARD1] = fake_hub.slow[SHARD2] = 0.005
-    code = "import sys\nfrom llmcli.cli import main\nsys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, "download", "org/tiny"], env=cli_env(fake_hub.url, hf),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_llmcli(fake_hub.url, hf, "download", "org/tiny")
     deadline = time.time() + 60
     while not fake_hub.file_requests(SHARD1, "GET") and time.time() < deadline:
         time.sleep(0.05)
@@ -235,10 +233,17 @@ def test_a_transfer_cut_midway_fails_in_one_line_and_the_next_run_completes(fake
         assert (path / name).read_bytes() == data, name
 
 
+def as_from_a_terminal() -> None:
+    """In a child before it runs: Ctrl-C acts as in a terminal. A shell without job control starts a background job
+    with SIGINT ignored, which children inherit (pytest started with `&` from a script): Python then never raises
+    KeyboardInterrupt, and an interrupted download ran to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_llmcli(hub_url: str, hf_home: Path, *args: str) -> subprocess.Popen:
     code = "import sys\nfrom llmcli.cli import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.Popen([sys.executable, "-c", code, *args], env=cli_env(hub_url, hf_home),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal)
 
 
 def test_two_processes_download_the_same_model_at_once(fake_hub, hf, checkpoint):
