@@ -19,8 +19,8 @@ from llmcli.demo import ensure_demo
 ROOT = Path(__file__).resolve().parent.parent
 LOAD_KERNELS = ("import torch\nfrom llmcli.backends import cpu_kernels\nloaded, note = cpu_kernels.load_once()\n"
                 "print(note if loaded else 'unavailable: ' + note)\nprint(torch.ops.llmcli.built_with_avx512_bf16())")
-# Counts what torch's builder runs: one line per compiler call. The added -O0 (the last -O wins) builds in about
-# two thirds of the time: these tests are about who builds, not about the code built.
+# Counts what torch's builder runs: one line per compiler call. The added -O0 (the last -O wins) spares the
+# optimiser's time: these tests are about who builds, not about the code built.
 COUNTING_CXX = '#!/bin/sh\necho "$*" >> "$(dirname "$0")/calls"\nexec c++ "$@" -O0\n'
 
 
