@@ -226,7 +226,7 @@ def bandwidth_section(report: Report, remeasure: bool) -> None:
     device = torch.device("cpu")
     value, how = machine.machine_bandwidth(device, remeasure=remeasure)
     entry = machine.bandwidth_entry(device) or {}
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    load = machine.load_average()
     report.facts["bandwidth"] = {"bytes_per_s": value, "source": how, "measured_at": entry.get("measured_at"),
                                  "load_average_1m": round(load, 2)}
     when = "now" if how == "measured" else f"cached from {entry.get('measured_at', 'an earlier run')}"

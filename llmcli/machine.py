@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from llmcli.generate import synchronize
+from llmcli.openmp import load_average  # other work makes a bandwidth figure low
 from llmcli.paths import cache_home
 
 # -- peak memory ---------------------------------------------------------------------------------
@@ -132,11 +133,6 @@ def bandwidth_entry(device: torch.device, cache_file: Path | None = None) -> dic
         return None
     entry = known.get(_machine_key(device)) if isinstance(known, dict) else None
     return entry if isinstance(entry, dict) else None
-
-
-def load_average() -> float:
-    """The 1-minute load average (0 where the OS has none): other work makes a bandwidth figure low."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
 def is_busy(load: float, own: float = 1.0) -> bool:
