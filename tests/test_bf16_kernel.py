@@ -84,8 +84,10 @@ def test_bad_inputs_are_refused_not_read_out_of_bounds():
     blocks = bf16_kernel.to_blocks(torch.zeros(64, 32, dtype=torch.bfloat16))[None]
     with pytest.raises(RuntimeError, match="inputs"):
         torch.ops.llmcli.bf16_linear(torch.zeros(1, 30, dtype=torch.bfloat16), blocks, None, None)
-    with pytest.raises(RuntimeError, match="bfloat16"):
-        torch.ops.llmcli.bf16_linear(torch.zeros(1, 32), blocks, None, None)
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        torch.ops.llmcli.bf16_linear(torch.zeros(1, 32, dtype=torch.float16), blocks, None, None)
+    with pytest.raises(RuntimeError, match="panels"):
+        torch.ops.llmcli.bf16_linear(torch.zeros(1, 32, dtype=torch.bfloat16), blocks.float(), None, None)
     with pytest.raises(RuntimeError, match="expert out of range"):
         torch.ops.llmcli.bf16_linear(torch.zeros(1, 32, dtype=torch.bfloat16), blocks, None, torch.tensor([1]))
     with pytest.raises(RuntimeError, match="bias"):

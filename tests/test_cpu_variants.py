@@ -16,6 +16,16 @@ def ops(request):
     return request.getfixturevalue("portable_ops" if request.param == "baseline" else "avx2_ops")
 
 
+@pytest.fixture(params=["native", "baseline", "avx2"])
+def every_build(request):
+    """The build llmcli loads here, then the other builds this CPU can run."""
+    if request.param == "native":
+        if not bf16_kernel.available()[0]:
+            pytest.skip("llmcli's kernels do not run a fast bfloat16 path on this CPU")
+        return torch.ops.llmcli
+    return request.getfixturevalue("portable_ops" if request.param == "baseline" else "avx2_ops")
+
+
 def test_each_build_says_what_it_runs(portable_ops, avx2_ops):
     assert portable_ops.bf16_isa() == "portable"
     assert avx2_ops.bf16_isa() == "avx2" and not avx2_ops.built_with_avx512_bf16()
@@ -60,3 +70,22 @@ def test_the_native_build_agrees_with_the_baseline(portable_ops):
         ref = reference(x, w)
         assert_rounded_from(native[:, :200], ref)
         assert_rounded_from(baseline[:, :200], ref)
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_float32_rows_give_the_sums_unrounded(every_build, rows):
+    """A head's logits: float32 rows (bfloat16 values) give float32 outputs, which round to exactly the bfloat16
+    outputs and lie within float32 summation noise of the float64 product, far closer than bfloat16's steps."""
+    torch.manual_seed(rows)
+    w, bias = torch.randn(200, 2050).bfloat16(), torch.randn(200).bfloat16()
+    blocks = bf16_kernel.to_blocks(w)[None]
+    padded_bias = torch.cat([bias, bias.new_zeros(blocks.shape[1] * 64 - 200)])
+    x = torch.randn(rows, 2050).bfloat16()
+    wide = every_build.bf16_linear(x.float(), blocks, padded_bias, None)[:, :200]
+    narrow = every_build.bf16_linear(x, blocks, padded_bias, None)[:, :200]
+    assert wide.dtype == torch.float32
+    assert torch.equal(wide.bfloat16(), narrow)
+    ref = reference(x, w, bias)
+    error = (wide.double() - ref).abs().max().item()
+    assert error <= 1e-5 * ref.abs().max().item()
+    assert error < (narrow.double() - ref).abs().max().item() / 16

@@ -161,7 +161,9 @@ def test_bfloat16_keeps_the_float32_parts(v4, model):
     kept = (layer.input_layernorm.weight, layer.self_attn.sinks, layer.self_attn.compressor.position_bias,
             layer.self_attn.kv_norm.weight, layer.mlp.gate.e_score_correction_bias, half.model.hc_head.hc_fn)
     assert all(t.dtype == torch.float32 for t in kept)
-    assert half.model.layers[1].self_attn.q_b_proj.weight.dtype == torch.bfloat16
+    # the product keeps its weight as this CPU's path stores it (plain, panels or oneDNN's layout): all bfloat16
+    stored = half.model.layers[1].self_attn.q_b_proj.state_dict().values()
+    assert {t.dtype for t in stored if t.dim() > 1} == {torch.bfloat16}
     reference = transformers.DeepseekV4ForCausalLM.from_pretrained(
         path, dtype=torch.bfloat16, attn_implementation="eager", experts_implementation="eager").eval()
     ours, exact = run(half, ids)[0].float(), run(model, ids)[0]

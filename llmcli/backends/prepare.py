@@ -6,7 +6,8 @@ fused into one product; `--quantize int8` turns linears into `Int8Linear`, `--qu
 bfloat16 linears move into the bfloat16 kernel's panels (`BlockedLinear`) where the kernel runs, else
 (eager) into oneDNN's layout (`PackedLinear`); with `--compile`, the plain linears left become
 `SummingLinear` and MoE experts are stacked (`StackedExperts`, also eagerly when a kernel holds them);
-the runner then compiles the decode step. Linears the model reads directly (`CausalLM.keeps_weight`) stay as they are.
+the runner then compiles the decode step; a head in a CPU kernel returns float32 logits (head.py). Linears the
+model reads directly (`CausalLM.keeps_weight`) stay as they are.
 
 During loading the same steps run layer by layer (`Preparation.loaded`), so that a layer's replaced
 weights are freed before the next layer is read.
@@ -25,6 +26,7 @@ from llmcli.backends.compile import CompiledDecode
 from llmcli.backends.cpu_kernels import cpu_model
 from llmcli.backends.experts import StackedExperts, in_kernel_blocks
 from llmcli.backends.grouped_experts import GroupedExperts, can_group
+from llmcli.backends.head import float32_logits
 from llmcli.backends.int4 import Int4Linear
 from llmcli.backends.int8 import Int8Linear, bf16_matmul_is_fast
 from llmcli.backends.linear import (
@@ -264,6 +266,7 @@ class Preparation:
                         release_freed_memory()
             if self.fused_decode:
                 decode_ops.install(self.model)
+            float32_logits(self.model)
         self.model.eval()
 
     def groups_experts(self) -> bool:

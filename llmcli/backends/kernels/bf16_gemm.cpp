@@ -84,6 +84,11 @@ inline void store_row(const float* c, const c10::BFloat16* bias, c10::BFloat16* 
 #endif
 }
 
+// out[0..63] = c + bias, unrounded (float32 outputs: a head's logits keep the sums' precision).
+inline void store_row(const float* c, const c10::BFloat16* bias, float* out) {
+  for (int64_t n = 0; n < kPanel; ++n) out[n] = c[n] + (bias ? static_cast<float>(bias[n]) : 0.f);
+}
+
 using TileFn = void (*)(const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, float*, bool);
 constexpr TileFn kTiles[kTileRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
 
@@ -143,8 +148,9 @@ constexpr WideTileFn kWideTiles[kTileRows + 1] = {nullptr,         tile_avx2<1>,
                                                   tile_avx2<4>, tile_avx2<5>, tile_avx2<6>};
 
 // bf16_linear's loop on AVX2: rows through the same matrix one after another share a widened slice.
+template <typename Out>
 void panels_avx2(const float* xf, const c10::BFloat16* wp, const int64_t* ids, int64_t M, int64_t K,
-                 int64_t panels, const c10::BFloat16* bp, c10::BFloat16* op, int64_t N) {
+                 int64_t panels, const c10::BFloat16* bp, Out* op, int64_t N) {
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> c(M * kPanel), wf;
     for (int64_t p = begin; p < end; ++p) {
@@ -170,18 +176,45 @@ void panels_avx2(const float* xf, const c10::BFloat16* wp, const int64_t* ids, i
       }
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < kPanel; ++n)
-          op[m * N + p * kPanel + n] = c10::BFloat16(c[m * kPanel + n] + (bp ? static_cast<float>(bp[p * kPanel + n]) : 0.f));
+          op[m * N + p * kPanel + n] = Out(c[m * kPanel + n] + (bp ? static_cast<float>(bp[p * kPanel + n]) : 0.f));
     }
   });
 }
 #endif
 
-// x [M, K] bf16; w [E, N/64, K/2, 64, 2] bf16; bias: optional [N]; experts: optional [M] int64, the
-// matrix each row goes through (MoE), else matrix 0. Returns [M, N] = x @ w[e].T + bias, in bf16.
+// The panel loop of bf16_linear (AVX512-BF16 or portable): x [M, K] bf16, out [M, N] bf16 or float.
+template <typename Out>
+void panels_bf16(const c10::BFloat16* xp, const c10::BFloat16* wp, const int64_t* ids, int64_t M, int64_t K,
+                 int64_t panels, const c10::BFloat16* bp, Out* op, int64_t N) {
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> c(M * kPanel);  // this panel's sums for every row, across passes over the inputs
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+        const int64_t depth = std::min(kDepth, K - k0);
+        for (int64_t m = 0; m < M;) {
+          const int64_t e = ids ? ids[m] : 0;
+          int64_t rows = 1;  // consecutive rows through the same matrix share one pass over its panel
+          while (rows < kTileRows && m + rows < M && (ids ? ids[m + rows] : 0) == e) ++rows;
+          const c10::BFloat16* panel = wp + ((e * panels + p) * K + k0) * kPanel;
+          kTiles[rows](xp + m * K + k0, K, panel, depth, c.data() + m * kPanel, k0 > 0);
+          m += rows;
+        }
+      }
+      for (int64_t m = 0; m < M; ++m)
+        store_row(c.data() + m * kPanel, bp ? bp + p * kPanel : nullptr, op + m * N + p * kPanel);
+    }
+  });
+}
+
+// x [M, K] bf16 or float32; w [E, N/64, K/2, 64, 2] bf16; bias: optional [N]; experts: optional [M] int64,
+// the matrix each row goes through (MoE), else matrix 0. Returns [M, N] = x @ w[e].T + bias in x's dtype.
+// Float32 rows are taken as bfloat16 (their values are, where they come from a bfloat16 model); what float32
+// changes is the output: the float sums unrounded, e.g. a head's logits without bfloat16's ties.
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& experts) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
-              "bf16_linear: x must be 2-D, contiguous, bfloat16, CPU");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+              "bf16_linear: x must be 2-D, contiguous, bfloat16 or float32, CPU");
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 5 && w.is_contiguous() && w.size(3) == kPanel &&
                   w.size(4) == 2, "bf16_linear: w must be bfloat16 panels [E, N/64, K/2, 64, 2]");
   const int64_t M = x.size(0), K = x.size(1), E = w.size(0), panels = w.size(1), N = panels * kPanel;
@@ -201,32 +234,18 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::opti
   }
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
-  const c10::BFloat16* xp = x.const_data_ptr<c10::BFloat16>();
+  const at::Tensor xb = x.to(at::kBFloat16);  // the same tensor when x is bfloat16
   const c10::BFloat16* wp = w.const_data_ptr<c10::BFloat16>();
-  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+  const bool wide = x.scalar_type() == at::kFloat;
 #if defined(LLMCLI_BF16_AVX2)
-  const at::Tensor xf = x.to(at::kFloat);
-  panels_avx2(xf.const_data_ptr<float>(), wp, ids, M, K, panels, bp, op, N);
-  return out;
+  const at::Tensor xf = xb.to(at::kFloat);
+  if (wide) panels_avx2(xf.const_data_ptr<float>(), wp, ids, M, K, panels, bp, out.data_ptr<float>(), N);
+  else panels_avx2(xf.const_data_ptr<float>(), wp, ids, M, K, panels, bp, out.data_ptr<c10::BFloat16>(), N);
+#else
+  const c10::BFloat16* xp = xb.const_data_ptr<c10::BFloat16>();
+  if (wide) panels_bf16(xp, wp, ids, M, K, panels, bp, out.data_ptr<float>(), N);
+  else panels_bf16(xp, wp, ids, M, K, panels, bp, out.data_ptr<c10::BFloat16>(), N);
 #endif
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> c(M * kPanel);  // this panel's sums for every row, across passes over the inputs
-    for (int64_t p = begin; p < end; ++p) {
-      for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
-        const int64_t depth = std::min(kDepth, K - k0);
-        for (int64_t m = 0; m < M;) {
-          const int64_t e = ids ? ids[m] : 0;
-          int64_t rows = 1;  // consecutive rows through the same matrix share one pass over its panel
-          while (rows < kTileRows && m + rows < M && (ids ? ids[m + rows] : 0) == e) ++rows;
-          const c10::BFloat16* panel = wp + ((e * panels + p) * K + k0) * kPanel;
-          kTiles[rows](xp + m * K + k0, K, panel, depth, c.data() + m * kPanel, k0 > 0);
-          m += rows;
-        }
-      }
-      for (int64_t m = 0; m < M; ++m)
-        store_row(c.data() + m * kPanel, bp ? bp + p * kPanel : nullptr, op + m * N + p * kPanel);
-    }
-  });
   return out;
 }
 

@@ -1,0 +1,41 @@
+"""Float32 logits from a bfloat16 model's head, where a CPU kernel computes it.
+
+The kernels sum each logit in float32 and would round it to bfloat16 on the way out: 8 bits of mantissa, so
+logits near 25 come in steps of 0.125 and near-equal candidates tie. (On "What is the capital of France?" the
+bundled SmolLM2's two best first tokens are 0.02 apart in float32 and tied in bfloat16; greedy then took
+whichever token id is lower.) Given float32 rows, the kernels return their float32 sums instead, at the cost
+of writing 4 bytes a logit rather than 2. The rows' values are the same: they come from the bfloat16 norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmcli.backends.int8 import KERNEL_ROWS, Int8Linear
+from llmcli.backends.linear import BlockedLinear
+
+
+def returns_float32(head: nn.Module) -> bool:
+    """Can this head give float32 logits from the same sums? The bfloat16 kernel's panels (any rows), and an
+    int8 head where a kernel takes its rows (up to KERNEL_ROWS: decode steps and a prompt's last position)."""
+    if isinstance(head, BlockedLinear):
+        return True
+    return isinstance(head, Int8Linear) and (head.blocked or head.integer)
+
+
+def _rows_as_float32(head: nn.Module, args: tuple) -> tuple | None:
+    x = args[0]
+    if x.dtype != torch.bfloat16 or (isinstance(head, Int8Linear) and x.numel() // x.shape[-1] > KERNEL_ROWS):
+        return None
+    return (x.float(), *args[1:])
+
+
+def float32_logits(model: nn.Module) -> bool:
+    """Make the model's head (`lm_head`) return float32 logits where it can (see `returns_float32`). Returns
+    whether it does."""
+    head = getattr(model, "lm_head", None)
+    if head is None or not returns_float32(head):
+        return False
+    head.register_forward_pre_hook(_rows_as_float32)
+    return True

@@ -1,0 +1,67 @@
+"""A bfloat16 model's head in a CPU kernel returns float32 logits (llmcli/backends/head.py): the kernel's float32
+sums, not bfloat16's steps, in which near-equal candidates tie."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmcli.backends import bf16_kernel, int8_kernel
+from llmcli.backends.int8 import Int8Linear
+from llmcli.backends.linear import BlockedLinear
+from llmcli.demo import ensure_demo
+from llmcli.loader import load_model
+
+
+def head_input_and_logits(runner, steps):
+    """Run `steps` (a prompt with last_only, then decode steps); returns (rows into the head, logits) per step."""
+    seen = []
+    hook = runner.model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    results = []
+    try:
+        with torch.inference_mode():
+            cache = runner.make_cache(1, 32)
+            for i, step in enumerate(steps):
+                logits = runner(step, cache, last_only=i == 0)
+                results.append((seen[-1], logits))
+    finally:
+        hook.remove()
+    return results
+
+
+STEPS = [torch.arange(3, 15)[None], torch.tensor([[7]]), torch.tensor([[9]])]
+
+
+@pytest.mark.skipif(not bf16_kernel.available()[0], reason="llmcli's bfloat16 kernel does not run on this CPU")
+def test_a_bfloat16_head_in_panels_gives_float32_logits():
+    runner = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="bfloat16").runner
+    head = runner.model.lm_head
+    assert isinstance(head, BlockedLinear)
+    weight = bf16_kernel.from_blocks(head.weight, head.out_features).double()
+    for rows, logits in head_input_and_logits(runner, STEPS):
+        assert rows.dtype == torch.float32 and logits.dtype == torch.float32
+        assert torch.equal(rows, rows.bfloat16().float())  # the norm's bfloat16 values, widened
+        exact = rows.double() @ weight.T
+        assert (logits.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+@pytest.mark.skipif(not int8_kernel.available()[0], reason="llmcli's int8 kernel does not build here")
+@pytest.mark.parametrize("quantize", ["int8", "int4"])  # an int4 run keeps its head in int8
+def test_an_int8_head_in_a_kernel_gives_float32_logits(quantize):
+    runner = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="bfloat16",
+                        quantize=quantize).runner
+    head = runner.model.lm_head
+    assert isinstance(head, Int8Linear) and (head.blocked or head.integer)
+    for rows, logits in head_input_and_logits(runner, STEPS):
+        assert rows.dtype == torch.float32 and logits.dtype == torch.float32
+        # the same sums as from the bfloat16 rows, before their rounding
+        assert torch.equal(logits.bfloat16(), head.forward(rows.bfloat16()))  # forward: without the hook
+
+
+def test_torch_products_keep_their_logits_dtype(monkeypatch):
+    """Without a kernel the head is torch's bfloat16 product, whose outputs are rounded: nothing to widen."""
+    monkeypatch.setenv("LLMCLI_BF16_KERNEL", "0")
+    runner = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="bfloat16").runner
+    assert not runner.model.lm_head._forward_pre_hooks
+    for rows, logits in head_input_and_logits(runner, STEPS):
+        assert rows.dtype == logits.dtype == torch.bfloat16
