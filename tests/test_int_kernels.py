@@ -199,13 +199,10 @@ def layer_kinds(model) -> set[str]:
 
 
 def test_dispatch_picks_the_integer_kernels_by_cpu_feature_and_option():
-    from llmcli.backends.cpu_kernels import cpu_model
-
     if not int_dot.runs_fast():
         pytest.skip(f"the integer kernels need AVX2 (built here: {int_dot.isa()})")
-    avx512 = "avx512f" in cpu_model().split()
     int8 = layer_kinds(load_demo("int8").model)
-    assert ("int8 kernel (x int8 activations, AVX2)" in int8) == (not avx512), int8
+    assert "int8 kernel (x int8 activations, AVX2)" in int8, int8  # AVX-512 CPUs too (prepare.py: measured)
     int4 = layer_kinds(load_demo("int4").model)
     assert "int4 kernel (x int8 activations, AVX2, groups of 32)" in int4, int4
     off = layer_kinds(load_demo("int4", int_dot=False).model) | layer_kinds(load_demo("int8", int_dot=False).model)

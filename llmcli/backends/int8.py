@@ -25,7 +25,7 @@ KERNEL_ROWS = 16
 # From this many bfloat16 rows, `int8_kernel.gemm` beats the row-by-row kernel where it runs (9728x896:
 # 0.68 vs 0.56 ms at 4 rows, 1.82 vs 1.21 at 16; 3 rows: 0.34 vs 0.54).
 GEMM_ROWS = 4
-# Up to this many rows the integer kernel (x quantised to int8; AVX2 CPUs without AVX-512) beats a float32 GEMM on
+# Up to this many rows the integer kernel (x quantised to int8; AVX2 CPUs) beats a float32 GEMM on
 # the converted weight: Qwen2.5-0.5B shapes on a 2-core Zen 1, ms for four layers' products, integer vs GEMM:
 # 37 vs 154 at 16 rows, 141 vs 244 at 64, 288 vs 357 at 128, 601 vs 627 at 256 (prompts come in chunks).
 INTEGER_ROWS = 256
