@@ -183,6 +183,27 @@ def test_avx2_and_portable_builds_compute_the_same_products(portable_ops, avx2_o
         assert torch.equal(ops.int4_unblock(packed, sm, torch.float32).double(), weight)
 
 
+def test_vnni_build_gives_the_avx2_builds_bits(avx2_ops):
+    """VNNI's byte dot products add the same exact integer sums as AVX2's maddubs and madd: the native build, where
+    the CPU has VNNI, equals the AVX2 build bit for bit (one matrix and expert stacks, tiles of 1 to 4 rows)."""
+    if int_dot.isa() != "avx2_vnni":
+        pytest.skip(f"the kernels built here have no VNNI path ({int_dot.isa()})")
+    assert str(avx2_ops.int_dot_isa()) == "avx2"
+    torch.manual_seed(0)
+    stack_q, stack_s = zip(*(quantize_weight(torch.randn(48, 4864)) for _ in range(3)))
+    blocks = torch.stack([int8_kernel.to_blocks(q) for q in stack_q])
+    scales = torch.stack(stack_s)
+    packed, sm = zip(*(int_dot.int4_blocks(*int4_weight(48, 4864, seed)[0]) for seed in range(3)))
+    packed, sm = torch.stack(packed), torch.stack(sm)
+    for rows in (1, 3, 6):
+        x = torch.randn(rows, 4864).bfloat16()
+        experts = torch.randint(0, 3, (rows,))
+        for args in ((x, blocks[:1], scales[:1], None), (x, blocks, scales, experts)):
+            assert torch.equal(torch.ops.llmcli.int8_dot(*args), avx2_ops.int8_dot(*args))
+        for args in ((x, packed[:1], sm[:1], None), (x, packed, sm, experts)):
+            assert torch.equal(torch.ops.llmcli.int4_dot(*args), avx2_ops.int4_dot(*args))
+
+
 def load_demo(quantize: str, name: str = "demo-qwen", **options):
     from llmcli.demo import ensure_demo
     from llmcli.loader import load_model
@@ -202,9 +223,10 @@ def test_dispatch_picks_the_integer_kernels_by_cpu_feature_and_option():
     if not int_dot.runs_fast():
         pytest.skip(f"the integer kernels need AVX2 (built here: {int_dot.isa()})")
     int8 = layer_kinds(load_demo("int8").model)
-    assert "int8 kernel (x int8 activations, AVX2)" in int8, int8  # AVX-512 CPUs too (prepare.py: measured)
+    built = int_dot.isa_label()  # "AVX2", or "AVX2 + VNNI" where the CPU has VNNI
+    assert f"int8 kernel (x int8 activations, {built})" in int8, int8  # AVX-512 CPUs too (prepare.py: measured)
     int4 = layer_kinds(load_demo("int4").model)
-    assert "int4 kernel (x int8 activations, AVX2, groups of 32)" in int4, int4
+    assert f"int4 kernel (x int8 activations, {built}, groups of 32)" in int4, int4
     off = layer_kinds(load_demo("int4", int_dot=False).model) | layer_kinds(load_demo("int8", int_dot=False).model)
     assert not any("x int8 activations" in kind for kind in off) and "torch int4 (groups of 32)" in off
 

@@ -100,7 +100,7 @@ class Int4Linear(Product, nn.Module):
     @property
     def label(self) -> str:
         if self.integer:
-            return f"int4 kernel (x int8 activations, AVX2, groups of {self.group})"
+            return f"int4 kernel (x int8 activations, {int_dot.isa_label()}, groups of {self.group})"
         return f"torch int4 (groups of {self.group})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

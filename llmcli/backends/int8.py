@@ -95,7 +95,7 @@ class Int8Linear(Product, nn.Module):
     @property
     def label(self) -> str:
         if self.integer:
-            return "int8 kernel (x int8 activations, AVX2)"
+            return f"int8 kernel (x int8 activations, {int_dot.isa_label()})"
         if self.blocked:
             return "int8 kernel"
         return "torch int8" + (", compiled one-row steps multiply-and-sum" if self.compiled else "")

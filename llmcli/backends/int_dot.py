@@ -23,14 +23,24 @@ ROWS = 8  # output rows per block
 INT4_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # the order of a block's rows in int4 storage (kInt4Order)
 
 
+FAST_ISAS = {"avx2": "AVX2", "avx2_vnni": "AVX2 + VNNI"}  # what labels call the builds that run fast
+
+
 def isa() -> str | None:
-    """What the kernels were built for here: "avx2" or "portable"; None when not built."""
+    """What the kernels were built for here: "avx2", "avx2_vnni" (AVX2 with VNNI's byte dot products: AVX512-VNNI
+    or AVX-VNNI) or "portable"; None when not built."""
     return str(torch.ops.llmcli.int_dot_isa()) if cpu_kernels.load_once()[0] else None
+
+
+def isa_label() -> str:
+    """The build as bench and show name it, e.g. "AVX2 + VNNI"."""
+    built = isa()
+    return FAST_ISAS.get(built, built or "not built")
 
 
 def runs_fast() -> bool:
     """Built with AVX2 (the plain C++ loops are slower than the float paths)."""
-    return isa() == "avx2"
+    return isa() in FAST_ISAS
 
 
 def int8_fits(shape: torch.Size | tuple[int, ...]) -> bool:

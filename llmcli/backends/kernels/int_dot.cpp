@@ -33,6 +33,15 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define LLMCLI_INT_DOT_AVX2 1
+// VNNI (AVX512-VNNI's 256-bit form, or AVX-VNNI) adds four u8 x s8 products into each int32 lane in one
+// instruction, where AVX2 takes maddubs (pairs into int16), madd (into int32) and an add: the same exact sums.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LLMCLI_INT_DOT_VNNI 1
+#define LLMCLI_DPBUSD _mm256_dpbusd_epi32
+#elif defined(__AVXVNNI__)
+#define LLMCLI_INT_DOT_VNNI 1
+#define LLMCLI_DPBUSD _mm256_dpbusd_avx_epi32
+#endif
 #endif
 
 namespace {
@@ -153,7 +162,7 @@ inline __m256 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
 // sums[r] = sum_k x[k] * w[r][k] for the 8 rows of one int8 block [K/16][8][16].
 inline void int8_block(const QuantRow& x, const int8_t* w, int64_t K, float* sums) {
 #if defined(LLMCLI_INT_DOT_AVX2)
-  const __m256i ones = _mm256_set1_epi16(1);
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);  // AVX2 only: VNNI widens in its dot product
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t g = 0; g < K / kGroup; ++g) {
     prefetch_ahead(w, kPrefetchBytes, 4);  // the group's 256 bytes
@@ -164,8 +173,12 @@ inline void int8_block(const QuantRow& x, const int8_t* w, int64_t K, float* sum
       const __m256i xa = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x.abs + k)));
       for (int j = 0; j < 4; ++j) {  // rows 2j and 2j+1
         const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 2 * kChunk));
+#if defined(LLMCLI_INT_DOT_VNNI)
+        s[j] = LLMCLI_DPBUSD(h ? s[j] : _mm256_setzero_si256(), xa, _mm256_sign_epi8(wv, xs));
+#else
         const __m256i pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(wv, xs)), ones);
         s[j] = h ? _mm256_add_epi32(s[j], pairs) : pairs;
+#endif
       }
     }
     const __m256 d = _mm256_set1_ps(x.d[g]);
@@ -192,7 +205,8 @@ inline void int8_block(const QuantRow& x, const int8_t* w, int64_t K, float* sum
 template <int R>
 inline void int4_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm, int64_t K, float (*sums)[kRows]) {
 #if defined(LLMCLI_INT_DOT_AVX2)
-  const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0F);
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);  // AVX2 only: VNNI widens in its dot product
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
   __m256 acc[R];
   for (int m = 0; m < R; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < K / kGroup; ++g, w += kRows * 16, sm += 2 * kRows) {
@@ -213,10 +227,16 @@ inline void int4_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm,
       // Each int16 lane holds 4 products, |sum| <= 4 * 15 * 127; the two horizontal adds make it 16 products,
       // <= 30480, still int16, so one madd (not four) widens the row sums to int32, exactly.
       __m256i s[4];
+#if defined(LLMCLI_INT_DOT_VNNI)  // int32 lanes of 4 products each, then the same two horizontal adds
+      for (int j = 0; j < 4; ++j) s[j] = LLMCLI_DPBUSD(LLMCLI_DPBUSD(_mm256_setzero_si256(), q0[j], lo), q1[j], hi);
+      const __m256 dots = _mm256_cvtepi32_ps(
+          _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3])));  // rows 0..7
+#else
       for (int j = 0; j < 4; ++j)
         s[j] = _mm256_add_epi16(_mm256_maddubs_epi16(q0[j], lo), _mm256_maddubs_epi16(q1[j], hi));
       const __m256i pairs = _mm256_hadd_epi16(_mm256_hadd_epi16(s[0], s[1]), _mm256_hadd_epi16(s[2], s[3]));
       const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));  // rows 0..7
+#endif
       acc[m] = _mm256_fmadd_ps(dots, _mm256_mul_ps(scale, _mm256_set1_ps(x[m].d[g])), acc[m]);
       acc[m] = _mm256_fmadd_ps(low, _mm256_set1_ps(x[m].dsum[g]), acc[m]);
     }
@@ -426,7 +446,9 @@ at::Tensor int4_unblock(const at::Tensor& w, const at::Tensor& sm, at::ScalarTyp
 }
 
 std::string int_dot_isa() {
-#if defined(LLMCLI_INT_DOT_AVX2)
+#if defined(LLMCLI_INT_DOT_VNNI)
+  return "avx2_vnni";
+#elif defined(LLMCLI_INT_DOT_AVX2)
   return "avx2";
 #else
   return "portable";
