@@ -190,11 +190,11 @@ def test_vnni_build_gives_the_avx2_builds_bits(avx2_ops):
         pytest.skip(f"the kernels built here have no VNNI path ({int_dot.isa()})")
     assert str(avx2_ops.int_dot_isa()) == "avx2"
     torch.manual_seed(0)
-    stack_q, stack_s = zip(*(quantize_weight(torch.randn(48, 4864)) for _ in range(3)))
-    blocks = torch.stack([int8_kernel.to_blocks(q) for q in stack_q])
-    scales = torch.stack(stack_s)
-    packed, sm = zip(*(int_dot.int4_blocks(*int4_weight(48, 4864, seed)[0]) for seed in range(3)))
-    packed, sm = torch.stack(packed), torch.stack(sm)
+    int8_weights = [quantize_weight(torch.randn(48, 4864)) for _ in range(3)]
+    blocks = torch.stack([int8_kernel.to_blocks(q) for q, _ in int8_weights])
+    scales = torch.stack([scale for _, scale in int8_weights])
+    int4_weights = [int_dot.int4_blocks(*int4_weight(48, 4864, seed)[0]) for seed in range(3)]
+    packed, sm = torch.stack([p for p, _ in int4_weights]), torch.stack([s for _, s in int4_weights])
     for rows in (1, 3, 6):
         x = torch.randn(rows, 4864).bfloat16()
         experts = torch.randint(0, 3, (rows,))
