@@ -1,7 +1,7 @@
 """llmcli against llama.cpp on the same weights and threads: bf16 / int8 / int4 against BF16 / Q8_0 / Q4_0.
 
     python benchmarks/vs_llamacpp.py [--threads 2] [--models qwen,deepseek] [-p 128] [-n 64] [--repeat 3]
-                                     [--precisions bf16,int8,int4] [--compile]
+                                     [--precisions bf16,int8,int4] [--compile] [--pairs 1]
 
 llama.cpp is built once, offline, from the source the `llama-cpp-python` sdist on PyPI vendors (`pip download
 --no-binary :all: --no-deps llama-cpp-python==VERSION`; cmake, targets llama-bench and llama-quantize) into
@@ -9,6 +9,9 @@ llmcli's cache. Each checkpoint (random weights, the Qwen2.5-0.5B shape and a sm
 with the real tokenizer of the family so that llama.cpp's converter accepts it) is converted with
 llama.cpp's own `convert_hf_to_gguf.py` to BF16, then `llama-quantize` makes Q8_0 and Q4_0. Then
 `llama-bench` and `llmcli bench` run prompt P and decode N, one after the other, and one table is printed.
+With --pairs K each row runs the two K times, alternating which goes first, and shows the median of each figure
+and of the K ratios, with their range: on a shared machine whose memory speed drifts from minute to minute,
+the ratio of runs made side by side holds better than either figure.
 With --compile, llmcli's decode steps are compiled (the first run of a shape compiles for a minute or two).
 The converter imports `sentencepiece` even for BPE vocabularies: `pip install sentencepiece` first.
 """
@@ -20,6 +23,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -175,6 +179,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--precisions", default="bf16,int8,int4", help="which of bf16, int8, int4 to run")
     parser.add_argument("--compile", action="store_true", help="llmcli bench --compile (compiled decode steps)")
+    parser.add_argument("--pairs", type=int, default=1, help="run each row's two benchmarks this many times, in turn")
     args = parser.parse_args()
     work = cache_home() / "llama.cpp"
     source = llama_cpp_source(work)
@@ -182,7 +187,7 @@ def main() -> None:
     cpuinfo = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     flags = sorted({f for f in cpuinfo if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")})
     print(f"threads {args.threads}, prompt {args.prompt}, decode {args.gen}, "
-          f"llmcli decode {'compiled' if args.compile else 'eager'}, CPU flags: {' '.join(flags)}, "
+          f"llmcli decode {'compiled' if args.compile else 'eager'}, pairs {args.pairs}, CPU flags: {' '.join(flags)}, "
           f"load {os.getloadavg()[0]:.1f}")
     print(f"| model | llmcli | llama.cpp | decode llmcli | decode llama.cpp | ratio | prompt llmcli | "
           f"prompt llama.cpp | ratio | llmcli products |\n|{'---|' * 10}")
@@ -190,11 +195,26 @@ def main() -> None:
         real = with_real_tokenizer(checkpoint, family, work)
         files = ggufs(real, source, binaries, work, family)
         for mine, quantize, theirs in [pair for pair in PAIRS if pair[0] in args.precisions.split(",")]:
-            prompt, decode, products = llmcli_bench(checkpoint, quantize, args)
-            their_prompt, their_decode = llama_bench(binaries, files[theirs], args)
-            print(f"| {title} | {mine} | {theirs} | {decode:.1f} | {their_decode:.1f} | {decode / their_decode:.2f}x "
-                  f"| {prompt:.1f} | {their_prompt:.1f} | {prompt / their_prompt:.2f}x | {products} |", flush=True)
+            ours, others, products = [], [], ""
+            for index in range(args.pairs):  # side by side, taking turns at going first
+                for side in ("llmcli", "llama.cpp") if index % 2 == 0 else ("llama.cpp", "llmcli"):
+                    if side == "llmcli":
+                        prompt, decode, products = llmcli_bench(checkpoint, quantize, args)
+                        ours.append((prompt, decode))
+                    else:
+                        others.append(llama_bench(binaries, files[theirs], args))
+            print(f"| {title} | {mine} | {theirs} | {paired(ours, others, 1)} | {paired(ours, others, 0)} "
+                  f"| {products} |", flush=True)
 
+
+def paired(ours: list[tuple[float, float]], others: list[tuple[float, float]], column: int) -> str:
+    """"llmcli | llama.cpp | ratio" for one figure (0: prompt, 1: decode): medians over the pairs, and the range of
+    the pairs' ratios when there are several."""
+    mine, theirs = [o[column] for o in ours], [o[column] for o in others]
+    ratios = sorted(a / b for a, b in zip(mine, theirs, strict=True))
+    spread = f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
+    return (f"{statistics.median(mine):.1f} | {statistics.median(theirs):.1f} | "
+            f"{statistics.median(ratios):.2f}x{spread}")
 
 if __name__ == "__main__":
     main()
