@@ -58,6 +58,18 @@ def test_an_int8_head_in_a_kernel_gives_float32_logits(quantize):
         assert torch.equal(logits.bfloat16(), head.forward(rows.bfloat16()))  # forward: without the hook
 
 
+@pytest.mark.skipif(not bf16_kernel.available()[0], reason="llmcli's bfloat16 kernel does not run on this CPU")
+def test_logits_for_every_position_of_a_long_prompt_stay_bfloat16():
+    """Widening is for a few rows: a whole prompt's logits would double their memory in float32."""
+    from llmcli.backends.head import FLOAT32_ROWS
+
+    runner = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="bfloat16").runner
+    with torch.inference_mode():
+        few = runner(torch.arange(3, 3 + FLOAT32_ROWS)[None], runner.make_cache(1, 64))
+        many = runner(torch.arange(3, 4 + FLOAT32_ROWS)[None], runner.make_cache(1, 64))
+    assert few.dtype == torch.float32 and many.dtype == torch.bfloat16
+
+
 def test_torch_products_keep_their_logits_dtype(monkeypatch):
     """Without a kernel the head is torch's bfloat16 product, whose outputs are rounded: nothing to widen."""
     monkeypatch.setenv("LLMCLI_BF16_KERNEL", "0")
