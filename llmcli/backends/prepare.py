@@ -165,7 +165,6 @@ class Preparation:
         # fused MLP and expert ops (int8 decode, one sitting: DeepSeek-V3 shape 11.3 -> 8.8 ms a step, Qwen2.5-0.5B
         # shape 20.0 -> 18.5). Many-row products keep the AVX512-BF16 GEMM where it runs (Int8Linear.forward).
         self.int_dot = self.int8_kernel and options.int_dot and int_dot.runs_fast()
-        self.int8_dot = self.int_dot
         self.pack = cpu  # bfloat16 linears reordered for CPU products
         self.prepack = cpu and options.prepack and not options.compile and prepacking_available()
         self.float32_prompts = cpu and not options.compile and not bf16_matmul_is_fast()
@@ -242,7 +241,7 @@ class Preparation:
         if self.int4 and name.rpartition(".")[2] != "lm_head" and int4.fits(linear.weight.shape):
             return Int4Linear(linear, integer=self.int_dot)
         return Int8Linear(linear, kernel=self.int8_kernel, gemm=self.int8_gemm, compiled=self.options.compile,
-                          integer=self.int8_dot)
+                          integer=self.int_dot)
 
     # -- the whole model -------------------------------------------------------------------------
 
