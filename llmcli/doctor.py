@@ -160,7 +160,7 @@ def product_paths(device: torch.device) -> dict[str, dict]:
 WHY = {
     "bf16 kernel": "llmcli's bfloat16 kernel, built for this CPU's best instructions",
     "oneDNN prepacked": "oneDNN's blocked layout (no AVX512-BF16 kernel here)",
-    "int8 kernel": "llmcli's int8 kernel",
+    "int8 kernel": "llmcli's int8 kernel",  # and "int8 kernel (x int8 activations, ...)": its integer path
     "int4 kernel": "llmcli's int4 kernel (int8 activations, integer dot products)",
     "F.linear": "torch's own product",
 }
@@ -173,7 +173,8 @@ def products_section(report: Report, device: torch.device) -> None:
         names = ", ".join(found["products"])
         why = "; ".join(WHY.get(name.split(",")[0].split(" (")[0], name) for name in found["products"])
         advice = "; ".join(found["notes"])
-        if precision == "int8" and "int8 kernel" not in found["products"] and device.type == "cpu":
+        in_kernel = any(name.startswith("int8 kernel") for name in found["products"])  # float or integer path
+        if precision == "int8" and not in_kernel and device.type == "cpu":
             advice = advice or "the int8 kernel did not build: see the compiler line"
         report.add(f"{precision} products", f"{names} ({why})", advice)
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from llmcli.cli.app import app
 from llmcli.cli.examples import EXAMPLES
@@ -55,6 +56,21 @@ def test_doctor_table(run_cli):
     assert code == 0
     for topic in ("cpu", "compiler", "bfloat16 products", "int8 products", "bandwidth", "memory", "models"):
         assert topic in out
+
+
+@pytest.mark.parametrize(("products", "failed"), [
+    ({"int8 kernel": 97}, False),
+    ({"int8 kernel (x int8 activations, AVX2 + VNNI)": 97}, False),  # the kernel's integer path
+    ({"torch int8": 97}, True),
+])
+def test_doctor_says_the_int8_kernel_failed_only_when_no_product_runs_it(monkeypatch, products, failed):
+    from llmcli import doctor
+
+    monkeypatch.setattr(doctor, "product_paths", lambda device: {"int8": {"products": products, "notes": []}})
+    report = doctor.Report()
+    doctor.products_section(report, torch.device("cpu"))
+    (finding,) = report.findings
+    assert ("the int8 kernel did not build" in finding.advice) == failed, finding
 
 
 @pytest.mark.parametrize(("model", "prompt", "expected"), [
