@@ -21,8 +21,6 @@ from llmcli.backends import cpu_kernels
 GROUP = 32  # inputs per activation scale and per int4 weight scale (kGroup in the C++ source)
 ROWS = 8  # output rows per block
 INT4_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # the order of a block's rows in int4 storage (kInt4Order)
-
-
 FAST_ISAS = {"avx2": "AVX2", "avx2_vnni": "AVX2 + VNNI"}  # what labels call the builds that run fast
 
 
