@@ -129,13 +129,16 @@ def _cache_bytes(cfg: ModelConfig, element: int) -> int:
     return kv_values_per_token(cfg) * element * cfg.num_layers * min(cfg.max_position_embeddings, CACHE_TOKENS)
 
 
-def weight_bytes(cfg: ModelConfig, tensors: dict[str, TensorInfo], dtype: str, quantize: str | None = None) -> int:
-    """Bytes of the loaded weights: `tensors` as `loaded_tensors` gives them, in `dtype` or with int8 linears."""
+def weight_bytes(cfg: ModelConfig, tensors: dict[str, TensorInfo], dtype: str, quantize: str | None = None,
+                 six_bit_head: bool = True) -> int:
+    """Bytes of the loaded weights: `tensors` as `loaded_tensors` gives them, in `dtype` or with int8 or int4
+    linears (an int4 run's head in 6 bits with `six_bit_head`, as where the integer kernels run, else int8)."""
     element = ELEMENT_BYTES[dtype]
     if quantize in ("int8", "int4"):
         tied = (cfg.vocab_size, cfg.hidden_size) if cfg.tie_word_embeddings else None
-        size = int8_size if quantize == "int8" else int4_size
-        held = size({name: t.shape for name, t in tensors.items()}, element, tied)
+        shapes = {name: t.shape for name, t in tensors.items()}
+        held = int8_size(shapes, element, tied) if quantize == "int8" else \
+            int4_size(shapes, element, tied, six_bit_head)
     else:
         held = sum(t.numel for t in tensors.values()) * element
     if not cfg.family.startswith("deepseek"):  # Qwen MoE routes in the model's dtype, as transformers does

@@ -46,12 +46,14 @@ def test_a_bfloat16_head_in_panels_gives_float32_logits():
 
 
 @pytest.mark.skipif(not int8_kernel.available()[0], reason="llmcli's int8 kernel does not build here")
-@pytest.mark.parametrize("quantize", ["int8", "int4"])  # an int4 run keeps its head in int8
-def test_an_int8_head_in_a_kernel_gives_float32_logits(quantize):
+@pytest.mark.parametrize("quantize", ["int8", "int4"])  # an int4 run's head: 6 bits with the integer kernels, else int8
+def test_a_quantised_head_in_a_kernel_gives_float32_logits(quantize):
+    from llmcli.backends.int6 import Int6Linear
+
     runner = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="bfloat16",
                         quantize=quantize).runner
     head = runner.model.lm_head
-    assert isinstance(head, Int8Linear) and (head.blocked or head.integer)
+    assert isinstance(head, Int6Linear) or (isinstance(head, Int8Linear) and (head.blocked or head.integer))
     for rows, logits in head_input_and_logits(runner, STEPS):
         assert rows.dtype == torch.float32 and logits.dtype == torch.float32
         # the same sums as from the bfloat16 rows, before their rounding

@@ -59,7 +59,11 @@ def test_gguf_q4_0_and_q4_1_blocks_are_expressed_exactly():
     assert torch.allclose(q4_1(x), x @ w1.T, atol=1e-5)
 
 
-def test_loading_quantises_linears_keeps_the_head_int8_and_misfits_too(tmp_path):
+def test_loading_quantises_linears_the_head_in_6_or_8_bits_and_misfits_int8(tmp_path):
+    """The head takes 6 bits where the integer kernels run (x86 with AVX2), else int8; `show`'s estimate of the
+    loaded bytes holds either way."""
+    from llmcli.backends import int_dot
+    from llmcli.backends.int6 import Int6Linear
     from llmcli.backends.int8 import Int8Linear, weight_bytes
     from llmcli.config import load_config
     from llmcli.demo import ensure_demo
@@ -70,13 +74,17 @@ def test_loading_quantises_linears_keeps_the_head_int8_and_misfits_too(tmp_path)
 
     path = ensure_demo("demo-qwen")
     loaded = load_model("demo-qwen", path, device="cpu", dtype="bfloat16", quantize="int4")
-    kinds = {name: type(m).__name__ for name, m in loaded.model.named_modules() if isinstance(m, (Int4Linear,
-                                                                                                    Int8Linear))}
-    assert kinds.pop("lm_head") == "Int8Linear"
+    kinds = {name: type(m).__name__ for name, m in loaded.model.named_modules()
+             if isinstance(m, (Int4Linear, Int6Linear, Int8Linear))}
+    six_bits = int_dot.runs_fast()
+    assert kinds.pop("lm_head") == ("Int6Linear" if six_bits else "Int8Linear")
     assert kinds and set(kinds.values()) == {"Int4Linear"}
     cfg = load_config(path)
-    estimate = estimated_bytes(cfg, loaded_tensors(cfg, read_checkpoint(path)), "bfloat16", "int4")
+    tensors = loaded_tensors(cfg, read_checkpoint(path))
+    estimate = estimated_bytes(cfg, tensors, "bfloat16", "int4", six_bit_head=six_bits)
     assert abs(weight_bytes(loaded.model) - estimate) <= 0.01 * estimate  # what `show` reports
+    other = estimated_bytes(cfg, tensors, "bfloat16", "int4", six_bit_head=not six_bits)
+    assert abs(weight_bytes(loaded.model) - other) > 0.01 * estimate  # the head's bits make a difference here
     misfit = torch.nn.Linear(64, 40).bfloat16()  # 40 outputs: not whole groups of 16
     assert not int4.fits(misfit.weight.shape) and int4.fits((48, 64))
 

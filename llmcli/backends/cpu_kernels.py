@@ -37,7 +37,7 @@ from llmcli.paths import kernel_builds
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = [KERNELS / name for name in ("int8_gemv.cpp", "bf16_gemm.cpp", "int_dot.cpp")]  # one compile each
 # compiled inside int_dot.cpp's unit: torch's headers alone take ~10 s of a unit's compile on a 2-core machine
-INCLUDED = [KERNELS / "decode_ops.cpp", KERNELS / "dispatch.h"]
+INCLUDED = [KERNELS / "int6_dot.cpp", KERNELS / "decode_ops.cpp", KERNELS / "dispatch.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 BUILD_WAIT_SECONDS = 600  # for another process's build (10-50 s); past this it is stuck, not slow
 
@@ -250,6 +250,14 @@ def register_fake() -> None:
     @torch.library.register_fake("llmcli::int4_unblock")
     def _(w, sm, dtype):
         return w.new_empty(w.shape[0] * w.shape[2], w.shape[1] * 32, dtype=dtype)
+
+    @torch.library.register_fake("llmcli::int6_dot")
+    def _(x, w, sm, bias=None):
+        return x.new_empty(*x.shape[:-1], w.shape[0] * 8)
+
+    @torch.library.register_fake("llmcli::int6_unblock")
+    def _(w, sm, dtype):
+        return w.new_empty(w.shape[0] * 8, w.shape[1] * 32, dtype=dtype)
 
     @torch.library.register_fake("llmcli::int8_gemm")
     def _(x, w, scales, bias):

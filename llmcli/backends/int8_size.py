@@ -27,21 +27,39 @@ def int8_size(tensors: dict[str, tuple[int, ...]], element: int, tied_head: tupl
 
 
 INT4_GROUP = 32  # backends.int4.GROUP (this module stays torch-free)
+INT6_GROUP = 64  # backends.int6.GROUP
 
 
-def int4_size(tensors: dict[str, tuple[int, ...]], element: int, tied_head: tuple[int, int] | None) -> int:
+def six_bit_head_size(shape: tuple[int, ...]) -> int | None:
+    """Bytes of a head in 6 bits (an int4 run's, where the integer kernels run): 6 bits a value, a float16 scale
+    and min per 64 inputs; None for a shape the kernel's blocks do not take (it stays int8)."""
+    rows, columns = shape
+    if rows % 8 or columns % INT6_GROUP:
+        return None
+    return rows * columns * 6 // 8 + rows * (columns // INT6_GROUP) * 4
+
+
+def int4_size(tensors: dict[str, tuple[int, ...]], element: int, tied_head: tuple[int, int] | None,
+              six_bit_head: bool = True) -> int:
     """Bytes after int4 quantisation: half a byte per value plus a scale and a zero point per group of 32 inputs
-    for the linears that fit torch's packing (outputs a multiple of 16, inputs of 32); the head and the
-    linears that do not fit as int8; everything else as it is."""
+    for the linears that fit torch's packing (outputs a multiple of 16, inputs of 32); the head in 6 bits
+    (`six_bit_head`: the integer kernels run, as on x86 CPUs with AVX2) or else int8, as the linears that do not
+    fit; everything else as it is."""
+    def head(shape: tuple[int, ...]) -> int:
+        six = six_bit_head_size(shape) if six_bit_head else None
+        return six if six is not None else shape[0] * shape[1] + shape[0] * element
+
     total = 0
     for name, shape in tensors.items():
         numel = math.prod(shape)
         if not quantizable(name, shape):
             total += numel * element
-        elif name.endswith("lm_head.weight") or shape[0] % 16 or shape[1] % INT4_GROUP:
+        elif name.endswith("lm_head.weight"):
+            total += head(shape)
+        elif shape[0] % 16 or shape[1] % INT4_GROUP:
             total += numel + shape[0] * element
         else:
             total += numel // 2 + 2 * (numel // INT4_GROUP) * element
     if tied_head is not None:
-        total += tied_head[0] * tied_head[1] + tied_head[0] * element
+        total += head(tied_head)
     return total

@@ -1,4 +1,4 @@
-"""Integer dot-product kernels for int8 and int4 weights on AVX2 CPUs, from `kernels/int_dot.cpp` (built with
+"""Integer dot-product kernels for int8, int4 and int6 weights on AVX2 CPUs, from `kernels/int_dot.cpp` (built with
 llmcli's other CPU kernels, see cpu_kernels.py).
 
 On a CPU without AVX-512 the int8 decode kernel (int8_kernel.py) converts every weight to float and is
@@ -89,3 +89,37 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     inverse = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
     q = torch.round(groups * inverse[..., None]).clamp(-127, 127)
     return q.to(torch.int8).reshape(x.shape), d
+
+
+INT6_GROUP = 64  # inputs per int6 weight scale and min (kInt6Group)
+INT6_HIGH_SHIFTS = ((0, 2), (4, 6))  # [row of the pair][inputs 0-15 or 16-31]: where a unit's byte keeps the bits
+
+
+def int6_fits(shape: torch.Size | tuple[int, ...]) -> bool:
+    return len(shape) == 2 and shape[0] % ROWS == 0 and shape[1] % INT6_GROUP == 0 and shape[1] > 0
+
+
+def int6_blocks(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, K] in 0..63, scale and low [N, K/64] (w = q * scale + low) -> the kernel's storage (kernels/int6_dot.cpp):
+    bytes [N/8, K/32, 192] (each block and group of 32: the low nibbles as int4_blocks stores them, then the high
+    two bits in a unit of 16 bytes per pair of stored rows) and float16 [N/8, K/64, 2, 8] (scales, then mins)."""
+    n, k = q.shape
+    q = q.to(torch.uint8)
+    nibbles, _ = int4_blocks(q & 15, scale.new_zeros(n, k // GROUP), scale.new_zeros(n, k // GROUP))
+    high = (q >> 4).reshape(n // ROWS, ROWS, k // GROUP, 2, 16)[:, list(INT4_ORDER)]  # [.., stored row, g, half, b]
+    high = high.permute(0, 2, 1, 3, 4).reshape(n // ROWS, k // GROUP, 4, 2, 2, 16)  # [.., unit, row of pair, half, b]
+    shifts = torch.tensor(INT6_HIGH_SHIFTS, dtype=torch.uint8)[:, :, None]
+    units = (high << shifts).sum((3, 4), dtype=torch.uint8)  # the four 2-bit fields of a byte do not overlap
+    packed = torch.cat([nibbles.reshape(n // ROWS, k // GROUP, 128), units.reshape(n // ROWS, k // GROUP, 64)], -1)
+    sm = torch.stack([scale, low], 0).reshape(2, n // ROWS, ROWS, k // INT6_GROUP).permute(1, 3, 0, 2)
+    return packed.contiguous(), sm.to(torch.float16).contiguous()
+
+
+def int6_dot(x: torch.Tensor, packed: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
+    """≈ x @ w.T for x [..., in] with few rows, x quantised to int8 per group of 32."""
+    return torch.ops.llmcli.int6_dot(x, packed, sm)
+
+
+def int6_unblock(packed: torch.Tensor, sm: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The int6 weight as [N, K] in `dtype` (q * scale + min): for products over many rows."""
+    return torch.ops.llmcli.int6_unblock(packed, sm, dtype)

@@ -2,7 +2,8 @@
 
 A model is built with plain nn.Linear layers. Here, in order: projections that read the same input are
 fused into one product; `--quantize int8` turns linears into `Int8Linear`, `--quantize int4` into
-`Int4Linear` (the head, and layers whose shape torch's int4 packing cannot take, into `Int8Linear`); on CPU,
+`Int4Linear` (the head into `Int6Linear` where the integer kernels run, else into `Int8Linear`, as are layers
+whose shape torch's int4 packing cannot take); on CPU,
 bfloat16 linears move into the bfloat16 kernel's panels (`BlockedLinear`) where the kernel runs, else
 (eager) into oneDNN's layout (`PackedLinear`); with `--compile`, the plain linears left become
 `SummingLinear` and MoE experts are stacked (`StackedExperts`, also eagerly when a kernel holds them);
@@ -21,12 +22,13 @@ import re
 import torch
 from torch import nn
 
-from llmcli.backends import bf16_kernel, decode_ops, int4, int8_kernel, int_dot
+from llmcli.backends import bf16_kernel, decode_ops, int4, int6, int8_kernel, int_dot
 from llmcli.backends.compile import CompiledDecode
 from llmcli.backends.experts import StackedExperts, in_kernel_blocks
 from llmcli.backends.grouped_experts import GroupedExperts, can_group
 from llmcli.backends.head import float32_logits
 from llmcli.backends.int4 import Int4Linear
+from llmcli.backends.int6 import Int6Linear
 from llmcli.backends.int8 import Int8Linear, bf16_matmul_is_fast
 from llmcli.backends.linear import (
     BlockedEmbedding,
@@ -139,7 +141,8 @@ class Preparation:
         cpu = self.device.type == "cpu"
         self.int4 = options.quantize == "int4"
         self.stored = stored if self.int4 else None
-        self.int8 = options.quantize == "int8" or self.int4  # int4 runs keep the head (and misfits) in int8
+        # int4 runs keep misfits in int8, and the head where the integer kernels do not run
+        self.int8 = options.quantize == "int8" or self.int4
         self.notes: list[str] = []
         self.int8_kernel = self.bf16_kernel = False
         wait = options.kernel_build != "background"
@@ -238,8 +241,11 @@ class Preparation:
         return Int4Linear(linear, quantized=codes, integer=self.int_dot) if codes is not None else None
 
     def quantized(self, name: str, linear: nn.Linear) -> nn.Module:
-        if self.int4 and name.rpartition(".")[2] != "lm_head" and int4.fits(linear.weight.shape):
+        head = name.rpartition(".")[2] == "lm_head"
+        if self.int4 and not head and int4.fits(linear.weight.shape):
             return Int4Linear(linear, integer=self.int_dot)
+        if self.int4 and head and self.int_dot and int6.fits(linear.weight.shape):
+            return Int6Linear(linear)  # 6 bits, as llama.cpp's Q4_0 files keep it: 4 cost too much quality
         return Int8Linear(linear, kernel=self.int8_kernel, gemm=self.int8_gemm, compiled=self.options.compile,
                           integer=self.int_dot)
 

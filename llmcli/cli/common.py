@@ -133,8 +133,9 @@ QUANTIZE_OPT = typer.Option(
     help="int8: weight-only int8 with a scale per output channel for every linear layer (about half the "
          "bytes of bfloat16 per decoded token; use with --dtype bfloat16). On CPU, decoding runs on llmcli's "
          "int8 kernel, built once with the C++ compiler (about 8 s): 1.7-2.0x bfloat16's decode speed. "
-         "int4: weight-only 4-bit with a scale and zero point per 32 inputs (CPU; the head stays int8), on "
-         "torch's int4 product: a quarter of bfloat16's bytes.",
+         "int4: weight-only 4-bit with a scale and zero point per 32 inputs (CPU), on llmcli's integer kernel "
+         "with AVX2 (else torch's int4 product): about a third of bfloat16's bytes; the head in 6 bits (int8 "
+         "without AVX2), as llama.cpp's Q4_0 files keep it.",
 )
 
 
