@@ -23,7 +23,7 @@ from llmcli.units import human_bytes
 # The CPU features the kernels and torch's paths depend on, as /proc/cpuinfo names them.
 FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "avx_vnni",
             "amx_tile", "amx_bf16", "amx_int8", "asimd")
-PRECISIONS = ("float32", "bfloat16", "int8")
+PRECISIONS = ("float32", "bfloat16", "int8", "int4")  # int4: CPU only
 
 
 @dataclass
@@ -143,9 +143,11 @@ def product_paths(device: torch.device) -> dict[str, dict]:
 
     paths = {}
     for precision in PRECISIONS:
+        if precision == "int4" and device.type != "cpu":
+            continue
         dtype = torch.float32 if precision == "float32" else torch.bfloat16
         model = _tiny_model().to(device=device, dtype=dtype)
-        options = Options.from_env(device=device.type, quantize="int8" if precision == "int8" else None)
+        options = Options.from_env(device=device.type, quantize=precision if precision.startswith("int") else None)
         preparation = Preparation(model, options)
         preparation.finish()
         counts: dict[str, int] = {}
@@ -162,6 +164,7 @@ WHY = {
     "oneDNN prepacked": "oneDNN's blocked layout (no AVX512-BF16 kernel here)",
     "int8 kernel": "llmcli's int8 kernel",  # and "int8 kernel (x int8 activations, ...)": its integer path
     "int4 kernel": "llmcli's int4 kernel (int8 activations, integer dot products)",
+    "int6 kernel": "the head of an int4 run in 6 bits, on llmcli's integer kernel",
     "F.linear": "torch's own product",
 }
 

@@ -23,7 +23,7 @@ def test_doctor_json_has_every_section(run_cli):
     for key in ("cpu", "compiler", "kernel_cache", "torch", "products", "memory", "bandwidth", "storage", "models",
                 "findings"):
         assert key in report, key
-    assert set(report["products"]) == {"float32", "bfloat16", "int8"}
+    assert set(report["products"]) == {"float32", "bfloat16", "int8", "int4"}
     assert report["bandwidth"]["bytes_per_s"] > 0
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     assert report["cpu"]["features"]["avx2"] == (" avx2 " in flags.replace("\n", " "))
@@ -38,14 +38,14 @@ def test_doctor_second_run_uses_the_cached_bandwidth(run_cli):
     assert bandwidth["source"] == "cached" and bandwidth["measured_at"]
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+@pytest.mark.parametrize("precision", ["bfloat16", "int8", "int4"])
 def test_doctor_products_agree_with_bench(precision):
     """The labels doctor reports per precision are those `bench` counts on a loaded model."""
     from llmcli import bench, doctor
     from llmcli.demo import ensure_demo
     from llmcli.loader import load_model
 
-    quantize = "int8" if precision == "int8" else None
+    quantize = precision if precision.startswith("int") else None
     loaded = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="bfloat16", quantize=quantize)
     expected = set(bench.product_paths(loaded.runner))
     assert set(doctor.product_paths(loaded.device)[precision]["products"]) == expected
@@ -54,7 +54,8 @@ def test_doctor_products_agree_with_bench(precision):
 def test_doctor_table(run_cli):
     code, out, _ = run_cli("doctor")
     assert code == 0
-    for topic in ("cpu", "compiler", "bfloat16 products", "int8 products", "bandwidth", "memory", "models"):
+    for topic in ("cpu", "compiler", "bfloat16 products", "int8 products", "int4 products", "bandwidth", "memory",
+                  "models"):
         assert topic in out
 
 
