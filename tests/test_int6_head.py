@@ -108,6 +108,16 @@ def test_the_head_module_takes_few_rows_through_the_kernel_and_many_through_a_ge
     assert torch.equal(head(many), torch.nn.functional.linear(many, weight))
 
 
+def test_the_head_is_quantised_a_few_rows_at_a_time_with_the_same_bytes():
+    """Loading quantises the head in chunks of rows (the load's peak memory): the same storage as all at once."""
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(128, 40, bias=False)
+    whole, chunked = Int6Linear(linear), Int6Linear(linear, chunk_rows=16)  # 16, 16, then the last 8 rows
+    packed, sm = int_dot.int6_blocks(*quantize_int6(linear.weight.detach()))
+    assert torch.equal(whole.packed, packed) and torch.equal(whole.scales_and_mins, sm)
+    assert torch.equal(chunked.packed, packed) and torch.equal(chunked.scales_and_mins, sm)
+
+
 def test_int4_runs_put_the_head_in_6_bits_where_the_integer_kernels_run():
     from llmcli.backends.head import returns_float32
 

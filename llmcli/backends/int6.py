@@ -50,10 +50,17 @@ class Int6Linear(Product, nn.Module):
     (decoding, a prompt's last position) go through it with the activations quantised to int8, many rows (every
     position's logits) through a GEMM on the weight converted back to floats."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, chunk_rows: int = 4096):
+        """Quantised and stored `chunk_rows` rows (a multiple of 8) at a time: the whole head's intermediate
+        copies (q, its nibbles and high bits) would add several times its 6-bit size to the load's peak."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        packed, sm = int_dot.int6_blocks(*quantize_int6(linear.weight.detach()))
+        weight, rows, columns = linear.weight.detach(), linear.out_features, linear.in_features
+        packed = torch.empty(rows // int_dot.ROWS, columns // int_dot.GROUP, 192, dtype=torch.uint8)
+        sm = torch.empty(rows // int_dot.ROWS, columns // GROUP, 2, int_dot.ROWS, dtype=torch.float16)
+        for begin in range(0, rows, chunk_rows):
+            blocks = slice(begin // int_dot.ROWS, (begin + chunk_rows) // int_dot.ROWS)
+            packed[blocks], sm[blocks] = int_dot.int6_blocks(*quantize_int6(weight[begin: begin + chunk_rows]))
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_mins", sm)
         self.bias = linear.bias
