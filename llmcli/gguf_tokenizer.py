@@ -18,6 +18,9 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
           r"|\s+(?!\S)|\s+")
+# Qwen3.5's: combining marks (\p{M}) count as letters
+_QWEN35 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
            r"|\s+(?!\S)|\s+")
 _DEEPSEEK3 = [r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
@@ -49,7 +52,11 @@ PRE_TOKENIZERS = {
     "deepseek-r1-qwen": ([_QWEN2], False, True, False),
     "llama-bpe": ([_LLAMA3], False, False, True),
     "llama3": ([_LLAMA3], False, False, True),
+    "qwen35": ([_QWEN35], False, True, False),
     "deepseek-v3": (_DEEPSEEK3, False, False, False),
+    # llama.cpp's converter (0.3.36's) names DeepSeek-V3's own vocabulary so: JoyAI-LLM ships the same tokenizer,
+    # its entry comes later in the converter's list of hashes, and the later match wins
+    "joyai-llm": (_DEEPSEEK3, False, False, False),
     "deepseek-llm": (_DEEPSEEK_LLM, True, False, False),
     "deepseek-coder": (_DEEPSEEK_CODER, True, False, False),
     "smollm": ([_GPT2], False, False, False),

@@ -216,12 +216,21 @@ def test_int4_takes_4bit_files_as_stored(qtype, quant_source, tmp_path):
     reference = load_file(str(dequantised_checkpoint(path, source, tmp_path / "reference") / "model.safetensors"))
     ours = load_model("q", path, device="cpu", dtype="float32", quantize="int4")
     stored = {name: m for name, m in ours.model.named_modules() if isinstance(m, int4.Int4Linear)}
-    assert len(stored) == 2 * 7 and not any(name.endswith(("qkv_proj", "gate_up_proj")) for name in stored)
+    # in the integer kernel's blocks q, k and v, and gate and up, join into one product each, as loaded floats do
+    joined = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    integer = next(iter(stored.values())).integer
+    assert len(stored) == 2 * (4 if integer else 7)
+    assert integer == any(name.endswith(tuple(joined)) for name in stored)
     for name, module in stored.items():
         with torch.inference_mode():
             bias = module.bias if module.bias is not None else 0
             weight = (module(torch.eye(module.in_features)) - bias).t()  # the matrix the module multiplies by
-        expected = torch.from_numpy(reference[name + ".weight"])
+        parent, _, leaf = name.rpartition(".")
+        expected = torch.cat([torch.from_numpy(reference[f"{parent}.{part}.weight"]) for part in joined[leaf]]) \
+            if leaf in joined else torch.from_numpy(reference[name + ".weight"])
+        if leaf == "qkv_proj" and f"{parent}.q_proj.bias" in reference:  # Qwen2's biases join too
+            biases = [torch.from_numpy(reference[f"{parent}.{part}.bias"]) for part in joined[leaf]]
+            assert torch.equal(module.bias.detach(), torch.cat(biases)), name
         # The AVX2 integer kernel keeps scales in float16: Q4_K's (d x a 6-bit sub-scale) round there.
         atol = 2**-11 * expected.abs().max().item() if module.integer and qtype == "Q4_K" else 1e-6
         assert torch.allclose(weight, expected, atol=atol, rtol=0), name

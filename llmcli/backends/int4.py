@@ -97,6 +97,26 @@ class Int4Linear(Product, nn.Module):
         self.dtype = dtype
         self.bias = linear.bias
 
+    @classmethod
+    def joined(cls, parts: list[Int4Linear]) -> Int4Linear | None:
+        """One module whose outputs are the parts' in order (a file's stored 4-bit q, k and v, or gate and up, as
+        one product), where all are in the integer kernel's blocks with the same inputs: their blocks are whole
+        groups of 8 output rows, so they concatenate. None otherwise (torch's packing is left as it is)."""
+        first = parts[0]
+        if not all(p.integer and p.in_features == first.in_features and p.group == first.group for p in parts):
+            return None
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.out_features = first.in_features, sum(p.out_features for p in parts)
+        fused.group, fused.integer, fused.dtype = first.group, True, first.dtype
+        fused.register_buffer("packed", torch.cat([p.packed for p in parts]))
+        fused.register_buffer("scales_and_mins", torch.cat([p.scales_and_mins for p in parts]))
+        biases = [p.bias for p in parts]
+        fused.bias = None if all(b is None for b in biases) else nn.Parameter(torch.cat([
+            b.detach() if b is not None else p.packed.new_zeros(p.out_features, dtype=first.dtype)
+            for b, p in zip(biases, parts, strict=True)]), requires_grad=False)
+        return fused
+
     @property
     def label(self) -> str:
         if self.integer:

@@ -36,10 +36,17 @@ def fuse_linears(parent: nn.Module, names: list[str], fused_name: str) -> list[i
     """Replace the nn.Linear children `names` of `parent`, which all read the same input, by one
     linear `fused_name` whose output is their concatenation. Decoding is a string of one-row
     products, each bound by streaming its weight: one larger product streams better than several
-    small ones and saves calls. Returns the output sizes to split by (None if nothing was fused)."""
+    small ones and saves calls. Children of another one type join if that type says how (a classmethod
+    `joined(parts)` returning the joined module or None: weights a file stores already quantised).
+    Returns the output sizes to split by (None if nothing was fused)."""
     parts = [getattr(parent, name, None) for name in names]
     if not all(type(p) is nn.Linear for p in parts):
-        return None
+        kind = type(parts[0])
+        joined = getattr(kind, "joined", None)
+        fused = joined(parts) if joined is not None and all(type(p) is kind for p in parts) else None
+        if fused is None:
+            return None
+        return _replace(parent, names, fused_name, fused, parts)
     weight = torch.cat([p.weight.detach() for p in parts])
     fused = nn.Linear(parts[0].in_features, weight.shape[0], bias=any(p.bias is not None for p in parts),
                       device="meta")
@@ -47,6 +54,10 @@ def fuse_linears(parent: nn.Module, names: list[str], fused_name: str) -> list[i
     if fused.bias is not None:  # a part without bias contributes zeros
         fused.bias = nn.Parameter(torch.cat([p.bias.detach() if p.bias is not None else weight.new_zeros(
             p.out_features) for p in parts]), requires_grad=False)
+    return _replace(parent, names, fused_name, fused, parts)
+
+
+def _replace(parent: nn.Module, names: list[str], fused_name: str, fused: nn.Module, parts: list) -> list[int]:
     for name in names:
         delattr(parent, name)
     setattr(parent, fused_name, fused)
