@@ -15,8 +15,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import load_file
 
-ARCH = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "qwen": "qwen", "deepseek_v2": "deepseek2",
-        "deepseek_v3": "deepseek2"}
+ARCH = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "llama": "llama", "qwen": "qwen",
+        "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}
 LAYER = {
     "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
@@ -96,6 +96,10 @@ def _metadata(w: gguf.GGUFWriter, arch: str, cfg: dict, mla_split: bool) -> None
         if cfg.get("head_dim"):
             w.add_uint32(a("attention.key_length"), cfg["head_dim"])
             w.add_uint32(a("attention.value_length"), cfg["head_dim"])
+        if arch == "qwen3moe":
+            w.add_uint32(a("expert_count"), cfg.get("num_experts") or cfg["num_local_experts"])
+            w.add_uint32(a("expert_used_count"), cfg["num_experts_per_tok"])
+            w.add_uint32(a("expert_feed_forward_length"), cfg["moe_intermediate_size"])
         return
     w.add_uint32(a("attention.head_count_kv"), 1)
     w.add_uint32(a("leading_dense_block_count"), cfg["first_k_dense_replace"])

@@ -34,6 +34,8 @@ CASES = {  # name -> (transformers class prefix, config, converter options)
     "qwen2": ("Qwen2", {**BASE, "tie_word_embeddings": False, "rope_theta": 1e6}, {}),
     "qwen2-tied": ("Qwen2", {**BASE, "tie_word_embeddings": True}, {}),
     "qwen3": ("Qwen3", {**BASE, "head_dim": 24, "tie_word_embeddings": False}, {}),
+    "qwen3-moe": ("Qwen3Moe", {**BASE, "head_dim": 24, "tie_word_embeddings": False, "num_experts": 8,
+                               "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True}, {}),
     "llama": ("Llama", {**BASE, "tie_word_embeddings": True, "rope_theta": 1e5}, {}),
     "deepseek-v2": ("DeepseekV2", {**DEEPSEEK, "q_lora_rank": None, "topk_method": "greedy",
                                    "routed_scaling_factor": 1.5}, {"mla_split": False}),

@@ -2,8 +2,8 @@
 converter read (key by key, as `convert_hf_to_gguf.py` writes them), then parsed and checked by the same
 family parsers as a safetensors checkpoint (`llmcli.config`).
 
-Architectures: qwen2, qwen3, llama (e.g. DeepSeek-R1-Distill-Llama, SmolLM2), qwen (original Qwen) and
-deepseek2 (DeepSeek V2, V3, R1; V3 and R1 are told apart by their sigmoid gating).
+Architectures: qwen2, qwen3, qwen3moe (Qwen3's MoE models), llama (e.g. DeepSeek-R1-Distill-Llama, SmolLM2), qwen
+(original Qwen) and deepseek2 (DeepSeek V2, V3, R1; V3 and R1 are told apart by their sigmoid gating).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from llmcli.config import ModelConfig, config_from_dict
 from llmcli.errors import LlmcliError
 from llmcli.formats.gguf import GGUFFile
 
-ARCHITECTURES = ("qwen2", "qwen3", "llama", "qwen", "deepseek2")
+ARCHITECTURES = ("qwen2", "qwen3", "qwen3moe", "llama", "qwen", "deepseek2")
 _FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 
@@ -104,6 +104,19 @@ def _qwen2_like(gg: GGUFFile, keys: _Keys) -> dict:
     return raw
 
 
+def _qwen3moe(gg: GGUFFile, keys: _Keys) -> dict:
+    raw = _qwen2_like(gg, keys)
+    raw.update({
+        "model_type": "qwen3_moe",
+        "num_experts": int(keys.need("expert_count")),
+        "num_experts_per_tok": int(keys.need("expert_used_count")),
+        "moe_intermediate_size": int(keys.need("expert_feed_forward_length")),
+        # the file does not say: llama.cpp's qwen3moe graph always renormalises the chosen experts' weights
+        "norm_topk_prob": True,
+    })
+    return raw
+
+
 def _qwen1(gg: GGUFFile, keys: _Keys) -> dict:
     raw = _common(gg, keys)
     raw.update({
@@ -151,8 +164,8 @@ def _deepseek2(gg: GGUFFile, keys: _Keys) -> dict:
     return raw
 
 
-_BUILDERS = {"qwen2": _qwen2_like, "qwen3": _qwen2_like, "llama": _qwen2_like, "qwen": _qwen1,
-             "deepseek2": _deepseek2}
+_BUILDERS = {"qwen2": _qwen2_like, "qwen3": _qwen2_like, "qwen3moe": _qwen3moe, "llama": _qwen2_like,
+             "qwen": _qwen1, "deepseek2": _deepseek2}
 
 
 def config_json(gg: GGUFFile) -> dict:
