@@ -21,24 +21,17 @@ GROUP = int_dot.INT6_GROUP
 LEVELS = 63
 
 
-def quantize_int6(weight: torch.Tensor, group: int = GROUP,
-                  chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int6(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[N, K] -> (q [N, K] uint8 in 0..63, scale [N, K/group], low [N, K/group]) in float32, with
     w ≈ q * scale + low: each group's minimum and maximum map to 0 and 63. The scales and mins are rounded to
-    float16 (what the kernel stores) before q is chosen, so q is the nearest level of the stored grid. A few
-    thousand rows at a time: whole-matrix float copies of a vocabulary-sized head cost gigabytes."""
+    float16 (what the kernel stores) before q is chosen, so q is the nearest level of the stored grid. Callers
+    pass a few thousand rows at a time (Int6Linear): a vocabulary-sized head's float copies cost gigabytes."""
     rows, columns = weight.shape
-    q = torch.empty(rows, columns, dtype=torch.uint8)
-    scale = torch.empty(rows, columns // group)
-    low = torch.empty(rows, columns // group)
-    for begin in range(0, rows, chunk_rows):
-        w = weight[begin: begin + chunk_rows].float().reshape(-1, columns // group, group)
-        lo = w.amin(-1).half().float()
-        s = ((w.amax(-1) - lo) / LEVELS).clamp(min=2**-24).half().float()
-        q[begin: begin + chunk_rows] = torch.round((w - lo[..., None]) / s[..., None]).clamp(0, LEVELS) \
-            .to(torch.uint8).reshape(-1, columns)
-        scale[begin: begin + chunk_rows], low[begin: begin + chunk_rows] = s, lo
-    return q, scale, low
+    w = weight.float().reshape(rows, columns // group, group)
+    low = w.amin(-1).half().float()
+    scale = ((w.amax(-1) - low) / LEVELS).clamp(min=2**-24).half().float()
+    q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, LEVELS).to(torch.uint8)
+    return q.reshape(rows, columns), scale, low
 
 
 def fits(shape: torch.Size | tuple[int, ...]) -> bool:
