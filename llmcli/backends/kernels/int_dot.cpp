@@ -473,7 +473,8 @@ TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) {
   m.impl("int4_unblock", &int4_unblock);
 }
 
-// The 6-bit head's product and the eager decode ops, in this translation unit (torch's headers cost ~10 s per
-// unit to compile).
+// The 6-bit head's product, the eager decode ops and the decoder layer op, in this translation unit (torch's
+// headers cost ~10 s per unit to compile).
 #include "int6_dot.cpp"
 #include "decode_ops.cpp"
+#include "decode_layer.cpp"

@@ -1,0 +1,78 @@
+"""A dense Qwen decoder layer on the integer kernels as one op (backends/decode_ops.FusedQwenLayer,
+kernels/decode_layer.cpp): bit for bit the op-by-op path's logits, the layers it takes and leaves, and the calls
+that fall back to the modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmcli.backends import decode_ops, int_dot
+from llmcli.backends.decode_ops import FusedQwenLayer
+from llmcli.loader import load_model
+from llmcli.models.qwen import DecoderLayer
+from tests.test_decode_ops import CASES, case, decode  # noqa: F401  (case: the fixture)
+
+pytestmark = pytest.mark.skipif(not decode_ops.available() or not int_dot.runs_fast(),
+                                reason="the integer kernels do not run fast here (they need AVX2)")
+
+
+def layer_by_layer(runner) -> None:
+    """The same model with its layers back on the op-by-op path."""
+    for module in runner.model.modules():
+        if type(module) is FusedQwenLayer:
+            module.__class__ = DecoderLayer
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_one_op_per_layer_gives_the_op_by_op_logits_bit_for_bit(case, quantize):  # noqa: F811
+    name, path = case
+    fused = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
+    plain = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
+    layers = [m for m in fused.model.modules() if isinstance(m, DecoderLayer)]
+    if name == "qwen3":  # q/k norms: the layer stays op by op
+        assert not any(type(m) is FusedQwenLayer for m in layers)
+        return
+    assert layers and all(type(m) is FusedQwenLayer for m in layers)
+    layer_by_layer(plain)
+    prompt = list(range(3, 23))  # qwen2-sliding: longer than its window
+    tokens, logits = decode(fused, prompt, 8)
+    plain_tokens, plain_logits = decode(plain, prompt, 8)
+    assert tokens == plain_tokens and torch.equal(logits, plain_logits)
+
+
+class Recorder:
+    def __init__(self):
+        self.seen = []
+
+    def record(self, layer, name, value):
+        self.seen.append(name)
+
+
+def test_float_weights_and_recorders_keep_the_modules(case, monkeypatch):  # noqa: F811
+    """bfloat16 weights (no integer kernel) are not taken; a step with a recorder runs the modules (which record),
+    with the one-op step's logits."""
+    name, path = case
+    bf16 = load_model(name, path, device="cpu", dtype="bfloat16").runner
+    assert not any(type(m) is FusedQwenLayer for m in bf16.model.modules())
+    if name == "qwen3":
+        return
+    runner = load_model(name, path, device="cpu", dtype="bfloat16", quantize="int8").runner
+    fallbacks = []
+    modules_forward = DecoderLayer.forward
+
+    def counted(self, *args, **kwargs):
+        fallbacks.append(self.index)
+        return modules_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(DecoderLayer, "forward", counted)
+    cache, recorder = runner.make_cache(1, 16), Recorder()
+    with torch.inference_mode():
+        runner(torch.tensor([[3, 4, 5]]), cache)  # a prompt: the modules
+        prompt_calls = len(fallbacks)
+        one_op = runner(torch.tensor([[6]]), cache)
+        assert len(fallbacks) == prompt_calls  # the step ran one op per layer
+        cache.crop(cache.length - 1)
+        recorded = runner(torch.tensor([[6]]), cache, recorder=recorder)
+    assert len(fallbacks) == 2 * prompt_calls and recorder.seen
+    assert torch.equal(one_op, recorded)
