@@ -1,4 +1,4 @@
-"""A dense Qwen decoder layer on the integer kernels as one op (backends/decode_ops.FusedQwenLayer,
+"""A decoder layer on the integer kernels as one op (backends/decode_ops.FusedQwenLayer and FusedDeepseekLayer,
 kernels/decode_layer.cpp): bit for bit the op-by-op path's logits, the layers it takes and leaves, and the calls
 that fall back to the modules."""
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from llmcli.backends import decode_ops, int_dot
-from llmcli.backends.decode_ops import FusedQwenLayer
+from llmcli.backends.decode_ops import FusedDeepseekLayer, FusedQwenLayer
 from llmcli.loader import load_model
+from llmcli.models.deepseek import DecoderLayer as DeepseekLayer
 from llmcli.models.qwen import DecoderLayer
 from tests.test_decode_ops import CASES, case, decode  # noqa: F401  (case: the fixture)
 
@@ -22,6 +23,8 @@ def layer_by_layer(runner) -> None:
     for module in runner.model.modules():
         if type(module) is FusedQwenLayer:
             module.__class__ = DecoderLayer
+        elif type(module) is FusedDeepseekLayer:
+            module.__class__ = DeepseekLayer
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
@@ -76,3 +79,37 @@ def test_float_weights_and_recorders_keep_the_modules(case, monkeypatch):  # noq
         recorded = runner(torch.tensor([[6]]), cache, recorder=recorder)
     assert len(fallbacks) == 2 * prompt_calls and recorder.seen
     assert torch.equal(one_op, recorded)
+
+
+@pytest.fixture(scope="module", params=["v3", "v2-group", "v2-greedy"])
+def deepseek_case(request, tmp_path_factory):
+    """test_deepseek's cases with a q_lora rank the integer kernels take (a multiple of 32; theirs is 24)."""
+    from tests.test_deepseek import CASES as DEEPSEEK
+    from tests.test_deepseek import build_reference
+
+    kind, overrides = DEEPSEEK[request.param]
+    if overrides.get("q_lora_rank"):
+        overrides = {**overrides, "q_lora_rank": 32}
+    path = tmp_path_factory.mktemp(request.param)
+    build_reference(kind, overrides, path)
+    return request.param, path
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_deepseek_layers_as_one_op_give_the_op_by_op_logits_bit_for_bit(deepseek_case, quantize):
+    """V3 (sigmoid, noaux_tc routing) and V2 with q_lora (softmax, group-limited): a dense first layer, then MoE
+    layers with shared experts, every one as the op; V2 without q_lora keeps its modules."""
+    name, path = deepseek_case
+    fused = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
+    plain = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
+    layers = [m for m in fused.model.modules() if isinstance(m, DeepseekLayer)]
+    if name == "v2-greedy":
+        assert not any(type(m) is FusedDeepseekLayer for m in layers)
+        return
+    assert layers and all(type(m) is FusedDeepseekLayer for m in layers)
+    assert any(m.is_moe for m in layers) and not all(m.is_moe for m in layers)
+    layer_by_layer(plain)
+    prompt = list(range(3, 23))
+    tokens, logits = decode(fused, prompt, 8)
+    plain_tokens, plain_logits = decode(plain, prompt, 8)
+    assert tokens == plain_tokens and torch.equal(logits, plain_logits)

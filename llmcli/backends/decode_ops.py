@@ -24,8 +24,10 @@ from llmcli.backends import cpu_kernels
 from llmcli.backends.experts import StackedExperts
 from llmcli.backends.int4 import Int4Linear
 from llmcli.backends.int8 import Int8Linear
+from llmcli.backends.linear import FEW_ROWS
 from llmcli.models.cache import KVLayerCache, LatentLayerCache
-from llmcli.models.deepseek import MLAttention, Router
+from llmcli.models.deepseek import DecoderLayer as DeepseekLayer
+from llmcli.models.deepseek import MLAttention, MoE, Router
 from llmcli.models.hooks import ATTN_PROBS, AttentionWeights, RouterChoice, asks
 from llmcli.models.layers import RMSNorm, SwiGLU, head_probs
 from llmcli.models.qwen import Attention, DecoderLayer
@@ -220,9 +222,64 @@ class FusedQwenLayer(DecoderLayer):
         return all(p is not None and (p[2] is None or p[2].dtype == dtype) for p in products)
 
 
+class FusedDeepseekLayer(DeepseekLayer):
+    """A DeepSeek decoder layer (q_lora, q_a and kv_a fused) on the integer kernels as one op for one new token:
+    the latent attention, then the router, routed and shared experts (or the dense MLP), back to back from C++
+    (kernels/decode_layer.cpp), bit for bit the op-by-op path. With a recorder, or where an op does not apply,
+    the layer runs its modules as before."""
+
+    def forward(self, x, cos, sin, cache, span, absorbed: bool, recorder=None) -> torch.Tensor:
+        attn, layer_cache = self.self_attn, cache.layers[self.index]
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        if (recorder is not None or not absorbed or x.dtype != norm1.weight.dtype or x.shape[0] > FEW_ROWS
+                or not attn._fits(x, cos, layer_cache, span)):  # FEW_ROWS: where the experts take their stacks
+            return super().forward(x, cos, sin, cache, span, absorbed, recorder)
+        mlp = self.mlp
+        if self.is_moe:
+            gate, experts, dense = mlp.gate, mlp.experts, mlp.shared_experts
+            bias = gate.e_score_correction_bias if gate.method == "noaux_tc" else None
+            routing = [gate.top_k, ROUTING_METHODS[gate.method], gate.n_group or 1, gate.topk_group or 1,
+                       int(gate.scoring == "sigmoid"), int(bool(gate.normalise))]
+            router = (gate.weight, bias, routing, float(gate.scaling), *experts.stack("gate_up_proj"),
+                      *experts.stack("down_proj"))
+        else:
+            dense, router = mlp, (None, None, [], 1.0, None, None, None, None)
+        in_w, in_s, _ = integer_product(attn.in_proj)
+        q_b_w, q_b_s, _ = integer_product(attn.q_b_proj)
+        o_w, o_s, _ = integer_product(attn.o_proj)
+        return torch.ops.llmcli.deepseek_decode_layer(
+            x, norm1.weight, norm1.eps, in_w, in_s, attn.in_sizes[0], attn.q_a_layernorm.weight,
+            attn.q_a_layernorm.eps, q_b_w, q_b_s, attn.num_heads, attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps,
+            cos.reshape(-1), sin.reshape(-1), layer_cache.kv, span.start, attn.kv_b_proj.weight, attn.v_dim,
+            attn.softmax_scale, attn.interleaved, o_w, o_s, norm2.weight, norm2.eps, *router,
+            *integer_weights(dense.gate_up_proj), *integer_weights(dense.down_proj))
+
+    @staticmethod
+    def takes(layer: DeepseekLayer) -> bool:
+        """Once, at install: q_lora with q_a and kv_a fused, every product on the integer kernels without a bias,
+        and for a MoE layer a router the route op takes, stacked integer experts and shared experts."""
+        attn, mlp = layer.self_attn, layer.mlp
+        if type(attn) is not MLAttention or not attn.q_lora or attn.in_sizes is None:
+            return False
+        products = [integer_product(getattr(attn, name)) for name in ("in_proj", "q_b_proj", "o_proj")]
+        if not all(p is not None and p[2] is None for p in products):
+            return False
+        dense = mlp.shared_experts if type(mlp) is MoE else mlp
+        if type(dense) is not SwiGLU or not FusedSwiGLU.takes(dense):
+            return False
+        if type(mlp) is not MoE:
+            return True
+        gate, experts = mlp.gate, mlp.experts
+        return (type(gate) is Router and gate.method in ROUTING_METHODS and gate.scoring in ("sigmoid", "softmax")
+                and gate.weight.dtype == torch.float32 and type(experts) is StackedExperts
+                and FusedStackedExperts.takes(experts))
+
+
 def fused_class(module: nn.Module) -> type | None:
     if type(module) is DecoderLayer and FusedQwenLayer.takes(module):
         return FusedQwenLayer
+    if type(module) is DeepseekLayer and FusedDeepseekLayer.takes(module):
+        return FusedDeepseekLayer
     if type(module) is RMSNorm:
         return FusedRMSNorm
     if type(module) is Attention and FusedDecodeAttention.takes(module):

@@ -1,5 +1,6 @@
-// A whole decoder layer of the Qwen families' dense models for one new token, on the integer kernels: compiled as
-// part of int_dot.cpp (included after decode_ops.cpp, whose ops it calls) and called by llmcli/backends/decode_layer.py.
+// A whole decoder layer for one new token on the integer kernels, for the Qwen families' dense layers and DeepSeek's
+// (latent attention, then MoE or a dense MLP): compiled as part of int_dot.cpp (included after decode_ops.cpp,
+// whose ops it calls) and called by llmcli/backends/decode_ops.py.
 //
 // With every product and the small steps already single ops, an eager decode step of the Qwen2.5-0.5B shape still
 // spent about 2 ms of 15 in Python between them: module calls, the checks of which op applies, one dispatch per op.
@@ -36,6 +37,48 @@ at::Tensor qwen_decode_layer(const at::Tensor& x, const at::Tensor& norm1, doubl
   return at::add(mid, mlp);
 }
 
+// x [B, 1, hidden] -> DeepSeek's layer with q_lora and q_a/kv_a fused (in_w: q_a's `q_rank` outputs, then kv_a's):
+// the latent attention as mla_decode computes it, then, with a router, the routed experts (stacks, each row's k
+// chosen by `route` with routing = [top_k, method, n_group, topk_group, sigmoid, normalise]) plus the shared
+// experts (mlp_*), else the dense MLP (mlp_*).
+at::Tensor deepseek_decode_layer(
+    const at::Tensor& x, const at::Tensor& norm1, double eps1, const at::Tensor& in_w, const at::Tensor& in_s,
+    int64_t q_rank, const at::Tensor& q_norm, double q_eps, const at::Tensor& q_b_w, const at::Tensor& q_b_s,
+    int64_t heads, const at::Tensor& kv_norm, double kv_eps, const at::Tensor& cos, const at::Tensor& sin,
+    at::Tensor& cache, int64_t position, const at::Tensor& wkv_b, int64_t v_dim, double scale, bool interleaved,
+    const at::Tensor& o_w, const at::Tensor& o_s, const at::Tensor& norm2, double eps2,
+    const std::optional<at::Tensor>& router, const std::optional<at::Tensor>& router_bias, at::IntArrayRef routing,
+    double scaling, const std::optional<at::Tensor>& experts_gate_up, const std::optional<at::Tensor>& experts_gate_up_s,
+    const std::optional<at::Tensor>& experts_down, const std::optional<at::Tensor>& experts_down_s,
+    const at::Tensor& mlp_gate_up, const at::Tensor& mlp_gate_up_s, const at::Tensor& mlp_down,
+    const at::Tensor& mlp_down_s) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "deepseek_decode_layer: x must be [B, 1, hidden]");
+  TORCH_CHECK(!router.has_value() || (routing.size() == 6 && experts_gate_up.has_value() &&
+                                      experts_gate_up_s.has_value() && experts_down.has_value() &&
+                                      experts_down_s.has_value()),
+              "deepseek_decode_layer: a router needs its six routing numbers and the experts' stacks");
+  const int64_t B = x.size(0);
+  const at::Tensor both = integer_product(rms_norm(x.contiguous(), norm1, eps1), in_w, in_s, std::nullopt);
+  const at::Tensor q_a = both.narrow(-1, 0, q_rank).contiguous();
+  const at::Tensor kv = both.narrow(-1, q_rank, both.size(-1) - q_rank).contiguous();
+  const at::Tensor q = integer_product(rms_norm(q_a, q_norm, q_eps), q_b_w, q_b_s, std::nullopt);
+  const at::Tensor attn = mla_decode(q.view({B, heads, -1}), kv, kv_norm, kv_eps, cos, sin, cache, position, wkv_b,
+                                     v_dim, scale, interleaved);
+  const at::Tensor mid = at::add(x, integer_product(attn.view({B, 1, -1}), o_w, o_s, std::nullopt));
+  const at::Tensor h = rms_norm(mid, norm2, eps2);
+  at::Tensor mlp = int_swiglu(h, mlp_gate_up, mlp_gate_up_s, mlp_down, mlp_down_s, std::nullopt, std::nullopt);
+  if (router.has_value()) {
+    const at::Tensor flat = h.reshape({-1, h.size(-1)});
+    const auto [experts, weights, scores, groups] = route(flat, *router, router_bias, routing[0], routing[1],
+                                                         routing[2], routing[3], routing[4] != 0, routing[5] != 0,
+                                                         scaling);
+    const at::Tensor routed = int_swiglu(flat, *experts_gate_up, *experts_gate_up_s, *experts_down, *experts_down_s,
+                                         experts, weights.to(at::kFloat));
+    mlp = at::add(routed.view(x.sizes()), mlp);  // routed + shared, as the model adds them
+  }
+  return at::add(mid, mlp);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
@@ -43,7 +86,15 @@ TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
         "Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int position, int heads, int head_dim, "
         "int window, float scale, Tensor o_w, Tensor o_s, Tensor? o_bias, Tensor norm2, float eps2, Tensor gate_up_w, "
         "Tensor gate_up_s, Tensor down_w, Tensor down_s) -> Tensor");
+  m.def("deepseek_decode_layer(Tensor x, Tensor norm1, float eps1, Tensor in_w, Tensor in_s, int q_rank, "
+        "Tensor q_norm, float q_eps, Tensor q_b_w, Tensor q_b_s, int heads, Tensor kv_norm, float kv_eps, Tensor cos, "
+        "Tensor sin, Tensor(a!) cache, int position, Tensor wkv_b, int v_dim, float scale, bool interleaved, "
+        "Tensor o_w, Tensor o_s, Tensor norm2, float eps2, Tensor? router, Tensor? router_bias, int[] routing, "
+        "float scaling, Tensor? experts_gate_up, Tensor? experts_gate_up_s, Tensor? experts_down, "
+        "Tensor? experts_down_s, Tensor mlp_gate_up, Tensor mlp_gate_up_s, Tensor mlp_down, Tensor mlp_down_s) "
+        "-> Tensor");
 }
 TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) {
   m.impl("qwen_decode_layer", &qwen_decode_layer);
+  m.impl("deepseek_decode_layer", &deepseek_decode_layer);
 }
