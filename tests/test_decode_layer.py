@@ -33,10 +33,7 @@ def test_one_op_per_layer_gives_the_op_by_op_logits_bit_for_bit(case, quantize):
     fused = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
     plain = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
     layers = [m for m in fused.model.modules() if isinstance(m, DecoderLayer)]
-    if name == "qwen3":  # q/k norms: the layer stays op by op
-        assert not any(type(m) is FusedQwenLayer for m in layers)
-        return
-    assert layers and all(type(m) is FusedQwenLayer for m in layers)
+    assert layers and all(type(m) is FusedQwenLayer for m in layers)  # qwen3: with its q/k norms
     layer_by_layer(plain)
     prompt = list(range(3, 23))  # qwen2-sliding: longer than its window
     tokens, logits = decode(fused, prompt, 8)
@@ -58,8 +55,6 @@ def test_float_weights_and_recorders_keep_the_modules(case, monkeypatch):  # noq
     name, path = case
     bf16 = load_model(name, path, device="cpu", dtype="bfloat16").runner
     assert not any(type(m) is FusedQwenLayer for m in bf16.model.modules())
-    if name == "qwen3":
-        return
     runner = load_model(name, path, device="cpu", dtype="bfloat16", quantize="int8").runner
     fallbacks = []
     modules_forward = DecoderLayer.forward

@@ -192,8 +192,8 @@ def integer_product(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 class FusedQwenLayer(DecoderLayer):
-    """A dense Qwen2-style decoder layer (q/k/v fused with or without bias, no q/k norms) on the integer kernels as
-    one op for one new token: its eight ops back to back from C++ (kernels/decode_layer.cpp), bit for bit the
+    """A dense Qwen2/Qwen3 decoder layer (q/k/v fused, with or without bias, with or without q/k norms) on the integer
+    kernels as one op for one new token: its eight ops back to back from C++ (kernels/decode_layer.cpp), bit for bit the
     op-by-op path. Qwen2.5-0.5B shape, int4, 2 threads: about 2 ms of a 15 ms step was Python between the ops.
     With a recorder, or where the attention op does not apply, the layer runs its modules as before."""
 
@@ -205,19 +205,21 @@ class FusedQwenLayer(DecoderLayer):
             return super().forward(x, cos, sin, cache, span, recorder, q_scale)
         d = attn.head_dim
         scale = d ** -0.5 if q_scale is None else q_scale / d ** 0.5  # as the attention module computes it
+        qk_norm, qk_eps = (None, 0.0) if attn.q_norm is None else (attn.qk_norm_weight[:, 0], attn.q_norm.eps)
         return torch.ops.llmcli.qwen_decode_layer(
-            x, norm1.weight, norm1.eps, *integer_product(attn.qkv_proj), cos.reshape(-1), sin.reshape(-1),
+            x, norm1.weight, norm1.eps, *integer_product(attn.qkv_proj), qk_norm, qk_eps, cos.reshape(-1),
+            sin.reshape(-1),
             layer_cache.k, layer_cache.v, span.start, attn.num_heads, d, attn.window or 0, scale,
             *integer_product(attn.o_proj), norm2.weight, norm2.eps, *integer_weights(self.mlp.gate_up_proj),
             *integer_weights(self.mlp.down_proj))
 
     @staticmethod
     def takes(layer: DecoderLayer) -> bool:
-        """Once, at install: a dense layer whose attention the decode op takes (without q/k norms) and whose
-        products all run on the integer kernels."""
+        """Once, at install: a dense layer whose attention the decode op takes and whose products all run on the
+        integer kernels."""
         attn, mlp = layer.self_attn, layer.mlp
         if layer.is_moe or type(attn) is not Attention or not FusedDecodeAttention.takes(attn) or \
-                attn.q_norm is not None or type(mlp) is not SwiGLU or not FusedSwiGLU.takes(mlp):
+                type(mlp) is not SwiGLU or not FusedSwiGLU.takes(mlp):
             return False
         products = [integer_product(attn.qkv_proj), integer_product(attn.o_proj)]
         dtype = layer.input_layernorm.weight.dtype  # what the op's biases must be in: the rows' dtype

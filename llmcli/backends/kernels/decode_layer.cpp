@@ -7,6 +7,11 @@
 // Here the layer's eight ops run back to back from C++: the same functions, in the same order, with the same
 // rounding (the residual adds are torch's), so the logits are those of the op-by-op path bit for bit.
 #include <ATen/ops/add.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/mean.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/pow.h>
+#include <ATen/ops/rsqrt.h>
 
 namespace {
 
@@ -16,11 +21,23 @@ at::Tensor integer_product(const at::Tensor& x, const at::Tensor& w, const at::T
   return w.scalar_type() == at::kByte ? int4_dot(x, w, s, std::nullopt, bias) : int8_dot(x, w, s, std::nullopt, bias);
 }
 
+// Qwen3's q and k heads normalised together, then each norm's weight (qk_weight [H + KV, D]), with v after them:
+// the torch ops of the attention module, in its order, so the same bits.
+at::Tensor qk_normed(const at::Tensor& heads_qkv, int64_t qk_heads, const at::Tensor& qk_weight, double eps) {
+  const at::Tensor qk = heads_qkv.narrow(1, 0, qk_heads);
+  const at::Tensor h = qk.to(at::kFloat);
+  const at::Tensor factor = h.pow(2).mean(-1, true).add_(eps).rsqrt_();
+  const at::Tensor normed = at::mul(qk_weight, at::mul(h, factor).to(qk.scalar_type()));
+  return at::cat({normed, heads_qkv.narrow(1, qk_heads, heads_qkv.size(1) - qk_heads)}, 1);
+}
+
 // x [B, 1, hidden] -> the layer's output: x + attention(norm1(x)) = mid, then mid + mlp(norm2(mid)). qkv and o are
 // the attention's fused q/k/v and output products, gate_up and down the MLP's (weights and scales as the integer
-// ops take them); the attention as decode_attention computes it (RoPE, the cache write at `position`, softmax).
+// ops take them); Qwen3's q/k norms with qk_norm; the attention as decode_attention computes it (RoPE, the cache
+// write at `position`, softmax).
 at::Tensor qwen_decode_layer(const at::Tensor& x, const at::Tensor& norm1, double eps1, const at::Tensor& qkv_w,
-                             const at::Tensor& qkv_s, const std::optional<at::Tensor>& qkv_bias, const at::Tensor& cos,
+                             const at::Tensor& qkv_s, const std::optional<at::Tensor>& qkv_bias,
+                             const std::optional<at::Tensor>& qk_norm, double qk_eps, const at::Tensor& cos,
                              const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, int64_t position,
                              int64_t heads, int64_t head_dim, int64_t window, double scale, const at::Tensor& o_w,
                              const at::Tensor& o_s, const std::optional<at::Tensor>& o_bias, const at::Tensor& norm2,
@@ -29,8 +46,10 @@ at::Tensor qwen_decode_layer(const at::Tensor& x, const at::Tensor& norm1, doubl
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && head_dim > 0, "qwen_decode_layer: x must be [B, 1, hidden]");
   const int64_t B = x.size(0);
   const at::Tensor qkv = integer_product(rms_norm(x.contiguous(), norm1, eps1), qkv_w, qkv_s, qkv_bias);
-  const at::Tensor heads_out = decode_attention(qkv.view({B, -1, head_dim}), cos, sin, k_cache, v_cache, position,
-                                                heads, window, scale);
+  at::Tensor heads_qkv = qkv.view({B, -1, head_dim});
+  if (qk_norm.has_value()) heads_qkv = qk_normed(heads_qkv, qk_norm->size(0), *qk_norm, qk_eps);
+  const at::Tensor heads_out = decode_attention(heads_qkv.contiguous(), cos, sin, k_cache, v_cache, position, heads,
+                                                window, scale);
   const at::Tensor mid = at::add(x, integer_product(heads_out.view({B, 1, -1}), o_w, o_s, o_bias));
   const at::Tensor mlp = int_swiglu(rms_norm(mid, norm2, eps2), gate_up_w, gate_up_s, down_w, down_s, std::nullopt,
                                     std::nullopt);
@@ -83,7 +102,7 @@ at::Tensor deepseek_decode_layer(
 
 TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
   m.def("qwen_decode_layer(Tensor x, Tensor norm1, float eps1, Tensor qkv_w, Tensor qkv_s, Tensor? qkv_bias, "
-        "Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int position, int heads, int head_dim, "
+        "Tensor? qk_norm, float qk_eps, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int position, int heads, int head_dim, "
         "int window, float scale, Tensor o_w, Tensor o_s, Tensor? o_bias, Tensor norm2, float eps2, Tensor gate_up_w, "
         "Tensor gate_up_s, Tensor down_w, Tensor down_s) -> Tensor");
   m.def("deepseek_decode_layer(Tensor x, Tensor norm1, float eps1, Tensor in_w, Tensor in_s, int q_rank, "
