@@ -108,3 +108,33 @@ def test_deepseek_layers_as_one_op_give_the_op_by_op_logits_bit_for_bit(deepseek
     tokens, logits = decode(fused, prompt, 8)
     plain_tokens, plain_logits = decode(plain, prompt, 8)
     assert tokens == plain_tokens and torch.equal(logits, plain_logits)
+
+
+@pytest.fixture(scope="module", params=["qwen2_moe", "qwen3_moe"])
+def qwen_moe_case(request, tmp_path_factory):
+    """test_qwen_moe's cases (Qwen1.5-MoE style: shared expert and its gate, bias, a dense layer; Qwen3-MoE: q/k
+    norms, renormalised top-k, dense layers between), the shared expert's width one the integer kernels take."""
+    from tests.test_qwen_moe import CASES as QWEN_MOE
+    from tests.test_qwen_moe import build_reference
+
+    kind, overrides = QWEN_MOE[request.param]
+    if "shared_expert_intermediate_size" in overrides:
+        overrides = {**overrides, "shared_expert_intermediate_size": 64}
+    path = tmp_path_factory.mktemp(request.param)
+    build_reference(kind, overrides, path)
+    return request.param, path
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_qwen_moe_layers_as_one_op_give_the_op_by_op_logits_bit_for_bit(qwen_moe_case, quantize):
+    name, path = qwen_moe_case
+    fused = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
+    plain = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
+    layers = [m for m in fused.model.modules() if isinstance(m, DecoderLayer)]
+    assert layers and all(type(m) is FusedQwenLayer for m in layers)
+    assert any(m.is_moe for m in layers) and not all(m.is_moe for m in layers)
+    layer_by_layer(plain)
+    prompt = list(range(3, 23))
+    tokens, logits = decode(fused, prompt, 8)
+    plain_tokens, plain_logits = decode(plain, prompt, 8)
+    assert tokens == plain_tokens and torch.equal(logits, plain_logits)

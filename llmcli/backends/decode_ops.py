@@ -33,6 +33,7 @@ from llmcli.models.deepseek import MLAttention, MoE, Router
 from llmcli.models.hooks import ATTN_PROBS, AttentionWeights, RouterChoice, asks
 from llmcli.models.layers import RMSNorm, SwiGLU, head_probs
 from llmcli.models.qwen import Attention, DecoderLayer
+from llmcli.models.qwen_moe import SharedExpertGate, SparseMoeBlock, TopKRouter
 from llmcli.models.rope import rotate, rotate_pairs
 
 
@@ -192,34 +193,55 @@ def integer_product(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 class FusedQwenLayer(DecoderLayer):
-    """A dense Qwen2/Qwen3 decoder layer (q/k/v fused, with or without bias, with or without q/k norms) on the integer
-    kernels as one op for one new token: its eight ops back to back from C++ (kernels/decode_layer.cpp), bit for bit the
-    op-by-op path. Qwen2.5-0.5B shape, int4, 2 threads: about 2 ms of a 15 ms step was Python between the ops.
-    With a recorder, or where the attention op does not apply, the layer runs its modules as before."""
+    """A Qwen2/Qwen3 decoder layer (q/k/v fused, with or without bias, with or without q/k norms; a dense MLP or a
+    Qwen MoE block) on the integer kernels as one op for one new token: its ops back to back from C++
+    (kernels/decode_layer.cpp), bit for bit the op-by-op path. Qwen2.5-0.5B shape, int4, 2 threads: about 2 ms of a
+    15 ms step was Python between the ops. With a recorder, or where the attention op does not apply, the layer runs
+    its modules as before."""
 
     def forward(self, x, cos, sin, cache, span, recorder=None, q_scale=None) -> torch.Tensor:
         attn, layer_cache = self.self_attn, cache.layers[self.index]
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        if (recorder is not None or x.dtype != norm1.weight.dtype or x.numel() > FEW_TOKENS * x.shape[-1]
-                or not attn._fits(x, cos, layer_cache, span, q_scale, recorder)):
+        if (recorder is not None or x.dtype != norm1.weight.dtype or x.shape[0] > FEW_ROWS
+                or not attn._fits(x, cos, layer_cache, span, q_scale, recorder)):  # FEW_ROWS: the experts' stacks
             return super().forward(x, cos, sin, cache, span, recorder, q_scale)
         d = attn.head_dim
         scale = d ** -0.5 if q_scale is None else q_scale / d ** 0.5  # as the attention module computes it
         qk_norm, qk_eps = (None, 0.0) if attn.q_norm is None else (attn.qk_norm_weight[:, 0], attn.q_norm.eps)
         return torch.ops.llmcli.qwen_decode_layer(
             x, norm1.weight, norm1.eps, *integer_product(attn.qkv_proj), qk_norm, qk_eps, cos.reshape(-1),
-            sin.reshape(-1),
-            layer_cache.k, layer_cache.v, span.start, attn.num_heads, d, attn.window or 0, scale,
-            *integer_product(attn.o_proj), norm2.weight, norm2.eps, *integer_weights(self.mlp.gate_up_proj),
-            *integer_weights(self.mlp.down_proj))
+            sin.reshape(-1), layer_cache.k, layer_cache.v, span.start, attn.num_heads, d, attn.window or 0, scale,
+            *integer_product(attn.o_proj), norm2.weight, norm2.eps, *self._mlp_arguments())
+
+    def _mlp_arguments(self) -> tuple:
+        """The op's MLP arguments: gate_up and down (the dense MLP's or the shared expert's, else None), then the
+        router, [top_k, normalise], the experts' stacks and the shared expert's gate (None without a router)."""
+        mlp = self.mlp
+        if not self.is_moe:
+            return (*integer_weights(mlp.gate_up_proj), *integer_weights(mlp.down_proj), None, [], None, None, None,
+                    None, None)
+        shared = mlp.shared_expert
+        dense = (None,) * 4 if shared is None else (*integer_weights(shared.gate_up_proj),
+                                                    *integer_weights(shared.down_proj))
+        return (*dense, mlp.gate.weight, [mlp.gate.top_k, int(bool(mlp.gate.normalise))],
+                *mlp.experts.stack("gate_up_proj"), *mlp.experts.stack("down_proj"),
+                None if shared is None else mlp.shared_expert_gate.weight)
 
     @staticmethod
     def takes(layer: DecoderLayer) -> bool:
-        """Once, at install: a dense layer whose attention the decode op takes and whose products all run on the
-        integer kernels."""
+        """Once, at install: a layer whose attention the decode op takes and whose products all run on the integer
+        kernels: a dense MLP, or a MoE block with stacked experts (and a shared expert, if any, in the kernels)."""
         attn, mlp = layer.self_attn, layer.mlp
-        if layer.is_moe or type(attn) is not Attention or not FusedDecodeAttention.takes(attn) or \
-                type(mlp) is not SwiGLU or not FusedSwiGLU.takes(mlp):
+        if type(attn) is not Attention or not FusedDecodeAttention.takes(attn):
+            return False
+        if layer.is_moe:
+            if type(mlp) is not SparseMoeBlock or type(mlp.gate) is not TopKRouter or \
+                    type(mlp.experts) is not StackedExperts or not FusedStackedExperts.takes(mlp.experts):
+                return False
+            if mlp.shared_expert is not None and (type(mlp.shared_expert) is not SwiGLU or not FusedSwiGLU.takes(
+                    mlp.shared_expert) or type(mlp.shared_expert_gate) is not SharedExpertGate):
+                return False
+        elif type(mlp) is not SwiGLU or not FusedSwiGLU.takes(mlp):
             return False
         products = [integer_product(attn.qkv_proj), integer_product(attn.o_proj)]
         dtype = layer.input_layernorm.weight.dtype  # what the op's biases must be in: the rows' dtype
