@@ -26,7 +26,7 @@ from llmcli.backends import cpu_kernels
 from llmcli.backends.experts import StackedExperts
 from llmcli.backends.int4 import Int4Linear
 from llmcli.backends.int8 import Int8Linear
-from llmcli.backends.linear import FEW_ROWS
+from llmcli.backends.linear import FEW_ROWS, BlockedLinear
 from llmcli.models.cache import KVLayerCache, LatentLayerCache
 from llmcli.models.deepseek import DecoderLayer as DeepseekLayer
 from llmcli.models.deepseek import MLAttention, MoE, Router
@@ -248,11 +248,33 @@ class FusedQwenLayer(DecoderLayer):
         return all(p is not None and (p[2] is None or p[2].dtype == dtype) for p in products)
 
 
+def kernel_product(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int] | None:
+    """(weights, scales, bias, outputs) of a product in one of llmcli's CPU kernels: the integer kernels' blocks with
+    their scales, or bfloat16 panels (no scales); None for any other product."""
+    if isinstance(linear, BlockedLinear):
+        return linear.weight, None, linear.bias, linear.out_features
+    integer = integer_product(linear)
+    return None if integer is None else (*integer, linear.out_features)
+
+
+def mlp_products(mlp: nn.Module) -> tuple | None:
+    """A fused SwiGLU's (gate_up, its scales, down, its scales), both on the integer kernels or both in bfloat16
+    panels; None otherwise."""
+    if not isinstance(mlp, SwiGLU) or not mlp.fused:  # SwiGLU, or FusedSwiGLU once installed
+        return None
+    gate_up, down = kernel_product(mlp.gate_up_proj), kernel_product(mlp.down_proj)
+    if gate_up is None or down is None or gate_up[2] is not None or down[2] is not None:
+        return None
+    if gate_up[1] is not None and not FusedSwiGLU.takes(mlp):  # integer: the op takes them as one format
+        return None
+    return (gate_up[0], gate_up[1], down[0], down[1]) if (gate_up[1] is None) == (down[1] is None) else None
+
+
 class FusedDeepseekLayer(DeepseekLayer):
-    """A DeepSeek decoder layer (q_lora, q_a and kv_a fused) on the integer kernels as one op for one new token:
-    the latent attention, then the router, routed and shared experts (or the dense MLP), back to back from C++
-    (kernels/decode_layer.cpp), bit for bit the op-by-op path. With a recorder, or where an op does not apply,
-    the layer runs its modules as before."""
+    """A DeepSeek decoder layer (q_lora, q_a and kv_a fused) with every product in llmcli's CPU kernels (the integer
+    kernels, or bfloat16 panels) as one op for one new token: the latent attention, then the router, routed and
+    shared experts (or the dense MLP), back to back from C++ (kernels/decode_layer.cpp), bit for bit the op-by-op
+    path. With a recorder, or where an op does not apply, the layer runs its modules as before."""
 
     def forward(self, x, cos, sin, cache, span, absorbed: bool, recorder=None) -> torch.Tensor:
         attn, layer_cache = self.self_attn, cache.layers[self.index]
@@ -268,37 +290,38 @@ class FusedDeepseekLayer(DeepseekLayer):
                        int(gate.scoring == "sigmoid"), int(bool(gate.normalise))]
             router = (gate.weight, bias, routing, float(gate.scaling), *experts.stack("gate_up_proj"),
                       *experts.stack("down_proj"))
+            widths = [experts[0].gate_up_proj.out_features, experts[0].down_proj.out_features]
         else:
-            dense, router = mlp, (None, None, [], 1.0, None, None, None, None)
-        in_w, in_s, _ = integer_product(attn.in_proj)
-        q_b_w, q_b_s, _ = integer_product(attn.q_b_proj)
-        o_w, o_s, _ = integer_product(attn.o_proj)
+            dense, router, widths = mlp, (None, None, [], 1.0, None, None, None, None), [0, 0]
+        (in_w, in_s, _, in_n), (q_b_w, q_b_s, _, q_b_n), (o_w, o_s, _, o_n) = (
+            kernel_product(attn.in_proj), kernel_product(attn.q_b_proj), kernel_product(attn.o_proj))
+        outputs = [in_n, q_b_n, o_n, dense.gate_up_proj.out_features, dense.down_proj.out_features, *widths]
         return torch.ops.llmcli.deepseek_decode_layer(
             x, norm1.weight, norm1.eps, in_w, in_s, attn.in_sizes[0], attn.q_a_layernorm.weight,
             attn.q_a_layernorm.eps, q_b_w, q_b_s, attn.num_heads, attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps,
             cos.reshape(-1), sin.reshape(-1), layer_cache.kv, span.start, attn.kv_b_proj.weight, attn.v_dim,
-            attn.softmax_scale, attn.interleaved, o_w, o_s, norm2.weight, norm2.eps, *router,
-            *integer_weights(dense.gate_up_proj), *integer_weights(dense.down_proj))
+            attn.softmax_scale, attn.interleaved, o_w, o_s, norm2.weight, norm2.eps, *router, *mlp_products(dense),
+            outputs)
 
     @staticmethod
     def takes(layer: DeepseekLayer) -> bool:
-        """Once, at install: q_lora with q_a and kv_a fused, every product on the integer kernels without a bias,
-        and for a MoE layer a router the route op takes, stacked integer experts and shared experts."""
+        """Once, at install: q_lora with q_a and kv_a fused, every product in a CPU kernel without a bias, and for a
+        MoE layer a router the route op takes, stacked experts in a kernel and shared experts."""
         attn, mlp = layer.self_attn, layer.mlp
         if type(attn) is not MLAttention or not attn.q_lora or attn.in_sizes is None:
             return False
-        products = [integer_product(getattr(attn, name)) for name in ("in_proj", "q_b_proj", "o_proj")]
+        products = [kernel_product(getattr(attn, name)) for name in ("in_proj", "q_b_proj", "o_proj")]
         if not all(p is not None and p[2] is None for p in products):
             return False
-        dense = mlp.shared_experts if type(mlp) is MoE else mlp
-        if type(dense) is not SwiGLU or not FusedSwiGLU.takes(dense):
+        if mlp_products(mlp.shared_experts if type(mlp) is MoE else mlp) is None:
             return False
         if type(mlp) is not MoE:
             return True
         gate, experts = mlp.gate, mlp.experts
+        in_kernel = type(experts) is StackedExperts and experts.kernel and (
+            FusedStackedExperts.takes(experts) or experts.stack("gate_up_proj")[0].dtype == torch.bfloat16)
         return (type(gate) is Router and gate.method in ROUTING_METHODS and gate.scoring in ("sigmoid", "softmax")
-                and gate.weight.dtype == torch.float32 and type(experts) is StackedExperts
-                and FusedStackedExperts.takes(experts))
+                and gate.weight.dtype == torch.float32 and in_kernel)
 
 
 def fused_class(module: nn.Module) -> type | None:
