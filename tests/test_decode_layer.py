@@ -27,8 +27,16 @@ def layer_by_layer(runner) -> None:
             module.__class__ = DeepseekLayer
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def needs_bf16_kernel(quantize: str | None) -> None:
+    from llmcli.backends import bf16_kernel
+
+    if quantize is None and not bf16_kernel.available()[0]:
+        pytest.skip("llmcli's bfloat16 kernel does not run here")
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_one_op_per_layer_gives_the_op_by_op_logits_bit_for_bit(case, quantize):  # noqa: F811
+    needs_bf16_kernel(quantize)
     name, path = case
     fused = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
     plain = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
@@ -50,11 +58,11 @@ class Recorder:
 
 
 def test_float_weights_and_recorders_keep_the_modules(case, monkeypatch):  # noqa: F811
-    """bfloat16 weights (no integer kernel) are not taken; a step with a recorder runs the modules (which record),
-    with the one-op step's logits."""
+    """A float32 model (no kernel takes its products) is not taken; a step with a recorder, or with a forward hook
+    on a layer's attention (tensor parallelism's all-reduce), runs the modules, with the one-op step's logits."""
     name, path = case
-    bf16 = load_model(name, path, device="cpu", dtype="bfloat16").runner
-    assert not any(type(m) is FusedQwenLayer for m in bf16.model.modules())
+    float32 = load_model(name, path, device="cpu", dtype="float32").runner
+    assert not any(type(m) is FusedQwenLayer for m in float32.model.modules())
     runner = load_model(name, path, device="cpu", dtype="bfloat16", quantize="int8").runner
     fallbacks = []
     modules_forward = DecoderLayer.forward
@@ -74,6 +82,12 @@ def test_float_weights_and_recorders_keep_the_modules(case, monkeypatch):  # noq
         recorded = runner(torch.tensor([[6]]), cache, recorder=recorder)
     assert len(fallbacks) == 2 * prompt_calls and recorder.seen
     assert torch.equal(one_op, recorded)
+    hooked = []
+    runner.model.model.layers[0].self_attn.register_forward_hook(lambda module, args, out: hooked.append(1))
+    with torch.inference_mode():
+        cache.crop(cache.length - 1)
+        assert torch.equal(runner(torch.tensor([[6]]), cache), one_op)
+    assert hooked == [1] and len(fallbacks) == 2 * prompt_calls + 1  # that layer ran its modules
 
 
 @pytest.fixture(scope="module", params=["v3", "v2-group", "v2-greedy"])
@@ -95,10 +109,7 @@ def test_deepseek_layers_as_one_op_give_the_op_by_op_logits_bit_for_bit(deepseek
     """V3 (sigmoid, noaux_tc routing) and V2 with q_lora (softmax, group-limited): a dense first layer, then MoE
     layers with shared experts, every one as the op, in bfloat16 panels or on the integer kernels; V2 without q_lora
     keeps its modules."""
-    from llmcli.backends import bf16_kernel
-
-    if quantize is None and not bf16_kernel.available()[0]:
-        pytest.skip("llmcli's bfloat16 kernel does not run here")
+    needs_bf16_kernel(quantize)
     name, path = deepseek_case
     fused = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
     plain = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
@@ -130,8 +141,9 @@ def qwen_moe_case(request, tmp_path_factory):
     return request.param, path
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_qwen_moe_layers_as_one_op_give_the_op_by_op_logits_bit_for_bit(qwen_moe_case, quantize):
+    needs_bf16_kernel(quantize)
     name, path = qwen_moe_case
     fused = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
     plain = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner

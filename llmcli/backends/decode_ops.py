@@ -192,66 +192,82 @@ def integer_product(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
     return None
 
 
+def hooked(*modules: nn.Module) -> bool:
+    """Does any of the modules have forward hooks (tensor parallelism's all-reduce), which one op would skip?"""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 class FusedQwenLayer(DecoderLayer):
     """A Qwen2/Qwen3 decoder layer (q/k/v fused, with or without bias, with or without q/k norms; a dense MLP or a
-    Qwen MoE block) on the integer kernels as one op for one new token: its ops back to back from C++
-    (kernels/decode_layer.cpp), bit for bit the op-by-op path. Qwen2.5-0.5B shape, int4, 2 threads: about 2 ms of a
-    15 ms step was Python between the ops. With a recorder, or where the attention op does not apply, the layer runs
-    its modules as before."""
+    Qwen MoE block) with every product in llmcli's CPU kernels (the integer kernels, or bfloat16 panels) as one op
+    for one new token: its ops back to back from C++ (kernels/decode_layer.cpp), bit for bit the op-by-op path.
+    Qwen2.5-0.5B shape, int4, 2 threads: about 2 ms of a 15 ms step was Python between the ops. With a recorder, or
+    where the attention op does not apply, the layer runs its modules as before."""
 
     def forward(self, x, cos, sin, cache, span, recorder=None, q_scale=None) -> torch.Tensor:
         attn, layer_cache = self.self_attn, cache.layers[self.index]
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        if (recorder is not None or x.dtype != norm1.weight.dtype or x.shape[0] > FEW_ROWS
+        if (recorder is not None or x.dtype != norm1.weight.dtype or x.shape[0] > FEW_ROWS or hooked(attn, self.mlp)
                 or not attn._fits(x, cos, layer_cache, span, q_scale, recorder)):  # FEW_ROWS: the experts' stacks
             return super().forward(x, cos, sin, cache, span, recorder, q_scale)
         d = attn.head_dim
         scale = d ** -0.5 if q_scale is None else q_scale / d ** 0.5  # as the attention module computes it
         qk_norm, qk_eps = (None, 0.0) if attn.q_norm is None else (attn.qk_norm_weight[:, 0], attn.q_norm.eps)
+        (qkv_w, qkv_s, qkv_bias, qkv_n), (o_w, o_s, o_bias, o_n) = kernel_product(attn.qkv_proj), kernel_product(
+            attn.o_proj)
+        mlp, widths = self._mlp_arguments()
         return torch.ops.llmcli.qwen_decode_layer(
-            x, norm1.weight, norm1.eps, *integer_product(attn.qkv_proj), qk_norm, qk_eps, cos.reshape(-1),
-            sin.reshape(-1), layer_cache.k, layer_cache.v, span.start, attn.num_heads, d, attn.window or 0, scale,
-            *integer_product(attn.o_proj), norm2.weight, norm2.eps, *self._mlp_arguments())
+            x, norm1.weight, norm1.eps, qkv_w, qkv_s, qkv_bias, qk_norm, qk_eps, cos.reshape(-1), sin.reshape(-1),
+            layer_cache.k, layer_cache.v, span.start, attn.num_heads, d, attn.window or 0, scale, o_w, o_s, o_bias,
+            norm2.weight, norm2.eps, *mlp, [qkv_n, o_n, *widths])
 
-    def _mlp_arguments(self) -> tuple:
-        """The op's MLP arguments: gate_up and down (the dense MLP's or the shared expert's, else None), then the
-        router, [top_k, normalise], the experts' stacks and the shared expert's gate (None without a router)."""
+    def _mlp_arguments(self) -> tuple[tuple, list[int]]:
+        """The op's MLP arguments: gate_up and down with their scales (the dense MLP's or the shared expert's, else
+        None), then the router, [top_k, normalise], the experts' stacks and the shared expert's gate (None without a
+        router); and the widths of those gate_up, down, and the experts' gate_up and down."""
         mlp = self.mlp
         if not self.is_moe:
-            return (*integer_weights(mlp.gate_up_proj), *integer_weights(mlp.down_proj), None, [], None, None, None,
-                    None, None)
-        shared = mlp.shared_expert
-        dense = (None,) * 4 if shared is None else (*integer_weights(shared.gate_up_proj),
-                                                    *integer_weights(shared.down_proj))
+            widths = [mlp.gate_up_proj.out_features, mlp.down_proj.out_features, 0, 0]
+            return (*mlp_products(mlp), None, [], None, None, None, None, None), widths
+        shared, experts = mlp.shared_expert, mlp.experts
+        widths = [0, 0] if shared is None else [shared.gate_up_proj.out_features, shared.down_proj.out_features]
+        widths += [experts[0].gate_up_proj.out_features, experts[0].down_proj.out_features]
+        dense = (None,) * 4 if shared is None else mlp_products(shared)
         return (*dense, mlp.gate.weight, [mlp.gate.top_k, int(bool(mlp.gate.normalise))],
-                *mlp.experts.stack("gate_up_proj"), *mlp.experts.stack("down_proj"),
-                None if shared is None else mlp.shared_expert_gate.weight)
+                *experts.stack("gate_up_proj"), *experts.stack("down_proj"),
+                None if shared is None else mlp.shared_expert_gate.weight), widths
 
     @staticmethod
     def takes(layer: DecoderLayer) -> bool:
-        """Once, at install: a layer whose attention the decode op takes and whose products all run on the integer
-        kernels: a dense MLP, or a MoE block with stacked experts (and a shared expert, if any, in the kernels)."""
+        """Once, at install: a layer whose attention the decode op takes and whose products all run in a CPU
+        kernel: a dense MLP, or a MoE block with stacked experts (and a shared expert, if any)."""
         attn, mlp = layer.self_attn, layer.mlp
         if type(attn) is not Attention or not FusedDecodeAttention.takes(attn):
             return False
         if layer.is_moe:
-            if type(mlp) is not SparseMoeBlock or type(mlp.gate) is not TopKRouter or \
-                    type(mlp.experts) is not StackedExperts or not FusedStackedExperts.takes(mlp.experts):
+            if type(mlp) is not SparseMoeBlock or type(mlp.gate) is not TopKRouter or not stacked_in_kernel(
+                    mlp.experts):
                 return False
-            if mlp.shared_expert is not None and (type(mlp.shared_expert) is not SwiGLU or not FusedSwiGLU.takes(
-                    mlp.shared_expert) or type(mlp.shared_expert_gate) is not SharedExpertGate):
+            if mlp.shared_expert is not None and (mlp_products(mlp.shared_expert) is None
+                                                  or type(mlp.shared_expert_gate) is not SharedExpertGate):
                 return False
-        elif type(mlp) is not SwiGLU or not FusedSwiGLU.takes(mlp):
+        elif mlp_products(mlp) is None:
             return False
-        products = [integer_product(attn.qkv_proj), integer_product(attn.o_proj)]
+        products = [kernel_product(attn.qkv_proj), kernel_product(attn.o_proj)]
         dtype = layer.input_layernorm.weight.dtype  # what the op's biases must be in: the rows' dtype
         return all(p is not None and (p[2] is None or p[2].dtype == dtype) for p in products)
+
+
+def stacked_in_kernel(experts: nn.Module) -> bool:
+    """Stacked experts that the layer op runs: on the integer kernels, or in bfloat16 panels."""
+    return type(experts) is StackedExperts and experts.kernel and (
+        FusedStackedExperts.takes(experts) or experts.stack("gate_up_proj")[0].dtype == torch.bfloat16)
 
 
 def kernel_product(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int] | None:
     """(weights, scales, bias, outputs) of a product in one of llmcli's CPU kernels: the integer kernels' blocks with
     their scales, or bfloat16 panels (no scales); None for any other product."""
-    if isinstance(linear, BlockedLinear):
+    if type(linear) is BlockedLinear:
         return linear.weight, None, linear.bias, linear.out_features
     integer = integer_product(linear)
     return None if integer is None else (*integer, linear.out_features)
@@ -280,7 +296,7 @@ class FusedDeepseekLayer(DeepseekLayer):
         attn, layer_cache = self.self_attn, cache.layers[self.index]
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         if (recorder is not None or not absorbed or x.dtype != norm1.weight.dtype or x.shape[0] > FEW_ROWS
-                or not attn._fits(x, cos, layer_cache, span)):  # FEW_ROWS: where the experts take their stacks
+                or hooked(attn, self.mlp) or not attn._fits(x, cos, layer_cache, span)):  # FEW_ROWS: experts' stacks
             return super().forward(x, cos, sin, cache, span, absorbed, recorder)
         mlp = self.mlp
         if self.is_moe:
@@ -317,11 +333,9 @@ class FusedDeepseekLayer(DeepseekLayer):
             return False
         if type(mlp) is not MoE:
             return True
-        gate, experts = mlp.gate, mlp.experts
-        in_kernel = type(experts) is StackedExperts and experts.kernel and (
-            FusedStackedExperts.takes(experts) or experts.stack("gate_up_proj")[0].dtype == torch.bfloat16)
+        gate = mlp.gate
         return (type(gate) is Router and gate.method in ROUTING_METHODS and gate.scoring in ("sigmoid", "softmax")
-                and gate.weight.dtype == torch.float32 and in_kernel)
+                and gate.weight.dtype == torch.float32 and stacked_in_kernel(mlp.experts))
 
 
 def fused_class(module: nn.Module) -> type | None:

@@ -88,63 +88,66 @@ at::Tensor qk_normed(const at::Tensor& heads_qkv, int64_t qk_heads, const at::Te
 
 // A Qwen MoE block for a few rows h [B, 1, hidden], as the model computes it: router logits in the model's dtype,
 // softmax in float32, top-k (renormalised with `normalise`), the weights cast back; the routed experts through
-// their stacks; then, where there is one, the shared expert times sigmoid(shared_gate . h).
+// their stacks; then, where there is one, the shared expert times sigmoid(shared_gate . h). `outputs`: the widths
+// of the shared expert's gate_up and down, then the experts'.
 at::Tensor qwen_moe(const at::Tensor& h, const at::Tensor& router, int64_t top_k, bool normalise,
-                    const at::Tensor& experts_gate_up, const at::Tensor& experts_gate_up_s, const at::Tensor& experts_down,
-                    const at::Tensor& experts_down_s, const std::optional<at::Tensor>& shared_gate,
-                    const std::optional<at::Tensor>& gate_up_w, const std::optional<at::Tensor>& gate_up_s,
-                    const std::optional<at::Tensor>& down_w, const std::optional<at::Tensor>& down_s) {
+                    const at::Tensor& experts_gate_up, const std::optional<at::Tensor>& experts_gate_up_s,
+                    const at::Tensor& experts_down, const std::optional<at::Tensor>& experts_down_s,
+                    const std::optional<at::Tensor>& shared_gate, const std::optional<at::Tensor>& gate_up_w,
+                    const std::optional<at::Tensor>& gate_up_s, const std::optional<at::Tensor>& down_w,
+                    const std::optional<at::Tensor>& down_s, at::IntArrayRef outputs) {
   const at::Tensor flat = h.reshape({-1, h.size(-1)});
   const at::Tensor logits = at::linear(flat, router);
   const at::Tensor probs = at::softmax(logits, -1, at::kFloat);
   auto [weights, experts] = at::topk(probs, top_k, -1);
   if (normalise) weights = at::div(weights, weights.sum(-1, true));
-  const at::Tensor routed = int_swiglu(flat, experts_gate_up, experts_gate_up_s, experts_down, experts_down_s, experts,
-                                       weights.to(logits.scalar_type()).to(at::kFloat)).view(h.sizes());
+  const at::Tensor routed = routed_experts(flat, experts_gate_up, experts_gate_up_s, outputs[2], experts_down,
+                                           experts_down_s, outputs[3], experts,
+                                           weights.to(logits.scalar_type()).to(at::kFloat)).view(h.sizes());
   if (!shared_gate.has_value()) return routed;
-  const at::Tensor shared = int_swiglu(h, *gate_up_w, *gate_up_s, *down_w, *down_s, std::nullopt, std::nullopt);
+  const at::Tensor shared = swiglu(h, *gate_up_w, gate_up_s, outputs[0], *down_w, down_s, outputs[1]);
   return at::add(routed, at::mul(at::sigmoid(at::linear(h, *shared_gate)), shared));
 }
 
 // x [B, 1, hidden] -> the layer's output: x + attention(norm1(x)) = mid, then mid + mlp(norm2(mid)). qkv and o are
-// the attention's fused q/k/v and output products (weights and scales as the integer ops take them); Qwen3's q/k
-// norms with qk_norm; the attention as decode_attention computes it (RoPE, the cache write at `position`, softmax).
-// The MLP: with a router, the MoE block (moe: [top_k, normalise]; gate_up/down then the shared expert's, if any),
-// else the dense MLP's gate_up and down.
+// the attention's fused q/k/v and output products (the integer kernels' blocks with their scales, or bfloat16
+// panels without); Qwen3's q/k norms with qk_norm; the attention as decode_attention computes it (RoPE, the cache
+// write at `position`, softmax). The MLP: with a router, the MoE block (moe: [top_k, normalise]; gate_up/down then
+// the shared expert's, if any), else the dense MLP's gate_up and down. `outputs`: the widths of qkv, o, gate_up,
+// down, the experts' gate_up and down (bfloat16 panels pad them).
 at::Tensor qwen_decode_layer(const at::Tensor& x, const at::Tensor& norm1, double eps1, const at::Tensor& qkv_w,
-                             const at::Tensor& qkv_s, const std::optional<at::Tensor>& qkv_bias,
+                             const std::optional<at::Tensor>& qkv_s, const std::optional<at::Tensor>& qkv_bias,
                              const std::optional<at::Tensor>& qk_norm, double qk_eps, const at::Tensor& cos,
                              const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, int64_t position,
                              int64_t heads, int64_t head_dim, int64_t window, double scale, const at::Tensor& o_w,
-                             const at::Tensor& o_s, const std::optional<at::Tensor>& o_bias, const at::Tensor& norm2,
-                             double eps2, const std::optional<at::Tensor>& gate_up_w,
+                             const std::optional<at::Tensor>& o_s, const std::optional<at::Tensor>& o_bias,
+                             const at::Tensor& norm2, double eps2, const std::optional<at::Tensor>& gate_up_w,
                              const std::optional<at::Tensor>& gate_up_s, const std::optional<at::Tensor>& down_w,
                              const std::optional<at::Tensor>& down_s, const std::optional<at::Tensor>& router,
                              at::IntArrayRef moe, const std::optional<at::Tensor>& experts_gate_up,
                              const std::optional<at::Tensor>& experts_gate_up_s,
                              const std::optional<at::Tensor>& experts_down,
                              const std::optional<at::Tensor>& experts_down_s,
-                             const std::optional<at::Tensor>& shared_gate) {
+                             const std::optional<at::Tensor>& shared_gate, at::IntArrayRef outputs) {
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && head_dim > 0, "qwen_decode_layer: x must be [B, 1, hidden]");
+  TORCH_CHECK(outputs.size() == 6, "qwen_decode_layer: outputs must give the six products' widths");
   const bool dense = !router.has_value(), shared = shared_gate.has_value();
-  TORCH_CHECK((dense || shared) == (gate_up_w.has_value() && gate_up_s.has_value() && down_w.has_value() &&
-                                    down_s.has_value()),
+  TORCH_CHECK((dense || shared) == (gate_up_w.has_value() && down_w.has_value()),
               "qwen_decode_layer: a dense MLP or a shared expert needs gate_up and down");
-  TORCH_CHECK(dense || (moe.size() == 2 && experts_gate_up.has_value() && experts_gate_up_s.has_value() &&
-                        experts_down.has_value() && experts_down_s.has_value()),
+  TORCH_CHECK(dense || (moe.size() == 2 && experts_gate_up.has_value() && experts_down.has_value()),
               "qwen_decode_layer: a router needs [top_k, normalise] and the experts' stacks");
   const int64_t B = x.size(0);
-  const at::Tensor qkv = integer_product(rms_norm(x.contiguous(), norm1, eps1), qkv_w, qkv_s, qkv_bias);
-  at::Tensor heads_qkv = qkv.view({B, -1, head_dim});
+  const at::Tensor qkv = product(rms_norm(x.contiguous(), norm1, eps1), qkv_w, qkv_s, qkv_bias, outputs[0]);
+  at::Tensor heads_qkv = qkv.contiguous().view({B, -1, head_dim});
   if (qk_norm.has_value()) heads_qkv = qk_normed(heads_qkv, qk_norm->size(0), *qk_norm, qk_eps);
   const at::Tensor heads_out = decode_attention(heads_qkv.contiguous(), cos, sin, k_cache, v_cache, position, heads,
                                                 window, scale);
-  const at::Tensor mid = at::add(x, integer_product(heads_out.view({B, 1, -1}), o_w, o_s, o_bias));
+  const at::Tensor mid = at::add(x, product(heads_out.view({B, 1, -1}), o_w, o_s, o_bias, outputs[1]));
   const at::Tensor h = rms_norm(mid, norm2, eps2);
-  const at::Tensor mlp = dense ? int_swiglu(h, *gate_up_w, *gate_up_s, *down_w, *down_s, std::nullopt, std::nullopt)
-                               : qwen_moe(h, *router, moe[0], moe[1] != 0, *experts_gate_up, *experts_gate_up_s,
-                                          *experts_down, *experts_down_s, shared_gate, gate_up_w, gate_up_s, down_w,
-                                          down_s);
+  const at::Tensor mlp = dense ? swiglu(h, *gate_up_w, gate_up_s, outputs[2], *down_w, down_s, outputs[3])
+                               : qwen_moe(h, *router, moe[0], moe[1] != 0, *experts_gate_up, experts_gate_up_s,
+                                          *experts_down, experts_down_s, shared_gate, gate_up_w, gate_up_s, down_w,
+                                          down_s, outputs.slice(2));
   return at::add(mid, mlp);
 }
 
@@ -194,12 +197,12 @@ at::Tensor deepseek_decode_layer(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
-  m.def("qwen_decode_layer(Tensor x, Tensor norm1, float eps1, Tensor qkv_w, Tensor qkv_s, Tensor? qkv_bias, "
+  m.def("qwen_decode_layer(Tensor x, Tensor norm1, float eps1, Tensor qkv_w, Tensor? qkv_s, Tensor? qkv_bias, "
         "Tensor? qk_norm, float qk_eps, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int position, "
-        "int heads, int head_dim, int window, float scale, Tensor o_w, Tensor o_s, Tensor? o_bias, Tensor norm2, "
+        "int heads, int head_dim, int window, float scale, Tensor o_w, Tensor? o_s, Tensor? o_bias, Tensor norm2, "
         "float eps2, Tensor? gate_up_w, Tensor? gate_up_s, Tensor? down_w, Tensor? down_s, Tensor? router, int[] moe, "
         "Tensor? experts_gate_up, Tensor? experts_gate_up_s, Tensor? experts_down, Tensor? experts_down_s, "
-        "Tensor? shared_gate) -> Tensor");
+        "Tensor? shared_gate, int[] outputs) -> Tensor");
   m.def("deepseek_decode_layer(Tensor x, Tensor norm1, float eps1, Tensor in_w, Tensor? in_s, int q_rank, "
         "Tensor q_norm, float q_eps, Tensor q_b_w, Tensor? q_b_s, int heads, Tensor kv_norm, float kv_eps, Tensor cos, "
         "Tensor sin, Tensor(a!) cache, int position, Tensor wkv_b, int v_dim, float scale, bool interleaved, "
