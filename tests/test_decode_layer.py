@@ -27,6 +27,21 @@ def layer_by_layer(runner) -> None:
             module.__class__ = DeepseekLayer
 
 
+def loaded_twice(name: str, path, quantize: str | None):
+    """The model with its layers as one op each (where they are taken), and again with them op by op."""
+    fused = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
+    plain = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
+    layer_by_layer(plain)
+    return fused, plain
+
+
+def assert_same_decoding(fused, plain) -> None:
+    prompt = list(range(3, 23))  # longer than qwen2-sliding's window
+    tokens, logits = decode(fused, prompt, 8)
+    plain_tokens, plain_logits = decode(plain, prompt, 8)
+    assert tokens == plain_tokens and torch.equal(logits, plain_logits)
+
+
 def needs_bf16_kernel(quantize: str | None) -> None:
     from llmcli.backends import bf16_kernel
 
@@ -37,16 +52,10 @@ def needs_bf16_kernel(quantize: str | None) -> None:
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_one_op_per_layer_gives_the_op_by_op_logits_bit_for_bit(case, quantize):  # noqa: F811
     needs_bf16_kernel(quantize)
-    name, path = case
-    fused = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
-    plain = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
+    fused, plain = loaded_twice(*case, quantize)
     layers = [m for m in fused.model.modules() if isinstance(m, DecoderLayer)]
     assert layers and all(type(m) is FusedQwenLayer for m in layers)  # qwen3: with its q/k norms
-    layer_by_layer(plain)
-    prompt = list(range(3, 23))  # qwen2-sliding: longer than its window
-    tokens, logits = decode(fused, prompt, 8)
-    plain_tokens, plain_logits = decode(plain, prompt, 8)
-    assert tokens == plain_tokens and torch.equal(logits, plain_logits)
+    assert_same_decoding(fused, plain)
 
 
 class Recorder:
@@ -90,18 +99,23 @@ def test_float_weights_and_recorders_keep_the_modules(case, monkeypatch):  # noq
     assert hooked == [1] and len(fallbacks) == 2 * prompt_calls + 1  # that layer ran its modules
 
 
+def reference(module: str, name: str, widths: dict, tmp_path_factory):
+    """One of a test module's transformers-built cases, with `widths` (a field's value, where the case sets it)
+    that the integer kernels take, saved: (name, path)."""
+    import importlib
+
+    cases = importlib.import_module(module)
+    kind, overrides = cases.CASES[name]
+    overrides = {**overrides, **{k: v for k, v in widths.items() if overrides.get(k)}}
+    path = tmp_path_factory.mktemp(name)
+    cases.build_reference(kind, overrides, path)
+    return name, path
+
+
 @pytest.fixture(scope="module", params=["v3", "v2-group", "v2-greedy"])
 def deepseek_case(request, tmp_path_factory):
-    """test_deepseek's cases with a q_lora rank the integer kernels take (a multiple of 32; theirs is 24)."""
-    from tests.test_deepseek import CASES as DEEPSEEK
-    from tests.test_deepseek import build_reference
-
-    kind, overrides = DEEPSEEK[request.param]
-    if overrides.get("q_lora_rank"):
-        overrides = {**overrides, "q_lora_rank": 32}
-    path = tmp_path_factory.mktemp(request.param)
-    build_reference(kind, overrides, path)
-    return request.param, path
+    """test_deepseek's cases, q_lora's rank a multiple of 32 (theirs is 24)."""
+    return reference("tests.test_deepseek", request.param, {"q_lora_rank": 32}, tmp_path_factory)
 
 
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
@@ -110,48 +124,28 @@ def test_deepseek_layers_as_one_op_give_the_op_by_op_logits_bit_for_bit(deepseek
     layers with shared experts, every one as the op, in bfloat16 panels or on the integer kernels; V2 without q_lora
     keeps its modules."""
     needs_bf16_kernel(quantize)
-    name, path = deepseek_case
-    fused = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
-    plain = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
+    fused, plain = loaded_twice(*deepseek_case, quantize)
     layers = [m for m in fused.model.modules() if isinstance(m, DeepseekLayer)]
-    if name == "v2-greedy":
+    if deepseek_case[0] == "v2-greedy":
         assert not any(type(m) is FusedDeepseekLayer for m in layers)
         return
     assert layers and all(type(m) is FusedDeepseekLayer for m in layers)
     assert any(m.is_moe for m in layers) and not all(m.is_moe for m in layers)
-    layer_by_layer(plain)
-    prompt = list(range(3, 23))
-    tokens, logits = decode(fused, prompt, 8)
-    plain_tokens, plain_logits = decode(plain, prompt, 8)
-    assert tokens == plain_tokens and torch.equal(logits, plain_logits)
+    assert_same_decoding(fused, plain)
 
 
 @pytest.fixture(scope="module", params=["qwen2_moe", "qwen3_moe"])
 def qwen_moe_case(request, tmp_path_factory):
     """test_qwen_moe's cases (Qwen1.5-MoE style: shared expert and its gate, bias, a dense layer; Qwen3-MoE: q/k
-    norms, renormalised top-k, dense layers between), the shared expert's width one the integer kernels take."""
-    from tests.test_qwen_moe import CASES as QWEN_MOE
-    from tests.test_qwen_moe import build_reference
-
-    kind, overrides = QWEN_MOE[request.param]
-    if "shared_expert_intermediate_size" in overrides:
-        overrides = {**overrides, "shared_expert_intermediate_size": 64}
-    path = tmp_path_factory.mktemp(request.param)
-    build_reference(kind, overrides, path)
-    return request.param, path
+    norms, renormalised top-k, dense layers between), the shared expert 64 wide (theirs is 80)."""
+    return reference("tests.test_qwen_moe", request.param, {"shared_expert_intermediate_size": 64}, tmp_path_factory)
 
 
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_qwen_moe_layers_as_one_op_give_the_op_by_op_logits_bit_for_bit(qwen_moe_case, quantize):
     needs_bf16_kernel(quantize)
-    name, path = qwen_moe_case
-    fused = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
-    plain = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
+    fused, plain = loaded_twice(*qwen_moe_case, quantize)
     layers = [m for m in fused.model.modules() if isinstance(m, DecoderLayer)]
     assert layers and all(type(m) is FusedQwenLayer for m in layers)
     assert any(m.is_moe for m in layers) and not all(m.is_moe for m in layers)
-    layer_by_layer(plain)
-    prompt = list(range(3, 23))
-    tokens, logits = decode(fused, prompt, 8)
-    plain_tokens, plain_logits = decode(plain, prompt, 8)
-    assert tokens == plain_tokens and torch.equal(logits, plain_logits)
+    assert_same_decoding(fused, plain)
