@@ -12,8 +12,9 @@ fused op where it applies (CPU, not compiling; attention: one new token, plain R
 run the model's own code otherwise; a recorder that asks for attention probabilities gets them computed beside
 the op, so that tracing does not change the logits. The ops round like the
 torch code they replace, except that sums are added in another order (last-bit differences).
-Where every product of a layer runs on the integer kernels, the whole layer is one op (kernels/decode_layer.cpp:
-the same ops called from C++, bit for bit): the Python between the ops was about a tenth of an int4 step.
+Where every product of a layer runs in llmcli's CPU kernels (the integer kernels, or bfloat16 panels), the whole
+layer is one op (kernels/decode_layer.cpp: the same ops called from C++, bit for bit): the Python between the ops
+was about a tenth of a step.
 `Options.fused_decode` (LLMCLI_FUSED_DECODE=0) leaves the modules as they are.
 """
 

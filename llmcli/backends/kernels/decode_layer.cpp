@@ -1,10 +1,10 @@
-// A whole decoder layer for one new token on the integer kernels, for the Qwen families' dense layers and DeepSeek's
-// (latent attention, then MoE or a dense MLP): compiled as part of int_dot.cpp (included after decode_ops.cpp,
-// whose ops it calls) and called by llmcli/backends/decode_ops.py.
+// A whole decoder layer for one new token, its products on the integer kernels or in bfloat16 panels: the Qwen
+// families' (dense or MoE) and DeepSeek's (latent attention, then MoE or a dense MLP). Compiled as part of
+// int_dot.cpp (included after decode_ops.cpp, whose ops it calls) and called by llmcli/backends/decode_ops.py.
 //
 // With every product and the small steps already single ops, an eager decode step of the Qwen2.5-0.5B shape still
 // spent about 2 ms of 15 in Python between them: module calls, the checks of which op applies, one dispatch per op.
-// Here the layer's eight ops run back to back from C++: the same functions, in the same order, with the same
+// Here the layer's ops run back to back from C++: the same functions and torch ops, in the same order, with the same
 // rounding (the residual adds are torch's), so the logits are those of the op-by-op path bit for bit.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/add.h>
