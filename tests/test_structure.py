@@ -108,3 +108,21 @@ def test_files_and_model_functions_stay_small():
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     length = node.end_lineno - node.lineno + 1
                     assert length <= 60, f"{name}.{node.name} has {length} lines"
+
+
+def test_every_kernel_source_ships_in_the_package():
+    """A wheel carries what the kernel build reads: each source and included file matches the package data
+    (`dispatch.h` once did not, and an installed llmcli could not build its kernels)."""
+    import fnmatch
+    import re
+
+    from llmcli.backends import cpu_kernels
+
+    # tomllib is Python 3.11+: the one line is read as it is written
+    line = re.search(r"^\[tool\.setuptools\.package-data\]\nllmcli = \[(.*)\]$",
+                     (PACKAGE.parent / "pyproject.toml").read_text(), re.MULTILINE)
+    assert line, "pyproject.toml: no package data for llmcli"
+    patterns = re.findall(r'"([^"]+)"', line.group(1))
+    for path in cpu_kernels.SOURCES + cpu_kernels.INCLUDED:
+        relative = path.relative_to(PACKAGE).as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative
