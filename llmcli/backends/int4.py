@@ -18,6 +18,7 @@ from torch import nn
 from llmcli.backends import int_dot
 from llmcli.backends.int8 import bf16_matmul_is_fast
 from llmcli.backends.linear import Product
+from llmcli.models.layers import joined_bias
 
 GROUP = 32  # inputs per scale; measured against 64 and 128 (README: quality and decode speed)
 # Up to this many rows the integer kernel (four rows per pass over each unpacked block) beat converting the
@@ -111,10 +112,7 @@ class Int4Linear(Product, nn.Module):
         fused.group, fused.integer, fused.dtype = first.group, True, first.dtype
         fused.register_buffer("packed", torch.cat([p.packed for p in parts]))
         fused.register_buffer("scales_and_mins", torch.cat([p.scales_and_mins for p in parts]))
-        biases = [p.bias for p in parts]
-        fused.bias = None if all(b is None for b in biases) else nn.Parameter(torch.cat([
-            b.detach() if b is not None else p.packed.new_zeros(p.out_features, dtype=first.dtype)
-            for b, p in zip(biases, parts, strict=True)]), requires_grad=False)
+        fused.bias = joined_bias(parts, first.dtype, first.packed.device)
         return fused
 
     @property

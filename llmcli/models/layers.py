@@ -40,28 +40,32 @@ def fuse_linears(parent: nn.Module, names: list[str], fused_name: str) -> list[i
     `joined(parts)` returning the joined module or None: weights a file stores already quantised).
     Returns the output sizes to split by (None if nothing was fused)."""
     parts = [getattr(parent, name, None) for name in names]
-    if not all(type(p) is nn.Linear for p in parts):
-        kind = type(parts[0])
-        joined = getattr(kind, "joined", None)
-        fused = joined(parts) if joined is not None and all(type(p) is kind for p in parts) else None
-        if fused is None:
-            return None
-        return _replace(parent, names, fused_name, fused, parts)
-    weight = torch.cat([p.weight.detach() for p in parts])
-    fused = nn.Linear(parts[0].in_features, weight.shape[0], bias=any(p.bias is not None for p in parts),
-                      device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if fused.bias is not None:  # a part without bias contributes zeros
-        fused.bias = nn.Parameter(torch.cat([p.bias.detach() if p.bias is not None else weight.new_zeros(
-            p.out_features) for p in parts]), requires_grad=False)
-    return _replace(parent, names, fused_name, fused, parts)
-
-
-def _replace(parent: nn.Module, names: list[str], fused_name: str, fused: nn.Module, parts: list) -> list[int]:
+    kind = type(parts[0])
+    joined = _joined_linear if kind is nn.Linear else getattr(kind, "joined", None)
+    fused = joined(parts) if joined is not None and all(type(p) is kind for p in parts) else None
+    if fused is None:
+        return None
     for name in names:
         delattr(parent, name)
     setattr(parent, fused_name, fused)
     return [p.out_features for p in parts]
+
+
+def _joined_linear(parts: list[nn.Linear]) -> nn.Linear:
+    weight = torch.cat([p.weight.detach() for p in parts])
+    fused = nn.Linear(parts[0].in_features, weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    fused.bias = joined_bias(parts, weight.dtype, weight.device)
+    return fused
+
+
+def joined_bias(parts: list[nn.Module], dtype: torch.dtype, device: torch.device) -> nn.Parameter | None:
+    """The parts' biases end to end, zeros for a part without one; None when no part has one."""
+    if all(p.bias is None for p in parts):
+        return None
+    return nn.Parameter(torch.cat([p.bias.detach() if p.bias is not None else
+                                   torch.zeros(p.out_features, dtype=dtype, device=device) for p in parts]),
+                        requires_grad=False)
 
 
 class SwiGLU(FusesProjections, nn.Module):
