@@ -34,10 +34,6 @@ def quantize_int6(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tenso
     return q.reshape(rows, columns), scale, low
 
 
-def fits(shape: torch.Size | tuple[int, ...]) -> bool:
-    return int_dot.int6_fits(shape)
-
-
 class Int6Linear(Product, nn.Module):
     """A drop-in replacement for nn.Linear (the head) with 6-bit weights in the integer kernel's blocks: few rows
     (decoding, a prompt's last position) go through it with the activations quantised to int8, many rows (every

@@ -22,7 +22,7 @@ import re
 import torch
 from torch import nn
 
-from llmcli.backends import bf16_kernel, decode_ops, int4, int6, int8_kernel, int_dot
+from llmcli.backends import bf16_kernel, decode_ops, int4, int8_kernel, int_dot
 from llmcli.backends.compile import CompiledDecode
 from llmcli.backends.experts import StackedExperts, in_kernel_blocks
 from llmcli.backends.grouped_experts import GroupedExperts, can_group
@@ -244,7 +244,7 @@ class Preparation:
         head = name.rpartition(".")[2] == "lm_head"
         if self.int4 and not head and int4.fits(linear.weight.shape):
             return Int4Linear(linear, integer=self.int_dot)
-        if self.int4 and head and self.int_dot and int6.fits(linear.weight.shape):
+        if self.int4 and head and self.int_dot and int_dot.int6_fits(linear.weight.shape):
             return Int6Linear(linear)  # 6 bits, as llama.cpp's Q4_0 files keep it: 4 cost too much quality
         return Int8Linear(linear, kernel=self.int8_kernel, gemm=self.int8_gemm, compiled=self.options.compile,
                           integer=self.int_dot)
