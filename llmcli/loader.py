@@ -11,17 +11,18 @@ from pathlib import Path
 import torch
 
 from llmcli import memory
+from llmcli.backends import int4
 from llmcli.backends.prepare import Preparation
 from llmcli.backends.runner import Runner
 from llmcli.chat_dsv4 import with_v4_chat_format
 from llmcli.chat_dsv32 import with_builtin_chat_format
 from llmcli.config import ModelConfig, load_config
 from llmcli.errors import LlmcliError
-from llmcli.formats.gguf import gguf_path_of
+from llmcli.formats.gguf import gguf_path_of, nearest_quantize
 from llmcli.formats.safetensors import read_checkpoint
 from llmcli.gguf_load import GGUFSource
 from llmcli.models.base import CausalLM
-from llmcli.options import Options
+from llmcli.options import AUTO_QUANTIZE, Options
 from llmcli.parallel_plan import check_layout
 from llmcli.tokenizer import Tokenizer
 from llmcli.weights import load_weights, materialise
@@ -95,6 +96,19 @@ def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: t
     return preparation.runner(), notes
 
 
+def file_quantize(gguf: GGUFSource | None, device: torch.device) -> tuple[str | None, str]:
+    """--quantize auto: the integer format nearest a quantised GGUF file's layers on CPU (None elsewhere, and for
+    float files and checkpoint directories), and a note saying so."""
+    bits = gguf.gguf.layer_bits() if gguf is not None else None
+    if bits is None or device.type != "cpu":
+        return None, ""
+    if nearest_quantize(bits) == "int4" and int4.available(device.type):
+        return "int4", (f"the file's layers are {bits:.1f} bits a weight: running them in int4 (4-bit codes as "
+                        "stored, other types re-quantised); --quantize int8 keeps more, none dequantises to --dtype")
+    return "int8", (f"the file's layers are {bits:.1f} bits a weight: running them in int8; --quantize int4 "
+                    "reads fewer bytes (re-quantised), none dequantises to --dtype")
+
+
 def check_memory(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,
                  quantize: str | None, tensors=None) -> None:
     """Stop, before any weight is read, when the model will not fit in the memory left (llmcli.memory says
@@ -140,6 +154,10 @@ def load_model(name: str, path: Path, options: Options | None = None, **settings
         raise LlmcliError(f"{path} is not a model directory or a .gguf file")
     dev = resolve_device(options.device)
     cfg = gguf.config if gguf else load_config(path)
+    notes: list[str] = []
+    if options.quantize == AUTO_QUANTIZE:
+        quantize, note = file_quantize(gguf, dev)
+        options, notes = options.replace(quantize=quantize), [note] if note else []
     layout = None
     if options.tp > 1 or options.ep > 1:  # a share of the model per torchrun process: llmcli.backends.parallel
         from llmcli.backends import parallel
@@ -162,9 +180,10 @@ def load_model(name: str, path: Path, options: Options | None = None, **settings
         building = pool.submit(gguf.tokenizer) if gguf else None
         tokenizer = None if gguf else Tokenizer.from_dir(path)
         if layout is not None:
-            runner, notes = parallel.build_parallel(model_class(cfg), cfg, path, dt, dev, options, layout)
+            runner, loaded_notes = parallel.build_parallel(model_class(cfg), cfg, path, dt, dev, options, layout)
         else:
-            runner, notes = build_model(cfg, path, dt, dev, options, gguf)
+            runner, loaded_notes = build_model(cfg, path, dt, dev, options, gguf)
         tokenizer = building.result() if building is not None else tokenizer
         tokenizer = with_v4_chat_format(with_builtin_chat_format(tokenizer, cfg.family), cfg.family)
-    return LoadedModel(name, path, cfg, runner, tokenizer, dev, dt, options, time.perf_counter() - start, notes)
+    return LoadedModel(name, path, cfg, runner, tokenizer, dev, dt, options, time.perf_counter() - start,
+                       notes + loaded_notes)

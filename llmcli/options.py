@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from llmcli.errors import LlmcliError
 
 QUANTIZE_MODES = ("int8", "int4")
+# "auto" (the CLI's default): a quantised GGUF file's own precision on CPU (loader.file_quantize), else none
+AUTO_QUANTIZE = "auto"
 CUDA_GEMV_MODES = ("sum", "linear")
 KERNEL_BUILD_MODES = ("wait", "background")
 EXPERT_PRODUCT_MODES = ("auto", "grouped", "loop")
@@ -48,7 +50,7 @@ class Options:
 
     device: str = "auto"  # auto, cpu, cuda, mps
     dtype: str = "auto"  # auto (the checkpoint's), float32, bfloat16, float16
-    quantize: str | None = None  # None, "int8" (a scale per output channel) or "int4" (scale + zero per group)
+    quantize: str | None = None  # None, "int8" (a scale per output channel), "int4" (scale + zero per group), "auto"
     compile: bool = False  # compile the one-token decode step (torch.compile)
     bf16_kernel: bool = True  # llmcli's bfloat16 CPU kernel, where the CPU has AVX512-BF16
     int8_kernel: bool = True  # llmcli's int8 CPU kernel, for --quantize int8
@@ -65,7 +67,7 @@ class Options:
     expert_products: str = "auto"  # routed experts over many rows: "grouped", "loop", or auto (CUDA, CPU float32)
 
     def __post_init__(self) -> None:
-        if self.quantize not in (None, *QUANTIZE_MODES):
+        if self.quantize not in (None, AUTO_QUANTIZE, *QUANTIZE_MODES):
             raise LlmcliError(f"unknown --quantize {self.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}",
                               exit_code=2)
         if self.cuda_gemv not in CUDA_GEMV_MODES:

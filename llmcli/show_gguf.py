@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmcli.config import ModelConfig
-from llmcli.formats.gguf import GGUFFile, gguf_path_of, open_gguf  # noqa: F401  (gguf_path_of: for show)
+from llmcli.formats.gguf import GGUFFile, gguf_path_of, nearest_quantize, open_gguf  # noqa: F401  (gguf_path_of: show)
 from llmcli.formats.gguf_config import gguf_config
 from llmcli.formats.gguf_names import checkpoint_pieces, tensor_infos
 from llmcli.formats.safetensors import TensorInfo
@@ -50,6 +50,8 @@ def gguf_facts(model: GGUFModel) -> dict:
         if isinstance(gg.metadata.get("tokenizer.chat_template"), str) else None,
         "tokenizer": f"GGUF metadata ({gg.metadata.get('tokenizer.ggml.model')} BPE, pre-tokenizer {pre})",
         "size_on_disk": gg.size_on_disk(),
+        "layer_bits": gg.layer_bits(),
+        "runs_on_cpu_as": nearest_quantize(gg.layer_bits()),  # --quantize auto (int4 where torch has it)
     }
 
 

@@ -179,9 +179,10 @@ def _quantised(name: str, array: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
     return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
 
 
-# gguf.quants cannot quantise to the K types: tests write random blocks with small valid f16 scales
+# gguf.quants cannot quantise to the K and IQ types: tests write random blocks with small valid f16 scales
 # (byte offsets of each block's f16 fields), and compare against gguf's dequantisation of the same bytes.
-K_SCALES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+K_SCALES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q2_K: (80, 82), Q.Q3_K: (108,),
+            **{t: (0,) for t in (Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_S, Q.IQ3_XXS, Q.IQ2_S, Q.IQ2_XS, Q.IQ2_XXS, Q.IQ1_S)}}
 
 
 def random_k_blocks(shape: tuple[int, ...], qtype: Q, seed: int = 0) -> np.ndarray:

@@ -193,7 +193,8 @@ def dequantised_checkpoint(path: Path, hf_dir: Path, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                                   "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ2_XXS", "IQ1_S", "F16", "BF16"])
 def test_quantised_gguf_equals_gguf_dequantisation(qtype, quant_source, tmp_path):
     source = quant_source / ("llama" if qtype in ("Q4_1", "Q4_K") else "hf")
     path = convert(source, tmp_path / f"{qtype}.gguf", qtype=Q[qtype])
@@ -245,6 +246,33 @@ def test_int8_requantises_a_gguf(quant_source, tmp_path, run_cli, monkeypatch):
                              "--dtype", "float32", "--quantize", "int8")
     assert code == 0, err
     assert len(json.loads(out)["token_ids"]) == 4
+
+
+@pytest.mark.parametrize("qtype, expected", [("Q4_0", "int4"), ("Q4_1", "int4"), ("Q5_0", "int8"),
+                                             ("Q8_0", "int8"), ("F32", None)])
+def test_quantize_auto_runs_a_file_in_its_own_precision(qtype, expected, quant_source, tmp_path):
+    """The CLI's default, --quantize auto: a GGUF whose layers average at most 5.25 bits a weight runs in int4 (its
+    4-bit codes as stored), one with more in int8, a float file in floats; a checkpoint directory in floats."""
+    from llmcli.backends.int8 import Int8Linear
+
+    expected = "int8" if expected == "int4" and not int4.available() else expected
+    path = convert(quant_source / "hf", tmp_path / f"{qtype}.gguf", qtype=Q[qtype])
+    loaded = load_model("q", path, device="cpu", dtype="float32", quantize="auto")
+    assert loaded.options.quantize == expected
+    kinds = {type(m) for m in loaded.model.modules()}
+    assert (int4.Int4Linear in kinds) == (expected == "int4") and (Int8Linear in kinds) == (expected == "int8")
+    assert any(f"running them in {expected}" in note for note in loaded.notes) == (expected is not None)
+    assert load_model("d", quant_source / "hf", device="cpu", quantize="auto").options.quantize is None
+
+
+def test_quantize_none_and_bench_say_what_ran(quant_source, tmp_path, run_cli):
+    path = convert(quant_source / "hf", tmp_path / "q8.gguf", qtype=Q.Q8_0)
+    for flags, expected in (((), "int8"), (("--quantize", "none"), None), (("--quantize", "int8"), "int8")):
+        code, out, err = run_cli("bench", path, "-p", "4", "-n", "2", "-r", "1", "-w", "0", "--device", "cpu", "--json",
+                                 "-", *flags)
+        assert code == 0, err
+        assert json.loads(out)["env"]["quantize"] == expected
+        assert ("running them in int8" in err) == (not flags)
 
 
 def test_split_gguf_loads_as_one(quant_source, tmp_path):
@@ -381,11 +409,11 @@ def write_bad(path: Path, arch: str = "qwen2", tensor_type: Q = Q.F32) -> Path:
 
 
 def test_unsupported_tensor_type(quant_source, tmp_path, run_cli):
-    path = convert(quant_source / "hf", tmp_path / "q5.gguf", qtype=Q.Q5_0)
+    path = convert(quant_source / "hf", tmp_path / "mxfp4.gguf", qtype=Q.MXFP4)  # gpt-oss's type, no family here
     line = one_error_line(*run_cli("generate", path, "-p", "x", "-n", "1")[0::2])
-    assert "tensor output.weight has type Q5_0, which llmcli does not read (supported: F32," in line
+    assert "tensor output.weight has type MXFP4, which llmcli does not read (supported: F32," in line
     code, out, err = run_cli("show", path, "--json")  # show still describes it
-    assert code == 0 and json.loads(out)["dtype_on_disk"] == "Q5_0"
+    assert code == 0 and json.loads(out)["dtype_on_disk"] == "MXFP4"
 
 
 def test_bad_files_give_one_error_line(tiny_gguf, tmp_path, run_cli):
@@ -427,7 +455,7 @@ def test_real_smollm2_q4_1_answers_like_transformers(run_cli):
     """A real trained llama-architecture Q4_1 file: the greedy answer's ids equal those transformers 5.25 gave
     reading the same file (`from_pretrained(gguf_file=...)`, float32; its logits matched ours exactly)."""
     code, out, err = run_cli("generate", _smollm2(), "What is the capital of France?", "-n", "12", "--json",
-                             "--device", "cpu", "--dtype", "float32")
+                             "--device", "cpu", "--dtype", "float32", "--quantize", "none")
     assert code == 0, err
     result = json.loads(out)
     assert result["prompt_tokens"] == 37

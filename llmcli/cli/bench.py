@@ -286,7 +286,7 @@ def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=Fa
     if machine.is_busy(env.get("load_average_1m", 0.0), own=torch.get_num_threads()):
         err_console.print(f"note: the machine is busy (load {env['load_average_1m']}): figures will be low and "
                           "noisy", style="yellow")
-    env["quantize"] = quantize.value if quantize else None
+    env["quantize"] = loaded.options.quantize  # --quantize auto resolved
     env["compile"] = compile
     env["products"] = bench.product_paths(loaded.runner)
     report = bench.BenchReport(

@@ -124,18 +124,22 @@ YES_OPT = typer.Option(False, "--yes", "-y", help="Download a missing model with
 
 
 class Quantize(str, Enum):
+    auto = "auto"
+    none = "none"
     int8 = "int8"
     int4 = "int4"
 
 
 QUANTIZE_OPT = typer.Option(
-    None, "--quantize",
-    help="int8: weight-only int8 with a scale per output channel for every linear layer (about half the "
-         "bytes of bfloat16 per decoded token; use with --dtype bfloat16). On CPU, decoding runs on llmcli's "
-         "int8 kernel, built once with the C++ compiler (about 8 s): 1.7-2.0x bfloat16's decode speed. "
-         "int4: weight-only 4-bit with a scale and zero point per 32 inputs (CPU), on llmcli's integer kernel "
-         "with AVX2 (else torch's int4 product): about a third of bfloat16's bytes; the head in 6 bits (int8 "
-         "without AVX2), as llama.cpp's Q4_0 files keep it.",
+    Quantize.auto, "--quantize",
+    help="auto (default): none, except that a quantised GGUF file runs on CPU in int4 when its layers average at "
+         "most 5.25 bits a weight (Q4_0, Q4_1, Q4_K_M, IQ4_XS: its 4-bit codes as stored), else in int8 (Q5_K_M, "
+         "Q6_K, Q8_0). none: the weights in --dtype. int8: weight-only int8 with a scale per output channel for "
+         "every linear layer (about half the bytes of bfloat16 per decoded token; use with --dtype bfloat16). On "
+         "CPU, decoding runs on llmcli's int8 kernel, built once with the C++ compiler (about 8 s): 1.7-2.0x "
+         "bfloat16's decode speed. int4: weight-only 4-bit with a scale and zero point per 32 inputs (CPU), on "
+         "llmcli's integer kernel with AVX2 (else torch's int4 product): about a third of bfloat16's bytes; the "
+         "head in 6 bits (int8 without AVX2), as llama.cpp's Q4_0 files keep it.",
 )
 
 
@@ -174,7 +178,8 @@ def run_options(device: Device, dtype: DType, quantize: Quantize | None = None, 
     """The flags of a command as one Options object (with the LLMCLI_* overrides)."""
     from llmcli.options import Options
 
-    return Options.from_env(device=device.value, dtype=dtype.value, quantize=quantize.value if quantize else None,
+    chosen = None if quantize is None or quantize == Quantize.none else quantize.value
+    return Options.from_env(device=device.value, dtype=dtype.value, quantize=chosen,
                             compile=compile, check_memory=not force, tp=tp, ep=ep)
 
 

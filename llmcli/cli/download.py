@@ -334,6 +334,9 @@ def _render_facts(f: dict) -> None:
         from llmcli.show_gguf import types_summary
 
         add("tensor types", types_summary(f["tensor_types"], human_bytes))
+        if f.get("runs_on_cpu_as"):
+            add("runs as", f"{f['runs_on_cpu_as']} on CPU (layers {f['layer_bits']:.2f} bits a weight; "
+                           "--quantize auto, the default)")
     if f.get("weight_bytes"):
         add("weights", ", ".join(f"{human_bytes(n)} {'in ' if k not in ('int8', 'int4') else 'with --quantize '}{k}"
                                  for k, n in f["weight_bytes"].items()))

@@ -157,7 +157,7 @@ def trace_command(
         apply_attention_overrides(loaded, no_logn, no_ntk, window)
         run_corpus(loaded, corpus, chat=chat, batch_size=batch_size, max_tokens=max_tokens, generate=generate,
                    json_out=json_out, html_out=html_out, csv_out=csv_out, plan_budget=plan_budget,
-                   quantize=quantize, write_json=write_json)
+                   write_json=write_json)
         return
     text = None if other_rank(tp, ep) else read_stdin() if prompt == "-" else clean_text(
         prompt if prompt is not None else DEFAULT_PROMPT)
@@ -172,7 +172,7 @@ def trace_command(
                 "dtype": str(loaded.model.model.embed_tokens.weight.dtype).removeprefix("torch."),
                 "device": str(loaded.runner.device), "window": window, "no_logn": no_logn, "no_ntk": no_ntk,
                 "logit_lens": logit_lens, "attention_stats": attention_stats,
-                "quantize": quantize.value if quantize else None}
+                "quantize": loaded.options.quantize}
     if tp > 1 or ep > 1:
         settings["ranks"] = {"tp": tp, "ep": ep}
     data = build_trace_json(run, loaded.model, loaded.tokenizer, loaded.name, settings)

@@ -45,14 +45,14 @@ def check_corpus_options(corpus: str | None, used: dict[str, bool], csv_out, pla
     return parse_size(plan_memory) if plan_memory is not None else None
 
 
-def loaded_expert_bytes(loaded, quantize) -> int | None:
+def loaded_expert_bytes(loaded) -> int | None:
     """One routed expert's weights at the precision this run holds them in."""
     from llmcli.expert_plan import expert_bytes
 
     cfg = loaded.config
     if not cfg.n_routed_experts:
         return None
-    element = {"int8": 1, "int4": 0.5}.get(quantize.value if quantize else "",
+    element = {"int8": 1, "int4": 0.5}.get(loaded.options.quantize or "",
                                             loaded.model.model.embed_tokens.weight.element_size())
     return expert_bytes(cfg.hidden_size, cfg.moe_intermediate_size, element)
 
@@ -65,7 +65,7 @@ def progress_bar(max_tokens: int | None):
 
 def run_corpus(loaded, corpus: str, *, chat: bool, batch_size: int, max_tokens: int | None, generate: int,
                json_out: str | None, html_out: str | None, csv_out: str | None, plan_budget: int | None,
-               quantize, write_json) -> None:
+               write_json) -> None:
     from llmcli.cli.generate import stop_token_ids
     from llmcli.corpus import CorpusReader, open_lines
     from llmcli.workload import run_workload
@@ -89,9 +89,9 @@ def run_corpus(loaded, corpus: str, *, chat: bool, batch_size: int, max_tokens: 
                           + (f" ({reader.skipped_total} records skipped)" if reader.skipped_total else ""))
     settings = {"corpus": corpus, "chat": chat, "batch_size": batch_size, "max_tokens": max_tokens,
                 "generate": generate, "dtype": str(loaded.model.model.embed_tokens.weight.dtype).removeprefix("torch."),
-                "device": str(loaded.runner.device), "quantize": quantize.value if quantize else None,
+                "device": str(loaded.runner.device), "quantize": loaded.options.quantize,
                 "plan_memory": plan_budget}
-    data = build_workload_json(run, reader, loaded.name, expert_size=loaded_expert_bytes(loaded, quantize),
+    data = build_workload_json(run, reader, loaded.name, expert_size=loaded_expert_bytes(loaded),
                                plan_budget=plan_budget, settings=settings)
     if csv_out:
         text = counts_csv(data)

@@ -27,7 +27,12 @@ from llmcli.formats.gguf_int4 import INT4_TYPES, dequantize_4bit
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 # The tensor types llmcli reads: floats, and the quantisations llama.cpp's common files use.
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+# What llama.cpp's quantisation mixes write: Q4_K_M also writes Q5_0 and Q8_0 for matrices whose width is not a
+# multiple of 256 (Qwen2.5-0.5B's 896), Q5_K_M Q5_1, IQ4_XS IQ4_NL. Each is read with the gguf package's numpy
+# code (llama.cpp's formulas), or with torch where gguf_dequant has it.
+FLOAT_TYPES = ("F32", "F16", "BF16")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                   "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_S")
 SPLIT_NAME = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")
 
 # GGUF value types: code -> struct format (scalars); 8 string, 9 array.
@@ -129,6 +134,14 @@ class GGUFFile:
     def size_on_disk(self) -> int:
         return sum(f.stat().st_size for f in self.files)
 
+    def layer_bits(self) -> float | None:
+        """Bits per weight of the layers' matrices (attention, MLPs, experts: not the embedding or the head),
+        as stored; None when they are all floats (F32, F16, BF16)."""
+        matrices = [t for t in self.tensors.values() if len(t.shape) >= 2 and t.name.startswith("blk.")]
+        if not matrices or all(t.type_name in FLOAT_TYPES for t in matrices):
+            return None
+        return 8 * sum(t.nbytes for t in matrices) / sum(t.numel for t in matrices)
+
     def unsupported(self) -> GGUFTensor | None:
         """The first tensor of a type llmcli cannot read, if any."""
         return next((t for t in self.tensors.values() if t.type_name not in SUPPORTED_TYPES), None)
@@ -170,6 +183,19 @@ class GGUFFile:
 
         qtype = GGMLQuantizationType(tensor.type_code)
         return dequantize(data.reshape(quant_shape_to_byte_shape(shape, qtype)), qtype)
+
+
+# Layers stored at up to this many bits a weight (Q4_0 4.5, Q4_1 5.0, Q4_K_M 4.8, IQ4_XS 4.25, Q3_K_M 3.9) run
+# in int4 by default; more (Q5_K_M 5.7; Q8_0 8.5; a Q4_K_M whose widths are not multiples of 256, which falls back
+# to Q5_0: 5.5) in int8, which loses none of the file's precision.
+INT4_FILE_BITS = 5.25
+
+
+def nearest_quantize(layer_bits: float | None) -> str | None:
+    """--quantize auto's choice on CPU for layers stored at `layer_bits` a weight (None: float layers)."""
+    if layer_bits is None:
+        return None
+    return "int4" if layer_bits <= INT4_FILE_BITS else "int8"
 
 
 def unsupported_error(tensor: GGUFTensor) -> LlmcliError:
