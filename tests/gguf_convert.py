@@ -197,8 +197,9 @@ def random_k_blocks(shape: tuple[int, ...], qtype: Q, seed: int = 0) -> np.ndarr
 
 
 def convert(model_dir: Path, out: Path, qtype: Q = Q.F32, pre: str = "gpt-2", mla_split: bool = True,
-            tokenizer: dict | None = None, extra: dict | None = None) -> Path:
-    """Write model_dir as a GGUF file at `out` (tensor data of type qtype where it applies)."""
+            tokenizer: dict | None = None, extra: dict | None = None, types: dict[str, Q] | None = None) -> Path:
+    """Write model_dir as a GGUF file at `out` (tensor data of type qtype where it applies; `types`: another type
+    for the tensors whose GGUF name contains a key, as llama.cpp's mixes keep attn_v or ffn_down in Q6_K)."""
     model_dir = Path(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
     arch = ARCH[cfg["model_type"]]
@@ -242,7 +243,8 @@ def convert(model_dir: Path, out: Path, qtype: Q = Q.F32, pre: str = "gpt-2", ml
     for (layer, kind), stack in sorted(experts.items()):
         out_tensors[f"blk.{layer}.ffn_{kind}_exps.weight"] = np.stack([stack[i] for i in sorted(stack)])
     for name, array in out_tensors.items():
-        data, kind = _quantised(name, array, qtype)
+        chosen = next((t for part, t in (types or {}).items() if part in name), qtype)
+        data, kind = _quantised(name, array, chosen)
         w.add_tensor(name, data, raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -239,6 +239,29 @@ def test_int4_takes_4bit_files_as_stored(qtype, quant_source, tmp_path):
         assert torch.allclose(weight, expected, atol=atol, rtol=0), name
 
 
+@pytest.mark.skipif(not int4.available(), reason="this torch build has no CPU int4 product")
+def test_int4_joins_a_layer_whose_parts_the_file_stores_in_mixed_types(quant_source, tmp_path):
+    """llama.cpp's Q4_K_M keeps attn_v and ffn_down in Q6_K in some layers: q and k (taken as stored) and v
+    (re-quantised) still join into one product, and the stored parts keep the file's own matrix."""
+    path = convert(quant_source / "hf", tmp_path / "mixed.gguf", qtype=Q.Q4_K, types={"attn_v.weight": Q.Q6_K})
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if "attn_v.w" in t.name} == {"Q6_K"}
+    reference_dir = dequantised_checkpoint(path, quant_source / "hf", tmp_path / "ref")
+    reference = load_file(str(reference_dir / "model.safetensors"))
+    ours = load_model("q", path, device="cpu", dtype="float32", quantize="int4")
+    if not any(isinstance(m, int4.Int4Linear) and m.integer for m in ours.model.modules()):
+        pytest.skip("the integer int4 kernel does not run here (AVX2): torch's int4 packing joins no parts")
+    for index, layer in enumerate(ours.model.model.layers):
+        qkv = layer.self_attn.qkv_proj
+        with torch.inference_mode():
+            weight = (qkv(torch.eye(qkv.in_features)) - qkv.bias).t()
+        prefix = f"model.layers.{index}.self_attn"
+        q, k, v = (torch.from_numpy(reference[f"{prefix}.{p}_proj.weight"]) for p in "qkv")
+        stored = torch.cat([q, k])  # the file's Q4_K codes; d x sub-scale rounds to float16 (2^-11)
+        assert torch.allclose(weight[: len(stored)], stored, atol=2**-11 * stored.abs().max().item(), rtol=0)
+        step = (v.amax(1, keepdim=True) - v.amin(1, keepdim=True)) / 15  # v: within an int4 step of the Q6_K values
+        assert ((weight[len(stored):] - v).abs() <= step).all()
+
+
 def test_int8_requantises_a_gguf(quant_source, tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("LLMCLI_INT8_KERNEL", "0")  # torch's int8 path: no kernel build inside this test
     path = convert(quant_source / "hf", tmp_path / "q8.gguf", qtype=Q.Q8_0)

@@ -205,6 +205,8 @@ class Preparation:
         4-bit become Int4Linear first, with the file's codes; that leaves them out of fusing."""
         if self.stored is not None:
             swap_linears(module, lambda name, child: self.stored_int4(prefix + name, child))
+            if self.int_dot:  # the rest in int4 now, so that q/k/v and gate/up join whatever types the file mixed
+                swap_linears(module, lambda name, child: self.int4_to_join(prefix + name, child))
         for part in [m for m in module.modules() if isinstance(m, FusesProjections)]:
             if not part.projections_fused:
                 part.fuse_projections()
@@ -239,6 +241,14 @@ class Preparation:
             return None
         codes = self.stored.int4_codes(name + ".weight")
         return Int4Linear(linear, quantized=codes, integer=self.int_dot) if codes is not None else None
+
+    def int4_to_join(self, name: str, linear: nn.Linear) -> nn.Module | None:
+        """A linear the file does not store in 4 bits, in int4 before fusing: llama.cpp's Q4_K_M keeps attn_v and
+        ffn_down in Q6_K in some layers, and a stored q and k (Int4Linear) would not join a float v. The same
+        codes as quantising the joined matrix afterwards (groups run along each row)."""
+        if not self._may_store_int4(name, linear) or not int_dot.int4_fits(tuple(linear.weight.shape)):
+            return None
+        return Int4Linear(linear, integer=True)
 
     def quantized(self, name: str, linear: nn.Linear) -> nn.Module:
         head = name.rpartition(".")[2] == "lm_head"
