@@ -158,9 +158,14 @@ class LlmcliBackend:
     name = "llmcli"
 
     def __init__(self, model: Runner | nn.Module, device: torch.device):
+        from llmcli.show import count_config
+
         self.runner, self.device = as_runner(model), device
         self.model = self.runner.model
-        self.weights_bytes, self.parameters = parameter_bytes(self.model)
+        self.weights_bytes, _ = parameter_bytes(self.model)
+        # the model's own count: stored elements are not parameters once quantised (int4 packs two a byte, a tied
+        # head quantised is a second copy of the embedding)
+        self.parameters = count_config(self.model.config).total
 
     def run(self, ids: torch.Tensor, gen_tokens: int, recorder=None) -> RunTiming:
         model, device = self.runner, self.device

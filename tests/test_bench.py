@@ -127,6 +127,19 @@ def test_json_to_stdout_is_pure_json_and_csv(run_cli, tmp_path):
     assert float(rows[0]["decode_tokens_per_s_mean"]) == pytest.approx(result["decode_tokens_per_s"]["mean"])
 
 
+def test_parameters_are_the_models_whatever_the_storage(run_cli, monkeypatch):
+    """Stored elements are not parameters once quantised: int4 packs two a byte, a tied head quantised is a second
+    copy of the embedding (demo-qwen ties it); the count stays the model's."""
+    monkeypatch.setenv("LLMCLI_INT8_KERNEL", "0")  # torch's paths: no kernel build inside this test
+    counts = {}
+    for quantize in ("none", "int8"):
+        code, out, err = run_cli("bench", "demo-qwen", "-p", "4", "-n", "2", "-r", "1", "-w", "0", "--device", "cpu",
+                                 "--quantize", quantize, "--json", "-")
+        assert code == 0, err
+        counts[quantize] = json.loads(out)["parameters"]
+    assert counts["int8"] == counts["none"] > 0
+
+
 def test_threads_option_applies_and_is_restored(run_cli):
     before = torch.get_num_threads()
     code, out, err = run_cli("bench", "demo-qwen", "-p", "4", "-n", "2", "-r", "1", "-w", "0", "-t", "1",
