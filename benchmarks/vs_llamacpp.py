@@ -1,7 +1,8 @@
-"""llmcli against llama.cpp on the same weights and threads: bf16 / int8 / int4 against BF16 / Q8_0 / Q4_0.
+"""llmcli against llama.cpp on the same weights and threads: bf16 / int8 / int4 against BF16 / Q8_0 / Q4_0, and
+both on one llama.cpp Q4_K_M file.
 
     python benchmarks/vs_llamacpp.py [--threads 2] [--models qwen,deepseek] [-p 128] [-n 64] [--repeat 3]
-                                     [--precisions bf16,int8,int4] [--compile] [--pairs 1]
+                                     [--precisions bf16,int8,int4,q4_k_m] [--compile] [--pairs 1]
 
 llama.cpp is built once, offline, from the source the `llama-cpp-python` sdist on PyPI vendors (`pip download
 --no-binary :all: --no-deps llama-cpp-python==VERSION`; cmake, targets llama-bench and llama-quantize) into
@@ -9,6 +10,8 @@ llmcli's cache. Each checkpoint (random weights, the Qwen2.5-0.5B shape and a sm
 with the real tokenizer of the family so that llama.cpp's converter accepts it) is converted with
 llama.cpp's own `convert_hf_to_gguf.py` to BF16, then `llama-quantize` makes Q8_0 and Q4_0. Then
 `llama-bench` and `llmcli bench` run prompt P and decode N, one after the other, and one table is printed.
+The q4_k_m row runs llama.cpp's Q4_K_M file in both: llmcli reads the GGUF itself, in the precision that
+`--quantize auto` picks for it (int4 at up to 5.25 bits a weight, else int8).
 With --pairs K each row runs the two K times, alternating which goes first, and shows the median of each figure
 and of the K ratios, with their range: on a shared machine whose memory speed drifts from minute to minute,
 the ratio of runs made side by side holds better than either figure.
@@ -34,7 +37,8 @@ from llmcli.paths import cache_home
 
 LLAMA_CPP_PYTHON = "0.3.36"
 HERE = Path(__file__).resolve().parent
-PAIRS = [("bf16", None, "BF16"), ("int8", "int8", "Q8_0"), ("int4", "int4", "Q4_0")]
+# (llmcli's row, its --quantize, llama.cpp's file); "auto": llmcli runs that same file
+PAIRS = [("bf16", None, "BF16"), ("int8", "int8", "Q8_0"), ("int4", "int4", "Q4_0"), ("q4_k_m", "auto", "Q4_K_M")]
 
 
 def run(cmd: list, **kw) -> subprocess.CompletedProcess:
@@ -108,7 +112,8 @@ def with_real_tokenizer(checkpoint: Path, family: str, work: Path) -> Path:
     return target
 
 
-def ggufs(checkpoint: Path, source: Path, binaries: Path, work: Path, family: str = "") -> dict[str, Path]:
+def ggufs(checkpoint: Path, source: Path, binaries: Path, work: Path, family: str = "",
+          kinds: tuple[str, ...] = ("Q8_0", "Q4_0")) -> dict[str, Path]:
     out = {"BF16": work / f"{checkpoint.name}-bf16.gguf"}
     if not out["BF16"].is_file():
         env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
@@ -116,7 +121,7 @@ def ggufs(checkpoint: Path, source: Path, binaries: Path, work: Path, family: st
         no_mtp = ["--no-mtp"] if family == "qwen3.5" else []
         run([sys.executable, source / "convert_hf_to_gguf.py", checkpoint, "--outtype", "bf16",
              "--outfile", out["BF16"], *no_mtp], env=env)
-    for kind in ("Q8_0", "Q4_0"):
+    for kind in kinds:
         out[kind] = work / f"{checkpoint.name}-{kind.lower()}.gguf"
         if not out[kind].is_file():
             run([binaries / "llama-quantize", out["BF16"], out[kind], kind])
@@ -140,6 +145,8 @@ def llmcli_bench(checkpoint: Path, quantize: str | None, args) -> tuple[float, f
     report = json.loads(run(cmd, capture_output=True, text=True).stdout)
     row = report["results"][0]
     products = ", ".join(f"{k} ({v})" for k, v in report["env"].get("products", {}).items())
+    if quantize == "auto":
+        products = f"as {report['env']['quantize']}: {products}"
     if report["env"].get("omp_wait_policy", "default") != "default":  # passive: llmcli found the machine busy
         products += f"; OpenMP waits {report['env']['omp_wait_policy'].lower()}"
     return row["prefill_tokens_per_s"]["mean"], row["decode_tokens_per_s"]["mean"], products
@@ -177,7 +184,7 @@ def main() -> None:
     parser.add_argument("-p", "--prompt", type=int, default=128)
     parser.add_argument("-n", "--gen", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--precisions", default="bf16,int8,int4", help="which of bf16, int8, int4 to run")
+    parser.add_argument("--precisions", default="bf16,int8,int4", help="which of bf16, int8, int4, q4_k_m to run")
     parser.add_argument("--compile", action="store_true", help="llmcli bench --compile (compiled decode steps)")
     parser.add_argument("--pairs", type=int, default=1, help="run each row's two benchmarks this many times, in turn")
     args = parser.parse_args()
@@ -193,13 +200,15 @@ def main() -> None:
           f"prompt llama.cpp | ratio | llmcli products |\n|{'---|' * 10}")
     for title, checkpoint, family in checkpoints(args.models.split(",")):
         real = with_real_tokenizer(checkpoint, family, work)
-        files = ggufs(real, source, binaries, work, family)
-        for mine, quantize, theirs in [pair for pair in PAIRS if pair[0] in args.precisions.split(",")]:
+        rows = [pair for pair in PAIRS if pair[0] in args.precisions.split(",")]
+        files = ggufs(real, source, binaries, work, family, tuple(theirs for _, _, theirs in rows if theirs != "BF16"))
+        for mine, quantize, theirs in rows:
             ours, others, products = [], [], ""
             for index in range(args.pairs):  # side by side, taking turns at going first
                 for side in ("llmcli", "llama.cpp") if index % 2 == 0 else ("llama.cpp", "llmcli"):
                     if side == "llmcli":
-                        prompt, decode, products = llmcli_bench(checkpoint, quantize, args)
+                        model = files[theirs] if quantize == "auto" else checkpoint  # "auto": the same file
+                        prompt, decode, products = llmcli_bench(model, quantize, args)
                         ours.append((prompt, decode))
                     else:
                         others.append(llama_bench(binaries, files[theirs], args))
