@@ -136,8 +136,10 @@ class GGUFFile:
 
     def layer_bits(self) -> float | None:
         """Bits per weight of the layers' matrices (attention, MLPs, experts: not the embedding or the head),
-        as stored; None when they are all floats (F32, F16, BF16)."""
-        matrices = [t for t in self.tensors.values() if len(t.shape) >= 2 and t.name.startswith("blk.")]
+        as stored; None when they are all floats (F32, F16, BF16). F32 ones are left out: llama.cpp keeps in F32
+        what it never quantises (Qwen3.5's conv kernels, tensors too narrow for a block)."""
+        matrices = [t for t in self.tensors.values()
+                    if len(t.shape) >= 2 and t.name.startswith("blk.") and t.type_name != "F32"]
         if not matrices or all(t.type_name in FLOAT_TYPES for t in matrices):
             return None
         return 8 * sum(t.nbytes for t in matrices) / sum(t.numel for t in matrices)

@@ -2,8 +2,9 @@
 converter read (key by key, as `convert_hf_to_gguf.py` writes them), then parsed and checked by the same
 family parsers as a safetensors checkpoint (`llmcli.config`).
 
-Architectures: qwen2, qwen3, qwen3moe (Qwen3's MoE models), llama (e.g. DeepSeek-R1-Distill-Llama, SmolLM2), qwen
-(original Qwen) and deepseek2 (DeepSeek V2, V3, R1; V3 and R1 are told apart by their sigmoid gating).
+Architectures: qwen2, qwen3, qwen3moe (Qwen3's MoE models), qwen35 (Qwen3.5's dense hybrids), llama (e.g.
+DeepSeek-R1-Distill-Llama, SmolLM2), qwen (original Qwen) and deepseek2 (DeepSeek V2, V3, R1; V3 and R1 are told
+apart by their sigmoid gating).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from llmcli.config import ModelConfig, config_from_dict
 from llmcli.errors import LlmcliError
 from llmcli.formats.gguf import GGUFFile
 
-ARCHITECTURES = ("qwen2", "qwen3", "qwen3moe", "llama", "qwen", "deepseek2")
+ARCHITECTURES = ("qwen2", "qwen3", "qwen3moe", "qwen35", "llama", "qwen", "deepseek2")
 _FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 
@@ -117,6 +118,30 @@ def _qwen3moe(gg: GGUFFile, keys: _Keys) -> dict:
     return raw
 
 
+def _qwen35(gg: GGUFFile, keys: _Keys) -> dict:
+    """Qwen3.5 (dense): full-attention layers as Qwen3's (q with its output gate), Gated DeltaNet layers from the
+    ssm.* keys as llama.cpp's converter writes them (group_count: key heads, time_step_rank: value heads)."""
+    raw = _qwen2_like(gg, keys)
+    head_dim = raw["head_dim"]
+    value_heads = int(keys.need("ssm.time_step_rank"))
+    recurrent = keys.get("attention.recurrent_layers")
+    layers = raw["num_hidden_layers"]
+    raw.update({
+        "model_type": "qwen3_5_text",
+        "linear_conv_kernel_dim": int(keys.need("ssm.conv_kernel")),
+        "linear_key_head_dim": int(keys.need("ssm.state_size")),
+        "linear_num_key_heads": int(keys.need("ssm.group_count")),
+        "linear_num_value_heads": value_heads,
+        "linear_value_head_dim": int(keys.need("ssm.inner_size")) // value_heads,
+        "full_attention_interval": int(keys.get("full_attention_interval", 4)),
+        "rope_parameters": {"rope_type": "default", "rope_theta": raw.pop("rope_theta"),
+                            "partial_rotary_factor": int(keys.need("rope.dimension_count")) / head_dim},
+    })
+    if isinstance(recurrent, list):
+        raw["layer_types"] = ["linear_attention" if r else "full_attention" for r in recurrent[:layers]]
+    return raw
+
+
 def _qwen1(gg: GGUFFile, keys: _Keys) -> dict:
     raw = _common(gg, keys)
     raw.update({
@@ -164,8 +189,8 @@ def _deepseek2(gg: GGUFFile, keys: _Keys) -> dict:
     return raw
 
 
-_BUILDERS = {"qwen2": _qwen2_like, "qwen3": _qwen2_like, "qwen3moe": _qwen3moe, "llama": _qwen2_like,
-             "qwen": _qwen1, "deepseek2": _deepseek2}
+_BUILDERS = {"qwen2": _qwen2_like, "qwen3": _qwen2_like, "qwen3moe": _qwen3moe, "qwen35": _qwen35,
+             "llama": _qwen2_like, "qwen": _qwen1, "deepseek2": _deepseek2}
 
 
 def config_json(gg: GGUFFile) -> dict:

@@ -21,6 +21,7 @@ import numpy as np
 
 from llmcli.config import ModelConfig
 from llmcli.errors import LlmcliError
+from llmcli.formats import gguf_qwen35
 from llmcli.formats.gguf import GGUFFile
 from llmcli.formats.safetensors import TensorInfo
 
@@ -97,6 +98,8 @@ def _join_kv_b(gg: GGUFFile, k_name: str, v_name: str) -> np.ndarray:
 
 def _pieces_of(gg: GGUFFile, cfg: ModelConfig, name: str) -> list[Piece]:
     tensor = gg.tensors[name]
+    if name == "output_norm.weight" and gg.architecture == "qwen35":  # stored as 1 + w, as the layers' norms
+        return [Piece(GLOBAL_NAMES[name], tensor.shape, name, lambda: gg.read(name).astype(np.float32) - 1)]
     if name in GLOBAL_NAMES:
         return [Piece(GLOBAL_NAMES[name], tensor.shape, name, lambda: gg.read(name),
                       lambda start, stop: gg.read(name, start, stop))]
@@ -105,6 +108,8 @@ def _pieces_of(gg: GGUFFile, cfg: ModelConfig, name: str) -> list[Piece]:
         raise LlmcliError(f"{gg.path}: tensor {name} is not one llmcli knows for {gg.architecture}")
     layer, tail = match.groups()
     prefix = f"model.layers.{layer}."
+    if gg.architecture == "qwen35":
+        return [_qwen35_piece(gg, cfg, name, prefix, tail)]
     if int(layer) >= cfg.num_layers:  # DeepSeek's multi-token-prediction layers: the model skips them, unread
         return [Piece(prefix + LAYER_NAMES.get(tail, tail), tensor.shape, name, lambda: gg.read(name))]
     if tail in EXPERT_NAMES:
@@ -140,6 +145,19 @@ def _pieces_of(gg: GGUFFile, cfg: ModelConfig, name: str) -> list[Piece]:
                       raw=lambda: unpermute(_raw_rows(gg, name), heads))]
     return [Piece(prefix + LAYER_NAMES[tail], tensor.shape, name, lambda: gg.read(name),
                   lambda start, stop: gg.read(name, start, stop), lambda: _raw_rows(gg, name))]
+
+
+def _qwen35_piece(gg: GGUFFile, cfg: ModelConfig, name: str, prefix: str, tail: str) -> Piece:
+    if tail not in gguf_qwen35.LAYER_NAMES:
+        raise LlmcliError(f"{gg.path}: tensor {name} is not one llmcli knows for {gg.architecture}")
+    target = prefix + gguf_qwen35.LAYER_NAMES[tail]
+    undo = gguf_qwen35.transform(cfg, tail)
+    if undo is None:  # stored as the checkpoint has it: read in parts, 4-bit codes taken as stored
+        return Piece(target, gg.tensors[name].shape, name, lambda: gg.read(name),
+                     lambda start, stop: gg.read(name, start, stop), lambda: _raw_rows(gg, name))
+    # a reorder of rows alone applies to the stored blocks' rows too: 4-bit codes are then still taken as stored
+    raw = (lambda: undo(_raw_rows(gg, name))) if tail in gguf_qwen35.ROW_REORDERS else None
+    return Piece(target, gguf_qwen35.stored_shape(gg, name, tail), name, lambda: undo(gg.read(name)), raw=raw)
 
 
 def checkpoint_pieces(gg: GGUFFile, cfg: ModelConfig) -> list[Piece]:
