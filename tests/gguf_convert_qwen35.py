@@ -6,6 +6,7 @@ more value heads than key heads), as that converter's code does them."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -24,10 +25,15 @@ NAMES = {
     "mlp.down_proj.weight": "ffn_down.weight",
     "linear_attn.in_proj_qkv.weight": "attn_qkv.weight", "linear_attn.in_proj_z.weight": "attn_gate.weight",
     "linear_attn.in_proj_a.weight": "ssm_alpha.weight", "linear_attn.in_proj_b.weight": "ssm_beta.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight", "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
     "linear_attn.A_log": "ssm_a", "linear_attn.dt_bias": "ssm_dt.bias", "linear_attn.conv1d.weight":
     "ssm_conv1d.weight", "linear_attn.norm.weight": "ssm_norm.weight", "linear_attn.out_proj.weight": "ssm_out.weight",
 }
 PREFIX = "model.language_model."
+EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 
 
 def tile(w: np.ndarray, axis: int, key_heads: int, per_key: int, size: int) -> np.ndarray:
@@ -61,17 +67,24 @@ def _transformed(tail: str, w: np.ndarray, text: dict) -> np.ndarray:
 
 
 def convert_qwen35(model_dir: Path, out: Path, qtype: Q = Q.F32) -> Path:
-    """Write a Qwen3.5 checkpoint directory (the vision-language wrapper) as a qwen35 GGUF file at `out`."""
+    """Write a Qwen3.5 or Qwen3.5-MoE checkpoint directory (the vision-language wrapper) as a qwen35 or qwen35moe
+    GGUF file at `out`."""
     model_dir = Path(model_dir)
     raw = json.loads((model_dir / "config.json").read_text())
     text = raw["text_config"]
     tensors = {k: v.astype(np.float32) for k, v in load_file(str(model_dir / "model.safetensors")).items()
                if k.startswith(PREFIX) or k == "lm_head.weight"}
-    w = gguf.GGUFWriter(str(out), "qwen35")
+    moe = "num_experts" in text
+    arch = "qwen35moe" if moe else "qwen35"
+    w = gguf.GGUFWriter(str(out), arch)
     head_dim = text["head_dim"]
     rope = text["rope_parameters"]
-    for key, value in (("block_count", text["num_hidden_layers"]), ("context_length", text["max_position_embeddings"]),
-                       ("embedding_length", text["hidden_size"]), ("feed_forward_length", text["intermediate_size"]),
+    mlp = (("expert_count", text["num_experts"]), ("expert_used_count", text["num_experts_per_tok"]),
+           ("expert_feed_forward_length", text["moe_intermediate_size"]),
+           ("expert_shared_feed_forward_length", text["shared_expert_intermediate_size"])) if moe else \
+        (("feed_forward_length", text["intermediate_size"]),)
+    for key, value in (*mlp, ("block_count", text["num_hidden_layers"]),
+                       ("context_length", text["max_position_embeddings"]), ("embedding_length", text["hidden_size"]),
                        ("attention.head_count", text["num_attention_heads"]),
                        ("attention.head_count_kv", text["num_key_value_heads"]), ("attention.key_length", head_dim),
                        ("attention.value_length", head_dim), ("ssm.conv_kernel", text["linear_conv_kernel_dim"]),
@@ -81,19 +94,25 @@ def convert_qwen35(model_dir: Path, out: Path, qtype: Q = Q.F32) -> Path:
                        ("ssm.inner_size", text["linear_value_head_dim"] * text["linear_num_value_heads"]),
                        ("full_attention_interval", 4),
                        ("rope.dimension_count", int(head_dim * rope["partial_rotary_factor"]))):
-        w.add_uint32(f"qwen35.{key}", value)
-    w.add_float32("qwen35.rope.freq_base", rope["rope_theta"])
-    w.add_float32("qwen35.attention.layer_norm_rms_epsilon", text["rms_norm_eps"])
-    w.add_array("qwen35.rope.dimension_sections", [*rope["mrope_section"], 0])
-    w.add_array("qwen35.attention.recurrent_layers", [t == "linear_attention" for t in text["layer_types"]])
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_float32(f"{arch}.rope.freq_base", rope["rope_theta"])
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", text["rms_norm_eps"])
+    w.add_array(f"{arch}.rope.dimension_sections", [*rope["mrope_section"], 0])
+    w.add_array(f"{arch}.attention.recurrent_layers", [t == "linear_attention" for t in text["layer_types"]])
     add_tokenizer(w, model_dir / "tokenizer.json", text["vocab_size"], "gpt-2")  # the tests' byte tokenizer
     out_tensors = {"token_embd.weight": tensors.pop(PREFIX + "embed_tokens.weight"),
                    "output_norm.weight": tensors.pop(PREFIX + "norm.weight") + 1}
     if "lm_head.weight" in tensors:
         out_tensors["output.weight"] = tensors.pop("lm_head.weight")
+    experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     for name, array in tensors.items():
         layer, tail = name.removeprefix(PREFIX + "layers.").split(".", 1)
+        if match := EXPERT.fullmatch(tail):  # stacked per layer, as the converter's Qwen2MoeModel does
+            experts.setdefault((layer, match.group(2)), {})[int(match.group(1))] = array
+            continue
         out_tensors[f"blk.{layer}.{NAMES[tail]}"] = _transformed(tail, array, text)
+    for (layer, kind), stack in experts.items():
+        out_tensors[f"blk.{layer}.ffn_{kind}_exps.weight"] = np.stack([stack[i] for i in sorted(stack)])
     for name, array in out_tensors.items():
         data, kind = _quantised(name, array, qtype)
         w.add_tensor(name, data, raw_dtype=kind)

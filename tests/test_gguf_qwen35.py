@@ -20,11 +20,11 @@ from tests.test_qwen_hybrid import build_reference
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def qwen35(tmp_path_factory):
-    """A tiny Qwen3.5 (4 value heads over 2 key heads: the converter reorders them) and its GGUF."""
-    path = tmp_path_factory.mktemp("qwen35")
-    build_reference("qwen3_5", path / "hf", seed=2)
+@pytest.fixture(scope="module", params=["qwen3_5", "qwen3_5_moe"])
+def qwen35(request, tmp_path_factory):
+    """A tiny Qwen3.5 or Qwen3.5-MoE (4 value heads over 2 key heads: the converter reorders them) and its GGUF."""
+    path = tmp_path_factory.mktemp(request.param)
+    build_reference(request.param, path / "hf", seed=2)
     return path / "hf", convert_qwen35(path / "hf", path / "qwen35.gguf")
 
 
@@ -48,7 +48,8 @@ def test_qwen35_gguf_gives_the_checkpoints_logits(qwen35):
     loaded = load_model("q", gguf_path, device="cpu", dtype="float32")
     text = json.loads((source / "config.json").read_text())["text_config"]
     cfg = loaded.config
-    assert cfg.family == "qwen3_5" and cfg.layer_types == text["layer_types"]
+    assert cfg.family == json.loads((source / "config.json").read_text())["model_type"]
+    assert cfg.layer_types == text["layer_types"] and cfg.n_routed_experts == text.get("num_experts", 0)
     assert (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.rotary_dim) == (2, 4, 4)
     expected = logits(source)
     assert (logits(gguf_path) - expected).abs().max().item() <= 1e-4

@@ -2,7 +2,7 @@
 converter read (key by key, as `convert_hf_to_gguf.py` writes them), then parsed and checked by the same
 family parsers as a safetensors checkpoint (`llmcli.config`).
 
-Architectures: qwen2, qwen3, qwen3moe (Qwen3's MoE models), qwen35 (Qwen3.5's dense hybrids), llama (e.g.
+Architectures: qwen2, qwen3, qwen3moe (Qwen3's MoE models), qwen35 and qwen35moe (Qwen3.5's hybrids), llama (e.g.
 DeepSeek-R1-Distill-Llama, SmolLM2), qwen (original Qwen) and deepseek2 (DeepSeek V2, V3, R1; V3 and R1 are told
 apart by their sigmoid gating).
 """
@@ -13,7 +13,7 @@ from llmcli.config import ModelConfig, config_from_dict
 from llmcli.errors import LlmcliError
 from llmcli.formats.gguf import GGUFFile
 
-ARCHITECTURES = ("qwen2", "qwen3", "qwen3moe", "qwen35", "llama", "qwen", "deepseek2")
+ARCHITECTURES = ("qwen2", "qwen3", "qwen3moe", "qwen35", "qwen35moe", "llama", "qwen", "deepseek2")
 _FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 
@@ -89,12 +89,13 @@ def _common(gg: GGUFFile, keys: _Keys) -> dict:
     }
 
 
-def _qwen2_like(gg: GGUFFile, keys: _Keys) -> dict:
+def _qwen2_like(gg: GGUFFile, keys: _Keys, dense_mlp: bool = True) -> dict:
     raw = _common(gg, keys)
     heads = raw["num_attention_heads"]
+    if dense_mlp:
+        raw["intermediate_size"] = int(keys.need("feed_forward_length"))
     raw.update({
         "model_type": gg.architecture,
-        "intermediate_size": int(keys.need("feed_forward_length")),
         "num_key_value_heads": int(keys.get("attention.head_count_kv", heads)),
         "head_dim": int(keys.get("attention.key_length", raw["hidden_size"] // heads)),
         "attention_bias": "blk.0.attn_q.bias" in gg.tensors,
@@ -119,15 +120,16 @@ def _qwen3moe(gg: GGUFFile, keys: _Keys) -> dict:
 
 
 def _qwen35(gg: GGUFFile, keys: _Keys) -> dict:
-    """Qwen3.5 (dense): full-attention layers as Qwen3's (q with its output gate), Gated DeltaNet layers from the
+    """Qwen3.5, dense or MoE: full-attention layers as Qwen3's (q with its output gate), Gated DeltaNet layers from the
     ssm.* keys as llama.cpp's converter writes them (group_count: key heads, time_step_rank: value heads)."""
-    raw = _qwen2_like(gg, keys)
+    moe = gg.architecture == "qwen35moe"
+    raw = _qwen2_like(gg, keys, dense_mlp=not moe)
     head_dim = raw["head_dim"]
     value_heads = int(keys.need("ssm.time_step_rank"))
     recurrent = keys.get("attention.recurrent_layers")
     layers = raw["num_hidden_layers"]
     raw.update({
-        "model_type": "qwen3_5_text",
+        "model_type": "qwen3_5_moe_text" if moe else "qwen3_5_text",
         "linear_conv_kernel_dim": int(keys.need("ssm.conv_kernel")),
         "linear_key_head_dim": int(keys.need("ssm.state_size")),
         "linear_num_key_heads": int(keys.need("ssm.group_count")),
@@ -139,6 +141,11 @@ def _qwen35(gg: GGUFFile, keys: _Keys) -> dict:
     })
     if isinstance(recurrent, list):
         raw["layer_types"] = ["linear_attention" if r else "full_attention" for r in recurrent[:layers]]
+    if moe:
+        raw.update({"num_experts": int(keys.need("expert_count")),
+                    "num_experts_per_tok": int(keys.need("expert_used_count")),
+                    "moe_intermediate_size": int(keys.need("expert_feed_forward_length")),
+                    "shared_expert_intermediate_size": int(keys.get("expert_shared_feed_forward_length", 0))})
     return raw
 
 
@@ -189,7 +196,7 @@ def _deepseek2(gg: GGUFFile, keys: _Keys) -> dict:
     return raw
 
 
-_BUILDERS = {"qwen2": _qwen2_like, "qwen3": _qwen2_like, "qwen3moe": _qwen3moe, "qwen35": _qwen35,
+_BUILDERS = {"qwen2": _qwen2_like, "qwen3": _qwen2_like, "qwen3moe": _qwen3moe, "qwen35": _qwen35, "qwen35moe": _qwen35,
              "llama": _qwen2_like, "qwen": _qwen1, "deepseek2": _deepseek2}
 
 

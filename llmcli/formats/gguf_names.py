@@ -98,7 +98,7 @@ def _join_kv_b(gg: GGUFFile, k_name: str, v_name: str) -> np.ndarray:
 
 def _pieces_of(gg: GGUFFile, cfg: ModelConfig, name: str) -> list[Piece]:
     tensor = gg.tensors[name]
-    if name == "output_norm.weight" and gg.architecture == "qwen35":  # stored as 1 + w, as the layers' norms
+    if name == "output_norm.weight" and gg.architecture in gguf_qwen35.ARCHITECTURES:  # stored as 1 + w
         return [Piece(GLOBAL_NAMES[name], tensor.shape, name, lambda: gg.read(name).astype(np.float32) - 1)]
     if name in GLOBAL_NAMES:
         return [Piece(GLOBAL_NAMES[name], tensor.shape, name, lambda: gg.read(name),
@@ -108,8 +108,6 @@ def _pieces_of(gg: GGUFFile, cfg: ModelConfig, name: str) -> list[Piece]:
         raise LlmcliError(f"{gg.path}: tensor {name} is not one llmcli knows for {gg.architecture}")
     layer, tail = match.groups()
     prefix = f"model.layers.{layer}."
-    if gg.architecture == "qwen35":
-        return [_qwen35_piece(gg, cfg, name, prefix, tail)]
     if int(layer) >= cfg.num_layers:  # DeepSeek's multi-token-prediction layers: the model skips them, unread
         return [Piece(prefix + LAYER_NAMES.get(tail, tail), tensor.shape, name, lambda: gg.read(name))]
     if tail in EXPERT_NAMES:
@@ -117,6 +115,8 @@ def _pieces_of(gg: GGUFFile, cfg: ModelConfig, name: str) -> list[Piece]:
         return [Piece(f"{prefix}mlp.experts.{e}.{EXPERT_NAMES[tail]}.weight", tensor.shape[1:], name,
                       lambda e=e: gg.read(name, e, e + 1)[0],
                       raw=lambda e=e: _raw_rows(gg, name, e, e + 1, rows=tensor.shape[1])) for e in range(experts)]
+    if gg.architecture in gguf_qwen35.ARCHITECTURES:
+        return [_qwen35_piece(gg, cfg, name, prefix, tail)]
     if gg.architecture == "qwen" and tail.startswith("attn_qkv."):
         kind = tail.split(".")[1]
         rows = tensor.shape[0] // 3

@@ -1,5 +1,5 @@
-"""Qwen3.5 GGUF tensors (architecture `qwen35`) -> the checkpoint tensors llmcli's hybrid model loads, undoing what
-llama.cpp's converter (`Qwen3_5TextModel`) did to them:
+"""Qwen3.5 GGUF tensors (architectures `qwen35` and `qwen35moe`) -> the checkpoint tensors llmcli's hybrid model
+loads, undoing what llama.cpp's converter (`Qwen3_5TextModel`, `Qwen3_5MoeTextModel`) did to them:
 
 - RMSNorm weights outside the DeltaNet are stored as 1 + w (llama.cpp's norm multiplies by the weight; Qwen3.5's by
   1 + w). The converter adds 1 in the checkpoint's dtype, so a bfloat16 source's stored value is rounded there:
@@ -35,6 +35,7 @@ LINEAR_NAMES = {
 }
 ROW_REORDERS = ("attn_qkv.weight", "attn_gate.weight", "ssm_alpha.weight", "ssm_beta.weight")  # rows alone move
 PLUS_ONE_NORMS = ("attn_norm.weight", "post_attention_norm.weight", "attn_q_norm.weight", "attn_k_norm.weight")
+ARCHITECTURES = ("qwen35", "qwen35moe")
 LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "post_attention_norm.weight": "post_attention_layernorm.weight",
@@ -47,6 +48,12 @@ LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    # Qwen3.5-MoE (the routed experts, stacked, are read one at a time as other MoE files' are)
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
     **LINEAR_NAMES,
 }
 
