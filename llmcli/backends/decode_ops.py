@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from llmcli.backends import cpu_kernels
+from llmcli.backends.deltanet_op import FusedGatedDeltaNet
 from llmcli.backends.experts import StackedExperts
 from llmcli.backends.int4 import Int4Linear
 from llmcli.backends.int8 import Int8Linear
@@ -31,6 +32,7 @@ from llmcli.backends.linear import FEW_ROWS, BlockedLinear
 from llmcli.models.cache import KVLayerCache, LatentLayerCache
 from llmcli.models.deepseek import DecoderLayer as DeepseekLayer
 from llmcli.models.deepseek import MLAttention, MoE, Router
+from llmcli.models.deltanet import GatedDeltaNet
 from llmcli.models.hooks import ATTN_PROBS, AttentionWeights, RouterChoice, asks
 from llmcli.models.layers import RMSNorm, SwiGLU, head_probs
 from llmcli.models.qwen import Attention, DecoderLayer
@@ -379,6 +381,8 @@ def fused_class(module: nn.Module) -> type | None:
         return FusedSwiGLU
     if type(module) is StackedExperts and FusedStackedExperts.takes(module):
         return FusedStackedExperts
+    if type(module) is GatedDeltaNet:
+        return FusedGatedDeltaNet
     return None
 
 

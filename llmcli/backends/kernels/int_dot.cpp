@@ -478,3 +478,4 @@ TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) {
 #include "int6_dot.cpp"
 #include "decode_ops.cpp"
 #include "decode_layer.cpp"
+#include "deltanet_step.cpp"
