@@ -43,6 +43,25 @@ def test_rms_norm_rounds_like_the_torch_path(dtype, shape):
         assert (fused == expected).float().mean().item() > 0.98
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_zero_centred_rms_norm_rounds_like_the_torch_path(dtype):
+    """The hybrids' x_hat * (1 + w), all in float32 then cast: the same bits but for the order of the sum."""
+    from llmcli.models.gated_attention import ZeroCentredRMSNorm
+
+    torch.manual_seed(1)
+    norm = ZeroCentredRMSNorm(1024, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.3)
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 1, 1024) * 3).to(dtype)
+    with torch.inference_mode():
+        expected = norm(x)
+        fused = torch.ops.llmcli.zero_centred_rms_norm(x.contiguous(), norm.weight, norm.eps)
+    assert fused.dtype == dtype and fused.shape == x.shape
+    assert ulps_apart(fused, expected).max().item() <= (8 if dtype == torch.float32 else 1)
+    assert dtype == torch.float32 or (fused == expected).float().mean().item() > 0.98
+
+
 def torch_decode_attention(qkv, cos, sin, k_cache, v_cache, position, heads, window, scale):
     """The reference: torch ops, RoPE in the dtype as the model rotates, then float64 attention."""
     b, _, d = qkv.shape

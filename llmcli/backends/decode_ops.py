@@ -33,6 +33,7 @@ from llmcli.models.cache import KVLayerCache, LatentLayerCache
 from llmcli.models.deepseek import DecoderLayer as DeepseekLayer
 from llmcli.models.deepseek import MLAttention, MoE, Router
 from llmcli.models.deltanet import GatedDeltaNet
+from llmcli.models.gated_attention import ZeroCentredRMSNorm
 from llmcli.models.hooks import ATTN_PROBS, AttentionWeights, RouterChoice, asks
 from llmcli.models.layers import RMSNorm, SwiGLU, head_probs
 from llmcli.models.qwen import Attention, DecoderLayer
@@ -48,6 +49,15 @@ class FusedRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if eager_cpu(x) and x.dtype == self.weight.dtype:
             return torch.ops.llmcli.rms_norm(x.contiguous(), self.weight, self.eps)
+        return super().forward(x)
+
+
+class FusedZeroCentredRMSNorm(ZeroCentredRMSNorm):
+    """The hybrids' x_hat * (1 + w) as one op (six torch ops, about 40 us a decode row)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if eager_cpu(x) and x.dtype == self.weight.dtype:
+            return torch.ops.llmcli.zero_centred_rms_norm(x.contiguous(), self.weight, self.eps)
         return super().forward(x)
 
 
@@ -371,6 +381,8 @@ def fused_class(module: nn.Module) -> type | None:
         return FusedDeepseekLayer
     if type(module) is RMSNorm:
         return FusedRMSNorm
+    if type(module) is ZeroCentredRMSNorm:
+        return FusedZeroCentredRMSNorm
     if type(module) is Attention and FusedDecodeAttention.takes(module):
         return FusedDecodeAttention
     if type(module) is MLAttention:

@@ -103,8 +103,10 @@ inline void add_scaled(float a, const W* w, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += a * static_cast<float>(w[i]);
 }
 
-// RMSNorm as llmcli's models compute it: y = weight * to_dtype(x * rsqrt(mean(x^2) + eps)), x in float32.
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+// RMSNorm as llmcli's models compute it: y = weight * to_dtype(x * rsqrt(mean(x^2) + eps)), x in float32; or, with
+// `zero_centred` (the Qwen3.5/Qwen3-Next norms, weights stored around 0), to_dtype(x * rsqrt(...) * (1 + weight)),
+// all in float32.
+at::Tensor rms_norm_as(const at::Tensor& x, const at::Tensor& weight, double eps, bool zero_centred) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.is_floating_point(), "rms_norm: x must be contiguous CPU");
   const int64_t D = x.size(-1), rows = x.numel() / std::max<int64_t>(D, 1);
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == D && weight.scalar_type() == x.scalar_type() &&
@@ -119,13 +121,22 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
         const scalar_t* row = xp + r * D;
         const float factor = 1.f / std::sqrt(dot(row, row, D) / static_cast<float>(D) + static_cast<float>(eps));
         for (int64_t i = 0; i < D; ++i) {
-          const float normalised = rounded<scalar_t>(static_cast<float>(row[i]) * factor);
-          op[r * D + i] = static_cast<scalar_t>(static_cast<float>(wp[i]) * normalised);
+          const float normalised = static_cast<float>(row[i]) * factor;
+          op[r * D + i] = zero_centred ? static_cast<scalar_t>(normalised * (1.f + static_cast<float>(wp[i])))
+                                       : static_cast<scalar_t>(static_cast<float>(wp[i]) * rounded<scalar_t>(normalised));
         }
       }
     });
   });
   return out;
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return rms_norm_as(x, weight, eps, false);
+}
+
+at::Tensor zero_centred_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return rms_norm_as(x, weight, eps, true);
 }
 
 // One new token's attention per sequence, from the fused q/k/v projection's output:
@@ -437,6 +448,7 @@ at::Tensor int_swiglu(const at::Tensor& x, const at::Tensor& gate_up, const at::
 
 TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("zero_centred_rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int position, "
         "int heads, int window, float scale) -> Tensor");
   m.def("mla_decode(Tensor q, Tensor kv, Tensor norm, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
@@ -448,6 +460,7 @@ TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
 }
 TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) {
   m.impl("rms_norm", &rms_norm);
+  m.impl("zero_centred_rms_norm", &zero_centred_rms_norm);
   m.impl("decode_attention", &decode_attention);
   m.impl("mla_decode", &mla_decode);
   m.impl("route", &route);
