@@ -240,9 +240,17 @@ def convert(model_dir: Path, out: Path, qtype: Q = Q.F32, pre: str = "gpt-2", ml
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if arch == "llama" and rope.get("rope_type") == "llama3":
         out_tensors["rope_freqs.weight"] = llama3_factors(cfg, rope)
+    write_tensors(w, out_tensors, experts, qtype, types)
+    return Path(out)
+
+
+def write_tensors(w: gguf.GGUFWriter, tensors: dict[str, np.ndarray], experts: dict[tuple, dict[int, np.ndarray]],
+                  qtype: Q, types: dict[str, Q] | None = None) -> None:
+    """The layers' experts stacked (ffn_*_exps, as llama.cpp's converter stacks them), every tensor quantised as
+    `convert` says, and the file written and closed."""
     for (layer, kind), stack in sorted(experts.items()):
-        out_tensors[f"blk.{layer}.ffn_{kind}_exps.weight"] = np.stack([stack[i] for i in sorted(stack)])
-    for name, array in out_tensors.items():
+        tensors[f"blk.{layer}.ffn_{kind}_exps.weight"] = np.stack([stack[i] for i in sorted(stack)])
+    for name, array in tensors.items():
         chosen = next((t for part, t in (types or {}).items() if part in name), qtype)
         data, kind = _quantised(name, array, chosen)
         w.add_tensor(name, data, raw_dtype=kind)
@@ -250,4 +258,3 @@ def convert(model_dir: Path, out: Path, qtype: Q = Q.F32, pre: str = "gpt-2", ml
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return Path(out)

@@ -14,21 +14,15 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import load_file
 
-from tests.gguf_convert import _quantised, add_tokenizer
+from tests.gguf_convert import LAYER, add_tokenizer, write_tensors
 
-NAMES = {
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "post_attention_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
+NAMES = {  # the other architectures' names (gguf_convert.LAYER), and Qwen3.5's own
+    **LAYER, "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight", "mlp.shared_expert.up_proj.weight":
+    "ffn_up_shexp.weight", "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
     "linear_attn.in_proj_qkv.weight": "attn_qkv.weight", "linear_attn.in_proj_z.weight": "attn_gate.weight",
     "linear_attn.in_proj_a.weight": "ssm_alpha.weight", "linear_attn.in_proj_b.weight": "ssm_beta.weight",
-    "mlp.gate.weight": "ffn_gate_inp.weight", "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
-    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
-    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
-    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
     "linear_attn.A_log": "ssm_a", "linear_attn.dt_bias": "ssm_dt.bias", "linear_attn.conv1d.weight":
     "ssm_conv1d.weight", "linear_attn.norm.weight": "ssm_norm.weight", "linear_attn.out_proj.weight": "ssm_out.weight",
 }
@@ -111,13 +105,5 @@ def convert_qwen35(model_dir: Path, out: Path, qtype: Q = Q.F32) -> Path:
             experts.setdefault((layer, match.group(2)), {})[int(match.group(1))] = array
             continue
         out_tensors[f"blk.{layer}.{NAMES[tail]}"] = _transformed(tail, array, text)
-    for (layer, kind), stack in experts.items():
-        out_tensors[f"blk.{layer}.ffn_{kind}_exps.weight"] = np.stack([stack[i] for i in sorted(stack)])
-    for name, array in out_tensors.items():
-        data, kind = _quantised(name, array, qtype)
-        w.add_tensor(name, data, raw_dtype=kind)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_tensors(w, out_tensors, experts, qtype)
     return Path(out)

@@ -148,9 +148,10 @@ def _pieces_of(gg: GGUFFile, cfg: ModelConfig, name: str) -> list[Piece]:
 
 
 def _qwen35_piece(gg: GGUFFile, cfg: ModelConfig, name: str, prefix: str, tail: str) -> Piece:
-    if tail not in gguf_qwen35.LAYER_NAMES:
+    checkpoint_name = gguf_qwen35.OWN_NAMES.get(tail, LAYER_NAMES.get(tail))
+    if checkpoint_name is None or tail == "ffn_norm.weight":
         raise LlmcliError(f"{gg.path}: tensor {name} is not one llmcli knows for {gg.architecture}")
-    target = prefix + gguf_qwen35.LAYER_NAMES[tail]
+    target = prefix + checkpoint_name
     undo = gguf_qwen35.transform(cfg, tail)
     if undo is None:  # stored as the checkpoint has it: read in parts, 4-bit codes taken as stored
         return Piece(target, gg.tensors[name].shape, name, lambda: gg.read(name),

@@ -36,20 +36,10 @@ LINEAR_NAMES = {
 ROW_REORDERS = ("attn_qkv.weight", "attn_gate.weight", "ssm_alpha.weight", "ssm_beta.weight")  # rows alone move
 PLUS_ONE_NORMS = ("attn_norm.weight", "post_attention_norm.weight", "attn_q_norm.weight", "attn_k_norm.weight")
 ARCHITECTURES = ("qwen35", "qwen35moe")
-LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
+# Where these files' names differ from the other architectures' (gguf_names.LAYER_NAMES covers the rest)
+OWN_NAMES = {
     "post_attention_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-    # Qwen3.5-MoE (the routed experts, stacked, are read one at a time as other MoE files' are)
-    "ffn_gate_inp.weight": "mlp.gate.weight",
+    # Qwen3.5-MoE's shared expert (the routed experts, stacked, are read one at a time as other MoE files' are)
     "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
     "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
     "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
