@@ -398,8 +398,9 @@ def test_show_reports_tensor_types(tiny_gguf, run_cli):
     by_name = {t["name"]: t for t in facts["gguf_tensors"]}
     assert by_name["blk.0.attn_q.weight"]["type"] == "Q8_0" and by_name["blk.0.attn_q.weight"]["shape"] == [256, 256]
     assert facts["params_total"] == sum(int(t.n_elements) for t in reader.tensors)
+    assert facts["layer_bits"] == 8.5 and facts["runs_on_cpu_as"] == "int8"  # Q8_0: 34 bytes a block of 32
     code, out, err = run_cli("show", tiny_gguf)
-    assert code == 0 and "tensor types" in out and "Q8_0" in out
+    assert code == 0 and "tensor types" in out and "Q8_0" in out and "int8 on CPU" in out
 
 
 def test_trace_and_chat_run_on_gguf(tiny_gguf, run_cli, monkeypatch):
