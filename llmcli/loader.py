@@ -19,6 +19,7 @@ from llmcli.chat_dsv32 import with_builtin_chat_format
 from llmcli.config import ModelConfig, load_config
 from llmcli.errors import LlmcliError
 from llmcli.formats.gguf import gguf_path_of, nearest_quantize
+from llmcli.formats.gguf_int4 import INT4_TYPES
 from llmcli.formats.safetensors import read_checkpoint
 from llmcli.gguf_load import GGUFSource
 from llmcli.models.base import CausalLM
@@ -103,8 +104,10 @@ def file_quantize(gguf: GGUFSource | None, device: torch.device) -> tuple[str | 
     if bits is None or device.type != "cpu":
         return None, ""
     if nearest_quantize(bits) == "int4" and int4.available(device.type):
-        return "int4", (f"the file's layers are {bits:.1f} bits a weight: running them in int4 (4-bit codes as "
-                        "stored, other types re-quantised); --quantize int8 keeps more, none dequantises to --dtype")
+        others = sorted({t.type_name for t in gguf.gguf.layer_matrices()} - set(INT4_TYPES))
+        how = f"4-bit codes as stored{', ' + ', '.join(others) + ' re-quantised' if others else ''}"
+        return "int4", (f"the file's layers are {bits:.1f} bits a weight: running them in int4 ({how}); "
+                        "--quantize int8 keeps more, none dequantises to --dtype")
     return "int8", (f"the file's layers are {bits:.1f} bits a weight: running them in int8; --quantize int4 "
                     "reads fewer bytes (re-quantised), none dequantises to --dtype")
 

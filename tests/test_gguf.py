@@ -285,6 +285,7 @@ def test_quantize_auto_runs_a_file_in_its_own_precision(qtype, expected, quant_s
     kinds = {type(m) for m in loaded.model.modules()}
     assert (int4.Int4Linear in kinds) == (expected == "int4") and (Int8Linear in kinds) == (expected == "int8")
     assert any(f"running them in {expected}" in note for note in loaded.notes) == (expected is not None)
+    assert not any("re-quantised" in note for note in loaded.notes if "running them in int4" in note)  # all 4-bit
     assert load_model("d", quant_source / "hf", device="cpu", quantize="auto").options.quantize is None
 
 

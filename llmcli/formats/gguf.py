@@ -134,12 +134,15 @@ class GGUFFile:
     def size_on_disk(self) -> int:
         return sum(f.stat().st_size for f in self.files)
 
+    def layer_matrices(self) -> list[GGUFTensor]:
+        """The layers' matrices (attention, MLPs, experts: not the embedding or the head), F32 ones left out:
+        llama.cpp keeps in F32 what it never quantises (Qwen3.5's conv kernels, tensors too narrow for a block)."""
+        return [t for t in self.tensors.values()
+                if len(t.shape) >= 2 and t.name.startswith("blk.") and t.type_name != "F32"]
+
     def layer_bits(self) -> float | None:
-        """Bits per weight of the layers' matrices (attention, MLPs, experts: not the embedding or the head),
-        as stored; None when they are all floats (F32, F16, BF16). F32 ones are left out: llama.cpp keeps in F32
-        what it never quantises (Qwen3.5's conv kernels, tensors too narrow for a block)."""
-        matrices = [t for t in self.tensors.values()
-                    if len(t.shape) >= 2 and t.name.startswith("blk.") and t.type_name != "F32"]
+        """Bits per weight of `layer_matrices` as stored; None when they are all floats (F16, BF16)."""
+        matrices = self.layer_matrices()
         if not matrices or all(t.type_name in FLOAT_TYPES for t in matrices):
             return None
         return 8 * sum(t.nbytes for t in matrices) / sum(t.numel for t in matrices)
