@@ -36,6 +36,7 @@ def gguf_facts(model: GGUFModel) -> dict:
         entry["params"] += t.numel
     ordered = dict(sorted(types.items(), key=lambda item: -item[1]["bytes"]))
     pre = gg.metadata.get("tokenizer.ggml.pre", "default")
+    bits = gg.layer_bits()
     return {
         "format": "gguf",
         "architecture": f"GGUF {gg.architecture}",
@@ -50,8 +51,8 @@ def gguf_facts(model: GGUFModel) -> dict:
         if isinstance(gg.metadata.get("tokenizer.chat_template"), str) else None,
         "tokenizer": f"GGUF metadata ({gg.metadata.get('tokenizer.ggml.model')} BPE, pre-tokenizer {pre})",
         "size_on_disk": gg.size_on_disk(),
-        "layer_bits": gg.layer_bits(),
-        "runs_on_cpu_as": nearest_quantize(gg.layer_bits()),  # --quantize auto (int4 where torch has it)
+        "layer_bits": bits,
+        "runs_on_cpu_as": nearest_quantize(bits),  # --quantize auto (int4 where torch has it)
     }
 
 

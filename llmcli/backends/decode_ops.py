@@ -157,11 +157,8 @@ class FusedRouter(Router):
 
 def integer_weights(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(blocks, scales) of a product on the integer kernels, without a bias; None for any other product."""
-    if isinstance(linear, Int8Linear) and linear.integer and linear.bias is None:
-        return linear.weight, linear.scales
-    if isinstance(linear, Int4Linear) and linear.integer and linear.bias is None:
-        return linear.packed, linear.scales_and_mins
-    return None
+    product = integer_product(linear)
+    return None if product is None or product[2] is not None else product[:2]
 
 
 class FusedSwiGLU(SwiGLU):

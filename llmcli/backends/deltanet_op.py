@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from llmcli.models.deltanet import GatedDeltaNet
+from llmcli.models.deltanet import L2_EPS, GatedDeltaNet
 
 
 class FusedGatedDeltaNet(GatedDeltaNet):
@@ -19,7 +19,7 @@ class FusedGatedDeltaNet(GatedDeltaNet):
         out = torch.ops.llmcli.deltanet_step(
             mixed.reshape(batch, -1).contiguous(), z.reshape(batch, -1).contiguous(), b.reshape(batch, -1).contiguous(),
             a.reshape(batch, -1).contiguous(), self.conv1d.weight[:, 0], layer_cache.conv, layer_cache.state,
-            self.A_log, self.dt_bias, self.norm.weight, self.norm.eps, self.nk, self.dk, self.dv)
+            self.A_log, self.dt_bias, self.norm.weight, self.norm.eps, L2_EPS, self.nk, self.dk, self.dv)
         return self.out_proj(out.reshape(batch, 1, -1))
 
     def _fits(self, x: torch.Tensor, layer_cache) -> bool:

@@ -21,12 +21,13 @@ inline float silu(float x) { return x / (1.f + std::exp(-x)); }
 
 // mixed [B, C] (the input product's q|k|v part), z [B, nv*dv], b and a [B, nv], all in the model dtype;
 // conv_w [C, Kc] and conv_state [B, C, Kc-1] (updated) in the model dtype; state [B, nv, dk, dv] float32
-// (updated); A_log, dt_bias [nv] and norm_w [dv] in any float type. Returns the normed, gated rule output
+// (updated); A_log, dt_bias [nv] and norm_w [dv] in any float type; eps the norm's, l2_eps the q/k normalisation's
+// (models/deltanet.py's L2_EPS). Returns the normed, gated rule output
 // [B, nv*dv] in the model dtype: what the output product reads.
 at::Tensor deltanet_step(const at::Tensor& mixed, const at::Tensor& z, const at::Tensor& b, const at::Tensor& a,
                          const at::Tensor& conv_w, at::Tensor& conv_state, at::Tensor& state, const at::Tensor& A_log,
-                         const at::Tensor& dt_bias, const at::Tensor& norm_w, double eps, int64_t nk, int64_t dk,
-                         int64_t dv) {
+                         const at::Tensor& dt_bias, const at::Tensor& norm_w, double eps, double l2_eps, int64_t nk,
+                         int64_t dk, int64_t dv) {
   const int64_t B = mixed.size(0), C = mixed.size(1), nv = state.size(1), width = conv_w.size(1);
   TORCH_CHECK(mixed.dim() == 2 && C == 2 * nk * dk + nv * dv && nv % nk == 0, "deltanet_step: mixed must be [B, ",
               2 * nk * dk + nv * dv, "]");
@@ -69,7 +70,7 @@ at::Tensor deltanet_step(const at::Tensor& mixed, const at::Tensor& z, const at:
           const float* src = conv.data() + part * nk * dk + h * dk;
           float ss = 0.f;
           for (int64_t i = 0; i < dk; ++i) ss += src[i] * src[i];
-          const float inv = 1.f / std::sqrt(ss + 1e-6f);
+          const float inv = 1.f / std::sqrt(ss + static_cast<float>(l2_eps));
           float* dst = (part == 0 ? q.data() : k.data()) + h * dk;
           for (int64_t i = 0; i < dk; ++i) dst[i] = part == 0 ? src[i] * inv * scale : src[i] * inv;
         }
@@ -115,7 +116,8 @@ at::Tensor deltanet_step(const at::Tensor& mixed, const at::Tensor& z, const at:
 
 TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
   m.def("deltanet_step(Tensor mixed, Tensor z, Tensor b, Tensor a, Tensor conv_w, Tensor(a!) conv_state, "
-        "Tensor(b!) state, Tensor A_log, Tensor dt_bias, Tensor norm_w, float eps, int nk, int dk, int dv) -> Tensor");
+        "Tensor(b!) state, Tensor A_log, Tensor dt_bias, Tensor norm_w, float eps, float l2_eps, int nk, int dk, int dv) "
+        "-> Tensor");
 }
 TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) {
   m.impl("deltanet_step", &deltanet_step);
