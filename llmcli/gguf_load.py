@@ -68,7 +68,7 @@ class GGUFSource:
         if raw is None:
             return None
         codes = int4_codes(raw, self.gguf.tensors[piece.source].type_name, piece.shape[1])
-        return tuple(torch.from_numpy(np.ascontiguousarray(part)) for part in codes)
+        return tuple(None if part is None else torch.from_numpy(np.ascontiguousarray(part)) for part in codes)
 
     def stores_int4(self, name: str) -> bool:
         """Is checkpoint tensor `name` a matrix in a 4-bit type that `int4_codes` takes as stored?"""

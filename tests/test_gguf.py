@@ -234,6 +234,8 @@ def test_int4_takes_4bit_files_as_stored(qtype, quant_source, tmp_path):
         if leaf == "qkv_proj" and f"{parent}.q_proj.bias" in reference:  # Qwen2's biases join too
             biases = [torch.from_numpy(reference[f"{parent}.{part}.bias"]) for part in joined[leaf]]
             assert torch.equal(module.bias.detach(), torch.cat(biases)), name
+        if module.integer:  # Q4_0's minimums are -8 * scale: stored as scales alone, 4.5 bits a weight
+            assert module.scales_and_mins.shape[-2] == (1 if qtype == "Q4_0" else 2), name
         # The AVX2 integer kernel keeps scales in float16: Q4_K's (d x a 6-bit sub-scale) round there.
         atol = 2**-11 * expected.abs().max().item() if module.integer and qtype == "Q4_K" else 1e-6
         assert torch.allclose(weight, expected, atol=atol, rtol=0), name

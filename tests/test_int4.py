@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from llmcli.backends import int4
+from llmcli.backends import int4, int_dot
 from llmcli.backends.int4 import Int4Linear, dequantize_int4, quantize_int4
 
 pytestmark = pytest.mark.skipif(not int4.available(), reason="this torch build has no CPU int4 product")
@@ -50,13 +50,23 @@ def test_gguf_q4_0_and_q4_1_blocks_are_expressed_exactly():
     q = torch.randint(0, 16, (32, 64), dtype=torch.int32)
     d, m = torch.rand(32, 2) * 0.1, torch.randn(32, 2) * 0.1
     linear = torch.nn.Linear(64, 32, bias=False)
-    q4_0 = Int4Linear(linear.float(), quantized=(q, d, torch.zeros_like(d)))
-    q4_1 = Int4Linear(linear.float(), quantized=(q, d, m + 8 * d))
     x = torch.randn(3, 64)
     w0 = d.repeat_interleave(32, 1) * (q.float() - 8)
     w1 = d.repeat_interleave(32, 1) * q.float() + m.repeat_interleave(32, 1)
-    assert torch.allclose(q4_0(x), x @ w0.T, atol=1e-5)
-    assert torch.allclose(q4_1(x), x @ w1.T, atol=1e-5)
+    integer = (False, True) if int_dot.runs_fast() else (False,)
+    for kernel in integer:
+        q4_0 = Int4Linear(linear.float(), quantized=(q, d, None), integer=kernel)
+        q4_1 = Int4Linear(linear.float(), quantized=(q, d, m + 8 * d), integer=kernel)
+        assert q4_0.integer == kernel
+        for module, w in ((q4_0, w0), (q4_1, w1)):  # the kernel quantises x to int8 and scales to float16
+            expected = x @ w.T
+            assert torch.allclose(module(x), expected, atol=2e-2 * expected.abs().max() if kernel else 1e-5)
+    if int_dot.runs_fast():  # Q4_0 keeps scales alone; joined with a Q4_1 part, both take minimums
+        assert q4_0.scales_and_mins.shape[-2] == 1 and q4_1.scales_and_mins.shape[-2] == 2
+        joined = Int4Linear.joined([q4_0, q4_1])
+        assert joined.scales_and_mins.shape[-2] == 2
+        assert torch.allclose(joined(x), torch.cat([q4_0(x), q4_1(x)], -1), rtol=1e-5, atol=1e-5)
+        assert Int4Linear.joined([q4_0, q4_0]).scales_and_mins.shape[-2] == 1
 
 
 def test_loading_quantises_linears_the_head_in_6_or_8_bits_and_misfits_int8(tmp_path):

@@ -131,6 +131,34 @@ def test_int4_rows_go_through_their_own_expert():
         int_dot.int4_dot(x[:1], packed, sm)
 
 
+def test_q4_0_scales_alone_give_the_products_of_their_widened_form():
+    """Q4_0 (w = (q - 8) * scale) is stored with scales alone, 4.5 bits a weight: the unblocked weight is bit for
+    bit that of the same weights with min = -8 * scale stored; products, tiles of rows and expert stacks agree
+    with it within float32 rounding (scale * (d_x * dot - 8 * d_x * sum) is summed in one step fewer)."""
+    torch.manual_seed(5)
+    q = torch.randint(0, 16, (40, 160), dtype=torch.int32)
+    scale = (torch.rand(40, 5) * 0.1).half().float()
+    packed, sm = int_dot.int4_blocks(q, scale, None)
+    assert sm.shape == (5, 5, 1, 8)
+    widened = int_dot.int4_with_mins(sm)
+    assert widened.shape == (5, 5, 2, 8) and torch.equal(widened, int_dot.int4_blocks(q, scale, -8 * scale)[1])
+    weight = (q.double() - 8) * scale.double().repeat_interleave(32, 1)
+    assert torch.equal(int_dot.int4_unblock(packed, sm).double(), weight)
+    for rows in (1, 3, 6, 9):
+        x = torch.randn(rows, 160)
+        got = int_dot.int4_dot(x, packed, sm)
+        assert close(got, dequantised_rows(x) @ weight.T, 1e-5)
+        assert close(int_dot.int4_dot(x, packed, widened), got.double(), 1e-5)
+        assert torch.equal(got, torch.cat([int_dot.int4_dot(x[i:i + 1], packed, sm) for i in range(rows)]))
+    stack, terms = torch.stack([packed, packed.flip(0)]), torch.stack([sm, sm.flip(0)])
+    x, experts = torch.randn(3, 160), torch.tensor([1, 0, 1])
+    got = int_dot.int4_dot(x, stack, terms, experts)
+    for row, e in enumerate(experts.tolist()):
+        assert torch.equal(got[row], int_dot.int4_dot(x[row:row + 1], stack[e], terms[e])[0])
+    with pytest.raises(RuntimeError, match="S = 2 .scales, mins. or 1"):
+        int_dot.int4_dot(x, packed, torch.cat([widened, sm], -2))
+
+
 def test_int4_experts_stack_for_decode_with_the_same_logits():
     """int4 MoE experts in the integer kernel's blocks are stacked: a decode step reads its k experts with
     one call per projection, and gives the logits of running them one module each, bit for bit."""

@@ -82,17 +82,20 @@ class Int4Linear(Product, nn.Module):
     products are fast)."""
 
     def __init__(self, linear: nn.Linear, group: int = GROUP, quantized=None, integer: bool = False):
-        """`quantized`: (q, scale, zero) from a file already in this format (GGUF Q4_0/Q4_1), else computed."""
+        """`quantized`: (q, scale, zero) from a file already in this format (GGUF Q4_0/Q4_1/Q4_K), else computed;
+        zero None where every zero is 0 (Q4_0): the integer kernel's blocks then hold scales alone."""
         super().__init__()
         self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
         dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.bfloat16
         q, scale, zero = quantized if quantized is not None else quantize_int4(linear.weight.detach(), group)
         self.integer = integer and group == int_dot.GROUP and int_dot.int4_fits(tuple(q.shape))
         if self.integer:
-            packed, sm = int_dot.int4_blocks(q, scale, zero - 8 * scale)  # w = q * scale + min
+            low = None if zero is None else zero - 8 * scale  # w = q * scale + min
+            packed, sm = int_dot.int4_blocks(q, scale, low)
             self.register_buffer("packed", packed)
             self.register_buffer("scales_and_mins", sm)
         else:
+            zero = torch.zeros_like(scale) if zero is None else zero
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
             self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], -1).to(dtype).contiguous())
         self.dtype = dtype
@@ -111,7 +114,10 @@ class Int4Linear(Product, nn.Module):
         fused.in_features, fused.out_features = first.in_features, sum(p.out_features for p in parts)
         fused.group, fused.integer, fused.dtype = first.group, True, first.dtype
         fused.register_buffer("packed", torch.cat([p.packed for p in parts]))
-        fused.register_buffer("scales_and_mins", torch.cat([p.scales_and_mins for p in parts]))
+        terms = [p.scales_and_mins for p in parts]
+        if len({t.shape[-2] for t in terms}) > 1:  # Q4_0 parts (scales alone) with parts that have minimums
+            terms = [int_dot.int4_with_mins(t) for t in terms]
+        fused.register_buffer("scales_and_mins", torch.cat(terms))
         fused.bias = joined_bias(parts, first.dtype, first.packed.device)
         return fused
 

@@ -57,16 +57,25 @@ def int4_fits(shape: torch.Size | tuple[int, ...]) -> bool:
     return len(shape) == 2 and shape[0] % ROWS == 0 and shape[1] % GROUP == 0 and shape[1] > 0
 
 
-def int4_blocks(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int4_blocks(q: torch.Tensor, scale: torch.Tensor,
+                low: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [N, K] in 0..15, scale and low [N, K/32] (w = q * scale + low) -> the kernel's storage: bytes
     [N/8, K/32, 8, 16] (byte j of a row's group: q[j] | q[j + 16] << 4; rows in INT4_ORDER) and float16
-    [N/8, K/32, 2, 8] (scales, then mins, rows in order)."""
+    [N/8, K/32, 2, 8] (scales, then mins, rows in order). With low None (GGUF's Q4_0: w = (q - 8) * scale) the
+    second is [N/8, K/32, 1, 8], scales alone: 4.5 bits a weight instead of 5."""
     n, k = q.shape
     groups = q.to(torch.uint8).reshape(n // ROWS, ROWS, k // GROUP, 2, 16)
     packed = groups[:, :, :, 0] | (groups[:, :, :, 1] << 4)  # [N/8, 8, K/32, 16]
     packed = packed[:, list(INT4_ORDER)].permute(0, 2, 1, 3).contiguous()
-    sm = torch.stack([scale, low], 0).reshape(2, n // ROWS, ROWS, k // GROUP).permute(1, 3, 0, 2)
+    terms = [scale] if low is None else [scale, low]
+    sm = torch.stack(terms, 0).reshape(len(terms), n // ROWS, ROWS, k // GROUP).permute(1, 3, 0, 2)
     return packed, sm.to(torch.float16).contiguous()
+
+
+def int4_with_mins(sm: torch.Tensor) -> torch.Tensor:
+    """Scales alone [..., 1, 8] -> scales and mins [..., 2, 8] (min = -8 * scale, exact in float16 short of
+    overflow): the same weights, for joining or stacking with parts that have their own mins."""
+    return sm if sm.shape[-2] == 2 else torch.cat([sm, sm * -8], -2)
 
 
 def int4_dot(x: torch.Tensor, packed: torch.Tensor, sm: torch.Tensor,

@@ -61,14 +61,16 @@ def dequantize_4bit(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> 
     return out.reshape(shape)
 
 
-def int4_codes(raw: np.ndarray, type_name: str, columns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def int4_codes(raw: np.ndarray, type_name: str,
+               columns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Raw rows [rows, row_bytes] of a Q4_0/Q4_1/Q4_K tensor with `columns` values per row ->
-    (q [rows, columns] int32, scale [rows, columns / 32] float32, zero [rows, columns / 32] float32)."""
+    (q [rows, columns] int32, scale [rows, columns / 32] float32, zero [rows, columns / 32] float32), zero None
+    for Q4_0 (symmetric: every zero is 0, and llmcli stores no minimums for it)."""
     rows = raw.shape[0]
     q, a, b = _codes(raw, type_name, columns)
     scale = a.reshape(rows, -1)
     if type_name == "Q4_0":
-        zero = np.zeros_like(scale)
+        zero = None
     elif type_name == "Q4_1":
         zero = b.reshape(rows, -1) + 8 * scale
     else:

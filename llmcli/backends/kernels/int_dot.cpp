@@ -14,7 +14,9 @@
 // int4 weights (q in 0..15, w = q * scale + min per group of 32 inputs, GGUF's Q4_1) are stored
 // [N/8][K/32][8][16] bytes, byte j of a row's group holding q[j] (low nibble) and q[j + 16]; the 8 rows of
 // a block in the order 0 4 1 5 2 6 3 7, so that after the horizontal adds the 8 sums come out in row
-// order. Scales and mins are float16 [N/8][K/32][2][8]. A group's sum is
+// order. Scales and mins are float16 [N/8][K/32][S][8]: S = 2 holds scales, then mins; S = 1 (GGUF's Q4_0,
+// w = (q - 8) * scale) holds scales alone, min = -8 * scale, so a Q4_0 file is read at its own 4.5 bits a weight
+// instead of 5. A group's sum is
 //   d_x * (scale * sum_j q_j x_j + min * sum_j x_j),
 // and q is unsigned already: maddubs(q, x) needs no sign trick (pair sums <= 2 * 15 * 127).
 #include "dispatch.h"
@@ -199,19 +201,26 @@ inline void int8_block(const QuantRow& x, const int8_t* w, int64_t K, float* sum
 #endif
 }
 
+// The minimum of a group's 8 rows, from sm (S = 2) or -8 * scale (S = 1: exact in float, so both forms of the same
+// weights give the same sums).
+template <int S>
+inline float int4_min(const c10::Half* sm, int64_t r) {
+  return S == 2 ? static_cast<float>(sm[kRows + r]) : -8.f * static_cast<float>(sm[r]);
+}
+
 // sums[m][r] = sum_k x_m[k] * w[r][k] for R rows of activations and the 8 rows of one int4 block (w [K/32][8][16]
-// bytes, sm [K/32][2][8]). The rows share each group's unpacked weights and scales (prompts: R = 4, about twice
+// bytes, sm [K/32][S][8]). The rows share each group's unpacked weights and scales (prompts: R = 4, about twice
 // the rate of one row at a time); each row's arithmetic is the one-row order, so results do not depend on R.
-template <int R>
+template <int R, int S>
 inline void int4_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm, int64_t K, float (*sums)[kRows]) {
 #if defined(LLMCLI_INT_DOT_AVX2)
   [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);  // AVX2 only: VNNI widens in its dot product
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   __m256 acc[R];
   for (int m = 0; m < R; ++m) acc[m] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < K / kGroup; ++g, w += kRows * 16, sm += 2 * kRows) {
-    prefetch_ahead(w, kPrefetchBytes, 2);  // the group's 128 bytes of weights, and its scales
-    prefetch_ahead(sm, kPrefetchBytes / 4, 1);
+  for (int64_t g = 0; g < K / kGroup; ++g, w += kRows * 16, sm += S * kRows) {
+    prefetch_ahead(w, kPrefetchBytes, 2);  // the group's 128 bytes of weights, and its scales (16 * S bytes)
+    prefetch_ahead(sm, kPrefetchBytes * S / 8, 1);
     __m256i q0[4], q1[4];
     for (int j = 0; j < 4; ++j) {  // stored rows 2j, 2j+1: block rows j, j+4
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 32));
@@ -219,7 +228,8 @@ inline void int4_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm,
       q1[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
     }
     const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm)));
-    const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm + kRows)));
+    [[maybe_unused]] const __m256 low =
+        S == 2 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm + kRows))) : scale;
     for (int m = 0; m < R; ++m) {
       const int8_t* xq = x[m].q + g * kGroup;
       const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)));
@@ -237,8 +247,13 @@ inline void int4_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm,
       const __m256i pairs = _mm256_hadd_epi16(_mm256_hadd_epi16(s[0], s[1]), _mm256_hadd_epi16(s[2], s[3]));
       const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));  // rows 0..7
 #endif
-      acc[m] = _mm256_fmadd_ps(dots, _mm256_mul_ps(scale, _mm256_set1_ps(x[m].d[g])), acc[m]);
-      acc[m] = _mm256_fmadd_ps(low, _mm256_set1_ps(x[m].dsum[g]), acc[m]);
+      if constexpr (S == 2) {
+        acc[m] = _mm256_fmadd_ps(dots, _mm256_mul_ps(scale, _mm256_set1_ps(x[m].d[g])), acc[m]);
+        acc[m] = _mm256_fmadd_ps(low, _mm256_set1_ps(x[m].dsum[g]), acc[m]);
+      } else {  // scale * (d_x * dots - 8 * dsum): one step fewer than with a stored min
+        const __m256 shifted = _mm256_fmadd_ps(dots, _mm256_set1_ps(x[m].d[g]), _mm256_set1_ps(-8.f * x[m].dsum[g]));
+        acc[m] = _mm256_fmadd_ps(shifted, scale, acc[m]);
+      }
     }
   }
   for (int m = 0; m < R; ++m) _mm256_storeu_ps(sums[m], acc[m]);
@@ -247,7 +262,7 @@ inline void int4_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm,
     const uint8_t* wg = w;
     const c10::Half* sg = sm;
     for (int64_t r = 0; r < kRows; ++r) sums[m][r] = 0.f;
-    for (int64_t g = 0; g < K / kGroup; ++g, wg += kRows * 16, sg += 2 * kRows)
+    for (int64_t g = 0; g < K / kGroup; ++g, wg += kRows * 16, sg += S * kRows)
       for (int64_t i = 0; i < kRows; ++i) {
         const int64_t r = kInt4Order[i];
         const int8_t* xq = x[m].q + g * kGroup;
@@ -255,7 +270,7 @@ inline void int4_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm,
         for (int64_t j = 0; j < 16; ++j)
           s += int32_t(wg[i * 16 + j] & 0x0F) * xq[j] + int32_t(wg[i * 16 + j] >> 4) * xq[j + 16];
         sums[m][r] += static_cast<float>(s) * (static_cast<float>(sg[r]) * x[m].d[g]) +
-                      static_cast<float>(sg[kRows + r]) * x[m].dsum[g];
+                      int4_min<S>(sg, r) * x[m].dsum[g];
       }
   }
 #endif
@@ -380,9 +395,31 @@ at::Tensor int8_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   return run_rows(x, blocks, block, scale, RowValues(bias), ids != nullptr);
 }
 
+// sm [..., blocks, G, S, 8] float16 with S = 2 (scales, mins) or 1 (scales; Q4_0): S.
+int64_t int4_terms(const at::Tensor& w, const at::Tensor& sm, const char* name) {
+  TORCH_CHECK(sm.scalar_type() == at::kHalf && sm.dim() == w.dim() && sm.is_contiguous() &&
+                  (w.dim() == 4 || sm.size(0) == w.size(0)) && sm.size(-4) == w.size(-4) &&
+                  sm.size(-3) == w.size(-3) && (sm.size(-2) == 1 || sm.size(-2) == 2) && sm.size(-1) == kRows,
+              name, ": sm must be float16 [(E,) N/8, K/32, S, 8], S = 2 (scales, mins) or 1 (scales)");
+  return sm.size(-2);
+}
+
+// R rows of activations (up to kTile) through one int4 block with S terms per group.
+template <int S>
+inline void int4_rows(int64_t count, const QuantRow* rows, const uint8_t* w, const c10::Half* sm, int64_t K,
+                      float (*sums)[kRows]) {
+  switch (count) {
+    case 4: int4_block<4, S>(rows, w, sm, K, sums); break;
+    case 3: int4_block<3, S>(rows, w, sm, K, sums); break;
+    case 2: int4_block<2, S>(rows, w, sm, K, sums); break;
+    default: int4_block<1, S>(rows, w, sm, K, sums);
+  }
+}
+
 // x [..., K]; w [N/8, K/32, 8, 16] uint8 (two int4 per byte), or a stack [E, N/8, K/32, 8, 16] with experts [M]
-// int64 naming each row's matrix; sm [(E,) N/8, K/32, 2, 8] float16 scales and mins; bias: optional [N] in x's
-// dtype. Returns [..., N] ≈ x @ (q * scale + min).T (+ bias) with x quantised to int8 per group of 32.
+// int64 naming each row's matrix; sm [(E,) N/8, K/32, S, 8] float16 scales and mins (S = 2) or scales alone
+// (S = 1, min = -8 * scale); bias: optional [N] in x's dtype. Returns [..., N] ≈ x @ (q * scale + min).T (+ bias)
+// with x quantised to int8 per group of 32.
 at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sm,
                     const std::optional<at::Tensor>& experts, const std::optional<at::Tensor>& bias) {
   const bool stacked = w.dim() == 5;
@@ -390,28 +427,20 @@ at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
                   w.size(-2) == kRows && w.size(-1) == 16, "int4_dot: w must be uint8 blocks [(E,) N/8, K/32, 8, 16]");
   const int64_t E = stacked ? w.size(0) : 1, blocks = w.size(-4), G = w.size(-3), K = G * kGroup;
   check_rows(x, K, bias, blocks * kRows, "int4_dot");
-  TORCH_CHECK(sm.scalar_type() == at::kHalf && sm.dim() == w.dim() && sm.is_contiguous() &&
-                  (!stacked || sm.size(0) == E) && sm.size(-4) == blocks && sm.size(-3) == G && sm.size(-2) == 2 &&
-                  sm.size(-1) == kRows, "int4_dot: sm must be float16 [(E,) N/8, K/32, 2, 8]");
+  const int64_t S = int4_terms(w, sm, "int4_dot");
   const int64_t* ids = expert_ids(experts, x.numel() / K, stacked, E, "int4_dot");
   const uint8_t* wp = w.const_data_ptr<uint8_t>();
   const c10::Half* sp = sm.const_data_ptr<c10::Half>();
   auto block = [&](const QuantRow* rows, int64_t count, int64_t m0, int64_t b, float (*sums)[kRows]) {
+    auto run = S == 2 ? int4_rows<2> : int4_rows<1>;
     if (ids != nullptr) {  // each row its own matrix: one row at a time
       for (int64_t t = 0; t < count; ++t) {
         const int64_t at = ids[m0 + t] * blocks + b;
-        int4_block<1>(rows + t, wp + at * kRows * K / 2, sp + at * G * 2 * kRows, K, sums + t);
+        run(1, rows + t, wp + at * kRows * K / 2, sp + at * G * S * kRows, K, sums + t);
       }
       return;
     }
-    const uint8_t* wb = wp + b * kRows * K / 2;
-    const c10::Half* sb = sp + b * G * 2 * kRows;
-    switch (count) {
-      case 4: int4_block<4>(rows, wb, sb, K, sums); break;
-      case 3: int4_block<3>(rows, wb, sb, K, sums); break;
-      case 2: int4_block<2>(rows, wb, sb, K, sums); break;
-      default: int4_block<1>(rows, wb, sb, K, sums);
-    }
+    run(count, rows, wp + b * kRows * K / 2, sp + b * G * S * kRows, K, sums);
   };
   return run_rows(x, blocks, block, [](int64_t, int64_t) { return 1.f; }, RowValues(bias), ids != nullptr);
 }
@@ -419,9 +448,8 @@ at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
 // The int4 weight as row-major [N, K] in `dtype` (q * scale + min, in float then rounded), for prompts.
 at::Tensor int4_unblock(const at::Tensor& w, const at::Tensor& sm, at::ScalarType dtype) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 4 && w.is_contiguous() && w.size(2) == kRows &&
-                  w.size(3) == 16 && sm.scalar_type() == at::kHalf && sm.is_contiguous() &&
-                  sm.numel() == w.size(0) * w.size(1) * 2 * kRows, "int4_unblock: bad blocks");
-  const int64_t blocks = w.size(0), G = w.size(1), K = G * kGroup;
+                  w.size(3) == 16, "int4_unblock: bad blocks");
+  const int64_t blocks = w.size(0), G = w.size(1), K = G * kGroup, S = int4_terms(w, sm, "int4_unblock");
   at::Tensor out = at::empty({blocks * kRows, K}, w.options().dtype(dtype));
   LLMCLI_DISPATCH_FLOATS(dtype, "int4_unblock", [&] {
     const uint8_t* wp = w.const_data_ptr<uint8_t>();
@@ -433,7 +461,8 @@ at::Tensor int4_unblock(const at::Tensor& w, const at::Tensor& sm, at::ScalarTyp
           for (int64_t i = 0; i < kRows; ++i) {
             const int64_t r = kInt4Order[i];
             const uint8_t* src = wp + ((b * G + g) * kRows + i) * 16;
-            const float scale = sp[(b * G + g) * 2 * kRows + r], low = sp[(b * G + g) * 2 * kRows + kRows + r];
+            const c10::Half* sg = sp + (b * G + g) * S * kRows;
+            const float scale = sg[r], low = S == 2 ? int4_min<2>(sg, r) : int4_min<1>(sg, r);
             scalar_t* dst = op + (b * kRows + r) * K + g * kGroup;
             for (int64_t j = 0; j < 16; ++j) {
               dst[j] = static_cast<scalar_t>(static_cast<float>(src[j] & 0x0F) * scale + low);
