@@ -23,7 +23,7 @@ from llmcli.units import human_bytes
 # The CPU features the kernels and torch's paths depend on, as /proc/cpuinfo names them.
 FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "avx_vnni",
             "amx_tile", "amx_bf16", "amx_int8", "asimd")
-PRECISIONS = ("float32", "bfloat16", "int8", "int4")  # int4: CPU only
+PRECISIONS = ("float32", "bfloat16", "int8", "int5", "int4")  # int5, int4: CPU only
 
 
 @dataclass
@@ -143,7 +143,7 @@ def product_paths(device: torch.device) -> dict[str, dict]:
 
     paths = {}
     for precision in PRECISIONS:
-        if precision == "int4" and device.type != "cpu":
+        if precision in ("int5", "int4") and device.type != "cpu":
             continue
         dtype = torch.float32 if precision == "float32" else torch.bfloat16
         model = _tiny_model().to(device=device, dtype=dtype)

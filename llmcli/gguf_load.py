@@ -20,7 +20,7 @@ import torch
 from llmcli.config import ModelConfig
 from llmcli.formats.gguf import GGUFFile, open_gguf, unsupported_error
 from llmcli.formats.gguf_config import gguf_config
-from llmcli.formats.gguf_int4 import INT4_TYPES, int4_codes
+from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES, int4_codes, int5_codes
 from llmcli.formats.gguf_names import Piece, checkpoint_pieces, tensor_infos
 from llmcli.formats.safetensors import TensorInfo
 from llmcli.gguf_dequant import TORCH_TYPES, dequantize_into
@@ -60,20 +60,28 @@ class GGUFSource:
 
     def int4_codes(self, name: str):
         """(q, scale, zero) of checkpoint tensor `name` when the file stores it in a 4-bit type that llmcli's
-        int4 expresses exactly (Q4_0, Q4_1, Q4_K), else None."""
-        if not self.stores_int4(name):
+        int4 expresses exactly (Q4_0, Q4_1, Q4_K; zero None for Q4_0), else None."""
+        return self._codes(name, INT4_TYPES, int4_codes)
+
+    def int5_codes(self, name: str):
+        """(q, scale, low) of checkpoint tensor `name` when the file stores it in a 5-bit type (Q5_0, Q5_1, Q5_K;
+        low None for Q5_0), else None."""
+        return self._codes(name, INT5_TYPES, int5_codes)
+
+    def _codes(self, name: str, types: tuple[str, ...], extract):
+        if not self.stores(name, types):
             return None
         piece = self.by_name[name]
         raw = piece.raw()
         if raw is None:
             return None
-        codes = int4_codes(raw, self.gguf.tensors[piece.source].type_name, piece.shape[1])
+        codes = extract(raw, self.gguf.tensors[piece.source].type_name, piece.shape[1])
         return tuple(None if part is None else torch.from_numpy(np.ascontiguousarray(part)) for part in codes)
 
-    def stores_int4(self, name: str) -> bool:
-        """Is checkpoint tensor `name` a matrix in a 4-bit type that `int4_codes` takes as stored?"""
+    def stores(self, name: str, types: tuple[str, ...] = INT4_TYPES) -> bool:
+        """Is checkpoint tensor `name` a matrix in one of `types` (4-bit ones: what `int4_codes` takes as stored)?"""
         piece = self.by_name.get(name)
-        return (piece is not None and self.gguf.tensors[piece.source].type_name in INT4_TYPES
+        return (piece is not None and self.gguf.tensors[piece.source].type_name in types
                 and piece.raw is not None and len(piece.shape) == 2)
 
     def _dequantises(self, piece: Piece) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from llmcli import memory
-from llmcli.backends import int4
+from llmcli.backends import int4, int_dot
 from llmcli.backends.prepare import Preparation
 from llmcli.backends.runner import Runner
 from llmcli.chat_dsv4 import with_v4_chat_format
@@ -19,7 +19,7 @@ from llmcli.chat_dsv32 import with_builtin_chat_format
 from llmcli.config import ModelConfig, load_config
 from llmcli.errors import LlmcliError
 from llmcli.formats.gguf import gguf_path_of, nearest_quantize
-from llmcli.formats.gguf_int4 import INT4_TYPES
+from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES
 from llmcli.formats.safetensors import read_checkpoint
 from llmcli.gguf_load import GGUFSource
 from llmcli.models.base import CausalLM
@@ -103,13 +103,18 @@ def file_quantize(gguf: GGUFSource | None, device: torch.device) -> tuple[str | 
     bits = gguf.gguf.layer_bits() if gguf is not None else None
     if bits is None or device.type != "cpu":
         return None, ""
-    if nearest_quantize(bits) == "int4" and int4.available(device.type):
-        others = sorted({t.type_name for t in gguf.gguf.layer_matrices()} - set(INT4_TYPES))
-        how = f"4-bit codes as stored{', ' + ', '.join(others) + ' re-quantised' if others else ''}"
-        return "int4", (f"the file's layers are {bits:.1f} bits a weight: running them in int4 ({how}); "
+    chosen = nearest_quantize(bits)
+    if chosen == "int5" and not int_dot.runs_fast():  # int5 has no path but the AVX2 integer kernel
+        chosen = nearest_quantize(bits, int5=False)
+    if chosen in ("int4", "int5") and int4.available(device.type):
+        kept = INT4_TYPES + (INT5_TYPES if chosen == "int5" else ())
+        others = sorted({t.type_name for t in gguf.gguf.layer_matrices()} - set(kept))
+        codes = "4-bit codes as stored" if chosen == "int4" else "4- and 5-bit codes as stored"
+        how = f"{codes}{', ' + ', '.join(others) + ' re-quantised' if others else ''}"
+        return chosen, (f"the file's layers are {bits:.1f} bits a weight: running them in {chosen} ({how}); "
                         "--quantize int8 keeps more, none dequantises to --dtype")
-    return "int8", (f"the file's layers are {bits:.1f} bits a weight: running them in int8; --quantize int4 "
-                    "reads fewer bytes (re-quantised), none dequantises to --dtype")
+    return "int8", (f"the file's layers are {bits:.1f} bits a weight: running them in int8; --quantize int5 or "
+                    "int4 reads fewer bytes (re-quantised), none dequantises to --dtype")
 
 
 def check_memory(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,

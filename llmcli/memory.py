@@ -131,14 +131,15 @@ def _cache_bytes(cfg: ModelConfig, element: int) -> int:
 
 def weight_bytes(cfg: ModelConfig, tensors: dict[str, TensorInfo], dtype: str, quantize: str | None = None,
                  six_bit_head: bool = True) -> int:
-    """Bytes of the loaded weights: `tensors` as `loaded_tensors` gives them, in `dtype` or with int8 or int4
-    linears (an int4 run's head in 6 bits with `six_bit_head`, as where the integer kernels run, else int8)."""
+    """Bytes of the loaded weights: `tensors` as `loaded_tensors` gives them, in `dtype` or with int8, int5 or int4
+    linears (an int4 or int5 run's head in 6 bits with `six_bit_head`, as where the integer kernels run, else
+    int8)."""
     element = ELEMENT_BYTES[dtype]
-    if quantize in ("int8", "int4"):
+    if quantize in ("int8", "int5", "int4"):
         tied = (cfg.vocab_size, cfg.hidden_size) if cfg.tie_word_embeddings else None
         shapes = {name: t.shape for name, t in tensors.items()}
         held = int8_size(shapes, element, tied) if quantize == "int8" else \
-            int4_size(shapes, element, tied, six_bit_head)
+            int4_size(shapes, element, tied, six_bit_head, bits=5 if quantize == "int5" else 4)
     else:
         held = sum(t.numel for t in tensors.values()) * element
     if not cfg.family.startswith("deepseek"):  # Qwen MoE routes in the model's dtype, as transformers does

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from llmcli.errors import LlmcliError
 
-QUANTIZE_MODES = ("int8", "int4")
+QUANTIZE_MODES = ("int8", "int5", "int4")
 # "auto" (the CLI's default): a quantised GGUF file's own precision on CPU (loader.file_quantize), else none
 AUTO_QUANTIZE = "auto"
 CUDA_GEMV_MODES = ("sum", "linear")
@@ -50,7 +50,7 @@ class Options:
 
     device: str = "auto"  # auto, cpu, cuda, mps
     dtype: str = "auto"  # auto (the checkpoint's), float32, bfloat16, float16
-    quantize: str | None = None  # None, "int8" (a scale per output channel), "int4" (scale + zero per group), "auto"
+    quantize: str | None = None  # None, "int8" (a scale per output channel), "int5"/"int4" (scale + min per 32), "auto"
     compile: bool = False  # compile the one-token decode step (torch.compile)
     bf16_kernel: bool = True  # llmcli's bfloat16 CPU kernel, where the CPU has AVX512-BF16
     int8_kernel: bool = True  # llmcli's int8 CPU kernel, for --quantize int8

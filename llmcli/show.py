@@ -232,12 +232,13 @@ def _attention(cfg: ModelConfig) -> dict:
 
 
 def _weight_sizes(cfg: ModelConfig, tensors: dict[str, TensorInfo] | None, dtype: str) -> dict | None:
-    """Bytes of the weights once loaded in the run dtype, and with --quantize int8 or int4 (MTP layers skipped)."""
+    """Bytes of the weights once loaded in the run dtype, and with --quantize int8, int5 or int4 (MTP layers
+    skipped)."""
     if tensors is None:
         return None
     kept = memory.loaded_tensors(cfg, tensors)
-    return {dtype: memory.weight_bytes(cfg, kept, dtype), "int8": memory.weight_bytes(cfg, kept, dtype, "int8"),
-            "int4": memory.weight_bytes(cfg, kept, dtype, "int4")}
+    return {dtype: memory.weight_bytes(cfg, kept, dtype),
+            **{q: memory.weight_bytes(cfg, kept, dtype, q) for q in ("int8", "int5", "int4")}}
 
 
 def _memory(cfg: ModelConfig, tensors: dict[str, TensorInfo] | None, params: ParamCount, dtype: str) -> dict:

@@ -52,7 +52,7 @@ def gguf_facts(model: GGUFModel) -> dict:
         "tokenizer": f"GGUF metadata ({gg.metadata.get('tokenizer.ggml.model')} BPE, pre-tokenizer {pre})",
         "size_on_disk": gg.size_on_disk(),
         "layer_bits": bits,
-        "runs_on_cpu_as": nearest_quantize(bits),  # --quantize auto (int4 where torch has it)
+        "runs_on_cpu_as": nearest_quantize(bits),  # --quantize auto (int5 runs int8 without AVX2)
     }
 
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from llmcli.backends import int_dot
 from llmcli.cli.app import app
 from llmcli.cli.examples import EXAMPLES
 from llmcli.errors import LlmcliError
@@ -23,7 +24,9 @@ def test_doctor_json_has_every_section(run_cli):
     for key in ("cpu", "compiler", "kernel_cache", "torch", "products", "memory", "bandwidth", "storage", "models",
                 "findings"):
         assert key in report, key
-    assert set(report["products"]) == {"float32", "bfloat16", "int8", "int4"}
+    assert set(report["products"]) == {"float32", "bfloat16", "int8", "int5", "int4"}
+    int5 = report["products"]["int5"]["products"]
+    assert any(label.startswith("int5 kernel") for label in int5) == int_dot.runs_fast()
     assert report["bandwidth"]["bytes_per_s"] > 0
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     assert report["cpu"]["features"]["avx2"] == (" avx2 " in flags.replace("\n", " "))

@@ -16,7 +16,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import load_file, save_file
 
-from llmcli.backends import int4
+from llmcli.backends import int4, int_dot
 from llmcli.loader import load_model, resolve_dtype
 from tests.gguf_convert import convert
 from tests.test_qwen_parity import PROMPT
@@ -241,6 +241,31 @@ def test_int4_takes_4bit_files_as_stored(qtype, quant_source, tmp_path):
         assert torch.allclose(weight, expected, atol=atol, rtol=0), name
 
 
+@pytest.mark.skipif(not int_dot.runs_fast(), reason="int5 runs on llmcli's AVX2 integer kernel, not built here")
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1", "Q5_K", "Q4_0"])
+def test_int5_takes_5bit_files_as_stored(qtype, quant_source, tmp_path):
+    """--quantize int5 keeps a Q5_0/Q5_1/Q5_K file's own codes and scales (and a 4-bit file's, in int4): each
+    product multiplies by the GGUF's dequantised matrix; q/k/v and gate/up still join into one product each."""
+    source = quant_source / ("llama" if qtype == "Q5_K" else "hf")
+    path = convert(source, tmp_path / f"{qtype}.gguf", qtype=Q[qtype])
+    reference = load_file(str(dequantised_checkpoint(path, source, tmp_path / "reference") / "model.safetensors"))
+    ours = load_model("q", path, device="cpu", dtype="float32", quantize="int5")
+    stored = {name: m for name, m in ours.model.named_modules() if isinstance(m, int4.Int4Linear)}
+    joined = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    assert len(stored) == 2 * 4 and {name.rpartition(".")[2] for name in stored} == {*joined, "o_proj", "down_proj"}
+    assert {type(m) for m in stored.values()} == {int4.Int4Linear if qtype == "Q4_0" else int4.Int5Linear}
+    for name, module in stored.items():
+        with torch.inference_mode():
+            bias = module.bias if module.bias is not None else 0
+            weight = (module(torch.eye(module.in_features)) - bias).t()
+        parent, _, leaf = name.rpartition(".")
+        expected = torch.cat([torch.from_numpy(reference[f"{parent}.{part}.weight"]) for part in joined[leaf]]) \
+            if leaf in joined else torch.from_numpy(reference[name + ".weight"])
+        # identity rows quantise exactly; Q5_K's d x sub-scale rounds to float16 (2^-11), as in int4
+        atol = 2**-11 * expected.abs().max().item() if qtype == "Q5_K" else 1e-6
+        assert torch.allclose(weight, expected, atol=atol, rtol=0), name
+
+
 @pytest.mark.skipif(not int4.available(), reason="this torch build has no CPU int4 product")
 def test_int4_joins_a_layer_whose_parts_the_file_stores_in_mixed_types(quant_source, tmp_path):
     """llama.cpp's Q4_K_M keeps attn_v and ffn_down in Q6_K in some layers: q and k (taken as stored) and v
@@ -273,21 +298,25 @@ def test_int8_requantises_a_gguf(quant_source, tmp_path, run_cli, monkeypatch):
     assert len(json.loads(out)["token_ids"]) == 4
 
 
-@pytest.mark.parametrize("qtype, expected", [("Q4_0", "int4"), ("Q4_1", "int4"), ("Q5_0", "int8"),
+@pytest.mark.parametrize("qtype, expected", [("Q4_0", "int4"), ("Q4_1", "int4"), ("Q5_0", "int5"), ("Q5_1", "int5"),
                                              ("Q8_0", "int8"), ("F32", None)])
 def test_quantize_auto_runs_a_file_in_its_own_precision(qtype, expected, quant_source, tmp_path):
     """The CLI's default, --quantize auto: a GGUF whose layers average at most 5.25 bits a weight runs in int4 (its
-    4-bit codes as stored), one with more in int8, a float file in floats; a checkpoint directory in floats."""
+    4-bit codes as stored), up to 6.25 in int5 where its kernel runs (5-bit codes as stored), one with more in
+    int8, a float file in floats; a checkpoint directory in floats."""
     from llmcli.backends.int8 import Int8Linear
 
     expected = "int8" if expected == "int4" and not int4.available() else expected
+    expected = "int8" if expected == "int5" and not int_dot.runs_fast() else expected
     path = convert(quant_source / "hf", tmp_path / f"{qtype}.gguf", qtype=Q[qtype])
     loaded = load_model("q", path, device="cpu", dtype="float32", quantize="auto")
     assert loaded.options.quantize == expected
     kinds = {type(m) for m in loaded.model.modules()}
     assert (int4.Int4Linear in kinds) == (expected == "int4") and (Int8Linear in kinds) == (expected == "int8")
+    assert (int4.Int5Linear in kinds) == (expected == "int5")
     assert any(f"running them in {expected}" in note for note in loaded.notes) == (expected is not None)
-    assert not any("re-quantised" in note for note in loaded.notes if "running them in int4" in note)  # all 4-bit
+    assert not any("re-quantised" in note for note in loaded.notes
+                   if "running them in int4" in note or "running them in int5" in note)  # all stored as they are
     assert load_model("d", quant_source / "hf", device="cpu", quantize="auto").options.quantize is None
 
 
@@ -499,6 +528,21 @@ def test_4bit_dequantisation_equals_the_gguf_packages_bit_for_bit(qtype):
     data = random_k_blocks(weights.shape, Q.Q4_K) if qtype == "Q4_K" else gguf.quants.quantize(weights, Q[qtype])
     expected = gguf.quants.dequantize(data, Q[qtype])
     assert np.array_equal(dequantize_4bit(data.reshape(-1), qtype, weights.shape), expected)
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1", "Q5_K"])
+def test_5bit_codes_equal_the_gguf_packages_dequantisation(qtype):
+    """int5_codes: q * scale + low (low = -16 * scale for Q5_0) is exactly what the gguf package dequantises."""
+    from llmcli.formats.gguf_int4 import int5_codes
+    from tests.gguf_convert import random_k_blocks
+
+    weights = np.random.default_rng(0).standard_normal((48, 512)).astype(np.float32)
+    data = random_k_blocks(weights.shape, Q.Q5_K) if qtype == "Q5_K" else gguf.quants.quantize(weights, Q[qtype])
+    expected = gguf.quants.dequantize(data, Q[qtype])
+    q, scale, low = int5_codes(data.reshape(48, -1), qtype, 512)
+    assert q.min() == 0 and q.max() == 31
+    low = -16 * scale if low is None else low
+    assert np.array_equal(q * np.repeat(scale, 32, 1) + np.repeat(low, 32, 1), expected)
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])

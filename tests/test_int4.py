@@ -122,3 +122,58 @@ def test_trace_runs_on_int4_weights_and_says_so(run_cli, tmp_path):
     data = json.loads(out.read_text())
     assert data["settings"]["quantize"] == "int4"
     assert any(layer["router"] for layer in data["layers"])  # router choices still recorded
+
+
+@pytest.mark.skipif(not int_dot.runs_fast(), reason="int5 runs on llmcli's AVX2 integer kernel, not built here")
+def test_int5_halves_int4s_error_and_show_estimates_its_bytes():
+    """--quantize int5 from floats: 31 steps per group instead of 15, each value within half a step of its
+    group's grid (and float16's rounding of scale and min), about half int4's error; linears become Int5Linear,
+    the head 6-bit; the estimate `show` prints holds."""
+    from llmcli.backends.int6 import Int6Linear
+    from llmcli.backends.int8 import weight_bytes
+    from llmcli.config import load_config
+    from llmcli.demo import ensure_demo
+    from llmcli.formats.safetensors import read_checkpoint
+    from llmcli.loader import load_model
+    from llmcli.memory import loaded_tensors
+    from llmcli.memory import weight_bytes as estimated_bytes
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 64, bias=False)
+    weight = linear.weight.detach()
+    five, four = int4.Int5Linear(linear), Int4Linear(linear, integer=True)
+    errors = {}
+    for name, module in (("int5", five), ("int4", four)):
+        got = int_dot.int4_unblock(module.packed, module.scales_and_mins)
+        groups = weight.reshape(64, 8, 32)
+        step = (groups.amax(-1) - groups.amin(-1)) / (31 if name == "int5" else 15)
+        rounding = 2**-10 * groups.abs().amax(-1, keepdim=True)  # the scale and min in float16
+        assert ((got - weight).abs().reshape(64, 8, 32) <= step[..., None] / 2 + rounding).all()
+        errors[name] = (got - weight).norm() / weight.norm()
+    assert 0.4 < errors["int5"] / errors["int4"] < 0.6
+    assert five.label.startswith("int5 kernel")
+
+    path = ensure_demo("demo-qwen")
+    loaded = load_model("demo-qwen", path, device="cpu", dtype="bfloat16", quantize="int5")
+    kinds = {name: type(m) for name, m in loaded.model.named_modules() if isinstance(m, (Int4Linear, Int6Linear))}
+    assert kinds.pop("lm_head") is Int6Linear and set(kinds.values()) == {int4.Int5Linear}
+    cfg = load_config(path)
+    estimate = estimated_bytes(cfg, loaded_tensors(cfg, read_checkpoint(path)), "bfloat16", "int5")
+    assert abs(weight_bytes(loaded.model) - estimate) <= 0.01 * estimate
+
+
+def test_int5_tokens_follow_bfloat16_and_cli_reports_it(run_cli):
+    code, out, err = run_cli("generate", "demo-qwen", "-p", "a b c", "-n", "4", "--raw", "--json",
+                             "--dtype", "bfloat16")
+    assert code == 0, err
+    bf16 = json.loads(out)["token_ids"]
+    code, out, err = run_cli("bench", "demo-qwen", "-p", "8", "-n", "4", "-r", "1", "-w", "0", "--json", "-",
+                             "--dtype", "bfloat16", "--quantize", "int5")
+    assert code == 0, err
+    env = json.loads(out)["env"]
+    assert env["quantize"] == "int5"
+    assert any(k.startswith("int5 kernel") for k in env["products"]) == int_dot.runs_fast()
+    code, out, err = run_cli("generate", "demo-qwen", "-p", "a b c", "-n", "4", "--raw", "--json", "--dtype",
+                             "bfloat16", "--quantize", "int5")
+    assert code == 0, err
+    assert json.loads(out)["token_ids"][:2] == bf16[:2]

@@ -159,6 +159,57 @@ def test_q4_0_scales_alone_give_the_products_of_their_widened_form():
         int_dot.int4_dot(x, packed, torch.cat([widened, sm], -2))
 
 
+def int5_weight(n: int, k: int, seed: int = 0, symmetric: bool = False):
+    """A random int5 weight: (q, scale, low) with float16 scales (low None: Q5_0's -16 * scale), the float64 weight."""
+    torch.manual_seed(seed)
+    q = torch.randint(0, 32, (n, k), dtype=torch.int32)
+    scale = (torch.rand(n, k // 32) * 0.1).half().float()
+    low = None if symmetric else (torch.randn(n, k // 32) * 0.1).half().float()
+    offset = -16 * scale if symmetric else low
+    weight = q.double() * scale.double().repeat_interleave(32, 1) + offset.double().repeat_interleave(32, 1)
+    return (q, scale, low), weight
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 7, 17])
+def test_int5_product_equals_the_quantised_reference(rows, symmetric):
+    """5-bit codes (int4's nibbles plus a high bit each): products of every row count against float64, in tiles of
+    four rows bit for bit the one-row products, and the unblocked weight equal to q * scale + low in float32."""
+    for n, k in ((40, 96), (8, 4864)):
+        (q, scale, low), weight = int5_weight(n, k, seed=rows, symmetric=symmetric)
+        packed, sm = int_dot.int5_blocks(q, scale, low)
+        assert packed.shape == (n // 8, k // 32, 160) and sm.shape == (n // 8, k // 32, 1 if symmetric else 2, 8)
+        assert int_dot.bits_of(packed) == 5
+        x = torch.randn(2, rows, k)
+        got = int_dot.int4_dot(x, packed, sm)
+        assert got.shape == (2, rows, n) and close(got, dequantised_rows(x) @ weight.T, 1e-5)
+        one_by_one = torch.stack([torch.cat([int_dot.int4_dot(x[b, i:i + 1], packed, sm) for i in range(rows)])
+                                  for b in range(2)])
+        assert torch.equal(got, one_by_one)
+        assert torch.allclose(int_dot.int4_unblock(packed, sm).double(), weight, rtol=2**-23, atol=0)
+
+
+def test_int5_experts_and_int4_weights_in_its_layout():
+    """A stack of int5 matrices runs each row through its own expert; an int4 weight in int5's layout (high bits
+    0, minimums stored) gives its own matrix and products."""
+    parts = [int_dot.int5_blocks(*int5_weight(24, 64, seed=e)[0]) for e in range(3)]
+    packed, sm = torch.stack([p for p, _ in parts]), torch.stack([m for _, m in parts])
+    x, experts = torch.randn(5, 64), torch.tensor([2, 0, 2, 1, 0])
+    got = int_dot.int4_dot(x, packed, sm, experts)
+    for row, e in enumerate(experts.tolist()):
+        assert torch.equal(got[row], int_dot.int4_dot(x[row:row + 1], *parts[e])[0])
+    torch.manual_seed(2)
+    q4, scale = torch.randint(0, 16, (16, 96), dtype=torch.int32), (torch.rand(16, 3) * 0.1).half().float()
+    four = int_dot.int4_blocks(q4, scale, None)  # Q4_0: scales alone
+    five = int_dot.int5_from_int4(*four)
+    assert five[1].shape[-2] == 2 and torch.equal(five[0], int_dot.int5_blocks(q4, scale, -8 * scale)[0])
+    assert torch.equal(int_dot.int4_unblock(*five), int_dot.int4_unblock(*four))
+    x = torch.randn(3, 96)
+    assert close(int_dot.int4_dot(x, *five), int_dot.int4_dot(x, *four).double(), 1e-5)
+    with pytest.raises(RuntimeError, match="int4.*or.*int5"):
+        int_dot.int4_dot(x, five[0][..., :150].contiguous(), five[1])
+
+
 def test_int4_experts_stack_for_decode_with_the_same_logits():
     """int4 MoE experts in the integer kernel's blocks are stacked: a decode step reads its k experts with
     one call per projection, and gives the logits of running them one module each, bit for bit."""

@@ -47,23 +47,31 @@ def available(device_type: str = "cpu") -> bool:
         return False
 
 
-def quantize_int4(weight: torch.Tensor, group: int = GROUP,
-                  chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N, K] -> (q [N, K] int32 in 0..15, scale [N, K/group], zero [N, K/group]) in float32, with
-    w ≈ (q - 8) * scale + zero: each group's minimum and maximum map to 0 and 15. A few thousand rows at a
+def quantize_min_max(weight: torch.Tensor, top: int, group: int = GROUP,
+                     chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] -> (q [N, K] int32 in 0..top, scale [N, K/group], low [N, K/group]) in float32, with
+    w ≈ q * scale + low: each group's minimum and maximum map to 0 and top. A few thousand rows at a
     time: whole-matrix float copies of a vocabulary-sized head cost gigabytes."""
     rows, columns = weight.shape
     q = torch.empty(rows, columns, dtype=torch.int32)
     scale = torch.empty(rows, columns // group)
-    zero = torch.empty(rows, columns // group)
+    lows = torch.empty(rows, columns // group)
     for begin in range(0, rows, chunk_rows):
         w = weight[begin: begin + chunk_rows].float().reshape(-1, columns // group, group)
         low, high = w.amin(-1), w.amax(-1)
-        s = ((high - low) / 15).clamp(min=1e-12)
-        q[begin: begin + chunk_rows] = torch.round((w - low[..., None]) / s[..., None]).clamp(0, 15) \
+        s = ((high - low) / top).clamp(min=1e-12)
+        q[begin: begin + chunk_rows] = torch.round((w - low[..., None]) / s[..., None]).clamp(0, top) \
             .to(torch.int32).reshape(-1, columns)
-        scale[begin: begin + chunk_rows], zero[begin: begin + chunk_rows] = s, low + 8 * s
-    return q, scale, zero
+        scale[begin: begin + chunk_rows], lows[begin: begin + chunk_rows] = s, low
+    return q, scale, lows
+
+
+def quantize_int4(weight: torch.Tensor, group: int = GROUP,
+                  chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] -> (q [N, K] int32 in 0..15, scale [N, K/group], zero [N, K/group]) in float32, with
+    w ≈ (q - 8) * scale + zero: each group's minimum and maximum map to 0 and 15."""
+    q, scale, low = quantize_min_max(weight, 15, group, chunk_rows)
+    return q, scale, low + 8 * scale
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -105,19 +113,23 @@ class Int4Linear(Product, nn.Module):
     def joined(cls, parts: list[Int4Linear]) -> Int4Linear | None:
         """One module whose outputs are the parts' in order (a file's stored 4-bit q, k and v, or gate and up, as
         one product), where all are in the integer kernel's blocks with the same inputs: their blocks are whole
-        groups of 8 output rows, so they concatenate. None otherwise (torch's packing is left as it is)."""
+        groups of 8 output rows, so they concatenate (int4 parts among int5 ones take int5's layout, the same
+        weights). None otherwise (torch's packing is left as it is)."""
         first = parts[0]
         if not all(p.integer and p.in_features == first.in_features and p.group == first.group for p in parts):
             return None
-        fused = cls.__new__(cls)
+        blocks = [(p.packed, p.scales_and_mins, int_dot.bits_of(p.packed)) for p in parts]
+        if len({bits for _, _, bits in blocks}) > 1:
+            blocks = [(*int_dot.int5_from_int4(w, sm), 5) if bits == 4 else (w, sm, bits) for w, sm, bits in blocks]
+        if len({sm.shape[-2] for _, sm, _ in blocks}) > 1:  # Q4_0/Q5_0 parts (scales alone) with others' minimums
+            blocks = [(w, int_dot.int4_with_mins(sm, bits), bits) for w, sm, bits in blocks]
+        kind = Int5Linear if blocks[0][2] == 5 else cls
+        fused = kind.__new__(kind)
         nn.Module.__init__(fused)
         fused.in_features, fused.out_features = first.in_features, sum(p.out_features for p in parts)
         fused.group, fused.integer, fused.dtype = first.group, True, first.dtype
-        fused.register_buffer("packed", torch.cat([p.packed for p in parts]))
-        terms = [p.scales_and_mins for p in parts]
-        if len({t.shape[-2] for t in terms}) > 1:  # Q4_0 parts (scales alone) with parts that have minimums
-            terms = [int_dot.int4_with_mins(t) for t in terms]
-        fused.register_buffer("scales_and_mins", torch.cat(terms))
+        fused.register_buffer("packed", torch.cat([w for w, _, _ in blocks]))
+        fused.register_buffer("scales_and_mins", torch.cat([sm for _, sm, _ in blocks]))
         fused.bias = joined_bias(parts, first.dtype, first.packed.device)
         return fused
 
@@ -146,3 +158,25 @@ class Int4Linear(Product, nn.Module):
         weight = int_dot.int4_unblock(self.packed, self.scales_and_mins, dtype)
         out = torch.nn.functional.linear(x.to(dtype), weight).to(x.dtype)
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+class Int5Linear(Int4Linear):
+    """Weight-only int5: q in 0..31 with a float16 scale and minimum per 32 inputs (w = q * scale + min), 6 bits a
+    weight against int8's 8.5, on the integer kernel only (int_dot.py; its int4 op takes both layouts): GGUF's
+    Q5_0, Q5_1 and Q5_K codes as the file stores them, or `--quantize int5`. Without that kernel, int5 runs int8."""
+
+    def __init__(self, linear: nn.Linear, quantized=None):
+        """`quantized`: (q, scale, low) from a file (low None for Q5_0: w = (q - 16) * scale), else computed."""
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, GROUP
+        self.dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.bfloat16
+        q, scale, low = quantized if quantized is not None else quantize_min_max(linear.weight.detach(), 31)
+        packed, sm = int_dot.int5_blocks(q, scale, low)
+        self.integer = True
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_mins", sm)
+        self.bias = linear.bias
+
+    @property
+    def label(self) -> str:
+        return f"int5 kernel (x int8 activations, {int_dot.isa_label()}, groups of {self.group})"

@@ -40,11 +40,13 @@ def six_bit_head_size(shape: tuple[int, ...]) -> int | None:
 
 
 def int4_size(tensors: dict[str, tuple[int, ...]], element: int, tied_head: tuple[int, int] | None,
-              six_bit_head: bool = True) -> int:
+              six_bit_head: bool = True, bits: int = 4) -> int:
     """Bytes after int4 quantisation: half a byte per value plus a scale and a zero point per group of 32 inputs
     for the linears that fit torch's packing (outputs a multiple of 16, inputs of 32); the head in 6 bits
     (`six_bit_head`: the integer kernels run, as on x86 CPUs with AVX2) or else int8, as the linears that do not
-    fit; everything else as it is."""
+    fit; everything else as it is. `bits` 5: int5's 5/8 of a byte per value and float16 scale and min per 32, for
+    outputs a multiple of 8."""
+    rows_multiple = 16 if bits == 4 else 8
     def head(shape: tuple[int, ...]) -> int:
         six = six_bit_head_size(shape) if six_bit_head else None
         return six if six is not None else shape[0] * shape[1] + shape[0] * element
@@ -56,8 +58,10 @@ def int4_size(tensors: dict[str, tuple[int, ...]], element: int, tied_head: tupl
             total += numel * element
         elif name.endswith("lm_head.weight"):
             total += head(shape)
-        elif shape[0] % 16 or shape[1] % INT4_GROUP:
+        elif shape[0] % rows_multiple or shape[1] % INT4_GROUP:
             total += numel + shape[0] * element
+        elif bits == 5:
+            total += numel * 5 // 8 + 4 * (numel // INT4_GROUP)
         else:
             total += numel // 2 + 2 * (numel // INT4_GROUP) * element
     if tied_head is not None:

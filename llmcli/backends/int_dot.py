@@ -72,10 +72,41 @@ def int4_blocks(q: torch.Tensor, scale: torch.Tensor,
     return packed, sm.to(torch.float16).contiguous()
 
 
-def int4_with_mins(sm: torch.Tensor) -> torch.Tensor:
-    """Scales alone [..., 1, 8] -> scales and mins [..., 2, 8] (min = -8 * scale, exact in float16 short of
-    overflow): the same weights, for joining or stacking with parts that have their own mins."""
-    return sm if sm.shape[-2] == 2 else torch.cat([sm, sm * -8], -2)
+def int4_with_mins(sm: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Scales alone [..., 1, 8] -> scales and mins [..., 2, 8] (min = -8 * scale for int4, -16 * scale for int5,
+    exact in float16 short of overflow): the same weights, for joining with parts that have their own mins."""
+    return sm if sm.shape[-2] == 2 else torch.cat([sm, sm * -(1 << (bits - 1))], -2)
+
+
+INT5_BYTES = 160  # per block of 8 rows and group of 32 inputs: 128 of nibbles, 32 of high bits (kInt5Bytes)
+
+
+def int5_blocks(q: torch.Tensor, scale: torch.Tensor,
+                low: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, K] in 0..31, scale and low [N, K/32] (w = q * scale + low; low None: w = (q - 16) * scale, GGUF's
+    Q5_0) -> the kernel's storage (kernels/int_dot.cpp): bytes [N/8, K/32, 160] (the low nibbles as int4_blocks
+    stores them, then per pair of stored rows A, B 8 bytes whose byte b holds the high bits of A's q[b], q[b + 8],
+    B's q[b], q[b + 8] at bits 0-3 and those of the same plus 16 at bits 4-7) and scales as int4_blocks gives."""
+    n, k = q.shape
+    q = q.to(torch.uint8)
+    nibbles, sm = int4_blocks(q & 15, scale, low)
+    high = (q >> 4).reshape(n // ROWS, ROWS, k // GROUP, 32)[:, list(INT4_ORDER)].permute(0, 2, 1, 3)
+    high = high.reshape(n // ROWS, k // GROUP, 4, 2, 2, 2, 8)  # [.., pair, row of pair, t >= 16, t % 16 >= 8, b]
+    shifts = torch.tensor([[[0, 1], [4, 5]], [[2, 3], [6, 7]]], dtype=torch.uint8)[..., None]
+    units = (high << shifts).sum((3, 4, 5), dtype=torch.uint8)  # the eight bits of a byte do not overlap
+    packed = torch.cat([nibbles.reshape(n // ROWS, k // GROUP, 128), units.reshape(n // ROWS, k // GROUP, 32)], -1)
+    return packed.contiguous(), sm
+
+
+def bits_of(packed: torch.Tensor) -> int:
+    """4 or 5: which of the two low-bit layouts `packed` (one matrix or a stack) is in."""
+    return 5 if packed.shape[-1] == INT5_BYTES else 4
+
+
+def int5_from_int4(packed: torch.Tensor, sm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int4 weight [N/8, K/32, 8, 16] as the same weight in int5's layout (high bits all 0), scales with mins."""
+    nibbles = packed.reshape(*packed.shape[:-2], 128)
+    return torch.cat([nibbles, nibbles.new_zeros(*nibbles.shape[:-1], 32)], -1), int4_with_mins(sm, 4)
 
 
 def int4_dot(x: torch.Tensor, packed: torch.Tensor, sm: torch.Tensor,

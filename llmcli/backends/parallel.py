@@ -51,8 +51,8 @@ def start(layout: Layout, options: Options, device: torch.device) -> tuple[Layou
                           f"{layout.world} -m llmcli ...`", exit_code=2)
     if world != layout.world:
         raise LlmcliError(f"{flags} needs {layout.world} processes; torchrun started {world}", exit_code=2)
-    if options.quantize == "int4":
-        raise LlmcliError(f"{flags} does not run with --quantize int4 yet", exit_code=2)
+    if options.quantize in ("int4", "int5"):
+        raise LlmcliError(f"{flags} does not run with --quantize {options.quantize} yet", exit_code=2)
     if device.type not in ("cpu", "cuda"):
         raise LlmcliError(f"{flags} runs on CPU (gloo) or CUDA (NCCL), not {device.type}", exit_code=2)
     if device.type == "cuda":

@@ -3,7 +3,8 @@
 A model is built with plain nn.Linear layers. Here, in order: projections that read the same input are
 fused into one product; `--quantize int8` turns linears into `Int8Linear`, `--quantize int4` into
 `Int4Linear` (the head into `Int6Linear` where the integer kernels run, else into `Int8Linear`, as are layers
-whose shape torch's int4 packing cannot take); on CPU,
+whose shape torch's int4 packing cannot take), `--quantize int5` into `Int5Linear` (the head as in int4; int8 where
+the integer kernels do not run); on CPU,
 bfloat16 linears move into the bfloat16 kernel's panels (`BlockedLinear`) where the kernel runs, else
 (eager) into oneDNN's layout (`PackedLinear`); with `--compile`, the plain linears left become
 `SummingLinear` and MoE experts are stacked (`StackedExperts`, also eagerly when a kernel holds them);
@@ -27,7 +28,7 @@ from llmcli.backends.compile import CompiledDecode
 from llmcli.backends.experts import StackedExperts, in_kernel_blocks
 from llmcli.backends.grouped_experts import GroupedExperts, can_group
 from llmcli.backends.head import float32_logits
-from llmcli.backends.int4 import Int4Linear
+from llmcli.backends.int4 import Int4Linear, Int5Linear
 from llmcli.backends.int6 import Int6Linear
 from llmcli.backends.int8 import Int8Linear, bf16_matmul_is_fast
 from llmcli.backends.linear import (
@@ -40,6 +41,7 @@ from llmcli.backends.linear import (
 )
 from llmcli.backends.runner import Runner
 from llmcli.errors import LlmcliError
+from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES
 from llmcli.models.base import CausalLM, FusesProjections
 from llmcli.models.layers import Experts
 from llmcli.options import Options
@@ -133,13 +135,14 @@ class Preparation:
     UNITS = (re.compile(r"^(.*?\.layers\.\d+\.mlp\.experts\.\d+\.)"), re.compile(r"^(.*?\.layers\.\d+\.)"))
 
     def __init__(self, model: CausalLM, options: Options, stored=None):
-        """`stored`: a file with 4-bit weights (GGUF): `stored.stores_int4(name)`, is that weight one, and
-        `stored.int4_codes(name)`, its (q, scale, zero) as the file stores them."""
+        """`stored`: a file with 4- or 5-bit weights (GGUF): `stored.stores(name, types)`, is that weight in one of
+        the types, and `stored.int4_codes(name)` / `int5_codes(name)`, its codes as the file stores them."""
         self.model, self.options = model, options
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         cpu = self.device.type == "cpu"
-        self.int4 = options.quantize == "int4"
+        self.int5 = options.quantize == "int5"
+        self.int4 = options.quantize == "int4" or self.int5  # int5: the same steps, 5 bits where it can
         self.stored = stored if self.int4 else None
         # int4 runs keep misfits in int8, and the head where the integer kernels do not run
         self.int8 = options.quantize == "int8" or self.int4
@@ -147,7 +150,7 @@ class Preparation:
         self.int8_kernel = self.bf16_kernel = False
         wait = options.kernel_build != "background"
         if self.int4 and not int4.available(self.device.type):
-            raise LlmcliError(f"--quantize int4 runs on CPU only (torch's int4 product); this model is on "
+            raise LlmcliError(f"--quantize {options.quantize} runs on CPU only; this model is on "
                               f"{self.device.type}: use --quantize int8 there", exit_code=2)
         if cpu and self.int8:
             if options.int8_kernel:
@@ -168,6 +171,8 @@ class Preparation:
         # fused MLP and expert ops (int8 decode, one sitting: DeepSeek-V3 shape 11.3 -> 8.8 ms a step, Qwen2.5-0.5B
         # shape 20.0 -> 18.5). Many-row products keep the AVX512-BF16 GEMM where it runs (Int8Linear.forward).
         self.int_dot = self.int8_kernel and options.int_dot and int_dot.runs_fast()
+        if self.int5 and not self.int_dot:
+            self.notes.append("int5 runs on llmcli's AVX2 integer kernel, which does not run here: layers in int8")
         self.pack = cpu  # bfloat16 linears reordered for CPU products
         self.prepack = cpu and options.prepack and not options.compile and prepacking_available()
         self.float32_prompts = cpu and not options.compile and not bf16_matmul_is_fast()
@@ -230,7 +235,11 @@ class Preparation:
         except AttributeError:
             return False
         return (type(linear) is nn.Linear and self._may_store_int4(name, linear)
-                and self.stored.stores_int4(weight_name))
+                and self.stored.stores(weight_name, self._stored_types()))
+
+    def _stored_types(self) -> tuple[str, ...]:
+        """The file's types whose codes this run takes as stored: 4-bit ones, and in int5 5-bit ones."""
+        return INT4_TYPES + (INT5_TYPES if self.int5 and self.int_dot else ())
 
     def _may_store_int4(self, name: str, linear: nn.Linear) -> bool:
         return (name.rpartition(".")[2] != "lm_head" and not self.model.keeps_weight(name)
@@ -239,20 +248,24 @@ class Preparation:
     def stored_int4(self, name: str, linear: nn.Linear) -> nn.Module | None:
         if not self._may_store_int4(name, linear):
             return None
+        if self.int5 and self.int_dot and (codes := self.stored.int5_codes(name + ".weight")) is not None:
+            return Int5Linear(linear, quantized=codes)
         codes = self.stored.int4_codes(name + ".weight")
         return Int4Linear(linear, quantized=codes, integer=self.int_dot) if codes is not None else None
 
     def int4_to_join(self, name: str, linear: nn.Linear) -> nn.Module | None:
-        """A linear the file does not store in 4 bits, in int4 before fusing: llama.cpp's Q4_K_M keeps attn_v and
-        ffn_down in Q6_K in some layers, and a stored q and k (Int4Linear) would not join a float v. The same
+        """A linear the file does not store in 4 bits, in int4 (int5) before fusing: llama.cpp's Q4_K_M keeps attn_v
+        and ffn_down in Q6_K in some layers, and a stored q and k (Int4Linear) would not join a float v. The same
         codes as quantising the joined matrix afterwards (groups run along each row)."""
         if not self._may_store_int4(name, linear) or not int_dot.int4_fits(tuple(linear.weight.shape)):
             return None
-        return Int4Linear(linear, integer=True)
+        return Int5Linear(linear) if self.int5 else Int4Linear(linear, integer=True)
 
     def quantized(self, name: str, linear: nn.Linear) -> nn.Module:
         head = name.rpartition(".")[2] == "lm_head"
-        if self.int4 and not head and int4.fits(linear.weight.shape):
+        if self.int5 and not head and self.int_dot and int_dot.int4_fits(tuple(linear.weight.shape)):
+            return Int5Linear(linear)
+        if self.int4 and not self.int5 and not head and int4.fits(linear.weight.shape):
             return Int4Linear(linear, integer=self.int_dot)
         if self.int4 and head and self.int_dot and int_dot.int6_fits(linear.weight.shape):
             return Int6Linear(linear)  # 6 bits, as llama.cpp's Q4_0 files keep it: 4 cost too much quality

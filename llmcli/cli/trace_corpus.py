@@ -52,7 +52,7 @@ def loaded_expert_bytes(loaded) -> int | None:
     cfg = loaded.config
     if not cfg.n_routed_experts:
         return None
-    element = {"int8": 1, "int4": 0.5}.get(loaded.options.quantize or "",
+    element = {"int8": 1, "int5": 0.625, "int4": 0.5}.get(loaded.options.quantize or "",
                                             loaded.model.model.embed_tokens.weight.element_size())
     return expert_bytes(cfg.hidden_size, cfg.moe_intermediate_size, element)
 

@@ -191,16 +191,21 @@ class GGUFFile:
 
 
 # Layers stored at up to this many bits a weight (Q4_0 4.5, Q4_1 5.0, Q4_K_M 4.8, IQ4_XS 4.25, Q3_K_M 3.9) run
-# in int4 by default; more (Q5_K_M 5.7; Q8_0 8.5; a Q4_K_M whose widths are not multiples of 256, which falls back
-# to Q5_0: 5.5) in int8, which loses none of the file's precision.
+# in int4 by default; up to INT5_FILE_BITS (Q5_0 5.5, Q5_1 6.0, Q5_K_M 5.7, and a Q4_K_M whose widths are not
+# multiples of 256, which falls back to Q5_0: 5.5) in int5 where its kernel runs; more (Q6_K 6.6, Q8_0 8.5) in
+# int8, which loses none of the file's precision.
 INT4_FILE_BITS = 5.25
+INT5_FILE_BITS = 6.25
 
 
-def nearest_quantize(layer_bits: float | None) -> str | None:
-    """--quantize auto's choice on CPU for layers stored at `layer_bits` a weight (None: float layers)."""
+def nearest_quantize(layer_bits: float | None, int5: bool = True) -> str | None:
+    """--quantize auto's choice on CPU for layers stored at `layer_bits` a weight (None: float layers); `int5`:
+    whether int5's kernel runs here (else such files run int8)."""
     if layer_bits is None:
         return None
-    return "int4" if layer_bits <= INT4_FILE_BITS else "int8"
+    if layer_bits <= INT4_FILE_BITS:
+        return "int4"
+    return "int5" if int5 and layer_bits <= INT5_FILE_BITS else "int8"
 
 
 def unsupported_error(tensor: GGUFTensor) -> LlmcliError:

@@ -1,4 +1,5 @@
-"""GGUF's 4-bit block types as llmcli's int4 layout: q in 0..15 with w = (q - 8) * scale + zero per 32 inputs.
+"""GGUF's 4-bit block types as llmcli's int4 layout: q in 0..15 with w = (q - 8) * scale + zero per 32 inputs; and
+its 5-bit types as int5's: q in 0..31 with w = q * scale + low.
 
 Q4_0 (w = (q - 8) * d), Q4_1 (w = q * d + m) and Q4_K (w = d * sc * q - dmin * mn per sub-block of 32, with
 6-bit sc and mn) all store 4-bit codes on a per-32-input affine grid, so each maps to (q, scale, zero) with
@@ -76,3 +77,37 @@ def int4_codes(raw: np.ndarray, type_name: str,
     else:
         zero = -b.reshape(rows, -1) + 8 * scale
     return q.reshape(rows, columns).astype(np.int32), scale, zero
+
+
+INT5_TYPES = ("Q5_0", "Q5_1", "Q5_K")
+_BLOCK5 = {"Q5_0": (32, 22), "Q5_1": (32, 24), "Q5_K": (256, 176)}  # values, bytes per block
+
+
+def _bits(packed: np.ndarray, count: int) -> np.ndarray:
+    """Little-endian bit fields [..., count / 8] bytes -> [..., count] of 0/1 (bit k of the field is value k's)."""
+    return np.unpackbits(np.ascontiguousarray(packed), axis=-1, bitorder="little")[..., :count]
+
+
+def int5_codes(raw: np.ndarray, type_name: str,
+               columns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Raw rows [rows, row_bytes] of a Q5_0/Q5_1/Q5_K tensor with `columns` values per row ->
+    (q [rows, columns] int32 in 0..31, scale [rows, columns / 32] float32, low [rows, columns / 32] float32 or None)
+    with w = q * scale + low; low None for Q5_0, whose w = (q - 16) * d. Q5_0/Q5_1: d (and m), 32 high bits, 16 bytes
+    of nibbles (value j low, j + 16 high). Q5_K: d, dmin, Q4_K's 12 bytes of 6-bit sub-scales and mins, 32 bytes of
+    high bits (bit s of byte l: sub-block s's value l), then Q4_K's nibbles; w = d sc q - dmin mn."""
+    rows = raw.shape[0]
+    values, size = _BLOCK5[type_name]
+    blocks = raw.reshape(rows, columns // values, size)
+    if type_name == "Q5_K":
+        d, dmin = _halves(blocks, 0)[..., None], _halves(blocks, 2)[..., None]
+        sc, mn = _k_scales(blocks[..., 4:16])
+        high = (blocks[..., 16:48, None] >> np.arange(8, dtype=np.uint8)) & 1  # [.., l, s]
+        qs = blocks[..., 48:176].reshape(rows, -1, 4, 32)
+        low4 = np.stack([qs & 0x0F, qs >> 4], axis=-2).reshape(rows, -1, 8, 32)
+        q = low4 | (np.swapaxes(high, -1, -2) << 4)
+        return (q.reshape(rows, columns).astype(np.int32), (d * sc).reshape(rows, -1),
+                -(dmin * mn).reshape(rows, -1))
+    start = 2 if type_name == "Q5_0" else 4  # the high bits follow d (and m)
+    q = _nibbles(blocks[..., start + 4:]) | (_bits(blocks[..., start:start + 4], 32) << 4)
+    low = _halves(blocks, 2).reshape(rows, -1) if type_name == "Q5_1" else None
+    return q.reshape(rows, columns).astype(np.int32), _halves(blocks, 0).reshape(rows, -1), low

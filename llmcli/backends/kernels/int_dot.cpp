@@ -201,31 +201,65 @@ inline void int8_block(const QuantRow& x, const int8_t* w, int64_t K, float* sum
 #endif
 }
 
-// The minimum of a group's 8 rows, from sm (S = 2) or -8 * scale (S = 1: exact in float, so both forms of the same
-// weights give the same sums).
-template <int S>
-inline float int4_min(const c10::Half* sm, int64_t r) {
-  return S == 2 ? static_cast<float>(sm[kRows + r]) : -8.f * static_cast<float>(sm[r]);
+// int5 weights (q in 0..31; GGUF's Q5_0, Q5_1 and Q5_K codes as stored, or --quantize int5) keep int4's nibbles
+// and scales and add the high bits: 160 bytes per block of 8 rows and group of 32 inputs, the 128 of int4's nibbles
+// then four units of 8 bytes, one per pair of stored rows (A = 2u, B = 2u + 1). Unit byte b holds the high bits of
+// A's q[b], A's q[b + 8], B's q[b], B's q[b + 8] at bits 0-3 and of the same four plus 16 at bits 4-7. Broadcast to
+// the four 64-bit lanes of a register and shifted left by 4, 3, 2, 1 (bits 4-7: shifted right by 4 first), bit 4
+// of each byte is then the high bit of the nibble int4's register pair holds there: OR 0x10 in, one shift and two
+// logic steps per register. 6 bits a weight with a float16 scale and min per 32, against int8's 8.5.
+constexpr int64_t kInt5Bytes = 160;
+
+// The offset a stored minimum stands for when sm holds scales alone (S = 1): Q4_0's w = (q - 8) * scale, Q5_0's
+// (q - 16) * scale.
+template <int B>
+constexpr float kSymmetricOffset = B == 4 ? 8.f : 16.f;
+
+// The minimum of a group's row r, from sm: stored (S = 2) or -offset * scale (S = 1).
+template <int S, int B>
+inline float low_bit_min(const c10::Half* sm, int64_t r) {
+  return S == 2 ? static_cast<float>(sm[kRows + r]) : -kSymmetricOffset<B> * static_cast<float>(sm[r]);
+}
+
+// The high bit of input t (0..31) of stored row i, from a block's 32 bytes of them (B = 5).
+inline int int5_high(const uint8_t* highs, int64_t i, int64_t t) {
+  const int bit = (t >= 16 ? 4 : 0) + 2 * static_cast<int>(i % 2) + ((t % 16) >= 8 ? 1 : 0);
+  return (highs[(i / 2) * 8 + t % 8] >> bit) & 1;
+}
+
+// q of input t (0..31) of stored row i in a group's bytes wg (B bits).
+template <int B>
+inline int low_bit_code(const uint8_t* wg, int64_t i, int64_t t) {
+  const int nibble = t < 16 ? (wg[i * 16 + t] & 0x0F) : (wg[i * 16 + t - 16] >> 4);
+  return B == 4 ? nibble : nibble | (int5_high(wg + 128, i, t) << 4);
 }
 
 // sums[m][r] = sum_k x_m[k] * w[r][k] for R rows of activations and the 8 rows of one int4 block (w [K/32][8][16]
-// bytes, sm [K/32][S][8]). The rows share each group's unpacked weights and scales (prompts: R = 4, about twice
-// the rate of one row at a time); each row's arithmetic is the one-row order, so results do not depend on R.
-template <int R, int S>
-inline void int4_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm, int64_t K, float (*sums)[kRows]) {
+// bytes) or int5 block (w [K/32][160]), sm [K/32][S][8]. The rows share each group's unpacked weights and scales
+// (prompts: R = 4, about twice the rate of one row at a time); each row's arithmetic is the one-row order, so
+// results do not depend on R.
+template <int R, int S, int B>
+inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm, int64_t K, float (*sums)[kRows]) {
+  constexpr int64_t group_bytes = B == 4 ? kRows * 16 : kInt5Bytes;
 #if defined(LLMCLI_INT_DOT_AVX2)
   [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);  // AVX2 only: VNNI widens in its dot product
+  [[maybe_unused]] const __m256i lift = _mm256_setr_epi64x(4, 3, 2, 1), bit4 = _mm256_set1_epi8(0x10);
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   __m256 acc[R];
   for (int m = 0; m < R; ++m) acc[m] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < K / kGroup; ++g, w += kRows * 16, sm += S * kRows) {
-    prefetch_ahead(w, kPrefetchBytes, 2);  // the group's 128 bytes of weights, and its scales (16 * S bytes)
-    prefetch_ahead(sm, kPrefetchBytes * S / 8, 1);
+  for (int64_t g = 0; g < K / kGroup; ++g, w += group_bytes, sm += S * kRows) {
+    prefetch_ahead(w, kPrefetchBytes, B == 4 ? 2 : 3);  // the group's weights, and its scales (16 * S bytes)
+    prefetch_ahead(sm, kPrefetchBytes * S * 16 / group_bytes, 1);
     __m256i q0[4], q1[4];
     for (int j = 0; j < 4; ++j) {  // stored rows 2j, 2j+1: block rows j, j+4
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 32));
       q0[j] = _mm256_and_si256(v, nibble);
       q1[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      if constexpr (B == 5) {
+        const __m256i h = _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + 128 + j * 8)));
+        q0[j] = _mm256_or_si256(q0[j], _mm256_and_si256(_mm256_sllv_epi64(h, lift), bit4));
+        q1[j] = _mm256_or_si256(q1[j], _mm256_and_si256(_mm256_sllv_epi64(_mm256_srli_epi64(h, 4), lift), bit4));
+      }
     }
     const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm)));
     [[maybe_unused]] const __m256 low =
@@ -234,24 +268,31 @@ inline void int4_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm,
       const int8_t* xq = x[m].q + g * kGroup;
       const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)));
       const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + 16)));
-      // Each int16 lane holds 4 products, |sum| <= 4 * 15 * 127; the two horizontal adds make it 16 products,
-      // <= 30480, still int16, so one madd (not four) widens the row sums to int32, exactly.
       __m256i s[4];
-#if defined(LLMCLI_INT_DOT_VNNI)  // int32 lanes of 4 products each, then the same two horizontal adds
+      __m256 dots;
+#if defined(LLMCLI_INT_DOT_VNNI)  // int32 lanes of 4 products each, then two horizontal adds
       for (int j = 0; j < 4; ++j) s[j] = LLMCLI_DPBUSD(LLMCLI_DPBUSD(_mm256_setzero_si256(), q0[j], lo), q1[j], hi);
-      const __m256 dots = _mm256_cvtepi32_ps(
-          _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3])));  // rows 0..7
+      dots = _mm256_cvtepi32_ps(_mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3])));
 #else
       for (int j = 0; j < 4; ++j)
         s[j] = _mm256_add_epi16(_mm256_maddubs_epi16(q0[j], lo), _mm256_maddubs_epi16(q1[j], hi));
-      const __m256i pairs = _mm256_hadd_epi16(_mm256_hadd_epi16(s[0], s[1]), _mm256_hadd_epi16(s[2], s[3]));
-      const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));  // rows 0..7
+      if constexpr (B == 4) {
+        // Each int16 lane holds 4 products, |sum| <= 4 * 15 * 127; the two horizontal adds make it 16 products,
+        // <= 30480, still int16, so one madd (not four) widens the row sums to int32, exactly.
+        const __m256i pairs = _mm256_hadd_epi16(_mm256_hadd_epi16(s[0], s[1]), _mm256_hadd_epi16(s[2], s[3]));
+        dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+      } else {  // 4 products of up to 31 * 127 fit int16, 16 would not: widen first
+        for (int j = 0; j < 4; ++j) s[j] = _mm256_madd_epi16(s[j], ones);
+        dots = _mm256_cvtepi32_ps(_mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3])));
+      }
 #endif
+      // dots: rows 0..7
       if constexpr (S == 2) {
         acc[m] = _mm256_fmadd_ps(dots, _mm256_mul_ps(scale, _mm256_set1_ps(x[m].d[g])), acc[m]);
         acc[m] = _mm256_fmadd_ps(low, _mm256_set1_ps(x[m].dsum[g]), acc[m]);
-      } else {  // scale * (d_x * dots - 8 * dsum): one step fewer than with a stored min
-        const __m256 shifted = _mm256_fmadd_ps(dots, _mm256_set1_ps(x[m].d[g]), _mm256_set1_ps(-8.f * x[m].dsum[g]));
+      } else {  // scale * (d_x * dots - offset * dsum): one step fewer than with a stored min
+        const __m256 shifted = _mm256_fmadd_ps(dots, _mm256_set1_ps(x[m].d[g]),
+                                               _mm256_set1_ps(-kSymmetricOffset<B> * x[m].dsum[g]));
         acc[m] = _mm256_fmadd_ps(shifted, scale, acc[m]);
       }
     }
@@ -262,15 +303,14 @@ inline void int4_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm,
     const uint8_t* wg = w;
     const c10::Half* sg = sm;
     for (int64_t r = 0; r < kRows; ++r) sums[m][r] = 0.f;
-    for (int64_t g = 0; g < K / kGroup; ++g, wg += kRows * 16, sg += S * kRows)
+    for (int64_t g = 0; g < K / kGroup; ++g, wg += group_bytes, sg += S * kRows)
       for (int64_t i = 0; i < kRows; ++i) {
         const int64_t r = kInt4Order[i];
         const int8_t* xq = x[m].q + g * kGroup;
         int32_t s = 0;
-        for (int64_t j = 0; j < 16; ++j)
-          s += int32_t(wg[i * 16 + j] & 0x0F) * xq[j] + int32_t(wg[i * 16 + j] >> 4) * xq[j + 16];
+        for (int64_t t = 0; t < kGroup; ++t) s += low_bit_code<B>(wg, i, t) * int32_t(xq[t]);
         sums[m][r] += static_cast<float>(s) * (static_cast<float>(sg[r]) * x[m].d[g]) +
-                      int4_min<S>(sg, r) * x[m].dsum[g];
+                      low_bit_min<S, B>(sg, r) * x[m].dsum[g];
       }
   }
 #endif
@@ -395,81 +435,99 @@ at::Tensor int8_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   return run_rows(x, blocks, block, scale, RowValues(bias), ids != nullptr);
 }
 
-// sm [..., blocks, G, S, 8] float16 with S = 2 (scales, mins) or 1 (scales; Q4_0): S.
-int64_t int4_terms(const at::Tensor& w, const at::Tensor& sm, const char* name) {
-  TORCH_CHECK(sm.scalar_type() == at::kHalf && sm.dim() == w.dim() && sm.is_contiguous() &&
-                  (w.dim() == 4 || sm.size(0) == w.size(0)) && sm.size(-4) == w.size(-4) &&
-                  sm.size(-3) == w.size(-3) && (sm.size(-2) == 1 || sm.size(-2) == 2) && sm.size(-1) == kRows,
+// An int4 weight's blocks w [(E,) N/8, K/32, 8, 16] or an int5 weight's [(E,) N/8, K/32, 160] (uint8), with its
+// scales sm [(E,) N/8, K/32, S, 8] float16: S = 2 (scales, mins) or 1 (scales; Q4_0 and Q5_0).
+struct LowBitBlocks {
+  int bits;
+  bool stacked;
+  int64_t E, blocks, G, S;
+};
+
+LowBitBlocks low_bit_blocks(const at::Tensor& w, const at::Tensor& sm, const char* name) {
+  const bool four = (w.dim() == 4 || w.dim() == 5) && w.size(-2) == kRows && w.size(-1) == 16;
+  const bool five = (w.dim() == 3 || w.dim() == 4) && w.size(-1) == kInt5Bytes;
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && (four || five), name,
+              ": w must be uint8 blocks [(E,) N/8, K/32, 8, 16] (int4) or [(E,) N/8, K/32, 160] (int5)");
+  const bool stacked = w.dim() == (four ? 5 : 4);
+  const int64_t blocks = w.size(stacked ? 1 : 0), G = w.size(stacked ? 2 : 1);
+  TORCH_CHECK(sm.scalar_type() == at::kHalf && sm.dim() == (stacked ? 5 : 4) && sm.is_contiguous() &&
+                  (!stacked || sm.size(0) == w.size(0)) && sm.size(-4) == blocks && sm.size(-3) == G &&
+                  (sm.size(-2) == 1 || sm.size(-2) == 2) && sm.size(-1) == kRows,
               name, ": sm must be float16 [(E,) N/8, K/32, S, 8], S = 2 (scales, mins) or 1 (scales)");
-  return sm.size(-2);
+  return {four ? 4 : 5, stacked, stacked ? w.size(0) : 1, blocks, G, sm.size(-2)};
 }
 
-// R rows of activations (up to kTile) through one int4 block with S terms per group.
-template <int S>
-inline void int4_rows(int64_t count, const QuantRow* rows, const uint8_t* w, const c10::Half* sm, int64_t K,
-                      float (*sums)[kRows]) {
+// R rows of activations (up to kTile) through one block with S terms per group and B bits a weight.
+template <int S, int B>
+inline void low_bit_rows(int64_t count, const QuantRow* rows, const uint8_t* w, const c10::Half* sm, int64_t K,
+                         float (*sums)[kRows]) {
   switch (count) {
-    case 4: int4_block<4, S>(rows, w, sm, K, sums); break;
-    case 3: int4_block<3, S>(rows, w, sm, K, sums); break;
-    case 2: int4_block<2, S>(rows, w, sm, K, sums); break;
-    default: int4_block<1, S>(rows, w, sm, K, sums);
+    case 4: low_bit_block<4, S, B>(rows, w, sm, K, sums); break;
+    case 3: low_bit_block<3, S, B>(rows, w, sm, K, sums); break;
+    case 2: low_bit_block<2, S, B>(rows, w, sm, K, sums); break;
+    default: low_bit_block<1, S, B>(rows, w, sm, K, sums);
   }
 }
 
-// x [..., K]; w [N/8, K/32, 8, 16] uint8 (two int4 per byte), or a stack [E, N/8, K/32, 8, 16] with experts [M]
-// int64 naming each row's matrix; sm [(E,) N/8, K/32, S, 8] float16 scales and mins (S = 2) or scales alone
-// (S = 1, min = -8 * scale); bias: optional [N] in x's dtype. Returns [..., N] ≈ x @ (q * scale + min).T (+ bias)
-// with x quantised to int8 per group of 32.
+// x [..., K]; w one int4 or int5 weight's blocks, or a stack [E, ...] with experts [M] int64 naming each row's
+// matrix; sm its scales and mins (S = 2) or scales alone (S = 1, min = -8 or -16 * scale); bias: optional [N] in
+// x's dtype. Returns [..., N] ≈ x @ (q * scale + min).T (+ bias) with x quantised to int8 per group of 32.
 at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sm,
                     const std::optional<at::Tensor>& experts, const std::optional<at::Tensor>& bias) {
-  const bool stacked = w.dim() == 5;
-  TORCH_CHECK(w.scalar_type() == at::kByte && (w.dim() == 4 || stacked) && w.is_contiguous() &&
-                  w.size(-2) == kRows && w.size(-1) == 16, "int4_dot: w must be uint8 blocks [(E,) N/8, K/32, 8, 16]");
-  const int64_t E = stacked ? w.size(0) : 1, blocks = w.size(-4), G = w.size(-3), K = G * kGroup;
-  check_rows(x, K, bias, blocks * kRows, "int4_dot");
-  const int64_t S = int4_terms(w, sm, "int4_dot");
-  const int64_t* ids = expert_ids(experts, x.numel() / K, stacked, E, "int4_dot");
+  const LowBitBlocks l = low_bit_blocks(w, sm, "int4_dot");
+  const int64_t K = l.G * kGroup, block_bytes = l.G * (l.bits == 4 ? kRows * 16 : kInt5Bytes);
+  check_rows(x, K, bias, l.blocks * kRows, "int4_dot");
+  const int64_t* ids = expert_ids(experts, x.numel() / K, l.stacked, l.E, "int4_dot");
   const uint8_t* wp = w.const_data_ptr<uint8_t>();
   const c10::Half* sp = sm.const_data_ptr<c10::Half>();
+  const auto run = l.bits == 4 ? (l.S == 2 ? low_bit_rows<2, 4> : low_bit_rows<1, 4>)
+                               : (l.S == 2 ? low_bit_rows<2, 5> : low_bit_rows<1, 5>);
   auto block = [&](const QuantRow* rows, int64_t count, int64_t m0, int64_t b, float (*sums)[kRows]) {
-    auto run = S == 2 ? int4_rows<2> : int4_rows<1>;
     if (ids != nullptr) {  // each row its own matrix: one row at a time
       for (int64_t t = 0; t < count; ++t) {
-        const int64_t at = ids[m0 + t] * blocks + b;
-        run(1, rows + t, wp + at * kRows * K / 2, sp + at * G * S * kRows, K, sums + t);
+        const int64_t at = ids[m0 + t] * l.blocks + b;
+        run(1, rows + t, wp + at * block_bytes, sp + at * l.G * l.S * kRows, K, sums + t);
       }
       return;
     }
-    run(count, rows, wp + b * kRows * K / 2, sp + b * G * S * kRows, K, sums);
+    run(count, rows, wp + b * block_bytes, sp + b * l.G * l.S * kRows, K, sums);
   };
-  return run_rows(x, blocks, block, [](int64_t, int64_t) { return 1.f; }, RowValues(bias), ids != nullptr);
+  return run_rows(x, l.blocks, block, [](int64_t, int64_t) { return 1.f; }, RowValues(bias), ids != nullptr);
 }
 
-// The int4 weight as row-major [N, K] in `dtype` (q * scale + min, in float then rounded), for prompts.
+// One int4 or int5 weight as row-major [N, K] in `dtype` (q * scale + min, in float then rounded), for prompts.
+template <int S, int B, typename scalar_t>
+void low_bit_unblock(const uint8_t* wp, const c10::Half* sp, int64_t blocks, int64_t G, scalar_t* op) {
+  constexpr int64_t group_bytes = B == 4 ? kRows * 16 : kInt5Bytes;
+  const int64_t K = G * kGroup;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < kRows; ++i) {
+          const int64_t r = kInt4Order[i];
+          const uint8_t* wg = wp + (b * G + g) * group_bytes;
+          const c10::Half* sg = sp + (b * G + g) * S * kRows;
+          const float scale = sg[r], low = low_bit_min<S, B>(sg, r);
+          scalar_t* dst = op + (b * kRows + r) * K + g * kGroup;
+          for (int64_t t = 0; t < kGroup; ++t)
+            dst[t] = static_cast<scalar_t>(static_cast<float>(low_bit_code<B>(wg, i, t)) * scale + low);
+        }
+  });
+}
+
 at::Tensor int4_unblock(const at::Tensor& w, const at::Tensor& sm, at::ScalarType dtype) {
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 4 && w.is_contiguous() && w.size(2) == kRows &&
-                  w.size(3) == 16, "int4_unblock: bad blocks");
-  const int64_t blocks = w.size(0), G = w.size(1), K = G * kGroup, S = int4_terms(w, sm, "int4_unblock");
-  at::Tensor out = at::empty({blocks * kRows, K}, w.options().dtype(dtype));
+  const LowBitBlocks l = low_bit_blocks(w, sm, "int4_unblock");
+  TORCH_CHECK(!l.stacked, "int4_unblock: one matrix, not a stack");
+  at::Tensor out = at::empty({l.blocks * kRows, l.G * kGroup}, w.options().dtype(dtype));
   LLMCLI_DISPATCH_FLOATS(dtype, "int4_unblock", [&] {
     const uint8_t* wp = w.const_data_ptr<uint8_t>();
     const c10::Half* sp = sm.const_data_ptr<c10::Half>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b)
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t i = 0; i < kRows; ++i) {
-            const int64_t r = kInt4Order[i];
-            const uint8_t* src = wp + ((b * G + g) * kRows + i) * 16;
-            const c10::Half* sg = sp + (b * G + g) * S * kRows;
-            const float scale = sg[r], low = S == 2 ? int4_min<2>(sg, r) : int4_min<1>(sg, r);
-            scalar_t* dst = op + (b * kRows + r) * K + g * kGroup;
-            for (int64_t j = 0; j < 16; ++j) {
-              dst[j] = static_cast<scalar_t>(static_cast<float>(src[j] & 0x0F) * scale + low);
-              dst[j + 16] = static_cast<scalar_t>(static_cast<float>(src[j] >> 4) * scale + low);
-            }
-          }
-    });
+    if (l.bits == 4) {
+      (l.S == 2 ? low_bit_unblock<2, 4, scalar_t> : low_bit_unblock<1, 4, scalar_t>)(wp, sp, l.blocks, l.G, op);
+    } else {
+      (l.S == 2 ? low_bit_unblock<2, 5, scalar_t> : low_bit_unblock<1, 5, scalar_t>)(wp, sp, l.blocks, l.G, op);
+    }
   });
   return out;
 }
