@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch._dynamo
 
+from llmcli.backends import int_dot
 from llmcli.demo import ensure_demo
 from llmcli.loader import load_model
 from tests.test_qwen1 import S, prompt_of, qwen1_tensors, random_weights, write_qwen1
@@ -124,6 +125,17 @@ def test_compiled_int8_matches_eager_int8(name, kernel, monkeypatch):
     loaded = load_model(name, ensure_demo(name), device="cpu", dtype="float32", quantize="int8", compile=True)
     blocked = {m.blocked for m in loaded.model.modules() if hasattr(m, "blocked")}
     assert blocked == {kernel == "1"}
+    prompt = torch.randint(0, loaded.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2))
+    assert_same_decoding(loaded.runner, prompt, steps=8)
+
+
+@pytest.mark.skipif(not int_dot.runs_fast(), reason="int5 runs on llmcli's AVX2 integer kernel, not built here")
+def test_compiled_int5_matches_eager_int5():
+    """int5 weights (stacked int5 experts with their scales and mins) in the compiled step: the ops' shapes come
+    from their scales in both low-bit layouts."""
+    loaded = load_model("demo-deepseek", ensure_demo("demo-deepseek"), device="cpu", dtype="float32",
+                        quantize="int5", compile=True)
+    assert any(type(m).__name__ == "Int5Linear" for m in loaded.model.modules())
     prompt = torch.randint(0, loaded.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2))
     assert_same_decoding(loaded.runner, prompt, steps=8)
 

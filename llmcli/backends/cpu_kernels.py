@@ -244,13 +244,14 @@ def register_fake() -> None:
     def _(x, w, scales, experts=None, bias=None):
         return x.new_empty(*x.shape[:-1], w.shape[-4] * w.shape[-2])
 
+    # int4 and int5 weights: their scales sm [(E,) N/8, K/32, S, 8] give the shape in both layouts
     @torch.library.register_fake("llmcli::int4_dot")
     def _(x, w, sm, experts=None, bias=None):
-        return x.new_empty(*x.shape[:-1], w.shape[-4] * w.shape[-2])
+        return x.new_empty(*x.shape[:-1], sm.shape[-4] * sm.shape[-1])
 
     @torch.library.register_fake("llmcli::int4_unblock")
     def _(w, sm, dtype):
-        return w.new_empty(w.shape[0] * w.shape[2], w.shape[1] * 32, dtype=dtype)
+        return w.new_empty(sm.shape[0] * sm.shape[-1], sm.shape[1] * 32, dtype=dtype)
 
     @torch.library.register_fake("llmcli::int6_dot")
     def _(x, w, sm, bias=None):
