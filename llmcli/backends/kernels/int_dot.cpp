@@ -509,8 +509,23 @@ void low_bit_unblock(const uint8_t* wp, const c10::Half* sp, int64_t blocks, int
           const c10::Half* sg = sp + (b * G + g) * S * kRows;
           const float scale = sg[r], low = low_bit_min<S, B>(sg, r);
           scalar_t* dst = op + (b * kRows + r) * K + g * kGroup;
-          for (int64_t t = 0; t < kGroup; ++t)
-            dst[t] = static_cast<scalar_t>(static_cast<float>(low_bit_code<B>(wg, i, t)) * scale + low);
+          uint32_t high = 0;  // bit t: input t's high bit (int5), gathered once per row and group
+          if constexpr (B == 5) {
+            const uint8_t* unit = wg + 128 + (i / 2) * 8;
+            const int shift = 2 * static_cast<int>(i % 2);  // row B's bits sit 2 above row A's
+            for (int b = 0; b < 8; ++b) {
+              const uint32_t bits = unit[b] >> shift;  // bits 0, 1, 4, 5: inputs b, b + 8, b + 16, b + 24
+              high |= ((bits & 1) << b) | (((bits >> 1) & 1) << (b + 8)) | (((bits >> 4) & 1) << (b + 16)) |
+                      (((bits >> 5) & 1) << (b + 24));
+            }
+          }
+          const uint8_t* nibbles = wg + i * 16;
+          for (int64_t j = 0; j < 16; ++j) {
+            const int lo = (nibbles[j] & 0x0F) | (((high >> j) & 1) << 4);
+            const int hi = (nibbles[j] >> 4) | (((high >> (j + 16)) & 1) << 4);
+            dst[j] = static_cast<scalar_t>(static_cast<float>(lo) * scale + low);
+            dst[j + 16] = static_cast<scalar_t>(static_cast<float>(hi) * scale + low);
+          }
         }
   });
 }
