@@ -5,8 +5,9 @@ On a CPU without AVX-512 the int8 decode kernel (int8_kernel.py) converts every 
 compute-bound at about half the memory's bandwidth; torch's int4 product is no faster. llama.cpp's Q8_0 and
 Q4_0 paths quantise the activation row to int8 (a scale per 32 inputs) and multiply bytes by bytes
 (`maddubs`): 2.4-2.8x llmcli's decode on the same CPU. These kernels do the same for llmcli's weights:
-int8 weights in the int8 kernel's blocks (a scale per output row) and int4 weights with a float16 scale and
-minimum per group of 32 inputs (w = q * scale + min, GGUF's Q4_1). Quantising the activations changes the
+int8 weights in the int8 kernel's blocks (a scale per output row), int4 weights with a float16 scale and
+minimum per group of 32 inputs (w = q * scale + min, GGUF's Q4_1; Q4_0's scales alone), and int5 weights: int4's
+blocks plus a high bit per weight (GGUF's Q5 codes). Quantising the activations changes the
 numbers slightly (README: quality); `Options.int_dot` (LLMCLI_INT_DOT=0) turns it off. CPUs with AVX-512 run
 them too (with 256-bit instructions): on a Zen 4 their decode products matched or beat the AVX-512 float kernel,
 and the fused MLP and expert ops take integer weights only.
