@@ -78,6 +78,17 @@ class GGUFSource:
         codes = extract(raw, self.gguf.tensors[piece.source].type_name, piece.shape[1])
         return tuple(None if part is None else torch.from_numpy(np.ascontiguousarray(part)) for part in codes)
 
+    def stored_bits(self, name: str) -> float | None:
+        """Bits per weight of the file's tensor that holds checkpoint tensor `name` (None: not in the file)."""
+        piece = self.by_name.get(name)
+        if piece is None:
+            return None
+        tensor = self.gguf.tensors[piece.source]
+        return 8 * tensor.nbytes / max(tensor.numel, 1)
+
+    def layer_bits(self) -> float | None:
+        return self.gguf.layer_bits()
+
     def stores(self, name: str, types: tuple[str, ...] = INT4_TYPES) -> bool:
         """Is checkpoint tensor `name` a matrix in one of `types` (4-bit ones: what `int4_codes` takes as stored)?"""
         piece = self.by_name.get(name)

@@ -18,7 +18,7 @@ from llmcli.chat_dsv4 import with_v4_chat_format
 from llmcli.chat_dsv32 import with_builtin_chat_format
 from llmcli.config import ModelConfig, load_config
 from llmcli.errors import LlmcliError
-from llmcli.formats.gguf import gguf_path_of, nearest_quantize
+from llmcli.formats.gguf import INT4_FILE_BITS, gguf_path_of, nearest_quantize
 from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES
 from llmcli.formats.safetensors import read_checkpoint
 from llmcli.gguf_load import GGUFSource
@@ -107,14 +107,27 @@ def file_quantize(gguf: GGUFSource | None, device: torch.device) -> tuple[str | 
     if chosen == "int5" and not int_dot.runs_fast():  # int5 has no path but the AVX2 integer kernel
         chosen = nearest_quantize(bits, int5=False)
     if chosen in ("int4", "int5") and int4.available(device.type):
-        kept = INT4_TYPES + (INT5_TYPES if chosen == "int5" else ())
-        others = sorted({t.type_name for t in gguf.gguf.layer_matrices()} - set(kept))
-        codes = "4-bit codes as stored" if chosen == "int4" else "4- and 5-bit codes as stored"
-        how = f"{codes}{', ' + ', '.join(others) + ' re-quantised' if others else ''}"
-        return chosen, (f"the file's layers are {bits:.1f} bits a weight: running them in {chosen} ({how}); "
-                        "--quantize int8 keeps more, none dequantises to --dtype")
+        return chosen, (f"the file's layers are {bits:.1f} bits a weight: running them in {chosen} "
+                        f"({low_bit_note(gguf, chosen)}); --quantize int8 keeps more, none dequantises to --dtype")
     return "int8", (f"the file's layers are {bits:.1f} bits a weight: running them in int8; --quantize int5 or "
                     "int4 reads fewer bytes (re-quantised), none dequantises to --dtype")
+
+
+def low_bit_note(gguf: GGUFSource, chosen: str) -> str:
+    """What an int4 or int5 run of a file does with its layers' types: e.g. "4-bit codes as stored; Q5_0 codes as
+    stored, Q6_K re-quantised, in int5" (an int4 run's wider parts take int5 where its kernel runs)."""
+    types = {t.type_name: 8 * t.nbytes / max(t.numel, 1) for t in gguf.gguf.layer_matrices()}
+    wide = {name for name, bits in types.items() if bits > INT4_FILE_BITS} if chosen == "int4" and \
+        int_dot.runs_fast() else set()
+    kept = set(INT4_TYPES + (INT5_TYPES if chosen == "int5" else ()))
+    note = "4-bit codes as stored" if chosen == "int4" else "4- and 5-bit codes as stored"
+    others = sorted(set(types) - kept - wide)
+    note += f", {', '.join(others)} re-quantised" if others else ""
+    if wide:
+        parts = [f"{', '.join(sorted(wide & set(INT5_TYPES)))} codes as stored"] if wide & set(INT5_TYPES) else []
+        parts += [f"{', '.join(sorted(wide - set(INT5_TYPES)))} re-quantised"] if wide - set(INT5_TYPES) else []
+        note += f"; {', '.join(parts)}, in int5"
+    return note
 
 
 def check_memory(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,

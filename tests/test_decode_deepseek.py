@@ -151,7 +151,7 @@ def test_models_use_the_router_op(mla_case):
     assert not any(isinstance(m, FusedRouter) for m in plain.model.modules())
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("quantize", ["int8", "int5", "int4"])
 def test_integer_mlps_and_experts_as_one_op_equal_the_torch_path(mla_case, quantize):
     """Dense and shared MLPs and a decode step's routed experts on the integer kernels, each one op call: bit for
     bit the modules' own products and torch ops."""
@@ -177,6 +177,34 @@ def test_integer_mlps_and_experts_as_one_op_equal_the_torch_path(mla_case, quant
             module.__class__ = StackedExperts
             assert torch.equal(fused, module(x, choice))
             module.__class__ = FusedStackedExperts
+
+
+def test_an_mlp_mixing_int4_and_int5_stays_one_op(mla_case):
+    """A 4-bit file's ffn_down in Q6_K runs int5 beside an int4 gate_up: the MLP is still one op, bit for bit the
+    modules' own products."""
+    from llmcli.backends import int_dot
+    from llmcli.backends.int4 import Int5Linear
+
+    name, path, _ = mla_case
+    runner = load_model(name, path, device="cpu", dtype="bfloat16", quantize="int4").runner
+    mlps = [m for m in runner.model.modules() if isinstance(m, FusedSwiGLU)]
+    if not mlps:
+        pytest.skip("int4 products are not on the integer kernels on this CPU")
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for mlp in mlps:
+            down = mlp.down_proj
+            five = Int5Linear.__new__(Int5Linear)
+            five.__dict__.update(down.__dict__)  # the same module, its blocks in int5's layout
+            five._buffers = dict(zip(("packed", "scales_and_mins"),
+                                     int_dot.int5_from_int4(down.packed, down.scales_and_mins), strict=True))
+            mlp.down_proj = five
+            assert FusedSwiGLU.takes(mlp)
+            x = torch.randn(2, 1, 64).bfloat16()
+            fused = mlp(x)
+            mlp.__class__ = SwiGLU
+            assert torch.equal(fused, mlp(x))
+            mlp.__class__ = FusedSwiGLU
 
 
 def module_router(runner, experts):

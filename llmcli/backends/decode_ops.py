@@ -171,8 +171,10 @@ class FusedSwiGLU(SwiGLU):
 
     @staticmethod
     def takes(mlp: SwiGLU) -> bool:
-        return mlp.fused and integer_weights(mlp.gate_up_proj) is not None and (
-            type(mlp.gate_up_proj) is type(mlp.down_proj) and integer_weights(mlp.down_proj) is not None)
+        """Both products on the integer kernels in one format family: int8, or int4/int5 (the op runs each layout;
+        a Q4_K_M's ffn_down in Q6_K takes int5 beside a 4-bit gate_up)."""
+        gate_up, down = integer_weights(mlp.gate_up_proj), integer_weights(mlp.down_proj)
+        return mlp.fused and gate_up is not None and down is not None and gate_up[0].dtype == down[0].dtype
 
 
 class FusedStackedExperts(StackedExperts):

@@ -41,6 +41,7 @@ from llmcli.backends.linear import (
 )
 from llmcli.backends.runner import Runner
 from llmcli.errors import LlmcliError
+from llmcli.formats.gguf import INT4_FILE_BITS
 from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES
 from llmcli.models.base import CausalLM, FusesProjections
 from llmcli.models.layers import Experts
@@ -173,6 +174,11 @@ class Preparation:
         self.int_dot = self.int8_kernel and options.int_dot and int_dot.runs_fast()
         if self.int5 and not self.int_dot:
             self.notes.append("int5 runs on llmcli's AVX2 integer kernel, which does not run here: layers in int8")
+        # A 4-bit file's few wider parts (Q4_K_M keeps attn_v and ffn_down in Q6_K in half the layers, Q5_0 where a
+        # width is not a multiple of 256) run in int5 in an int4 run, nearer their own precision than 4 bits.
+        layer_bits = self.stored.layer_bits() if self.stored is not None else None
+        self.wide_parts_in_int5 = (not self.int5 and self.int_dot and layer_bits is not None
+                                   and layer_bits <= INT4_FILE_BITS)
         self.pack = cpu  # bfloat16 linears reordered for CPU products
         self.prepack = cpu and options.prepack and not options.compile and prepacking_available()
         self.float32_prompts = cpu and not options.compile and not bf16_matmul_is_fast()
@@ -256,9 +262,13 @@ class Preparation:
     def int4_to_join(self, name: str, linear: nn.Linear) -> nn.Module | None:
         """A linear the file does not store in 4 bits, in int4 (int5) before fusing: llama.cpp's Q4_K_M keeps attn_v
         and ffn_down in Q6_K in some layers, and a stored q and k (Int4Linear) would not join a float v. The same
-        codes as quantising the joined matrix afterwards (groups run along each row)."""
+        codes as quantising the joined matrix afterwards (groups run along each row). A 4-bit file's parts stored
+        in more bits take int5 instead (`wide_parts_in_int5`); joined with 4-bit ones, those take int5's layout."""
         if not self._may_store_int4(name, linear) or not int_dot.int4_fits(tuple(linear.weight.shape)):
             return None
+        bits = self.stored.stored_bits(name + ".weight")
+        if self.wide_parts_in_int5 and bits is not None and bits > INT4_FILE_BITS:
+            return Int5Linear(linear, quantized=self.stored.int5_codes(name + ".weight"))  # Q5 codes as stored
         return Int5Linear(linear) if self.int5 else Int4Linear(linear, integer=True)
 
     def quantized(self, name: str, linear: nn.Linear) -> nn.Module:

@@ -36,13 +36,17 @@ def fuse_linears(parent: nn.Module, names: list[str], fused_name: str) -> list[i
     """Replace the nn.Linear children `names` of `parent`, which all read the same input, by one
     linear `fused_name` whose output is their concatenation. Decoding is a string of one-row
     products, each bound by streaming its weight: one larger product streams better than several
-    small ones and saves calls. Children of another one type join if that type says how (a classmethod
-    `joined(parts)` returning the joined module or None: weights a file stores already quantised).
+    small ones and saves calls. Children of other types join if their types share a classmethod
+    `joined(parts)` saying how (the joined module or None: weights a file stores already quantised).
     Returns the output sizes to split by (None if nothing was fused)."""
     parts = [getattr(parent, name, None) for name in names]
-    kind = type(parts[0])
-    joined = _joined_linear if kind is nn.Linear else getattr(kind, "joined", None)
-    fused = joined(parts) if joined is not None and all(type(p) is kind for p in parts) else None
+    kinds = {type(p) for p in parts}
+    if kinds == {nn.Linear}:
+        joined = _joined_linear
+    else:  # one `joined` for all parts' types (a class and its subclasses share it)
+        functions = {getattr(getattr(kind, "joined", None), "__func__", None) for kind in kinds}
+        joined = type(parts[0]).joined if len(functions) == 1 and None not in functions else None
+    fused = joined(parts) if joined is not None else None
     if fused is None:
         return None
     for name in names:
