@@ -49,7 +49,7 @@ def needs_bf16_kernel(quantize: str | None) -> None:
         pytest.skip("llmcli's bfloat16 kernel does not run here")
 
 
-@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int5", "int4"])
 def test_one_op_per_layer_gives_the_op_by_op_logits_bit_for_bit(case, quantize):  # noqa: F811
     needs_bf16_kernel(quantize)
     fused, plain = loaded_twice(*case, quantize)

@@ -338,7 +338,8 @@ def _render_facts(f: dict) -> None:
             add("runs as", f"{f['runs_on_cpu_as']} on CPU (layers {f['layer_bits']:.2f} bits a weight; "
                            "--quantize auto, the default)")
     if f.get("weight_bytes"):
-        add("weights", ", ".join(f"{human_bytes(n)} {'in ' if k not in ('int8', 'int4') else 'with --quantize '}{k}"
+        quantized = ("int8", "int5", "int4")
+        add("weights", ", ".join(f"{human_bytes(n)} {'with --quantize ' if k in quantized else 'in '}{k}"
                                  for k, n in f["weight_bytes"].items()))
     kv = f["kv_cache"]
     cache = f"{human_bytes(kv['bytes_per_token'])} per token ({kv['kind']}, {kv['dtype']})"

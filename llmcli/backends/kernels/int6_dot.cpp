@@ -114,11 +114,13 @@ at::Tensor int6_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   auto block = [&](const QuantRow* rows, int64_t count, int64_t, int64_t b, float (*sums)[kRows]) {
     const uint8_t* wb = wp + b * G * kInt6Bytes;
     const c10::Half* sb = sp + b * (G / 2) * 2 * kRows;
-    switch (count) {
-      case 4: int6_block<4>(rows, wb, sb, K, sums); break;
-      case 3: int6_block<3>(rows, wb, sb, K, sums); break;
-      case 2: int6_block<2>(rows, wb, sb, K, sums); break;
-      default: int6_block<1>(rows, wb, sb, K, sums);
+    for (int64_t t = 0; t < count; t += 4) {  // fours (a tile may hold 8 rows)
+      switch (std::min<int64_t>(count - t, 4)) {
+        case 4: int6_block<4>(rows + t, wb, sb, K, sums + t); break;
+        case 3: int6_block<3>(rows + t, wb, sb, K, sums + t); break;
+        case 2: int6_block<2>(rows + t, wb, sb, K, sums + t); break;
+        default: int6_block<1>(rows + t, wb, sb, K, sums + t);
+      }
     }
   };
   return run_rows(x, blocks, block, [](int64_t, int64_t) { return 1.f; }, RowValues(bias), false);
