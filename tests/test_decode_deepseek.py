@@ -209,3 +209,28 @@ def test_an_mlp_mixing_int4_and_int5_stays_one_op(mla_case):
 
 def module_router(runner, experts):
     return next(m.gate for m in runner.model.modules() if getattr(m, "experts", None) is experts)
+
+
+@pytest.mark.parametrize("quantize", ["int4", "int5"])
+def test_prompts_go_through_integer_expert_stacks_in_one_call(mla_case, quantize, monkeypatch):
+    """A prompt's routed experts on integer stacks: one kernel call per projection, each expert's rows together
+    (the kernel sorts rows by expert), giving the expert-by-expert loop's logits up to the mix's rounding."""
+    from llmcli.backends import experts as experts_module
+
+    name, path, _ = mla_case
+    runner = load_model(name, path, device="cpu", dtype="bfloat16", quantize=quantize).runner
+    stacks = [m for m in runner.model.modules() if isinstance(m, StackedExperts)]
+    if not stacks or not all(m.integer and isinstance(m, FusedStackedExperts) for m in stacks):
+        pytest.skip(f"{quantize} experts are not on the integer kernels on this CPU")
+    calls, fused_stacked = [], FusedStackedExperts._stacked
+    monkeypatch.setattr(FusedStackedExperts, "_stacked", lambda self, x, choice: calls.append(x.shape[0]) or
+                        fused_stacked(self, x, choice))
+    prompt = torch.randint(0, runner.model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        stacked = runner(prompt, runner.make_cache(1, 32))
+        assert calls and set(calls) == {24}
+        monkeypatch.setattr(experts_module, "STACKED_PROMPT_ROWS", 0)
+        loop = runner(prompt, runner.make_cache(1, 32))
+    assert len(calls) == len(stacks)  # the loop made no stacked call
+    torch.testing.assert_close(stacked.float(), loop.float(), rtol=0.02, atol=0.02 * loop.abs().max().item())
+    assert torch.equal(stacked.argmax(-1), loop.argmax(-1))

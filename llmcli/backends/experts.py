@@ -21,6 +21,9 @@ from llmcli.models.hooks import RouterChoice
 from llmcli.models.layers import Experts
 
 PROJECTIONS = ("gate_up_proj", "down_proj")  # the experts' projections after fusing gate and up
+# Prompts up to this many tokens go through integer stacks in one kernel call per projection, which takes each
+# expert's rows together, instead of a call per expert (Qwen3-30B-A3B shape, 128 experts: 256 calls a layer).
+STACKED_PROMPT_ROWS = 512
 STACKED = ("weight", "scales", "packed", "scales_and_mins")  # tensors of a projection that go into stacks
 
 
@@ -70,10 +73,18 @@ class StackedExperts(Experts):
 
     def forward(self, x: torch.Tensor, choice: RouterChoice) -> torch.Tensor:
         """Few rows through the stacks (one kernel call per projection, or a compiled one-row step's
-        gathered sum); many rows expert by expert, as `Experts` does."""
-        if one_row(x) or (self.kernel and (torch.compiler.is_compiling() or x.shape[0] <= FEW_ROWS)):
+        gathered sum), and prompts too where the integer kernels hold them (the kernel takes each expert's rows
+        together); many rows expert by expert, as `Experts` does."""
+        few = x.shape[0] <= (STACKED_PROMPT_ROWS if self.integer else FEW_ROWS)
+        if one_row(x) or (self.kernel and (torch.compiler.is_compiling() or few)):
             return self._stacked(x, choice)
         return super().forward(x, choice)
+
+    @property
+    def integer(self) -> bool:
+        """Are the stacks on the integer kernels (int4/int5 blocks, or int8 with int8 activations)?"""
+        linear = getattr(self[0], PROJECTIONS[0])
+        return self.kernel and getattr(linear, "integer", False) and isinstance(linear, (Int4Linear, Int8Linear))
 
     def stack(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A projection's stacks: int4 blocks with their scales and minimums, else the weights with their int8

@@ -123,7 +123,7 @@ at::Tensor int6_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
       }
     }
   };
-  return run_rows(x, blocks, block, [](int64_t, int64_t) { return 1.f; }, RowValues(bias), false);
+  return run_rows(x, blocks, block, [](int64_t, int64_t) { return 1.f; }, RowValues(bias), nullptr);
 }
 
 // The int6 weight as row-major [N, K] in `dtype` (q * scale + min, in float then rounded): for many-row products.
