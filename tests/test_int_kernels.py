@@ -117,14 +117,21 @@ def test_int4_rows_in_tiles_equal_rows_one_at_a_time():
         assert torch.equal(together, torch.cat([int_dot.int4_dot(x[i:i + 1], packed, sm) for i in range(rows)]))
 
 
-def test_int4_rows_go_through_their_own_expert():
-    """A stack of int4 matrices with each row's expert named: bit for bit each matrix's own one-row product."""
-    parts = [int_dot.int4_blocks(*int4_weight(24, 64, seed=e)[0]) for e in range(3)]
+def assert_rows_go_through_their_own_experts(parts: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Rows naming their experts in a stack of `parts` (the kernel sorts them by expert and tiles each expert's
+    rows): bit for bit each matrix's own one-row product. Returns the stack and a few rows."""
     packed, sm = torch.stack([p for p, _ in parts]), torch.stack([m for _, m in parts])
-    x, experts = torch.randn(5, 64), torch.tensor([2, 0, 2, 1, 0])
+    x, experts = torch.randn(5, parts[0][0].shape[1] * 32), torch.tensor([2, 0, 2, 1, 0])
     got = int_dot.int4_dot(x, packed, sm, experts)
     for row, e in enumerate(experts.tolist()):
         assert torch.equal(got[row], int_dot.int4_dot(x[row:row + 1], *parts[e])[0])
+    return packed, sm, x
+
+
+def test_int4_rows_go_through_their_own_expert():
+    """A stack of int4 matrices with each row's expert named: bit for bit each matrix's own one-row product."""
+    packed, sm, x = assert_rows_go_through_their_own_experts(
+        [int_dot.int4_blocks(*int4_weight(24, 64, seed=e)[0]) for e in range(3)])
     with pytest.raises(RuntimeError, match="expert out of range"):
         int_dot.int4_dot(x[:1], packed, sm, torch.tensor([3]))
     with pytest.raises(RuntimeError, match="needs experts"):
@@ -192,12 +199,7 @@ def test_int5_product_equals_the_quantised_reference(rows, symmetric):
 def test_int5_experts_and_int4_weights_in_its_layout():
     """A stack of int5 matrices runs each row through its own expert; an int4 weight in int5's layout (high bits
     0, minimums stored) gives its own matrix and products."""
-    parts = [int_dot.int5_blocks(*int5_weight(24, 64, seed=e)[0]) for e in range(3)]
-    packed, sm = torch.stack([p for p, _ in parts]), torch.stack([m for _, m in parts])
-    x, experts = torch.randn(5, 64), torch.tensor([2, 0, 2, 1, 0])
-    got = int_dot.int4_dot(x, packed, sm, experts)
-    for row, e in enumerate(experts.tolist()):
-        assert torch.equal(got[row], int_dot.int4_dot(x[row:row + 1], *parts[e])[0])
+    assert_rows_go_through_their_own_experts([int_dot.int5_blocks(*int5_weight(24, 64, seed=e)[0]) for e in range(3)])
     torch.manual_seed(2)
     q4, scale = torch.randint(0, 16, (16, 96), dtype=torch.int32), (torch.rand(16, 3) * 0.1).half().float()
     four = int_dot.int4_blocks(q4, scale, None)  # Q4_0: scales alone
