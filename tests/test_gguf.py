@@ -319,6 +319,10 @@ def test_quantize_auto_runs_a_file_in_its_own_precision(qtype, expected, quant_s
     assert (int4.Int4Linear in kinds) == (expected == "int4") and (Int8Linear in kinds) == (expected == "int8")
     assert (int4.Int5Linear in kinds) == (expected == "int5")
     assert any(f"running them in {expected}" in note for note in loaded.notes) == (expected is not None)
+    if expected in ("int4", "int5"):  # `show` says the same, before loading
+        from llmcli.show_gguf import gguf_facts, open_for_show
+
+        assert gguf_facts(open_for_show(path))["runs_on_cpu_as"] == expected
     assert not any("re-quantised" in note for note in loaded.notes
                    if "running them in int4" in note or "running them in int5" in note)  # all stored as they are
     assert load_model("d", quant_source / "hf", device="cpu", quantize="auto").options.quantize is None
