@@ -262,6 +262,12 @@ def test_avx2_and_portable_builds_compute_the_same_products(portable_ops, avx2_o
     for ops in (portable_ops, avx2_ops):
         assert close(ops.int4_dot(x, packed, sm), dequantised_rows(x) @ weight.T, 1e-5)
         assert torch.equal(ops.int4_unblock(packed, sm, torch.float32).double(), weight)
+    for symmetric in (False, True):  # int5 (the high bits: AVX2 widens its sums before the horizontal adds)
+        (q5, s5, low5), weight5 = int5_weight(40, 96, symmetric=symmetric)
+        packed, sm = int_dot.int5_blocks(q5, s5, low5)
+        for ops in (portable_ops, avx2_ops):
+            assert close(ops.int4_dot(x, packed, sm), dequantised_rows(x) @ weight5.T, 1e-5)
+            assert torch.allclose(ops.int4_unblock(packed, sm, torch.float32).double(), weight5, rtol=2**-23, atol=0)
 
 
 def test_vnni_build_gives_the_avx2_builds_bits(avx2_ops):
@@ -276,13 +282,16 @@ def test_vnni_build_gives_the_avx2_builds_bits(avx2_ops):
     scales = torch.stack([scale for _, scale in int8_weights])
     int4_weights = [int_dot.int4_blocks(*int4_weight(48, 4864, seed)[0]) for seed in range(3)]
     packed, sm = torch.stack([p for p, _ in int4_weights]), torch.stack([s for _, s in int4_weights])
-    for rows in (1, 3, 6):
+    for rows in (1, 3, 6, 9):
         x = torch.randn(rows, 4864).bfloat16()
         experts = torch.randint(0, 3, (rows,))
         for args in ((x, blocks[:1], scales[:1], None), (x, blocks, scales, experts)):
             assert torch.equal(torch.ops.llmcli.int8_dot(*args), avx2_ops.int8_dot(*args))
         for args in ((x, packed[:1], sm[:1], None), (x, packed, sm, experts)):
             assert torch.equal(torch.ops.llmcli.int4_dot(*args), avx2_ops.int4_dot(*args))
+        for symmetric in (False, True):  # int5, and Q5_0's scales alone (tiles of 8 rows natively, 4 in AVX2)
+            five = int_dot.int5_blocks(*int5_weight(48, 4864, rows, symmetric=symmetric)[0])
+            assert torch.equal(torch.ops.llmcli.int4_dot(x, *five), avx2_ops.int4_dot(x, *five))
 
 
 def load_demo(quantize: str, name: str = "demo-qwen", **options):
