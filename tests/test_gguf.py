@@ -273,6 +273,10 @@ def test_int4_joins_a_layer_whose_parts_the_file_stores_in_mixed_types(quant_sou
     stored parts keep the file's own matrix."""
     path = convert(quant_source / "hf", tmp_path / "mixed.gguf", qtype=Q.Q4_K, types={"attn_v.weight": Q.Q6_K})
     assert {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if "attn_v.w" in t.name} == {"Q6_K"}
+    from llmcli.show_gguf import gguf_facts, open_for_show
+
+    facts = gguf_facts(open_for_show(path))  # what `show` says of it
+    assert facts["runs_on_cpu_as"] == "int4" and facts["int5_parts"] == ["Q6_K"]
     reference_dir = dequantised_checkpoint(path, quant_source / "hf", tmp_path / "ref")
     reference = load_file(str(reference_dir / "model.safetensors"))
     ours = load_model("q", path, device="cpu", dtype="float32", quantize="int4")

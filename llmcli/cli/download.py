@@ -335,7 +335,8 @@ def _render_facts(f: dict) -> None:
 
         add("tensor types", types_summary(f["tensor_types"], human_bytes))
         if f.get("runs_on_cpu_as"):
-            add("runs as", f"{f['runs_on_cpu_as']} on CPU (layers {f['layer_bits']:.2f} bits a weight; "
+            wide = f"; {', '.join(f['int5_parts'])} parts in int5 with AVX2" if f.get("int5_parts") else ""
+            add("runs as", f"{f['runs_on_cpu_as']} on CPU (layers {f['layer_bits']:.2f} bits a weight{wide}; "
                            "--quantize auto, the default)")
     if f.get("weight_bytes"):
         quantized = ("int8", "int5", "int4")
