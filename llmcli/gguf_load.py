@@ -81,10 +81,7 @@ class GGUFSource:
     def stored_bits(self, name: str) -> float | None:
         """Bits per weight of the file's tensor that holds checkpoint tensor `name` (None: not in the file)."""
         piece = self.by_name.get(name)
-        if piece is None:
-            return None
-        tensor = self.gguf.tensors[piece.source]
-        return 8 * tensor.nbytes / max(tensor.numel, 1)
+        return None if piece is None else self.gguf.tensors[piece.source].bits
 
     def layer_bits(self) -> float | None:
         return self.gguf.layer_bits()

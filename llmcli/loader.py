@@ -18,7 +18,7 @@ from llmcli.chat_dsv4 import with_v4_chat_format
 from llmcli.chat_dsv32 import with_builtin_chat_format
 from llmcli.config import ModelConfig, load_config
 from llmcli.errors import LlmcliError
-from llmcli.formats.gguf import INT4_FILE_BITS, gguf_path_of, nearest_quantize
+from llmcli.formats.gguf import gguf_path_of, nearest_quantize
 from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES
 from llmcli.formats.safetensors import read_checkpoint
 from llmcli.gguf_load import GGUFSource
@@ -116,18 +116,17 @@ def file_quantize(gguf: GGUFSource | None, device: torch.device) -> tuple[str | 
 def low_bit_note(gguf: GGUFSource, chosen: str) -> str:
     """What an int4 or int5 run of a file does with its layers' types: e.g. "4-bit codes as stored; Q5_0 codes as
     stored, Q6_K re-quantised, in int5" (an int4 run's wider parts take int5 where its kernel runs)."""
-    types = {t.type_name: 8 * t.nbytes / max(t.numel, 1) for t in gguf.gguf.layer_matrices()}
-    wide = {name for name, bits in types.items() if bits > INT4_FILE_BITS} if chosen == "int4" and \
-        int_dot.runs_fast() else set()
+    types = {t.type_name for t in gguf.gguf.layer_matrices()}
+    wide = gguf.gguf.wide_layer_types() if chosen == "int4" and int_dot.runs_fast() else set()
     kept = set(INT4_TYPES + (INT5_TYPES if chosen == "int5" else ()))
-    note = "4-bit codes as stored" if chosen == "int4" else "4- and 5-bit codes as stored"
-    others = sorted(set(types) - kept - wide)
-    note += f", {', '.join(others)} re-quantised" if others else ""
-    if wide:
-        parts = [f"{', '.join(sorted(wide & set(INT5_TYPES)))} codes as stored"] if wide & set(INT5_TYPES) else []
-        parts += [f"{', '.join(sorted(wide - set(INT5_TYPES)))} re-quantised"] if wide - set(INT5_TYPES) else []
-        note += f"; {', '.join(parts)}, in int5"
-    return note
+
+    def listed(names: set[str], what: str) -> list[str]:
+        return [f"{', '.join(sorted(names))} {what}"] if names else []
+
+    stored = "4-bit codes as stored" if chosen == "int4" else "4- and 5-bit codes as stored"
+    note = ", ".join([stored, *listed(types - kept - wide, "re-quantised")])
+    in_int5 = listed(wide & set(INT5_TYPES), "codes as stored") + listed(wide - set(INT5_TYPES), "re-quantised")
+    return note + (f"; {', '.join(in_int5)}, in int5" if in_int5 else "")
 
 
 def check_memory(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,

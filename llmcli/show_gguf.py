@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmcli.config import ModelConfig
-from llmcli.formats.gguf import INT4_FILE_BITS, GGUFFile, gguf_path_of, nearest_quantize, open_gguf  # noqa: F401  (gguf_path_of: show)
+from llmcli.formats.gguf import GGUFFile, gguf_path_of, nearest_quantize, open_gguf  # noqa: F401  (gguf_path_of: show)
 from llmcli.formats.gguf_config import gguf_config
 from llmcli.formats.gguf_names import checkpoint_pieces, tensor_infos
 from llmcli.formats.safetensors import TensorInfo
@@ -53,14 +53,8 @@ def gguf_facts(model: GGUFModel) -> dict:
         "size_on_disk": gg.size_on_disk(),
         "layer_bits": bits,
         "runs_on_cpu_as": nearest_quantize(bits),  # --quantize auto (int5 runs int8 without AVX2)
-        "int5_parts": wide_part_types(gg) if nearest_quantize(bits) == "int4" else [],
+        "int5_parts": sorted(gg.wide_layer_types()) if nearest_quantize(bits) == "int4" else [],
     }
-
-
-def wide_part_types(gg) -> list[str]:
-    """The types of a 4-bit file's layer matrices stored in more than INT4_FILE_BITS (a Q4_K_M's Q6_K and Q5_0),
-    which an int4 run takes in int5 where its kernel runs (backends/prepare.py)."""
-    return sorted({t.type_name for t in gg.layer_matrices() if 8 * t.nbytes / max(t.numel, 1) > INT4_FILE_BITS})
 
 
 def types_summary(types: dict[str, dict], human) -> str:

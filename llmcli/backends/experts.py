@@ -76,8 +76,8 @@ class StackedExperts(Experts):
         """Few rows through the stacks (one kernel call per projection, or a compiled one-row step's
         gathered sum), and prompts too where the integer kernels hold them (the kernel takes each expert's rows
         together); many rows expert by expert, as `Experts` does."""
-        few = x.shape[0] <= (STACKED_PROMPT_ROWS if self.integer else FEW_ROWS)
-        if one_row(x) or (self.kernel and (torch.compiler.is_compiling() or few)):
+        if one_row(x) or (self.kernel and (torch.compiler.is_compiling()
+                                           or x.shape[0] <= (STACKED_PROMPT_ROWS if self.integer else FEW_ROWS))):
             return self._stacked(x, choice)
         return super().forward(x, choice)
 

@@ -119,6 +119,11 @@ class GGUFTensor:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def bits(self) -> float:
+        """Bits per weight as stored (blocks' scales included)."""
+        return 8 * self.nbytes / max(self.numel, 1)
+
 
 @dataclass
 class GGUFFile:
@@ -146,6 +151,11 @@ class GGUFFile:
         if not matrices or all(t.type_name in FLOAT_TYPES for t in matrices):
             return None
         return 8 * sum(t.nbytes for t in matrices) / sum(t.numel for t in matrices)
+
+    def wide_layer_types(self) -> set[str]:
+        """The types of `layer_matrices` stored in more than INT4_FILE_BITS a weight (a Q4_K_M's Q6_K and Q5_0):
+        what an int4 run of a 4-bit file takes in int5 where its kernel runs (backends/prepare.py)."""
+        return {t.type_name for t in self.layer_matrices() if t.bits > INT4_FILE_BITS}
 
     def unsupported(self) -> GGUFTensor | None:
         """The first tensor of a type llmcli cannot read, if any."""

@@ -222,17 +222,25 @@ inline float low_bit_min(const c10::Half* sm, int64_t r) {
   return S == 2 ? static_cast<float>(sm[kRows + r]) : -kSymmetricOffset<B> * static_cast<float>(sm[r]);
 }
 
-// The high bit of input t (0..31) of stored row i, from a block's 32 bytes of them (B = 5).
-inline int int5_high(const uint8_t* highs, int64_t i, int64_t t) {
-  const int bit = (t >= 16 ? 4 : 0) + 2 * static_cast<int>(i % 2) + ((t % 16) >= 8 ? 1 : 0);
-  return (highs[(i / 2) * 8 + t % 8] >> bit) & 1;
-}
-
-// q of input t (0..31) of stored row i in a group's bytes wg (B bits).
+// Stored row i's 32 codes of one group (wg: the group's bytes, B bits) in plain C++: the portable kernel and the
+// unblocking read them. For int5, bit t of the row's 32 high bits is input t's, gathered from its pair's unit.
 template <int B>
-inline int low_bit_code(const uint8_t* wg, int64_t i, int64_t t) {
-  const int nibble = t < 16 ? (wg[i * 16 + t] & 0x0F) : (wg[i * 16 + t - 16] >> 4);
-  return B == 4 ? nibble : nibble | (int5_high(wg + 128, i, t) << 4);
+inline void low_bit_codes(const uint8_t* wg, int64_t i, int* q) {
+  uint32_t high = 0;
+  if constexpr (B == 5) {
+    const uint8_t* unit = wg + 128 + (i / 2) * 8;
+    const int shift = 2 * static_cast<int>(i % 2);  // row B's bits sit 2 above row A's
+    for (int byte = 0; byte < 8; ++byte) {
+      const uint32_t bits = unit[byte] >> shift;  // bits 0, 1, 4, 5: inputs byte, byte + 8, byte + 16, byte + 24
+      high |= ((bits & 1) << byte) | (((bits >> 1) & 1) << (byte + 8)) | (((bits >> 4) & 1) << (byte + 16)) |
+              (((bits >> 5) & 1) << (byte + 24));
+    }
+  }
+  const uint8_t* nibbles = wg + i * 16;
+  for (int j = 0; j < 16; ++j) {
+    q[j] = (nibbles[j] & 0x0F) | static_cast<int>(((high >> j) & 1) << 4);
+    q[j + 16] = (nibbles[j] >> 4) | static_cast<int>(((high >> (j + 16)) & 1) << 4);
+  }
 }
 
 // sums[m][r] = sum_k x_m[k] * w[r][k] for R rows of activations and the 8 rows of one int4 block (w [K/32][8][16]
@@ -308,8 +316,10 @@ inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* 
       for (int64_t i = 0; i < kRows; ++i) {
         const int64_t r = kInt4Order[i];
         const int8_t* xq = x[m].q + g * kGroup;
+        int q[kGroup];
+        low_bit_codes<B>(wg, i, q);
         int32_t s = 0;
-        for (int64_t t = 0; t < kGroup; ++t) s += low_bit_code<B>(wg, i, t) * int32_t(xq[t]);
+        for (int64_t t = 0; t < kGroup; ++t) s += q[t] * int32_t(xq[t]);
         sums[m][r] += static_cast<float>(s) * (static_cast<float>(sg[r]) * x[m].d[g]) +
                       low_bit_min<S, B>(sg, r) * x[m].dsum[g];
       }
@@ -359,14 +369,16 @@ at::Tensor run_rows(const at::Tensor& input, int64_t blocks, Block block, Scale 
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape.back() = N;
   at::Tensor out = at::empty(shape, x.options());
-  std::vector<int64_t> order(M), runs{0};  // rows by expert; where each expert's rows start in `order`
-  std::iota(order.begin(), order.end(), int64_t{0});
+  std::vector<int64_t> order, runs;  // with ids: rows by expert, and where each expert's rows start in `order`
   if (ids != nullptr) {
+    order.resize(M);
+    std::iota(order.begin(), order.end(), int64_t{0});
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+    runs.push_back(0);
     for (int64_t i = 1; i < M; ++i)
       if (ids[order[i]] != ids[order[i - 1]]) runs.push_back(i);
+    runs.push_back(M);
   }
-  runs.push_back(M);
   LLMCLI_DISPATCH_FLOATS(x.scalar_type(), "int_dot", [&] {
     const int64_t G = K / kGroup;
     int8_t* qp = q.data_ptr<int8_t>();
@@ -399,8 +411,13 @@ at::Tensor run_rows(const at::Tensor& input, int64_t blocks, Block block, Scale 
               tile(order.data() + m0, std::min(kTile, runs[run + 1] - m0), b);
         return;
       }
+      int64_t in_order[kTile];
       for (int64_t b = begin; b < end; ++b)  // the block stays in L1 over the tiles
-        for (int64_t m0 = 0; m0 < M; m0 += kTile) tile(order.data() + m0, std::min(kTile, M - m0), b);
+        for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+          const int64_t count = std::min(kTile, M - m0);
+          for (int64_t t = 0; t < count; ++t) in_order[t] = m0 + t;
+          tile(in_order, count, b);
+        }
     });
   });
   return out;
@@ -528,23 +545,9 @@ void low_bit_unblock(const uint8_t* wp, const c10::Half* sp, int64_t blocks, int
           const c10::Half* sg = sp + (b * G + g) * S * kRows;
           const float scale = sg[r], low = low_bit_min<S, B>(sg, r);
           scalar_t* dst = op + (b * kRows + r) * K + g * kGroup;
-          uint32_t high = 0;  // bit t: input t's high bit (int5), gathered once per row and group
-          if constexpr (B == 5) {
-            const uint8_t* unit = wg + 128 + (i / 2) * 8;
-            const int shift = 2 * static_cast<int>(i % 2);  // row B's bits sit 2 above row A's
-            for (int b = 0; b < 8; ++b) {
-              const uint32_t bits = unit[b] >> shift;  // bits 0, 1, 4, 5: inputs b, b + 8, b + 16, b + 24
-              high |= ((bits & 1) << b) | (((bits >> 1) & 1) << (b + 8)) | (((bits >> 4) & 1) << (b + 16)) |
-                      (((bits >> 5) & 1) << (b + 24));
-            }
-          }
-          const uint8_t* nibbles = wg + i * 16;
-          for (int64_t j = 0; j < 16; ++j) {
-            const int lo = (nibbles[j] & 0x0F) | (((high >> j) & 1) << 4);
-            const int hi = (nibbles[j] >> 4) | (((high >> (j + 16)) & 1) << 4);
-            dst[j] = static_cast<scalar_t>(static_cast<float>(lo) * scale + low);
-            dst[j + 16] = static_cast<scalar_t>(static_cast<float>(hi) * scale + low);
-          }
+          int q[kGroup];
+          low_bit_codes<B>(wg, i, q);
+          for (int64_t t = 0; t < kGroup; ++t) dst[t] = static_cast<scalar_t>(static_cast<float>(q[t]) * scale + low);
         }
   });
 }
