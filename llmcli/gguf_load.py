@@ -20,7 +20,7 @@ import torch
 from llmcli.config import ModelConfig
 from llmcli.formats.gguf import GGUFFile, open_gguf, unsupported_error
 from llmcli.formats.gguf_config import gguf_config
-from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES, int4_codes, int5_codes
+from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES, INT8_TYPES, int4_codes, int5_codes, int8_codes
 from llmcli.formats.gguf_names import Piece, checkpoint_pieces, tensor_infos
 from llmcli.formats.safetensors import TensorInfo
 from llmcli.gguf_dequant import TORCH_TYPES, dequantize_into
@@ -67,6 +67,11 @@ class GGUFSource:
         """(q, scale, low) of checkpoint tensor `name` when the file stores it in a 5-bit type (Q5_0, Q5_1, Q5_K;
         low None for Q5_0), else None."""
         return self._codes(name, INT5_TYPES, int5_codes)
+
+    def int8_codes(self, name: str):
+        """(q, scale, None) of checkpoint tensor `name` when the file stores it in Q8_0 (w = q * scale per 32),
+        else None."""
+        return self._codes(name, INT8_TYPES, int8_codes)
 
     def _codes(self, name: str, types: tuple[str, ...], extract):
         if not self.stores(name, types):

@@ -119,11 +119,14 @@ class Int4Linear(Product, nn.Module):
         if not all(p.integer and p.in_features == first.in_features and p.group == first.group for p in parts):
             return None
         blocks = [(p.packed, p.scales_and_mins, int_dot.bits_of(p.packed)) for p in parts]
-        if len({bits for _, _, bits in blocks}) > 1:
+        kinds = {bits for _, _, bits in blocks}
+        if 8 in kinds and len(kinds) > 1:  # int8 per 32 joins its own kind only
+            return None
+        if len(kinds) > 1:
             blocks = [(*int_dot.int5_from_int4(w, sm), 5) if bits == 4 else (w, sm, bits) for w, sm, bits in blocks]
         if len({sm.shape[-2] for _, sm, _ in blocks}) > 1:  # Q4_0/Q5_0 parts (scales alone) with others' minimums
             blocks = [(w, int_dot.int4_with_mins(sm, bits), bits) for w, sm, bits in blocks]
-        kind = Int5Linear if blocks[0][2] == 5 else cls
+        kind = {5: Int5Linear, 8: Int8GroupLinear}.get(blocks[0][2], cls)
         fused = kind.__new__(kind)
         nn.Module.__init__(fused)
         fused.in_features, fused.out_features = first.in_features, sum(p.out_features for p in parts)
@@ -180,3 +183,26 @@ class Int5Linear(Int4Linear):
     @property
     def label(self) -> str:
         return f"int5 kernel (x int8 activations, {int_dot.isa_label()}, groups of {self.group})"
+
+
+class Int8GroupLinear(Int4Linear):
+    """int8 codes with a float16 scale per 32 inputs (w = q * scale, 8.5 bits a weight): GGUF's Q8_0 as the file
+    stores it, on the integer kernel (int_dot.py; its int4 op takes this layout too, so the fused layer, MLP and
+    expert ops run it). llmcli's own int8 (Int8Linear) has a scale per output row: re-quantising a Q8_0 file onto
+    it rounds every weight a second time, where this multiplies by exactly the file's matrix."""
+
+    def __init__(self, linear: nn.Linear, quantized):
+        """`quantized`: (q [N, K] in -128..127, scale [N, K/32], None) from the file."""
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, GROUP
+        self.dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.bfloat16
+        q, scale, _ = quantized
+        packed, sm = int_dot.int8_group_blocks(q, scale)
+        self.integer = True
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_mins", sm)
+        self.bias = linear.bias
+
+    @property
+    def label(self) -> str:
+        return f"int8 kernel, a scale per {self.group} inputs (x int8 activations, {int_dot.isa_label()})"

@@ -28,7 +28,7 @@ from llmcli.backends.compile import CompiledDecode
 from llmcli.backends.experts import StackedExperts, in_kernel_blocks
 from llmcli.backends.grouped_experts import GroupedExperts, can_group
 from llmcli.backends.head import float32_logits
-from llmcli.backends.int4 import Int4Linear, Int5Linear
+from llmcli.backends.int4 import Int4Linear, Int5Linear, Int8GroupLinear
 from llmcli.backends.int6 import Int6Linear
 from llmcli.backends.int8 import Int8Linear, bf16_matmul_is_fast
 from llmcli.backends.linear import (
@@ -42,7 +42,7 @@ from llmcli.backends.linear import (
 from llmcli.backends.runner import Runner
 from llmcli.errors import LlmcliError
 from llmcli.formats.gguf import INT4_FILE_BITS
-from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES
+from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES, INT8_TYPES
 from llmcli.models.base import CausalLM, FusesProjections
 from llmcli.models.layers import Experts
 from llmcli.options import Options
@@ -172,6 +172,11 @@ class Preparation:
         # fused MLP and expert ops (int8 decode, one sitting: DeepSeek-V3 shape 11.3 -> 8.8 ms a step, Qwen2.5-0.5B
         # shape 20.0 -> 18.5). Many-row products keep the AVX512-BF16 GEMM where it runs (Int8Linear.forward).
         self.int_dot = self.int8_kernel and options.int_dot and int_dot.runs_fast()
+        # An int8 run of a file's Q8_0 linears takes their codes and per-32 scales as stored (Int8GroupLinear): the
+        # per-row int8 grid would round each weight a second time.
+        self.int8_groups = options.quantize == "int8" and self.int_dot and stored is not None
+        if self.int8_groups:
+            self.stored = stored
         if self.int5 and not self.int_dot:
             self.notes.append("int5 runs on llmcli's AVX2 integer kernel, which does not run here: layers in int8")
         # A 4-bit file's few wider parts (Q4_K_M keeps attn_v and ffn_down in Q6_K in half the layers, Q5_0 where a
@@ -216,7 +221,7 @@ class Preparation:
         4-bit become Int4Linear first, with the file's codes; that leaves them out of fusing."""
         if self.stored is not None:
             swap_linears(module, lambda name, child: self.stored_int4(prefix + name, child))
-            if self.int_dot:  # the rest in int4 now, so that q/k/v and gate/up join whatever types the file mixed
+            if self.int_dot and self.int4:  # the rest in int4 now, so that q/k/v and gate/up join whatever types the file mixed
                 swap_linears(module, lambda name, child: self.int4_to_join(prefix + name, child))
         for part in [m for m in module.modules() if isinstance(m, FusesProjections)]:
             if not part.projections_fused:
@@ -244,16 +249,22 @@ class Preparation:
                 and self.stored.stores(weight_name, self._stored_types()))
 
     def _stored_types(self) -> tuple[str, ...]:
-        """The file's types whose codes this run takes as stored: 4-bit ones, and in int5 5-bit ones."""
+        """The file's types whose codes this run takes as stored: 4-bit ones, in int5 5-bit ones, in int8 Q8_0."""
+        if self.int8_groups:
+            return INT8_TYPES
         return INT4_TYPES + (INT5_TYPES if self.int5 and self.int_dot else ())
 
     def _may_store_int4(self, name: str, linear: nn.Linear) -> bool:
-        return (name.rpartition(".")[2] != "lm_head" and not self.model.keeps_weight(name)
+        """Low-bit runs keep the head in more bits (Int6Linear); an int8 run takes a Q8_0 head as stored too."""
+        return ((self.int8_groups or name.rpartition(".")[2] != "lm_head") and not self.model.keeps_weight(name)
                 and int4.fits(linear.weight.shape))
 
     def stored_int4(self, name: str, linear: nn.Linear) -> nn.Module | None:
         if not self._may_store_int4(name, linear):
             return None
+        if self.int8_groups:
+            codes = self.stored.int8_codes(name + ".weight")
+            return Int8GroupLinear(linear, quantized=codes) if codes is not None else None
         if self.int5 and self.int_dot and (codes := self.stored.int5_codes(name + ".weight")) is not None:
             return Int5Linear(linear, quantized=codes)
         codes = self.stored.int4_codes(name + ".weight")

@@ -1,5 +1,5 @@
-"""GGUF's 4-bit block types as llmcli's int4 layout: q in 0..15 with w = (q - 8) * scale + zero per 32 inputs; and
-its 5-bit types as int5's: q in 0..31 with w = q * scale + low.
+"""GGUF's 4-bit block types as llmcli's int4 layout: q in 0..15 with w = (q - 8) * scale + zero per 32 inputs; its
+5-bit types as int5's: q in 0..31 with w = q * scale + low; and Q8_0 as int8 with a scale per 32: w = q * scale.
 
 Q4_0 (w = (q - 8) * d), Q4_1 (w = q * d + m) and Q4_K (w = d * sc * q - dmin * mn per sub-block of 32, with
 6-bit sc and mn) all store 4-bit codes on a per-32-input affine grid, so each maps to (q, scale, zero) with
@@ -111,3 +111,17 @@ def int5_codes(raw: np.ndarray, type_name: str,
     q = _nibbles(blocks[..., start + 4:]) | (_bits(blocks[..., start:start + 4], 32) << 4)
     low = _halves(blocks, 2).reshape(rows, -1) if type_name == "Q5_1" else None
     return q.reshape(rows, columns).astype(np.int32), _halves(blocks, 0).reshape(rows, -1), low
+
+
+INT8_TYPES = ("Q8_0",)
+
+
+def int8_codes(raw: np.ndarray, type_name: str, columns: int) -> tuple[np.ndarray, np.ndarray, None]:
+    """Raw rows [rows, row_bytes] of a Q8_0 tensor (per 32 values: float16 d, then 32 int8 q; w = q * d) ->
+    (q [rows, columns] int8, scale [rows, columns / 32] float32, None)."""
+    if type_name != "Q8_0":
+        raise ValueError(f"int8 codes come from Q8_0, not {type_name}")
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, columns // 32, 34)
+    q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8)
+    return q.reshape(rows, columns), _halves(blocks, 0).reshape(rows, -1), None

@@ -102,7 +102,8 @@ def _pieces_of(gg: GGUFFile, cfg: ModelConfig, name: str) -> list[Piece]:
         return [Piece(GLOBAL_NAMES[name], tensor.shape, name, lambda: gg.read(name).astype(np.float32) - 1)]
     if name in GLOBAL_NAMES:
         return [Piece(GLOBAL_NAMES[name], tensor.shape, name, lambda: gg.read(name),
-                      lambda start, stop: gg.read(name, start, stop))]
+                      lambda start, stop: gg.read(name, start, stop),
+                      raw=(lambda: _raw_rows(gg, name)) if len(tensor.shape) == 2 else None)]
     match = _LAYER.fullmatch(name)
     if not match:
         raise LlmcliError(f"{gg.path}: tensor {name} is not one llmcli knows for {gg.architecture}")

@@ -211,10 +211,22 @@ inline void int8_block(const QuantRow& x, const int8_t* w, int64_t K, float* sum
 // logic steps per register. 6 bits a weight with a float16 scale and min per 32, against int8's 8.5.
 constexpr int64_t kInt5Bytes = 160;
 
-// The offset a stored minimum stands for when sm holds scales alone (S = 1): Q4_0's w = (q - 8) * scale, Q5_0's
-// (q - 16) * scale.
+// int8 weights with a scale per 32 inputs (GGUF's Q8_0 codes as stored: w = q * d, q in -128..127) are kept as
+// u = q + 128 (0..255), w = u * scale + min with min = -128 * scale, so they share the low-bit blocks' scales and
+// arithmetic: 256 bytes per block of 8 rows and group of 32 inputs, per pair of stored rows (A = 2u, B = 2u + 1)
+// 64 bytes: A's inputs 0-15, B's 0-15, A's 16-31, B's 16-31, which load as the two registers int4's unpacking makes.
+// VNNI multiplies u by x in int32 as they are. maddubs's int16 pair sums would overflow (2 * 255 * 127), so AVX2
+// without VNNI multiplies u's two nibbles separately and joins them in int32, exactly.
+constexpr int64_t kInt8Bytes = 256;
+
+// Bytes per block of 8 rows and group of 32 inputs for B bits a weight.
 template <int B>
-constexpr float kSymmetricOffset = B == 4 ? 8.f : 16.f;
+constexpr int64_t kGroupBytes = B == 4 ? kRows * 16 : B == 5 ? kInt5Bytes : kInt8Bytes;
+
+// The offset a stored minimum stands for when sm holds scales alone (S = 1): Q4_0's w = (q - 8) * scale, Q5_0's
+// (q - 16) * scale, Q8_0's (u - 128) * scale.
+template <int B>
+constexpr float kSymmetricOffset = B == 4 ? 8.f : B == 5 ? 16.f : 128.f;
 
 // The minimum of a group's row r, from sm: stored (S = 2) or -offset * scale (S = 1).
 template <int S, int B>
@@ -226,6 +238,11 @@ inline float low_bit_min(const c10::Half* sm, int64_t r) {
 // unblocking read them. For int5, bit t of the row's 32 high bits is input t's, gathered from its pair's unit.
 template <int B>
 inline void low_bit_codes(const uint8_t* wg, int64_t i, int* q) {
+  if constexpr (B == 8) {
+    const uint8_t* row = wg + (i / 2) * 64 + (i % 2) * 16;
+    for (int j = 0; j < 16; ++j) q[j] = row[j], q[j + 16] = row[32 + j];
+    return;
+  }
   uint32_t high = 0;
   if constexpr (B == 5) {
     const uint8_t* unit = wg + 128 + (i / 2) * 8;
@@ -249,7 +266,7 @@ inline void low_bit_codes(const uint8_t* wg, int64_t i, int* q) {
 // results do not depend on R.
 template <int R, int S, int B>
 inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm, int64_t K, float (*sums)[kRows]) {
-  constexpr int64_t group_bytes = B == 4 ? kRows * 16 : kInt5Bytes;
+  constexpr int64_t group_bytes = kGroupBytes<B>;
 #if defined(LLMCLI_INT_DOT_AVX2)
   [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);  // AVX2 only: VNNI widens in its dot product
   [[maybe_unused]] const __m256i lift = _mm256_setr_epi64x(4, 3, 2, 1), bit4 = _mm256_set1_epi8(0x10);
@@ -257,10 +274,14 @@ inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* 
   __m256 acc[R];
   for (int m = 0; m < R; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < K / kGroup; ++g, w += group_bytes, sm += S * kRows) {
-    prefetch_ahead(w, kPrefetchBytes, B == 4 ? 2 : 3);  // the group's weights, and its scales (16 * S bytes)
+    prefetch_ahead(w, kPrefetchBytes, B == 4 ? 2 : B == 5 ? 3 : 4);  // the group's weights, its scales (16 * S bytes)
     prefetch_ahead(sm, kPrefetchBytes * S * 16 / group_bytes, 1);
     __m256i q0[4], q1[4];
-    for (int j = 0; j < 4; ++j) {  // stored rows 2j, 2j+1: block rows j, j+4
+    for (int j = 0; j < 4 && B == 8; ++j) {  // stored rows 2j, 2j+1: inputs 0-15, then 16-31
+      q0[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
+      q1[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
+    }
+    for (int j = 0; j < 4 && B != 8; ++j) {  // stored rows 2j, 2j+1: block rows j, j+4
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 32));
       q0[j] = _mm256_and_si256(v, nibble);
       q1[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
@@ -283,16 +304,27 @@ inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* 
       for (int j = 0; j < 4; ++j) s[j] = LLMCLI_DPBUSD(LLMCLI_DPBUSD(_mm256_setzero_si256(), q0[j], lo), q1[j], hi);
       dots = _mm256_cvtepi32_ps(_mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3])));
 #else
-      for (int j = 0; j < 4; ++j)
-        s[j] = _mm256_add_epi16(_mm256_maddubs_epi16(q0[j], lo), _mm256_maddubs_epi16(q1[j], hi));
-      if constexpr (B == 4) {
-        // Each int16 lane holds 4 products, |sum| <= 4 * 15 * 127; the two horizontal adds make it 16 products,
-        // <= 30480, still int16, so one madd (not four) widens the row sums to int32, exactly.
-        const __m256i pairs = _mm256_hadd_epi16(_mm256_hadd_epi16(s[0], s[1]), _mm256_hadd_epi16(s[2], s[3]));
-        dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-      } else {  // 4 products of up to 31 * 127 fit int16, 16 would not: widen first
-        for (int j = 0; j < 4; ++j) s[j] = _mm256_madd_epi16(s[j], ones);
+      if constexpr (B == 8) {  // u = its low nibble + 16 * its high one, each times x in int16 pairs, then int32
+        const auto dot = [&](__m256i u, __m256i xs) {
+          const __m256i by_low = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(u, nibble), xs), ones);
+          const __m256i by_high = _mm256_madd_epi16(
+              _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(u, 4), nibble), xs), ones);
+          return _mm256_add_epi32(by_low, _mm256_slli_epi32(by_high, 4));
+        };
+        for (int j = 0; j < 4; ++j) s[j] = _mm256_add_epi32(dot(q0[j], lo), dot(q1[j], hi));
         dots = _mm256_cvtepi32_ps(_mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3])));
+      } else {
+        for (int j = 0; j < 4; ++j)
+          s[j] = _mm256_add_epi16(_mm256_maddubs_epi16(q0[j], lo), _mm256_maddubs_epi16(q1[j], hi));
+        if constexpr (B == 4) {
+          // Each int16 lane holds 4 products, |sum| <= 4 * 15 * 127; the two horizontal adds make it 16 products,
+          // <= 30480, still int16, so one madd (not four) widens the row sums to int32, exactly.
+          const __m256i pairs = _mm256_hadd_epi16(_mm256_hadd_epi16(s[0], s[1]), _mm256_hadd_epi16(s[2], s[3]));
+          dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+        } else {  // 4 products of up to 31 * 127 fit int16, 16 would not: widen first
+          for (int j = 0; j < 4; ++j) s[j] = _mm256_madd_epi16(s[j], ones);
+          dots = _mm256_cvtepi32_ps(_mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3])));
+        }
       }
 #endif
       // dots: rows 0..7
@@ -471,26 +503,32 @@ at::Tensor int8_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   return run_rows(x, blocks, block, scale, RowValues(bias), ids);
 }
 
-// An int4 weight's blocks w [(E,) N/8, K/32, 8, 16] or an int5 weight's [(E,) N/8, K/32, 160] (uint8), with its
-// scales sm [(E,) N/8, K/32, S, 8] float16: S = 2 (scales, mins) or 1 (scales; Q4_0 and Q5_0).
+// An int4 weight's blocks w [(E,) N/8, K/32, 8, 16], an int5 weight's [(E,) N/8, K/32, 160] or an int8-per-32
+// weight's [(E,) N/8, K/32, 256] (uint8), with its scales sm [(E,) N/8, K/32, S, 8] float16: S = 2 (scales, mins) or
+// 1 (scales; Q4_0, Q5_0 and Q8_0).
 struct LowBitBlocks {
   int bits;
   bool stacked;
   int64_t E, blocks, G, S;
 };
 
+int64_t low_bit_group_bytes(int bits) {
+  return bits == 4 ? kGroupBytes<4> : bits == 5 ? kGroupBytes<5> : kGroupBytes<8>;
+}
+
 LowBitBlocks low_bit_blocks(const at::Tensor& w, const at::Tensor& sm, const char* name) {
   const bool four = (w.dim() == 4 || w.dim() == 5) && w.size(-2) == kRows && w.size(-1) == 16;
-  const bool five = (w.dim() == 3 || w.dim() == 4) && w.size(-1) == kInt5Bytes;
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && (four || five), name,
-              ": w must be uint8 blocks [(E,) N/8, K/32, 8, 16] (int4) or [(E,) N/8, K/32, 160] (int5)");
+  const bool wide = (w.dim() == 3 || w.dim() == 4) && (w.size(-1) == kInt5Bytes || w.size(-1) == kInt8Bytes);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && (four || wide), name,
+              ": w must be uint8 blocks [(E,) N/8, K/32, 8, 16] (int4), [(E,) N/8, K/32, 160] (int5) or "
+              "[(E,) N/8, K/32, 256] (int8 per 32)");
   const bool stacked = w.dim() == (four ? 5 : 4);
   const int64_t blocks = w.size(stacked ? 1 : 0), G = w.size(stacked ? 2 : 1);
   TORCH_CHECK(sm.scalar_type() == at::kHalf && sm.dim() == (stacked ? 5 : 4) && sm.is_contiguous() &&
                   (!stacked || sm.size(0) == w.size(0)) && sm.size(-4) == blocks && sm.size(-3) == G &&
                   (sm.size(-2) == 1 || sm.size(-2) == 2) && sm.size(-1) == kRows,
               name, ": sm must be float16 [(E,) N/8, K/32, S, 8], S = 2 (scales, mins) or 1 (scales)");
-  return {four ? 4 : 5, stacked, stacked ? w.size(0) : 1, blocks, G, sm.size(-2)};
+  return {four ? 4 : w.size(-1) == kInt5Bytes ? 5 : 8, stacked, stacked ? w.size(0) : 1, blocks, G, sm.size(-2)};
 }
 
 // R rows of activations (up to kTile) through one block with S terms per group and B bits a weight.
@@ -511,19 +549,20 @@ inline void low_bit_rows(int64_t count, const QuantRow* rows, const uint8_t* w, 
   }
 }
 
-// x [..., K]; w one int4 or int5 weight's blocks, or a stack [E, ...] with experts [M] int64 naming each row's
-// matrix; sm its scales and mins (S = 2) or scales alone (S = 1, min = -8 or -16 * scale); bias: optional [N] in
-// x's dtype. Returns [..., N] ≈ x @ (q * scale + min).T (+ bias) with x quantised to int8 per group of 32.
+// x [..., K]; w one int4, int5 or int8-per-32 weight's blocks, or a stack [E, ...] with experts [M] int64 naming
+// each row's matrix; sm its scales and mins (S = 2) or scales alone (S = 1, min = -8, -16 or -128 * scale); bias:
+// optional [N] in x's dtype. Returns [..., N] ≈ x @ (q * scale + min).T (+ bias) with x quantised to int8 per group of 32.
 at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sm,
                     const std::optional<at::Tensor>& experts, const std::optional<at::Tensor>& bias) {
   const LowBitBlocks l = low_bit_blocks(w, sm, "int4_dot");
-  const int64_t K = l.G * kGroup, block_bytes = l.G * (l.bits == 4 ? kRows * 16 : kInt5Bytes);
+  const int64_t K = l.G * kGroup, block_bytes = l.G * low_bit_group_bytes(l.bits);
   check_rows(x, K, bias, l.blocks * kRows, "int4_dot");
   const int64_t* ids = expert_ids(experts, x.numel() / K, l.stacked, l.E, "int4_dot");
   const uint8_t* wp = w.const_data_ptr<uint8_t>();
   const c10::Half* sp = sm.const_data_ptr<c10::Half>();
-  const auto run = l.bits == 4 ? (l.S == 2 ? low_bit_rows<2, 4> : low_bit_rows<1, 4>)
-                               : (l.S == 2 ? low_bit_rows<2, 5> : low_bit_rows<1, 5>);
+  const auto run = l.bits == 4   ? (l.S == 2 ? low_bit_rows<2, 4> : low_bit_rows<1, 4>)
+                   : l.bits == 5 ? (l.S == 2 ? low_bit_rows<2, 5> : low_bit_rows<1, 5>)
+                                 : (l.S == 2 ? low_bit_rows<2, 8> : low_bit_rows<1, 8>);
   auto block = [&](const QuantRow* rows, int64_t count, int64_t m, int64_t b, float (*sums)[kRows]) {
     const int64_t at = (ids ? ids[m] : 0) * l.blocks + b;  // a tile's rows share their expert
     run(count, rows, wp + at * block_bytes, sp + at * l.G * l.S * kRows, K, sums);
@@ -531,10 +570,10 @@ at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   return run_rows(x, l.blocks, block, [](int64_t, int64_t) { return 1.f; }, RowValues(bias), ids);
 }
 
-// One int4 or int5 weight as row-major [N, K] in `dtype` (q * scale + min, in float then rounded), for prompts.
+// One int4, int5 or int8-per-32 weight as row-major [N, K] in `dtype` (q * scale + min, in float then rounded), for prompts.
 template <int S, int B, typename scalar_t>
 void low_bit_unblock(const uint8_t* wp, const c10::Half* sp, int64_t blocks, int64_t G, scalar_t* op) {
-  constexpr int64_t group_bytes = B == 4 ? kRows * 16 : kInt5Bytes;
+  constexpr int64_t group_bytes = kGroupBytes<B>;
   const int64_t K = G * kGroup;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
@@ -562,8 +601,10 @@ at::Tensor int4_unblock(const at::Tensor& w, const at::Tensor& sm, at::ScalarTyp
     scalar_t* op = out.data_ptr<scalar_t>();
     if (l.bits == 4) {
       (l.S == 2 ? low_bit_unblock<2, 4, scalar_t> : low_bit_unblock<1, 4, scalar_t>)(wp, sp, l.blocks, l.G, op);
-    } else {
+    } else if (l.bits == 5) {
       (l.S == 2 ? low_bit_unblock<2, 5, scalar_t> : low_bit_unblock<1, 5, scalar_t>)(wp, sp, l.blocks, l.G, op);
+    } else {
+      (l.S == 2 ? low_bit_unblock<2, 8, scalar_t> : low_bit_unblock<1, 8, scalar_t>)(wp, sp, l.blocks, l.G, op);
     }
   });
   return out;

@@ -1,0 +1,133 @@
+"""int8 with a scale per 32 inputs (GGUF's Q8_0 as stored): the kernel's storage and products on every build, the
+codes read from a file, and an int8 run of a Q8_0 file multiplying by exactly the file's matrices."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from safetensors.numpy import load_file
+
+from llmcli.backends import int8_kernel, int_dot
+from llmcli.backends.int4 import Int4Linear, Int8GroupLinear
+from llmcli.formats.gguf_int4 import int8_codes
+from tests.gguf_convert import convert
+from tests.test_gguf import QUANT, build, dequantised_checkpoint
+from tests.test_int_kernels import close, dequantised_rows
+
+pytestmark = pytest.mark.skipif(not int8_kernel.available()[0], reason="llmcli's CPU kernels cannot be built here")
+
+
+def q8_weight(n: int, k: int, seed: int = 0):
+    """Random Q8_0-like codes over the whole int8 range (-128 included, which llama.cpp never writes but a file may
+    hold), float16-representable scales, and the float64 matrix w = q * scale."""
+    torch.manual_seed(seed)
+    q = torch.randint(-128, 128, (n, k))
+    q[0, :32] = torch.tensor([-128, 127] * 16)  # both ends in one group
+    scale = (torch.rand(n, k // 32) * 0.02).half().float()
+    return q, scale, q.double() * scale.double().repeat_interleave(32, 1)
+
+
+def test_storage_holds_codes_offset_by_128_in_row_pairs():
+    q, scale, weight = q8_weight(24, 64)
+    packed, sm = int_dot.int8_group_blocks(q, scale)
+    assert packed.shape == (3, 2, 256) and packed.dtype == torch.uint8 and sm.shape == (3, 2, 1, 8)
+    assert int_dot.bits_of(packed) == 8
+    # stored rows 0 and 1 of a block are rows 0 and 4: their inputs 0-15, then 16-31, each pair 64 bytes
+    group = packed[0, 1].long() - 128
+    assert torch.equal(group[:16], q[0, 32:48]) and torch.equal(group[16:32], q[4, 32:48])
+    assert torch.equal(group[32:48], q[0, 48:64]) and torch.equal(group[48:64], q[4, 48:64])
+    assert torch.equal(sm[0, 1, 0].float(), scale[:8, 1])
+    assert torch.equal(int_dot.int4_unblock(packed, sm).double(), weight)  # (u - 128) * scale, exactly
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 17])
+def test_product_equals_the_quantised_reference(rows):
+    """Outputs a multiple of 8 but not 16 (40), inputs 3 groups and 152 (a down projection); tiles of 1 to 8 rows."""
+    for n, k in ((40, 96), (8, 4864)):
+        q, scale, weight = q8_weight(n, k, seed=rows)
+        packed, sm = int_dot.int8_group_blocks(q, scale)
+        x = torch.randn(2, rows, k)
+        got = int_dot.int4_dot(x, packed, sm)
+        assert got.shape == (2, rows, n)
+        assert close(got, dequantised_rows(x) @ weight.T, 1e-5)
+        one_at_a_time = torch.cat([int_dot.int4_dot(x[:, i:i + 1], packed, sm) for i in range(rows)], 1)
+        assert torch.equal(got, one_at_a_time)
+
+
+def test_rows_go_through_their_own_expert():
+    parts = [q8_weight(16, 64, seed) for seed in range(3)]
+    blocks = [int_dot.int8_group_blocks(q, s) for q, s, _ in parts]
+    packed, sm = torch.stack([p for p, _ in blocks]), torch.stack([s for _, s in blocks])
+    x, experts = torch.randn(5, 64), torch.tensor([2, 0, 2, 1, 2])
+    got = int_dot.int4_dot(x, packed, sm, experts)
+    for row, e in enumerate(experts.tolist()):
+        assert close(got[row], dequantised_rows(x[row]) @ parts[e][2].T, 1e-5)
+
+
+def test_avx2_and_portable_builds_compute_the_same_products(portable_ops, avx2_ops):
+    """AVX2 without VNNI multiplies u's two nibbles apart (maddubs's int16 pairs would overflow on 255 * 127); the
+    portable loops read the bytes as they are; the native build, with VNNI, equals the AVX2 build bit for bit."""
+    q, scale, weight = q8_weight(40, 4864, seed=5)
+    packed, sm = int_dot.int8_group_blocks(q, scale)
+    x = torch.randn(7, 4864)
+    for ops in (portable_ops, avx2_ops):
+        assert close(ops.int4_dot(x, packed, sm, None), dequantised_rows(x) @ weight.T, 1e-5)
+        assert torch.equal(ops.int4_unblock(packed, sm, torch.float32).double(), weight)
+    if int_dot.isa() == "avx2_vnni":
+        for rows in (1, 3, 8, 9):
+            xb = torch.randn(rows, 4864).bfloat16()
+            assert torch.equal(torch.ops.llmcli.int4_dot(xb, packed, sm), avx2_ops.int4_dot(xb, packed, sm, None))
+
+
+@pytest.mark.parametrize("shape", [(4, 64), (3, 96)])
+def test_q8_0_codes_equal_the_gguf_packages_dequantisation(shape):
+    weights = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    weights[0, :32] *= 1000  # large scales, still float16
+    data = gguf.quants.quantize(weights, Q.Q8_0)
+    q, scale, low = int8_codes(data, "Q8_0", shape[1])
+    assert low is None and q.dtype == np.int8 and q.shape == shape
+    got = q.astype(np.float32) * np.repeat(scale, 32, axis=1)
+    assert np.array_equal(got, gguf.quants.dequantize(data, Q.Q8_0))
+
+
+@pytest.fixture(scope="module")
+def q8_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("q8")
+    build("Qwen2", QUANT, root / "hf")
+    path = convert(root / "hf", root / "model-q8_0.gguf", qtype=Q.Q8_0)
+    return path, load_file(str(dequantised_checkpoint(path, root / "hf", root / "reference") / "model.safetensors"))
+
+
+@pytest.mark.skipif(not int_dot.runs_fast(), reason="llmcli's AVX2 integer kernel is not built here")
+def test_int8_run_of_a_q8_0_file_multiplies_by_the_files_matrices(q8_file):
+    """Every linear the file stores in Q8_0, the head included, keeps its codes and per-32 scales: each product is
+    the GGUF's dequantised matrix (re-quantising onto int8's per-row grid would round every weight again); q/k/v
+    and gate/up still join into one product each, and the run's note says so."""
+    from llmcli.loader import load_model
+
+    path, reference = q8_file
+    loaded = load_model("q", path, device="cpu", dtype="bfloat16", quantize="auto")
+    assert loaded.options.quantize == "int8"
+    assert any("Q8_0 codes as stored" in note for note in loaded.notes), loaded.notes
+    stored = {name: m for name, m in loaded.model.named_modules() if isinstance(m, Int4Linear)}
+    assert {type(m) for m in stored.values()} == {Int8GroupLinear}
+    assert {name.rpartition(".")[2] for name in stored} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj",
+                                                            "lm_head"}
+    joined = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    for name, module in stored.items():
+        with torch.inference_mode():
+            weight = int_dot.int4_unblock(module.packed, module.scales_and_mins)
+        parent, _, leaf = name.rpartition(".")
+        expected = torch.cat([torch.from_numpy(reference[f"{parent}.{part}.weight"]) for part in joined[leaf]]) \
+            if leaf in joined else torch.from_numpy(reference[name + ".weight"])
+        assert torch.equal(weight, expected), name
+    # the whole model: near the file's dequantised floats (what differs is the activations' int8 rounding)
+    floats = load_model("f", path, device="cpu", dtype="bfloat16", quantize=None)
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.inference_mode():
+        got, expected = (m.runner(ids, m.runner.make_cache(1, 64)).float() for m in (loaded, floats))
+    assert got.shape == (1, 37, QUANT["vocab_size"])
+    assert (got - expected).norm() <= 0.03 * expected.norm()
