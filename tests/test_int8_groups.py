@@ -93,25 +93,31 @@ def test_q8_0_codes_equal_the_gguf_packages_dequantisation(shape):
     assert np.array_equal(got, gguf.quants.dequantize(data, Q.Q8_0))
 
 
-@pytest.fixture(scope="module")
-def q8_file(tmp_path_factory):
+@pytest.fixture(scope="module", params=["Qwen2", "Llama"])
+def q8_file(request, tmp_path_factory):
+    """A Q8_0 file with its own head (Qwen2) or with the head tied to the embedding (Llama, as SmolLM2's)."""
     root = tmp_path_factory.mktemp("q8")
-    build("Qwen2", QUANT, root / "hf")
+    build(request.param, {**QUANT, "tie_word_embeddings": request.param == "Llama"}, root / "hf")
     path = convert(root / "hf", root / "model-q8_0.gguf", qtype=Q.Q8_0)
     return path, load_file(str(dequantised_checkpoint(path, root / "hf", root / "reference") / "model.safetensors"))
 
 
 @pytest.mark.skipif(not int_dot.runs_fast(), reason="llmcli's AVX2 integer kernel is not built here")
 def test_int8_run_of_a_q8_0_file_multiplies_by_the_files_matrices(q8_file):
-    """Every linear the file stores in Q8_0, the head included, keeps its codes and per-32 scales: each product is
-    the GGUF's dequantised matrix (re-quantising onto int8's per-row grid would round every weight again); q/k/v
-    and gate/up still join into one product each, and the run's note says so."""
+    """Every linear the file stores in Q8_0, the head included (a tied head: the embedding's codes), keeps its codes
+    and per-32 scales: each product is the GGUF's dequantised matrix (re-quantising onto int8's per-row grid would
+    round every weight again); q/k/v and gate/up still join into one product each, and the run's note says so."""
     from llmcli.loader import load_model
 
     path, reference = q8_file
+    reference.setdefault("lm_head.weight", reference["model.embed_tokens.weight"])  # tied
     loaded = load_model("q", path, device="cpu", dtype="bfloat16", quantize="auto")
     assert loaded.options.quantize == "int8"
     assert any("Q8_0 codes as stored" in note for note in loaded.notes), loaded.notes
+    from llmcli.show_gguf import gguf_facts, open_for_show
+
+    facts = gguf_facts(open_for_show(path))  # `show` says it before loading
+    assert facts["runs_on_cpu_as"] == "int8" and facts["int8_as_stored"] == ["Q8_0"]
     stored = {name: m for name, m in loaded.model.named_modules() if isinstance(m, Int4Linear)}
     assert {type(m) for m in stored.values()} == {Int8GroupLinear}
     assert {name.rpartition(".")[2] for name in stored} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj",

@@ -109,6 +109,16 @@ class Int4Linear(Product, nn.Module):
         self.dtype = dtype
         self.bias = linear.bias
 
+    def _hold_blocks(self, linear: nn.Linear, packed: torch.Tensor, sm: torch.Tensor) -> None:
+        """Become `linear` (its sizes, dtype and bias) with the weight in the integer kernel's blocks."""
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, GROUP
+        self.dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.bfloat16
+        self.integer = True
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_mins", sm)
+        self.bias = linear.bias
+
     @classmethod
     def joined(cls, parts: list[Int4Linear]) -> Int4Linear | None:
         """One module whose outputs are the parts' in order (a file's stored 4-bit q, k and v, or gate and up, as
@@ -170,15 +180,8 @@ class Int5Linear(Int4Linear):
 
     def __init__(self, linear: nn.Linear, quantized=None):
         """`quantized`: (q, scale, low) from a file (low None for Q5_0: w = (q - 16) * scale), else computed."""
-        nn.Module.__init__(self)
-        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, GROUP
-        self.dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.bfloat16
         q, scale, low = quantized if quantized is not None else quantize_min_max(linear.weight.detach(), 31)
-        packed, sm = int_dot.int5_blocks(q, scale, low)
-        self.integer = True
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_mins", sm)
-        self.bias = linear.bias
+        self._hold_blocks(linear, *int_dot.int5_blocks(q, scale, low))
 
     @property
     def label(self) -> str:
@@ -193,15 +196,8 @@ class Int8GroupLinear(Int4Linear):
 
     def __init__(self, linear: nn.Linear, quantized):
         """`quantized`: (q [N, K] in -128..127, scale [N, K/32], None) from the file."""
-        nn.Module.__init__(self)
-        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, GROUP
-        self.dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.bfloat16
         q, scale, _ = quantized
-        packed, sm = int_dot.int8_group_blocks(q, scale)
-        self.integer = True
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_mins", sm)
-        self.bias = linear.bias
+        self._hold_blocks(linear, *int_dot.int8_group_blocks(q, scale))
 
     @property
     def label(self) -> str:

@@ -7,8 +7,9 @@ Q4_0 paths quantise the activation row to int8 (a scale per 32 inputs) and multi
 (`maddubs`): 2.4-2.8x llmcli's decode on the same CPU. These kernels do the same for llmcli's weights:
 int8 weights in the int8 kernel's blocks (a scale per output row), int4 weights with a float16 scale and
 minimum per group of 32 inputs (w = q * scale + min, GGUF's Q4_1; Q4_0's scales alone), int5 weights: int4's
-blocks plus a high bit per weight (GGUF's Q5 codes), and int8 weights with a scale per 32 inputs (GGUF's Q8_0 codes). Quantising the activations changes the
-numbers slightly (README: quality); `Options.int_dot` (LLMCLI_INT_DOT=0) turns it off. CPUs with AVX-512 run
+blocks plus a high bit per weight (GGUF's Q5 codes), and int8 weights with a scale per 32 inputs (GGUF's Q8_0
+codes). Quantising the activations changes the numbers slightly (README: quality); `Options.int_dot`
+(LLMCLI_INT_DOT=0) turns it off. CPUs with AVX-512 run
 them too (with 256-bit instructions): on a Zen 4 their decode products matched or beat the AVX-512 float kernel,
 and the fused MLP and expert ops take integer weights only.
 """
@@ -102,15 +103,21 @@ def int5_blocks(q: torch.Tensor, scale: torch.Tensor,
 INT8_GROUP_BYTES = 256  # per block of 8 rows and group of 32 inputs: a byte per weight (kInt8Bytes)
 
 
-def int8_group_blocks(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_group_blocks(q: torch.Tensor, scale: torch.Tensor,
+                      chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """q [N, K] in -128..127 and scale [N, K/32] (w = q * scale: GGUF's Q8_0) -> the kernel's storage
     (kernels/int_dot.cpp): bytes [N/8, K/32, 256] of u = q + 128, per pair of stored rows A, B (INT4_ORDER) A's
-    inputs 0-15, B's 0-15, A's 16-31, B's 16-31; and scales alone [N/8, K/32, 1, 8] as int4_blocks gives them."""
+    inputs 0-15, B's 0-15, A's 16-31, B's 16-31; and scales alone [N/8, K/32, 1, 8] as int4_blocks gives them.
+    A few thousand rows at a time, one copy each: a vocabulary-sized head's temporaries stay small."""
     n, k = q.shape
-    u = (q.to(torch.int16) + 128).to(torch.uint8).reshape(n // ROWS, ROWS, k // GROUP, 2, 16)[:, list(INT4_ORDER)]
-    u = u.reshape(n // ROWS, 4, 2, k // GROUP, 2, 16).permute(0, 3, 1, 4, 2, 5)  # [.., pair, half, row of pair, 16]
+    packed = torch.empty(n // ROWS, k // GROUP, INT8_GROUP_BYTES, dtype=torch.uint8)
+    for begin in range(0, n, chunk_rows):
+        u = q[begin: begin + chunk_rows].to(torch.int8).view(torch.uint8) ^ 0x80
+        # block row 4 * (row of pair) + pair is stored row 2 * pair + (row of pair): INT4_ORDER
+        u = u.reshape(-1, 2, 4, k // GROUP, 2, 16).permute(0, 3, 2, 4, 1, 5)  # [.., pair, half, row of pair, 16]
+        packed[begin // ROWS: (begin + chunk_rows) // ROWS] = u.reshape(-1, k // GROUP, INT8_GROUP_BYTES)
     sm = scale.reshape(n // ROWS, ROWS, k // GROUP).permute(0, 2, 1)[:, :, None].to(torch.float16)
-    return u.reshape(n // ROWS, k // GROUP, INT8_GROUP_BYTES).contiguous(), sm.contiguous()
+    return packed, sm.contiguous()
 
 
 def bits_of(packed: torch.Tensor) -> int:

@@ -221,7 +221,7 @@ class Preparation:
         4-bit become Int4Linear first, with the file's codes; that leaves them out of fusing."""
         if self.stored is not None:
             swap_linears(module, lambda name, child: self.stored_int4(prefix + name, child))
-            if self.int_dot and self.int4:  # the rest in int4 now, so that q/k/v and gate/up join whatever types the file mixed
+            if self.int_dot and self.int4:  # the rest in int4 now: q/k/v and gate/up join whatever types the file mixed
                 swap_linears(module, lambda name, child: self.int4_to_join(prefix + name, child))
         for part in [m for m in module.modules() if isinstance(m, FusesProjections)]:
             if not part.projections_fused:
@@ -263,12 +263,21 @@ class Preparation:
         if not self._may_store_int4(name, linear):
             return None
         if self.int8_groups:
-            codes = self.stored.int8_codes(name + ".weight")
+            codes = self.stored.int8_codes(self._stored_name(name, linear))
             return Int8GroupLinear(linear, quantized=codes) if codes is not None else None
         if self.int5 and self.int_dot and (codes := self.stored.int5_codes(name + ".weight")) is not None:
             return Int5Linear(linear, quantized=codes)
         codes = self.stored.int4_codes(name + ".weight")
         return Int4Linear(linear, quantized=codes, integer=self.int_dot) if codes is not None else None
+
+    def _stored_name(self, name: str, linear: nn.Linear) -> str:
+        """The checkpoint tensor holding `linear`'s weight: its own, or a tied head's embedding (SmolLM2's Q8_0 file
+        stores the two as one token_embd)."""
+        if not self.stored.stores(name + ".weight", self._stored_types()):
+            for embedding_name, module in self.model.named_modules():
+                if isinstance(module, nn.Embedding) and module.weight is linear.weight:
+                    return embedding_name + ".weight"
+        return name + ".weight"
 
     def int4_to_join(self, name: str, linear: nn.Linear) -> nn.Module | None:
         """A linear the file does not store in 4 bits, in int4 (int5) before fusing: llama.cpp's Q4_K_M keeps attn_v

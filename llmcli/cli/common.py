@@ -135,9 +135,10 @@ QUANTIZE_OPT = typer.Option(
     Quantize.auto, "--quantize",
     help="auto (default): none, except that a quantised GGUF file runs on CPU in int4 when its layers average at "
          "most 5.25 bits a weight (Q4_0, Q4_1, Q4_K_M, IQ4_XS: its 4-bit codes as stored), in int5 up to 6.25 "
-         "(Q5_0, Q5_1, Q5_K_M: its 5-bit codes as stored; needs AVX2), else in int8 (Q6_K, Q8_0). none: the "
-         "weights in --dtype. int8: weight-only int8 with a scale per output channel for "
-         "every linear layer (about half the bytes of bfloat16 per decoded token; use with --dtype bfloat16). On "
+         "(Q5_0, Q5_1, Q5_K_M: its 5-bit codes as stored; needs AVX2), else in int8 (Q6_K; Q8_0: its codes and "
+         "per-32 scales as stored, with AVX2). none: the weights in --dtype. int8: weight-only int8 with a scale "
+         "per output channel for every linear layer (about half the bytes of bfloat16 per decoded token; use with "
+         "--dtype bfloat16). On "
          "CPU, decoding runs on llmcli's int8 kernel, built once with the C++ compiler (about 8 s): 1.7-2.0x "
          "bfloat16's decode speed. int5: 5-bit with a scale and minimum per 32 inputs, 6 bits a weight, on "
          "llmcli's integer kernel (CPU with AVX2; else int8): between int8 and int4 in size and error. int4: "

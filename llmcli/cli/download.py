@@ -336,6 +336,7 @@ def _render_facts(f: dict) -> None:
         add("tensor types", types_summary(f["tensor_types"], human_bytes))
         if f.get("runs_on_cpu_as"):
             wide = f"; {', '.join(f['int5_parts'])} parts in int5 with AVX2" if f.get("int5_parts") else ""
+            wide += f"; {', '.join(f['int8_as_stored'])} codes as stored with AVX2" if f.get("int8_as_stored") else ""
             add("runs as", f"{f['runs_on_cpu_as']} on CPU (layers {f['layer_bits']:.2f} bits a weight{wide}; "
                            "--quantize auto, the default)")
     if f.get("weight_bytes"):
