@@ -81,7 +81,7 @@ class GGUFSource:
         if raw is None:
             return None
         codes = extract(raw, self.gguf.tensors[piece.source].type_name, piece.shape[1])
-        return tuple(None if part is None else torch.from_numpy(np.ascontiguousarray(part)) for part in codes)
+        return tuple(None if part is None else torch.from_numpy(part) for part in codes)  # strided views as they are
 
     def stored_bits(self, name: str) -> float | None:
         """Bits per weight of the file's tensor that holds checkpoint tensor `name` (None: not in the file)."""

@@ -82,15 +82,18 @@ def test_avx2_and_portable_builds_compute_the_same_products(portable_ops, avx2_o
             assert torch.equal(torch.ops.llmcli.int4_dot(xb, packed, sm), avx2_ops.int4_dot(xb, packed, sm, None))
 
 
-@pytest.mark.parametrize("shape", [(4, 64), (3, 96)])
+@pytest.mark.parametrize("shape", [(8, 64), (16, 96)])
 def test_q8_0_codes_equal_the_gguf_packages_dequantisation(shape):
     weights = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     weights[0, :32] *= 1000  # large scales, still float16
     data = gguf.quants.quantize(weights, Q.Q8_0)
     q, scale, low = int8_codes(data, "Q8_0", shape[1])
-    assert low is None and q.dtype == np.int8 and q.shape == shape
-    got = q.astype(np.float32) * np.repeat(scale, 32, axis=1)
+    assert low is None and q.dtype == np.int8 and q.shape == (shape[0], shape[1] // 32, 32)
+    assert np.shares_memory(q, data)  # a view of the file's bytes, not a copy
+    got = q.reshape(shape).astype(np.float32) * np.repeat(scale, 32, axis=1)
     assert np.array_equal(got, gguf.quants.dequantize(data, Q.Q8_0))
+    packed, sm = int_dot.int8_group_blocks(torch.from_numpy(q), torch.from_numpy(scale))  # strided codes pack too
+    assert torch.equal(int_dot.int4_unblock(packed, sm), torch.from_numpy(got))
 
 
 @pytest.fixture(scope="module", params=["Qwen2", "Llama"])

@@ -105,11 +105,12 @@ INT8_GROUP_BYTES = 256  # per block of 8 rows and group of 32 inputs: a byte per
 
 def int8_group_blocks(q: torch.Tensor, scale: torch.Tensor,
                       chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [N, K] in -128..127 and scale [N, K/32] (w = q * scale: GGUF's Q8_0) -> the kernel's storage
-    (kernels/int_dot.cpp): bytes [N/8, K/32, 256] of u = q + 128, per pair of stored rows A, B (INT4_ORDER) A's
-    inputs 0-15, B's 0-15, A's 16-31, B's 16-31; and scales alone [N/8, K/32, 1, 8] as int4_blocks gives them.
-    A few thousand rows at a time, one copy each: a vocabulary-sized head's temporaries stay small."""
-    n, k = q.shape
+    """q [N, K] (or [N, K/32, 32], any strides) in -128..127 and scale [N, K/32] (w = q * scale: GGUF's Q8_0) -> the
+    kernel's storage (kernels/int_dot.cpp): bytes [N/8, K/32, 256] of u = q + 128, per pair of stored rows A, B
+    (INT4_ORDER) A's inputs 0-15, B's 0-15, A's 16-31, B's 16-31; and scales alone [N/8, K/32, 1, 8] as int4_blocks
+    gives them. A few thousand rows at a time, one copy each: a vocabulary-sized head's temporaries stay small."""
+    q = q.reshape(q.shape[0], -1, GROUP)
+    n, k = q.shape[0], q.shape[1] * GROUP
     packed = torch.empty(n // ROWS, k // GROUP, INT8_GROUP_BYTES, dtype=torch.uint8)
     for begin in range(0, n, chunk_rows):
         u = q[begin: begin + chunk_rows].to(torch.int8).view(torch.uint8) ^ 0x80

@@ -118,10 +118,10 @@ INT8_TYPES = ("Q8_0",)
 
 def int8_codes(raw: np.ndarray, type_name: str, columns: int) -> tuple[np.ndarray, np.ndarray, None]:
     """Raw rows [rows, row_bytes] of a Q8_0 tensor (per 32 values: float16 d, then 32 int8 q; w = q * d) ->
-    (q [rows, columns] int8, scale [rows, columns / 32] float32, None)."""
+    (q [rows, columns / 32, 32] int8, scale [rows, columns / 32] float32, None); q is a view of `raw`, not a copy (a
+    vocabulary-sized head's codes are hundreds of MB)."""
     if type_name != "Q8_0":
         raise ValueError(f"int8 codes come from Q8_0, not {type_name}")
     rows = raw.shape[0]
     blocks = raw.reshape(rows, columns // 32, 34)
-    q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8)
-    return q.reshape(rows, columns), _halves(blocks, 0).reshape(rows, -1), None
+    return blocks[..., 2:].view(np.int8), _halves(blocks, 0).reshape(rows, -1), None

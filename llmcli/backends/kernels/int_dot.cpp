@@ -1,4 +1,4 @@
-// Integer dot products for int8 and int4 weights, a few rows at a time (decoding), on CPUs with AVX2;
+// Integer dot products for int8, int4 and int5 weights, a few rows at a time (decoding), on CPUs with AVX2;
 // built with llmcli's other kernels and called by llmcli/backends/int_dot.py.
 //
 // Without AVX-512, converting each int8 weight to float and multiplying in float32 is compute-bound at
@@ -261,7 +261,7 @@ inline void low_bit_codes(const uint8_t* wg, int64_t i, int* q) {
 }
 
 // sums[m][r] = sum_k x_m[k] * w[r][k] for R rows of activations and the 8 rows of one int4 block (w [K/32][8][16]
-// bytes) or int5 block (w [K/32][160]), sm [K/32][S][8]. The rows share each group's unpacked weights and scales
+// bytes), int5 block (w [K/32][160]) or int8-per-32 block (w [K/32][256]), sm [K/32][S][8]. The rows share each group's unpacked weights and scales
 // (prompts: R = 4, about twice the rate of one row at a time); each row's arithmetic is the one-row order, so
 // results do not depend on R.
 template <int R, int S, int B>
