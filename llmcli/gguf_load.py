@@ -20,7 +20,16 @@ import torch
 from llmcli.config import ModelConfig
 from llmcli.formats.gguf import GGUFFile, open_gguf, unsupported_error
 from llmcli.formats.gguf_config import gguf_config
-from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES, INT8_TYPES, int4_codes, int5_codes, int8_codes
+from llmcli.formats.gguf_int4 import (
+    INT4_TYPES,
+    INT5_TYPES,
+    INT8_TYPES,
+    Q6_TYPES,
+    int4_codes,
+    int5_codes,
+    int8_codes,
+    q6_k_codes,
+)
 from llmcli.formats.gguf_names import Piece, checkpoint_pieces, tensor_infos
 from llmcli.formats.safetensors import TensorInfo
 from llmcli.gguf_dequant import TORCH_TYPES, dequantize_into
@@ -72,6 +81,11 @@ class GGUFSource:
         """(q, scale, None) of checkpoint tensor `name` when the file stores it in Q8_0 (w = q * scale per 32),
         else None."""
         return self._codes(name, INT8_TYPES, int8_codes)
+
+    def q6_k_codes(self, name: str):
+        """(q in 0..63, scale per 16, None) of checkpoint tensor `name` when the file stores it in Q6_K
+        (w = (q - 32) * scale), else None."""
+        return self._codes(name, Q6_TYPES, q6_k_codes)
 
     def _codes(self, name: str, types: tuple[str, ...], extract):
         if not self.stores(name, types):

@@ -174,9 +174,33 @@ def _quantised(name: str, array: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if array.shape[-1] % block:
         return array.astype(np.float32), Q.F32
+    if qtype == Q.Q6_K:
+        return q6_k_blocks(array), qtype
     if qtype in K_SCALES:
         return random_k_blocks(array.shape, qtype), qtype
     return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+
+
+def q6_k_blocks(array: np.ndarray) -> np.ndarray:
+    """`array` [..., K] (K a multiple of 256) quantised to Q6_K blocks, as llama.cpp's reference quantiser does in
+    outline (gguf.quants has none): per 16 values a scale that maps the largest |w| to -32, per 256 a float16 d that
+    maps the largest of those to -128 in the int8 sub-scales, q = round(w / (d sc)) + 32 in 0..63; packed as ggml lays
+    Q6_K out (tested through gguf's own dequantisation)."""
+    shape = array.shape
+    sub = array.reshape(-1, 16, 16).astype(np.float32)  # [blocks, sub-block, value]
+    signed_max = np.take_along_axis(sub, np.abs(sub).argmax(-1)[..., None], -1)[..., 0]
+    scale = signed_max / -32
+    largest = np.take_along_axis(scale, np.abs(scale).argmax(-1)[..., None], -1)  # [blocks, 1]
+    d = (largest / -128).astype(np.float16)
+    sc = np.clip(np.round(np.divide(scale, d.astype(np.float32), out=np.zeros_like(scale), where=d != 0)), -128, 127)
+    step = d.astype(np.float32) * sc
+    q = np.round(np.divide(sub, step[..., None], out=np.zeros_like(sub), where=step[..., None] != 0)) + 32
+    q = np.clip(q, 0, 63).astype(np.uint8).reshape(-1, 2, 4, 32)  # [blocks, half, k, l]: value 128 h + 32 k + l
+    low = np.concatenate([q[:, :, 0] & 15 | (q[:, :, 2] & 15) << 4, q[:, :, 1] & 15 | (q[:, :, 3] & 15) << 4], -1)
+    high = sum((q[:, :, k] >> 4) << (2 * k) for k in range(4)).astype(np.uint8)
+    blocks = np.concatenate([low.reshape(-1, 128), high.reshape(-1, 64), sc.astype(np.int8).view(np.uint8),
+                             d.view(np.uint8)], -1)
+    return blocks.reshape(*shape[:-1], shape[-1] // 256 * 210)
 
 
 # gguf.quants cannot quantise to the K and IQ types: tests write random blocks with small valid f16 scales

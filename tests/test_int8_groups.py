@@ -1,5 +1,6 @@
-"""int8 with a scale per 32 inputs (GGUF's Q8_0 as stored): the kernel's storage and products on every build, the
-codes read from a file, and an int8 run of a Q8_0 file multiplying by exactly the file's matrices."""
+"""int8 with a scale per 32 inputs (GGUF's Q8_0 as stored) and 6 bits with a scale per 16 (Q6_K as stored): the
+kernel's storage and products on every build, the codes read from a file, and an int8 run of a Q8_0 or Q6_K file
+multiplying by exactly the file's matrices."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import load_file
 
 from llmcli.backends import int8_kernel, int_dot
-from llmcli.backends.int4 import Int4Linear, Int8GroupLinear
-from llmcli.formats.gguf_int4 import int8_codes
-from tests.gguf_convert import convert
+from llmcli.backends.int4 import Int4Linear, Int6Per16Linear, Int8GroupLinear
+from llmcli.formats.gguf_int4 import int8_codes, q6_k_codes
+from tests.gguf_convert import convert, q6_k_blocks, random_k_blocks
 from tests.test_gguf import QUANT, build, dequantised_checkpoint
 from tests.test_int_kernels import close, dequantised_rows
 
@@ -82,6 +83,55 @@ def test_avx2_and_portable_builds_compute_the_same_products(portable_ops, avx2_o
             assert torch.equal(torch.ops.llmcli.int4_dot(xb, packed, sm), avx2_ops.int4_dot(xb, packed, sm, None))
 
 
+def q6_weight(n: int, k: int, seed: int = 0):
+    """Random 6-bit codes and float16-representable scales per 16 inputs, and the float64 matrix (q - 32) * scale."""
+    torch.manual_seed(seed)
+    q = torch.randint(0, 64, (n, k))
+    scale = ((torch.rand(n, k // 16) - 0.5) * 0.04).half().float()
+    return q, scale, (q.double() - 32) * scale.double().repeat_interleave(16, 1)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 17])
+def test_6_bit_product_with_a_scale_per_16_equals_the_quantised_reference(rows):
+    """Each group's inputs 0-15 and 16-31 take their own scales (the activations' sums over the first 16 carry the
+    -32 offset); inputs 3 groups of 32 (not a multiple of 64) and 152."""
+    for n, k in ((40, 96), (8, 4864)):
+        q, scale, weight = q6_weight(n, k, seed=rows)
+        packed, sm = int_dot.int6_per16_blocks(q, scale)
+        assert packed.shape == (n // 8, k // 32, 192) and sm.shape == (n // 8, k // 32, 2, 8)
+        assert int_dot.bits_of(packed) == 6 and torch.equal(int_dot.int4_unblock(packed, sm).double(), weight)
+        x = torch.randn(rows, k)
+        got = int_dot.int4_dot(x, packed, sm)
+        assert close(got, dequantised_rows(x) @ weight.T, 1e-5)
+        assert torch.equal(got, torch.cat([int_dot.int4_dot(x[i:i + 1], packed, sm) for i in range(rows)]))
+
+
+def test_6_bit_blocks_on_every_build(portable_ops, avx2_ops):
+    q, scale, weight = q6_weight(40, 4864, seed=7)
+    packed, sm = int_dot.int6_per16_blocks(q, scale)
+    x = torch.randn(7, 4864)
+    for ops in (portable_ops, avx2_ops):
+        assert close(ops.int4_dot(x, packed, sm, None), dequantised_rows(x) @ weight.T, 1e-5)
+        assert torch.equal(ops.int4_unblock(packed, sm, torch.float32).double(), weight)
+    if int_dot.isa() == "avx2_vnni":
+        xb = torch.randn(9, 4864).bfloat16()
+        assert torch.equal(torch.ops.llmcli.int4_dot(xb, packed, sm), avx2_ops.int4_dot(xb, packed, sm, None))
+    with pytest.raises(RuntimeError, match="a scale per 16"):
+        int_dot.int4_dot(x, packed, sm[:, :, :1].contiguous())
+
+
+@pytest.mark.parametrize("blocks", ["random", "quantised"])
+def test_q6_k_codes_equal_the_gguf_packages_dequantisation(blocks):
+    weights = np.random.default_rng(1).standard_normal((8, 512)).astype(np.float32) * 0.02
+    data = random_k_blocks(weights.shape, Q.Q6_K) if blocks == "random" else q6_k_blocks(weights)
+    expected = gguf.quants.dequantize(data, Q.Q6_K)
+    q, scale, low = q6_k_codes(data, "Q6_K", 512)
+    assert low is None and q.shape == (8, 512) and q.max() <= 63 and scale.shape == (8, 32)
+    assert np.array_equal((q.astype(np.float32) - 32) * np.repeat(scale, 16, axis=1), expected)
+    if blocks == "quantised":  # the tests' own Q6_K writer: about 6 bits' error (Gaussian weights: 1.9%)
+        assert np.linalg.norm(expected - weights) <= 0.03 * np.linalg.norm(weights)
+
+
 @pytest.mark.parametrize("shape", [(8, 64), (16, 96)])
 def test_q8_0_codes_equal_the_gguf_packages_dequantisation(shape):
     weights = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -96,33 +146,38 @@ def test_q8_0_codes_equal_the_gguf_packages_dequantisation(shape):
     assert torch.equal(int_dot.int4_unblock(packed, sm), torch.from_numpy(got))
 
 
-@pytest.fixture(scope="module", params=["Qwen2", "Llama"])
+@pytest.fixture(scope="module", params=[("Qwen2", "Q8_0"), ("Llama", "Q8_0"), ("Qwen2", "Q6_K")])
 def q8_file(request, tmp_path_factory):
-    """A Q8_0 file with its own head (Qwen2) or with the head tied to the embedding (Llama, as SmolLM2's)."""
+    """A Q8_0 file with its own head (Qwen2) or with the head tied to the embedding (Llama, as SmolLM2's), and a
+    Q6_K file (random 6-bit blocks: gguf writes no Q6_K of its own)."""
+    arch, qtype = request.param
     root = tmp_path_factory.mktemp("q8")
-    build(request.param, {**QUANT, "tie_word_embeddings": request.param == "Llama"}, root / "hf")
-    path = convert(root / "hf", root / "model-q8_0.gguf", qtype=Q.Q8_0)
-    return path, load_file(str(dequantised_checkpoint(path, root / "hf", root / "reference") / "model.safetensors"))
+    build(arch, {**QUANT, "tie_word_embeddings": arch == "Llama"}, root / "hf")
+    path = convert(root / "hf", root / f"model-{qtype}.gguf", qtype=Q[qtype])
+    reference = load_file(str(dequantised_checkpoint(path, root / "hf", root / "reference") / "model.safetensors"))
+    return path, qtype, reference
 
 
 @pytest.mark.skipif(not int_dot.runs_fast(), reason="llmcli's AVX2 integer kernel is not built here")
 def test_int8_run_of_a_q8_0_file_multiplies_by_the_files_matrices(q8_file):
-    """Every linear the file stores in Q8_0, the head included (a tied head: the embedding's codes), keeps its codes
-    and per-32 scales: each product is the GGUF's dequantised matrix (re-quantising onto int8's per-row grid would
-    round every weight again); q/k/v and gate/up still join into one product each, and the run's note says so."""
+    """Every linear the file stores in Q8_0 (Q6_K), the head included (a tied head: the embedding's codes), keeps its
+    codes and per-32 (per-16) scales: each product is the GGUF's dequantised matrix (re-quantising onto int8's per-row
+    grid would round every weight again); q/k/v and gate/up still join into one product each, and the run's note
+    says so."""
     from llmcli.loader import load_model
 
-    path, reference = q8_file
+    path, qtype, reference = q8_file
+    kind = Int8GroupLinear if qtype == "Q8_0" else Int6Per16Linear
     reference.setdefault("lm_head.weight", reference["model.embed_tokens.weight"])  # tied
     loaded = load_model("q", path, device="cpu", dtype="bfloat16", quantize="auto")
     assert loaded.options.quantize == "int8"
-    assert any("Q8_0 codes as stored" in note for note in loaded.notes), loaded.notes
+    assert any(f"{qtype} codes as stored" in note for note in loaded.notes), loaded.notes
     from llmcli.show_gguf import gguf_facts, open_for_show
 
     facts = gguf_facts(open_for_show(path))  # `show` says it before loading
-    assert facts["runs_on_cpu_as"] == "int8" and facts["int8_as_stored"] == ["Q8_0"]
+    assert facts["runs_on_cpu_as"] == "int8" and facts["int8_as_stored"] == [qtype]
     stored = {name: m for name, m in loaded.model.named_modules() if isinstance(m, Int4Linear)}
-    assert {type(m) for m in stored.values()} == {Int8GroupLinear}
+    assert {type(m) for m in stored.values()} == {kind}
     assert {name.rpartition(".")[2] for name in stored} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj",
                                                             "lm_head"}
     joined = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -132,7 +187,10 @@ def test_int8_run_of_a_q8_0_file_multiplies_by_the_files_matrices(q8_file):
         parent, _, leaf = name.rpartition(".")
         expected = torch.cat([torch.from_numpy(reference[f"{parent}.{part}.weight"]) for part in joined[leaf]]) \
             if leaf in joined else torch.from_numpy(reference[name + ".weight"])
-        assert torch.equal(weight, expected), name
+        if qtype == "Q8_0":
+            assert torch.equal(weight, expected), name
+        else:  # Q6_K's d x sub-scale rounds to float16 (2^-11), as Q4_K's does
+            assert torch.allclose(weight, expected, atol=2**-11 * expected.abs().max().item(), rtol=0), name
     # the whole model: near the file's dequantised floats (what differs is the activations' int8 rounding)
     floats = load_model("f", path, device="cpu", dtype="bfloat16", quantize=None)
     ids = torch.tensor([list(range(3, 40))])

@@ -130,13 +130,13 @@ class Int4Linear(Product, nn.Module):
             return None
         blocks = [(p.packed, p.scales_and_mins, int_dot.bits_of(p.packed)) for p in parts]
         kinds = {bits for _, _, bits in blocks}
-        if 8 in kinds and len(kinds) > 1:  # int8 per 32 joins its own kind only
+        if kinds & {6, 8} and len(kinds) > 1:  # a scale per 16, or int8 per 32, joins its own kind only
             return None
         if len(kinds) > 1:
             blocks = [(*int_dot.int5_from_int4(w, sm), 5) if bits == 4 else (w, sm, bits) for w, sm, bits in blocks]
         if len({sm.shape[-2] for _, sm, _ in blocks}) > 1:  # Q4_0/Q5_0 parts (scales alone) with others' minimums
             blocks = [(w, int_dot.int4_with_mins(sm, bits), bits) for w, sm, bits in blocks]
-        kind = {5: Int5Linear, 8: Int8GroupLinear}.get(blocks[0][2], cls)
+        kind = {5: Int5Linear, 6: Int6Per16Linear, 8: Int8GroupLinear}.get(blocks[0][2], cls)
         fused = kind.__new__(kind)
         nn.Module.__init__(fused)
         fused.in_features, fused.out_features = first.in_features, sum(p.out_features for p in parts)
@@ -202,3 +202,18 @@ class Int8GroupLinear(Int4Linear):
     @property
     def label(self) -> str:
         return f"int8 kernel, a scale per {self.group} inputs (x int8 activations, {int_dot.isa_label()})"
+
+
+class Int6Per16Linear(Int4Linear):
+    """6-bit codes with a float16 scale per 16 inputs (w = (q - 32) * scale, 7 bits a weight): GGUF's Q6_K as the file
+    stores it (scale = d x its 8-bit sub-scale, rounded to float16), on the integer kernel (int_dot.py), in int8 runs
+    of Q6_K files: fewer bytes than int8's 8 and the file's own matrix instead of a second rounding."""
+
+    def __init__(self, linear: nn.Linear, quantized):
+        """`quantized`: (q [N, K] in 0..63, scale [N, K/16], None) from the file."""
+        q, scale, _ = quantized
+        self._hold_blocks(linear, *int_dot.int6_per16_blocks(q, scale))
+
+    @property
+    def label(self) -> str:
+        return f"6-bit kernel, a scale per 16 inputs (x int8 activations, {int_dot.isa_label()})"

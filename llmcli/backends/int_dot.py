@@ -121,9 +121,12 @@ def int8_group_blocks(q: torch.Tensor, scale: torch.Tensor,
     return packed, sm.contiguous()
 
 
+INT6_BYTES = 192  # per block of 8 rows and group of 32 inputs: 128 of nibbles, 64 of high bits (kInt6Bytes)
+
+
 def bits_of(packed: torch.Tensor) -> int:
-    """4, 5 or 8: which of the low-bit layouts `packed` (one matrix or a stack) is in."""
-    return {INT5_BYTES: 5, INT8_GROUP_BYTES: 8}.get(packed.shape[-1], 4)
+    """4, 5, 6 or 8: which of the low-bit layouts `packed` (one matrix or a stack) is in."""
+    return {INT5_BYTES: 5, INT6_BYTES: 6, INT8_GROUP_BYTES: 8}.get(packed.shape[-1], 4)
 
 
 def int5_from_int4(packed: torch.Tensor, sm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +179,22 @@ def int6_blocks(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tupl
     packed = torch.cat([nibbles.reshape(n // ROWS, k // GROUP, 128), units.reshape(n // ROWS, k // GROUP, 64)], -1)
     sm = torch.stack([scale, low], 0).reshape(2, n // ROWS, ROWS, k // INT6_GROUP).permute(1, 3, 0, 2)
     return packed.contiguous(), sm.to(torch.float16).contiguous()
+
+
+def int6_per16_blocks(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, K] in 0..63 and scale [N, K/16] (w = (q - 32) * scale: GGUF's Q6_K, scale = d x sub-scale) -> the int4
+    op's 6-bit storage: int6_blocks' bytes [N/8, K/32, 192] and float16 [N/8, K/32, 2, 8], the scales of each group's
+    inputs 0-15, then of 16-31 (rows in order)."""
+    n, k = q.shape
+    zeros = torch.zeros(n, k // INT6_GROUP) if k % INT6_GROUP == 0 else None
+    if zeros is None:  # int6_blocks' scales are per 64: pad to 64 for the bytes, which do not depend on them
+        packed, _ = int6_blocks(torch.cat([q, q.new_zeros(n, GROUP)], 1), torch.zeros(n, k // INT6_GROUP + 1),
+                                torch.zeros(n, k // INT6_GROUP + 1))
+        packed = packed[:, : k // GROUP].contiguous()
+    else:
+        packed, _ = int6_blocks(q, zeros, zeros)
+    sm = scale.reshape(n // ROWS, ROWS, k // GROUP, 2).permute(0, 2, 3, 1).to(torch.float16)
+    return packed, sm.contiguous()
 
 
 def int6_dot(x: torch.Tensor, packed: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:

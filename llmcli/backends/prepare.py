@@ -28,7 +28,7 @@ from llmcli.backends.compile import CompiledDecode
 from llmcli.backends.experts import StackedExperts, in_kernel_blocks
 from llmcli.backends.grouped_experts import GroupedExperts, can_group
 from llmcli.backends.head import float32_logits
-from llmcli.backends.int4 import Int4Linear, Int5Linear, Int8GroupLinear
+from llmcli.backends.int4 import Int4Linear, Int5Linear, Int6Per16Linear, Int8GroupLinear
 from llmcli.backends.int6 import Int6Linear
 from llmcli.backends.int8 import Int8Linear, bf16_matmul_is_fast
 from llmcli.backends.linear import (
@@ -42,7 +42,7 @@ from llmcli.backends.linear import (
 from llmcli.backends.runner import Runner
 from llmcli.errors import LlmcliError
 from llmcli.formats.gguf import INT4_FILE_BITS
-from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES, INT8_TYPES
+from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES, STORED_IN_INT8_RUNS
 from llmcli.models.base import CausalLM, FusesProjections
 from llmcli.models.layers import Experts
 from llmcli.options import Options
@@ -172,8 +172,8 @@ class Preparation:
         # fused MLP and expert ops (int8 decode, one sitting: DeepSeek-V3 shape 11.3 -> 8.8 ms a step, Qwen2.5-0.5B
         # shape 20.0 -> 18.5). Many-row products keep the AVX512-BF16 GEMM where it runs (Int8Linear.forward).
         self.int_dot = self.int8_kernel and options.int_dot and int_dot.runs_fast()
-        # An int8 run of a file's Q8_0 linears takes their codes and per-32 scales as stored (Int8GroupLinear): the
-        # per-row int8 grid would round each weight a second time.
+        # An int8 run of a file's Q8_0 and Q6_K linears takes their codes and scales as stored (Int8GroupLinear,
+        # Int6Per16Linear): the per-row int8 grid would round each weight a second time.
         self.int8_groups = options.quantize == "int8" and self.int_dot and stored is not None
         if self.int8_groups:
             self.stored = stored
@@ -249,9 +249,9 @@ class Preparation:
                 and self.stored.stores(weight_name, self._stored_types()))
 
     def _stored_types(self) -> tuple[str, ...]:
-        """The file's types whose codes this run takes as stored: 4-bit ones, in int5 5-bit ones, in int8 Q8_0."""
+        """The file's types whose codes this run takes as stored: 4-bit ones, in int5 5-bit ones, in int8 Q8_0, Q6_K."""
         if self.int8_groups:
-            return INT8_TYPES
+            return STORED_IN_INT8_RUNS
         return INT4_TYPES + (INT5_TYPES if self.int5 and self.int_dot else ())
 
     def _may_store_int4(self, name: str, linear: nn.Linear) -> bool:
@@ -263,8 +263,11 @@ class Preparation:
         if not self._may_store_int4(name, linear):
             return None
         if self.int8_groups:
-            codes = self.stored.int8_codes(self._stored_name(name, linear))
-            return Int8GroupLinear(linear, quantized=codes) if codes is not None else None
+            stored_name = self._stored_name(name, linear)
+            if (codes := self.stored.int8_codes(stored_name)) is not None:
+                return Int8GroupLinear(linear, quantized=codes)
+            codes = self.stored.q6_k_codes(stored_name)
+            return Int6Per16Linear(linear, quantized=codes) if codes is not None else None
         if self.int5 and self.int_dot and (codes := self.stored.int5_codes(name + ".weight")) is not None:
             return Int5Linear(linear, quantized=codes)
         codes = self.stored.int4_codes(name + ".weight")

@@ -114,6 +114,8 @@ def int5_codes(raw: np.ndarray, type_name: str,
 
 
 INT8_TYPES = ("Q8_0",)
+Q6_TYPES = ("Q6_K",)
+STORED_IN_INT8_RUNS = INT8_TYPES + Q6_TYPES  # what an int8 run takes as stored (the integer kernel's formats)
 
 
 def int8_codes(raw: np.ndarray, type_name: str, columns: int) -> tuple[np.ndarray, np.ndarray, None]:
@@ -125,3 +127,22 @@ def int8_codes(raw: np.ndarray, type_name: str, columns: int) -> tuple[np.ndarra
     rows = raw.shape[0]
     blocks = raw.reshape(rows, columns // 32, 34)
     return blocks[..., 2:].view(np.int8), _halves(blocks, 0).reshape(rows, -1), None
+
+
+def q6_k_codes(raw: np.ndarray, type_name: str, columns: int) -> tuple[np.ndarray, np.ndarray, None]:
+    """Raw rows [rows, row_bytes] of a Q6_K tensor -> (q [rows, columns] uint8 in 0..63, scale [rows, columns / 16]
+    float32, None) with w = (q - 32) * scale. Per 256 values: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16
+    int8 sub-scales and float16 d (scale = d x sub-scale). In each half of 128, value 32 k + l (k < 4, l < 32) takes
+    the low nibble (k < 2) or high one of byte l + 32 (k % 2), and bits 2 k of high byte l (ggml's
+    dequantize_row_q6_K); sub-block 16 x (its index in the 256) takes sub-scale that many."""
+    if type_name != "Q6_K":
+        raise ValueError(f"6-bit codes come from Q6_K, not {type_name}")
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, columns // 256, 210)
+    low = blocks[..., :128].reshape(rows, -1, 2, 2, 32)  # [.., half, byte l or l + 32, l]
+    nibbles = np.stack([low[..., 0, :] & 0x0F, low[..., 1, :] & 0x0F, low[..., 0, :] >> 4, low[..., 1, :] >> 4], -2)
+    high = blocks[..., 128:192].reshape(rows, -1, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]
+    q = nibbles | ((high & 3) << 4)  # [.., half, k, l]
+    sub = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).astype(np.float32)
+    scale = _halves(blocks, 208)[..., None] * sub
+    return q.reshape(rows, columns), scale.reshape(rows, -1), None

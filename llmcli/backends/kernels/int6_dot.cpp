@@ -17,14 +17,7 @@
 
 namespace {
 
-constexpr int64_t kInt6Group = 64;    // inputs per int6 weight scale and min
-constexpr int64_t kInt6Bytes = 192;   // bytes per block and group of 32 inputs: 128 of nibbles, 64 of high bits
-
-// The two high bits of input t (0..31) of stored row i, from a block's 64 bytes of them.
-inline int int6_high(const uint8_t* highs, int64_t i, int64_t t) {
-  const int shift = (t >= 16 ? 2 : 0) + 4 * static_cast<int>(i % 2);
-  return (highs[(i / 2) * 16 + t % 16] >> shift) & 3;
-}
+constexpr int64_t kInt6Group = 64;  // inputs per int6 weight scale and min (kInt6Bytes, int6_high: int_dot.cpp)
 
 // sums[m][r] for R rows of activations and the 8 rows of one int6 block (w [K/32][192], sm [K/64][2][8]); each row's
 // arithmetic is the one-row order, so results do not depend on R.

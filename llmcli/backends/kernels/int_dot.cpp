@@ -58,12 +58,14 @@ constexpr int kInt4Order[kRows] = {0, 4, 1, 5, 2, 6, 3, 7};  // stored row r is 
 // taking turns); 2 KiB ahead (about 16 int4 groups) brought it to 17-19 GB/s there.
 constexpr int64_t kPrefetchBytes = 2048;
 
-// One row of activations, quantised: q (|q| <= 127), |q|, d per group, and d * sum(q) per group.
+// One row of activations, quantised: q (|q| <= 127), |q|, d per group, d * sum(q) per group, and d * sum(q) over
+// each group's first 16 (the 6-bit weights' scales are per 16 inputs).
 struct QuantRow {
   const int8_t* q;
   const uint8_t* abs;
   const float* d;
   const float* dsum;
+  const float* dhalf;
 };
 
 #if defined(LLMCLI_INT_DOT_AVX2)
@@ -83,7 +85,7 @@ inline __m256 load8(const scalar_t* x) {
 // One group of 32 as quantize_group does it, 8 lanes at a time: the same operations on the same floats (the
 // operand order of max and min makes a NaN behave as std::max and std::min make it), so the same bits.
 template <typename scalar_t>
-inline void quantize_group_avx2(const scalar_t* x, int8_t* q, uint8_t* qabs, float* d, float* dsum) {
+inline void quantize_group_avx2(const scalar_t* x, int8_t* q, uint8_t* qabs, float* d, float* dsum, float* dhalf) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 v[4], amax = _mm256_setzero_ps();
   for (int i = 0; i < 4; ++i) {
@@ -96,53 +98,61 @@ inline void quantize_group_avx2(const scalar_t* x, int8_t* q, uint8_t* qabs, flo
   const float dg = _mm_cvtss_f32(m) / 127.f;
   const __m256 inv = _mm256_set1_ps(dg > 0.f ? 1.f / dg : 0.f);
   const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
-  __m256i n[4], total = _mm256_setzero_si256();
+  __m256i n[4], total = _mm256_setzero_si256(), half = _mm256_setzero_si256();
   for (int i = 0; i < 4; ++i) {
     const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     n[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
     total = _mm256_add_epi32(total, n[i]);
+    if (i == 1) half = total;
   }
   // int32 -> int8 with saturating packs (the values fit), which interleave 128-bit lanes: put them back in order
   const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
   const __m256i ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), ordered);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(qabs), _mm256_abs_epi8(ordered));
-  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
-  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
-  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  const auto hsum = [](__m256i a) {
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+  };
   *d = dg;
-  *dsum = dg * static_cast<float>(_mm_cvtsi128_si32(t));
+  *dsum = dg * static_cast<float>(hsum(total));
+  *dhalf = dg * static_cast<float>(hsum(half));
 }
 #endif
 
-// One group of 32: q = round(x / d), d = max|x| / 127 (0 for a zero group), |q|, and d * sum(q).
+// One group of 32: q = round(x / d), d = max|x| / 127 (0 for a zero group), |q|, d * sum(q), and d * sum(q) over
+// the first 16.
 template <typename scalar_t>
-inline void quantize_group(const scalar_t* x, int8_t* q, uint8_t* qabs, float* d, float* dsum) {
+inline void quantize_group(const scalar_t* x, int8_t* q, uint8_t* qabs, float* d, float* dsum, float* dhalf) {
   float amax = 0.f;
   for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::abs(static_cast<float>(x[j])));
   const float dg = amax / 127.f;
   const float inv = dg > 0.f ? 1.f / dg : 0.f;
-  int32_t sum = 0;
+  int32_t sum = 0, half = 0;
   for (int64_t j = 0; j < kGroup; ++j) {
     const float v = std::nearbyint(static_cast<float>(x[j]) * inv);  // ties to even, as torch.round
     const int8_t qj = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
     q[j] = qj;
     qabs[j] = static_cast<uint8_t>(qj < 0 ? -qj : qj);
     sum += qj;
+    if (j == 15) half = sum;
   }
   *d = dg;
   *dsum = dg * static_cast<float>(sum);
+  *dhalf = dg * static_cast<float>(half);
 }
 
 // x [M, K] (any of the dispatched float types) -> int8 per group of 32 (quantize_group), on all threads.
 template <typename scalar_t>
-void quantize_rows(const scalar_t* x, int64_t M, int64_t K, int8_t* q, uint8_t* qabs, float* d, float* dsum) {
+void quantize_rows(const scalar_t* x, int64_t M, int64_t K, int8_t* q, uint8_t* qabs, float* d, float* dsum,
+                   float* dhalf) {
   at::parallel_for(0, M * (K / kGroup), 64, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
 #if defined(LLMCLI_INT_DOT_AVX2)
-      quantize_group_avx2(x + g * kGroup, q + g * kGroup, qabs + g * kGroup, d + g, dsum + g);
+      quantize_group_avx2(x + g * kGroup, q + g * kGroup, qabs + g * kGroup, d + g, dsum + g, dhalf + g);
 #else
-      quantize_group(x + g * kGroup, q + g * kGroup, qabs + g * kGroup, d + g, dsum + g);
+      quantize_group(x + g * kGroup, q + g * kGroup, qabs + g * kGroup, d + g, dsum + g, dhalf + g);
 #endif
     }
   });
@@ -219,14 +229,27 @@ constexpr int64_t kInt5Bytes = 160;
 // without VNNI multiplies u's two nibbles separately and joins them in int32, exactly.
 constexpr int64_t kInt8Bytes = 256;
 
+// 6-bit weights (int6_dot.cpp's layout: 192 bytes per block and group of 32 inputs, the nibbles as int4 stores them,
+// then the high two bits in a unit of 16 bytes per pair of stored rows). In the int4 op they are GGUF's Q6_K codes as
+// stored: w = (q - 32) * scale with a float16 scale per 16 inputs (Q6_K's d x its 8-bit sub-scale), sm [K/32][2][8]
+// holding the scales of inputs 0-15, then of 16-31: 7 bits a weight, exactly the file's matrix but for the float16
+// rounding of d x sub-scale (2^-11, as Q4_K's).
+constexpr int64_t kInt6Bytes = 192;
+
+// The two high bits of input t (0..31) of stored row i, from a block's 64 bytes of them.
+inline int int6_high(const uint8_t* highs, int64_t i, int64_t t) {
+  const int shift = (t >= 16 ? 2 : 0) + 4 * static_cast<int>(i % 2);
+  return (highs[(i / 2) * 16 + t % 16] >> shift) & 3;
+}
+
 // Bytes per block of 8 rows and group of 32 inputs for B bits a weight.
 template <int B>
-constexpr int64_t kGroupBytes = B == 4 ? kRows * 16 : B == 5 ? kInt5Bytes : kInt8Bytes;
+constexpr int64_t kGroupBytes = B == 4 ? kRows * 16 : B == 5 ? kInt5Bytes : B == 6 ? kInt6Bytes : kInt8Bytes;
 
 // The offset a stored minimum stands for when sm holds scales alone (S = 1): Q4_0's w = (q - 8) * scale, Q5_0's
 // (q - 16) * scale, Q8_0's (u - 128) * scale.
 template <int B>
-constexpr float kSymmetricOffset = B == 4 ? 8.f : B == 5 ? 16.f : 128.f;
+constexpr float kSymmetricOffset = B == 4 ? 8.f : B == 5 ? 16.f : B == 6 ? 32.f : 128.f;
 
 // The minimum of a group's row r, from sm: stored (S = 2) or -offset * scale (S = 1).
 template <int S, int B>
@@ -241,6 +264,13 @@ inline void low_bit_codes(const uint8_t* wg, int64_t i, int* q) {
   if constexpr (B == 8) {
     const uint8_t* row = wg + (i / 2) * 64 + (i % 2) * 16;
     for (int j = 0; j < 16; ++j) q[j] = row[j], q[j + 16] = row[32 + j];
+    return;
+  }
+  if constexpr (B == 6) {
+    for (int j = 0; j < 16; ++j) {
+      q[j] = (wg[i * 16 + j] & 0x0F) | (int6_high(wg + 128, i, j) << 4);
+      q[j + 16] = (wg[i * 16 + j] >> 4) | (int6_high(wg + 128, i, j + 16) << 4);
+    }
     return;
   }
   uint32_t high = 0;
@@ -270,11 +300,12 @@ inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* 
 #if defined(LLMCLI_INT_DOT_AVX2)
   [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);  // AVX2 only: VNNI widens in its dot product
   [[maybe_unused]] const __m256i lift = _mm256_setr_epi64x(4, 3, 2, 1), bit4 = _mm256_set1_epi8(0x10);
+  [[maybe_unused]] const __m256i lift6 = _mm256_setr_epi64x(4, 4, 0, 0), top = _mm256_set1_epi8(0x30);
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   __m256 acc[R];
   for (int m = 0; m < R; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < K / kGroup; ++g, w += group_bytes, sm += S * kRows) {
-    prefetch_ahead(w, kPrefetchBytes, B == 4 ? 2 : B == 5 ? 3 : 4);  // the group's weights, its scales (16 * S bytes)
+    prefetch_ahead(w, kPrefetchBytes, (group_bytes + 63) / 64);  // the group's weights, and its scales (16 * S bytes)
     prefetch_ahead(sm, kPrefetchBytes * S * 16 / group_bytes, 1);
     __m256i q0[4], q1[4];
     for (int j = 0; j < 4 && B == 8; ++j) {  // stored rows 2j, 2j+1: inputs 0-15, then 16-31
@@ -290,6 +321,11 @@ inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* 
         q0[j] = _mm256_or_si256(q0[j], _mm256_and_si256(_mm256_sllv_epi64(h, lift), bit4));
         q1[j] = _mm256_or_si256(q1[j], _mm256_and_si256(_mm256_sllv_epi64(_mm256_srli_epi64(h, 4), lift), bit4));
       }
+      if constexpr (B == 6) {  // as int6_dot.cpp: row A's (lane 0) high bits sit 4 below row B's
+        const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 128 + j * 16)));
+        q0[j] = _mm256_or_si256(q0[j], _mm256_and_si256(_mm256_sllv_epi64(h, lift6), top));
+        q1[j] = _mm256_or_si256(q1[j], _mm256_and_si256(_mm256_sllv_epi64(_mm256_srli_epi64(h, 2), lift6), top));
+      }
     }
     const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm)));
     [[maybe_unused]] const __m256 low =
@@ -299,6 +335,27 @@ inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* 
       const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)));
       const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + 16)));
       __m256i s[4];
+      if constexpr (B == 6) {  // inputs 0-15 and 16-31 apart (their scales differ): (q - 32) * scale per half
+        __m256i t[4];
+        for (int j = 0; j < 4; ++j) {
+#if defined(LLMCLI_INT_DOT_VNNI)
+          s[j] = LLMCLI_DPBUSD(_mm256_setzero_si256(), q0[j], lo);
+          t[j] = LLMCLI_DPBUSD(_mm256_setzero_si256(), q1[j], hi);
+#else  // pair sums <= 2 * 63 * 127 fit int16
+          s[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(q0[j], lo), ones);
+          t[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(q1[j], hi), ones);
+#endif
+        }
+        const __m256 first = _mm256_cvtepi32_ps(
+            _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3])));
+        const __m256 second = _mm256_cvtepi32_ps(
+            _mm256_hadd_epi32(_mm256_hadd_epi32(t[0], t[1]), _mm256_hadd_epi32(t[2], t[3])));
+        const __m256 dx = _mm256_set1_ps(x[m].d[g]);
+        const float half = x[m].dhalf[g], rest = x[m].dsum[g] - half;
+        acc[m] = _mm256_fmadd_ps(_mm256_fmadd_ps(first, dx, _mm256_set1_ps(-32.f * half)), scale, acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_fmadd_ps(second, dx, _mm256_set1_ps(-32.f * rest)), low, acc[m]);
+        continue;
+      }
       __m256 dots;
 #if defined(LLMCLI_INT_DOT_VNNI)  // int32 lanes of 4 products each, then two horizontal adds
       for (int j = 0; j < 4; ++j) s[j] = LLMCLI_DPBUSD(LLMCLI_DPBUSD(_mm256_setzero_si256(), q0[j], lo), q1[j], hi);
@@ -350,6 +407,14 @@ inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* 
         const int8_t* xq = x[m].q + g * kGroup;
         int q[kGroup];
         low_bit_codes<B>(wg, i, q);
+        if constexpr (B == 6) {  // a scale per 16 inputs: sg[r] for 0-15, sg[kRows + r] for 16-31
+          int32_t first = 0, second = 0;
+          for (int64_t t = 0; t < 16; ++t) first += q[t] * int32_t(xq[t]), second += q[t + 16] * int32_t(xq[t + 16]);
+          const float half = x[m].dhalf[g], rest = x[m].dsum[g] - half;
+          sums[m][r] += (static_cast<float>(first) * x[m].d[g] - 32.f * half) * static_cast<float>(sg[r]) +
+                        (static_cast<float>(second) * x[m].d[g] - 32.f * rest) * static_cast<float>(sg[kRows + r]);
+          continue;
+        }
         int32_t s = 0;
         for (int64_t t = 0; t < kGroup; ++t) s += q[t] * int32_t(xq[t]);
         sums[m][r] += static_cast<float>(s) * (static_cast<float>(sg[r]) * x[m].d[g]) +
@@ -397,7 +462,7 @@ at::Tensor run_rows(const at::Tensor& input, int64_t blocks, Block block, Scale 
   const int64_t M = x.size(0), K = x.size(1), N = blocks * kRows;
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor qabs = at::empty({M, K}, x.options().dtype(at::kByte));
-  at::Tensor d = at::empty({2, M * (K / kGroup)}, x.options().dtype(at::kFloat));  // d, then d * sum(q)
+  at::Tensor d = at::empty({3, M * (K / kGroup)}, x.options().dtype(at::kFloat));  // d, d * sum(q), over 16
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape.back() = N;
   at::Tensor out = at::empty(shape, x.options());
@@ -417,7 +482,7 @@ at::Tensor run_rows(const at::Tensor& input, int64_t blocks, Block block, Scale 
     uint8_t* ap = qabs.data_ptr<uint8_t>();
     float* dp = d.data_ptr<float>();
     const scalar_t* xs = x.const_data_ptr<scalar_t>();
-    quantize_rows(xs, M, K, qp, ap, dp, dp + M * G);
+    quantize_rows(xs, M, K, qp, ap, dp, dp + M * G, dp + 2 * M * G);
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       float sums[kTile][kRows];
@@ -425,7 +490,7 @@ at::Tensor run_rows(const at::Tensor& input, int64_t blocks, Block block, Scale 
       auto tile = [&](const int64_t* index, int64_t count, int64_t b) {
         for (int64_t t = 0; t < count; ++t) {
           const int64_t m = index[t];
-          rows[t] = QuantRow{qp + m * K, ap + m * K, dp + m * G, dp + (M + m) * G};
+          rows[t] = QuantRow{qp + m * K, ap + m * K, dp + m * G, dp + (M + m) * G, dp + (2 * M + m) * G};
         }
         block(rows, count, index[0], b, sums);
         for (int64_t t = 0; t < count; ++t)
@@ -513,22 +578,25 @@ struct LowBitBlocks {
 };
 
 int64_t low_bit_group_bytes(int bits) {
-  return bits == 4 ? kGroupBytes<4> : bits == 5 ? kGroupBytes<5> : kGroupBytes<8>;
+  return bits == 4 ? kGroupBytes<4> : bits == 5 ? kGroupBytes<5> : bits == 6 ? kGroupBytes<6> : kGroupBytes<8>;
 }
 
 LowBitBlocks low_bit_blocks(const at::Tensor& w, const at::Tensor& sm, const char* name) {
   const bool four = (w.dim() == 4 || w.dim() == 5) && w.size(-2) == kRows && w.size(-1) == 16;
-  const bool wide = (w.dim() == 3 || w.dim() == 4) && (w.size(-1) == kInt5Bytes || w.size(-1) == kInt8Bytes);
+  const int64_t bytes = w.dim() > 0 ? w.size(-1) : 0;
+  const bool wide = (w.dim() == 3 || w.dim() == 4) && (bytes == kInt5Bytes || bytes == kInt6Bytes || bytes == kInt8Bytes);
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && (four || wide), name,
-              ": w must be uint8 blocks [(E,) N/8, K/32, 8, 16] (int4), [(E,) N/8, K/32, 160] (int5) or "
-              "[(E,) N/8, K/32, 256] (int8 per 32)");
+              ": w must be uint8 blocks [(E,) N/8, K/32, 8, 16] (int4), [(E,) N/8, K/32, 160] (int5), "
+              "[(E,) N/8, K/32, 192] (6 bits, a scale per 16) or [(E,) N/8, K/32, 256] (int8 per 32)");
   const bool stacked = w.dim() == (four ? 5 : 4);
   const int64_t blocks = w.size(stacked ? 1 : 0), G = w.size(stacked ? 2 : 1);
   TORCH_CHECK(sm.scalar_type() == at::kHalf && sm.dim() == (stacked ? 5 : 4) && sm.is_contiguous() &&
                   (!stacked || sm.size(0) == w.size(0)) && sm.size(-4) == blocks && sm.size(-3) == G &&
                   (sm.size(-2) == 1 || sm.size(-2) == 2) && sm.size(-1) == kRows,
               name, ": sm must be float16 [(E,) N/8, K/32, S, 8], S = 2 (scales, mins) or 1 (scales)");
-  return {four ? 4 : w.size(-1) == kInt5Bytes ? 5 : 8, stacked, stacked ? w.size(0) : 1, blocks, G, sm.size(-2)};
+  const int bits = four ? 4 : bytes == kInt5Bytes ? 5 : bytes == kInt6Bytes ? 6 : 8;
+  TORCH_CHECK(bits != 6 || sm.size(-2) == 2, name, ": 6-bit blocks take sm [(E,) N/8, K/32, 2, 8], a scale per 16");
+  return {bits, stacked, stacked ? w.size(0) : 1, blocks, G, sm.size(-2)};
 }
 
 // R rows of activations (up to kTile) through one block with S terms per group and B bits a weight.
@@ -562,6 +630,7 @@ at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   const c10::Half* sp = sm.const_data_ptr<c10::Half>();
   const auto run = l.bits == 4   ? (l.S == 2 ? low_bit_rows<2, 4> : low_bit_rows<1, 4>)
                    : l.bits == 5 ? (l.S == 2 ? low_bit_rows<2, 5> : low_bit_rows<1, 5>)
+                   : l.bits == 6 ? low_bit_rows<2, 6>
                                  : (l.S == 2 ? low_bit_rows<2, 8> : low_bit_rows<1, 8>);
   auto block = [&](const QuantRow* rows, int64_t count, int64_t m, int64_t b, float (*sums)[kRows]) {
     const int64_t at = (ids ? ids[m] : 0) * l.blocks + b;  // a tile's rows share their expert
@@ -582,11 +651,15 @@ void low_bit_unblock(const uint8_t* wp, const c10::Half* sp, int64_t blocks, int
           const int64_t r = kInt4Order[i];
           const uint8_t* wg = wp + (b * G + g) * group_bytes;
           const c10::Half* sg = sp + (b * G + g) * S * kRows;
-          const float scale = sg[r], low = low_bit_min<S, B>(sg, r);
           scalar_t* dst = op + (b * kRows + r) * K + g * kGroup;
           int q[kGroup];
           low_bit_codes<B>(wg, i, q);
-          for (int64_t t = 0; t < kGroup; ++t) dst[t] = static_cast<scalar_t>(static_cast<float>(q[t]) * scale + low);
+          for (int64_t t = 0; t < kGroup; ++t) {
+            // 6 bits: a scale per 16 inputs (the second half's after the first's), min -32 * scale
+            const float scale = B == 6 && t >= 16 ? static_cast<float>(sg[kRows + r]) : static_cast<float>(sg[r]);
+            const float low = B == 6 ? -32.f * scale : low_bit_min<S, B>(sg, r);
+            dst[t] = static_cast<scalar_t>(static_cast<float>(q[t]) * scale + low);
+          }
         }
   });
 }
@@ -603,6 +676,8 @@ at::Tensor int4_unblock(const at::Tensor& w, const at::Tensor& sm, at::ScalarTyp
       (l.S == 2 ? low_bit_unblock<2, 4, scalar_t> : low_bit_unblock<1, 4, scalar_t>)(wp, sp, l.blocks, l.G, op);
     } else if (l.bits == 5) {
       (l.S == 2 ? low_bit_unblock<2, 5, scalar_t> : low_bit_unblock<1, 5, scalar_t>)(wp, sp, l.blocks, l.G, op);
+    } else if (l.bits == 6) {
+      low_bit_unblock<2, 6, scalar_t>(wp, sp, l.blocks, l.G, op);
     } else {
       (l.S == 2 ? low_bit_unblock<2, 8, scalar_t> : low_bit_unblock<1, 8, scalar_t>)(wp, sp, l.blocks, l.G, op);
     }
