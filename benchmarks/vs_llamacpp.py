@@ -1,8 +1,8 @@
 """llmcli against llama.cpp on the same weights and threads: bf16 / int8 / int4 against BF16 / Q8_0 / Q4_0, and
-both on one llama.cpp Q8_0, Q4_0, Q4_K_M or Q5_K_M file.
+both on one llama.cpp Q8_0, Q6_K, Q4_0, Q4_K_M or Q5_K_M file.
 
     python benchmarks/vs_llamacpp.py [--threads 2] [--models qwen,deepseek] [-p 128] [-n 64] [--repeat 3]
-                                     [--precisions bf16,int8,int4,q8_0,q4_0,q4_k_m,q5_k_m] [--compile] [--pairs 1]
+                                     [--precisions bf16,int8,int4,q8_0,q6_k,q4_0,q4_k_m,q5_k_m] [--compile] [--pairs 1]
 
 llama.cpp is built once, offline, from the source the `llama-cpp-python` sdist on PyPI vendors (`pip download
 --no-binary :all: --no-deps llama-cpp-python==VERSION`; cmake, targets llama-bench and llama-quantize) into
@@ -10,10 +10,10 @@ llmcli's cache. Each checkpoint (random weights, the Qwen2.5-0.5B shape and a sm
 with the real tokenizer of the family so that llama.cpp's converter accepts it) is converted with
 llama.cpp's own `convert_hf_to_gguf.py` to BF16, then `llama-quantize` makes Q8_0 and Q4_0. Then
 `llama-bench` and `llmcli bench` run prompt P and decode N, one after the other, and one table is printed.
-The q8_0, q4_0, q4_k_m and q5_k_m rows run llama.cpp's file of that type in both: llmcli reads the GGUF itself, in
+The q8_0, q6_k, q4_0, q4_k_m and q5_k_m rows run llama.cpp's file of that type in both: llmcli reads the GGUF itself, in
 the precision that `--quantize auto` picks for it (int4 at up to 5.25 bits a weight, int5 up to 6.25, else int8;
 a Q4_0 file's codes and scales as stored, 4.5 bits a weight, where the int4 row quantises the checkpoint itself at
-5; a Q8_0 file's codes and per-32 scales as stored, 8.5 bits, where the int8 row has a scale per output row).
+5; Q8_0 and Q6_K codes and scales as stored, 8.5 and 7 bits, where the int8 row has a scale per output row).
 With --pairs K each row runs the two K times, alternating which goes first, and shows the median of each figure
 and of the K ratios, with their range: on a shared machine whose memory speed drifts from minute to minute,
 the ratio of runs made side by side holds better than either figure.
@@ -41,7 +41,7 @@ LLAMA_CPP_PYTHON = "0.3.36"
 HERE = Path(__file__).resolve().parent
 # (llmcli's row, its --quantize, llama.cpp's file); "auto": llmcli runs that same file
 PAIRS = [("bf16", None, "BF16"), ("int8", "int8", "Q8_0"), ("int4", "int4", "Q4_0"), ("q8_0", "auto", "Q8_0"),
-         ("q4_0", "auto", "Q4_0"), ("q4_k_m", "auto", "Q4_K_M"), ("q5_k_m", "auto", "Q5_K_M")]
+         ("q6_k", "auto", "Q6_K"), ("q4_0", "auto", "Q4_0"), ("q4_k_m", "auto", "Q4_K_M"), ("q5_k_m", "auto", "Q5_K_M")]
 
 
 def run(cmd: list, **kw) -> subprocess.CompletedProcess:
@@ -188,7 +188,7 @@ def main() -> None:
     parser.add_argument("-n", "--gen", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--precisions", default="bf16,int8,int4",
-                        help="which of bf16, int8, int4, q8_0, q4_0, q4_k_m, q5_k_m to run")
+                        help="which of bf16, int8, int4, q8_0, q6_k, q4_0, q4_k_m, q5_k_m to run")
     parser.add_argument("--compile", action="store_true", help="llmcli bench --compile (compiled decode steps)")
     parser.add_argument("--pairs", type=int, default=1, help="run each row's two benchmarks this many times, in turn")
     args = parser.parse_args()

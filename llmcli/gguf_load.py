@@ -105,6 +105,9 @@ class GGUFSource:
     def layer_bits(self) -> float | None:
         return self.gguf.layer_bits()
 
+    def layer_types(self) -> set[str]:
+        return {t.type_name for t in self.gguf.layer_matrices()}
+
     def stores(self, name: str, types: tuple[str, ...] = INT4_TYPES) -> bool:
         """Is checkpoint tensor `name` a matrix in one of `types` (4-bit ones: what `int4_codes` takes as stored)?"""
         piece = self.by_name.get(name)

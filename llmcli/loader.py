@@ -19,7 +19,7 @@ from llmcli.chat_dsv32 import with_builtin_chat_format
 from llmcli.config import ModelConfig, load_config
 from llmcli.errors import LlmcliError
 from llmcli.formats.gguf import gguf_path_of, nearest_quantize
-from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES, STORED_IN_INT8_RUNS
+from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES, int8_runs_take_as_stored
 from llmcli.formats.safetensors import read_checkpoint
 from llmcli.gguf_load import GGUFSource
 from llmcli.models.base import CausalLM
@@ -109,8 +109,8 @@ def file_quantize(gguf: GGUFSource | None, device: torch.device) -> tuple[str | 
     if chosen in ("int4", "int5") and int4.available(device.type):
         return chosen, (f"the file's layers are {bits:.1f} bits a weight: running them in {chosen} "
                         f"({low_bit_note(gguf, chosen)}); --quantize int8 keeps more, none dequantises to --dtype")
-    types = {t.type_name for t in gguf.gguf.layer_matrices()}
-    kept = sorted(set(STORED_IN_INT8_RUNS) & types) if int_dot.runs_fast() else []
+    types = gguf.layer_types()
+    kept = sorted(types) if int_dot.runs_fast() and int8_runs_take_as_stored(types) else []
     as_stored = f"; its {' and '.join(kept)} codes as stored" if kept else ""
     return "int8", (f"the file's layers are {bits:.1f} bits a weight: running them in int8{as_stored}; --quantize "
                     "int5 or int4 reads fewer bytes (re-quantised), none dequantises to --dtype")

@@ -9,7 +9,7 @@ from pathlib import Path
 from llmcli.config import ModelConfig
 from llmcli.formats.gguf import GGUFFile, gguf_path_of, nearest_quantize, open_gguf  # noqa: F401  (gguf_path_of: show)
 from llmcli.formats.gguf_config import gguf_config
-from llmcli.formats.gguf_int4 import STORED_IN_INT8_RUNS
+from llmcli.formats.gguf_int4 import int8_runs_take_as_stored
 from llmcli.formats.gguf_names import checkpoint_pieces, tensor_infos
 from llmcli.formats.safetensors import TensorInfo
 
@@ -38,6 +38,7 @@ def gguf_facts(model: GGUFModel) -> dict:
     ordered = dict(sorted(types.items(), key=lambda item: -item[1]["bytes"]))
     pre = gg.metadata.get("tokenizer.ggml.pre", "default")
     bits = gg.layer_bits()
+    layer_types = {t.type_name for t in gg.layer_matrices()}
     return {
         "format": "gguf",
         "architecture": f"GGUF {gg.architecture}",
@@ -56,8 +57,8 @@ def gguf_facts(model: GGUFModel) -> dict:
         "runs_on_cpu_as": nearest_quantize(bits),  # --quantize auto (int5 runs int8 without AVX2)
         "int5_parts": sorted(gg.wide_layer_types()) if nearest_quantize(bits) == "int4" else [],
         # an int8 run takes Q8_0 and Q6_K linears as stored with AVX2, else re-quantises them per row
-        "int8_as_stored": sorted({t.type_name for t in gg.layer_matrices()} & set(STORED_IN_INT8_RUNS))
-        if nearest_quantize(bits) == "int8" else [],
+        "int8_as_stored": sorted(layer_types)
+        if nearest_quantize(bits) == "int8" and int8_runs_take_as_stored(layer_types) else [],
     }
 
 

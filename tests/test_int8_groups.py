@@ -198,3 +198,18 @@ def test_int8_run_of_a_q8_0_file_multiplies_by_the_files_matrices(q8_file):
         got, expected = (m.runner(ids, m.runner.make_cache(1, 64)).float() for m in (loaded, floats))
     assert got.shape == (1, 37, QUANT["vocab_size"])
     assert (got - expected).norm() <= 0.03 * expected.norm()
+
+
+@pytest.mark.skipif(not int_dot.runs_fast(), reason="llmcli's AVX2 integer kernel is not built here")
+def test_an_int8_run_of_a_4_bit_mix_requantises_every_part(tmp_path):
+    """In a Q4_K_M-like mix (attn_v in Q6_K beside 4-bit q and k) an int8 run keeps re-quantising every part per row:
+    a stored v would no longer join q and k into one product."""
+    from llmcli.backends.int8 import Int8Linear
+    from llmcli.loader import load_model
+
+    build("Qwen2", QUANT, tmp_path / "hf")
+    path = convert(tmp_path / "hf", tmp_path / "mix.gguf", qtype=Q.Q4_K, types={"attn_v.weight": Q.Q6_K})
+    loaded = load_model("m", path, device="cpu", dtype="bfloat16", quantize="int8")
+    kinds = {type(m) for m in loaded.model.modules()}
+    assert Int8Linear in kinds and not kinds & {Int6Per16Linear, Int8GroupLinear}
+    assert all("as stored" not in note for note in loaded.notes)

@@ -89,6 +89,8 @@ class Int4Linear(Product, nn.Module):
     longer prompts through a GEMM on the weight converted to float32 (or the activations' dtype where bfloat16
     products are fast)."""
 
+    integer_prompt_rows = INTEGER_PROMPT_ROWS  # more rows take the float GEMM
+
     def __init__(self, linear: nn.Linear, group: int = GROUP, quantized=None, integer: bool = False):
         """`quantized`: (q, scale, zero) from a file already in this format (GGUF Q4_0/Q4_1/Q4_K), else computed;
         zero None where every zero is 0 (Q4_0): the integer kernel's blocks then hold scales alone."""
@@ -163,7 +165,7 @@ class Int4Linear(Product, nn.Module):
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def _integer(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= INTEGER_PROMPT_ROWS * self.in_features:  # one op call, bias included: less Python
+        if x.numel() <= self.integer_prompt_rows * self.in_features:  # one op call, bias included: less Python
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return torch.ops.llmcli.int4_dot.default(x, self.packed, self.scales_and_mins, None, bias)
         # long prompts: a float GEMM on the converted weight
@@ -208,6 +210,10 @@ class Int6Per16Linear(Int4Linear):
     """6-bit codes with a float16 scale per 16 inputs (w = (q - 32) * scale, 7 bits a weight): GGUF's Q6_K as the file
     stores it (scale = d x its 8-bit sub-scale, rounded to float16), on the integer kernel (int_dot.py), in int8 runs
     of Q6_K files: fewer bytes than int8's 8 and the file's own matrix instead of a second rounding."""
+
+    # Its two scales per group cost the kernel a second horizontal sum per row: one 4864 x 896 matrix, 2 threads, Zen 4,
+    # took 6.1 ms in the kernel against 6.7 unblocked into a bfloat16 GEMM at 128 rows, 11.8 against 9.3 at 256.
+    integer_prompt_rows = 160
 
     def __init__(self, linear: nn.Linear, quantized):
         """`quantized`: (q [N, K] in 0..63, scale [N, K/16], None) from the file."""

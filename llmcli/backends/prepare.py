@@ -42,7 +42,7 @@ from llmcli.backends.linear import (
 from llmcli.backends.runner import Runner
 from llmcli.errors import LlmcliError
 from llmcli.formats.gguf import INT4_FILE_BITS
-from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES, STORED_IN_INT8_RUNS
+from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES, STORED_IN_INT8_RUNS, int8_runs_take_as_stored
 from llmcli.models.base import CausalLM, FusesProjections
 from llmcli.models.layers import Experts
 from llmcli.options import Options
@@ -174,7 +174,8 @@ class Preparation:
         self.int_dot = self.int8_kernel and options.int_dot and int_dot.runs_fast()
         # An int8 run of a file's Q8_0 and Q6_K linears takes their codes and scales as stored (Int8GroupLinear,
         # Int6Per16Linear): the per-row int8 grid would round each weight a second time.
-        self.int8_groups = options.quantize == "int8" and self.int_dot and stored is not None
+        self.int8_groups = (options.quantize == "int8" and self.int_dot and stored is not None
+                            and int8_runs_take_as_stored(stored.layer_types()))
         if self.int8_groups:
             self.stored = stored
         if self.int5 and not self.int_dot:

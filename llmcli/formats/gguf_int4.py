@@ -118,6 +118,13 @@ Q6_TYPES = ("Q6_K",)
 STORED_IN_INT8_RUNS = INT8_TYPES + Q6_TYPES  # what an int8 run takes as stored (the integer kernel's formats)
 
 
+def int8_runs_take_as_stored(layer_types: set[str]) -> bool:
+    """Does an int8 run of a file whose layers are in these types take them as stored? Only where every layer is in
+    one of STORED_IN_INT8_RUNS: in a mix with 4- or 5-bit parts (an int8 run of a Q4_K_M), a stored attn_v beside
+    re-quantised q and k would no longer join them into one product (decode steps 20.1 -> 23.6 ms)."""
+    return bool(layer_types) and layer_types <= set(STORED_IN_INT8_RUNS)
+
+
 def int8_codes(raw: np.ndarray, type_name: str, columns: int) -> tuple[np.ndarray, np.ndarray, None]:
     """Raw rows [rows, row_bytes] of a Q8_0 tensor (per 32 values: float16 d, then 32 int8 q; w = q * d) ->
     (q [rows, columns / 32, 32] int8, scale [rows, columns / 32] float32, None); q is a view of `raw`, not a copy (a
