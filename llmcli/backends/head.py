@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmcli.backends.int4 import Int8GroupLinear
+from llmcli.backends.int4 import Int4Linear
 from llmcli.backends.int6 import Int6Linear
 from llmcli.backends.int8 import KERNEL_ROWS, Int8Linear
 from llmcli.backends.linear import BlockedLinear
@@ -25,8 +25,8 @@ FLOAT32_ROWS = KERNEL_ROWS  # the most rows widened: an int8 head's kernel takes
 
 def returns_float32(head: nn.Module) -> bool:
     """Can this head give float32 logits from the same sums? The bfloat16 kernel's panels, an int8 head in a
-    kernel's blocks, an int4 run's 6-bit head, and a Q8_0 head as stored."""
-    if isinstance(head, (BlockedLinear, Int6Linear, Int8GroupLinear)):
+    kernel's blocks, an int4 run's 6-bit head, and a Q8_0 or Q6_K head as stored (the integer kernel's blocks)."""
+    if isinstance(head, (BlockedLinear, Int6Linear)) or (isinstance(head, Int4Linear) and head.integer):
         return True
     return isinstance(head, Int8Linear) and (head.blocked or head.integer)
 

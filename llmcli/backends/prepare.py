@@ -4,7 +4,8 @@ A model is built with plain nn.Linear layers. Here, in order: projections that r
 fused into one product; `--quantize int8` turns linears into `Int8Linear`, `--quantize int4` into
 `Int4Linear` (the head into `Int6Linear` where the integer kernels run, else into `Int8Linear`, as are layers
 whose shape torch's int4 packing cannot take), `--quantize int5` into `Int5Linear` (the head as in int4; int8 where
-the integer kernels do not run); on CPU,
+the integer kernels do not run); a GGUF's linears stored in 4 or 5 bits (or, in an int8 run of a Q8_0 or Q6_K file,
+in those) keep the file's codes (`stored_int4`); on CPU,
 bfloat16 linears move into the bfloat16 kernel's panels (`BlockedLinear`) where the kernel runs, else
 (eager) into oneDNN's layout (`PackedLinear`); with `--compile`, the plain linears left become
 `SummingLinear` and MoE experts are stacked (`StackedExperts`, also eagerly when a kernel holds them);
@@ -256,7 +257,7 @@ class Preparation:
         return INT4_TYPES + (INT5_TYPES if self.int5 and self.int_dot else ())
 
     def _may_store_int4(self, name: str, linear: nn.Linear) -> bool:
-        """Low-bit runs keep the head in more bits (Int6Linear); an int8 run takes a Q8_0 head as stored too."""
+        """Low-bit runs keep the head in more bits (Int6Linear); an int8 run takes a Q8_0 or Q6_K head as stored too."""
         return ((self.int8_groups or name.rpartition(".")[2] != "lm_head") and not self.model.keeps_weight(name)
                 and int4.fits(linear.weight.shape))
 

@@ -135,8 +135,8 @@ QUANTIZE_OPT = typer.Option(
     Quantize.auto, "--quantize",
     help="auto (default): none, except that a quantised GGUF file runs on CPU in int4 when its layers average at "
          "most 5.25 bits a weight (Q4_0, Q4_1, Q4_K_M, IQ4_XS: its 4-bit codes as stored), in int5 up to 6.25 "
-         "(Q5_0, Q5_1, Q5_K_M: its 5-bit codes as stored; needs AVX2), else in int8 (Q6_K; Q8_0: its codes and "
-         "per-32 scales as stored, with AVX2). none: the weights in --dtype. int8: weight-only int8 with a scale "
+         "(Q5_0, Q5_1, Q5_K_M: its 5-bit codes as stored; needs AVX2), else in int8 (Q6_K and Q8_0 files: their "
+         "codes and scales as stored, with AVX2). none: the weights in --dtype. int8: weight-only int8 with a scale "
          "per output channel for every linear layer (about half the bytes of bfloat16 per decoded token; use with "
          "--dtype bfloat16). On "
          "CPU, decoding runs on llmcli's int8 kernel, built once with the C++ compiler (about 8 s): 1.7-2.0x "
