@@ -68,21 +68,6 @@ def test_rows_go_through_their_own_expert():
         assert close(got[row], dequantised_rows(x[row]) @ parts[e][2].T, 1e-5)
 
 
-def test_avx2_and_portable_builds_compute_the_same_products(portable_ops, avx2_ops):
-    """AVX2 without VNNI multiplies u's two nibbles apart (maddubs's int16 pairs would overflow on 255 * 127); the
-    portable loops read the bytes as they are; the native build, with VNNI, equals the AVX2 build bit for bit."""
-    q, scale, weight = q8_weight(40, 4864, seed=5)
-    packed, sm = int_dot.int8_group_blocks(q, scale)
-    x = torch.randn(7, 4864)
-    for ops in (portable_ops, avx2_ops):
-        assert close(ops.int4_dot(x, packed, sm, None), dequantised_rows(x) @ weight.T, 1e-5)
-        assert torch.equal(ops.int4_unblock(packed, sm, torch.float32).double(), weight)
-    if int_dot.isa() == "avx2_vnni":
-        for rows in (1, 3, 8, 9):
-            xb = torch.randn(rows, 4864).bfloat16()
-            assert torch.equal(torch.ops.llmcli.int4_dot(xb, packed, sm), avx2_ops.int4_dot(xb, packed, sm, None))
-
-
 def q6_weight(n: int, k: int, seed: int = 0):
     """Random 6-bit codes and float16-representable scales per 16 inputs, and the float64 matrix (q - 32) * scale."""
     torch.manual_seed(seed)
@@ -106,18 +91,27 @@ def test_6_bit_product_with_a_scale_per_16_equals_the_quantised_reference(rows):
         assert torch.equal(got, torch.cat([int_dot.int4_dot(x[i:i + 1], packed, sm) for i in range(rows)]))
 
 
-def test_6_bit_blocks_on_every_build(portable_ops, avx2_ops):
-    q, scale, weight = q6_weight(40, 4864, seed=7)
-    packed, sm = int_dot.int6_per16_blocks(q, scale)
+@pytest.mark.parametrize("layout", ["int8 per 32", "6 bits per 16"])
+def test_avx2_and_portable_builds_compute_the_same_products(layout, portable_ops, avx2_ops):
+    """AVX2 without VNNI multiplies int8's u in its two nibbles (maddubs's int16 pairs would overflow on 255 * 127);
+    the portable loops read the codes as they are; the native build, with VNNI, equals the AVX2 build bit for bit."""
+    if layout == "int8 per 32":
+        q, scale, weight = q8_weight(40, 4864, seed=5)
+        packed, sm = int_dot.int8_group_blocks(q, scale)
+    else:
+        q, scale, weight = q6_weight(40, 4864, seed=7)
+        packed, sm = int_dot.int6_per16_blocks(q, scale)
     x = torch.randn(7, 4864)
     for ops in (portable_ops, avx2_ops):
         assert close(ops.int4_dot(x, packed, sm, None), dequantised_rows(x) @ weight.T, 1e-5)
         assert torch.equal(ops.int4_unblock(packed, sm, torch.float32).double(), weight)
     if int_dot.isa() == "avx2_vnni":
-        xb = torch.randn(9, 4864).bfloat16()
-        assert torch.equal(torch.ops.llmcli.int4_dot(xb, packed, sm), avx2_ops.int4_dot(xb, packed, sm, None))
-    with pytest.raises(RuntimeError, match="a scale per 16"):
-        int_dot.int4_dot(x, packed, sm[:, :, :1].contiguous())
+        for rows in (1, 3, 8, 9):
+            xb = torch.randn(rows, 4864).bfloat16()
+            assert torch.equal(torch.ops.llmcli.int4_dot(xb, packed, sm), avx2_ops.int4_dot(xb, packed, sm, None))
+    if layout == "6 bits per 16":
+        with pytest.raises(RuntimeError, match="a scale per 16"):
+            int_dot.int4_dot(x, packed, sm[:, :, :1].contiguous())
 
 
 @pytest.mark.parametrize("blocks", ["random", "quantised"])
