@@ -244,7 +244,7 @@ def register_fake() -> None:
     def _(x, w, scales, experts=None, bias=None):
         return x.new_empty(*x.shape[:-1], w.shape[-4] * w.shape[-2])
 
-    # int4 and int5 weights: their scales sm [(E,) N/8, K/32, S, 8] give the shape in both layouts
+    # every low-bit layout (int4, int5, int8 per 32, 6 bits per 16): the scales sm [(E,) N/8, K/32, S, 8] give the shape
     @torch.library.register_fake("llmcli::int4_dot")
     def _(x, w, sm, experts=None, bias=None):
         return x.new_empty(*x.shape[:-1], sm.shape[-4] * sm.shape[-1])
