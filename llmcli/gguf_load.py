@@ -106,7 +106,7 @@ class GGUFSource:
         return self.gguf.layer_bits()
 
     def layer_types(self) -> set[str]:
-        return {t.type_name for t in self.gguf.layer_matrices()}
+        return self.gguf.layer_types()
 
     def stores(self, name: str, types: tuple[str, ...] = INT4_TYPES) -> bool:
         """Is checkpoint tensor `name` a matrix in one of `types` (4-bit ones: what `int4_codes` takes as stored)?"""

@@ -119,7 +119,7 @@ def file_quantize(gguf: GGUFSource | None, device: torch.device) -> tuple[str | 
 def low_bit_note(gguf: GGUFSource, chosen: str) -> str:
     """What an int4 or int5 run of a file does with its layers' types: e.g. "4-bit codes as stored; Q5_0 codes as
     stored, Q6_K re-quantised, in int5" (an int4 run's wider parts take int5 where its kernel runs)."""
-    types = {t.type_name for t in gguf.gguf.layer_matrices()}
+    types = gguf.layer_types()
     wide = gguf.gguf.wide_layer_types() if chosen == "int4" and int_dot.runs_fast() else set()
     kept = set(INT4_TYPES + (INT5_TYPES if chosen == "int5" else ()))
 

@@ -38,7 +38,7 @@ def gguf_facts(model: GGUFModel) -> dict:
     ordered = dict(sorted(types.items(), key=lambda item: -item[1]["bytes"]))
     pre = gg.metadata.get("tokenizer.ggml.pre", "default")
     bits = gg.layer_bits()
-    layer_types = {t.type_name for t in gg.layer_matrices()}
+    runs_as, layer_types = nearest_quantize(bits), gg.layer_types()
     return {
         "format": "gguf",
         "architecture": f"GGUF {gg.architecture}",
@@ -54,11 +54,10 @@ def gguf_facts(model: GGUFModel) -> dict:
         "tokenizer": f"GGUF metadata ({gg.metadata.get('tokenizer.ggml.model')} BPE, pre-tokenizer {pre})",
         "size_on_disk": gg.size_on_disk(),
         "layer_bits": bits,
-        "runs_on_cpu_as": nearest_quantize(bits),  # --quantize auto (int5 runs int8 without AVX2)
-        "int5_parts": sorted(gg.wide_layer_types()) if nearest_quantize(bits) == "int4" else [],
+        "runs_on_cpu_as": runs_as,  # --quantize auto (int5 runs int8 without AVX2)
+        "int5_parts": sorted(gg.wide_layer_types()) if runs_as == "int4" else [],
         # an int8 run takes Q8_0 and Q6_K linears as stored with AVX2, else re-quantises them per row
-        "int8_as_stored": sorted(layer_types)
-        if nearest_quantize(bits) == "int8" and int8_runs_take_as_stored(layer_types) else [],
+        "int8_as_stored": sorted(layer_types) if runs_as == "int8" and int8_runs_take_as_stored(layer_types) else [],
     }
 
 

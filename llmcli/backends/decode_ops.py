@@ -171,8 +171,8 @@ class FusedSwiGLU(SwiGLU):
 
     @staticmethod
     def takes(mlp: SwiGLU) -> bool:
-        """Both products on the integer kernels in one format family: int8, or int4/int5 (the op runs each layout;
-        a Q4_K_M's ffn_down in Q6_K takes int5 beside a 4-bit gate_up)."""
+        """Both products on the integer kernels in one format family: int8 with a scale per row, or the low-bit
+        layouts (the op runs each: a Q4_K_M's ffn_down in Q6_K takes int5 beside a 4-bit gate_up)."""
         gate_up, down = integer_weights(mlp.gate_up_proj), integer_weights(mlp.down_proj)
         return mlp.fused and gate_up is not None and down is not None and gate_up[0].dtype == down[0].dtype
 

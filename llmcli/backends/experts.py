@@ -21,9 +21,10 @@ from llmcli.models.hooks import RouterChoice
 from llmcli.models.layers import Experts
 
 PROJECTIONS = ("gate_up_proj", "down_proj")  # the experts' projections after fusing gate and up
-# Prompts up to this many tokens go through int4/int5 stacks in one kernel call per projection, which takes each
-# expert's rows together, instead of a call per expert (Qwen3-30B-A3B shape, 128 experts: 256 calls a layer; a
-# 128-token prompt of its Q5_K_M file 1.13x faster, DeepSeek-V3 shape's Q4_K_M 1.09x, 2-core Zen 4).
+# Prompts up to this many tokens go through low-bit stacks (int4, int5, Q8_0, Q6_K) in one kernel call per
+# projection, which takes each expert's rows together, instead of a call per expert (Qwen3-30B-A3B shape, 128
+# experts: 256 calls a layer; a 128-token prompt of its Q5_K_M file 1.13x faster, DeepSeek-V3 shape's Q4_K_M 1.09x,
+# 2-core Zen 4).
 STACKED_PROMPT_ROWS = 512
 STACKED = ("weight", "scales", "packed", "scales_and_mins")  # tensors of a projection that go into stacks
 
@@ -83,8 +84,8 @@ class StackedExperts(Experts):
 
     @property
     def integer(self) -> bool:
-        """Are the stacks int4/int5 blocks on the integer kernel? (Whose many-row products run that kernel too, where
-        int8's take a bfloat16 GEMM.)"""
+        """Are the stacks low-bit blocks (int4, int5, Q8_0, Q6_K) on the integer kernel? (Whose many-row products run
+        that kernel too, where int8's take a bfloat16 GEMM.)"""
         linear = getattr(self[0], PROJECTIONS[0])
         return self.kernel and isinstance(linear, Int4Linear) and linear.integer
 

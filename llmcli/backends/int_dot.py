@@ -65,13 +65,23 @@ def int4_blocks(q: torch.Tensor, scale: torch.Tensor,
     [N/8, K/32, 8, 16] (byte j of a row's group: q[j] | q[j + 16] << 4; rows in INT4_ORDER) and float16
     [N/8, K/32, 2, 8] (scales, then mins, rows in order). With low None (GGUF's Q4_0: w = (q - 8) * scale) the
     second is [N/8, K/32, 1, 8], scales alone: 4.5 bits a weight instead of 5."""
+    return _nibble_blocks(q), _row_blocks([scale] if low is None else [scale, low])
+
+
+def _nibble_blocks(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] in 0..15 -> bytes [N/8, K/32, 8, 16]: byte j of a row's group q[j] | q[j + 16] << 4, rows in
+    INT4_ORDER (the low nibbles of every low-bit layout but int8's)."""
     n, k = q.shape
     groups = q.to(torch.uint8).reshape(n // ROWS, ROWS, k // GROUP, 2, 16)
     packed = groups[:, :, :, 0] | (groups[:, :, :, 1] << 4)  # [N/8, 8, K/32, 16]
-    packed = packed[:, list(INT4_ORDER)].permute(0, 2, 1, 3).contiguous()
-    terms = [scale] if low is None else [scale, low]
-    sm = torch.stack(terms, 0).reshape(len(terms), n // ROWS, ROWS, k // GROUP).permute(1, 3, 0, 2)
-    return packed, sm.to(torch.float16).contiguous()
+    return packed[:, list(INT4_ORDER)].permute(0, 2, 1, 3).contiguous()
+
+
+def _row_blocks(terms: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row terms, each [N, G] (scales, mins), -> float16 [N/8, G, len(terms), 8]: the blocks' rows in order."""
+    n, groups = terms[0].shape
+    stacked = torch.stack(terms, 0).reshape(len(terms), n // ROWS, ROWS, groups).permute(1, 3, 0, 2)
+    return stacked.to(torch.float16).contiguous()
 
 
 def int4_with_mins(sm: torch.Tensor, bits: int = 4) -> torch.Tensor:
@@ -117,8 +127,7 @@ def int8_group_blocks(q: torch.Tensor, scale: torch.Tensor,
         # block row 4 * (row of pair) + pair is stored row 2 * pair + (row of pair): INT4_ORDER
         u = u.reshape(-1, 2, 4, k // GROUP, 2, 16).permute(0, 3, 2, 4, 1, 5)  # [.., pair, half, row of pair, 16]
         packed[begin // ROWS: (begin + chunk_rows) // ROWS] = u.reshape(-1, k // GROUP, INT8_GROUP_BYTES)
-    sm = scale.reshape(n // ROWS, ROWS, k // GROUP).permute(0, 2, 1)[:, :, None].to(torch.float16)
-    return packed, sm.contiguous()
+    return packed, _row_blocks([scale])
 
 
 INT6_BYTES = 192  # per block of 8 rows and group of 32 inputs: 128 of nibbles, 64 of high bits (kInt6Bytes)
@@ -169,32 +178,27 @@ def int6_blocks(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tupl
     """q [N, K] in 0..63, scale and low [N, K/64] (w = q * scale + low) -> the kernel's storage (kernels/int6_dot.cpp):
     bytes [N/8, K/32, 192] (each block and group of 32: the low nibbles as int4_blocks stores them, then the high
     two bits in a unit of 16 bytes per pair of stored rows) and float16 [N/8, K/64, 2, 8] (scales, then mins)."""
+    return _int6_bytes(q), _row_blocks([scale, low])
+
+
+def _int6_bytes(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] in 0..63 -> bytes [N/8, K/32, 192]: per block and group of 32 the low nibbles as int4_blocks stores
+    them, then the high two bits in a unit of 16 bytes per pair of stored rows."""
     n, k = q.shape
     q = q.to(torch.uint8)
-    nibbles, _ = int4_blocks(q & 15, scale.new_zeros(n, k // GROUP), scale.new_zeros(n, k // GROUP))
+    nibbles = _nibble_blocks(q & 15)
     high = (q >> 4).reshape(n // ROWS, ROWS, k // GROUP, 2, 16)[:, list(INT4_ORDER)]  # [.., stored row, g, half, b]
     high = high.permute(0, 2, 1, 3, 4).reshape(n // ROWS, k // GROUP, 4, 2, 2, 16)  # [.., unit, row of pair, half, b]
     shifts = torch.tensor(INT6_HIGH_SHIFTS, dtype=torch.uint8)[:, :, None]
     units = (high << shifts).sum((3, 4), dtype=torch.uint8)  # the four 2-bit fields of a byte do not overlap
-    packed = torch.cat([nibbles.reshape(n // ROWS, k // GROUP, 128), units.reshape(n // ROWS, k // GROUP, 64)], -1)
-    sm = torch.stack([scale, low], 0).reshape(2, n // ROWS, ROWS, k // INT6_GROUP).permute(1, 3, 0, 2)
-    return packed.contiguous(), sm.to(torch.float16).contiguous()
+    return torch.cat([nibbles.reshape(n // ROWS, k // GROUP, 128), units.reshape(n // ROWS, k // GROUP, 64)], -1)
 
 
 def int6_per16_blocks(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q [N, K] in 0..63 and scale [N, K/16] (w = (q - 32) * scale: GGUF's Q6_K, scale = d x sub-scale) -> the int4
     op's 6-bit storage: int6_blocks' bytes [N/8, K/32, 192] and float16 [N/8, K/32, 2, 8], the scales of each group's
     inputs 0-15, then of 16-31 (rows in order)."""
-    n, k = q.shape
-    zeros = torch.zeros(n, k // INT6_GROUP) if k % INT6_GROUP == 0 else None
-    if zeros is None:  # int6_blocks' scales are per 64: pad to 64 for the bytes, which do not depend on them
-        packed, _ = int6_blocks(torch.cat([q, q.new_zeros(n, GROUP)], 1), torch.zeros(n, k // INT6_GROUP + 1),
-                                torch.zeros(n, k // INT6_GROUP + 1))
-        packed = packed[:, : k // GROUP].contiguous()
-    else:
-        packed, _ = int6_blocks(q, zeros, zeros)
-    sm = scale.reshape(n // ROWS, ROWS, k // GROUP, 2).permute(0, 2, 3, 1).to(torch.float16)
-    return packed, sm.contiguous()
+    return _int6_bytes(q), _row_blocks([scale[:, 0::2], scale[:, 1::2]])
 
 
 def int6_dot(x: torch.Tensor, packed: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:

@@ -152,6 +152,10 @@ class GGUFFile:
             return None
         return 8 * sum(t.nbytes for t in matrices) / sum(t.numel for t in matrices)
 
+    def layer_types(self) -> set[str]:
+        """The types `layer_matrices` are stored in."""
+        return {t.type_name for t in self.layer_matrices()}
+
     def wide_layer_types(self) -> set[str]:
         """The types of `layer_matrices` stored in more than INT4_FILE_BITS a weight (a Q4_K_M's Q6_K and Q5_0):
         what an int4 run of a 4-bit file takes in int5 where its kernel runs (backends/prepare.py)."""

@@ -17,7 +17,7 @@
 
 namespace {
 
-constexpr int64_t kInt6Group = 64;  // inputs per int6 weight scale and min (kInt6Bytes, int6_high: int_dot.cpp)
+constexpr int64_t kInt6Group = 64;  // inputs per scale and min (the layout: kInt6Bytes, int6_pair in low_bit_block.cpp)
 
 // sums[m][r] for R rows of activations and the 8 rows of one int6 block (w [K/32][192], sm [K/64][2][8]); each row's
 // arithmetic is the one-row order, so results do not depend on R.
@@ -25,8 +25,6 @@ template <int R>
 inline void int6_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm, int64_t K, float (*sums)[kRows]) {
 #if defined(LLMCLI_INT_DOT_AVX2)
   [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i nibble = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
-  const __m256i lift = _mm256_setr_epi64x(4, 4, 0, 0);  // row A's (lane 0) high bits sit 4 below row B's
   __m256 acc[R], scale = _mm256_setzero_ps(), low = _mm256_setzero_ps();
   for (int m = 0; m < R; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < K / kGroup; ++g, w += kInt6Bytes) {
@@ -38,13 +36,7 @@ inline void int6_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm,
       prefetch_ahead(sm, kPrefetchBytes / 6, 1);
     }
     __m256i q0[4], q1[4];
-    for (int j = 0; j < 4; ++j) {  // stored rows 2j, 2j+1: block rows j, j+4
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 32));
-      const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 128 + j * 16)));
-      q0[j] = _mm256_or_si256(_mm256_and_si256(v, nibble), _mm256_and_si256(_mm256_sllv_epi64(h, lift), top));
-      q1[j] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
-                              _mm256_and_si256(_mm256_sllv_epi64(_mm256_srli_epi64(h, 2), lift), top));
-    }
+    for (int j = 0; j < 4; ++j) int6_pair(w, j, q0[j], q1[j]);  // stored rows 2j, 2j+1: block rows j, j+4
     for (int m = 0; m < R; ++m) {
       const int8_t* xq = x[m].q + g * kGroup;
       const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)));
@@ -74,11 +66,10 @@ inline void int6_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm,
       const int8_t* xq = x[m].q + g * kGroup;
       for (int64_t i = 0; i < kRows; ++i) {
         const int64_t r = kInt4Order[i];
+        int q[kGroup];
+        low_bit_codes<6>(wg, i, q);
         int32_t s = 0;
-        for (int64_t j = 0; j < 16; ++j) {
-          s += ((wg[i * 16 + j] & 0x0F) | (int6_high(wg + 128, i, j) << 4)) * int32_t(xq[j]);
-          s += ((wg[i * 16 + j] >> 4) | (int6_high(wg + 128, i, j + 16) << 4)) * int32_t(xq[j + 16]);
-        }
+        for (int64_t t = 0; t < kGroup; ++t) s += q[t] * int32_t(xq[t]);
         sums[m][r] += static_cast<float>(s) * (static_cast<float>(sg[r]) * x[m].d[g]) +
                       static_cast<float>(sg[kRows + r]) * x[m].dsum[g];
       }
@@ -137,11 +128,9 @@ at::Tensor int6_unblock(const at::Tensor& w, const at::Tensor& sm, at::ScalarTyp
             const int64_t r = kInt4Order[i];
             const float scale = sg[r], low = sg[kRows + r];
             scalar_t* dst = op + (b * kRows + r) * K + g * kGroup;
-            for (int64_t j = 0; j < 16; ++j) {
-              dst[j] = static_cast<scalar_t>(((wg[i * 16 + j] & 0x0F) | (int6_high(wg + 128, i, j) << 4)) * scale + low);
-              dst[j + 16] = static_cast<scalar_t>(((wg[i * 16 + j] >> 4) | (int6_high(wg + 128, i, j + 16) << 4)) *
-                                                      scale + low);
-            }
+            int q[kGroup];
+            low_bit_codes<6>(wg, i, q);
+            for (int64_t t = 0; t < kGroup; ++t) dst[t] = static_cast<scalar_t>(static_cast<float>(q[t]) * scale + low);
           }
         }
     });

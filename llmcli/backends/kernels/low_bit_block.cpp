@@ -33,6 +33,21 @@ inline int int6_high(const uint8_t* highs, int64_t i, int64_t t) {
   return (highs[(i / 2) * 16 + t % 16] >> shift) & 3;
 }
 
+#if defined(LLMCLI_INT_DOT_AVX2)
+// Stored rows 2j and 2j + 1 of a 6-bit group (w: its 192 bytes) as int4's register pair holds them, the high bits
+// in: inputs 0-15 (lo) and 16-31 (hi). One unit broadcast to both 128-bit lanes, shifted per 64-bit lane (row A's,
+// in lane 0, sit 4 below row B's) and masked. The 6-bit head (int6_dot.cpp) unpacks the same way.
+inline void int6_pair(const uint8_t* w, int j, __m256i& lo, __m256i& hi) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
+  const __m256i lift = _mm256_setr_epi64x(4, 4, 0, 0);
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 32));
+  const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 128 + j * 16)));
+  lo = _mm256_or_si256(_mm256_and_si256(v, nibble), _mm256_and_si256(_mm256_sllv_epi64(h, lift), top));
+  hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
+                       _mm256_and_si256(_mm256_sllv_epi64(_mm256_srli_epi64(h, 2), lift), top));
+}
+#endif
+
 // Bytes per block of 8 rows and group of 32 inputs for B bits a weight.
 template <int B>
 constexpr int64_t kGroupBytes = B == 4 ? kRows * 16 : B == 5 ? kInt5Bytes : B == 6 ? kInt6Bytes : kInt8Bytes;
@@ -81,17 +96,16 @@ inline void low_bit_codes(const uint8_t* wg, int64_t i, int* q) {
   }
 }
 
-// sums[m][r] = sum_k x_m[k] * w[r][k] for R rows of activations and the 8 rows of one int4 block (w [K/32][8][16]
-// bytes), int5 block (w [K/32][160]) or int8-per-32 block (w [K/32][256]), sm [K/32][S][8]. The rows share each group's unpacked weights and scales
-// (prompts: R = 4, about twice the rate of one row at a time); each row's arithmetic is the one-row order, so
-// results do not depend on R.
+// sums[m][r] = sum_k x_m[k] * w[r][k] for R rows of activations and the 8 rows of one block: int4 (w [K/32][8][16]
+// bytes), int5 ([K/32][160]), 6 bits ([K/32][192], S = 2: the scales of inputs 0-15 and 16-31) or int8 per 32
+// ([K/32][256]), sm [K/32][S][8]. The rows share each group's unpacked weights and scales (prompts: R = 4, about
+// twice the rate of one row at a time); each row's arithmetic is the one-row order, so results do not depend on R.
 template <int R, int S, int B>
 inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm, int64_t K, float (*sums)[kRows]) {
   constexpr int64_t group_bytes = kGroupBytes<B>;
 #if defined(LLMCLI_INT_DOT_AVX2)
   [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);  // AVX2 only: VNNI widens in its dot product
   [[maybe_unused]] const __m256i lift = _mm256_setr_epi64x(4, 3, 2, 1), bit4 = _mm256_set1_epi8(0x10);
-  [[maybe_unused]] const __m256i lift6 = _mm256_setr_epi64x(4, 4, 0, 0), top = _mm256_set1_epi8(0x30);
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   __m256 acc[R];
   for (int m = 0; m < R; ++m) acc[m] = _mm256_setzero_ps();
@@ -103,7 +117,8 @@ inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* 
       q0[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
       q1[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
     }
-    for (int j = 0; j < 4 && B != 8; ++j) {  // stored rows 2j, 2j+1: block rows j, j+4
+    for (int j = 0; j < 4 && B == 6; ++j) int6_pair(w, j, q0[j], q1[j]);
+    for (int j = 0; j < 4 && (B == 4 || B == 5); ++j) {  // stored rows 2j, 2j+1: block rows j, j+4
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 32));
       q0[j] = _mm256_and_si256(v, nibble);
       q1[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
@@ -111,11 +126,6 @@ inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* 
         const __m256i h = _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + 128 + j * 8)));
         q0[j] = _mm256_or_si256(q0[j], _mm256_and_si256(_mm256_sllv_epi64(h, lift), bit4));
         q1[j] = _mm256_or_si256(q1[j], _mm256_and_si256(_mm256_sllv_epi64(_mm256_srli_epi64(h, 4), lift), bit4));
-      }
-      if constexpr (B == 6) {  // as int6_dot.cpp: row A's (lane 0) high bits sit 4 below row B's
-        const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 128 + j * 16)));
-        q0[j] = _mm256_or_si256(q0[j], _mm256_and_si256(_mm256_sllv_epi64(h, lift6), top));
-        q1[j] = _mm256_or_si256(q1[j], _mm256_and_si256(_mm256_sllv_epi64(_mm256_srli_epi64(h, 2), lift6), top));
       }
     }
     const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm)));
