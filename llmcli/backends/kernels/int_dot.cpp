@@ -359,9 +359,10 @@ at::Tensor int8_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   return run_rows(x, blocks, block, scale, RowValues(bias), ids);
 }
 
-// An int4 weight's blocks w [(E,) N/8, K/32, 8, 16], an int5 weight's [(E,) N/8, K/32, 160] or an int8-per-32
-// weight's [(E,) N/8, K/32, 256] (uint8), with its scales sm [(E,) N/8, K/32, S, 8] float16: S = 2 (scales, mins) or
-// 1 (scales; Q4_0, Q5_0 and Q8_0).
+// An int4 weight's blocks w [(E,) N/8, K/32, 8, 16], an int5 weight's [(E,) N/8, K/32, 160], a 6-bit one's
+// [(E,) N/8, K/32, 192] or an int8-per-32 one's [(E,) N/8, K/32, 256] (uint8), with its scales sm
+// [(E,) N/8, K/32, S, 8] float16: S = 2 (scales and mins; 6 bits: the scales of inputs 0-15 and 16-31) or 1 (scales;
+// Q4_0, Q5_0 and Q8_0).
 struct LowBitBlocks {
   int bits;
   bool stacked;
@@ -375,7 +376,8 @@ int64_t low_bit_group_bytes(int bits) {
 LowBitBlocks low_bit_blocks(const at::Tensor& w, const at::Tensor& sm, const char* name) {
   const bool four = (w.dim() == 4 || w.dim() == 5) && w.size(-2) == kRows && w.size(-1) == 16;
   const int64_t bytes = w.dim() > 0 ? w.size(-1) : 0;
-  const bool wide = (w.dim() == 3 || w.dim() == 4) && (bytes == kInt5Bytes || bytes == kInt6Bytes || bytes == kInt8Bytes);
+  const bool wide =
+      (w.dim() == 3 || w.dim() == 4) && (bytes == kInt5Bytes || bytes == kInt6Bytes || bytes == kInt8Bytes);
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && (four || wide), name,
               ": w must be uint8 blocks [(E,) N/8, K/32, 8, 16] (int4), [(E,) N/8, K/32, 160] (int5), "
               "[(E,) N/8, K/32, 192] (6 bits, a scale per 16) or [(E,) N/8, K/32, 256] (int8 per 32)");
@@ -394,7 +396,7 @@ LowBitBlocks low_bit_blocks(const at::Tensor& w, const at::Tensor& sm, const cha
 template <int S, int B>
 inline void low_bit_rows(int64_t count, const QuantRow* rows, const uint8_t* w, const c10::Half* sm, int64_t K,
                          float (*sums)[kRows]) {
-  if (count > 4) {  // int5 in eights (its unpacking is dearer: 13% faster at 16-128 rows on a Zen 4), int4 in fours
+  if (count > 4) {  // int5 in eights (its unpacking is dearer: 13% faster at 16-128 rows on a Zen 4), others in fours
     if constexpr (B == 5 && kTile == 8)
       if (count == 8) return low_bit_block<8, S, B>(rows, w, sm, K, sums);
     low_bit_block<4, S, B>(rows, w, sm, K, sums);
@@ -408,9 +410,9 @@ inline void low_bit_rows(int64_t count, const QuantRow* rows, const uint8_t* w, 
   }
 }
 
-// x [..., K]; w one int4, int5 or int8-per-32 weight's blocks, or a stack [E, ...] with experts [M] int64 naming
-// each row's matrix; sm its scales and mins (S = 2) or scales alone (S = 1, min = -8, -16 or -128 * scale); bias:
-// optional [N] in x's dtype. Returns [..., N] ≈ x @ (q * scale + min).T (+ bias) with x quantised to int8 per group of 32.
+// x [..., K]; w one low-bit weight's blocks (LowBitBlocks), or a stack [E, ...] with experts [M] int64 naming each
+// row's matrix; sm its scales and mins (S = 2) or scales alone (S = 1, min = -8, -16 or -128 * scale); bias:
+// optional [N] in x's dtype. Returns [..., N] ≈ x @ w.T (+ bias) with x quantised to int8 per group of 32.
 at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sm,
                     const std::optional<at::Tensor>& experts, const std::optional<at::Tensor>& bias) {
   const LowBitBlocks l = low_bit_blocks(w, sm, "int4_dot");
@@ -430,7 +432,7 @@ at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   return run_rows(x, l.blocks, block, [](int64_t, int64_t) { return 1.f; }, RowValues(bias), ids);
 }
 
-// One int4, int5 or int8-per-32 weight as row-major [N, K] in `dtype` (q * scale + min, in float then rounded), for prompts.
+// One low-bit weight as row-major [N, K] in `dtype` (q * scale + min, in float then rounded), for prompts.
 template <int S, int B, typename scalar_t>
 void low_bit_unblock(const uint8_t* wp, const c10::Half* sp, int64_t blocks, int64_t G, scalar_t* op) {
   constexpr int64_t group_bytes = kGroupBytes<B>;
