@@ -31,15 +31,16 @@ def q8_weight(n: int, k: int, seed: int = 0):
     return q, scale, q.double() * scale.double().repeat_interleave(32, 1)
 
 
-def test_storage_holds_codes_offset_by_128_in_row_pairs():
+def test_storage_holds_codes_offset_by_128_rows_in_lanes():
     q, scale, weight = q8_weight(24, 64)
     packed, sm = int_dot.int8_group_blocks(q, scale)
     assert packed.shape == (3, 2, 256) and packed.dtype == torch.uint8 and sm.shape == (3, 2, 1, 8)
     assert int_dot.bits_of(packed) == 8
-    # stored rows 0 and 1 of a block are rows 0 and 4: their inputs 0-15, then 16-31, each pair 64 bytes
-    group = packed[0, 1].long() - 128
-    assert torch.equal(group[:16], q[0, 32:48]) and torch.equal(group[16:32], q[4, 32:48])
-    assert torch.equal(group[32:48], q[0, 48:64]) and torch.equal(group[48:64], q[4, 48:64])
+    # 32 bytes per 4 inputs: rows 0..7 of the block, 4 bytes each (block 1's rows 8..15, group 1's inputs 32..63)
+    group = (packed[1, 1].long() - 128).reshape(8, 8, 4)
+    assert torch.equal(group[0, 0], q[8, 32:36]) and torch.equal(group[0, 7], q[15, 32:36])
+    assert torch.equal(group[5, 2], q[10, 52:56])
+    assert torch.equal(group.permute(1, 0, 2).reshape(8, 32), q[8:16, 32:64])
     assert torch.equal(sm[0, 1, 0].float(), scale[:8, 1])
     assert torch.equal(int_dot.int4_unblock(packed, sm).double(), weight)  # (u - 128) * scale, exactly
 

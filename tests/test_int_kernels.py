@@ -90,8 +90,12 @@ def test_int4_storage_round_trips_and_is_read_in_order():
     packed, sm = int_dot.int4_blocks(q, scale, low)
     assert packed.shape == (3, 2, 8, 16) and packed.dtype == torch.uint8 and sm.shape == (3, 2, 2, 8)
     assert torch.equal(int_dot.int4_unblock(packed, sm).double(), weight)
-    # stored row 1 of the first block is row 4; its byte j holds inputs j (low nibble) and j + 16
-    assert torch.equal(packed[0, 0, 1].long(), q[4, :16] | (q[4, 16:32] << 4))
+    # rows in lanes: 32 bytes per 4 inputs (j), 4 bytes a row (r); byte i holds inputs 4j + i and 16 + 4j + i
+    group = packed[1, 1].reshape(4, 8, 4).long()  # block 1 (rows 8..15), group 1 (inputs 32..63)
+    assert torch.equal(group[0, 0], q[8, 32:36] | (q[8, 48:52] << 4))
+    assert torch.equal(group[3, 6], q[14, 44:48] | (q[14, 60:64] << 4))
+    codes = torch.cat([group & 15, group >> 4], 0).permute(1, 0, 2).reshape(8, 32)
+    assert torch.equal(codes, q[8:16, 32:64].long())
     assert torch.equal(sm[0, 1, 0].float(), scale[:8, 1]) and torch.equal(sm[0, 1, 1].float(), low[:8, 1])
 
 
@@ -262,7 +266,7 @@ def test_avx2_and_portable_builds_compute_the_same_products(portable_ops, avx2_o
     for ops in (portable_ops, avx2_ops):
         assert close(ops.int4_dot(x, packed, sm), dequantised_rows(x) @ weight.T, 1e-5)
         assert torch.equal(ops.int4_unblock(packed, sm, torch.float32).double(), weight)
-    for symmetric in (False, True):  # int5 (the high bits: AVX2 widens its sums before the horizontal adds)
+    for symmetric in (False, True):  # int5 (the high bits: AVX2 widens its sums before they overflow int16)
         (q5, s5, low5), weight5 = int5_weight(40, 96, symmetric=symmetric)
         packed, sm = int_dot.int5_blocks(q5, s5, low5)
         for ops in (portable_ops, avx2_ops):

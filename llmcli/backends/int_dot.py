@@ -64,8 +64,35 @@ def int4_blocks(q: torch.Tensor, scale: torch.Tensor,
     """q [N, K] in 0..15, scale and low [N, K/32] (w = q * scale + low) -> the kernel's storage: bytes
     [N/8, K/32, 8, 16] (byte j of a row's group: q[j] | q[j + 16] << 4; rows in INT4_ORDER) and float16
     [N/8, K/32, 2, 8] (scales, then mins, rows in order). With low None (GGUF's Q4_0: w = (q - 8) * scale) the
-    second is [N/8, K/32, 1, 8], scales alone: 4.5 bits a weight instead of 5."""
-    return _nibble_blocks(q), _row_blocks([scale] if low is None else [scale, low])
+    second is [N/8, K/32, 1, 8], scales alone: 4.5 bits a weight instead of 5. The codes are placed rows in lanes
+    (_in_lanes)."""
+    return _nibble_blocks(_in_lanes(q)), _row_blocks([scale] if low is None else [scale, low])
+
+
+def _lane_sources() -> torch.Tensor:
+    """For each code of a block and group (row * 32 + input, rows in block order), which code of the matrix goes
+    there so that the kernel's unpacked registers hold rows in lanes (kernels/low_bit_block.cpp): pair j's first
+    register block rows 0..7's inputs 4j..4j+3 (byte 4r + i: row r's input 4j + i), its second the same 16 inputs
+    later. The nibble layouts put stored row s's inputs b and 16 + b at byte 16 * (s % 2) + b of pair s // 2's
+    registers."""
+    source = torch.empty(ROWS * GROUP, dtype=torch.long)
+    for stored, row in enumerate(INT4_ORDER):
+        for half in range(2):
+            for b in range(16):
+                at = 16 * (stored % 2) + b
+                source[row * GROUP + 16 * half + b] = (at // 4) * GROUP + 16 * half + 4 * (stored // 2) + at % 4
+    return source
+
+
+LANE_SOURCES = _lane_sources()
+
+
+def _in_lanes(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] -> the same codes rearranged within each block and group (LANE_SOURCES), for the nibble packers."""
+    n, k = q.shape
+    blocks = q.reshape(n // ROWS, ROWS, k // GROUP, GROUP).transpose(1, 2).reshape(n // ROWS, k // GROUP, -1)
+    lanes = blocks[..., LANE_SOURCES].reshape(n // ROWS, k // GROUP, ROWS, GROUP).transpose(1, 2)
+    return lanes.reshape(n, k)
 
 
 def _nibble_blocks(q: torch.Tensor) -> torch.Tensor:
@@ -96,12 +123,13 @@ INT5_BYTES = 160  # per block of 8 rows and group of 32 inputs: 128 of nibbles, 
 def int5_blocks(q: torch.Tensor, scale: torch.Tensor,
                 low: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [N, K] in 0..31, scale and low [N, K/32] (w = q * scale + low; low None: w = (q - 16) * scale, GGUF's
-    Q5_0) -> the kernel's storage (kernels/int_dot.cpp): bytes [N/8, K/32, 160] (the low nibbles as int4_blocks
+    Q5_0) -> the kernel's storage (kernels/low_bit_block.cpp): bytes [N/8, K/32, 160] (the low nibbles as int4_blocks
     stores them, then per pair of stored rows A, B 8 bytes whose byte b holds the high bits of A's q[b], q[b + 8],
-    B's q[b], q[b + 8] at bits 0-3 and those of the same plus 16 at bits 4-7) and scales as int4_blocks gives."""
+    B's q[b], q[b + 8] at bits 0-3 and those of the same plus 16 at bits 4-7, of the codes as _in_lanes places them)
+    and scales as int4_blocks gives."""
     n, k = q.shape
-    q = q.to(torch.uint8)
-    nibbles, sm = int4_blocks(q & 15, scale, low)
+    q = _in_lanes(q.to(torch.uint8))
+    nibbles, sm = _nibble_blocks(q & 15), _row_blocks([scale] if low is None else [scale, low])
     high = (q >> 4).reshape(n // ROWS, ROWS, k // GROUP, 32)[:, list(INT4_ORDER)].permute(0, 2, 1, 3)
     high = high.reshape(n // ROWS, k // GROUP, 4, 2, 2, 2, 8)  # [.., pair, row of pair, t >= 16, t % 16 >= 8, b]
     shifts = torch.tensor([[[0, 1], [4, 5]], [[2, 3], [6, 7]]], dtype=torch.uint8)[..., None]
@@ -116,16 +144,15 @@ INT8_GROUP_BYTES = 256  # per block of 8 rows and group of 32 inputs: a byte per
 def int8_group_blocks(q: torch.Tensor, scale: torch.Tensor,
                       chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """q [N, K] (or [N, K/32, 32], any strides) in -128..127 and scale [N, K/32] (w = q * scale: GGUF's Q8_0) -> the
-    kernel's storage (kernels/int_dot.cpp): bytes [N/8, K/32, 256] of u = q + 128, per pair of stored rows A, B
-    (INT4_ORDER) A's inputs 0-15, B's 0-15, A's 16-31, B's 16-31; and scales alone [N/8, K/32, 1, 8] as int4_blocks
-    gives them. A few thousand rows at a time, one copy each: a vocabulary-sized head's temporaries stay small."""
+    kernel's storage (kernels/low_bit_block.cpp): bytes [N/8, K/32, 256] of u = q + 128, rows in lanes (byte
+    32k + 4r + i: block row r's input 4k + i); and scales alone [N/8, K/32, 1, 8] as int4_blocks gives them. A few
+    thousand rows at a time, one copy each: a vocabulary-sized head's temporaries stay small."""
     q = q.reshape(q.shape[0], -1, GROUP)
     n, k = q.shape[0], q.shape[1] * GROUP
     packed = torch.empty(n // ROWS, k // GROUP, INT8_GROUP_BYTES, dtype=torch.uint8)
     for begin in range(0, n, chunk_rows):
         u = q[begin: begin + chunk_rows].to(torch.int8).view(torch.uint8) ^ 0x80
-        # block row 4 * (row of pair) + pair is stored row 2 * pair + (row of pair): INT4_ORDER
-        u = u.reshape(-1, 2, 4, k // GROUP, 2, 16).permute(0, 3, 2, 4, 1, 5)  # [.., pair, half, row of pair, 16]
+        u = u.reshape(-1, ROWS, k // GROUP, 8, 4).permute(0, 2, 3, 1, 4)  # [block, group, k, row, input % 4]
         packed[begin // ROWS: (begin + chunk_rows) // ROWS] = u.reshape(-1, k // GROUP, INT8_GROUP_BYTES)
     return packed, _row_blocks([scale])
 
@@ -196,9 +223,9 @@ def _int6_bytes(q: torch.Tensor) -> torch.Tensor:
 
 def int6_per16_blocks(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q [N, K] in 0..63 and scale [N, K/16] (w = (q - 32) * scale: GGUF's Q6_K, scale = d x sub-scale) -> the int4
-    op's 6-bit storage: int6_blocks' bytes [N/8, K/32, 192] and float16 [N/8, K/32, 2, 8], the scales of each group's
-    inputs 0-15, then of 16-31 (rows in order)."""
-    return _int6_bytes(q), _row_blocks([scale[:, 0::2], scale[:, 1::2]])
+    op's 6-bit storage: int6_blocks' bytes [N/8, K/32, 192] with the codes rows in lanes (_in_lanes), and float16
+    [N/8, K/32, 2, 8], the scales of each group's inputs 0-15, then of 16-31 (rows in order)."""
+    return _int6_bytes(_in_lanes(q)), _row_blocks([scale[:, 0::2], scale[:, 1::2]])
 
 
 def int6_dot(x: torch.Tensor, packed: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:

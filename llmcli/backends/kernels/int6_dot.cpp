@@ -67,7 +67,7 @@ inline void int6_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm,
       for (int64_t i = 0; i < kRows; ++i) {
         const int64_t r = kInt4Order[i];
         int q[kGroup];
-        low_bit_codes<6>(wg, i, q);
+        int6_codes(wg, i, q);
         int32_t s = 0;
         for (int64_t t = 0; t < kGroup; ++t) s += q[t] * int32_t(xq[t]);
         sums[m][r] += static_cast<float>(s) * (static_cast<float>(sg[r]) * x[m].d[g]) +
@@ -129,7 +129,7 @@ at::Tensor int6_unblock(const at::Tensor& w, const at::Tensor& sm, at::ScalarTyp
             const float scale = sg[r], low = sg[kRows + r];
             scalar_t* dst = op + (b * kRows + r) * K + g * kGroup;
             int q[kGroup];
-            low_bit_codes<6>(wg, i, q);
+            int6_codes(wg, i, q);
             for (int64_t t = 0; t < kGroup; ++t) dst[t] = static_cast<scalar_t>(static_cast<float>(q[t]) * scale + low);
           }
         }

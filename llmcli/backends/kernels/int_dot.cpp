@@ -12,11 +12,11 @@
 // x * w exactly (|x|, |w| <= 127: a pair sum fits int16).
 //
 // int4 weights (q in 0..15, w = q * scale + min per group of 32 inputs, GGUF's Q4_1) are stored
-// [N/8][K/32][8][16] bytes, byte j of a row's group holding q[j] (low nibble) and q[j + 16]; the 8 rows of
-// a block in the order 0 4 1 5 2 6 3 7, so that after the horizontal adds the 8 sums come out in row
-// order. Scales and mins are float16 [N/8][K/32][S][8]: S = 2 holds scales, then mins; S = 1 (GGUF's Q4_0,
-// w = (q - 8) * scale) holds scales alone, min = -8 * scale, so a Q4_0 file is read at its own 4.5 bits a weight
-// instead of 5. A group's sum is
+// [N/8][K/32][8][16] bytes, rows in lanes (low_bit_block.cpp): the 32 bytes at 32j hold inputs 4j..4j+3 of
+// the block's rows 0..7 in their low nibbles (4 bytes a row) and inputs 16 + 4j.. in their high nibbles, so a
+// product with 4 inputs broadcast leaves each row's sum in its own int32 lane. Scales and mins are float16
+// [N/8][K/32][S][8]: S = 2 holds scales, then mins; S = 1 (GGUF's Q4_0, w = (q - 8) * scale) holds scales
+// alone, min = -8 * scale, so a Q4_0 file is read at its own 4.5 bits a weight instead of 5. A group's sum is
 //   d_x * (scale * sum_j q_j x_j + min * sum_j x_j),
 // and q is unsigned already: maddubs(q, x) needs no sign trick (pair sums <= 2 * 15 * 127).
 #include "dispatch.h"
@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <string>
 #include <type_traits>
@@ -216,8 +217,7 @@ inline void int8_block(const QuantRow& x, const int8_t* w, int64_t K, float* sum
 #include "low_bit_block.cpp"
 
 // Rows of activations per call of a block function. The low-bit blocks keep R accumulators and the group's 8
-// unpacked registers live: 8 rows fit AVX-512VL's 32 vector registers, 4 AVX2's 16 (int4 stays at 4 rows: 8 were
-// 3-10% slower on a Zen 4).
+// unpacked registers live: 8 rows fit AVX-512VL's 32 vector registers, 4 AVX2's 16.
 #if defined(__AVX512VL__)
 constexpr int64_t kTile = 8;
 #else
@@ -396,8 +396,8 @@ LowBitBlocks low_bit_blocks(const at::Tensor& w, const at::Tensor& sm, const cha
 template <int S, int B>
 inline void low_bit_rows(int64_t count, const QuantRow* rows, const uint8_t* w, const c10::Half* sm, int64_t K,
                          float (*sums)[kRows]) {
-  if (count > 4) {  // int5 in eights (its unpacking is dearer: 13% faster at 16-128 rows on a Zen 4), others in fours
-    if constexpr (B == 5 && kTile == 8)
+  if (count > 4) {  // eights where registers allow: 4-12% faster than fours at 16-128 rows on a Zen 4
+    if constexpr (kTile == 8)
       if (count == 8) return low_bit_block<8, S, B>(rows, w, sm, K, sums);
     low_bit_block<4, S, B>(rows, w, sm, K, sums);
     return low_bit_rows<S, B>(count - 4, rows + 4, w, sm, K, sums + 4);
@@ -440,13 +440,12 @@ void low_bit_unblock(const uint8_t* wp, const c10::Half* sp, int64_t blocks, int
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t i = 0; i < kRows; ++i) {
-          const int64_t r = kInt4Order[i];
+        for (int64_t r = 0; r < kRows; ++r) {
           const uint8_t* wg = wp + (b * G + g) * group_bytes;
           const c10::Half* sg = sp + (b * G + g) * S * kRows;
           scalar_t* dst = op + (b * kRows + r) * K + g * kGroup;
           int q[kGroup];
-          low_bit_codes<B>(wg, i, q);
+          low_bit_codes<B>(wg, r, q);
           for (int64_t t = 0; t < kGroup; ++t) {
             // 6 bits: a scale per 16 inputs (the second half's after the first's), min -32 * scale
             const float scale = B == 6 && t >= 16 ? static_cast<float>(sg[kRows + r]) : static_cast<float>(sg[r]);
