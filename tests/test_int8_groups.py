@@ -115,6 +115,25 @@ def test_avx2_and_portable_builds_compute_the_same_products(layout, portable_ops
             int_dot.int4_dot(x, packed, sm[:, :, :1].contiguous())
 
 
+def test_unblocking_rounds_each_weight_as_torch_does(portable_ops, avx2_ops):
+    """Long prompts unblock the weight for a float GEMM: the AVX2 widening (8 codes a step) and the plain loop give
+    float32 q * scale + min, and bfloat16 and float16 weights that are those floats rounded as torch rounds them."""
+    from tests.test_int_kernels import int4_weight, int5_weight
+
+    layouts = {
+        "int4": int_dot.int4_blocks(*int4_weight(24, 96)[0]),
+        "int5": int_dot.int5_blocks(*int5_weight(24, 96)[0]),
+        "Q6_K": int_dot.int6_per16_blocks(*q6_weight(24, 96)[:2]),
+        "Q8_0": int_dot.int8_group_blocks(*q8_weight(24, 96)[:2]),
+    }
+    for name, (packed, sm) in layouts.items():
+        wide = int_dot.int4_unblock(packed, sm, torch.float32)
+        for ops in (torch.ops.llmcli, portable_ops, avx2_ops):
+            assert torch.equal(ops.int4_unblock(packed, sm, torch.float32), wide), name
+            for dtype in (torch.bfloat16, torch.float16):
+                assert torch.equal(ops.int4_unblock(packed, sm, dtype), wide.to(dtype)), (name, dtype)
+
+
 @pytest.mark.parametrize("blocks", ["random", "quantised"])
 def test_q6_k_codes_equal_the_gguf_packages_dequantisation(blocks):
     weights = np.random.default_rng(1).standard_normal((8, 512)).astype(np.float32) * 0.02

@@ -22,10 +22,10 @@ from llmcli.models.layers import joined_bias
 
 GROUP = 32  # inputs per scale; measured against 64 and 128 (README: quality and decode speed)
 # Up to this many rows the integer kernel (rows in lanes, 4 or 8 rows per pass over each unpacked block) beats
-# converting the weight for a float GEMM. Qwen2.5-0.5B's MLP shapes, 2-core Zen 4 (bfloat16 GEMM): kernel time over
-# unblock + GEMM 0.41 (int4), 0.43-0.50 (Q6_K) and 0.33-0.36 (Q8_0) at 128 rows; 0.67-0.71, 0.85-0.91 and 0.59-0.62
-# at 384; 0.79-0.82, 0.95-1.01 and 0.66-0.67 at 512. (Before rows in lanes, Zen 3 with AVX2: 1.1-3x at 16-128 rows,
-# even at 256, behind at 512.)
+# converting the weight for a float GEMM. Qwen2.5-0.5B's MLP shapes, 2-core Zen 4 (bfloat16 GEMM, the weight
+# unblocked 8 codes a step): kernel time over unblock + GEMM 0.61-0.75 (int4, Q8_0) at 128 rows, 0.81-0.83 at 384,
+# 0.84-1.19 at 512, 0.9-1.3 at 768. (Before rows in lanes, Zen 3 with AVX2: 1.1-3x at 16-128 rows, even at 256,
+# behind at 512.)
 INTEGER_PROMPT_ROWS = 384
 MULTIPLE_OF_OUTPUTS = 16  # torch's packing takes whole groups of 16 output rows
 
@@ -90,6 +90,8 @@ class Int4Linear(Product, nn.Module):
     rows (decoding, and prompts up to INTEGER_PROMPT_ROWS) go through it with the activations quantised to int8,
     longer prompts through a GEMM on the weight converted to float32 (or the activations' dtype where bfloat16
     products are fast)."""
+
+    integer_prompt_rows = INTEGER_PROMPT_ROWS  # more rows take the float GEMM
 
     def __init__(self, linear: nn.Linear, group: int = GROUP, quantized=None, integer: bool = False):
         """`quantized`: (q, scale, zero) from a file already in this format (GGUF Q4_0/Q4_1/Q4_K), else computed;
@@ -165,7 +167,7 @@ class Int4Linear(Product, nn.Module):
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def _integer(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= INTEGER_PROMPT_ROWS * self.in_features:  # one op call, bias included: less Python
+        if x.numel() <= self.integer_prompt_rows * self.in_features:  # one op call, bias included: less Python
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return torch.ops.llmcli.int4_dot.default(x, self.packed, self.scales_and_mins, None, bias)
         # long prompts: a float GEMM on the converted weight
@@ -210,6 +212,11 @@ class Int6Per16Linear(Int4Linear):
     """6-bit codes with a float16 scale per 16 inputs (w = (q - 32) * scale, 7 bits a weight): GGUF's Q6_K as the file
     stores it (scale = d x its 8-bit sub-scale, rounded to float16), on the integer kernel (int_dot.py), in int8 runs
     of Q6_K files: fewer bytes than int8's 8 and the file's own matrix instead of a second rounding."""
+
+    # Its two scales per group keep its unpacking and sums dearer than int4's: one 4864 x 896 or 896 x 4864 matrix,
+    # 2 threads, Zen 4, kernel time over unblock + bfloat16 GEMM 0.84-1.09 at 96 rows, 0.92-1.34 at 128, 1.06-1.29
+    # at 160-192.
+    integer_prompt_rows = 128
 
     def __init__(self, linear: nn.Linear, quantized):
         """`quantized`: (q [N, K] in 0..63, scale [N, K/16], None) from the file."""

@@ -432,27 +432,70 @@ at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   return run_rows(x, l.blocks, block, [](int64_t, int64_t) { return 1.f; }, RowValues(bias), ids);
 }
 
-// One low-bit weight as row-major [N, K] in `dtype` (q * scale + min, in float then rounded), for prompts.
+#if defined(LLMCLI_INT_DOT_AVX2)
+// 8 floats stored as scalar_t, rounded as c10's conversions round them (bfloat16: to nearest even, NaN made quiet).
+template <typename scalar_t>
+inline void store8(scalar_t* dst, __m256 v) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm256_storeu_ps(dst, v);
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    top = _mm256_blendv_epi8(top, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+    const __m128i halves = _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), halves);
+  }
+}
+#endif
+
+// One low-bit weight as row-major [N, K] in `dtype` (q * scale + min in float, then rounded), for long prompts.
+// AVX2 unpacks each group as the kernel does and widens 8 codes a step (about 8x the plain loop's rate, which
+// took as long as a bfloat16 GEMM of 128 rows on the same weight).
 template <int S, int B, typename scalar_t>
 void low_bit_unblock(const uint8_t* wp, const c10::Half* sp, int64_t blocks, int64_t G, scalar_t* op) {
   constexpr int64_t group_bytes = kGroupBytes<B>;
   const int64_t K = G * kGroup;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      for (int64_t g = 0; g < G; ++g)
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* wg = wp + (b * G + g) * group_bytes;
+        const c10::Half* sg = sp + (b * G + g) * S * kRows;
+#if defined(LLMCLI_INT_DOT_AVX2)
+        __m256i codes[8];
+        unpack_group<B>(wg, codes);
+        alignas(32) uint8_t lanes[8][32];  // register k's 32 bytes: row r's inputs 4k..4k+3 at 4r
+        for (int k = 0; k < 8; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[k]), codes[k]);
         for (int64_t r = 0; r < kRows; ++r) {
-          const uint8_t* wg = wp + (b * G + g) * group_bytes;
-          const c10::Half* sg = sp + (b * G + g) * S * kRows;
+          scalar_t* dst = op + (b * kRows + r) * K + g * kGroup;
+          for (int h = 0; h < 4; ++h) {  // inputs 8h..8h+7: registers 2h and 2h + 1
+            uint32_t first, second;
+            std::memcpy(&first, lanes[2 * h] + 4 * r, 4);
+            std::memcpy(&second, lanes[2 * h + 1] + 4 * r, 4);
+            const __m128i eight = _mm_cvtsi64_si128(static_cast<int64_t>(first | (uint64_t{second} << 32)));
+            const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight));
+            // 6 bits: a scale per 16 inputs (the second half's after the first's), min -32 * scale
+            const float scale = static_cast<float>(sg[B == 6 && h >= 2 ? kRows + r : r]);
+            const float low = B == 6 ? -32.f * scale : low_bit_min<S, B>(sg, r);
+            store8(dst + 8 * h, _mm256_fmadd_ps(q, _mm256_set1_ps(scale), _mm256_set1_ps(low)));
+          }
+        }
+#else
+        for (int64_t r = 0; r < kRows; ++r) {
           scalar_t* dst = op + (b * kRows + r) * K + g * kGroup;
           int q[kGroup];
           low_bit_codes<B>(wg, r, q);
           for (int64_t t = 0; t < kGroup; ++t) {
-            // 6 bits: a scale per 16 inputs (the second half's after the first's), min -32 * scale
-            const float scale = B == 6 && t >= 16 ? static_cast<float>(sg[kRows + r]) : static_cast<float>(sg[r]);
+            const float scale = static_cast<float>(sg[B == 6 && t >= 16 ? kRows + r : r]);
             const float low = B == 6 ? -32.f * scale : low_bit_min<S, B>(sg, r);
-            dst[t] = static_cast<scalar_t>(static_cast<float>(q[t]) * scale + low);
+            dst[t] = static_cast<scalar_t>(std::fma(static_cast<float>(q[t]), scale, low));
           }
         }
+#endif
+      }
   });
 }
 

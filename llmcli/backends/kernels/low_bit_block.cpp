@@ -118,6 +118,30 @@ inline void low_bit_codes(const uint8_t* wg, int64_t r, int* q) {
 }
 
 #if defined(LLMCLI_INT_DOT_AVX2)
+// One group's codes (w: its bytes, B bits) unpacked: codes[k] holds inputs 4k..4k+3 of block rows 0..7, 4 bytes a row.
+template <int B>
+inline void unpack_group(const uint8_t* w, __m256i* codes) {
+  if constexpr (B == 8) {
+    for (int k = 0; k < 8; ++k) codes[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 32));
+  } else if constexpr (B == 6) {
+    for (int j = 0; j < 4; ++j) int6_pair(w, j, codes[j], codes[j + 4]);
+  } else {
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    [[maybe_unused]] const __m256i lift = _mm256_setr_epi64x(4, 3, 2, 1), bit4 = _mm256_set1_epi8(0x10);
+    for (int j = 0; j < 4; ++j) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 32));
+      codes[j] = _mm256_and_si256(v, nibble);
+      codes[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      if constexpr (B == 5) {
+        const __m256i h = _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + 128 + j * 8)));
+        codes[j] = _mm256_or_si256(codes[j], _mm256_and_si256(_mm256_sllv_epi64(h, lift), bit4));
+        codes[j + 4] =
+            _mm256_or_si256(codes[j + 4], _mm256_and_si256(_mm256_sllv_epi64(_mm256_srli_epi64(h, 4), lift), bit4));
+      }
+    }
+  }
+}
+
 // Inputs xq[at..at+3] in every int32 lane.
 inline __m256i four_inputs(const int8_t* xq, int at) {
   int32_t four;
@@ -170,27 +194,13 @@ template <int R, int S, int B>
 inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* sm, int64_t K, float (*sums)[kRows]) {
   constexpr int64_t group_bytes = kGroupBytes<B>;
 #if defined(LLMCLI_INT_DOT_AVX2)
-  [[maybe_unused]] const __m256i lift = _mm256_setr_epi64x(4, 3, 2, 1), bit4 = _mm256_set1_epi8(0x10);
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
   __m256 acc[R];
   for (int m = 0; m < R; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < K / kGroup; ++g, w += group_bytes, sm += S * kRows) {
     prefetch_ahead(w, kPrefetchBytes, (group_bytes + 63) / 64);  // the group's weights, and its scales (16 * S bytes)
     prefetch_ahead(sm, kPrefetchBytes * S * 16 / group_bytes, 1);
-    __m256i codes[8];  // codes[k]: inputs 4k..4k+3 of block rows 0..7, 4 bytes a row
-    for (int j = 0; j < 8 && B == 8; ++j) codes[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 32));
-    for (int j = 0; j < 4 && B == 6; ++j) int6_pair(w, j, codes[j], codes[j + 4]);
-    for (int j = 0; j < 4 && (B == 4 || B == 5); ++j) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 32));
-      codes[j] = _mm256_and_si256(v, nibble);
-      codes[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-      if constexpr (B == 5) {
-        const __m256i h = _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + 128 + j * 8)));
-        codes[j] = _mm256_or_si256(codes[j], _mm256_and_si256(_mm256_sllv_epi64(h, lift), bit4));
-        codes[j + 4] =
-            _mm256_or_si256(codes[j + 4], _mm256_and_si256(_mm256_sllv_epi64(_mm256_srli_epi64(h, 4), lift), bit4));
-      }
-    }
+    __m256i codes[8];
+    unpack_group<B>(w, codes);
     const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm)));
     [[maybe_unused]] const __m256 low =
         S == 2 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm + kRows))) : scale;
