@@ -19,7 +19,7 @@ from llmcli.chat_dsv32 import with_builtin_chat_format
 from llmcli.config import ModelConfig, load_config
 from llmcli.errors import LlmcliError
 from llmcli.formats.gguf import gguf_path_of, nearest_quantize
-from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES, int8_runs_take_as_stored
+from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES, Q6_TYPES, int8_runs_take_as_stored
 from llmcli.formats.safetensors import read_checkpoint
 from llmcli.gguf_load import GGUFSource
 from llmcli.models.base import CausalLM
@@ -129,7 +129,8 @@ def low_bit_note(gguf: GGUFSource, chosen: str) -> str:
     stored = "4-bit codes as stored" if chosen == "int4" else "4- and 5-bit codes as stored"
     note = ", ".join([stored, *listed(types - kept - wide, "re-quantised")])
     in_int5 = listed(wide & set(INT5_TYPES), "codes as stored") + listed(wide - set(INT5_TYPES), "re-quantised")
-    return note + (f"; {', '.join(in_int5)}, in int5" if in_int5 else "")
+    head = "; its Q6_K head as stored" if int_dot.runs_fast() and gguf.gguf.head_type() in Q6_TYPES else ""
+    return note + (f"; {', '.join(in_int5)}, in int5" if in_int5 else "") + head
 
 
 def check_memory(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device,

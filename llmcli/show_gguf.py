@@ -9,7 +9,7 @@ from pathlib import Path
 from llmcli.config import ModelConfig
 from llmcli.formats.gguf import GGUFFile, gguf_path_of, nearest_quantize, open_gguf  # noqa: F401  (gguf_path_of: show)
 from llmcli.formats.gguf_config import gguf_config
-from llmcli.formats.gguf_int4 import int8_runs_take_as_stored
+from llmcli.formats.gguf_int4 import Q6_TYPES, int8_runs_take_as_stored
 from llmcli.formats.gguf_names import checkpoint_pieces, tensor_infos
 from llmcli.formats.safetensors import TensorInfo
 
@@ -58,6 +58,8 @@ def gguf_facts(model: GGUFModel) -> dict:
         "int5_parts": sorted(gg.wide_layer_types()) if runs_as == "int4" else [],
         # an int8 run takes Q8_0 and Q6_K linears as stored with AVX2, else re-quantises them per row
         "int8_as_stored": sorted(layer_types) if runs_as == "int8" and int8_runs_take_as_stored(layer_types) else [],
+        # an int4 or int5 run takes a Q6_K head as stored with AVX2, else re-quantises it (Int6Linear, int8)
+        "head_as_stored": gg.head_type() if runs_as in ("int4", "int5") and gg.head_type() in Q6_TYPES else None,
     }
 
 

@@ -227,3 +227,34 @@ def test_an_int8_run_of_a_4_bit_mix_requantises_every_part(tmp_path):
     kinds = {type(m) for m in loaded.model.modules()}
     assert Int8Linear in kinds and not kinds & {Int6Per16Linear, Int8GroupLinear}
     assert all("as stored" not in note for note in loaded.notes)
+
+
+@pytest.mark.skipif(not int_dot.runs_fast(), reason="llmcli's AVX2 integer kernel is not built here")
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_4_bit_run_takes_a_q6_k_head_as_stored(tmp_path, tied):
+    """llama.cpp's 4-bit mixes keep the output head (or a tied head's token_embd) in Q6_K: an int4 run multiplies by
+    exactly that matrix, where it re-quantised it onto the 6-bit head's grid per 64 inputs before; `show` and the
+    run's note say so. The layers stay int4 (a Q6_K attn_output, which the substring also picks, runs int5)."""
+    from llmcli.backends.int6 import Int6Linear
+    from llmcli.loader import load_model
+    from llmcli.show_gguf import gguf_facts, open_for_show
+
+    config = {**QUANT, "tie_word_embeddings": tied}
+    build("Qwen2", config, tmp_path / "hf")
+    head_tensor = "token_embd.weight" if tied else "output.weight"
+    path = convert(tmp_path / "hf", tmp_path / "mix.gguf", qtype=Q.Q4_0, types={head_tensor: Q.Q6_K})
+    reference = load_file(str(dequantised_checkpoint(path, tmp_path / "hf", tmp_path / "ref") / "model.safetensors"))
+    expected = torch.from_numpy(reference["lm_head.weight" if not tied else "model.embed_tokens.weight"])
+    assert gguf_facts(open_for_show(path))["head_as_stored"] == "Q6_K"
+    loaded = load_model("m", path, device="cpu", dtype="bfloat16", quantize="auto")
+    assert loaded.options.quantize == "int4"
+    assert any("Q6_K head as stored" in note for note in loaded.notes), loaded.notes
+    head = loaded.model.get_submodule(next(n for n, _ in loaded.model.named_modules() if n.endswith("lm_head")))
+    assert type(head) is Int6Per16Linear
+    with torch.inference_mode():
+        weight = int_dot.int4_unblock(head.packed, head.scales_and_mins)
+    assert torch.allclose(weight, expected, atol=2**-11 * expected.abs().max().item(), rtol=0)
+    assert not any(isinstance(m, Int6Linear) for m in loaded.model.modules())
+    with torch.inference_mode():
+        logits = loaded.runner(torch.tensor([[3, 4, 5]]), loaded.runner.make_cache(1, 8))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()

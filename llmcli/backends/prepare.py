@@ -43,7 +43,7 @@ from llmcli.backends.linear import (
 from llmcli.backends.runner import Runner
 from llmcli.errors import LlmcliError
 from llmcli.formats.gguf import INT4_FILE_BITS
-from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES, STORED_IN_INT8_RUNS, int8_runs_take_as_stored
+from llmcli.formats.gguf_int4 import INT4_TYPES, INT5_TYPES, Q6_TYPES, STORED_IN_INT8_RUNS, int8_runs_take_as_stored
 from llmcli.models.base import CausalLM, FusesProjections
 from llmcli.models.layers import Experts
 from llmcli.options import Options
@@ -71,6 +71,10 @@ def shared_weights(model: nn.Module) -> set[int]:
     for _, param in model.named_parameters(remove_duplicate=False):
         (shared if id(param) in seen else seen).add(id(param))
     return shared
+
+
+def is_head(name: str) -> bool:
+    return name.rpartition(".")[2] == "lm_head"
 
 
 def swap_linears(module: nn.Module, make) -> int:
@@ -248,25 +252,30 @@ class Preparation:
         except AttributeError:
             return False
         return (type(linear) is nn.Linear and self._may_store_int4(name, linear)
-                and self.stored.stores(weight_name, self._stored_types()))
+                and self.stored.stores(weight_name, self._stored_types(name)))
 
-    def _stored_types(self) -> tuple[str, ...]:
-        """The file's types whose codes this run takes as stored: 4-bit ones, in int5 5-bit ones, in int8 Q8_0, Q6_K."""
+    def _stored_types(self, name: str) -> tuple[str, ...]:
+        """The file's types whose codes this run takes as stored for linear `name`: 4-bit ones, in int5 5-bit ones,
+        in int8 Q8_0 and Q6_K; a low-bit run's head Q6_K (7 bits, the file's own matrix, where Int6Linear
+        re-quantised it onto a grid per 64 inputs)."""
         if self.int8_groups:
             return STORED_IN_INT8_RUNS
+        if is_head(name):
+            return Q6_TYPES
         return INT4_TYPES + (INT5_TYPES if self.int5 and self.int_dot else ())
 
     def _may_store_int4(self, name: str, linear: nn.Linear) -> bool:
-        """Low-bit runs keep the head in more bits (Int6Linear); an int8 run takes a Q8_0 or Q6_K head as stored too."""
-        return ((self.int8_groups or name.rpartition(".")[2] != "lm_head") and not self.model.keeps_weight(name)
+        """Low-bit runs keep the head in more bits: a Q6_K head as stored where the integer kernel runs, else
+        Int6Linear; an int8 run takes a Q8_0 or Q6_K head as stored too."""
+        return ((self.int8_groups or not is_head(name) or self.int_dot) and not self.model.keeps_weight(name)
                 and int4.fits(linear.weight.shape))
 
     def stored_int4(self, name: str, linear: nn.Linear) -> nn.Module | None:
         if not self._may_store_int4(name, linear):
             return None
-        if self.int8_groups:
+        if self.int8_groups or is_head(name):
             stored_name = self._stored_name(name, linear)
-            if (codes := self.stored.int8_codes(stored_name)) is not None:
+            if self.int8_groups and (codes := self.stored.int8_codes(stored_name)) is not None:
                 return Int8GroupLinear(linear, quantized=codes)
             codes = self.stored.q6_k_codes(stored_name)
             return Int6Per16Linear(linear, quantized=codes) if codes is not None else None
@@ -278,7 +287,7 @@ class Preparation:
     def _stored_name(self, name: str, linear: nn.Linear) -> str:
         """The checkpoint tensor holding `linear`'s weight: its own, or a tied head's embedding (SmolLM2's Q8_0 file
         stores the two as one token_embd)."""
-        if not self.stored.stores(name + ".weight", self._stored_types()):
+        if not self.stored.stores(name + ".weight", self._stored_types(name)):
             for embedding_name, module in self.model.named_modules():
                 if isinstance(module, nn.Embedding) and module.weight is linear.weight:
                     return embedding_name + ".weight"
@@ -289,7 +298,7 @@ class Preparation:
         and ffn_down in Q6_K in some layers, and a stored q and k (Int4Linear) would not join a float v. The same
         codes as quantising the joined matrix afterwards (groups run along each row). A 4-bit file's parts stored
         in more bits take int5 instead (`wide_parts_in_int5`); joined with 4-bit ones, those take int5's layout."""
-        if not self._may_store_int4(name, linear) or not int_dot.int4_fits(tuple(linear.weight.shape)):
+        if is_head(name) or not self._may_store_int4(name, linear) or not int_dot.int4_fits(tuple(linear.weight.shape)):
             return None
         bits = self.stored.stored_bits(name + ".weight")
         if self.wide_parts_in_int5 and bits is not None and bits > INT4_FILE_BITS:
@@ -297,7 +306,7 @@ class Preparation:
         return Int5Linear(linear) if self.int5 else Int4Linear(linear, integer=True)
 
     def quantized(self, name: str, linear: nn.Linear) -> nn.Module:
-        head = name.rpartition(".")[2] == "lm_head"
+        head = is_head(name)
         if self.int5 and not head and self.int_dot and int_dot.int4_fits(tuple(linear.weight.shape)):
             return Int5Linear(linear)
         if self.int4 and not self.int5 and not head and int4.fits(linear.weight.shape):

@@ -337,6 +337,7 @@ def _render_facts(f: dict) -> None:
         if f.get("runs_on_cpu_as"):
             wide = f"; {', '.join(f['int5_parts'])} parts in int5 with AVX2" if f.get("int5_parts") else ""
             wide += f"; {', '.join(f['int8_as_stored'])} codes as stored with AVX2" if f.get("int8_as_stored") else ""
+            wide += f"; its {f['head_as_stored']} head as stored with AVX2" if f.get("head_as_stored") else ""
             add("runs as", f"{f['runs_on_cpu_as']} on CPU (layers {f['layer_bits']:.2f} bits a weight{wide}; "
                            "--quantize auto, the default)")
     if f.get("weight_bytes"):

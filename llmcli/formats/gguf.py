@@ -161,6 +161,11 @@ class GGUFFile:
         what an int4 run of a 4-bit file takes in int5 where its kernel runs (backends/prepare.py)."""
         return {t.type_name for t in self.layer_matrices() if t.bits > INT4_FILE_BITS}
 
+    def head_type(self) -> str | None:
+        """The type the output head is stored in: output.weight's, or a tied head's token_embd.weight's."""
+        tensor = self.tensors.get("output.weight") or self.tensors.get("token_embd.weight")
+        return None if tensor is None else tensor.type_name
+
     def unsupported(self) -> GGUFTensor | None:
         """The first tensor of a type llmcli cannot read, if any."""
         return next((t for t in self.tensors.values() if t.type_name not in SUPPORTED_TYPES), None)
