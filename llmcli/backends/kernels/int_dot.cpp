@@ -453,8 +453,8 @@ inline void store8(scalar_t* dst, __m256 v) {
 #endif
 
 // One low-bit weight as row-major [N, K] in `dtype` (q * scale + min in float, then rounded), for long prompts.
-// AVX2 unpacks each group as the kernel does and widens 8 codes a step (about 8x the plain loop's rate, which
-// took as long as a bfloat16 GEMM of 128 rows on the same weight).
+// AVX2 unpacks each group as the kernel does and widens 8 codes a step: a 4864 x 896 int4 weight to bfloat16 in
+// 1.1 ms, about 3x the plain loop's rate (which took longer than a 128-row bfloat16 GEMM on it, 2-core Zen 4).
 template <int S, int B, typename scalar_t>
 void low_bit_unblock(const uint8_t* wp, const c10::Half* sp, int64_t blocks, int64_t G, scalar_t* op) {
   constexpr int64_t group_bytes = kGroupBytes<B>;

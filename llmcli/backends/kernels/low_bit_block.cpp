@@ -6,8 +6,9 @@
 // Every layout holds its codes rows in lanes: unpacked, a group's 8 registers k = 0..7 hold inputs 4k..4k+3 of the
 // block's rows 0..7, 4 bytes a row in row order. A product with those 4 inputs broadcast (vpdpbusd, or maddubs and
 // madd) adds each row's 4 products into its own int32 lane, and the lanes are the 8 rows' sums: no horizontal adds.
-// Pairs of rows per register (before) cost 3 horizontal adds per row and group, 6 for Q6_K's two scales; rows in
-// lanes made 16-128-row products 8-19% faster for int4, Q5 and Q8_0 and 34-39% for Q6_K (Zen 4), same bits.
+// Pairs of rows per register (before) cost 3 horizontal adds per row and group, 6 for Q6_K's two scales; with rows
+// in lanes 16-128-row products take 0.66-0.92x the time for int4, int5 and Q8_0 and 0.61-0.66x for Q6_K (Zen 4,
+// VNNI), the same bits.
 // The nibble layouts (int4, int5, 6 bits) keep the bytes of their earlier pairs of stored rows (A = 2j, B = 2j + 1,
 // 16 bytes each): register j unpacks from the 32 bytes at 32j, low nibbles, and register j + 4 from their high
 // nibbles, with their high bits where the comments below say. The packers (int_dot.py, _in_lanes) place the codes so
@@ -26,8 +27,8 @@ constexpr int64_t kInt5Bytes = 160;
 // int8 weights with a scale per 32 inputs (GGUF's Q8_0 codes as stored: w = q * d, q in -128..127) are kept as
 // u = q + 128 (0..255), w = u * scale + min with min = -128 * scale, so they share the low-bit blocks' scales and
 // arithmetic: 256 bytes per block of 8 rows and group of 32 inputs, register k's 32 bytes at 32k (byte 4r + i: row
-// r's input 4k + i). VNNI multiplies u by x in int32 as they are. maddubs's int16 pair sums would overflow (2 * 255 * 127), so AVX2
-// without VNNI multiplies u's two nibbles separately and joins them in int32, exactly.
+// r's input 4k + i). VNNI multiplies u by x in int32 as they are. maddubs's int16 pair sums would overflow
+// (2 * 255 * 127), so AVX2 without VNNI multiplies u's two nibbles separately and joins them in int32, exactly.
 constexpr int64_t kInt8Bytes = 256;
 
 // 6-bit weights (int6_dot.cpp's bytes: 192 per block and group of 32 inputs, 128 of nibbles, then the high two bits
