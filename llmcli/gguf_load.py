@@ -83,8 +83,8 @@ class GGUFSource:
         return self._codes(name, INT8_TYPES, int8_codes)
 
     def q6_k_codes(self, name: str):
-        """(q in 0..63, scale per 16, None) of checkpoint tensor `name` when the file stores it in Q6_K
-        (w = (q - 32) * scale), else None."""
+        """(q in 0..63, int8 sub-scale per 16, d per 256) of checkpoint tensor `name` when the file stores it in Q6_K
+        (w = (q - 32) * d * sub), else None."""
         return self._codes(name, Q6_TYPES, q6_k_codes)
 
     def _codes(self, name: str, types: tuple[str, ...], extract):

@@ -70,21 +70,26 @@ def test_rows_go_through_their_own_expert():
 
 
 def q6_weight(n: int, k: int, seed: int = 0):
-    """Random 6-bit codes and float16-representable scales per 16 inputs, and the float64 matrix (q - 32) * scale."""
+    """Random Q6_K-like codes, int8 sub-scales per 16 inputs (-128 included) and float16 d per 256, and the float64
+    matrix (q - 32) * d * sub."""
     torch.manual_seed(seed)
     q = torch.randint(0, 64, (n, k))
-    scale = ((torch.rand(n, k // 16) - 0.5) * 0.04).half().float()
-    return q, scale, (q.double() - 32) * scale.double().repeat_interleave(16, 1)
+    sub = torch.randint(-128, 128, (n, k // 16), dtype=torch.int8)
+    sub[0, 0] = -128
+    d = (torch.rand(n, k // 256) * 2e-4).half().float()
+    scale = d.double().repeat_interleave(16, 1) * sub.double()
+    return q, sub, d, (q.double() - 32) * scale.repeat_interleave(16, 1)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 17])
-def test_6_bit_product_with_a_scale_per_16_equals_the_quantised_reference(rows):
-    """Each group's inputs 0-15 and 16-31 take their own scales (the activations' sums over the first 16 carry the
-    -32 offset); inputs 3 groups of 32 (not a multiple of 64) and 152."""
-    for n, k in ((40, 96), (8, 4864)):
-        q, scale, weight = q6_weight(n, k, seed=rows)
-        packed, sm = int_dot.int6_per16_blocks(q, scale)
-        assert packed.shape == (n // 8, k // 32, 192) and sm.shape == (n // 8, k // 32, 2, 8)
+def test_q6_k_product_equals_the_quantised_reference(rows):
+    """Each group's inputs 0-15 and 16-31 take their own scales, d x sub-scale (the activations' sums over the first
+    16 carry the -32 offset); outputs a multiple of 8 but not 16 (40), inputs one d (256) and 19 (a down
+    projection). Unblocked, the weight is the file's matrix exactly."""
+    for n, k in ((40, 256), (8, 4864)):
+        q, sub, d, weight = q6_weight(n, k, seed=rows)
+        packed, sm = int_dot.q6_k_blocks(q, sub, d)
+        assert packed.shape == (n // 8, k // 32, 208) and sm.shape == (n // 8, k // 256, 1, 8)
         assert int_dot.bits_of(packed) == 6 and torch.equal(int_dot.int4_unblock(packed, sm).double(), weight)
         x = torch.randn(rows, k)
         got = int_dot.int4_dot(x, packed, sm)
@@ -100,8 +105,8 @@ def test_avx2_and_portable_builds_compute_the_same_products(layout, portable_ops
         q, scale, weight = q8_weight(40, 4864, seed=5)
         packed, sm = int_dot.int8_group_blocks(q, scale)
     else:
-        q, scale, weight = q6_weight(40, 4864, seed=7)
-        packed, sm = int_dot.int6_per16_blocks(q, scale)
+        q, sub, d, weight = q6_weight(40, 4864, seed=7)
+        packed, sm = int_dot.q6_k_blocks(q, sub, d)
     x = torch.randn(7, 4864)
     for ops in (portable_ops, avx2_ops):
         assert close(ops.int4_dot(x, packed, sm, None), dequantised_rows(x) @ weight.T, 1e-5)
@@ -111,8 +116,8 @@ def test_avx2_and_portable_builds_compute_the_same_products(layout, portable_ops
             xb = torch.randn(rows, 4864).bfloat16()
             assert torch.equal(torch.ops.llmcli.int4_dot(xb, packed, sm), avx2_ops.int4_dot(xb, packed, sm, None))
     if layout == "6 bits per 16":
-        with pytest.raises(RuntimeError, match="a scale per 16"):
-            int_dot.int4_dot(x, packed, sm[:, :, :1].contiguous())
+        with pytest.raises(RuntimeError, match="K/256"):
+            int_dot.int4_dot(x, packed, torch.cat([sm, sm], -2))
 
 
 def test_unblocking_rounds_each_weight_as_torch_does(portable_ops, avx2_ops):
@@ -123,7 +128,7 @@ def test_unblocking_rounds_each_weight_as_torch_does(portable_ops, avx2_ops):
     layouts = {
         "int4": int_dot.int4_blocks(*int4_weight(24, 96)[0]),
         "int5": int_dot.int5_blocks(*int5_weight(24, 96)[0]),
-        "Q6_K": int_dot.int6_per16_blocks(*q6_weight(24, 96)[:2]),
+        "Q6_K": int_dot.q6_k_blocks(*q6_weight(24, 256)[:3]),
         "Q8_0": int_dot.int8_group_blocks(*q8_weight(24, 96)[:2]),
     }
     for name, (packed, sm) in layouts.items():
@@ -139,9 +144,12 @@ def test_q6_k_codes_equal_the_gguf_packages_dequantisation(blocks):
     weights = np.random.default_rng(1).standard_normal((8, 512)).astype(np.float32) * 0.02
     data = random_k_blocks(weights.shape, Q.Q6_K) if blocks == "random" else q6_k_blocks(weights)
     expected = gguf.quants.dequantize(data, Q.Q6_K)
-    q, scale, low = q6_k_codes(data, "Q6_K", 512)
-    assert low is None and q.shape == (8, 512) and q.max() <= 63 and scale.shape == (8, 32)
+    q, sub, d = q6_k_codes(data, "Q6_K", 512)
+    assert q.shape == (8, 512) and q.max() <= 63 and sub.shape == (8, 32) and sub.dtype == np.int8 and d.shape == (8, 2)
+    scale = np.repeat(d, 16, axis=1) * sub
     assert np.array_equal((q.astype(np.float32) - 32) * np.repeat(scale, 16, axis=1), expected)
+    packed, sm = int_dot.q6_k_blocks(*(torch.from_numpy(part) for part in (q, sub, d)))  # the file's matrix exactly
+    assert torch.equal(int_dot.int4_unblock(packed, sm), torch.from_numpy(expected))
     if blocks == "quantised":  # the tests' own Q6_K writer: about 6 bits' error (Gaussian weights: 1.9%)
         assert np.linalg.norm(expected - weights) <= 0.03 * np.linalg.norm(weights)
 
@@ -201,10 +209,7 @@ def test_int8_run_of_a_q8_0_file_multiplies_by_the_files_matrices(q8_file):
         parent, _, leaf = name.rpartition(".")
         expected = torch.cat([torch.from_numpy(reference[f"{parent}.{part}.weight"]) for part in joined[leaf]]) \
             if leaf in joined else torch.from_numpy(reference[name + ".weight"])
-        if qtype == "Q8_0":
-            assert torch.equal(weight, expected), name
-        else:  # Q6_K's d x sub-scale rounds to float16 (2^-11), as Q4_K's does
-            assert torch.allclose(weight, expected, atol=2**-11 * expected.abs().max().item(), rtol=0), name
+        assert torch.equal(weight, expected), name
     # the whole model: near the file's dequantised floats (what differs is the activations' int8 rounding)
     floats = load_model("f", path, device="cpu", dtype="bfloat16", quantize=None)
     ids = torch.tensor([list(range(3, 40))])
@@ -253,7 +258,7 @@ def test_a_4_bit_run_takes_a_q6_k_head_as_stored(tmp_path, tied):
     assert type(head) is Int6Per16Linear
     with torch.inference_mode():
         weight = int_dot.int4_unblock(head.packed, head.scales_and_mins)
-    assert torch.allclose(weight, expected, atol=2**-11 * expected.abs().max().item(), rtol=0)
+    assert torch.equal(weight, expected)
     assert not any(isinstance(m, Int6Linear) for m in loaded.model.modules())
     with torch.inference_mode():
         logits = loaded.runner(torch.tensor([[3, 4, 5]]), loaded.runner.make_cache(1, 8))

@@ -244,14 +244,15 @@ def register_fake() -> None:
     def _(x, w, scales, experts=None, bias=None):
         return x.new_empty(*x.shape[:-1], w.shape[-4] * w.shape[-2])
 
-    # every low-bit layout (int4, int5, int8 per 32, 6 bits per 16): the scales sm [(E,) N/8, K/32, S, 8] give the shape
+    # every low-bit layout (int4, int5, int8 per 32, Q6_K): sm [(E,) N/8, groups, S, 8] gives the outputs, w [N/8, K/32,
+    # ...] the inputs
     @torch.library.register_fake("llmcli::int4_dot")
     def _(x, w, sm, experts=None, bias=None):
         return x.new_empty(*x.shape[:-1], sm.shape[-4] * sm.shape[-1])
 
     @torch.library.register_fake("llmcli::int4_unblock")
     def _(w, sm, dtype):
-        return w.new_empty(sm.shape[0] * sm.shape[-1], sm.shape[1] * 32, dtype=dtype)
+        return w.new_empty(sm.shape[0] * sm.shape[-1], w.shape[1] * 32, dtype=dtype)
 
     @torch.library.register_fake("llmcli::int6_dot")
     def _(x, w, sm, bias=None):

@@ -209,9 +209,10 @@ class Int8GroupLinear(Int4Linear):
 
 
 class Int6Per16Linear(Int4Linear):
-    """6-bit codes with a float16 scale per 16 inputs (w = (q - 32) * scale, 7 bits a weight): GGUF's Q6_K as the file
-    stores it (scale = d x its 8-bit sub-scale, rounded to float16), on the integer kernel (int_dot.py), in int8 runs
-    of Q6_K files: fewer bytes than int8's 8 and the file's own matrix instead of a second rounding."""
+    """GGUF's Q6_K as the file stores it: 6-bit codes, an int8 sub-scale per 16 inputs and a float16 d per 256
+    (w = (q - 32) * d * sub, 6.5625 bits a weight), on the integer kernel (int_dot.py), in int8 runs of Q6_K files
+    and as the head of low-bit runs: fewer bytes than int8's 8 and the file's own matrix instead of a second
+    rounding."""
 
     # Its two scales per group keep its unpacking and sums dearer than int4's: one 4864 x 896 or 896 x 4864 matrix,
     # 2 threads, Zen 4, kernel time over unblock + bfloat16 GEMM 0.84-1.09 at 96 rows, 0.92-1.34 at 128, 1.06-1.29
@@ -219,9 +220,8 @@ class Int6Per16Linear(Int4Linear):
     integer_prompt_rows = 128
 
     def __init__(self, linear: nn.Linear, quantized):
-        """`quantized`: (q [N, K] in 0..63, scale [N, K/16], None) from the file."""
-        q, scale, _ = quantized
-        self._hold_blocks(linear, *int_dot.int6_per16_blocks(q, scale))
+        """`quantized`: (q [N, K] in 0..63, sub [N, K/16] int8, d [N, K/256]) from the file."""
+        self._hold_blocks(linear, *int_dot.q6_k_blocks(*quantized))
 
     @property
     def label(self) -> str:

@@ -160,9 +160,13 @@ def int8_group_blocks(q: torch.Tensor, scale: torch.Tensor,
 INT6_BYTES = 192  # per block of 8 rows and group of 32 inputs: 128 of nibbles, 64 of high bits (kInt6Bytes)
 
 
+Q6_K_BYTES = INT6_BYTES + 16  # Q6_K per block and group: the 6-bit codes, then 16 int8 sub-scales (kQ6KBytes)
+Q6_K_VALUES = 256  # inputs per Q6_K d
+
+
 def bits_of(packed: torch.Tensor) -> int:
     """4, 5, 6 or 8: which of the low-bit layouts `packed` (one matrix or a stack) is in."""
-    return {INT5_BYTES: 5, INT6_BYTES: 6, INT8_GROUP_BYTES: 8}.get(packed.shape[-1], 4)
+    return {INT5_BYTES: 5, Q6_K_BYTES: 6, INT8_GROUP_BYTES: 8}.get(packed.shape[-1], 4)
 
 
 def int5_from_int4(packed: torch.Tensor, sm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,11 +225,15 @@ def _int6_bytes(q: torch.Tensor) -> torch.Tensor:
     return torch.cat([nibbles.reshape(n // ROWS, k // GROUP, 128), units.reshape(n // ROWS, k // GROUP, 64)], -1)
 
 
-def int6_per16_blocks(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [N, K] in 0..63 and scale [N, K/16] (w = (q - 32) * scale: GGUF's Q6_K, scale = d x sub-scale) -> the int4
-    op's 6-bit storage: int6_blocks' bytes [N/8, K/32, 192] with the codes rows in lanes (_in_lanes), and float16
-    [N/8, K/32, 2, 8], the scales of each group's inputs 0-15, then of 16-31 (rows in order)."""
-    return _int6_bytes(_in_lanes(q)), _row_blocks([scale[:, 0::2], scale[:, 1::2]])
+def q6_k_blocks(q: torch.Tensor, sub: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF's Q6_K as the file keeps it, w = (q - 32) * d * sub: q [N, K] in 0..63, sub [N, K/16] int8 sub-scales, d
+    [N, K/256] (float16 values) -> the int4 op's Q6_K storage (kernels/low_bit_block.cpp): bytes [N/8, K/32, 208],
+    per block and group int6_blocks' 192 with the codes rows in lanes (_in_lanes), then the sub-scales of rows 0..7
+    for inputs 0-15 and for 16-31; and d as float16 [N/8, K/256, 1, 8]. 6.5625 bits a weight, as in the file."""
+    n, k = q.shape
+    subs = _row_blocks([sub[:, 0::2], sub[:, 1::2]]).to(torch.int8)  # [N/8, K/32, 2, 8], exact: |sub| <= 128
+    subs = subs.view(torch.uint8).reshape(n // ROWS, k // GROUP, 16)
+    return torch.cat([_int6_bytes(_in_lanes(q)), subs], -1), _row_blocks([d])
 
 
 def int6_dot(x: torch.Tensor, packed: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:

@@ -256,7 +256,7 @@ class Preparation:
 
     def _stored_types(self, name: str) -> tuple[str, ...]:
         """The file's types whose codes this run takes as stored for linear `name`: 4-bit ones, in int5 5-bit ones,
-        in int8 Q8_0 and Q6_K; a low-bit run's head Q6_K (7 bits, the file's own matrix, where Int6Linear
+        in int8 Q8_0 and Q6_K; a low-bit run's head Q6_K (6.5625 bits, the file's own matrix, where Int6Linear
         re-quantised it onto a grid per 64 inputs)."""
         if self.int8_groups:
             return STORED_IN_INT8_RUNS

@@ -137,10 +137,10 @@ def int8_codes(raw: np.ndarray, type_name: str, columns: int) -> tuple[np.ndarra
     return blocks[..., 2:].view(np.int8), _halves(blocks, 0).reshape(rows, -1), None
 
 
-def q6_k_codes(raw: np.ndarray, type_name: str, columns: int) -> tuple[np.ndarray, np.ndarray, None]:
-    """Raw rows [rows, row_bytes] of a Q6_K tensor -> (q [rows, columns] uint8 in 0..63, scale [rows, columns / 16]
-    float32, None) with w = (q - 32) * scale. Per 256 values: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16
-    int8 sub-scales and float16 d (scale = d x sub-scale). In each half of 128, value 32 k + l (k < 4, l < 32) takes
+def q6_k_codes(raw: np.ndarray, type_name: str, columns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw rows [rows, row_bytes] of a Q6_K tensor -> (q [rows, columns] uint8 in 0..63, sub [rows, columns / 16]
+    int8, d [rows, columns / 256] float32) with w = (q - 32) * d * sub. Per 256 values: 128 bytes of low nibbles, 64
+    of high 2-bit pairs, 16 int8 sub-scales and float16 d. In each half of 128, value 32 k + l (k < 4, l < 32) takes
     the low nibble (k < 2) or high one of byte l + 32 (k % 2), and bits 2 k of high byte l (ggml's
     dequantize_row_q6_K); sub-block 16 x (its index in the 256) takes sub-scale that many."""
     if type_name != "Q6_K":
@@ -151,6 +151,5 @@ def q6_k_codes(raw: np.ndarray, type_name: str, columns: int) -> tuple[np.ndarra
     nibbles = np.stack([low[..., 0, :] & 0x0F, low[..., 1, :] & 0x0F, low[..., 0, :] >> 4, low[..., 1, :] >> 4], -2)
     high = blocks[..., 128:192].reshape(rows, -1, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]
     q = nibbles | ((high & 3) << 4)  # [.., half, k, l]
-    sub = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).astype(np.float32)
-    scale = _halves(blocks, 208)[..., None] * sub
-    return q.reshape(rows, columns), scale.reshape(rows, -1), None
+    sub = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8)
+    return q.reshape(rows, columns), sub.reshape(rows, -1), _halves(blocks, 208)

@@ -359,14 +359,15 @@ at::Tensor int8_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   return run_rows(x, blocks, block, scale, RowValues(bias), ids);
 }
 
-// An int4 weight's blocks w [(E,) N/8, K/32, 8, 16], an int5 weight's [(E,) N/8, K/32, 160], a 6-bit one's
-// [(E,) N/8, K/32, 192] or an int8-per-32 one's [(E,) N/8, K/32, 256] (uint8), with its scales sm
-// [(E,) N/8, K/32, S, 8] float16: S = 2 (scales and mins; 6 bits: the scales of inputs 0-15 and 16-31) or 1 (scales;
-// Q4_0, Q5_0 and Q8_0).
+// An int4 weight's blocks w [(E,) N/8, K/32, 8, 16], an int5 weight's [(E,) N/8, K/32, 160], a Q6_K one's
+// [(E,) N/8, K/32, 208] or an int8-per-32 one's [(E,) N/8, K/32, 256] (uint8), with its scales sm
+// [(E,) N/8, K/32, S, 8] float16: S = 2 (scales and mins) or 1 (scales; Q4_0, Q5_0 and Q8_0); Q6_K's
+// [(E,) N/8, K/256, 1, 8], its d.
 struct LowBitBlocks {
   int bits;
   bool stacked;
   int64_t E, blocks, G, S;
+  int64_t block_scales;  // sm's values per block
 };
 
 int64_t low_bit_group_bytes(int bits) {
@@ -377,19 +378,21 @@ LowBitBlocks low_bit_blocks(const at::Tensor& w, const at::Tensor& sm, const cha
   const bool four = (w.dim() == 4 || w.dim() == 5) && w.size(-2) == kRows && w.size(-1) == 16;
   const int64_t bytes = w.dim() > 0 ? w.size(-1) : 0;
   const bool wide =
-      (w.dim() == 3 || w.dim() == 4) && (bytes == kInt5Bytes || bytes == kInt6Bytes || bytes == kInt8Bytes);
+      (w.dim() == 3 || w.dim() == 4) && (bytes == kInt5Bytes || bytes == kQ6KBytes || bytes == kInt8Bytes);
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && (four || wide), name,
               ": w must be uint8 blocks [(E,) N/8, K/32, 8, 16] (int4), [(E,) N/8, K/32, 160] (int5), "
-              "[(E,) N/8, K/32, 192] (6 bits, a scale per 16) or [(E,) N/8, K/32, 256] (int8 per 32)");
+              "[(E,) N/8, K/32, 208] (Q6_K) or [(E,) N/8, K/32, 256] (int8 per 32)");
   const bool stacked = w.dim() == (four ? 5 : 4);
   const int64_t blocks = w.size(stacked ? 1 : 0), G = w.size(stacked ? 2 : 1);
+  const int bits = four ? 4 : bytes == kInt5Bytes ? 5 : bytes == kQ6KBytes ? 6 : 8;
+  const int64_t scale_groups = bits == 6 ? G / kQ6KGroups : G;  // Q6_K: a d per 8 groups
+  TORCH_CHECK(bits != 6 || G % kQ6KGroups == 0, name, ": Q6_K blocks take inputs a multiple of 256");
   TORCH_CHECK(sm.scalar_type() == at::kHalf && sm.dim() == (stacked ? 5 : 4) && sm.is_contiguous() &&
-                  (!stacked || sm.size(0) == w.size(0)) && sm.size(-4) == blocks && sm.size(-3) == G &&
-                  (sm.size(-2) == 1 || sm.size(-2) == 2) && sm.size(-1) == kRows,
-              name, ": sm must be float16 [(E,) N/8, K/32, S, 8], S = 2 (scales, mins) or 1 (scales)");
-  const int bits = four ? 4 : bytes == kInt5Bytes ? 5 : bytes == kInt6Bytes ? 6 : 8;
-  TORCH_CHECK(bits != 6 || sm.size(-2) == 2, name, ": 6-bit blocks take sm [(E,) N/8, K/32, 2, 8], a scale per 16");
-  return {bits, stacked, stacked ? w.size(0) : 1, blocks, G, sm.size(-2)};
+                  (!stacked || sm.size(0) == w.size(0)) && sm.size(-4) == blocks && sm.size(-3) == scale_groups &&
+                  (sm.size(-2) == 1 || (sm.size(-2) == 2 && bits != 6)) && sm.size(-1) == kRows,
+              name, ": sm must be float16 [(E,) N/8, K/32, S, 8], S = 2 (scales, mins) or 1 (scales); Q6_K's ",
+              "[(E,) N/8, K/256, 1, 8]");
+  return {bits, stacked, stacked ? w.size(0) : 1, blocks, G, sm.size(-2), scale_groups * sm.size(-2) * kRows};
 }
 
 // R rows of activations (up to kTile) through one block with S terms per group and B bits a weight.
@@ -423,11 +426,11 @@ at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   const c10::Half* sp = sm.const_data_ptr<c10::Half>();
   const auto run = l.bits == 4   ? (l.S == 2 ? low_bit_rows<2, 4> : low_bit_rows<1, 4>)
                    : l.bits == 5 ? (l.S == 2 ? low_bit_rows<2, 5> : low_bit_rows<1, 5>)
-                   : l.bits == 6 ? low_bit_rows<2, 6>
+                   : l.bits == 6 ? low_bit_rows<1, 6>
                                  : (l.S == 2 ? low_bit_rows<2, 8> : low_bit_rows<1, 8>);
   auto block = [&](const QuantRow* rows, int64_t count, int64_t m, int64_t b, float (*sums)[kRows]) {
     const int64_t at = (ids ? ids[m] : 0) * l.blocks + b;  // a tile's rows share their expert
-    run(count, rows, wp + at * block_bytes, sp + at * l.G * l.S * kRows, K, sums);
+    run(count, rows, wp + at * block_bytes, sp + at * l.block_scales, K, sums);
   };
   return run_rows(x, l.blocks, block, [](int64_t, int64_t) { return 1.f; }, RowValues(bias), ids);
 }
@@ -456,14 +459,15 @@ inline void store8(scalar_t* dst, __m256 v) {
 // AVX2 unpacks each group as the kernel does and widens 8 codes a step: a 4864 x 896 int4 weight to bfloat16 in
 // 1.1 ms, about 3x the plain loop's rate (which took longer than a 128-row bfloat16 GEMM on it, 2-core Zen 4).
 template <int S, int B, typename scalar_t>
-void low_bit_unblock(const uint8_t* wp, const c10::Half* sp, int64_t blocks, int64_t G, scalar_t* op) {
+void low_bit_unblock(const uint8_t* wp, const c10::Half* sp, int64_t blocks, int64_t G, int64_t block_scales,
+                     scalar_t* op) {
   constexpr int64_t group_bytes = kGroupBytes<B>;
   const int64_t K = G * kGroup;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       for (int64_t g = 0; g < G; ++g) {
         const uint8_t* wg = wp + (b * G + g) * group_bytes;
-        const c10::Half* sg = sp + (b * G + g) * S * kRows;
+        const c10::Half* sg = group_scales<S, B>(sp + b * block_scales, g);
 #if defined(LLMCLI_INT_DOT_AVX2)
         __m256i codes[8];
         unpack_group<B>(wg, codes);
@@ -477,8 +481,8 @@ void low_bit_unblock(const uint8_t* wp, const c10::Half* sp, int64_t blocks, int
             std::memcpy(&second, lanes[2 * h + 1] + 4 * r, 4);
             const __m128i eight = _mm_cvtsi64_si128(static_cast<int64_t>(first | (uint64_t{second} << 32)));
             const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight));
-            // 6 bits: a scale per 16 inputs (the second half's after the first's), min -32 * scale
-            const float scale = static_cast<float>(sg[B == 6 && h >= 2 ? kRows + r : r]);
+            // Q6_K: a scale per 16 inputs (d x sub-scale), min -32 * scale
+            const float scale = B == 6 ? q6_k_scale(wg, sg, r, h / 2) : static_cast<float>(sg[r]);
             const float low = B == 6 ? -32.f * scale : low_bit_min<S, B>(sg, r);
             store8(dst + 8 * h, _mm256_fmadd_ps(q, _mm256_set1_ps(scale), _mm256_set1_ps(low)));
           }
@@ -489,7 +493,7 @@ void low_bit_unblock(const uint8_t* wp, const c10::Half* sp, int64_t blocks, int
           int q[kGroup];
           low_bit_codes<B>(wg, r, q);
           for (int64_t t = 0; t < kGroup; ++t) {
-            const float scale = static_cast<float>(sg[B == 6 && t >= 16 ? kRows + r : r]);
+            const float scale = B == 6 ? q6_k_scale(wg, sg, r, t / 16) : static_cast<float>(sg[r]);
             const float low = B == 6 ? -32.f * scale : low_bit_min<S, B>(sg, r);
             dst[t] = static_cast<scalar_t>(std::fma(static_cast<float>(q[t]), scale, low));
           }
@@ -507,15 +511,11 @@ at::Tensor int4_unblock(const at::Tensor& w, const at::Tensor& sm, at::ScalarTyp
     const uint8_t* wp = w.const_data_ptr<uint8_t>();
     const c10::Half* sp = sm.const_data_ptr<c10::Half>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    if (l.bits == 4) {
-      (l.S == 2 ? low_bit_unblock<2, 4, scalar_t> : low_bit_unblock<1, 4, scalar_t>)(wp, sp, l.blocks, l.G, op);
-    } else if (l.bits == 5) {
-      (l.S == 2 ? low_bit_unblock<2, 5, scalar_t> : low_bit_unblock<1, 5, scalar_t>)(wp, sp, l.blocks, l.G, op);
-    } else if (l.bits == 6) {
-      low_bit_unblock<2, 6, scalar_t>(wp, sp, l.blocks, l.G, op);
-    } else {
-      (l.S == 2 ? low_bit_unblock<2, 8, scalar_t> : low_bit_unblock<1, 8, scalar_t>)(wp, sp, l.blocks, l.G, op);
-    }
+    const auto unblock = l.bits == 4   ? (l.S == 2 ? low_bit_unblock<2, 4, scalar_t> : low_bit_unblock<1, 4, scalar_t>)
+                         : l.bits == 5 ? (l.S == 2 ? low_bit_unblock<2, 5, scalar_t> : low_bit_unblock<1, 5, scalar_t>)
+                         : l.bits == 6 ? low_bit_unblock<1, 6, scalar_t>
+                                       : (l.S == 2 ? low_bit_unblock<2, 8, scalar_t> : low_bit_unblock<1, 8, scalar_t>);
+    unblock(wp, sp, l.blocks, l.G, l.block_scales, op);
   });
   return out;
 }

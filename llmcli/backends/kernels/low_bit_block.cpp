@@ -1,5 +1,5 @@
 // The low-bit weight layouts of llmcli's integer dot products and their block kernel: int4 (GGUF's Q4 codes), int5
-// (Q5 codes, --quantize int5), int8 with a scale per 32 (Q8_0) and 6 bits with a scale per 16 (Q6_K), each times
+// (Q5 codes, --quantize int5), int8 with a scale per 32 (Q8_0) and Q6_K's 6 bits with a scale per 16, each times
 // activations quantised to int8 per 32. Included by int_dot.cpp inside its namespace (it uses that file's QuantRow,
 // kRows, kGroup and prefetch_ahead; int4_dot there dispatches on the layout).
 //
@@ -33,10 +33,15 @@ constexpr int64_t kInt8Bytes = 256;
 
 // 6-bit weights (int6_dot.cpp's bytes: 192 per block and group of 32 inputs, 128 of nibbles, then the high two bits
 // in a unit of 16 bytes per pair of stored rows; int6_pair unpacks a pair's 32 byte positions into two registers).
-// In the int4 op they are GGUF's Q6_K codes as stored: w = (q - 32) * scale with a float16 scale per 16 inputs (Q6_K's
-// d x its 8-bit sub-scale), sm [K/32][2][8] holding the scales of inputs 0-15, then of 16-31: 7 bits a weight,
-// exactly the file's matrix but for the float16 rounding of d x sub-scale (2^-11, as Q4_K's).
 constexpr int64_t kInt6Bytes = 192;
+
+// In the int4 op, 6-bit weights are GGUF's Q6_K as stored: w = (q - 32) * d * sub, an int8 sub-scale per 16 inputs
+// and a float16 d per 256, as the file keeps them: per block and group of 32 the 192 bytes of codes, then 16 of
+// sub-scales (rows 0..7 for inputs 0-15, then for 16-31); sm [K/256][1][8] holds d. 6.5625 bits a weight, and the
+// file's matrix exactly (d x sub is exact in float32). With a float16 scale per 16 instead (d x sub rounded: 2^-11)
+// it was 7 bits.
+constexpr int64_t kQ6KBytes = kInt6Bytes + 16;
+constexpr int64_t kQ6KGroups = 8;  // groups of 32 per d (Q6_K's blocks of 256)
 
 // The two high bits of input t (0..31) of stored row i, from a block's 64 bytes of them.
 inline int int6_high(const uint8_t* highs, int64_t i, int64_t t) {
@@ -61,7 +66,7 @@ inline void int6_pair(const uint8_t* w, int j, __m256i& lo, __m256i& hi) {
 
 // Bytes per block of 8 rows and group of 32 inputs for B bits a weight.
 template <int B>
-constexpr int64_t kGroupBytes = B == 4 ? kRows * 16 : B == 5 ? kInt5Bytes : B == 6 ? kInt6Bytes : kInt8Bytes;
+constexpr int64_t kGroupBytes = B == 4 ? kRows * 16 : B == 5 ? kInt5Bytes : B == 6 ? kQ6KBytes : kInt8Bytes;
 
 // The offset a stored minimum stands for when sm holds scales alone (S = 1): Q4_0's w = (q - 8) * scale, Q5_0's
 // (q - 16) * scale, Q8_0's (u - 128) * scale.
@@ -72,6 +77,17 @@ constexpr float kSymmetricOffset = B == 4 ? 8.f : B == 5 ? 16.f : B == 6 ? 32.f 
 template <int S, int B>
 inline float low_bit_min(const c10::Half* sm, int64_t r) {
   return S == 2 ? static_cast<float>(sm[kRows + r]) : -kSymmetricOffset<B> * static_cast<float>(sm[r]);
+}
+
+// Where group g's scales start in a block's sm: S terms of 8 rows per group, or Q6_K's d per 8 groups.
+template <int S, int B>
+inline const c10::Half* group_scales(const c10::Half* sm, int64_t g) {
+  return B == 6 ? sm + (g / kQ6KGroups) * kRows : sm + g * S * kRows;
+}
+
+// Q6_K's scale of row r for inputs 0-15 (half 0) or 16-31 (half 1) of a group (wg: its bytes; d: its row scales).
+inline float q6_k_scale(const uint8_t* wg, const c10::Half* d, int64_t r, int half) {
+  return static_cast<float>(d[r]) * static_cast<float>(static_cast<int8_t>(wg[kInt6Bytes + 8 * half + r]));
 }
 
 // Stored row i's 32 codes of one 6-bit group in the 6-bit head's order (int6_dot.cpp): its byte j holds inputs j and
@@ -187,8 +203,8 @@ inline __m256i lane_dots(const __m256i* codes, const int8_t* xq, int first, int 
 #endif
 
 // sums[m][r] = sum_k x_m[k] * w[r][k] for R rows of activations and the 8 rows of one block: int4 (w [K/32][8][16]
-// bytes), int5 ([K/32][160]), 6 bits ([K/32][192], S = 2: the scales of inputs 0-15 and 16-31) or int8 per 32
-// ([K/32][256]), sm [K/32][S][8]. The codes sit rows in lanes, so a group's products need no horizontal sums. The
+// bytes), int5 ([K/32][160]), Q6_K ([K/32][208], S = 1, sm [K/256][1][8]: d) or int8 per 32 ([K/32][256]), sm
+// [K/32][S][8]. The codes sit rows in lanes, so a group's products need no horizontal sums. The
 // rows share each group's unpacked weights and scales (prompts: R = 4 or 8, about twice the rate of one row at a
 // time); each row's arithmetic is the one-row order, so results do not depend on R.
 template <int R, int S, int B>
@@ -197,14 +213,20 @@ inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* 
 #if defined(LLMCLI_INT_DOT_AVX2)
   __m256 acc[R];
   for (int m = 0; m < R; ++m) acc[m] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < K / kGroup; ++g, w += group_bytes, sm += S * kRows) {
+  for (int64_t g = 0; g < K / kGroup; ++g, w += group_bytes) {
+    const c10::Half* sg = group_scales<S, B>(sm, g);
     prefetch_ahead(w, kPrefetchBytes, (group_bytes + 63) / 64);  // the group's weights, and its scales (16 * S bytes)
-    prefetch_ahead(sm, kPrefetchBytes * S * 16 / group_bytes, 1);
+    prefetch_ahead(sg, kPrefetchBytes * S * 16 / group_bytes, 1);
     __m256i codes[8];
     unpack_group<B>(w, codes);
-    const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm)));
-    [[maybe_unused]] const __m256 low =
-        S == 2 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm + kRows))) : scale;
+    __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg)));
+    [[maybe_unused]] __m256 low =
+        S == 2 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + kRows))) : scale;
+    if constexpr (B == 6) {  // d x the sub-scales of inputs 0-15 (scale) and 16-31 (low), exact in float32
+      const __m128i subs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kInt6Bytes));
+      low = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(subs, 8))));
+      scale = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(subs)));
+    }
     for (int m = 0; m < R; ++m) {
       const int8_t* xq = x[m].q + g * kGroup;
       const __m256 dx = _mm256_set1_ps(x[m].d[g]);
@@ -230,19 +252,19 @@ inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* 
 #else
   for (int m = 0; m < R; ++m) {
     const uint8_t* wg = w;
-    const c10::Half* sg = sm;
     for (int64_t r = 0; r < kRows; ++r) sums[m][r] = 0.f;
-    for (int64_t g = 0; g < K / kGroup; ++g, wg += group_bytes, sg += S * kRows)
+    for (int64_t g = 0; g < K / kGroup; ++g, wg += group_bytes)
       for (int64_t r = 0; r < kRows; ++r) {
+        const c10::Half* sg = group_scales<S, B>(sm, g);
         const int8_t* xq = x[m].q + g * kGroup;
         int q[kGroup];
         low_bit_codes<B>(wg, r, q);
-        if constexpr (B == 6) {  // a scale per 16 inputs: sg[r] for 0-15, sg[kRows + r] for 16-31
+        if constexpr (B == 6) {  // a scale per 16 inputs: d x the sub-scale of 0-15, then of 16-31
           int32_t first = 0, second = 0;
           for (int64_t t = 0; t < 16; ++t) first += q[t] * int32_t(xq[t]), second += q[t + 16] * int32_t(xq[t + 16]);
           const float half = x[m].dhalf[g], rest = x[m].dsum[g] - half;
-          sums[m][r] += (static_cast<float>(first) * x[m].d[g] - 32.f * half) * static_cast<float>(sg[r]) +
-                        (static_cast<float>(second) * x[m].d[g] - 32.f * rest) * static_cast<float>(sg[kRows + r]);
+          sums[m][r] += (static_cast<float>(first) * x[m].d[g] - 32.f * half) * q6_k_scale(wg, sg, r, 0) +
+                        (static_cast<float>(second) * x[m].d[g] - 32.f * rest) * q6_k_scale(wg, sg, r, 1);
           continue;
         }
         int32_t s = 0;
