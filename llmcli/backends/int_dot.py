@@ -158,10 +158,7 @@ def int8_group_blocks(q: torch.Tensor, scale: torch.Tensor,
 
 
 INT6_BYTES = 192  # per block of 8 rows and group of 32 inputs: 128 of nibbles, 64 of high bits (kInt6Bytes)
-
-
 Q6_K_BYTES = INT6_BYTES + 16  # Q6_K per block and group: the 6-bit codes, then 16 int8 sub-scales (kQ6KBytes)
-Q6_K_VALUES = 256  # inputs per Q6_K d
 
 
 def bits_of(packed: torch.Tensor) -> int:

@@ -1,6 +1,6 @@
 """GGUF's 4-bit block types as llmcli's int4 layout: q in 0..15 with w = (q - 8) * scale + zero per 32 inputs; its
 5-bit types as int5's: q in 0..31 with w = q * scale + low; Q8_0 as int8 with a scale per 32 (w = q * scale); and
-Q6_K as 6-bit codes with a scale per 16 (w = (q - 32) * scale).
+Q6_K as 6-bit codes with an int8 sub-scale per 16 and a float16 d per 256 (w = (q - 32) * d * sub).
 
 Q4_0 (w = (q - 8) * d), Q4_1 (w = q * d + m) and Q4_K (w = d * sc * q - dmin * mn per sub-block of 32, with
 6-bit sc and mn) all store 4-bit codes on a per-32-input affine grid, so each maps to (q, scale, zero) with

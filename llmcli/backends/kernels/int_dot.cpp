@@ -481,10 +481,8 @@ void low_bit_unblock(const uint8_t* wp, const c10::Half* sp, int64_t blocks, int
             std::memcpy(&second, lanes[2 * h + 1] + 4 * r, 4);
             const __m128i eight = _mm_cvtsi64_si128(static_cast<int64_t>(first | (uint64_t{second} << 32)));
             const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight));
-            // Q6_K: a scale per 16 inputs (d x sub-scale), min -32 * scale
-            const float scale = B == 6 ? q6_k_scale(wg, sg, r, h / 2) : static_cast<float>(sg[r]);
-            const float low = B == 6 ? -32.f * scale : low_bit_min<S, B>(sg, r);
-            store8(dst + 8 * h, _mm256_fmadd_ps(q, _mm256_set1_ps(scale), _mm256_set1_ps(low)));
+            const RowTerms terms = row_terms<S, B>(wg, sg, r, h / 2);
+            store8(dst + 8 * h, _mm256_fmadd_ps(q, _mm256_set1_ps(terms.scale), _mm256_set1_ps(terms.min)));
           }
         }
 #else
@@ -493,9 +491,8 @@ void low_bit_unblock(const uint8_t* wp, const c10::Half* sp, int64_t blocks, int
           int q[kGroup];
           low_bit_codes<B>(wg, r, q);
           for (int64_t t = 0; t < kGroup; ++t) {
-            const float scale = B == 6 ? q6_k_scale(wg, sg, r, t / 16) : static_cast<float>(sg[r]);
-            const float low = B == 6 ? -32.f * scale : low_bit_min<S, B>(sg, r);
-            dst[t] = static_cast<scalar_t>(std::fma(static_cast<float>(q[t]), scale, low));
+            const RowTerms terms = row_terms<S, B>(wg, sg, r, static_cast<int>(t / 16));
+            dst[t] = static_cast<scalar_t>(std::fma(static_cast<float>(q[t]), terms.scale, terms.min));
           }
         }
 #endif

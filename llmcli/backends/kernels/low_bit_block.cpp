@@ -69,15 +69,9 @@ template <int B>
 constexpr int64_t kGroupBytes = B == 4 ? kRows * 16 : B == 5 ? kInt5Bytes : B == 6 ? kQ6KBytes : kInt8Bytes;
 
 // The offset a stored minimum stands for when sm holds scales alone (S = 1): Q4_0's w = (q - 8) * scale, Q5_0's
-// (q - 16) * scale, Q8_0's (u - 128) * scale.
+// (q - 16) * scale, Q6_K's (q - 32) * scale, Q8_0's (u - 128) * scale.
 template <int B>
 constexpr float kSymmetricOffset = B == 4 ? 8.f : B == 5 ? 16.f : B == 6 ? 32.f : 128.f;
-
-// The minimum of a group's row r, from sm: stored (S = 2) or -offset * scale (S = 1).
-template <int S, int B>
-inline float low_bit_min(const c10::Half* sm, int64_t r) {
-  return S == 2 ? static_cast<float>(sm[kRows + r]) : -kSymmetricOffset<B> * static_cast<float>(sm[r]);
-}
 
 // Where group g's scales start in a block's sm: S terms of 8 rows per group, or Q6_K's d per 8 groups.
 template <int S, int B>
@@ -85,9 +79,17 @@ inline const c10::Half* group_scales(const c10::Half* sm, int64_t g) {
   return B == 6 ? sm + (g / kQ6KGroups) * kRows : sm + g * S * kRows;
 }
 
-// Q6_K's scale of row r for inputs 0-15 (half 0) or 16-31 (half 1) of a group (wg: its bytes; d: its row scales).
-inline float q6_k_scale(const uint8_t* wg, const c10::Half* d, int64_t r, int half) {
-  return static_cast<float>(d[r]) * static_cast<float>(static_cast<int8_t>(wg[kInt6Bytes + 8 * half + r]));
+// w = q * scale + min for row r of a group (wg: its bytes, sg: group_scales) and its inputs 0-15 (half 0) or 16-31
+// (half 1): the scale from sm (Q6_K: d x the half's sub-scale, exact in float32), the minimum stored (S = 2) or
+// -offset * scale (S = 1).
+struct RowTerms {
+  float scale, min;
+};
+template <int S, int B>
+inline RowTerms row_terms(const uint8_t* wg, const c10::Half* sg, int64_t r, int half) {
+  const float scale = B == 6 ? static_cast<float>(sg[r]) * static_cast<int8_t>(wg[kInt6Bytes + 8 * half + r])
+                             : static_cast<float>(sg[r]);
+  return {scale, S == 2 ? static_cast<float>(sg[kRows + r]) : -kSymmetricOffset<B> * scale};
 }
 
 // Stored row i's 32 codes of one 6-bit group in the 6-bit head's order (int6_dot.cpp): its byte j holds inputs j and
@@ -234,8 +236,10 @@ inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* 
         const __m256 first = _mm256_cvtepi32_ps(lane_dots<B>(codes, xq, 0, 4));
         const __m256 second = _mm256_cvtepi32_ps(lane_dots<B>(codes, xq, 4, 4));
         const float half = x[m].dhalf[g], rest = x[m].dsum[g] - half;
-        acc[m] = _mm256_fmadd_ps(_mm256_fmadd_ps(first, dx, _mm256_set1_ps(-32.f * half)), scale, acc[m]);
-        acc[m] = _mm256_fmadd_ps(_mm256_fmadd_ps(second, dx, _mm256_set1_ps(-32.f * rest)), low, acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_fmadd_ps(first, dx, _mm256_set1_ps(-kSymmetricOffset<B> * half)), scale,
+                                 acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_fmadd_ps(second, dx, _mm256_set1_ps(-kSymmetricOffset<B> * rest)), low,
+                                 acc[m]);
         continue;
       }
       const __m256 dots = _mm256_cvtepi32_ps(lane_dots<B>(codes, xq, 0, 8));
@@ -263,14 +267,15 @@ inline void low_bit_block(const QuantRow* x, const uint8_t* w, const c10::Half* 
           int32_t first = 0, second = 0;
           for (int64_t t = 0; t < 16; ++t) first += q[t] * int32_t(xq[t]), second += q[t + 16] * int32_t(xq[t + 16]);
           const float half = x[m].dhalf[g], rest = x[m].dsum[g] - half;
-          sums[m][r] += (static_cast<float>(first) * x[m].d[g] - 32.f * half) * q6_k_scale(wg, sg, r, 0) +
-                        (static_cast<float>(second) * x[m].d[g] - 32.f * rest) * q6_k_scale(wg, sg, r, 1);
+          const float offset = kSymmetricOffset<B>, d = x[m].d[g];
+          sums[m][r] += (static_cast<float>(first) * d - offset * half) * row_terms<S, B>(wg, sg, r, 0).scale +
+                        (static_cast<float>(second) * d - offset * rest) * row_terms<S, B>(wg, sg, r, 1).scale;
           continue;
         }
         int32_t s = 0;
         for (int64_t t = 0; t < kGroup; ++t) s += q[t] * int32_t(xq[t]);
-        sums[m][r] += static_cast<float>(s) * (static_cast<float>(sg[r]) * x[m].d[g]) +
-                      low_bit_min<S, B>(sg, r) * x[m].dsum[g];
+        const RowTerms terms = row_terms<S, B>(wg, sg, r, 0);
+        sums[m][r] += static_cast<float>(s) * (terms.scale * x[m].d[g]) + terms.min * x[m].dsum[g];
       }
   }
 #endif
