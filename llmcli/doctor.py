@@ -134,9 +134,10 @@ def _tiny_model():
     return QwenForCausalLM(cfg)
 
 
-def product_paths(device: torch.device) -> dict[str, dict]:
+def product_paths(device: torch.device, remeasure: bool = False) -> dict[str, dict]:
     """Per precision: how its linear products run on `device` (the labels `bench` reports) and the notes
-    preparing gave. Eager runs; --compile changes the one-row products (see README)."""
+    preparing gave. Eager runs; --compile changes the one-row products (see README). Preparing measures where
+    many-row products leave the kernels, where that is not cached yet (or with `remeasure`)."""
     from llmcli.backends.linear import label_of
     from llmcli.backends.prepare import Preparation
     from llmcli.options import Options
@@ -147,7 +148,8 @@ def product_paths(device: torch.device) -> dict[str, dict]:
             continue
         dtype = torch.float32 if precision == "float32" else torch.bfloat16
         model = _tiny_model().to(device=device, dtype=dtype)
-        options = Options.from_env(device=device.type, quantize=precision if precision.startswith("int") else None)
+        options = Options.from_env(device=device.type, quantize=precision if precision.startswith("int") else None,
+                                   crossover="remeasure" if remeasure else None)
         preparation = Preparation(model, options)
         preparation.finish()
         counts: dict[str, int] = {}
@@ -169,8 +171,8 @@ WHY = {
 }
 
 
-def products_section(report: Report, device: torch.device) -> None:
-    paths = product_paths(device)
+def products_section(report: Report, device: torch.device, remeasure: bool = False) -> None:
+    paths = product_paths(device, remeasure)
     report.facts["products"] = paths
     for precision, found in paths.items():
         names = ", ".join(found["products"])
@@ -180,6 +182,21 @@ def products_section(report: Report, device: torch.device) -> None:
         if precision == "int8" and not in_kernel and device.type == "cpu":
             advice = advice or "the int8 kernel did not build: see the compiler line"
         report.add(f"{precision} products", f"{names} ({why})", advice)
+    if device.type == "cpu":
+        crossover_section(report)
+
+
+def crossover_section(report: Report) -> None:
+    """Where prompt products leave llmcli's kernels for a GEMM on the converted weight, as measured on this CPU."""
+    from llmcli.backends.crossover import cached, describe
+
+    entries = cached()
+    report.facts["kernel_rows"] = {kind: {"kernel_rows": entry["kernel_rows"], "ratios": entry.get("ratios"),
+                                          "measured_at": entry.get("measured_at")} for kind, entry in entries.items()}
+    if entries:
+        when = max(str(entry.get("measured_at", "")) for entry in entries.values())
+        report.add("many-row products", "; ".join(describe(kind, entry["kernel_rows"]) for kind, entry in
+                                                  entries.items()) + f" (measured on this CPU, last {when})")
 
 
 # -- torch, devices, memory, bandwidth ---------------------------------------------------------------------
@@ -300,7 +317,7 @@ def diagnose(remeasure: bool = False) -> Report:
     cpu_section(report)
     kernel_section(report)
     torch_section(report)
-    products_section(report, torch.device("cpu"))
+    products_section(report, torch.device("cpu"), remeasure)
     memory_section(report)
     bandwidth_section(report, remeasure)
     files_section(report)

@@ -92,9 +92,9 @@ def build_model(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: t
     model = materialise(lambda: cls(cfg), dtype, device)
     preparation = Preparation(model, options, gguf)
     tensors = gguf.tensors(unread=preparation.takes_stored_int4) if gguf else None
-    notes = load_weights(model, model_dir, loaded=preparation.loaded, tensors=tensors) + preparation.notes
+    notes = load_weights(model, model_dir, loaded=preparation.loaded, tensors=tensors)
     preparation.finish()
-    return preparation.runner(), notes
+    return preparation.runner(), notes + preparation.notes
 
 
 def file_quantize(gguf: GGUFSource | None, device: torch.device) -> tuple[str | None, str]:

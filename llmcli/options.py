@@ -16,6 +16,10 @@ Environment variables (each read when `Options.from_env` or the function naming 
   LLMCLI_EXPERT_PRODUCTS    how a MoE layer's routed experts run many rows: "grouped" (sorted by expert, one
                             grouped product per projection), "loop" (expert after expert) or "auto" (grouped
                             on CUDA and for float32 weights on CPU, else the loop)
+  LLMCLI_CROSSOVER          how many rows a product runs in llmcli's CPU kernels before a GEMM on the converted weight:
+                            "measured" on this CPU once and cached (the default), "remeasure", "cached" (a figure
+                            measured before, else the fixed ones; parallel runs) or "fixed" (the figures of the
+                            project's own machine; the tests use them)
   LLMCLI_KERNEL_BUILD       when the CPU kernels are not built yet: "wait" for the build, or build them in the
                             "background" while this run uses torch's paths (generate, chat, run and serve
                             default to background, every other command waits)
@@ -36,6 +40,7 @@ AUTO_QUANTIZE = "auto"
 CUDA_GEMV_MODES = ("sum", "linear")
 KERNEL_BUILD_MODES = ("wait", "background")
 EXPERT_PRODUCT_MODES = ("auto", "grouped", "loop")
+CROSSOVER_MODES = ("measured", "remeasure", "cached", "fixed")
 
 
 def _flag(name: str, default: bool = True) -> bool:
@@ -65,6 +70,7 @@ class Options:
     dist_timeout: float = 600.0  # seconds a parallel run's collective waits for the others (ranks load at once)
     kernel_build: str | None = None  # unbuilt CPU kernels: "wait" or "background"; None: the command decides
     expert_products: str = "auto"  # routed experts over many rows: "grouped", "loop", or auto (CUDA, CPU float32)
+    crossover: str = "measured"  # many-row products: kernel or converted weight, as measured here, or "fixed" figures
 
     def __post_init__(self) -> None:
         if self.quantize not in (None, AUTO_QUANTIZE, *QUANTIZE_MODES):
@@ -80,6 +86,9 @@ class Options:
         if self.expert_products not in EXPERT_PRODUCT_MODES:
             raise LlmcliError(f"LLMCLI_EXPERT_PRODUCTS must be one of {', '.join(EXPERT_PRODUCT_MODES)}, got "
                               f"{self.expert_products!r}", exit_code=2)
+        if self.crossover not in CROSSOVER_MODES:
+            raise LlmcliError(f"LLMCLI_CROSSOVER must be one of {', '.join(CROSSOVER_MODES)}, got {self.crossover!r}",
+                              exit_code=2)
 
     @classmethod
     def from_env(cls, **given) -> Options:
@@ -106,6 +115,7 @@ class Options:
             "realize_threshold": threshold,
             "kernel_build": os.environ.get("LLMCLI_KERNEL_BUILD") or None,
             "expert_products": os.environ.get("LLMCLI_EXPERT_PRODUCTS") or "auto",
+            "crossover": os.environ.get("LLMCLI_CROSSOVER") or "measured",
         }
         return cls(**{**env, **{k: v for k, v in given.items() if v is not None}})
 

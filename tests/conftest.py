@@ -24,9 +24,11 @@ def pytest_configure(config):
     _SAVED_ENVIRON.update(os.environ)
     base = Path(tempfile.mkdtemp(prefix="llmcli-tests-"))
     _TEST_FILES.append(base)
-    # LLMCLI_KERNEL_BUILD=wait: every test runs the kernels this CPU has, not torch's paths while they build
+    # LLMCLI_KERNEL_BUILD=wait: every test runs the kernels this CPU has, not torch's paths while they build;
+    # LLMCLI_CROSSOVER=fixed: products leave the kernels at the same row counts on every machine, unmeasured
     os.environ.update({"LLMCLI_HOME": str(base / "llmcli-home"), "HF_HOME": str(base / "hf-home"),
-                       "HF_HUB_OFFLINE": "1", "LLMCLI_KERNEL_BUILD": "wait"})
+                       "HF_HUB_OFFLINE": "1", "LLMCLI_KERNEL_BUILD": "wait",
+                       "LLMCLI_CROSSOVER": "fixed"})
     for name in ("LLMCLI_MODEL", "HF_TOKEN"):
         os.environ.pop(name, None)
 

@@ -70,7 +70,8 @@ def test_doctor_table(run_cli):
 def test_doctor_says_the_int8_kernel_failed_only_when_no_product_runs_it(monkeypatch, products, failed):
     from llmcli import doctor
 
-    monkeypatch.setattr(doctor, "product_paths", lambda device: {"int8": {"products": products, "notes": []}})
+    paths = {"int8": {"products": products, "notes": []}}
+    monkeypatch.setattr(doctor, "product_paths", lambda device, remeasure: paths)
     report = doctor.Report()
     doctor.products_section(report, torch.device("cpu"))
     (finding,) = report.findings

@@ -87,11 +87,11 @@ class Int4Linear(Product, nn.Module):
 
     With `integer` (the integer dot-product kernel runs here, AVX2; groups of 32 and a fitting shape), the
     weights are stored in that kernel's blocks with float16 scales and minimums instead (int_dot.py): few
-    rows (decoding, and prompts up to INTEGER_PROMPT_ROWS) go through it with the activations quantised to int8,
+    rows (decoding, and prompts up to `kernel_rows`) go through it with the activations quantised to int8,
     longer prompts through a GEMM on the weight converted to float32 (or the activations' dtype where bfloat16
     products are fast)."""
 
-    integer_prompt_rows = INTEGER_PROMPT_ROWS  # more rows take the float GEMM
+    kernel_rows = INTEGER_PROMPT_ROWS  # more rows take the float GEMM (this CPU's figure: crossover.py)
 
     def __init__(self, linear: nn.Linear, group: int = GROUP, quantized=None, integer: bool = False):
         """`quantized`: (q, scale, zero) from a file already in this format (GGUF Q4_0/Q4_1/Q4_K), else computed;
@@ -167,7 +167,7 @@ class Int4Linear(Product, nn.Module):
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def _integer(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= self.integer_prompt_rows * self.in_features:  # one op call, bias included: less Python
+        if x.numel() <= self.kernel_rows * self.in_features:  # one op call, bias included: less Python
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return torch.ops.llmcli.int4_dot.default(x, self.packed, self.scales_and_mins, None, bias)
         # long prompts: a float GEMM on the converted weight
@@ -217,7 +217,7 @@ class Int6Per16Linear(Int4Linear):
     # Its two scales per group keep its unpacking and sums dearer than int4's: one 4864 x 896 or 896 x 4864 matrix,
     # 2 threads, Zen 4, kernel time over unblock + bfloat16 GEMM 0.84-1.09 at 96 rows, 0.92-1.34 at 128, 1.06-1.29
     # at 160-192.
-    integer_prompt_rows = 128
+    kernel_rows = 128
 
     def __init__(self, linear: nn.Linear, quantized):
         """`quantized`: (q [N, K] in 0..63, sub [N, K/16] int8, d [N, K/256]) from the file."""

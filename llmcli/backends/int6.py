@@ -39,6 +39,8 @@ class Int6Linear(Product, nn.Module):
     (decoding, a prompt's last position) go through it with the activations quantised to int8, many rows (every
     position's logits) through a GEMM on the weight converted back to floats."""
 
+    kernel_rows = INTEGER_PROMPT_ROWS  # int4's figure (crossover.py)
+
     def __init__(self, linear: nn.Linear, chunk_rows: int = 4096):
         """Quantised and stored `chunk_rows` rows (a multiple of 8) at a time: the whole head's intermediate
         copies (q, its nibbles and high bits) would add several times its 6-bit size to the load's peak."""
@@ -59,7 +61,7 @@ class Int6Linear(Product, nn.Module):
         return f"int6 kernel (x int8 activations, {int_dot.isa_label()}, groups of {GROUP})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= INTEGER_PROMPT_ROWS * self.in_features:
+        if x.numel() <= self.kernel_rows * self.in_features:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return torch.ops.llmcli.int6_dot.default(x, self.packed, self.scales_and_mins, bias)
         dtype = x.dtype if x.dtype == torch.float32 or bf16_matmul_is_fast() else torch.float32

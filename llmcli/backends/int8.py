@@ -16,7 +16,7 @@ from torch import nn
 from llmcli.backends import int8_kernel, int_dot
 from llmcli.backends.cpu_kernels import cpu_model
 from llmcli.backends.int8_kernel import CHUNK, ROWS, to_blocks
-from llmcli.backends.linear import Product, one_row, one_row_linear
+from llmcli.backends.linear import NEVER, Product, one_row, one_row_linear
 
 INT8PACK_ROWS = 16  # the most rows `_weight_int8pack_mm` gets; more go through a converted weight
 # The most rows the int8 kernel gets: beyond ~20 it is compute-bound and a GEMM on the converted weight
@@ -75,7 +75,10 @@ class Int8Linear(Product, nn.Module):
     stored in the kernel's blocked layout (see int8_kernel.py); `int8_weight()` gives it back as [out, in].
     `gemm`: the kernel's many-row product runs here (AVX512-BF16). `integer`: products of up to INTEGER_ROWS rows
     quantise the activations to int8 and use integer dot products (int_dot.py; AVX2 CPUs). `compiled`: a compiled decode
-    step runs it (what `label` says)."""
+    step runs it (what `label` says). Products of more than `kernel_rows` rows take a GEMM on the converted weight
+    (this CPU's figure: crossover.py)."""
+
+    kernel_rows = INTEGER_ROWS
 
     def __init__(self, linear: nn.Linear, kernel: bool = False, gemm: bool = False, compiled: bool = False,
                  integer: bool = False):
@@ -91,6 +94,8 @@ class Int8Linear(Product, nn.Module):
         self.gemm = self.blocked and gemm  # decided here: a compiled step cannot ask
         self.integer = self.blocked and integer and int_dot.int8_fits(linear.weight.shape)
         self.compiled = compiled
+        if self.gemm:
+            self.kernel_rows = NEVER
 
     @property
     def label(self) -> str:
@@ -108,13 +113,13 @@ class Int8Linear(Product, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if self.gemm and rows >= GEMM_ROWS and x.dtype == torch.bfloat16:
+        if self.gemm and GEMM_ROWS <= rows <= self.kernel_rows and x.dtype == torch.bfloat16:
             return int8_kernel.gemm(x, self.weight, self.scales, self.bias)  # prompts, batches
-        if self.integer and rows <= INTEGER_ROWS and (self.bias is None or self.bias.dtype == x.dtype):
+        if self.integer and rows <= self.kernel_rows and (self.bias is None or self.bias.dtype == x.dtype):
             # One op call, bias included: Python around each decode product costs more than the small ones
             # take (Qwen2.5-0.5B shape: 40 us of wrapping around a 90 us product).
             return torch.ops.llmcli.int8_dot.default(x, self.weight, self.scales, None, self.bias)
-        if self.blocked and rows <= KERNEL_ROWS:  # decoding (and short prompts): the int8 kernel
+        if self.blocked and rows <= min(KERNEL_ROWS, self.kernel_rows):  # decoding (and short prompts): the int8 kernel
             # int8_kernel.gemv inlined. The [1, ...] views are made per call: StackedExperts swaps an expert's
             # tensors for views of its stacks.
             flat, blocks, scales = x.reshape(-1, self.in_features).contiguous(), self.weight[None], self.scales[None]

@@ -20,6 +20,7 @@ from torch import nn
 
 from llmcli.backends import bf16_kernel
 
+NEVER = 1 << 40  # a row count no product reaches: `kernel_rows` for "the kernel at every size"
 FEW_ROWS = 8  # the most sequences a compiled decode step takes (beyond that, products are not weight-bound)
 FLOAT32_PROMPT_ROWS = 16  # Float32PromptLinear: above this many rows, converting the weight pays for itself
 CUDA_SUM_MAX_ROWS = 65536  # an H200 ran a vocabulary-sized head at 296 GB/s as a sum, 3476 through cuBLAS
@@ -128,7 +129,11 @@ class PackedLinear(Product, nn.Module):
 class BlockedLinear(Product, nn.Module):
     """nn.Linear with its bfloat16 weight in the bfloat16 kernel's panels (`weight`: [out/64, in/2, 64, 2],
     outputs padded to whole panels). With `consume`, `linear`'s weight is rearranged in place where it can
-    be (and `linear` must not be used again)."""
+    be (and `linear` must not be used again). Products of more than `kernel_rows` rows run torch's F.linear on the
+    weight converted back to rows (crossover.py measures where that pays; on the CPUs measured so far it never did,
+    where oneDNN uses AMX tiles it may)."""
+
+    kernel_rows = NEVER
 
     def __init__(self, linear: nn.Linear, consume: bool = False):
         super().__init__()
@@ -147,11 +152,20 @@ class BlockedLinear(Product, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # `bf16_kernel.linear` inlined: a decode step makes ~100 of these calls, and the Python and view ops
         # around each cost as much as a small product (0.5B shape: ~20 us a call of ~45).
+        if x.numel() > self.kernel_rows * self.in_features:
+            return self._converted(x)
         rows = x.reshape(-1, self.in_features).contiguous()
         panels = self.weight.unsqueeze(0)  # per call: StackedExperts swaps an expert's weight for a view
         out = torch.ops.llmcli.bf16_linear.default(rows, panels, self.bias, None)
         out = out.view(*x.shape[:-1], out.shape[-1])  # not -1: a call may have no rows
         return out[..., :self.out_features] if self.padding else out
+
+    def _converted(self, x: torch.Tensor) -> torch.Tensor:
+        """The product as torch's GEMM on the weight as rows, in x's dtype (float32 rows: float32 sums, as the
+        kernel gives them)."""
+        weight = bf16_kernel.from_blocks(self.weight, self.out_features).to(x.dtype)
+        bias = None if self.bias is None else self.bias[:self.out_features].to(x.dtype)
+        return F.linear(x, weight, bias)
 
 
 class BlockedEmbedding(nn.Module):

@@ -164,10 +164,13 @@ def build_parallel(model_class, cfg: ModelConfig, model_dir: Path, dtype: torch.
     local = local_config(cfg, layout)
     model = materialise(lambda: shard_model(model_class(local), cfg, layout), dtype, device)
     attach_collectives(model, cfg, layout)
-    preparation = Preparation(model, options)
+    # Ranks share the CPU: timing products on each at once would measure the contention, so only a cached figure.
+    crossover = "fixed" if options.crossover == "fixed" else "cached"
+    preparation = Preparation(model, options.replace(crossover=crossover))
     with Checkpoint(model_dir) as ckpt:
         tensors = sharded_tensors(ckpt, slicer(cfg, layout), dtype, cfg.fp8_block_size)
-        notes = load_weights(model, model_dir, loaded=preparation.loaded, tensors=tensors) + preparation.notes
+        notes = load_weights(model, model_dir, loaded=preparation.loaded, tensors=tensors)
     preparation.finish()
+    notes += preparation.notes
     attach_head_gather(model, cfg, layout)
     return ParallelRunner(model, layout, cfg, preparation.runner().compiled), notes

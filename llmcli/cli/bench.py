@@ -124,6 +124,9 @@ def header_lines(report, active_note: str | None) -> list[str]:
         + (" | compiled decode" if env.get("compile") else "")
         + (" | products: " + ", ".join(f"{path} ({n})" for path, n in env["products"].items())
            if env.get("products") else "")
+        + (" | in the kernel up to: " + ", ".join(f"{kind} {'any' if rows is None else rows} rows"
+                                                  for kind, rows in env["kernel_rows"].items())
+           if env.get("kernel_rows") else "")
         + f" | memory bandwidth {bw / 1e9:.1f} GB/s ({env['memory_bandwidth_source']})"
         + (f" | load {env['load_average_1m']}" if "load_average_1m" in env else ""),
     ]
@@ -189,7 +192,8 @@ def bench_command(
     remeasure_bandwidth: bool = typer.Option(
         False, "--remeasure", "--remeasure-bandwidth",
         help="Measure memory bandwidth again instead of using the cached value (it is re-measured anyway when a run "
-             "reads faster than it, or when it was taken on a busy machine and this one is idle)."),
+             "reads faster than it, or when it was taken on a busy machine and this one is idle), and on CPU the row "
+             "counts from which prompt products leave llmcli's kernels for a GEMM on the converted weight."),
     device: Device = DEVICE_OPT,
     dtype: DType = DTYPE_OPT,
     yes: bool = YES_OPT,
@@ -246,6 +250,7 @@ def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=Fa
     import torch
 
     from llmcli import bench, machine
+    from llmcli.backends import crossover
 
     if compare is Compare.transformers:  # before the slow parts
         from llmcli import hub
@@ -266,6 +271,11 @@ def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=Fa
     status = err_console.status("measuring memory bandwidth") if show else nullcontext()
     with status:
         bandwidth, source = machine.machine_bandwidth(loaded.device, remeasure=remeasure_bandwidth)
+        if remeasure_bandwidth and loaded.device.type == "cpu" and not compile and tp == ep == 1:
+            if show:
+                status.update("measuring where many-row products leave the kernels")
+            for note in crossover.apply(loaded.runner.model, loaded.dtype, "remeasure"):
+                err_console.print(f"note: {note}", style="dim")
 
         def progress(text: str) -> None:
             if show:
@@ -289,6 +299,7 @@ def measure(model, device, dtype, settings, compare, remeasure_bandwidth, yes=Fa
     env["quantize"] = loaded.options.quantize  # --quantize auto resolved
     env["compile"] = compile
     env["products"] = bench.product_paths(loaded.runner)
+    env["kernel_rows"] = crossover.current(loaded.runner.model)
     report = bench.BenchReport(
         model=loaded.name, path=str(loaded.path), device=loaded.device.type, dtype=env["dtype"], env=env,
         settings=settings, weights_bytes=mine.weights_bytes, parameters=mine.parameters, rows=rows,

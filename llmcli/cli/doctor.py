@@ -12,7 +12,8 @@ from llmcli.cli.app import app
 @app.command("doctor")
 def doctor_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
-    remeasure: bool = typer.Option(False, "--remeasure", help="Measure the memory bandwidth again (about 1 s)."),
+    remeasure: bool = typer.Option(False, "--remeasure", help="Measure the memory bandwidth again, and where "
+                                   "many-row products leave llmcli's kernels (a few seconds)."),
 ) -> None:
     """Check this machine: what llmcli runs on it, and what would make it faster.
 
