@@ -42,6 +42,12 @@ def _to_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+# The types each kind of stored codes comes from, and their extractor
+STORED_CODES = {"int4": (INT4_TYPES, int4_codes), "int5": (INT5_TYPES, int5_codes), "int8": (INT8_TYPES, int8_codes),
+                "q6_k": (Q6_TYPES, q6_k_codes)}
+
+CODE_PART_ROWS = 4096  # rows of stored codes extracted and packed at a time (whole blocks of 8)
+
 # Dequantising makes float32 copies (gguf's numpy code holds two): big tensors (embeddings, heads) are read
 # this many values at a time, so that loading peaks at the model plus a few dozen MiB.
 PART_VALUES = 1 << 22
@@ -86,6 +92,31 @@ class GGUFSource:
         """(q in 0..63, int8 sub-scale per 16, d per 256) of checkpoint tensor `name` when the file stores it in Q6_K
         (w = (q - 32) * d * sub), else None."""
         return self._codes(name, Q6_TYPES, q6_k_codes)
+
+    def codes_in_parts(self, name: str, kind: str, part_rows: int | None = None) -> Iterator[tuple] | None:
+        """The codes of checkpoint tensor `name` as the file stores them (`kind`: "int4", "int5", "int8" or "q6_k", what
+        the methods above give) `part_rows` rows at a time, or None where the file does not store it so: extracting a
+        vocabulary-sized head's codes at once held several copies of them (Qwen3-30B-A3B's Q6_K head: 1.5 GB)."""
+        types, extract = STORED_CODES[kind]
+        part_rows = part_rows or CODE_PART_ROWS
+        if not self.stores(name, types):
+            return None
+        piece = self.by_name[name]
+        rows = piece.shape[0]
+        if piece.raw_rows is not None:  # read a part at a time too: the whole head's bytes are its size again
+            raw_part = piece.raw_rows
+        else:
+            whole = piece.raw()
+            if whole is None:
+                return None
+            raw_part = lambda start, stop: whole[start:stop]  # noqa: E731
+        type_name = self.gguf.tensors[piece.source].type_name
+
+        def parts() -> Iterator[tuple]:
+            for start in range(0, rows, part_rows):
+                codes = extract(raw_part(start, min(rows, start + part_rows)), type_name, piece.shape[1])
+                yield tuple(None if part is None else torch.from_numpy(part) for part in codes)
+        return parts()
 
     def _codes(self, name: str, types: tuple[str, ...], extract):
         if not self.stores(name, types):

@@ -177,3 +177,23 @@ def test_int5_tokens_follow_bfloat16_and_cli_reports_it(run_cli):
                              "bfloat16", "--quantize", "int5")
     assert code == 0, err
     assert json.loads(out)["token_ids"][:2] == bf16[:2]
+
+
+def test_quantising_a_part_of_the_rows_at_a_time_stores_the_whole_matrix_quantisation(monkeypatch):
+    """Int4Linear and Int5Linear quantise and pack QUANTIZE_PART_ROWS rows at a time (the load's peak memory): the
+    same bytes and scales as quantising the whole matrix and packing it at once."""
+    from llmcli.backends.int4 import Int5Linear, quantize_min_max
+
+    if not int_dot.runs_fast():
+        pytest.skip(f"the integer kernels need AVX2 (built here: {int_dot.isa()})")
+    monkeypatch.setattr(int4, "QUANTIZE_PART_ROWS", 16)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 56).bfloat16()  # 56 rows: parts of 16, 16, 16 and 8
+    q, scale, zero = quantize_int4(linear.weight.detach())
+    packed, sm = int_dot.int4_blocks(q, scale, zero - 8 * scale)
+    layer = Int4Linear(linear, integer=True)
+    assert layer.integer and torch.equal(layer.packed, packed) and torch.equal(layer.scales_and_mins, sm)
+    packed, sm = int_dot.int5_blocks(*quantize_min_max(linear.weight.detach(), 31))
+    layer = Int5Linear(linear)
+    assert torch.equal(layer.packed, packed) and torch.equal(layer.scales_and_mins, sm)
+    assert layer.bias is linear.bias and layer.out_features == 56

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.backends import bf16_kernel, int8_kernel, int_dot
+from llmcli.backends.heap import EXPERTS_PER_TRIM, release_freed_memory
 from llmcli.backends.int4 import Int4Linear
 from llmcli.backends.int8 import Int8Linear
 from llmcli.backends.linear import FEW_ROWS, BlockedLinear, one_row, one_row_linear
@@ -65,6 +66,8 @@ class StackedExperts(Experts):
             return
         stack = torch.empty((len(self), *part.shape), dtype=part.dtype, device=part.device)
         for index, expert in enumerate(self):
+            if index % EXPERTS_PER_TRIM == EXPERTS_PER_TRIM - 1:  # the replaced tensors' heap memory (heap.py)
+                release_freed_memory()
             linear = getattr(expert, name)
             stack[index].copy_(getattr(linear, attr).detach())
             if isinstance(linear._parameters.get(attr), nn.Parameter):

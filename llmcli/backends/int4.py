@@ -68,6 +68,25 @@ def quantize_min_max(weight: torch.Tensor, top: int, group: int = GROUP,
     return q, scale, lows
 
 
+QUANTIZE_PART_ROWS = 1024  # rows quantised and packed at a time: a whole matrix's float copies and codes at once
+# raised a Qwen2.5-0.5B layer's conversion 130 MiB above the loaded model
+
+
+def int4_pack(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_min_max's (q, scale, low) in 0..15 -> the integer kernel's int4 blocks, through Int4Linear's own form
+    (zero = low + 8 scale, then min = zero - 8 scale), so that the stored minimums are those it always stored."""
+    return int_dot.int4_blocks(q, scale, (low + 8 * scale) - 8 * scale)
+
+
+def quantized_in_parts(weight: torch.Tensor, top: int, pack) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] quantised to 0..top per group of 32 (quantize_min_max) and packed by `pack`, QUANTIZE_PART_ROWS rows at
+    a time into one storage."""
+    rows = weight.shape[0]
+    parts = (quantize_min_max(weight[begin: begin + QUANTIZE_PART_ROWS], top)
+             for begin in range(0, rows, QUANTIZE_PART_ROWS))
+    return int_dot.blocks_in_parts(parts, rows, pack, trim=False)
+
+
 def quantize_int4(weight: torch.Tensor, group: int = GROUP,
                   chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[N, K] -> (q [N, K] int32 in 0..15, scale [N, K/group], zero [N, K/group]) in float32, with
@@ -99,6 +118,9 @@ class Int4Linear(Product, nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
         dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.bfloat16
+        if quantized is None and integer and group == int_dot.GROUP and int_dot.int4_fits(tuple(linear.weight.shape)):
+            self._hold_blocks(linear, *quantized_in_parts(linear.weight.detach(), 15, int4_pack))
+            return
         q, scale, zero = quantized if quantized is not None else quantize_int4(linear.weight.detach(), group)
         self.integer = integer and group == int_dot.GROUP and int_dot.int4_fits(tuple(q.shape))
         if self.integer:
@@ -122,6 +144,14 @@ class Int4Linear(Product, nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_mins", sm)
         self.bias = linear.bias
+
+    @classmethod
+    def holding(cls, linear: nn.Linear, packed: torch.Tensor, sm: torch.Tensor) -> Int4Linear:
+        """`linear` with its weight already in the integer kernel's blocks of this class's layout (a file's codes,
+        packed a part at a time: int_dot.blocks_in_parts)."""
+        module = cls.__new__(cls)
+        module._hold_blocks(linear, packed, sm)
+        return module
 
     @classmethod
     def joined(cls, parts: list[Int4Linear]) -> Int4Linear | None:
@@ -184,8 +214,10 @@ class Int5Linear(Int4Linear):
 
     def __init__(self, linear: nn.Linear, quantized=None):
         """`quantized`: (q, scale, low) from a file (low None for Q5_0: w = (q - 16) * scale), else computed."""
-        q, scale, low = quantized if quantized is not None else quantize_min_max(linear.weight.detach(), 31)
-        self._hold_blocks(linear, *int_dot.int5_blocks(q, scale, low))
+        if quantized is None:
+            self._hold_blocks(linear, *quantized_in_parts(linear.weight.detach(), 31, int_dot.int5_blocks))
+            return
+        self._hold_blocks(linear, *int_dot.int5_blocks(*quantized))
 
     @property
     def label(self) -> str:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from llmcli.backends import int_dot
+from llmcli.backends.heap import release_freed_memory
 from llmcli.backends.int4 import INTEGER_PROMPT_ROWS
 from llmcli.backends.int8 import bf16_matmul_is_fast
 from llmcli.backends.linear import Product
@@ -41,7 +42,7 @@ class Int6Linear(Product, nn.Module):
 
     kernel_rows = INTEGER_PROMPT_ROWS  # int4's figure (crossover.py)
 
-    def __init__(self, linear: nn.Linear, chunk_rows: int = 4096):
+    def __init__(self, linear: nn.Linear, chunk_rows: int = 1024):
         """Quantised and stored `chunk_rows` rows (a multiple of 8) at a time: the whole head's intermediate
         copies (q, its nibbles and high bits) would add several times its 6-bit size to the load's peak."""
         super().__init__()
@@ -50,6 +51,8 @@ class Int6Linear(Product, nn.Module):
         packed = torch.empty(rows // int_dot.ROWS, columns // int_dot.GROUP, 192, dtype=torch.uint8)
         sm = torch.empty(rows // int_dot.ROWS, columns // GROUP, 2, int_dot.ROWS, dtype=torch.float16)
         for begin in range(0, rows, chunk_rows):
+            if begin:  # the last chunk's temporaries go back to the OS (heap.py)
+                release_freed_memory()
             blocks = slice(begin // int_dot.ROWS, (begin + chunk_rows) // int_dot.ROWS)
             packed[blocks], sm[blocks] = int_dot.int6_blocks(*quantize_int6(weight[begin: begin + chunk_rows]))
         self.register_buffer("packed", packed)

@@ -18,7 +18,6 @@ weights are freed before the next layer is read.
 
 from __future__ import annotations
 
-import ctypes
 import re
 
 import torch
@@ -29,6 +28,7 @@ from llmcli.backends.compile import CompiledDecode
 from llmcli.backends.experts import StackedExperts, in_kernel_blocks
 from llmcli.backends.grouped_experts import GroupedExperts, can_group
 from llmcli.backends.head import float32_logits
+from llmcli.backends.heap import EXPERTS_PER_TRIM, release_freed_memory
 from llmcli.backends.int4 import Int4Linear, Int5Linear, Int6Per16Linear, Int8GroupLinear
 from llmcli.backends.int6 import Int6Linear
 from llmcli.backends.int8 import Int8Linear, bf16_matmul_is_fast
@@ -48,15 +48,14 @@ from llmcli.models.base import CausalLM, FusesProjections
 from llmcli.models.layers import Experts
 from llmcli.options import Options
 
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc only). Moving thousands of MiB-sized expert weights
-    into stacks leaves the old ones as free heap chunks that the stacks (separately mapped) never reuse:
-    measured +430 MiB resident on the DeepSeek-V3-shaped benchmark model without this."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+# The integer kernel's module and packer for each kind of codes a file stores (GGUFSource.codes_in_parts)
+STORED_KINDS = {
+    "int4": (Int4Linear, lambda q, scale, zero: int_dot.int4_blocks(q, scale, None if zero is None
+                                                                               else zero - 8 * scale)),
+    "int5": (Int5Linear, int_dot.int5_blocks),
+    "int8": (Int8GroupLinear, lambda q, scale, _: int_dot.int8_group_blocks(q, scale)),
+    "q6_k": (Int6Per16Linear, int_dot.q6_k_blocks),
+}
 
 
 def parents_of_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -142,7 +141,8 @@ class Preparation:
 
     def __init__(self, model: CausalLM, options: Options, stored=None):
         """`stored`: a file with 4- or 5-bit weights (GGUF): `stored.stores(name, types)`, is that weight in one of
-        the types, and `stored.int4_codes(name)` / `int5_codes(name)`, its codes as the file stores them."""
+        the types, and `stored.codes_in_parts(name, kind)` (or `int4_codes(name)` whole), its codes as the file
+        stores them."""
         self.model, self.options = model, options
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
@@ -195,6 +195,7 @@ class Preparation:
         self.float32_prompts = cpu and not options.compile and not bf16_matmul_is_fast()
         self.fused_decode = cpu and not options.compile and options.fused_decode and decode_ops.available(wait)
         self.pending: dict[str, set[str]] = {}
+        self.parts_done = 0
         for name in model.state_dict():
             for prefix in self._units(name):
                 self.pending.setdefault(prefix, set()).add(name)
@@ -219,7 +220,8 @@ class Preparation:
                 del self.pending[prefix]
                 with torch.no_grad():
                     self.prepare_part(self.model.get_submodule(prefix[:-1]), prefix)
-                if prefix == self._units(prefix)[-1]:  # a whole layer: trimming after every expert took 8 ms each
+                self.parts_done += 1
+                if prefix == self._units(prefix)[-1] or self.parts_done % EXPERTS_PER_TRIM == 0:  # heap.py
                     release_freed_memory()
 
     def prepare_part(self, module: nn.Module, prefix: str = "") -> None:
@@ -275,14 +277,24 @@ class Preparation:
             return None
         if self.int8_groups or is_head(name):
             stored_name = self._stored_name(name, linear)
-            if self.int8_groups and (codes := self.stored.int8_codes(stored_name)) is not None:
-                return Int8GroupLinear(linear, quantized=codes)
-            codes = self.stored.q6_k_codes(stored_name)
-            return Int6Per16Linear(linear, quantized=codes) if codes is not None else None
-        if self.int5 and self.int_dot and (codes := self.stored.int5_codes(name + ".weight")) is not None:
-            return Int5Linear(linear, quantized=codes)
+            if self.int8_groups and (held := self.stored_blocks(stored_name, "int8", linear)) is not None:
+                return held
+            return self.stored_blocks(stored_name, "q6_k", linear)
+        if self.int5 and self.int_dot and (held := self.stored_blocks(name + ".weight", "int5", linear)) is not None:
+            return held
+        if self.int_dot and int_dot.int4_fits(tuple(linear.weight.shape)):
+            return self.stored_blocks(name + ".weight", "int4", linear)
         codes = self.stored.int4_codes(name + ".weight")
         return Int4Linear(linear, quantized=codes, integer=self.int_dot) if codes is not None else None
+
+    def stored_blocks(self, name: str, kind: str, linear: nn.Linear) -> Int4Linear | None:
+        """`linear` as the integer kernel's module for `kind` (STORED_KINDS) holding the file's codes of checkpoint
+        tensor `name`, packed a few thousand rows at a time; None where the file does not store it so."""
+        parts = self.stored.codes_in_parts(name, kind)
+        if parts is None:
+            return None
+        cls, pack = STORED_KINDS[kind]
+        return cls.holding(linear, *int_dot.blocks_in_parts(parts, linear.out_features, pack))
 
     def _stored_name(self, name: str, linear: nn.Linear) -> str:
         """The checkpoint tensor holding `linear`'s weight: its own, or a tied head's embedding (SmolLM2's Q8_0 file
@@ -302,7 +314,8 @@ class Preparation:
             return None
         bits = self.stored.stored_bits(name + ".weight")
         if self.wide_parts_in_int5 and bits is not None and bits > INT4_FILE_BITS:
-            return Int5Linear(linear, quantized=self.stored.int5_codes(name + ".weight"))  # Q5 codes as stored
+            held = self.stored_blocks(name + ".weight", "int5", linear)  # Q5 codes as stored
+            return held if held is not None else Int5Linear(linear)
         return Int5Linear(linear) if self.int5 else Int4Linear(linear, integer=True)
 
     def quantized(self, name: str, linear: nn.Linear) -> nn.Module:

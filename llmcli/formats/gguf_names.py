@@ -75,6 +75,8 @@ class Piece:
     rows: Callable[[int, int], np.ndarray] | None = None
     # Its stored blocks, [rows, bytes per row] in the model's row order, for types kept as they are (4-bit).
     raw: Callable[[], np.ndarray] | None = None
+    # Rows start..stop of those blocks alone, for tensors stored as they load: big ones are taken in parts.
+    raw_rows: Callable[[int, int], np.ndarray] | None = None
 
 
 def _raw_rows(gg: GGUFFile, name: str, start: int = 0, stop: int | None = None, rows: int | None = None) -> np.ndarray:
@@ -101,9 +103,11 @@ def _pieces_of(gg: GGUFFile, cfg: ModelConfig, name: str) -> list[Piece]:
     if name == "output_norm.weight" and gg.architecture in gguf_qwen35.ARCHITECTURES:  # stored as 1 + w
         return [Piece(GLOBAL_NAMES[name], tensor.shape, name, lambda: gg.read(name).astype(np.float32) - 1)]
     if name in GLOBAL_NAMES:
+        matrix = len(tensor.shape) == 2
         return [Piece(GLOBAL_NAMES[name], tensor.shape, name, lambda: gg.read(name),
                       lambda start, stop: gg.read(name, start, stop),
-                      raw=(lambda: _raw_rows(gg, name)) if len(tensor.shape) == 2 else None)]
+                      raw=(lambda: _raw_rows(gg, name)) if matrix else None,
+                      raw_rows=(lambda start, stop: _raw_rows(gg, name, start, stop)) if matrix else None)]
     match = _LAYER.fullmatch(name)
     if not match:
         raise LlmcliError(f"{gg.path}: tensor {name} is not one llmcli knows for {gg.architecture}")
@@ -145,7 +149,8 @@ def _pieces_of(gg: GGUFFile, cfg: ModelConfig, name: str) -> list[Piece]:
         return [Piece(prefix + LAYER_NAMES[tail], tensor.shape, name, lambda: unpermute(gg.read(name), heads),
                       raw=lambda: unpermute(_raw_rows(gg, name), heads))]
     return [Piece(prefix + LAYER_NAMES[tail], tensor.shape, name, lambda: gg.read(name),
-                  lambda start, stop: gg.read(name, start, stop), lambda: _raw_rows(gg, name))]
+                  lambda start, stop: gg.read(name, start, stop), lambda: _raw_rows(gg, name),
+                  lambda start, stop: _raw_rows(gg, name, start, stop))]
 
 
 def _qwen35_piece(gg: GGUFFile, cfg: ModelConfig, name: str, prefix: str, tail: str) -> Piece:
