@@ -334,3 +334,27 @@ def test_vm_stat_counts_free_speculative_and_inactive_pages():
 def test_this_machine_has_a_figure():
     total = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
     assert 0 < memory.available_bytes() <= total
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_untied_head_is_quantised_as_soon_as_it_is_loaded(tied):
+    """A checkpoint that stores lm_head first (DeepSeek's safetensors) kept it in bfloat16 through the whole load: an
+    untied head is now quantised the moment its weight is in. A tied one waits for the end (its values come with the
+    embedding's, which keeps them)."""
+    from llmcli.backends.int8 import Int8Linear
+    from llmcli.backends.prepare import Preparation
+    from llmcli.config_fields import ModelConfig
+    from llmcli.models.qwen import QwenForCausalLM
+    from llmcli.options import Options
+
+    cfg = ModelConfig(family="qwen2", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=64, tie_word_embeddings=tied, layer_windows=[None])
+    model = QwenForCausalLM(cfg).bfloat16()
+    expected = model.lm_head.weight.detach().clone()
+    preparation = Preparation(model, Options.from_env(device="cpu", quantize="int8"))
+    preparation.loaded("lm_head.weight")
+    assert type(model.lm_head) is (torch.nn.Linear if tied else Int8Linear)
+    preparation.finish()
+    assert isinstance(model.lm_head, Int8Linear)
+    restored = model.lm_head.int8_weight(torch.float32) * model.lm_head.scales.float()[:, None]
+    assert (restored - expected.float()).abs().max() <= expected.float().abs().max() / 127
