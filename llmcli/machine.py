@@ -119,6 +119,26 @@ def measure_bandwidth(device: torch.device, buffer_bytes: int | None = None, rep
     return 2 * buffer_bytes / best
 
 
+def read_cache(cache_file: Path) -> dict:
+    """A JSON cache of measurements ({key: entry}), empty when missing or unreadable."""
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def write_cache(cache_file: Path, known: dict) -> None:
+    """Replace a JSON cache of measurements atomically (other processes may read it meanwhile)."""
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        scratch = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        scratch.write_text(json.dumps(known, indent=2))
+        scratch.replace(cache_file)
+    except OSError:
+        pass  # a read-only cache only costs a measurement next time
+
+
 def _machine_key(device: torch.device) -> str:
     # CPU copy bandwidth depends on the thread count, so it is part of the key.
     threads = f"|threads={torch.get_num_threads()}" if device.type == "cpu" else ""
@@ -127,11 +147,7 @@ def _machine_key(device: torch.device) -> str:
 
 def bandwidth_entry(device: torch.device, cache_file: Path | None = None) -> dict | None:
     """The cached measurement for this machine and device ({"bytes_per_s", "measured_at", ...}), if any."""
-    try:
-        known = json.loads((cache_file or cache_home() / "bandwidth.json").read_text())
-    except (OSError, ValueError):
-        return None
-    entry = known.get(_machine_key(device)) if isinstance(known, dict) else None
+    entry = read_cache(cache_file or cache_home() / "bandwidth.json").get(_machine_key(device))
     return entry if isinstance(entry, dict) else None
 
 
@@ -148,12 +164,7 @@ def machine_bandwidth(device: torch.device, cache_file: Path | None = None,
     if cache_file is None:
         cache_file = cache_home() / "bandwidth.json"
     key = _machine_key(device)
-    try:
-        known = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict):
-        known = {}
+    known = read_cache(cache_file)
     entry = known.get(key)
     load = load_average()
     valid = isinstance(entry, dict) and entry.get("bytes_per_s", 0) > 0
@@ -163,11 +174,5 @@ def machine_bandwidth(device: torch.device, cache_file: Path | None = None,
     value = measure_bandwidth(device)
     known[key] = {"bytes_per_s": value, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": "copy",
                   "load_average_1m": round(load, 2)}
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=2))
-        tmp.replace(cache_file)
-    except OSError:
-        pass  # a read-only cache only costs a re-measurement next time
+    write_cache(cache_file, known)
     return value, "re-measured (the cached figure was taken on a busy machine)" if stale else "measured"

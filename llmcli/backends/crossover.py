@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -125,35 +123,17 @@ def cpu_key(kind: str, dtype: torch.dtype) -> str:
             f"|{bf16_isa()}/{int_dot.isa()}|{kind}|{str(dtype).removeprefix('torch.')}")
 
 
-def _read(cache_file: Path) -> dict:
-    try:
-        known = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        return {}
-    return known if isinstance(known, dict) else {}
-
-
-def _write(cache_file: Path, known: dict) -> None:
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        scratch = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        scratch.write_text(json.dumps(known, indent=2))
-        scratch.replace(cache_file)
-    except OSError:
-        pass  # a read-only cache only costs a measurement next time
-
-
 def crossovers(samples: dict[str, nn.Module], dtype: torch.dtype, remeasure: bool = False, measure: bool = True,
                cache_file: Path | None = None) -> tuple[dict[str, dict], list[str]]:
     """({kind: its cache entry, "kernel_rows" and "ratios"}, the kinds measured now) for the kinds in `samples`
     ({kind: a module of that kind, whose flags the sample copies}). Cached entries are used unless `remeasure`, or
     unless they were measured while the machine was busy and it is idle now; without `measure`, only cached ones
     (kinds without one are left out)."""
-    from llmcli.machine import is_busy
+    from llmcli.machine import is_busy, read_cache, write_cache
     from llmcli.openmp import busy_cores
 
     cache_file = cache_file or cache_home() / CACHE_NAME
-    known, measured, load = _read(cache_file), [], None
+    known, measured, load = read_cache(cache_file), [], None
     found = {}
     for kind, module in sorted(samples.items()):
         key = cpu_key(kind, dtype)
@@ -176,7 +156,7 @@ def crossovers(samples: dict[str, nn.Module], dtype: torch.dtype, remeasure: boo
             measured.append(kind)
         found[kind] = entry
     if measured:
-        _write(cache_file, known)
+        write_cache(cache_file, known)
     return found, measured
 
 
@@ -185,7 +165,9 @@ KINDS = ("bf16", "int8", "int4", "q6_k")
 
 def cached(dtype: torch.dtype = torch.bfloat16, cache_file: Path | None = None) -> dict[str, dict]:
     """{kind: its cache entry} measured on this CPU (thread count, torch and kernel build) for `dtype`."""
-    known = _read(cache_file or cache_home() / CACHE_NAME)
+    from llmcli.machine import read_cache
+
+    known = read_cache(cache_file or cache_home() / CACHE_NAME)
     entries = {kind: known.get(cpu_key(kind, dtype)) for kind in KINDS}
     return {kind: entry for kind, entry in entries.items() if isinstance(entry, dict) and "kernel_rows" in entry}
 
