@@ -33,9 +33,16 @@ def test_the_kernel_takes_the_rows_below_where_the_converted_weight_is_faster():
     assert crossover.kernel_rows_from(ratios(16)) == 16  # the first count is the least the kernel keeps
 
 
+def test_the_converted_weight_must_be_clearly_faster():
+    """Within MARGIN the kernel keeps the rows: whole prompts favour it more than the sample does."""
+    assert crossover.kernel_rows_from({rows: 1.0 + crossover.MARGIN for rows in LADDER}) == NEVER
+    assert crossover.kernel_rows_from({rows: 1.0 + crossover.MARGIN + 0.01 for rows in LADDER}) == 16
+    assert crossover.kernel_rows_from(ratios(512), margin=0.5) == NEVER  # 1.4 is not 1.5
+
+
 def test_one_noisy_count_does_not_move_the_split():
     assert crossover.kernel_rows_from(ratios(None, {512: 1.3})) == NEVER  # one slow kernel run
-    assert crossover.kernel_rows_from(ratios(None, {1024: 1.1})) == 768  # at the top, one count is all there is
+    assert crossover.kernel_rows_from(ratios(None, {1024: 1.3})) == 768  # at the top, one count is all there is
     assert crossover.kernel_rows_from(ratios(256, {768: 0.9})) == 192  # one slow GEMM run above the split
     assert crossover.kernel_rows_from(ratios(256, {64: 1.2})) == 192  # one slow kernel run below it
 
