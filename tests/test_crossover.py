@@ -47,6 +47,30 @@ def test_one_noisy_count_does_not_move_the_split():
     assert crossover.kernel_rows_from(ratios(256, {64: 1.2})) == 192  # one slow kernel run below it
 
 
+def test_the_sample_is_one_layers_products_scaled_to_the_budget(monkeypatch):
+    """The sample layer takes the first decoder layer's products of the kind, not its routed experts where others
+    exist, in order; outputs scaled down together (to multiples of 64) where they pass BUDGET, inputs kept."""
+    from torch import nn
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = BlockedLinear(nn.Linear(256, 384, dtype=torch.bfloat16))
+            self.down = BlockedLinear(nn.Linear(1024, 256, dtype=torch.bfloat16))
+            self.experts = nn.ModuleList([BlockedLinear(nn.Linear(256, 128, dtype=torch.bfloat16))])
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([Layer(), Layer()])
+    model.lm_head = BlockedLinear(nn.Linear(256, 512, dtype=torch.bfloat16))
+    assert crossover.layer_shapes(model, "bf16") == [(384, 256), (256, 1024)]
+    monkeypatch.setattr(crossover, "BUDGET", (384 * 256 + 256 * 1024) // 2)
+    assert crossover.layer_shapes(model, "bf16") == [(192, 256), (128, 1024)]
+    only_experts = nn.Module()
+    only_experts.layers = nn.ModuleList([nn.Module()])
+    only_experts.layers[0].experts = nn.ModuleList([BlockedLinear(nn.Linear(256, 128, dtype=torch.bfloat16))])
+    assert crossover.layer_shapes(only_experts, "bf16") == [(128, 256)]
+
+
 def test_a_bad_mode_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LLMCLI_CROSSOVER", "sometimes")
     with pytest.raises(LlmcliError, match="LLMCLI_CROSSOVER must be one of measured, remeasure, cached, fixed"):
@@ -86,7 +110,6 @@ def test_measured_crossovers_apply_to_every_product_and_are_cached(tmp_path, mon
     earlier process measured, not what this one did."""
     if not int_dot.runs_fast():
         pytest.skip(f"the integer kernels need AVX2 (built here: {int_dot.isa()})")
-    monkeypatch.setattr(crossover, "SAMPLE", (256, 256))
     monkeypatch.setattr(crossover, "LADDER", (16, 48))
     cache = tmp_path / "crossover.json"
     model = torch.nn.Sequential(Int4Linear(torch.nn.Linear(64, 64).bfloat16(), integer=True),
@@ -103,7 +126,7 @@ def test_measured_crossovers_apply_to_every_product_and_are_cached(tmp_path, mon
     monkeypatch.setattr(crossover, "time_both", time_both)
     notes = crossover.apply(model, torch.bfloat16, "measured", cache)
     assert measured == [(16, 48)] and len(notes) == 1 and "int4: the kernel" in notes[0]
-    entry = json.loads(cache.read_text())[crossover.cpu_key("int4", torch.bfloat16)]
+    entry = json.loads(cache.read_text())[crossover.cache_key("int4", torch.bfloat16, [(64, 64), (64, 64)])]
     assert set(entry["ratios"]) == {"16", "48"} and all(v > 0 for v in entry["ratios"].values())
     assert entry["kernel_rows"] in (16, NEVER)
     assert all(layer.kernel_rows == entry["kernel_rows"] for layer in model)
@@ -118,14 +141,14 @@ def test_measured_crossovers_apply_to_every_product_and_are_cached(tmp_path, mon
 
 def test_figures_measured_on_a_busy_machine_are_measured_again_once_it_is_idle(tmp_path, monkeypatch):
     cache = tmp_path / "crossover.json"
-    key = crossover.cpu_key("int4", torch.bfloat16)
+    key = crossover.cache_key("int4", torch.bfloat16, [(64, 64)])
     cache.write_text(json.dumps({key: {"kernel_rows": 16, "busy": True, "epoch": 0}}))
-    monkeypatch.setattr(crossover, "time_both", lambda products, dtype: ratios(None))
-    monkeypatch.setattr(crossover, "samples_like", lambda module, kind: [])
+    monkeypatch.setattr(crossover, "time_both", lambda layers, dtype: ratios(None))
+    monkeypatch.setattr(crossover, "sample_layers", lambda module, kind, shapes: [])
     monkeypatch.setattr("llmcli.openmp.busy_cores", lambda: 0.0)
-    found, measured = crossover.crossovers({"int4": None}, torch.bfloat16, cache_file=cache)
+    found, measured = crossover.crossovers({"int4": (None, [(64, 64)])}, torch.bfloat16, cache_file=cache)
     assert measured == ["int4"] and found["int4"]["kernel_rows"] == NEVER and not found["int4"]["busy"]
-    found, measured = crossover.crossovers({"int4": None}, torch.bfloat16, cache_file=cache)
+    found, measured = crossover.crossovers({"int4": (None, [(64, 64)])}, torch.bfloat16, cache_file=cache)
     assert measured == [] and found["int4"]["kernel_rows"] == NEVER
 
 
@@ -138,7 +161,6 @@ def test_a_run_measures_once_and_says_so(tmp_path, monkeypatch):
     from llmcli.demo import ensure_demo
     from llmcli.loader import load_model
 
-    monkeypatch.setattr(crossover, "SAMPLE", (256, 256))
     monkeypatch.setattr(crossover, "LADDER", (16, 48))
     monkeypatch.setattr(crossover, "cache_home", lambda: tmp_path)  # the kernels' home stays: no second build
     path = ensure_demo("demo-qwen")

@@ -1,20 +1,21 @@
 """How many rows a product runs in llmcli's CPU kernel before a GEMM on its weight converted to plain rows (torch's
-F.linear: oneDNN, with AMX tiles where the CPU has them) is faster: measured once per CPU, cached, rather than carried
-over from the machine the project was measured on.
+F.linear: oneDNN, with AMX tiles where the CPU has them) is faster: measured once per CPU and model shape, cached,
+rather than carried over from the machine the project was measured on.
 
 The kernels read weights in their own layouts (bfloat16 panels, int8 and low-bit blocks), which suits decoding: one
 row, bound by the bytes read. Many rows (a prompt) are bound by arithmetic instead, and there the best path depends
 on the CPU: on a Zen 4 the bfloat16 kernel matched oneDNN at every size, where on a Xeon with AMX oneDNN's tiles ran
 prompts three times faster; low-bit kernels crossed over at 384 rows on the Zen 4 and at 256 on a Zen 3. So each kind
-of product is timed both ways on a sample matrix at a ladder of row counts, and takes the kernel up to the count
-that best splits the ladder into "kernel faster, or the converted weight less than MARGIN faster" below and
-"converted clearly faster" above.
+of product is timed both ways on a sample layer (the model's own layer shapes: layer_shapes) at a ladder of row
+counts, and takes the kernel up to the count that best splits the ladder into "kernel faster, or the converted
+weight less than MARGIN faster" below and "converted faster" above.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import re
 import statistics
 import time
 from pathlib import Path
@@ -30,14 +31,13 @@ from llmcli.backends.linear import NEVER, BlockedLinear
 from llmcli.paths import cache_home
 
 LADDER = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024)  # rows; the kernel always takes up to the first
-SAMPLE = (4096, 1024)  # [out, in] of the sample matrix: wide enough that neither path is bound by its start-up
-COPIES = 4  # sample matrices taken in turn: as in a prompt's layers, weights come from memory, not from the cache
+BUDGET = 16 << 20  # weights in a sample layer: its matrices' outputs scaled down together to fit (a 7B layer's 233M)
+COPIES = 2  # sample layers taken in turn: as in a prompt, weights come from memory, not from the cache
+MOST_MATRICES = 8  # of a layer's products of one kind (an MoE layer's experts: the first few)
 REPEATS = 3  # rounds, both paths in turn at each row count; the median ratio counts
-# How much faster the converted weight must be on the sample to be chosen. Whole prompts of a model favour the kernel
-# more than the sample does: Qwen2.5-0.5B shape's Q4_0 file, int4, alternated in one process, the kernel took 256-row
-# products in 555 ms against the GEMM's 627 and 512-row ones in 1140 against 1218, where the sample had the two even
-# (0.94-1.04 at 256, 1.04-1.20 at 512); at 768 rows the GEMM was ahead (1875 against 1996), the sample 1.12-1.23.
-MARGIN = 0.15
+# How much faster the converted weight must be on the sample to be chosen: within the timing noise of a shared
+# machine the kernel keeps its rows (converting costs memory traffic besides).
+MARGIN = 0.05
 CACHE_NAME = "crossover.json"
 PROCESS_START = time.time()  # "remeasure" leaves alone what this process measured already (doctor's precisions)
 
@@ -56,16 +56,35 @@ def kind_of(module: nn.Module) -> str | None:
     return None
 
 
-def samples_like(module: nn.Module, kind: str, copies: int = COPIES) -> list[nn.Module]:
-    """`copies` products of `kind` on a random SAMPLE-sized matrix, made the way `module` was (its kernel's flags)."""
-    first = sample_like(module, kind)
+def layer_shapes(model: nn.Module, kind: str) -> list[tuple[int, int]]:
+    """[out, in] of the products of `kind` that one decoder layer runs in a prompt, in order: the first layer that has
+    any, its experts only where nothing else is of the kind (routed experts see a few rows each); else every product
+    of the kind (a head alone). Scaled down together to BUDGET weights, keeping the inputs: what decides a crossover is
+    the mix of a layer's matrices (one 4096 x 1024 sample put int4's at 192-384 rows, where the Qwen2.5-0.5B shape's
+    prompts ran the kernel faster up to 512)."""
+    named = [(name, m) for name, m in model.named_modules() if kind_of(m) == kind]
+    layers: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, module in named:
+        match = re.match(r"(?:.*?\.)?layers\.\d+\.", name)
+        layers.setdefault(match.group(0) if match else "", []).append((name, module))
+    chosen = next((found for prefix, found in layers.items() if prefix), named)
+    dense = [(name, m) for name, m in chosen if ".experts." not in name]
+    shapes = [(m.out_features, m.in_features) for _, m in (dense or chosen)[:MOST_MATRICES]]
+    scale = min(1.0, BUDGET / sum(out * inputs for out, inputs in shapes))
+    return [(max(64, round(out * scale / 64) * 64), inputs) for out, inputs in shapes]
+
+
+def sample_layers(module: nn.Module, kind: str, shapes: list[tuple[int, int]],
+                  copies: int = COPIES) -> list[list[nn.Module]]:
+    """`copies` sample layers: products of `kind` with random weights of `shapes`, made the way `module` was."""
+    first = [sample_like(module, kind, shape) for shape in shapes]
     return [first] + [copy.deepcopy(first) for _ in range(copies - 1)]
 
 
-def sample_like(module: nn.Module, kind: str) -> nn.Module:
-    """A product of `kind` on a random SAMPLE-sized matrix, made the way `module` was (its kernel's flags)."""
+def sample_like(module: nn.Module, kind: str, shape: tuple[int, int]) -> nn.Module:
+    """A product of `kind` on a random [out, in] matrix, made the way `module` was (its kernel's flags)."""
     generator = torch.Generator().manual_seed(0)
-    out, inputs = SAMPLE
+    out, inputs = shape
     linear = nn.Linear(inputs, out, bias=False, dtype=torch.bfloat16)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(out, inputs, generator=generator) * inputs ** -0.5)
@@ -80,27 +99,31 @@ def sample_like(module: nn.Module, kind: str) -> nn.Module:
     return Int8Linear(linear, kernel=module.blocked, gemm=module.gemm, integer=module.integer)
 
 
-def time_both(products: list[nn.Module], dtype: torch.dtype, ladder=LADDER, repeats=REPEATS) -> dict[int, float]:
-    """{rows: the kernel's time over the converted weight's}, the two taking turns at each row count, each call on
-    the next of `products` (copies of one sample)."""
+def time_both(layers: list[list[nn.Module]], dtype: torch.dtype, ladder=LADDER, repeats=REPEATS) -> dict[int, float]:
+    """{rows: the kernel's time over the converted weights'} for a sample layer's products run in turn, the two paths
+    taking turns at each row count, each call on the next of `layers` (copies of one sample)."""
     ratios: dict[int, list[float]] = {rows: [] for rows in ladder}
-    inputs = torch.randn(max(ladder), products[0].in_features).to(dtype)
+    inputs = {m.in_features: torch.randn(max(ladder), m.in_features).to(dtype) for m in layers[0]}
     calls = 0
+
+    def run(layer: list[nn.Module], kernel_rows: int, rows: int) -> float:
+        for product in layer:
+            product.kernel_rows = kernel_rows
+        start = time.perf_counter()
+        for product in layer:
+            product(inputs[product.in_features][:rows])
+        return time.perf_counter() - start
+
     with torch.no_grad():
-        for kernel_rows in (NEVER, 0):  # first calls: allocations, the converted weight's first pages
-            for product in products:
-                product.kernel_rows = kernel_rows
-                product(inputs)
+        for layer in layers:  # first calls: allocations, the converted weights' first pages
+            run(layer, NEVER, max(ladder))
+            run(layer, 0, max(ladder))
         for _ in range(repeats):
             for rows in ladder:
                 times = []
                 for kernel_rows in (NEVER, 0):
-                    product = products[calls % len(products)]
+                    times.append(run(layers[calls % len(layers)], kernel_rows, rows))
                     calls += 1
-                    product.kernel_rows = kernel_rows
-                    start = time.perf_counter()
-                    product(inputs[:rows])
-                    times.append(time.perf_counter() - start)
                 ratios[rows].append(times[0] / max(times[1], 1e-9))
     return {rows: statistics.median(values) for rows, values in ratios.items()}
 
@@ -119,31 +142,37 @@ def kernel_rows_from(ratios: dict[int, float], margin: float = MARGIN) -> int:
     return best
 
 
-def cpu_key(kind: str, dtype: torch.dtype) -> str:
-    """The cache's key: what changes a crossover (the CPU and its features, the thread count, torch, the kernel
-    build, the activations' dtype) and the kind."""
+def cpu_key(dtype: torch.dtype) -> str:
+    """What changes a crossover besides the sample: the CPU and its features, the thread count, torch, the kernel
+    build and the activations' dtype."""
     from llmcli.backends.cpu_kernels import bf16_isa, cpu_model
     from llmcli.machine import device_name
 
     cpu = hashlib.sha256(cpu_model().encode()).hexdigest()[:12]
     return (f"{device_name(torch.device('cpu'))}|{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}"
-            f"|{bf16_isa()}/{int_dot.isa()}|{kind}|{str(dtype).removeprefix('torch.')}")
+            f"|{bf16_isa()}/{int_dot.isa()}|{str(dtype).removeprefix('torch.')}")
 
 
-def crossovers(samples: dict[str, nn.Module], dtype: torch.dtype, remeasure: bool = False, measure: bool = True,
+def cache_key(kind: str, dtype: torch.dtype, shapes: list[tuple[int, int]]) -> str:
+    """The cache's key: this CPU (cpu_key), the kind, and the sample layer's shapes (one figure per model shape)."""
+    return f"{cpu_key(dtype)}|{kind}|" + ",".join(f"{out}x{inputs}" for out, inputs in shapes)
+
+
+def crossovers(samples: dict[str, tuple[nn.Module, list[tuple[int, int]]]], dtype: torch.dtype,
+               remeasure: bool = False, measure: bool = True,
                cache_file: Path | None = None) -> tuple[dict[str, dict], list[str]]:
     """({kind: its cache entry, "kernel_rows" and "ratios"}, the kinds measured now) for the kinds in `samples`
-    ({kind: a module of that kind, whose flags the sample copies}). Cached entries are used unless `remeasure`, or
-    unless they were measured while the machine was busy and it is idle now; without `measure`, only cached ones
-    (kinds without one are left out)."""
+    ({kind: (a module of that kind, whose flags the sample copies; the sample layer's shapes)}). Cached entries are
+    used unless `remeasure`, or unless they were measured while the machine was busy and it is idle now; without
+    `measure`, only cached ones (kinds without one are left out)."""
     from llmcli.machine import is_busy, read_cache, write_cache
     from llmcli.openmp import busy_cores
 
     cache_file = cache_file or cache_home() / CACHE_NAME
     known, measured, load = read_cache(cache_file), [], None
     found = {}
-    for kind, module in sorted(samples.items()):
-        key = cpu_key(kind, dtype)
+    for kind, (module, shapes) in sorted(samples.items()):
+        key = cache_key(kind, dtype, shapes)
         entry = known.get(key)
         if isinstance(entry, dict) and entry.get("busy") and not remeasure and measure:
             load = busy_cores() if load is None else load
@@ -154,8 +183,8 @@ def crossovers(samples: dict[str, nn.Module], dtype: torch.dtype, remeasure: boo
             continue
         if measure and (not isinstance(entry, dict) or "kernel_rows" not in entry or remeasure_this):
             load = busy_cores() if load is None else load
-            ratios = time_both(samples_like(module, kind), dtype)
-            entry = {"kernel_rows": kernel_rows_from(ratios),
+            ratios = time_both(sample_layers(module, kind, shapes), dtype)
+            entry = {"kind": kind, "kernel_rows": kernel_rows_from(ratios),
                      "ratios": {str(rows): round(ratio, 3) for rows, ratio in ratios.items()},
                      "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "epoch": time.time(),
                      "busy": is_busy(load, own=0.0)}
@@ -167,16 +196,19 @@ def crossovers(samples: dict[str, nn.Module], dtype: torch.dtype, remeasure: boo
     return found, measured
 
 
-KINDS = ("bf16", "int8", "int4", "q6_k")
-
-
 def cached(dtype: torch.dtype = torch.bfloat16, cache_file: Path | None = None) -> dict[str, dict]:
-    """{kind: its cache entry} measured on this CPU (thread count, torch and kernel build) for `dtype`."""
+    """{kind: the latest cache entry measured on this CPU (thread count, torch and kernel build) for `dtype`, any
+    model shape}."""
     from llmcli.machine import read_cache
 
-    known = read_cache(cache_file or cache_home() / CACHE_NAME)
-    entries = {kind: known.get(cpu_key(kind, dtype)) for kind in KINDS}
-    return {kind: entry for kind, entry in entries.items() if isinstance(entry, dict) and "kernel_rows" in entry}
+    prefix = cpu_key(dtype) + "|"
+    latest: dict[str, dict] = {}
+    for key, entry in read_cache(cache_file or cache_home() / CACHE_NAME).items():
+        if key.startswith(prefix) and isinstance(entry, dict) and "kernel_rows" in entry:
+            kind = entry.get("kind", key[len(prefix):].split("|")[0])
+            if entry.get("epoch", 0) >= latest.get(kind, {}).get("epoch", -1):
+                latest[kind] = entry
+    return latest
 
 
 def describe(kind: str, rows: int) -> str:
@@ -200,8 +232,9 @@ def apply(model: nn.Module, dtype: torch.dtype, mode: str = "measured", cache_fi
     if not products:
         return []
     start = time.perf_counter()
-    found, measured = crossovers({kind: modules[0] for kind, modules in products.items()}, dtype,
-                                 remeasure=mode == "remeasure", measure=mode != "cached", cache_file=cache_file)
+    samples = {kind: (modules[0], layer_shapes(model, kind)) for kind, modules in products.items()}
+    found, measured = crossovers(samples, dtype, remeasure=mode == "remeasure", measure=mode != "cached",
+                                 cache_file=cache_file)
     for kind, modules in products.items():
         for module in modules if kind in found else ():
             module.kernel_rows = found[kind]["kernel_rows"]
