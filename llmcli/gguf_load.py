@@ -6,7 +6,7 @@ package's numpy code to float32; either way one tensor (one expert, or a few MiB
 time, copied straight into the parameter: peak memory is the model in its run dtype plus one dequantised
 layer matrix. `--quantize int8` then re-quantises each linear
 as it loads, like a safetensors model; `--quantize int4` takes Q4_0, Q4_1 and Q4_K linears' own 4-bit codes
-and scales (`int4_codes`), re-quantising only the others.
+and scales (`codes_in_parts`), re-quantising only the others.
 """
 
 from __future__ import annotations
@@ -73,30 +73,12 @@ class GGUFSource:
         self.pieces: list[Piece] = checkpoint_pieces(self.gguf, self.config)
         self.by_name = {piece.name: piece for piece in self.pieces}
 
-    def int4_codes(self, name: str):
-        """(q, scale, zero) of checkpoint tensor `name` when the file stores it in a 4-bit type that llmcli's
-        int4 expresses exactly (Q4_0, Q4_1, Q4_K; zero None for Q4_0), else None."""
-        return self._codes(name, INT4_TYPES, int4_codes)
-
-    def int5_codes(self, name: str):
-        """(q, scale, low) of checkpoint tensor `name` when the file stores it in a 5-bit type (Q5_0, Q5_1, Q5_K;
-        low None for Q5_0), else None."""
-        return self._codes(name, INT5_TYPES, int5_codes)
-
-    def int8_codes(self, name: str):
-        """(q, scale, None) of checkpoint tensor `name` when the file stores it in Q8_0 (w = q * scale per 32),
-        else None."""
-        return self._codes(name, INT8_TYPES, int8_codes)
-
-    def q6_k_codes(self, name: str):
-        """(q in 0..63, int8 sub-scale per 16, d per 256) of checkpoint tensor `name` when the file stores it in Q6_K
-        (w = (q - 32) * d * sub), else None."""
-        return self._codes(name, Q6_TYPES, q6_k_codes)
-
     def codes_in_parts(self, name: str, kind: str, part_rows: int | None = None) -> Iterator[tuple] | None:
-        """The codes of checkpoint tensor `name` as the file stores them (`kind`: "int4", "int5", "int8" or "q6_k", what
-        the methods above give) `part_rows` rows at a time, or None where the file does not store it so: extracting a
-        vocabulary-sized head's codes at once held several copies of them (Qwen3-30B-A3B's Q6_K head: 1.5 GB)."""
+        """The codes of checkpoint tensor `name` as the file stores them, `part_rows` rows at a time, or None where the
+        file does not store it so (extracting a vocabulary-sized head's codes at once held several copies of them:
+        Qwen3-30B-A3B's Q6_K head, 1.5 GB). `kind`, with the codes' form (formats/gguf_int4.py):
+        "int4" (q, scale, zero): Q4_0, Q4_1, Q4_K, zero None for Q4_0; "int5" (q, scale, low): Q5_0, Q5_1, Q5_K, low
+        None for Q5_0; "int8" (q, scale, None): Q8_0; "q6_k" (q, int8 sub-scale per 16, d per 256): Q6_K."""
         types, extract = STORED_CODES[kind]
         part_rows = part_rows or CODE_PART_ROWS
         if not self.stores(name, types):
@@ -117,16 +99,6 @@ class GGUFSource:
                 codes = extract(raw_part(start, min(rows, start + part_rows)), type_name, piece.shape[1])
                 yield tuple(None if part is None else torch.from_numpy(part) for part in codes)
         return parts()
-
-    def _codes(self, name: str, types: tuple[str, ...], extract):
-        if not self.stores(name, types):
-            return None
-        piece = self.by_name[name]
-        raw = piece.raw()
-        if raw is None:
-            return None
-        codes = extract(raw, self.gguf.tensors[piece.source].type_name, piece.shape[1])
-        return tuple(None if part is None else torch.from_numpy(part) for part in codes)  # strided views as they are
 
     def stored_bits(self, name: str) -> float | None:
         """Bits per weight of the file's tensor that holds checkpoint tensor `name` (None: not in the file)."""

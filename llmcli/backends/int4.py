@@ -72,19 +72,19 @@ QUANTIZE_PART_ROWS = 1024  # rows quantised and packed at a time: a whole matrix
 # raised a Qwen2.5-0.5B layer's conversion 130 MiB above the loaded model
 
 
-def int4_pack(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_min_max's (q, scale, low) in 0..15 -> the integer kernel's int4 blocks, through Int4Linear's own form
-    (zero = low + 8 scale, then min = zero - 8 scale), so that the stored minimums are those it always stored."""
-    return int_dot.int4_blocks(q, scale, (low + 8 * scale) - 8 * scale)
-
-
-def quantized_in_parts(weight: torch.Tensor, top: int, pack) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] quantised to 0..top per group of 32 (quantize_min_max) and packed by `pack`, QUANTIZE_PART_ROWS rows at
-    a time into one storage."""
+def quantized_in_parts(weight: torch.Tensor, quantize, pack) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] quantised by `quantize` (codes and scales per group of 32, row by row) and packed by `pack`,
+    QUANTIZE_PART_ROWS rows at a time into one storage."""
     rows = weight.shape[0]
-    parts = (quantize_min_max(weight[begin: begin + QUANTIZE_PART_ROWS], top)
-             for begin in range(0, rows, QUANTIZE_PART_ROWS))
+    parts = (quantize(weight[begin: begin + QUANTIZE_PART_ROWS]) for begin in range(0, rows, QUANTIZE_PART_ROWS))
     return int_dot.blocks_in_parts(parts, rows, pack, trim=False)
+
+
+def zero_form_blocks(q: torch.Tensor, scale: torch.Tensor,
+                     zero: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 codes in Int4Linear's form (w = (q - 8) * scale + zero; zero None for Q4_0) -> the integer kernel's int4
+    blocks, which hold w = q * scale + min."""
+    return int_dot.int4_blocks(q, scale, None if zero is None else zero - 8 * scale)
 
 
 def quantize_int4(weight: torch.Tensor, group: int = GROUP,
@@ -119,13 +119,12 @@ class Int4Linear(Product, nn.Module):
         self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
         dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.bfloat16
         if quantized is None and integer and group == int_dot.GROUP and int_dot.int4_fits(tuple(linear.weight.shape)):
-            self._hold_blocks(linear, *quantized_in_parts(linear.weight.detach(), 15, int4_pack))
+            self._hold_blocks(linear, *quantized_in_parts(linear.weight.detach(), quantize_int4, zero_form_blocks))
             return
         q, scale, zero = quantized if quantized is not None else quantize_int4(linear.weight.detach(), group)
         self.integer = integer and group == int_dot.GROUP and int_dot.int4_fits(tuple(q.shape))
         if self.integer:
-            low = None if zero is None else zero - 8 * scale  # w = q * scale + min
-            packed, sm = int_dot.int4_blocks(q, scale, low)
+            packed, sm = zero_form_blocks(q, scale, zero)
             self.register_buffer("packed", packed)
             self.register_buffer("scales_and_mins", sm)
         else:
@@ -215,7 +214,8 @@ class Int5Linear(Int4Linear):
     def __init__(self, linear: nn.Linear, quantized=None):
         """`quantized`: (q, scale, low) from a file (low None for Q5_0: w = (q - 16) * scale), else computed."""
         if quantized is None:
-            self._hold_blocks(linear, *quantized_in_parts(linear.weight.detach(), 31, int_dot.int5_blocks))
+            five_bits = functools.partial(quantize_min_max, top=31)
+            self._hold_blocks(linear, *quantized_in_parts(linear.weight.detach(), five_bits, int_dot.int5_blocks))
             return
         self._hold_blocks(linear, *int_dot.int5_blocks(*quantized))
 

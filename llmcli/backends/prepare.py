@@ -50,8 +50,7 @@ from llmcli.options import Options
 
 # The integer kernel's module and packer for each kind of codes a file stores (GGUFSource.codes_in_parts)
 STORED_KINDS = {
-    "int4": (Int4Linear, lambda q, scale, zero: int_dot.int4_blocks(q, scale, None if zero is None
-                                                                               else zero - 8 * scale)),
+    "int4": (Int4Linear, int4.zero_form_blocks),
     "int5": (Int5Linear, int_dot.int5_blocks),
     "int8": (Int8GroupLinear, lambda q, scale, _: int_dot.int8_group_blocks(q, scale)),
     "q6_k": (Int6Per16Linear, int_dot.q6_k_blocks),
@@ -141,8 +140,7 @@ class Preparation:
 
     def __init__(self, model: CausalLM, options: Options, stored=None):
         """`stored`: a file with 4- or 5-bit weights (GGUF): `stored.stores(name, types)`, is that weight in one of
-        the types, and `stored.codes_in_parts(name, kind)` (or `int4_codes(name)` whole), its codes as the file
-        stores them."""
+        the types, and `stored.codes_in_parts(name, kind)`, its codes as the file stores them."""
         self.model, self.options = model, options
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
@@ -306,8 +304,8 @@ class Preparation:
             return held
         if self.int_dot and int_dot.int4_fits(tuple(linear.weight.shape)):
             return self.stored_blocks(name + ".weight", "int4", linear)
-        codes = self.stored.int4_codes(name + ".weight")
-        return Int4Linear(linear, quantized=codes, integer=self.int_dot) if codes is not None else None
+        parts = self.stored.codes_in_parts(name + ".weight", "int4", linear.out_features)  # torch's packing: whole
+        return None if parts is None else Int4Linear(linear, quantized=next(parts), integer=self.int_dot)
 
     def stored_blocks(self, name: str, kind: str, linear: nn.Linear) -> Int4Linear | None:
         """`linear` as the integer kernel's module for `kind` (STORED_KINDS) holding the file's codes of checkpoint
