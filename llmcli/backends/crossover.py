@@ -28,6 +28,7 @@ from llmcli.backends.int4 import Int4Linear, Int6Per16Linear
 from llmcli.backends.int6 import Int6Linear
 from llmcli.backends.int8 import Int8Linear
 from llmcli.backends.linear import NEVER, BlockedLinear
+from llmcli.backends.heap import release_freed_memory
 from llmcli.paths import cache_home
 
 LADDER = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024)  # rows; the kernel always takes up to the first
@@ -77,7 +78,10 @@ def layer_shapes(model: nn.Module, kind: str) -> list[tuple[int, int]]:
 def sample_layers(module: nn.Module, kind: str, shapes: list[tuple[int, int]],
                   copies: int = COPIES) -> list[list[nn.Module]]:
     """`copies` sample layers: products of `kind` with random weights of `shapes`, made the way `module` was."""
-    first = [sample_like(module, kind, shape) for shape in shapes]
+    first = []
+    for shape in shapes:
+        first.append(sample_like(module, kind, shape))
+        release_freed_memory()  # quantising leaves ~10x the product's size as free heap that would stay resident
     return [first] + [copy.deepcopy(first) for _ in range(copies - 1)]
 
 
@@ -85,9 +89,9 @@ def sample_like(module: nn.Module, kind: str, shape: tuple[int, int]) -> nn.Modu
     """A product of `kind` on a random [out, in] matrix, made the way `module` was (its kernel's flags)."""
     generator = torch.Generator().manual_seed(0)
     out, inputs = shape
-    linear = nn.Linear(inputs, out, bias=False, dtype=torch.bfloat16)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(out, inputs, generator=generator) * inputs ** -0.5)
+    linear = nn.Linear(inputs, out, bias=False, device="meta")  # no float32 weight to initialise and throw away
+    weight = torch.randn(out, inputs, generator=generator, dtype=torch.bfloat16).mul_(inputs ** -0.5)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
     if kind == "bf16":
         return BlockedLinear(linear)
     if kind == "int4":
@@ -125,6 +129,7 @@ def time_both(layers: list[list[nn.Module]], dtype: torch.dtype, ladder=LADDER, 
                     times.append(run(layers[calls % len(layers)], kernel_rows, rows))
                     calls += 1
                 ratios[rows].append(times[0] / max(times[1], 1e-9))
+                release_freed_memory()
     return {rows: statistics.median(values) for rows, values in ratios.items()}
 
 
@@ -184,6 +189,7 @@ def crossovers(samples: dict[str, tuple[nn.Module, list[tuple[int, int]]]], dtyp
         if measure and (not isinstance(entry, dict) or "kernel_rows" not in entry or remeasure_this):
             load = busy_cores() if load is None else load
             ratios = time_both(sample_layers(module, kind, shapes), dtype)
+            release_freed_memory()  # the sample's freed tensors would otherwise stay resident
             entry = {"kind": kind, "kernel_rows": kernel_rows_from(ratios),
                      "ratios": {str(rows): round(ratio, 3) for rows, ratio in ratios.items()},
                      "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "epoch": time.time(),
