@@ -46,8 +46,6 @@ def _to_torch(array: np.ndarray) -> torch.Tensor:
 STORED_CODES = {"int4": (INT4_TYPES, int4_codes), "int5": (INT5_TYPES, int5_codes), "int8": (INT8_TYPES, int8_codes),
                 "q6_k": (Q6_TYPES, q6_k_codes)}
 
-CODE_PART_ROWS = 4096  # rows of stored codes extracted and packed at a time (whole blocks of 8)
-
 # Dequantising makes float32 copies (gguf's numpy code holds two): big tensors (embeddings, heads) are read
 # this many values at a time, so that loading peaks at the model plus a few dozen MiB.
 PART_VALUES = 1 << 22
@@ -73,14 +71,13 @@ class GGUFSource:
         self.pieces: list[Piece] = checkpoint_pieces(self.gguf, self.config)
         self.by_name = {piece.name: piece for piece in self.pieces}
 
-    def codes_in_parts(self, name: str, kind: str, part_rows: int | None = None) -> Iterator[tuple] | None:
+    def codes_in_parts(self, name: str, kind: str, part_rows: int) -> Iterator[tuple] | None:
         """The codes of checkpoint tensor `name` as the file stores them, `part_rows` rows at a time, or None where the
         file does not store it so (extracting a vocabulary-sized head's codes at once held several copies of them:
         Qwen3-30B-A3B's Q6_K head, 1.5 GB). `kind`, with the codes' form (formats/gguf_int4.py):
         "int4" (q, scale, zero): Q4_0, Q4_1, Q4_K, zero None for Q4_0; "int5" (q, scale, low): Q5_0, Q5_1, Q5_K, low
         None for Q5_0; "int8" (q, scale, None): Q8_0; "q6_k" (q, int8 sub-scale per 16, d per 256): Q6_K."""
         types, extract = STORED_CODES[kind]
-        part_rows = part_rows or CODE_PART_ROWS
         if not self.stores(name, types):
             return None
         piece = self.by_name[name]

@@ -237,9 +237,12 @@ def load_weights(model: CausalLM, model_dir: Path, progress: Callable[[int], Non
             if name in tied:
                 continue  # a tied head saved alongside the embedding: same values
             destination = params.get(name)
-            pieces = model.checkpoint_tensors(
-                name, functools.partial(load, out=destination.data if destination is not None else None))
-            for target, tensor in pieces or ():
+            pieces = list(model.checkpoint_tensors(
+                name, functools.partial(load, out=destination.data if destination is not None else None)) or ())
+            del destination
+            while pieces:  # popped, so that nothing here holds a tensor once `loaded` has replaced it (int8, int4)
+                # or while the next is read: a 7B head kept alive so raised a --quantize int4 load's peak by 1 GiB
+                target, tensor = pieces.pop(0)
                 if target in tied:
                     continue
                 param = params.get(target)
@@ -254,13 +257,12 @@ def load_weights(model: CausalLM, model_dir: Path, progress: Callable[[int], Non
                 if tensor.data_ptr() != param.data_ptr():  # not already read in place
                     param.copy_(tensor.to(param.dtype))
                 seen.add(target)
-                del params[target]  # no reference left here: `loaded` may replace it (int8) and free it
+                size = tensor.numel() * param.element_size()
+                del params[target], tensor, param  # no reference left here: `loaded` may replace it and free it
                 if loaded:
                     loaded(target)
                 if progress:
-                    progress(tensor.numel() * param.element_size())
-                del tensor, param
-            del destination
+                    progress(size)
     missing = sorted(expected - seen)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

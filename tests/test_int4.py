@@ -179,14 +179,23 @@ def test_int5_tokens_follow_bfloat16_and_cli_reports_it(run_cli):
     assert json.loads(out)["token_ids"][:2] == bf16[:2]
 
 
+def test_parts_are_counted_in_values_so_that_wide_matrices_take_fewer_rows():
+    """A part's rows: whole blocks of 8 for about the given number of values, at least one block."""
+    assert int_dot.rows_per_part(896, 1 << 22) == 4680  # 4,193,280 values
+    assert int_dot.rows_per_part(18944, 1 << 22) == 216  # a 7B model's down projection: 4,091,904
+    assert int_dot.rows_per_part(18944, 1 << 20) == 48
+    assert int_dot.rows_per_part(1 << 20, 1 << 20) == 8  # wider than the budget: one block
+    assert int_dot.rows_per_part(0, 64) == 64
+
+
 def test_quantising_a_part_of_the_rows_at_a_time_stores_the_whole_matrix_quantisation(monkeypatch):
-    """Int4Linear and Int5Linear quantise and pack QUANTIZE_PART_ROWS rows at a time (the load's peak memory): the
+    """Int4Linear and Int5Linear quantise and pack about QUANTIZE_PART_VALUES weights at a time (the load's peak memory): the
     same bytes and scales as quantising the whole matrix and packing it at once."""
     from llmcli.backends.int4 import Int5Linear, quantize_min_max
 
     if not int_dot.runs_fast():
         pytest.skip(f"the integer kernels need AVX2 (built here: {int_dot.isa()})")
-    monkeypatch.setattr(int4, "QUANTIZE_PART_ROWS", 16)
+    monkeypatch.setattr(int4, "QUANTIZE_PART_VALUES", 16 * 96)
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 56).bfloat16()  # 56 rows: parts of 16, 16, 16 and 8
     q, scale, zero = quantize_int4(linear.weight.detach())

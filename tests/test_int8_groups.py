@@ -267,10 +267,10 @@ def test_a_4_bit_run_takes_a_q6_k_head_as_stored(tmp_path, tied):
 
 @pytest.mark.parametrize("quantize", ["int4", "int8"])
 def test_stored_codes_packed_a_part_at_a_time_are_the_whole_matrix(tmp_path, monkeypatch, quantize):
-    """A file's codes are extracted and packed a few thousand rows at a time (a vocabulary-sized head whole held
-    several copies of its codes): parts of 16 rows give every module the bytes and scales of one part per matrix,
+    """A file's codes are extracted and packed a few million at a time (a vocabulary-sized head whole held several
+    copies of its codes): parts of 8 rows give every module the bytes and scales of one part per matrix,
     for 4-bit layers with a Q6_K head (int4 run) and Q8_0 layers with a Q6_K one (int8 run)."""
-    from llmcli import gguf_load
+    from llmcli.backends import prepare
     from llmcli.loader import load_model
 
     if not int_dot.runs_fast():
@@ -280,12 +280,12 @@ def test_stored_codes_packed_a_part_at_a_time_are_the_whole_matrix(tmp_path, mon
     path = convert(tmp_path / "hf", tmp_path / "mix.gguf", qtype=qtype,
                    types={"output.weight": Q.Q6_K, "blk.0.ffn_down.weight": Q.Q6_K})
 
-    def stored(part_rows: int) -> dict[str, Int4Linear]:
-        monkeypatch.setattr(gguf_load, "CODE_PART_ROWS", part_rows)
+    def stored(part_values: int) -> dict[str, Int4Linear]:
+        monkeypatch.setattr(prepare, "CODE_PART_VALUES", part_values)
         model = load_model("m", path, device="cpu", dtype="bfloat16", quantize=quantize).model
         return {name: m for name, m in model.named_modules() if isinstance(m, Int4Linear)}
 
-    whole, parts = stored(1 << 20), stored(16)  # the head's 320 rows: 20 parts
+    whole, parts = stored(1 << 30), stored(1)  # the fewest rows a part takes, 8: the head's 320 rows in 40 parts
     kinds = {type(m) for m in parts.values()}
     assert Int6Per16Linear in kinds and (Int4Linear in kinds if quantize == "int4" else Int8GroupLinear in kinds)
     assert whole.keys() == parts.keys() and len(whole) > 3

@@ -68,15 +68,16 @@ def quantize_min_max(weight: torch.Tensor, top: int, group: int = GROUP,
     return q, scale, lows
 
 
-QUANTIZE_PART_ROWS = 1024  # rows quantised and packed at a time: a whole matrix's float copies and codes at once
-# raised a Qwen2.5-0.5B layer's conversion 130 MiB above the loaded model
+QUANTIZE_PART_VALUES = 1 << 20  # weights quantised and packed at a time (whole blocks of 8 rows): a whole matrix's
+# float copies and codes at once raised a Qwen2.5-0.5B layer's conversion 130 MiB above the loaded model
 
 
 def quantized_in_parts(weight: torch.Tensor, quantize, pack) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] quantised by `quantize` (codes and scales per group of 32, row by row) and packed by `pack`,
-    QUANTIZE_PART_ROWS rows at a time into one storage."""
+    about QUANTIZE_PART_VALUES weights at a time into one storage."""
     rows = weight.shape[0]
-    parts = (quantize(weight[begin: begin + QUANTIZE_PART_ROWS]) for begin in range(0, rows, QUANTIZE_PART_ROWS))
+    step = int_dot.rows_per_part(weight.shape[1], QUANTIZE_PART_VALUES)
+    parts = (quantize(weight[begin: begin + step]) for begin in range(0, rows, step))
     return int_dot.blocks_in_parts(parts, rows, pack, trim=False)
 
 

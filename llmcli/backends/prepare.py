@@ -48,6 +48,8 @@ from llmcli.models.base import CausalLM, FusesProjections
 from llmcli.models.layers import Experts
 from llmcli.options import Options
 
+CODE_PART_VALUES = 1 << 22  # a file's codes extracted and packed at a time (~15 bytes of temporaries each)
+
 # The integer kernel's module and packer for each kind of codes a file stores (GGUFSource.codes_in_parts)
 STORED_KINDS = {
     "int4": (Int4Linear, int4.zero_form_blocks),
@@ -140,7 +142,7 @@ class Preparation:
 
     def __init__(self, model: CausalLM, options: Options, stored=None):
         """`stored`: a file with 4- or 5-bit weights (GGUF): `stored.stores(name, types)`, is that weight in one of
-        the types, and `stored.codes_in_parts(name, kind)`, its codes as the file stores them."""
+        the types, and `stored.codes_in_parts(name, kind, rows)`, its codes as the file stores them."""
         self.model, self.options = model, options
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
@@ -310,7 +312,7 @@ class Preparation:
     def stored_blocks(self, name: str, kind: str, linear: nn.Linear) -> Int4Linear | None:
         """`linear` as the integer kernel's module for `kind` (STORED_KINDS) holding the file's codes of checkpoint
         tensor `name`, packed a few thousand rows at a time; None where the file does not store it so."""
-        parts = self.stored.codes_in_parts(name, kind)
+        parts = self.stored.codes_in_parts(name, kind, int_dot.rows_per_part(linear.in_features, CODE_PART_VALUES))
         if parts is None:
             return None
         cls, pack = STORED_KINDS[kind]
