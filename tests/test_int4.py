@@ -189,8 +189,8 @@ def test_parts_are_counted_in_values_so_that_wide_matrices_take_fewer_rows():
 
 
 def test_quantising_a_part_of_the_rows_at_a_time_stores_the_whole_matrix_quantisation(monkeypatch):
-    """Int4Linear and Int5Linear quantise and pack about QUANTIZE_PART_VALUES weights at a time (the load's peak memory): the
-    same bytes and scales as quantising the whole matrix and packing it at once."""
+    """Int4Linear and Int5Linear quantise and pack about QUANTIZE_PART_VALUES weights at a time (the load's peak
+    memory): the same bytes and scales as quantising the whole matrix and packing it at once."""
     from llmcli.backends.int4 import Int5Linear, quantize_min_max
 
     if not int_dot.runs_fast():

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from llmcli.backends import int_dot
+from llmcli.backends.heap import release_freed_memory
 from llmcli.backends.int4 import Int4Linear, Int6Per16Linear
 from llmcli.backends.int6 import Int6Linear
 from llmcli.backends.int8 import Int8Linear
 from llmcli.backends.linear import NEVER, BlockedLinear
-from llmcli.backends.heap import release_freed_memory
 from llmcli.paths import cache_home
 
 LADDER = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024)  # rows; the kernel always takes up to the first
