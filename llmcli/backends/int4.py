@@ -72,13 +72,14 @@ QUANTIZE_PART_VALUES = 1 << 20  # weights quantised and packed at a time (whole 
 # float copies and codes at once raised a Qwen2.5-0.5B layer's conversion 130 MiB above the loaded model
 
 
-def quantized_in_parts(weight: torch.Tensor, quantize, pack) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] quantised by `quantize` (codes and scales per group of 32, row by row) and packed by `pack`,
-    about QUANTIZE_PART_VALUES weights at a time into one storage."""
+def quantized_in_parts(weight: torch.Tensor, quantize, pack, part_rows: int | None = None,
+                       trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] quantised by `quantize` (codes and scales per group, row by row) and packed by `pack`, `part_rows` rows
+    (by default about QUANTIZE_PART_VALUES weights) at a time into one storage; `trim` as blocks_in_parts takes it."""
     rows = weight.shape[0]
-    step = int_dot.rows_per_part(weight.shape[1], QUANTIZE_PART_VALUES)
+    step = part_rows or int_dot.rows_per_part(weight.shape[1], QUANTIZE_PART_VALUES)
     parts = (quantize(weight[begin: begin + step]) for begin in range(0, rows, step))
-    return int_dot.blocks_in_parts(parts, rows, pack, trim=False)
+    return int_dot.blocks_in_parts(parts, rows, pack, trim=trim)
 
 
 def zero_form_blocks(q: torch.Tensor, scale: torch.Tensor,

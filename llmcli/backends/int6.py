@@ -13,13 +13,11 @@ import torch
 from torch import nn
 
 from llmcli.backends import int_dot
-from llmcli.backends.heap import release_freed_memory
-from llmcli.backends.int4 import INTEGER_PROMPT_ROWS
+from llmcli.backends.int4 import INTEGER_PROMPT_ROWS, quantized_in_parts
 from llmcli.backends.int8 import bf16_matmul_is_fast
 from llmcli.backends.linear import Product
 
 GROUP = int_dot.INT6_GROUP
-PART_VALUES = 1 << 20  # weights quantised at a time: a million, whatever the head's width
 LEVELS = 63
 
 
@@ -44,20 +42,14 @@ class Int6Linear(Product, nn.Module):
     kernel_rows = INTEGER_PROMPT_ROWS  # int4's figure (crossover.py)
 
     def __init__(self, linear: nn.Linear, chunk_rows: int | None = None):
-        """Quantised and stored `chunk_rows` rows (a multiple of 8; by default about a million weights) at a time:
+        """Quantised and stored `chunk_rows` rows (a multiple of 8; by default as int4.quantized_in_parts takes them):
         the whole head's intermediate copies (q, its nibbles and high bits) would add several times its 6-bit size
         to the load's peak."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight, rows, columns = linear.weight.detach(), linear.out_features, linear.in_features
-        chunk_rows = chunk_rows or int_dot.rows_per_part(columns, PART_VALUES)
-        packed = torch.empty(rows // int_dot.ROWS, columns // int_dot.GROUP, 192, dtype=torch.uint8)
-        sm = torch.empty(rows // int_dot.ROWS, columns // GROUP, 2, int_dot.ROWS, dtype=torch.float16)
-        for begin in range(0, rows, chunk_rows):
-            if begin:  # the last chunk's temporaries go back to the OS (heap.py)
-                release_freed_memory()
-            blocks = slice(begin // int_dot.ROWS, (begin + chunk_rows) // int_dot.ROWS)
-            packed[blocks], sm[blocks] = int_dot.int6_blocks(*quantize_int6(weight[begin: begin + chunk_rows]))
+        # a vocabulary-sized head: each part's temporaries go back to the OS before the next (heap.py)
+        packed, sm = quantized_in_parts(linear.weight.detach(), quantize_int6, int_dot.int6_blocks, chunk_rows,
+                                        trim=True)
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_mins", sm)
         self.bias = linear.bias
