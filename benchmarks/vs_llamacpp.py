@@ -9,7 +9,8 @@ llama.cpp is built once, offline, from the source the `llama-cpp-python` sdist o
 llmcli's cache. Each checkpoint (random weights, the Qwen2.5-0.5B shape and a small DeepSeek-V3-shaped MoE,
 with the real tokenizer of the family so that llama.cpp's converter accepts it) is converted with
 llama.cpp's own `convert_hf_to_gguf.py` to BF16, then `llama-quantize` makes Q8_0 and Q4_0. Then
-`llama-bench` and `llmcli bench` run prompt P and decode N, one after the other, and one table is printed.
+`llama-bench` and `llmcli bench` run prompt P and decode N, one after the other, and one table is printed (both
+decode after P tokens of context: llama-bench with `-d P`).
 The q8_0, q6_k, q4_0, q4_k_m and q5_k_m rows run llama.cpp's file of that type in both: llmcli reads the GGUF itself, in
 the precision that `--quantize auto` picks for it (int4 at up to 5.25 bits a weight, int5 up to 6.25, else int8;
 a Q4_0 file's codes and scales as stored, 4.5 bits a weight, where the int4 row quantises the checkpoint itself at
@@ -132,13 +133,15 @@ def ggufs(checkpoint: Path, source: Path, binaries: Path, work: Path, family: st
 
 
 def llama_bench(binaries: Path, model: Path, args) -> tuple[float, float]:
-    """(prompt tok/s, decode tok/s) from llama-bench's JSON."""
-    result = run([binaries / "llama-bench", "-m", model, "-p", args.prompt, "-n", args.gen, "-t", args.threads,
-                  "-r", args.repeat, "-o", "json"], capture_output=True, text=True)
-    rows = json.loads(result.stdout)
-    prompt = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
-    decode = next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
-    return prompt, decode
+    """(prompt tok/s, decode tok/s) from llama-bench's JSON. Its decode test starts from an empty cache unless
+    given a depth; `llmcli bench` decodes after its prompt, so llama.cpp decodes after P cached tokens too
+    (`-d P`), and its prompt test runs from empty, as llmcli's does."""
+    figures = []
+    for test in (["-p", args.prompt, "-n", 0], ["-p", 0, "-n", args.gen, "-d", args.prompt]):
+        result = run([binaries / "llama-bench", "-m", model, *test, "-t", args.threads, "-r", args.repeat,
+                      "-o", "json"], capture_output=True, text=True)
+        figures.append(json.loads(result.stdout)[0]["avg_ts"])
+    return figures[0], figures[1]
 
 
 def llmcli_bench(checkpoint: Path, quantize: str | None, args) -> tuple[float, float, str]:
