@@ -1,7 +1,7 @@
 """Decode speed with and without the integer kernels (activations quantised to int8, backends/int_dot.py), on
 the same checkpoint in one process: bf16, int8 and int4, each quantised path with LLMCLI_INT_DOT on and off.
 The models are loaded side by side and timed in turns, round by round (a shared machine's load then hits
-every path alike); best round per path.
+every path alike); best round per path, and each path's ratio to bf16 within each round.
 
     python benchmarks/int_dot_decode.py [MODEL_DIR] [--rounds 3] [--tokens 16]
 
@@ -11,6 +11,7 @@ Default: the random Qwen2.5-0.5B-shaped checkpoint of benchmarks/decode_vs_trans
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -45,13 +46,18 @@ def main() -> None:
     args = parser.parse_args()
     runners = {name: load_model(name, args.model, device="cpu", dtype="bfloat16", quantize=quantize,
                                 int_dot=integer).runner for name, (quantize, integer) in RUNS.items()}
-    best = dict.fromkeys(runners, float("inf"))
+    rounds = {name: [] for name in runners}
     for _ in range(args.rounds):
         for name, runner in runners.items():
-            best[name] = min(best[name], decode_seconds(runner, args.tokens))
-    print(f"{args.model.name}, {torch.get_num_threads()} threads, best of {args.rounds} rounds of {args.tokens} tokens")
-    for name, seconds in best.items():
-        print(f"{name:24s} {1 / seconds:6.1f} tok/s  ({best['bf16'] / seconds:.2f}x bf16)")
+            rounds[name].append(decode_seconds(runner, args.tokens))
+    print(f"{args.model.name}, {torch.get_num_threads()} threads, {args.rounds} rounds of {args.tokens} tokens: best "
+          f"round, its ratio to bf16's best, and the median and range of the ratios within each round")
+    # Each path's best round may come from another minute than bf16's; within a round the paths run a few seconds
+    # apart, so the per-round ratios hold better on a machine whose speed drifts.
+    for name, seconds in rounds.items():
+        ratios = sorted(b / s for b, s in zip(rounds["bf16"], seconds, strict=True))
+        print(f"{name:24s} {1 / min(seconds):6.1f} tok/s  ({min(rounds['bf16']) / min(seconds):.2f}x bf16's best; "
+              f"per round {statistics.median(ratios):.2f}x, {ratios[0]:.2f}-{ratios[-1]:.2f})")
 
 
 if __name__ == "__main__":
