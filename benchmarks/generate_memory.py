@@ -21,22 +21,19 @@ CHILD = r"""
 import json, sys, torch
 from pathlib import Path
 
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-
 from llmcli.backends import cpu_kernels
 from llmcli.bench import parameter_bytes
 from llmcli.loader import load_model
+from llmcli.machine import PeakMemory, resident_bytes
 
 cpu_kernels.load_once()
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # VmHWM (the peak) starts again from the current RSS
-base = status("VmRSS")
+memory = PeakMemory(torch.device("cpu"))
+memory.start()  # the peak (VmHWM) starts again from the current RSS
+if memory.method != "rss_hwm":
+    sys.exit("needs Linux's /proc/self/clear_refs to reset the peak")
 model, quantize, prompt, gen = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 loaded = load_model("m", Path(model), device="cpu", quantize=quantize)
-after_load = status("VmHWM")
+load_peak = memory.stop()[1]
 runner = loaded.runner
 ids = torch.randint(0, 1000, (1, prompt), generator=torch.Generator().manual_seed(0))
 cache = runner.make_cache(1, prompt + gen)
@@ -44,8 +41,8 @@ with torch.no_grad():
     logits = runner(ids, cache, last_only=True)
     for _ in range(gen - 1):
         logits = runner(logits[:, -1].argmax(-1, keepdim=True), cache)
-print(json.dumps({"weights": parameter_bytes(loaded.model)[0], "load_peak": after_load - base,
-                  "peak": status("VmHWM") - base, "resident": status("VmRSS") - base}))
+print(json.dumps({"weights": parameter_bytes(loaded.model)[0], "load_peak": load_peak, "peak": memory.stop()[1],
+                  "resident": resident_bytes() - memory.base}))
 """
 
 

@@ -24,21 +24,17 @@ QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, nu
 CHILD = r"""
 import json, sys, torch
 from pathlib import Path
-from llmcli.loader import load_model
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
-base = status("VmRSS")
-loaded = load_model("bench", Path(sys.argv[1]), device="cpu", dtype=sys.argv[2])
-peak = status("VmHWM")
 from llmcli.bench import parameter_bytes
-weights = parameter_bytes(loaded.model)[0]
-print(json.dumps({"baseline_rss": base, "peak_rss": peak, "weights_bytes": weights,
+from llmcli.loader import load_model
+from llmcli.machine import PeakMemory
+
+memory = PeakMemory(torch.device("cpu"))
+memory.start()  # the peak (VmHWM) starts again from the current RSS
+if memory.method != "rss_hwm":
+    sys.exit("needs Linux's /proc/self/clear_refs to reset the peak")
+loaded = load_model("bench", Path(sys.argv[1]), device="cpu", dtype=sys.argv[2])
+growth = memory.stop()[1]
+print(json.dumps({"growth": growth, "weights_bytes": parameter_bytes(loaded.model)[0],
                   "load_seconds": loaded.load_seconds}))
 """
 
@@ -81,7 +77,7 @@ def main() -> None:
             out = subprocess.run([sys.executable, "-c", CHILD, str(directory), dtype],
                                  check=True, capture_output=True, text=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
-            growth = r["peak_rss"] - r["baseline_rss"]
+            growth = r["growth"]
             print(f"load as {dtype:9s}: weights {r['weights_bytes'] / 2**20:7.0f} MiB, peak RSS growth "
                   f"{growth / 2**20:7.0f} MiB ({growth / r['weights_bytes']:.2f}x weights), "
                   f"{r['load_seconds']:.1f} s")

@@ -33,6 +33,12 @@ def _proc_status_kib(field_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def resident_bytes() -> int | None:
+    """This process's resident memory now (VmRSS), where /proc tells it."""
+    kib = _proc_status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
 def _reset_rss_peak() -> bool:
     """Linux >= 4.0: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS."""
     try:
@@ -63,7 +69,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         elif self.method == "rss_hwm" and _reset_rss_peak():
-            self.base = (_proc_status_kib("VmRSS") or 0) * 1024
+            self.base = resident_bytes() or 0
         else:
             self.method, self.base = "ru_maxrss_lifetime", 0
 
