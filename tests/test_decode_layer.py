@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmcli.backends import decode_ops, int_dot
+from llmcli.backends import bf16_kernel, decode_ops, int_dot
 from llmcli.backends.decode_ops import FusedDeepseekLayer, FusedQwenLayer
+from llmcli.backends.router import PanelRouter
 from llmcli.loader import load_model
 from llmcli.models.deepseek import DecoderLayer as DeepseekLayer
 from llmcli.models.qwen import DecoderLayer
@@ -43,8 +44,6 @@ def assert_same_decoding(fused, plain) -> None:
 
 
 def needs_bf16_kernel(quantize: str | None) -> None:
-    from llmcli.backends import bf16_kernel
-
     if quantize is None and not bf16_kernel.available()[0]:
         pytest.skip("llmcli's bfloat16 kernel does not run here")
 
@@ -148,4 +147,6 @@ def test_qwen_moe_layers_as_one_op_give_the_op_by_op_logits_bit_for_bit(qwen_moe
     layers = [m for m in fused.model.modules() if isinstance(m, DecoderLayer)]
     assert layers and all(type(m) is FusedQwenLayer for m in layers)
     assert any(m.is_moe for m in layers) and not all(m.is_moe for m in layers)
+    if bf16_kernel.available()[0]:  # the op's router product is then the panels' too
+        assert all(type(m.mlp.gate) is PanelRouter for m in layers if m.is_moe)
     assert_same_decoding(fused, plain)

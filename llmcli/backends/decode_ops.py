@@ -29,6 +29,7 @@ from llmcli.backends.experts import StackedExperts
 from llmcli.backends.int4 import Int4Linear
 from llmcli.backends.int8 import Int8Linear
 from llmcli.backends.linear import FEW_ROWS, BlockedLinear
+from llmcli.backends.router import PanelRouter, op_weight
 from llmcli.models.cache import KVLayerCache, LatentLayerCache
 from llmcli.models.deepseek import DecoderLayer as DeepseekLayer
 from llmcli.models.deepseek import MLAttention, MoE, Router
@@ -252,8 +253,9 @@ class FusedQwenLayer(DecoderLayer):
 
     def _mlp_arguments(self) -> tuple[tuple, list[int]]:
         """The op's MLP arguments: gate_up and down with their scales (the dense MLP's or the shared expert's, else
-        None), then the router, [top_k, normalise], the experts' stacks and the shared expert's gate (None without a
-        router); and the widths of those gate_up, down, and the experts' gate_up and down."""
+        None), then the router (its weight or panels), [top_k, normalise, experts], the experts' stacks and the shared
+        expert's gate (None without a router); and the widths of those gate_up, down, and the experts' gate_up and
+        down."""
         mlp = self.mlp
         if not self.is_moe:
             widths = [mlp.gate_up_proj.out_features, mlp.down_proj.out_features, 0, 0]
@@ -262,7 +264,9 @@ class FusedQwenLayer(DecoderLayer):
         widths = [0, 0] if shared is None else [shared.gate_up_proj.out_features, shared.down_proj.out_features]
         widths += [experts[0].gate_up_proj.out_features, experts[0].down_proj.out_features]
         dense = (None,) * 4 if shared is None else mlp_products(shared)
-        return (*dense, mlp.gate.weight, [mlp.gate.top_k, int(bool(mlp.gate.normalise))],
+        gate = mlp.gate
+        router, count = op_weight(gate)
+        return (*dense, router, [gate.top_k, int(bool(gate.normalise)), count],
                 *experts.stack("gate_up_proj"), *experts.stack("down_proj"),
                 None if shared is None else mlp.shared_expert_gate.weight), widths
 
@@ -274,8 +278,8 @@ class FusedQwenLayer(DecoderLayer):
         if type(attn) is not Attention or not FusedDecodeAttention.takes(attn):
             return False
         if layer.is_moe:
-            if type(mlp) is not SparseMoeBlock or type(mlp.gate) is not TopKRouter or not stacked_in_kernel(
-                    mlp.experts):
+            routers = (TopKRouter, PanelRouter)
+            if type(mlp) is not SparseMoeBlock or type(mlp.gate) not in routers or not stacked_in_kernel(mlp.experts):
                 return False
             if mlp.shared_expert is not None and (mlp_products(mlp.shared_expert) is None
                                                   or type(mlp.shared_expert_gate) is not SharedExpertGate):

@@ -5,10 +5,10 @@ fused into one product; `--quantize int8` turns linears into `Int8Linear`, `--qu
 `Int4Linear` (the head into `Int6Linear` where the integer kernels run, else into `Int8Linear`, as are layers
 whose shape torch's int4 packing cannot take), `--quantize int5` into `Int5Linear` (the head as in int4; int8 where
 the integer kernels do not run); a GGUF's linears stored in 4 or 5 bits (or, in an int8 run of a Q8_0 or Q6_K file,
-in those) keep the file's codes (`stored_int4`); on CPU,
-bfloat16 linears move into the bfloat16 kernel's panels (`BlockedLinear`) where the kernel runs, else
-(eager) into oneDNN's layout (`PackedLinear`); with `--compile`, the plain linears left become
-`SummingLinear` and MoE experts are stacked (`StackedExperts`, also eagerly when a kernel holds them);
+in those) keep the file's codes (`stored_int4`); on CPU, bfloat16 linears move into the bfloat16 kernel's panels
+(`BlockedLinear`; Qwen MoE routers `PanelRouter`) where the kernel runs, else (eager) into oneDNN's layout
+(`PackedLinear`); with `--compile`, the plain linears left become `SummingLinear` and MoE experts are stacked
+(`StackedExperts`, also eagerly when a kernel holds them);
 the runner then compiles the decode step; a head in a CPU kernel returns float32 logits (head.py). Linears the
 model reads directly (`CausalLM.keeps_weight`) stay as they are.
 
@@ -40,6 +40,7 @@ from llmcli.backends.linear import (
     SummingLinear,
     prepacking_available,
 )
+from llmcli.backends.router import swap_routers
 from llmcli.backends.runner import Runner
 from llmcli.errors import LlmcliError
 from llmcli.formats.gguf import INT4_FILE_BITS
@@ -264,6 +265,8 @@ class Preparation:
             swap_linears(module, lambda name, child: None if keep(name) else self.quantized(name, child))
         if self.pack:
             pack_linears(module, self.bf16_kernel, self.prepack, keep, self.float32_prompts)
+            if self.bf16_kernel:
+                swap_routers(module)
 
     def takes_stored_int4(self, weight_name: str) -> bool:
         """Will this weight become an Int4Linear from the file's own 4-bit codes? (Then loading need not read it

@@ -6,7 +6,8 @@ output is scaled per token by sigmoid(shared_expert_gate . x). Qwen3-MoE has no 
 
 The routed experts are `layers.Experts` (one SwiGLU per expert, named like the hub's per-expert tensors
 `mlp.experts.{e}.gate_proj`), so backends stack them for decode kernels and quantise them as for DeepSeek.
-The router and the shared gate are plain weights, not nn.Linear: backends leave them in the model's dtype.
+The router and the shared gate are plain weights, not nn.Linear: backends leave them in the model's dtype (and may
+hold the router's in their own layout, overriding `TopKRouter.logits`).
 Rounding follows transformers: router logits in the model's dtype, softmax in float32, the chosen weights
 cast back to the model's dtype.
 """
@@ -33,9 +34,13 @@ class TopKRouter(nn.Module):
         self.top_k, self.normalise = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, hidden] -> [N, experts] in x's dtype (a backend may hold the weight in another layout)."""
+        return F.linear(x, self.weight)
+
     def forward(self, x: torch.Tensor) -> RouterChoice:
         """x [N, hidden] -> the choice for each of the N tokens (experts highest weight first)."""
-        logits = F.linear(x, self.weight)
+        logits = self.logits(x)
         probs = logits.softmax(dim=-1, dtype=torch.float32)
         weights, experts = probs.topk(self.top_k, dim=-1)
         if self.normalise:

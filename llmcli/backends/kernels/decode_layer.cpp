@@ -88,16 +88,19 @@ at::Tensor qk_normed(const at::Tensor& heads_qkv, int64_t qk_heads, const at::Te
 
 // A Qwen MoE block for a few rows h [B, 1, hidden], as the model computes it: router logits in the model's dtype,
 // softmax in float32, top-k (renormalised with `normalise`), the weights cast back; the routed experts through
-// their stacks; then, where there is one, the shared expert times sigmoid(shared_gate . h). `outputs`: the widths
-// of the shared expert's gate_up and down, then the experts'.
-at::Tensor qwen_moe(const at::Tensor& h, const at::Tensor& router, int64_t top_k, bool normalise,
-                    const at::Tensor& experts_gate_up, const std::optional<at::Tensor>& experts_gate_up_s,
+// their stacks; then, where there is one, the shared expert times sigmoid(shared_gate . h). The router: its weight,
+// or a PanelRouter's panels (padded to whole panels, cut back to `experts_count`). `outputs`: the widths of the
+// shared expert's gate_up and down, then the experts'.
+at::Tensor qwen_moe(const at::Tensor& h, const at::Tensor& router, int64_t experts_count, int64_t top_k,
+                    bool normalise, const at::Tensor& experts_gate_up,
+                    const std::optional<at::Tensor>& experts_gate_up_s,
                     const at::Tensor& experts_down, const std::optional<at::Tensor>& experts_down_s,
                     const std::optional<at::Tensor>& shared_gate, const std::optional<at::Tensor>& gate_up_w,
                     const std::optional<at::Tensor>& gate_up_s, const std::optional<at::Tensor>& down_w,
                     const std::optional<at::Tensor>& down_s, at::IntArrayRef outputs) {
   const at::Tensor flat = h.reshape({-1, h.size(-1)});
-  const at::Tensor logits = at::linear(flat, router);
+  const at::Tensor logits = router.dim() == 4 ? panels_product(flat, router, std::nullopt, std::nullopt, experts_count)
+                                              : at::linear(flat, router);
   const at::Tensor probs = at::softmax(logits, -1, at::kFloat);
   auto [weights, experts] = at::topk(probs, top_k, -1);
   if (normalise) weights = at::div(weights, weights.sum(-1, true));
@@ -112,9 +115,9 @@ at::Tensor qwen_moe(const at::Tensor& h, const at::Tensor& router, int64_t top_k
 // x [B, 1, hidden] -> the layer's output: x + attention(norm1(x)) = mid, then mid + mlp(norm2(mid)). qkv and o are
 // the attention's fused q/k/v and output products (the integer kernels' blocks with their scales, or bfloat16
 // panels without); Qwen3's q/k norms with qk_norm; the attention as decode_attention computes it (RoPE, the cache
-// write at `position`, softmax). The MLP: with a router, the MoE block (moe: [top_k, normalise]; gate_up/down then
-// the shared expert's, if any), else the dense MLP's gate_up and down. `outputs`: the widths of qkv, o, gate_up,
-// down, the experts' gate_up and down (bfloat16 panels pad them).
+// write at `position`, softmax). The MLP: with a router, the MoE block (moe: [top_k, normalise, experts];
+// gate_up/down then the shared expert's, if any), else the dense MLP's gate_up and down. `outputs`: the widths of
+// qkv, o, gate_up, down, the experts' gate_up and down (bfloat16 panels pad them).
 at::Tensor qwen_decode_layer(const at::Tensor& x, const at::Tensor& norm1, double eps1, const at::Tensor& qkv_w,
                              const std::optional<at::Tensor>& qkv_s, const std::optional<at::Tensor>& qkv_bias,
                              const std::optional<at::Tensor>& qk_norm, double qk_eps, const at::Tensor& cos,
@@ -134,8 +137,8 @@ at::Tensor qwen_decode_layer(const at::Tensor& x, const at::Tensor& norm1, doubl
   const bool dense = !router.has_value(), shared = shared_gate.has_value();
   TORCH_CHECK((dense || shared) == (gate_up_w.has_value() && down_w.has_value()),
               "qwen_decode_layer: a dense MLP or a shared expert needs gate_up and down");
-  TORCH_CHECK(dense || (moe.size() == 2 && experts_gate_up.has_value() && experts_down.has_value()),
-              "qwen_decode_layer: a router needs [top_k, normalise] and the experts' stacks");
+  TORCH_CHECK(dense || (moe.size() == 3 && experts_gate_up.has_value() && experts_down.has_value()),
+              "qwen_decode_layer: a router needs [top_k, normalise, experts] and the experts' stacks");
   const int64_t B = x.size(0);
   const at::Tensor qkv = product(rms_norm(x.contiguous(), norm1, eps1), qkv_w, qkv_s, qkv_bias, outputs[0]);
   at::Tensor heads_qkv = qkv.contiguous().view({B, -1, head_dim});
@@ -145,7 +148,7 @@ at::Tensor qwen_decode_layer(const at::Tensor& x, const at::Tensor& norm1, doubl
   const at::Tensor mid = at::add(x, product(heads_out.view({B, 1, -1}), o_w, o_s, o_bias, outputs[1]));
   const at::Tensor h = rms_norm(mid, norm2, eps2);
   const at::Tensor mlp = dense ? swiglu(h, *gate_up_w, gate_up_s, outputs[2], *down_w, down_s, outputs[3])
-                               : qwen_moe(h, *router, moe[0], moe[1] != 0, *experts_gate_up, experts_gate_up_s,
+                               : qwen_moe(h, *router, moe[2], moe[0], moe[1] != 0, *experts_gate_up, experts_gate_up_s,
                                           *experts_down, experts_down_s, shared_gate, gate_up_w, gate_up_s, down_w,
                                           down_s, outputs.slice(2));
   return at::add(mid, mlp);
