@@ -5,7 +5,7 @@ both on one llama.cpp Q8_0, Q6_K, Q4_0, Q4_K_M or Q5_K_M file.
                                      [--precisions bf16,int8,int4,q8_0,q6_k,q4_0,q4_k_m,q5_k_m] [--compile] [--pairs 1]
 
 llama.cpp is built once, offline, from the source the `llama-cpp-python` sdist on PyPI vendors (`pip download
---no-binary :all: --no-deps llama-cpp-python==VERSION`; cmake, targets llama-bench and llama-quantize) into
+--no-binary llama-cpp-python --no-deps llama-cpp-python==VERSION`; cmake, targets llama-bench and llama-quantize) into
 llmcli's cache. Each checkpoint (random weights, the Qwen2.5-0.5B shape and a small DeepSeek-V3-shaped MoE,
 with the real tokenizer of the family so that llama.cpp's converter accepts it) is converted with
 llama.cpp's own `convert_hf_to_gguf.py` to BF16, then `llama-quantize` makes Q8_0 and Q4_0. Then
@@ -58,7 +58,8 @@ def llama_cpp_source(work: Path) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     archives = list(work.glob("llama_cpp_python-*.tar.gz"))
     if not archives:
-        run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-d", work,
+        # the sdist alone: `:all:` would also build its build backend's dependencies from source (minutes)
+        run([sys.executable, "-m", "pip", "download", "--no-binary", "llama-cpp-python", "--no-deps", "-d", work,
              f"llama-cpp-python=={LLAMA_CPP_PYTHON}"])
         archives = list(work.glob("llama_cpp_python-*.tar.gz"))
     with tarfile.open(archives[0]) as tar:
