@@ -1,5 +1,5 @@
 """What the machine is and does, for `bench`: the device's name, its memory bandwidth (measured once and
-cached), and the peak memory of one run."""
+cached), whether weights get huge pages, and the peak memory of one run."""
 
 from __future__ import annotations
 
@@ -20,6 +20,26 @@ import torch
 from llmcli.generate import synchronize
 from llmcli.openmp import load_average  # other work makes a bandwidth figure low
 from llmcli.paths import cache_home
+
+# -- pages ---------------------------------------------------------------------------------------
+
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_pages(mode_file: Path = THP_MODE) -> tuple[bool, str]:
+    """Do buffers of 2 MiB and more (weights, caches) get 2 MiB pages here, and why (llmcli/__init__.py asks torch
+    to madvise them; the kernel's transparent-huge-page mode decides)."""
+    try:
+        text = mode_file.read_text()
+        mode = text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        return False, "no transparent huge pages here: 4 KiB pages"
+    if mode == "never":
+        return False, "transparent huge pages are off (mode: never): 4 KiB pages"
+    if mode != "always" and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
+        return False, f"THP_MEM_ALLOC_ENABLE is not 1 (mode: {mode}): 4 KiB pages"
+    return True, f"2 MiB pages for buffers of 2 MiB and more (transparent huge pages, mode: {mode})"
+
 
 # -- peak memory ---------------------------------------------------------------------------------
 

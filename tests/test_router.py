@@ -36,7 +36,8 @@ def test_panel_logits_are_torchs_within_one_bfloat16_step(experts, hidden, rows)
     ours, torchs = panels.logits(x), F.linear(x, plain.weight)
     assert ours.shape == torchs.shape == (rows, experts) and ours.dtype == torch.bfloat16
     exact = (x.double() @ plain.weight.double().T)
-    step = torch.finfo(torch.bfloat16).eps * exact.abs().clamp(min=1e-30)  # one bfloat16 step at that size
+    # one bfloat16 step at that size, and float32's rounding of the sum's terms (where they cancel)
+    step = torch.finfo(torch.bfloat16).eps * exact.abs() + 1e-5 * (x.double().abs() @ plain.weight.double().abs().T)
     assert ((ours.double() - exact).abs() <= step).all()
     assert (ours == torchs).float().mean() >= 0.95  # the order of the float32 sums rarely shows after rounding
 

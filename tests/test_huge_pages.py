@@ -1,0 +1,81 @@
+"""Weights on 2 MiB pages: importing llmcli asks torch to madvise large buffers for transparent huge pages (unless
+the user set THP_MEM_ALLOC_ENABLE), and `machine.huge_pages` says whether they get them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llmcli import machine
+
+# A fresh process: import llmcli (then torch), allocate 64 MiB, and report the variable, what machine.huge_pages says
+# and how much of the buffer's mapping is on huge pages (/proc/self/smaps, the mapping that holds its first byte).
+PROBE = """
+import json, os
+import llmcli, torch
+from llmcli import machine
+buffer = torch.ones(64 << 20, dtype=torch.uint8)
+address, huge_kib, inside = buffer.data_ptr(), None, False
+for line in open("/proc/self/smaps"):
+    head = line.split()[0]
+    if "-" in head and ":" not in head:
+        start, end = (int(part, 16) for part in head.split("-"))
+        inside = start <= address < end
+    elif inside and head == "AnonHugePages:":
+        huge_kib = int(line.split()[1])
+print(json.dumps({"env": os.environ.get("THP_MEM_ALLOC_ENABLE"), "huge": machine.huge_pages()[0], "kib": huge_kib}))
+"""
+
+
+def probe(**env) -> dict:
+    environment = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
+    out = subprocess.run([sys.executable, "-c", PROBE], env=environment, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def thp_mode() -> str | None:
+    try:
+        text = machine.THP_MODE.read_text()
+        return text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps is Linux's")
+def test_importing_llmcli_puts_large_buffers_on_huge_pages():
+    found = probe()
+    assert found["env"] == "1" and found["kib"] is not None
+    if thp_mode() not in ("madvise", "always"):
+        pytest.skip(f"this kernel gives no transparent huge pages (mode: {thp_mode()})")
+    assert found["huge"] and found["kib"] >= 32 * 1024  # at least half of the 64 MiB (the aligned interior)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps is Linux's")
+def test_the_users_setting_wins():
+    found = probe(THP_MEM_ALLOC_ENABLE="0")
+    assert found["env"] == "0"
+    if thp_mode() != "madvise":
+        pytest.skip(f"only the madvise mode leaves the choice to the process (mode: {thp_mode()})")
+    assert not found["huge"] and found["kib"] == 0
+
+
+@pytest.mark.parametrize("mode,env,huge", [
+    ("always [madvise] never", "1", True), ("always [madvise] never", "0", False),
+    ("always [madvise] never", None, False), ("[always] madvise never", "0", True),
+    ("always madvise [never]", "1", False), (None, "1", False),
+])
+def test_huge_pages_reports_the_mode_and_the_variable(tmp_path, monkeypatch, mode, env, huge):
+    mode_file = tmp_path / "enabled"
+    if mode is not None:
+        mode_file.write_text(mode + "\n")
+    if env is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", env)
+    found, why = machine.huge_pages(mode_file)
+    assert found is huge
+    assert ("2 MiB" in why) is huge and ("4 KiB" in why) is not huge
