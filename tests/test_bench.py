@@ -108,6 +108,7 @@ def test_table_on_stdout_and_batch(run_cli):
     assert code == 0, err
     assert "prefill tok/s" in out and "decode tok/s" in out and "pp6+tg3" in out and "×2" in out
     assert "threads" in out and "memory bandwidth" in out and "products: F.linear" in out  # the environment line
+    assert ("| 2 MiB pages" if machine.huge_pages()[0] else "| 4 KiB pages") in out  # what the weights are read through
     assert "random weights" in err  # demo notice
     assert "peak mem is the process's" not in out  # one backend: the peak is llmcli's
 

@@ -128,6 +128,7 @@ def header_lines(report, active_note: str | None) -> list[str]:
                                                   for kind, rows in env["kernel_rows"].items())
            if env.get("kernel_rows") else "")
         + f" | memory bandwidth {bw / 1e9:.1f} GB/s ({env['memory_bandwidth_source']})"
+        + ({True: " | 2 MiB pages", False: " | 4 KiB pages"}.get(env.get("huge_pages"), ""))
         + (f" | load {env['load_average_1m']}" if "load_average_1m" in env else ""),
     ]
     if env.get("ranks"):
