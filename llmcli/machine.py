@@ -26,9 +26,29 @@ from llmcli.paths import cache_home
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def huge_pages(mode_file: Path = THP_MODE) -> tuple[bool, str]:
-    """Do buffers of 2 MiB and more (weights, caches) get 2 MiB pages here, and why (llmcli/__init__.py asks torch
-    to madvise them; the kernel's transparent-huge-page mode decides)."""
+def torch_asks_for_huge_pages() -> bool | None:
+    """Does torch's allocator madvise a new 4 MiB buffer for huge pages (its mapping's VmFlags in /proc/self/smaps
+    hold "hg")? None where that cannot be read. The buffer is never touched, so it costs no memory."""
+    probe = torch.empty(4 << 20, dtype=torch.uint8)
+    address, inside = probe.data_ptr(), False
+    try:
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                head = line.split(maxsplit=1)[0] if line.strip() else ""
+                if "-" in head and not head.endswith(":"):
+                    start, end = (int(part, 16) for part in head.split("-"))
+                    inside = start <= address < end
+                elif inside and head == "VmFlags:":
+                    return "hg" in line.split()[1:]
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def huge_pages(mode_file: Path = THP_MODE, asks=torch_asks_for_huge_pages) -> tuple[bool, str]:
+    """Do buffers of 2 MiB and more (weights, caches) get 2 MiB pages here, and why: the kernel's transparent huge
+    page mode decides, and in its "madvise" mode whether torch asks (llmcli/__init__.py sets THP_MEM_ALLOC_ENABLE=1
+    before torch allocates; `asks` checks a buffer, else the variable is believed)."""
     try:
         text = mode_file.read_text()
         mode = text[text.index("[") + 1:text.index("]")]
@@ -36,8 +56,14 @@ def huge_pages(mode_file: Path = THP_MODE) -> tuple[bool, str]:
         return False, "no transparent huge pages here: 4 KiB pages"
     if mode == "never":
         return False, "transparent huge pages are off (mode: never): 4 KiB pages"
-    if mode != "always" and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
-        return False, f"THP_MEM_ALLOC_ENABLE is not 1 (mode: {mode}): 4 KiB pages"
+    if mode != "always":
+        asked = asks()
+        if asked is None:
+            asked = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
+        if not asked:
+            return False, (f"torch does not ask for them (mode: {mode}; THP_MEM_ALLOC_ENABLE is "
+                           f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, and torch reads it at its first "
+                           "allocation): 4 KiB pages")
     return True, f"2 MiB pages for buffers of 2 MiB and more (transparent huge pages, mode: {mode})"
 
 
