@@ -26,44 +26,59 @@ from llmcli.paths import cache_home
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def torch_asks_for_huge_pages() -> bool | None:
-    """Does torch's allocator madvise a new 4 MiB buffer for huge pages (its mapping's VmFlags in /proc/self/smaps
-    hold "hg")? None where that cannot be read. The buffer is never touched, so it costs no memory."""
-    probe = torch.empty(4 << 20, dtype=torch.uint8)
-    address, inside = probe.data_ptr(), False
+def thp_mode(mode_file: Path = THP_MODE) -> str | None:
+    """The kernel's transparent-huge-page mode ("always", "madvise" or "never"), None where there is none."""
+    try:
+        text = mode_file.read_text()
+        return text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        return None
+
+
+def mapping_fields(address: int) -> dict[str, str] | None:
+    """The /proc/self/smaps fields (e.g. "AnonHugePages", "VmFlags") of the mapping that holds `address`; None where
+    that cannot be read."""
+    fields, inside = {}, False
     try:
         with open("/proc/self/smaps") as smaps:
             for line in smaps:
-                head = line.split(maxsplit=1)[0] if line.strip() else ""
-                if "-" in head and not head.endswith(":"):
+                head, _, rest = line.partition(" ")
+                if head.endswith(":"):
+                    if inside:
+                        fields[head[:-1]] = rest.strip()
+                elif "-" in head:
+                    if inside:
+                        break
                     start, end = (int(part, 16) for part in head.split("-"))
                     inside = start <= address < end
-                elif inside and head == "VmFlags:":
-                    return "hg" in line.split()[1:]
     except (OSError, ValueError):
-        pass
-    return None
+        return None
+    return fields or None
+
+
+def torch_asks_for_huge_pages() -> bool | None:
+    """Does torch's allocator madvise a new 4 MiB buffer for huge pages (its mapping's VmFlags hold "hg")? None
+    where that cannot be read. The buffer is never touched, so it costs no memory."""
+    probe = torch.empty(4 << 20, dtype=torch.uint8)
+    fields = mapping_fields(probe.data_ptr())
+    return None if fields is None or "VmFlags" not in fields else "hg" in fields["VmFlags"].split()
 
 
 def huge_pages(mode_file: Path = THP_MODE, asks=torch_asks_for_huge_pages) -> tuple[bool, str]:
     """Do buffers of 2 MiB and more (weights, caches) get 2 MiB pages here, and why: the kernel's transparent huge
     page mode decides, and in its "madvise" mode whether torch asks (llmcli/__init__.py sets THP_MEM_ALLOC_ENABLE=1
     before torch allocates; `asks` checks a buffer, else the variable is believed)."""
-    try:
-        text = mode_file.read_text()
-        mode = text[text.index("[") + 1:text.index("]")]
-    except (OSError, ValueError):
+    mode = thp_mode(mode_file)
+    if mode is None:
         return False, "no transparent huge pages here: 4 KiB pages"
     if mode == "never":
         return False, "transparent huge pages are off (mode: never): 4 KiB pages"
     if mode != "always":
         asked = asks()
-        if asked is None:
-            asked = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
-        if not asked:
-            return False, (f"torch does not ask for them (mode: {mode}; THP_MEM_ALLOC_ENABLE is "
-                           f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, and torch reads it at its first "
-                           "allocation): 4 KiB pages")
+        variable = os.environ.get("THP_MEM_ALLOC_ENABLE")
+        if not (variable == "1" if asked is None else asked):
+            return False, (f"torch does not ask for them (mode: {mode}; THP_MEM_ALLOC_ENABLE is {variable or 'unset'}, "
+                           "and torch reads it at its first allocation): 4 KiB pages")
     return True, f"2 MiB pages for buffers of 2 MiB and more (transparent huge pages, mode: {mode})"
 
 

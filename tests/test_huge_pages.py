@@ -13,21 +13,14 @@ import pytest
 from llmcli import machine
 
 # A fresh process: import llmcli (then torch), allocate 64 MiB, and report the variable, what machine.huge_pages says
-# and how much of the buffer's mapping is on huge pages (/proc/self/smaps, the mapping that holds its first byte).
+# and how much of the buffer's mapping the kernel put on huge pages.
 PROBE = """
 import json, os
 {before}
 import llmcli, torch
 from llmcli import machine
 buffer = torch.ones(64 << 20, dtype=torch.uint8)
-address, huge_kib, inside = buffer.data_ptr(), None, False
-for line in open("/proc/self/smaps"):
-    head = line.split()[0]
-    if "-" in head and ":" not in head:
-        start, end = (int(part, 16) for part in head.split("-"))
-        inside = start <= address < end
-    elif inside and head == "AnonHugePages:":
-        huge_kib = int(line.split()[1])
+huge_kib = int(machine.mapping_fields(buffer.data_ptr())["AnonHugePages"].split()[0])
 print(json.dumps({"env": os.environ.get("THP_MEM_ALLOC_ENABLE"), "huge": machine.huge_pages()[0], "kib": huge_kib}))
 """
 
@@ -39,20 +32,12 @@ def probe(before: str = "", **env) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def thp_mode() -> str | None:
-    try:
-        text = machine.THP_MODE.read_text()
-        return text[text.index("[") + 1:text.index("]")]
-    except (OSError, ValueError):
-        return None
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps is Linux's")
 def test_importing_llmcli_puts_large_buffers_on_huge_pages():
     found = probe()
-    assert found["env"] == "1" and found["kib"] is not None
-    if thp_mode() not in ("madvise", "always"):
-        pytest.skip(f"this kernel gives no transparent huge pages (mode: {thp_mode()})")
+    assert found["env"] == "1"
+    if machine.thp_mode() not in ("madvise", "always"):
+        pytest.skip(f"this kernel gives no transparent huge pages (mode: {machine.thp_mode()})")
     assert found["huge"] and found["kib"] >= 32 * 1024  # at least half of the 64 MiB (the aligned interior)
 
 
@@ -61,8 +46,8 @@ def test_the_users_setting_wins():
     """THP_MEM_ALLOC_ENABLE=0 stays, and huge_pages then says (from the buffer's mapping) that pages are 4 KiB."""
     found = probe(THP_MEM_ALLOC_ENABLE="0")
     assert found["env"] == "0"
-    if thp_mode() != "madvise":
-        pytest.skip(f"only the madvise mode leaves the choice to the process (mode: {thp_mode()})")
+    if machine.thp_mode() != "madvise":
+        pytest.skip(f"only the madvise mode leaves the choice to the process (mode: {machine.thp_mode()})")
     assert not found["huge"] and found["kib"] == 0
 
 
@@ -72,8 +57,8 @@ def test_too_late_when_torch_allocated_first():
     4 KiB pages, and huge_pages says so although the variable is 1."""
     found = probe(before="import torch; torch.ones(1)")
     assert found["env"] == "1"
-    if thp_mode() != "madvise":
-        pytest.skip(f"only the madvise mode leaves the choice to the process (mode: {thp_mode()})")
+    if machine.thp_mode() != "madvise":
+        pytest.skip(f"only the madvise mode leaves the choice to the process (mode: {machine.thp_mode()})")
     assert not found["huge"] and found["kib"] == 0
 
 
