@@ -94,6 +94,30 @@ def test_decode_attention_op_against_torch(dtype, window):
     torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("d", "window"), [(64, 0), (64, 100), (20, 0)])  # 20: not a multiple of 8 lanes
+def test_decode_attention_op_over_long_contexts(dtype, d, window):
+    """Hundreds of keys, split into chunks that every thread takes a share of (four threads here, whatever the
+    machine has), merged per head: the same attention as the float64 reference."""
+    torch.manual_seed(2)
+    heads, kv, length, position = 8, 1, 400, 333
+    qkv = torch.randn(1, heads + 2 * kv, d).to(dtype)
+    cos, sin = torch.randn(d).to(dtype), torch.randn(d).to(dtype)
+    caches = [torch.randn(length, 1, kv, d).to(dtype) for _ in range(2)]
+    theirs = [c.clone() for c in caches]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with torch.inference_mode():
+            out = torch.ops.llmcli.decode_attention(qkv, cos, sin, caches[0], caches[1], position, heads, window, 0.3)
+    finally:
+        torch.set_num_threads(threads)
+    expected = torch_decode_attention(qkv, cos, sin, theirs[0], theirs[1], position, heads, window, 0.3)
+    assert torch.equal(caches[0], theirs[0]) and torch.equal(caches[1], theirs[1])
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
+
+
 def test_decode_attention_rejects_bad_shapes():
     qkv = torch.randn(1, 7, 8)  # 7 heads cannot be 4 q heads and equal k and v heads
     cache = torch.zeros(4, 1, 1, 8)
@@ -148,6 +172,19 @@ def test_models_decode_like_the_torch_path(case, dtype):
     else:  # teacher-forced on the same tokens would be stricter; the first tokens cannot drift apart yet
         assert tokens[:4] == plain_tokens[:4]
         assert (logits[:4] - plain_logits[:4]).abs().max().item() < 0.05 * scale
+
+
+def test_models_decode_like_the_torch_path_over_a_long_context(case):
+    """Past 300 tokens the attention op splits the keys into chunks (float32: the same tokens, logits within
+    1e-4)."""
+    name, path = case
+    fused = load_model(name, path, device="cpu", dtype="float32").runner
+    plain = load_model(name, path, device="cpu", dtype="float32", fused_decode=False).runner
+    prompt = [(7 * i) % 500 + 3 for i in range(300)]
+    tokens, logits = decode(fused, prompt, 4)
+    plain_tokens, plain_logits = decode(plain, prompt, 4)
+    assert tokens == plain_tokens
+    assert (logits - plain_logits).abs().max().item() < 1e-4 * plain_logits.abs().max().item()
 
 
 def test_batch_rows_of_a_cache_use_the_torch_path(case):

@@ -37,8 +37,8 @@ from llmcli.paths import kernel_builds
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = [KERNELS / name for name in ("int8_gemv.cpp", "bf16_gemm.cpp", "int_dot.cpp")]  # one compile each
 # compiled inside int_dot.cpp's unit: torch's headers alone take ~10 s of a unit's compile on a 2-core machine
-INCLUDED = [KERNELS / name for name in ("low_bit_block.cpp", "int6_dot.cpp", "decode_ops.cpp", "decode_layer.cpp",
-                                        "deltanet_step.cpp", "dispatch.h")]
+INCLUDED = [KERNELS / name for name in ("low_bit_block.cpp", "int6_dot.cpp", "decode_ops.cpp", "attention_chunks.cpp",
+                                        "decode_layer.cpp", "deltanet_step.cpp", "dispatch.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 BUILD_WAIT_SECONDS = 600  # for another process's build (10-50 s); past this it is stuck, not slow
 

@@ -131,6 +131,8 @@ at::Tensor rms_norm_as(const at::Tensor& x, const at::Tensor& weight, double eps
   return out;
 }
 
+#include "attention_chunks.cpp"
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return rms_norm_as(x, weight, eps, false);
 }
@@ -181,30 +183,21 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
         scalar_t* vd = vc + ((position * B + b) * KV + h) * D;
         for (int64_t i = 0; i < D; ++i) kd[i] = static_cast<scalar_t>(rotate(k, i)), vd[i] = v[i];
       }
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(keys * D, 1));
-    at::parallel_for(0, B * heads, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> q(D), scores(keys), acc(D);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / heads, h = bh % heads, kvh = h / group;
-        const scalar_t* x = in + (b * (heads + 2 * KV) + h) * D;
-        for (int64_t i = 0; i < D; ++i) q[i] = static_cast<float>(static_cast<scalar_t>(rotate(x, i)));
-        float best = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < keys; ++j) {
-          const scalar_t* k = kc + (((first + j) * B + b) * KV + kvh) * D;
-          scores[j] = dot(q.data(), k, D) * static_cast<float>(scale);
-          best = std::max(best, scores[j]);
-        }
-        float total = 0.f;
-        for (int64_t j = 0; j < keys; ++j) total += (scores[j] = std::exp(scores[j] - best));
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t j = 0; j < keys; ++j) {
-          const float p = scores[j] / total;
-          const scalar_t* v = vc + (((first + j) * B + b) * KV + kvh) * D;
-          for (int64_t i = 0; i < D; ++i) acc[i] += p * static_cast<float>(v[i]);
-        }
-        for (int64_t i = 0; i < D; ++i) op[(b * heads + h) * D + i] = static_cast<scalar_t>(acc[i]);
-      }
-    });
+    std::vector<float> queries(B * heads * D);  // rotated and rounded like the cache's keys, a group's heads in turn
+    for (int64_t bh = 0; bh < B * heads; ++bh) {
+      const scalar_t* x = in + ((bh / heads) * (heads + 2 * KV) + bh % heads) * D;
+      for (int64_t i = 0; i < D; ++i) queries[bh * D + i] = rounded<scalar_t>(rotate(x, i));
+    }
+    const int64_t stride = B * KV * D;  // from one key's row of a sequence's kv head to the next key's
+    auto chunk = [&](int64_t s, int64_t j0, int64_t j1, const ChunkSums& sums, float* scratch) {  // s: b * KV + kvh
+      attend_chunk(queries.data() + s * group * D, group, D, kc + s * D, vc + s * D, stride, D, j0, j1,
+                   static_cast<float>(scale), sums, scratch);
+    };
+    auto store = [&](int64_t s, int64_t g, const float* values) {  // head kvh * group + g of sequence b
+      scalar_t* o = op + (s * group + g) * D;
+      for (int64_t i = 0; i < D; ++i) o[i] = static_cast<scalar_t>(values[i]);
+    };
+    attend_in_chunks(B * KV, group, D, D, first, keys, chunk, store);
   });
   return out;
 }
@@ -252,31 +245,36 @@ void mla_decode_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor
     rotate(c_kv + R, rotated.data());
     for (int64_t i = 0; i < rope; ++i) dst[R + i] = static_cast<scalar_t>(rotated[i]);
   }
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(keys * row + nope * R, 1));
+  // Each head's query in the latent space: q_nope W_UK rounded to the dtype, then its rotated q_pe.
+  std::vector<float> queries(B * H * row), mixed(B * H * R);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>((nope + v_dim) * R, 1));
   at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(row), scores(keys), mixed(R);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
       const scalar_t* qh = qp + bh * (nope + rope);
-      const weight_t* w = wp + h * (nope + v_dim) * R;  // W_UK [nope, rank], then W_UV [v, rank]
-      std::fill(query.begin(), query.begin() + R, 0.f);
-      for (int64_t n = 0; n < nope; ++n) add_scaled(static_cast<float>(qh[n]), w + n * R, query.data(), R);
+      const weight_t* w = wp + (bh % H) * (nope + v_dim) * R;  // W_UK [nope, rank], then W_UV [v, rank]
+      float* query = queries.data() + bh * row;
+      std::fill(query, query + R, 0.f);
+      for (int64_t n = 0; n < nope; ++n) add_scaled(static_cast<float>(qh[n]), w + n * R, query, R);
       for (int64_t r = 0; r < R; ++r) query[r] = rounded<scalar_t>(query[r]);
-      rotate(qh + nope, query.data() + R);
-      float best = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < keys; ++j) {
-        scores[j] = dot_float(query.data(), cache_p + (j * B + b) * row, row) * static_cast<float>(scale);
-        best = std::max(best, scores[j]);
-      }
-      float total = 0.f;
-      for (int64_t j = 0; j < keys; ++j) total += (scores[j] = std::exp(scores[j] - best));
-      std::fill(mixed.begin(), mixed.end(), 0.f);
-      for (int64_t j = 0; j < keys; ++j) {
-        add_scaled(scores[j] / total, cache_p + (j * B + b) * row, mixed.data(), R);
-      }
-      for (int64_t r = 0; r < R; ++r) mixed[r] = rounded<scalar_t>(mixed[r]);
+      rotate(qh + nope, query + R);
+    }
+  });
+  // Every head of a sequence over its cache rows at once (a row's first R values are the latent the values mix).
+  auto chunk = [&](int64_t b, int64_t j0, int64_t j1, const ChunkSums& sums, float* scratch) {
+    const scalar_t* rows = cache_p + b * row;
+    attend_chunk(queries.data() + b * H * row, H, row, rows, rows, B * row, R, j0, j1, static_cast<float>(scale), sums,
+                 scratch);
+  };
+  auto store = [&](int64_t b, int64_t h, const float* values) {
+    float* m = mixed.data() + (b * H + h) * R;
+    for (int64_t r = 0; r < R; ++r) m[r] = rounded<scalar_t>(values[r]);
+  };
+  attend_in_chunks(B, H, row, R, 0, keys, chunk, store);
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {  // the mixed latent through W_UV
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const weight_t* w = wp + ((bh % H) * (nope + v_dim) + nope) * R;
       for (int64_t i = 0; i < v_dim; ++i)
-        op[bh * v_dim + i] = static_cast<scalar_t>(dot_float(mixed.data(), w + (nope + i) * R, R));
+        op[bh * v_dim + i] = static_cast<scalar_t>(dot_float(mixed.data() + bh * R, w + i * R, R));
     }
   });
 }

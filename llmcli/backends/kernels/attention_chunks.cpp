@@ -1,0 +1,201 @@
+// One new token's attention over a long cache, for decode_attention (the query heads of a GQA group share their key
+// and value rows) and mla_decode (every head shares the latent row). Included by decode_ops.cpp (it uses that file's
+// dot_float and add_scaled).
+//
+// Head by head, a step read each cached row once per query head that uses it, converted it to float each time, and
+// ran on one thread per head: at 4,001 keys the Qwen2.5-0.5B shape's attention took 654 us a layer (16 ms of a
+// step), and the real DeepSeek-V3's latent attention 21 ms a layer. Here the heads that share a row go through it
+// together (the row widened to float once), and the keys are split into chunks so that every thread works at batch 1
+// (flash-decoding): each chunk keeps, per head, its largest score, the sum of exp(score - largest) and the values'
+// sums weighted by those exps, and the chunks are merged per head at the end. The softmax is the same; only the
+// order of the float32 sums changes.
+
+// A chunk's state per query head: the largest score, the sum of exps, and the unnormalised weighted values (Dv).
+struct ChunkSums {
+  float* largest;
+  float* total;
+  float* values;
+};
+
+// Row x (n values) widened to float32.
+template <typename T>
+inline void widen(const T* x, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(LLMCLI_INT_DOT_AVX2)
+  if constexpr (kVectorType<T>)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, load8(x + i));
+#endif
+  for (; i < n; ++i) y[i] = static_cast<float>(x[i]);
+}
+
+#if defined(LLMCLI_INT_DOT_AVX2)
+// Lane i of the result: the sum of a[i]'s 8 lanes (8 dot products finished in 9 steps, not 8 x 4 with their stores).
+inline __m256 lane_sums8(const __m256* a) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// exp(x) in 8 lanes, for x <= 0 (scores minus their largest): 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2,
+// e^r by Cephes's degree-6 polynomial (within 2 ulp of expf); below -87 the result is about 1e-38 instead of 0,
+// nothing beside the largest score's 1. glibc's scalar expf was a fifth of this file's time at 4,001 keys.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: r exact to float
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), exponent));
+}
+
+// q (D floats) . each of 8 float rows [8, D] (D a multiple of 8), as one register.
+inline __m256 dots8(const float* q, const float* rows, int64_t D) {
+  __m256 acc[8];
+  for (__m256& a : acc) a = _mm256_setzero_ps();
+  for (int64_t i = 0; i < D; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows + r * D + i), acc[r]);
+  }
+  return lane_sums8(acc);
+}
+
+// y [D] += sum_r p[r] * rows[r] over 8 float rows [8, D] (D a multiple of 8).
+inline void add_rows8(const float* p, const float* rows, int64_t D, float* y) {
+  __m256 weight[8];
+  for (int r = 0; r < 8; ++r) weight[r] = _mm256_set1_ps(p[r]);
+  for (int64_t i = 0; i < D; i += 8) {
+    __m256 acc = _mm256_loadu_ps(y + i);
+    for (int r = 0; r < 8; ++r) acc = _mm256_fmadd_ps(weight[r], _mm256_loadu_ps(rows + r * D + i), acc);
+    _mm256_storeu_ps(y + i, acc);
+  }
+}
+#endif
+
+// Keys [j, j + 8) of a chunk widened into rows [8, D] (rows past `count` zero): each read once for all G queries.
+template <typename T>
+inline void widen_rows(const T* x, int64_t stride, int64_t count, int64_t D, float* rows) {
+  for (int64_t r = 0; r < 8; ++r) {
+    if (r < count) widen(x + r * stride, rows + r * D, D);
+    else std::fill(rows + r * D, rows + (r + 1) * D, 0.f);
+  }
+}
+
+// The G float queries q [G, Dk] over keys [j0, j1): key j's row at k + j * stride (Dk values), its value at
+// v + j * stride (Dv values). Scores are (q . key) * scale. `scratch`: G * (j1 - j0) + 8 * max(Dk, Dv) floats.
+template <typename T>
+void attend_chunk(const float* q, int64_t G, int64_t Dk, const T* k, const T* v, int64_t stride, int64_t Dv,
+                  int64_t j0, int64_t j1, float scale, const ChunkSums& out, float* scratch) {
+  const int64_t n = j1 - j0;
+  float* scores = scratch;  // [G, n]
+  float* rows = scratch + G * n;
+#if defined(LLMCLI_INT_DOT_AVX2)
+  const bool blocked = Dk % 8 == 0 && Dv % 8 == 0;
+#else
+  const bool blocked = false;
+#endif
+  for (int64_t j = 0; j < n; j += blocked ? 8 : 1) {
+    if (!blocked) {
+      widen(k + (j0 + j) * stride, rows, Dk);
+      for (int64_t g = 0; g < G; ++g) scores[g * n + j] = dot_float(q + g * Dk, rows, Dk) * scale;
+      continue;
+    }
+#if defined(LLMCLI_INT_DOT_AVX2)
+    const int64_t count = std::min<int64_t>(8, n - j);
+    widen_rows(k + (j0 + j) * stride, stride, count, Dk, rows);
+    alignas(32) float eight[8];
+    for (int64_t g = 0; g < G; ++g) {
+      _mm256_store_ps(eight, _mm256_mul_ps(dots8(q + g * Dk, rows, Dk), _mm256_set1_ps(scale)));
+      std::copy(eight, eight + count, scores + g * n + j);
+    }
+#endif
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores + g * n;
+    const float largest = *std::max_element(s, s + n);
+    float total = 0.f;
+    int64_t j = 0;
+#if defined(LLMCLI_INT_DOT_AVX2)
+    __m256 sums = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(largest)));
+      _mm256_storeu_ps(s + j, e);
+      sums = _mm256_add_ps(sums, e);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, sums);
+    for (const float lane : lanes) total += lane;
+#endif
+    for (; j < n; ++j) total += (s[j] = std::exp(s[j] - largest));
+    out.largest[g] = largest;
+    out.total[g] = total;
+  }
+  std::fill(out.values, out.values + G * Dv, 0.f);
+  for (int64_t j = 0; j < n; j += blocked ? 8 : 1) {
+    if (!blocked) {
+      widen(v + (j0 + j) * stride, rows, Dv);
+      for (int64_t g = 0; g < G; ++g) add_scaled(scores[g * n + j], rows, out.values + g * Dv, Dv);
+      continue;
+    }
+#if defined(LLMCLI_INT_DOT_AVX2)
+    const int64_t count = std::min<int64_t>(8, n - j);
+    widen_rows(v + (j0 + j) * stride, stride, count, Dv, rows);
+    float weights[8] = {};
+    for (int64_t g = 0; g < G; ++g) {
+      std::copy(scores + g * n + j, scores + g * n + j + count, weights);
+      add_rows8(weights, rows, Dv, out.values + g * Dv);
+    }
+#endif
+  }
+}
+
+// How to split `keys` keys for `streams` independent (sequence, head group) streams: (chunks, keys per chunk). Enough
+// chunks that every thread has two to take, none under kMinChunkKeys keys; one chunk where the work is too small to
+// share (a few thousand products).
+constexpr int64_t kMinChunkKeys = 32;
+inline std::pair<int64_t, int64_t> key_chunks(int64_t keys, int64_t streams, int64_t work_per_key) {
+  int64_t chunks = 1;
+  if (keys * work_per_key * streams >= 32768) {
+    const int64_t wanted = (2 * at::get_num_threads() + streams - 1) / streams;
+    chunks = std::max<int64_t>(1, std::min(wanted, keys / kMinChunkKeys));
+  }
+  const int64_t per_chunk = (keys + chunks - 1) / chunks;
+  return {(keys + per_chunk - 1) / per_chunk, per_chunk};
+}
+
+// Every stream's chunks, in parallel, then merged: out(s, g) [Dv] = the softmax-weighted values of query g of stream
+// s. `chunk(s, j0, j1, sums, scratch)` runs attend_chunk for stream s; `store(s, g, values)` takes the merged row.
+template <typename Chunk, typename Store>
+void attend_in_chunks(int64_t streams, int64_t G, int64_t Dk, int64_t Dv, int64_t first, int64_t keys, Chunk chunk,
+                      Store store) {
+  const auto [chunks, per_chunk] = key_chunks(keys, streams, G * (Dk + Dv));
+  const int64_t tasks = streams * chunks;
+  std::vector<float> largest(tasks * G), total(tasks * G), values(tasks * G * Dv);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(G * per_chunk + 8 * std::max(Dk, Dv));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = t / chunks, j0 = first + (t % chunks) * per_chunk;
+      const ChunkSums sums{largest.data() + t * G, total.data() + t * G, values.data() + t * G * Dv};
+      chunk(s, j0, std::min(first + keys, j0 + per_chunk), sums, scratch.data());
+    }
+  });
+  std::vector<float> merged(Dv);
+  for (int64_t s = 0; s < streams; ++s)
+    for (int64_t g = 0; g < G; ++g) {
+      float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) top = std::max(top, largest[(s * chunks + c) * G + g]);
+      std::fill(merged.begin(), merged.end(), 0.f);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t at = (s * chunks + c) * G + g;
+        const float weight = std::exp(largest[at] - top);
+        sum += total[at] * weight;
+        add_scaled(weight, values.data() + at * Dv, merged.data(), Dv);
+      }
+      for (float& x : merged) x /= sum;
+      store(s, g, merged.data());
+    }
+}
