@@ -103,6 +103,37 @@ def test_mla_falls_back_where_the_op_does_not_apply(mla_case):
         fused.model.attention_form = "auto"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mla_op_over_a_long_context_against_float64(dtype):
+    """Every head over 301 latent rows in chunks on four threads, rows of 64 (bfloat16: AVX512-BF16's pairs where
+    the CPU has them), against float64 attention over the rows the op wrote, from the op's rounded queries."""
+    torch.manual_seed(3)
+    heads, rank, rope, nope, v_dim, position, scale = 8, 56, 8, 16, 16, 300, 0.2
+    q = torch.randn(2, heads, nope + rope).to(dtype)
+    kv, norm = torch.randn(2, rank + rope).to(dtype), (torch.rand(rank) + 0.5).to(dtype)
+    cos, sin = torch.randn(rope // 2).to(dtype), torch.randn(rope // 2).to(dtype)
+    cache = torch.randn(320, 2, rank + rope).to(dtype)
+    wkv_b = (torch.randn(heads, nope + v_dim, rank) * 0.3).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        out = torch.ops.llmcli.mla_decode(q, kv, norm, 1e-6, cos, sin, cache, position, wkv_b, v_dim, scale, False)
+    finally:
+        torch.set_num_threads(threads)
+    half = rope // 2
+    x1, x2 = q[..., nope:nope + half], q[..., nope + half:]
+    q_pe = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)  # rotated in the dtype, as the op rounds
+    w = wkv_b.double()
+    latent = torch.einsum("bhn,hnr->bhr", q[..., :nope].double(), w[:, :nope]).to(dtype)
+    query = torch.cat((latent, q_pe), -1).double()  # [B, H, rank + rope]
+    rows = cache[:position + 1].double().transpose(0, 1)  # [B, n, rank + rope]
+    probs = (torch.einsum("bhr,bnr->bhn", query, rows) * scale).softmax(-1)
+    mixed = torch.einsum("bhn,bnr->bhr", probs, rows[..., :rank]).to(dtype).double()
+    expected = torch.einsum("bhr,hvr->bhv", mixed, w[:, nope:]).reshape(2, heads * v_dim)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
 def test_mla_op_rejects_bad_shapes():
     q, kv, norm = torch.randn(1, 2, 24), torch.randn(1, 40), torch.ones(32)
     cache, w = torch.zeros(4, 1, 40), torch.randn(2, 32, 32)
