@@ -143,3 +143,16 @@ def save_hf_model(model, directory: Path, vocab_size: int | None = None) -> Path
 
 def seeded(seed: int = 0) -> None:
     torch.manual_seed(seed)
+
+
+@pytest.fixture(params=["native", "baseline", "avx2"])
+def kernel_build(request):
+    """The kernels llmcli loads here, then the baseline (plain C++ loops) and AVX2 builds: ops in their namespaces."""
+    if request.param == "native":
+        from llmcli.backends import cpu_kernels
+
+        built, note = cpu_kernels.load_once()
+        if not built:
+            pytest.skip(f"llmcli's CPU kernels could not be built here: {note}")
+        return torch.ops.llmcli
+    return request.getfixturevalue("portable_ops" if request.param == "baseline" else "avx2_ops")

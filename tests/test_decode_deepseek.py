@@ -104,9 +104,10 @@ def test_mla_falls_back_where_the_op_does_not_apply(mla_case):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_mla_op_over_a_long_context_against_float64(dtype):
+def test_mla_op_over_a_long_context_against_float64(kernel_build, dtype):
     """Every head over 301 latent rows in chunks on four threads, rows of 64 (bfloat16: AVX512-BF16's pairs where
-    the CPU has them), against float64 attention over the rows the op wrote, from the op's rounded queries."""
+    the CPU has them), against float64 attention over the rows the op wrote, from the op's rounded queries; in each
+    build this CPU runs."""
     torch.manual_seed(3)
     heads, rank, rope, nope, v_dim, position, scale = 8, 56, 8, 16, 16, 300, 0.2
     q = torch.randn(2, heads, nope + rope).to(dtype)
@@ -117,7 +118,7 @@ def test_mla_op_over_a_long_context_against_float64(dtype):
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        out = torch.ops.llmcli.mla_decode(q, kv, norm, 1e-6, cos, sin, cache, position, wkv_b, v_dim, scale, False)
+        out = kernel_build.mla_decode(q, kv, norm, 1e-6, cos, sin, cache, position, wkv_b, v_dim, scale, False)
     finally:
         torch.set_num_threads(threads)
     half = rope // 2

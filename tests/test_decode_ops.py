@@ -96,9 +96,9 @@ def test_decode_attention_op_against_torch(dtype, window):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("d", "window"), [(64, 0), (64, 100), (20, 0)])  # 20: not a multiple of 8 lanes
-def test_decode_attention_op_over_long_contexts(dtype, d, window):
+def test_decode_attention_op_over_long_contexts(kernel_build, dtype, d, window):
     """Hundreds of keys, split into chunks that every thread takes a share of (four threads here, whatever the
-    machine has), merged per head: the same attention as the float64 reference."""
+    machine has), merged per head: the same attention as the float64 reference, in each build this CPU runs."""
     torch.manual_seed(2)
     heads, kv, length, position = 8, 1, 400, 333
     qkv = torch.randn(1, heads + 2 * kv, d).to(dtype)
@@ -109,7 +109,7 @@ def test_decode_attention_op_over_long_contexts(dtype, d, window):
     torch.set_num_threads(4)
     try:
         with torch.inference_mode():
-            out = torch.ops.llmcli.decode_attention(qkv, cos, sin, caches[0], caches[1], position, heads, window, 0.3)
+            out = kernel_build.decode_attention(qkv, cos, sin, caches[0], caches[1], position, heads, window, 0.3)
     finally:
         torch.set_num_threads(threads)
     expected = torch_decode_attention(qkv, cos, sin, theirs[0], theirs[1], position, heads, window, 0.3)
