@@ -105,11 +105,11 @@ def test_mla_falls_back_where_the_op_does_not_apply(mla_case):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_mla_op_over_a_long_context_against_float64(kernel_build, dtype):
-    """Every head over 301 latent rows in chunks on four threads, rows of 64 (bfloat16: AVX512-BF16's pairs where
+    """Every head over 301 latent rows in chunks on four threads, rows of 96 (bfloat16: AVX512-BF16's pairs where
     the CPU has them), against float64 attention over the rows the op wrote, from the op's rounded queries; in each
     build this CPU runs."""
     torch.manual_seed(3)
-    heads, rank, rope, nope, v_dim, position, scale = 8, 56, 8, 16, 16, 300, 0.2
+    heads, rank, rope, nope, v_dim, position, scale = 8, 64, 32, 16, 16, 300, 0.2
     q = torch.randn(2, heads, nope + rope).to(dtype)
     kv, norm = torch.randn(2, rank + rope).to(dtype), (torch.rand(rank) + 0.5).to(dtype)
     cos, sin = torch.randn(rope // 2).to(dtype), torch.randn(rope // 2).to(dtype)

@@ -8,7 +8,8 @@
 // together (the row widened to float once, or read as bfloat16 pairs by AVX512-BF16), and the keys are split into
 // chunks so that every thread works at batch 1 (flash-decoding): each chunk keeps, per head, its largest score, the
 // sum of exp(score - largest) and the values' sums weighted by those exps, and the chunks are merged per head at the
-// end. The softmax is the same; only the order of the float32 sums changes.
+// end. The softmax is the same; the order of the float32 sums changes, and with AVX512-BF16 a bfloat16 cache's
+// values are summed with weights rounded to bfloat16 (values_in_pairs).
 
 // A chunk's state per query head: the largest score, the sum of exps, and the unnormalised weighted values (Dv).
 struct ChunkSums {
@@ -83,6 +84,59 @@ inline __m256 dots8_bf16(const c10::BFloat16* q, const c10::BFloat16* k, int64_t
     halves[r] = _mm256_add_ps(_mm512_castps512_ps256(acc[r]),
                               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1)));
   return lane_sums8(halves);
+}
+#endif
+
+#if defined(LLMCLI_ATTENTION_BF16_PAIRS)
+// values [G, Dv] = sum_j e[g][j] * v_j over n bfloat16 value rows (row j at v + j * stride; Dv a multiple of 32),
+// weights e = scores [G, n]: with AVX512-BF16's pair products, two keys a step, the weights rounded to bfloat16 (as
+// transformers' eager attention rounds a bfloat16 model's probabilities before that product). Each 8 keys' rows are
+// interleaved by pairs of keys once (`pairs`: 16 * Dv bytes), for every head; the sums are kept in the interleave's
+// order of dims and put back in order at the end.
+inline void values_in_pairs(const float* scores, int64_t G, int64_t n, const c10::BFloat16* v, int64_t stride,
+                            int64_t Dv, float* values, void* pairs) {
+  const std::vector<c10::BFloat16> zeros(Dv);
+  __m512i* interleaved = static_cast<__m512i*>(pairs);  // [Dv / 32][4 pairs][lo, hi]
+  std::fill(values, values + G * Dv, 0.f);
+  for (int64_t j = 0; j < n; j += 8) {
+    const int64_t count = std::min<int64_t>(8, n - j);
+    const c10::BFloat16* row[8];
+    for (int64_t r = 0; r < 8; ++r) row[r] = r < count ? v + (j + r) * stride : zeros.data();
+    for (int64_t b = 0; b < Dv / 32; ++b)
+      for (int p = 0; p < 4; ++p) {
+        const __m512i first = _mm512_loadu_si512(row[2 * p] + 32 * b);
+        const __m512i second = _mm512_loadu_si512(row[2 * p + 1] + 32 * b);
+        _mm512_storeu_si512(interleaved + (b * 4 + p) * 2, _mm512_unpacklo_epi16(first, second));
+        _mm512_storeu_si512(interleaved + (b * 4 + p) * 2 + 1, _mm512_unpackhi_epi16(first, second));
+      }
+    for (int64_t g = 0; g < G; ++g) {
+      __m512bh weight[4];
+      for (int p = 0; p < 4; ++p) {
+        const int64_t a = j + 2 * p, c = a + 1;
+        const uint32_t low = a < j + count ? c10::BFloat16(scores[g * n + a]).x : 0;
+        const uint32_t high = c < j + count ? c10::BFloat16(scores[g * n + c]).x : 0;
+        weight[p] = (__m512bh)_mm512_set1_epi32(static_cast<int>(low | (high << 16)));
+      }
+      float* y = values + g * Dv;
+      for (int64_t b = 0; b < Dv / 32; ++b) {
+        __m512 lo = _mm512_loadu_ps(y + 32 * b), hi = _mm512_loadu_ps(y + 32 * b + 16);
+        for (int p = 0; p < 4; ++p) {
+          lo = _mm512_dpbf16_ps(lo, weight[p], (__m512bh)_mm512_loadu_si512(interleaved + (b * 4 + p) * 2));
+          hi = _mm512_dpbf16_ps(hi, weight[p], (__m512bh)_mm512_loadu_si512(interleaved + (b * 4 + p) * 2 + 1));
+        }
+        _mm512_storeu_ps(y + 32 * b, lo);
+        _mm512_storeu_ps(y + 32 * b + 16, hi);
+      }
+    }
+  }
+  float block[32];
+  for (int64_t g = 0; g < G; ++g)  // element 4k + i of `lo` is dim 8k + i of the 32, of `hi` dim 8k + 4 + i
+    for (int64_t b = 0; b < Dv / 32; ++b) {
+      float* y = values + g * Dv + 32 * b;
+      for (int k = 0; k < 4; ++k)
+        for (int i = 0; i < 4; ++i) block[8 * k + i] = y[4 * k + i], block[8 * k + 4 + i] = y[16 + 4 * k + i];
+      std::copy(block, block + 32, y);
+    }
 }
 #endif
 
@@ -175,6 +229,14 @@ void attend_chunk(const float* q, int64_t G, int64_t Dk, const T* k, const T* v,
     out.largest[g] = largest;
     out.total[g] = total;
   }
+#if defined(LLMCLI_ATTENTION_BF16_PAIRS)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (Dv % 32 == 0) {  // `rows` holds 32 * max(Dk, Dv) bytes: twice what the interleaved pairs take
+      values_in_pairs(scores, G, n, v + j0 * stride, stride, Dv, out.values, rows);
+      return;
+    }
+  }
+#endif
   std::fill(out.values, out.values + G * Dv, 0.f);
   for (int64_t j = 0; j < n; j += blocked ? 8 : 1) {
     if (!blocked) {

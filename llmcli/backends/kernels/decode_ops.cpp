@@ -145,7 +145,8 @@ at::Tensor zero_centred_rms_norm(const at::Tensor& x, const at::Tensor& weight, 
 //   qkv [B, H + 2KV, D] (q heads, k heads, v heads); cos, sin [D] (sin with rotate_half's sign folded in);
 //   k_cache, v_cache [L, B, KV, D], written at `position`; keys max(0, position - window + 1)..position seen
 //   (window 0: all). q and k are rotated like x * cos + roll(x, D/2) * sin in the dtype; scores are
-//   (q . k) * scale in float32, softmaxed, and the values' weighted sum is rounded to the dtype: [B, H * D].
+//   (q . k) * scale in float32, softmaxed, and the values' weighted sum is rounded to the dtype: [B, H * D]
+//   (a bfloat16 cache on a CPU with AVX512-BF16: the softmax's weights are rounded to bfloat16 for that sum).
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                             at::Tensor& v_cache, int64_t position, int64_t heads, int64_t window, double scale) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 3 && qkv.is_contiguous(), "decode_attention: qkv must be [B, H + 2KV, D]");
