@@ -51,7 +51,7 @@ def needs_bf16_kernel(quantize: str | None) -> None:
 @pytest.mark.parametrize("quantize", [None, "int8", "int5", "int4"])
 def test_one_op_per_layer_gives_the_op_by_op_logits_bit_for_bit(case, quantize):  # noqa: F811
     needs_bf16_kernel(quantize)
-    fused, plain = loaded_twice(*case, quantize)
+    fused, plain = loaded_twice(*case[:2], quantize)
     layers = [m for m in fused.model.modules() if isinstance(m, DecoderLayer)]
     assert layers and all(type(m) is FusedQwenLayer for m in layers)  # qwen3: with its q/k norms
     assert_same_decoding(fused, plain)
@@ -68,7 +68,7 @@ class Recorder:
 def test_float_weights_and_recorders_keep_the_modules(case, monkeypatch):  # noqa: F811
     """A float32 model (no kernel takes its products) is not taken; a step with a recorder, or with a forward hook
     on a layer's attention (tensor parallelism's all-reduce), runs the modules, with the one-op step's logits."""
-    name, path = case
+    name, path, _ = case
     float32 = load_model(name, path, device="cpu", dtype="float32").runner
     assert not any(type(m) is FusedQwenLayer for m in float32.model.modules())
     runner = load_model(name, path, device="cpu", dtype="bfloat16", quantize="int8").runner

@@ -138,8 +138,7 @@ def case(request, tmp_path_factory):
 
     kind, overrides = PARITY[request.param]
     path = tmp_path_factory.mktemp(request.param)
-    build_reference(kind, overrides, path)
-    return request.param, path
+    return request.param, path, build_reference(kind, overrides, path)  # transformers' model as the third
 
 
 def decode(runner, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
@@ -156,7 +155,7 @@ def decode(runner, prompt: list[int], steps: int) -> tuple[list[int], torch.Tens
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_models_decode_like_the_torch_path(case, dtype):
-    name, path = case
+    name, path, _ = case
     fused = load_model(name, path, device="cpu", dtype=dtype).runner
     plain = load_model(name, path, device="cpu", dtype=dtype, fused_decode=False).runner
     assert any(isinstance(m, FusedDecodeAttention) for m in fused.model.modules())
@@ -176,20 +175,24 @@ def test_models_decode_like_the_torch_path(case, dtype):
 
 def test_models_decode_like_the_torch_path_over_a_long_context(case):
     """Past 300 tokens the attention op splits the keys into chunks (float32: the same tokens, logits within
-    1e-4)."""
-    name, path = case
+    1e-4 of llmcli's torch path and of transformers' model over the whole sequence at once)."""
+    name, path, reference = case
     fused = load_model(name, path, device="cpu", dtype="float32").runner
     plain = load_model(name, path, device="cpu", dtype="float32", fused_decode=False).runner
     prompt = [(7 * i) % 500 + 3 for i in range(300)]
     tokens, logits = decode(fused, prompt, 4)
     plain_tokens, plain_logits = decode(plain, prompt, 4)
+    scale = plain_logits.abs().max().item()
     assert tokens == plain_tokens
-    assert (logits - plain_logits).abs().max().item() < 1e-4 * plain_logits.abs().max().item()
+    assert (logits - plain_logits).abs().max().item() < 1e-4 * scale
+    with torch.inference_mode():
+        theirs = reference(torch.tensor([prompt + tokens])).logits[0, len(prompt):].float()
+    assert (logits - theirs).abs().max().item() < 1e-4 * scale
 
 
 def test_batch_rows_of_a_cache_use_the_torch_path(case):
     """A cache holding some rows of a batch (not contiguous) is served by the model's own code."""
-    name, path = case
+    name, path, _ = case
     runner = load_model(name, path, device="cpu", dtype="float32").runner
     attention = next(m for m in runner.model.modules() if isinstance(m, FusedDecodeAttention))
     cache = runner.make_cache(2, 12)
@@ -227,7 +230,7 @@ def step(runner, recorder=None):
 def test_attention_probabilities_are_recorded_beside_the_op(case, dtype):
     """A recorder asking for attention probabilities gets the torch path's, and the step's logits are those of
     a step without a recorder."""
-    name, path = case
+    name, path, _ = case
 
     fused = load_model(name, path, device="cpu", dtype=dtype).runner
     plain = load_model(name, path, device="cpu", dtype=dtype, fused_decode=False).runner
@@ -240,7 +243,7 @@ def test_attention_probabilities_are_recorded_beside_the_op(case, dtype):
 
 
 def test_switch_off_from_the_environment(case, monkeypatch):
-    name, path = case
+    name, path, _ = case
     monkeypatch.setenv("LLMCLI_FUSED_DECODE", "0")
     runner = load_model(name, path, device="cpu", dtype="float32").runner
     assert not any(isinstance(m, (FusedDecodeAttention, FusedRMSNorm)) for m in runner.model.modules())

@@ -65,6 +65,13 @@ inline __m256 dots8(const float* q, const float* rows, int64_t D) {
   return lane_sums8(acc);
 }
 
+// 8 keys' dot products times `scale` into scores[0, count) (the block's last keys may be past the chunk).
+inline void put_scores(__m256 dots, float scale, int64_t count, float* scores) {
+  alignas(32) float eight[8];
+  _mm256_store_ps(eight, _mm256_mul_ps(dots, _mm256_set1_ps(scale)));
+  std::copy(eight, eight + count, scores);
+}
+
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
 #define LLMCLI_ATTENTION_BF16_PAIRS 1
 // q (D bfloat16 values) . each of 8 bfloat16 key rows (row r at k + r * stride, rows past `count` not read; D a
@@ -180,14 +187,11 @@ void attend_chunk(const float* q, int64_t G, int64_t Dk, const T* k, const T* v,
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (Dk % 32 == 0) {
       const std::vector<c10::BFloat16> pairs(q, q + G * Dk);  // exact: q holds bfloat16 values
-      alignas(32) float eight[8];
       for (int64_t j = 0; j < n; j += 8) {
         const int64_t count = std::min<int64_t>(8, n - j);
-        for (int64_t g = 0; g < G; ++g) {
-          const __m256 dots = dots8_bf16(pairs.data() + g * Dk, k + (j0 + j) * stride, stride, count, Dk);
-          _mm256_store_ps(eight, _mm256_mul_ps(dots, _mm256_set1_ps(scale)));
-          std::copy(eight, eight + count, scores + g * n + j);
-        }
+        for (int64_t g = 0; g < G; ++g)
+          put_scores(dots8_bf16(pairs.data() + g * Dk, k + (j0 + j) * stride, stride, count, Dk), scale, count,
+                     scores + g * n + j);
       }
       scored = true;
     }
@@ -202,11 +206,7 @@ void attend_chunk(const float* q, int64_t G, int64_t Dk, const T* k, const T* v,
 #if defined(LLMCLI_INT_DOT_AVX2)
     const int64_t count = std::min<int64_t>(8, n - j);
     widen_rows(k + (j0 + j) * stride, stride, count, Dk, rows);
-    alignas(32) float eight[8];
-    for (int64_t g = 0; g < G; ++g) {
-      _mm256_store_ps(eight, _mm256_mul_ps(dots8(q + g * Dk, rows, Dk), _mm256_set1_ps(scale)));
-      std::copy(eight, eight + count, scores + g * n + j);
-    }
+    for (int64_t g = 0; g < G; ++g) put_scores(dots8(q + g * Dk, rows, Dk), scale, count, scores + g * n + j);
 #endif
   }
   for (int64_t g = 0; g < G; ++g) {
