@@ -173,13 +173,10 @@ def test_models_decode_like_the_torch_path(case, dtype):
         assert (logits[:4] - plain_logits[:4]).abs().max().item() < 0.05 * scale
 
 
-def test_models_decode_like_the_torch_path_over_a_long_context(case):
-    """Past 300 tokens the attention op splits the keys into chunks (float32: the same tokens, logits within
-    1e-4 of llmcli's torch path and of transformers' model over the whole sequence at once)."""
-    name, path, reference = case
-    fused = load_model(name, path, device="cpu", dtype="float32").runner
-    plain = load_model(name, path, device="cpu", dtype="float32", fused_decode=False).runner
-    prompt = [(7 * i) % 500 + 3 for i in range(300)]
+def assert_long_context_decodes_alike(fused, plain, reference, vocab: int) -> None:
+    """Four tokens after a 300-token prompt, float32: the same tokens as llmcli's torch path, and logits within 1e-4 of
+    its logits and of transformers' model (`reference`) over the whole sequence at once."""
+    prompt = [(7 * i) % (vocab - 12) + 3 for i in range(300)]
     tokens, logits = decode(fused, prompt, 4)
     plain_tokens, plain_logits = decode(plain, prompt, 4)
     scale = plain_logits.abs().max().item()
@@ -188,6 +185,14 @@ def test_models_decode_like_the_torch_path_over_a_long_context(case):
     with torch.inference_mode():
         theirs = reference(torch.tensor([prompt + tokens])).logits[0, len(prompt):].float()
     assert (logits - theirs).abs().max().item() < 1e-4 * scale
+
+
+def test_models_decode_like_the_torch_path_over_a_long_context(case):
+    """Past 300 tokens the attention op splits the keys into chunks."""
+    name, path, reference = case
+    fused = load_model(name, path, device="cpu", dtype="float32").runner
+    plain = load_model(name, path, device="cpu", dtype="float32", fused_decode=False).runner
+    assert_long_context_decodes_alike(fused, plain, reference, reference.config.vocab_size)
 
 
 def test_batch_rows_of_a_cache_use_the_torch_path(case):
