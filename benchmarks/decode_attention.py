@@ -6,6 +6,10 @@ the memory's bandwidth, the op is bound by its arithmetic.
 
     python benchmarks/decode_attention.py [--keys 37,501,4001] [--rounds 7] [--threads N]
 
+The third group is `one_query_attention`, the op behind the models' own eager step (original Qwen's float32 RoPE,
+Qwen3-Next / Qwen3.5 gated attention: the model rotates the query and writes the cache), against what those models
+ran before it: `one_query_attention_eager`, two float32 batched products in torch.
+
 torch's side for MLA is its absorbed form as plain torch ops (q_nope W_UK, SDPA over the latent rows as keys and
 values, then W_UV); the op also writes the new token's row into the cache, which torch's side does not.
 """
@@ -20,10 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from llmcli.backends import cpu_kernels
+from llmcli.models.layers import one_query_attention_eager
 
 GQA = {"Qwen2.5-0.5B": (14, 2, 64), "Qwen2.5-7B": (28, 4, 128)}  # query heads, kv heads, head size
 MLA = {"DeepSeek-V3 shape (benchmarks)": (16, 256, 32, 64, 64), "DeepSeek-V3": (128, 512, 64, 128, 128)}
 # heads, latent rank, rope dims, nope dims, value dims
+ONE_QUERY = {"Qwen-7B (original)": (32, 32, 128), "Qwen3.5-0.8B (gated)": (8, 2, 256),
+             "Qwen3-Next-80B (gated)": (16, 2, 256)}  # query heads, kv heads, head size
 
 
 def timed(fn, calls: int) -> float:
@@ -61,6 +68,21 @@ def gqa_case(shape: str, keys: int, rounds: int) -> None:
         F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
     compare(f"{shape} | {keys}", ours, theirs, rounds, max(3, 20000 // keys), 2 * keys * kv * d * 2)
+
+
+def one_query_case(shape: str, keys: int, rounds: int) -> None:
+    heads, kv, d = ONE_QUERY[shape]
+    q = torch.randn(1, 1, heads, d).bfloat16().transpose(1, 2)  # [1, H, 1, D], as the models hand it over
+    k = torch.randn(keys + 1, 1, kv, d).bfloat16().permute(1, 2, 0, 3)[:, :, :keys]  # [1, KV, n, D] cache views
+    v = torch.randn(keys + 1, 1, kv, d).bfloat16().permute(1, 2, 0, 3)[:, :, :keys]
+
+    def ours():
+        torch.ops.llmcli.one_query_attention(q, k, v, d ** -0.5)
+
+    def theirs():
+        one_query_attention_eager(q, k, v, None, None)
+
+    compare(f"{shape} | {keys}", ours, theirs, rounds, max(2, 4000 // keys), 2 * keys * kv * d * 2)
 
 
 def mla_case(shape: str, keys: int, rounds: int) -> None:
@@ -107,6 +129,8 @@ def main() -> None:
                 gqa_case(shape, keys, args.rounds)
             for shape in MLA:
                 mla_case(shape, keys, args.rounds)
+            for shape in ONE_QUERY:
+                one_query_case(shape, keys, args.rounds)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ fused op where it applies (CPU, not compiling; attention: one new token, plain R
 run the model's own code otherwise; a recorder that asks for attention probabilities gets them computed beside
 the op, so that tracing does not change the logits. The ops round like the
 torch code they replace, except that sums are added in another order (last-bit differences).
+Where the model's own code must rotate the query and write the cache (original Qwen's float32 RoPE, partial
+RoPE, the hybrids' gated attention), only the attention over the cache is an op (`attended_by_op`).
 Where every product of a layer runs in llmcli's CPU kernels (the integer kernels, or bfloat16 panels), the whole
 layer is one op (kernels/decode_layer.cpp: the same ops called from C++, bit for bit): the Python between the ops
 was about a tenth of a step.
@@ -34,7 +36,7 @@ from llmcli.models.cache import KVLayerCache, LatentLayerCache
 from llmcli.models.deepseek import DecoderLayer as DeepseekLayer
 from llmcli.models.deepseek import MLAttention, MoE, Router
 from llmcli.models.deltanet import GatedDeltaNet
-from llmcli.models.gated_attention import ZeroCentredRMSNorm
+from llmcli.models.gated_attention import GatedAttention, ZeroCentredRMSNorm
 from llmcli.models.hooks import ATTN_PROBS, AttentionWeights, RouterChoice, asks
 from llmcli.models.layers import RMSNorm, SwiGLU, head_probs
 from llmcli.models.qwen import Attention, DecoderLayer
@@ -62,7 +64,39 @@ class FusedZeroCentredRMSNorm(ZeroCentredRMSNorm):
         return super().forward(x)
 
 
-class FusedDecodeAttention(Attention):
+ONE_QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def attended_by_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor | None:
+    """The models' eager one-query attention (`one_query_attention_eager`: q rotated, the cache written, every key
+    of the views k and v seen) as one op, or None where it does not apply. The float32 products took 17 ms a layer
+    of Qwen-7B's heads at 4,001 keys, the op 3.5 (widened once per kv head, keys shared out over the threads)."""
+    if not (eager_cpu(q) and q.dtype in ONE_QUERY_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and k.stride(-1) == 1 and v.stride(-1) == 1 and k.shape[2] > 0):
+        return None
+    return torch.ops.llmcli.one_query_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+class OneQueryAttention(Attention):
+    """Qwen attention whose eager one-token step runs the model's own projections, RoPE (original Qwen's in
+    float32, or partial) and cache write, then `attended_by_op`."""
+
+    def attend_one_query(self, q, k, v, mask, scale) -> torch.Tensor:
+        if mask is not None and self.window is not None:  # one query's window mask: the last `window` keys
+            mask, k, v = None, k[:, :, -self.window:], v[:, :, -self.window:]
+        out = attended_by_op(q, k, v, scale) if mask is None else None
+        return super().attend_one_query(q, k, v, mask, scale) if out is None else out
+
+
+class OneQueryGatedAttention(GatedAttention):
+    """Qwen3-Next / Qwen3.5 gated attention, its eager one-token attention as `attended_by_op`."""
+
+    def attend_one_query(self, q, k, v, mask) -> torch.Tensor:
+        out = attended_by_op(q, k, v, None) if mask is None else None
+        return super().attend_one_query(q, k, v, mask) if out is None else out
+
+
+class FusedDecodeAttention(OneQueryAttention):
     def forward(self, x, cos, sin, layer_cache, span, q_scale=None, recorder=None) -> torch.Tensor:
         if not self._fits(x, cos, layer_cache, span, q_scale, recorder):
             return super().forward(x, cos, sin, layer_cache, span, q_scale, recorder)
@@ -386,8 +420,10 @@ def fused_class(module: nn.Module) -> type | None:
         return FusedRMSNorm
     if type(module) is ZeroCentredRMSNorm:
         return FusedZeroCentredRMSNorm
-    if type(module) is Attention and FusedDecodeAttention.takes(module):
-        return FusedDecodeAttention
+    if type(module) is Attention:
+        return FusedDecodeAttention if FusedDecodeAttention.takes(module) else OneQueryAttention
+    if type(module) is GatedAttention:
+        return OneQueryGatedAttention
     if type(module) is MLAttention:
         return FusedMLAttention
     if type(module) is Router:

@@ -60,12 +60,17 @@ class GatedAttention(FusesProjections, nn.Module):
         turned, kept = x.split([self.rotary_dim, self.head_dim - self.rotary_dim], dim=-1)
         return torch.cat((apply_rope(turned, cos, sin), kept), dim=-1)
 
+    def attend_one_query(self, q, k, v, mask) -> torch.Tensor:
+        """An eager CPU decode step's attention over every cached key (`mask` None); the backends may run it as
+        one op."""
+        return one_query_attention_eager(q, k, v, mask, None)
+
     def _attend(self, q, k, v, span: Span, t: int) -> torch.Tensor:
         mask, causal = attention_mask(span, t, k.shape[2], None, q.device)
         if span.static:  # a compiled decode step over the whole static cache
             return one_query_attention(q, k, v, mask, None)
         if t == 1 and q.device.type == "cpu":  # an eager decode step
-            return one_query_attention_eager(q, k, v, mask, None)
+            return self.attend_one_query(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               enable_gqa=self.num_kv_heads != self.num_heads)
 

@@ -112,6 +112,11 @@ class Attention(FusesProjections, nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return self._rope(q, cos, sin), self._rope(k, cos, sin), v
 
+    def attend_one_query(self, q, k, v, mask, scale) -> torch.Tensor:
+        """An eager CPU decode step's attention over the cache's keys (`mask`: None, or this layer's window); the
+        backends may run it as one op."""
+        return one_query_attention_eager(q, k, v, mask, scale)
+
     def forward(self, x, cos, sin, layer_cache: KVLayerCache, span: Span, q_scale=None, recorder=None
                 ) -> torch.Tensor:
         """`sin` sign-folded (`rope.fold_sign`); `q_scale` (LogN): a float for one eager query (folded into
@@ -131,7 +136,7 @@ class Attention(FusesProjections, nn.Module):
         if span.static:  # a compiled decode step over the whole static cache
             out = one_query_attention(q, k, v, mask, scale)
         elif t == 1 and x.device.type == "cpu":  # an eager decode step: [B, H, 1, D] is [B, 1, H * D]
-            return self.o_proj(one_query_attention_eager(q, k, v, mask, scale).view(b, 1, -1))
+            return self.o_proj(self.attend_one_query(q, k, v, mask, scale).view(b, 1, -1))
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                                  enable_gqa=self.num_kv_heads != self.num_heads)

@@ -168,12 +168,12 @@ inline void widen_rows(const T* x, int64_t stride, int64_t count, int64_t D, flo
   }
 }
 
-// The G float queries q [G, Dk] over keys [j0, j1): key j's row at k + j * stride (Dk values), its value at
-// v + j * stride (Dv values). Scores are (q . key) * scale. `scratch`: G * (j1 - j0) + 8 * max(Dk, Dv) floats.
+// The G float queries q [G, Dk] over keys [j0, j1): key j's row at k + j * k_stride (Dk values), its value at
+// v + j * v_stride (Dv values). Scores are (q . key) * scale. `scratch`: G * (j1 - j0) + 8 * max(Dk, Dv) floats.
 // q's values must be T's (the callers round them so): a bfloat16 cache's scores then take AVX512-BF16's pairs.
 template <typename T>
-void attend_chunk(const float* q, int64_t G, int64_t Dk, const T* k, const T* v, int64_t stride, int64_t Dv,
-                  int64_t j0, int64_t j1, float scale, const ChunkSums& out, float* scratch) {
+void attend_chunk(const float* q, int64_t G, int64_t Dk, const T* k, int64_t k_stride, const T* v, int64_t v_stride,
+                  int64_t Dv, int64_t j0, int64_t j1, float scale, const ChunkSums& out, float* scratch) {
   const int64_t n = j1 - j0;
   float* scores = scratch;  // [G, n]
   float* rows = scratch + G * n;
@@ -190,7 +190,7 @@ void attend_chunk(const float* q, int64_t G, int64_t Dk, const T* k, const T* v,
       for (int64_t j = 0; j < n; j += 8) {
         const int64_t count = std::min<int64_t>(8, n - j);
         for (int64_t g = 0; g < G; ++g)
-          put_scores(dots8_bf16(pairs.data() + g * Dk, k + (j0 + j) * stride, stride, count, Dk), scale, count,
+          put_scores(dots8_bf16(pairs.data() + g * Dk, k + (j0 + j) * k_stride, k_stride, count, Dk), scale, count,
                      scores + g * n + j);
       }
       scored = true;
@@ -199,13 +199,13 @@ void attend_chunk(const float* q, int64_t G, int64_t Dk, const T* k, const T* v,
 #endif
   for (int64_t j = 0; j < n && !scored; j += blocked ? 8 : 1) {
     if (!blocked) {
-      widen(k + (j0 + j) * stride, rows, Dk);
+      widen(k + (j0 + j) * k_stride, rows, Dk);
       for (int64_t g = 0; g < G; ++g) scores[g * n + j] = dot_float(q + g * Dk, rows, Dk) * scale;
       continue;
     }
 #if defined(LLMCLI_INT_DOT_AVX2)
     const int64_t count = std::min<int64_t>(8, n - j);
-    widen_rows(k + (j0 + j) * stride, stride, count, Dk, rows);
+    widen_rows(k + (j0 + j) * k_stride, k_stride, count, Dk, rows);
     for (int64_t g = 0; g < G; ++g) put_scores(dots8(q + g * Dk, rows, Dk), scale, count, scores + g * n + j);
 #endif
   }
@@ -232,7 +232,7 @@ void attend_chunk(const float* q, int64_t G, int64_t Dk, const T* k, const T* v,
 #if defined(LLMCLI_ATTENTION_BF16_PAIRS)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (Dv % 32 == 0) {  // `rows` holds 32 * max(Dk, Dv) bytes: twice what the interleaved pairs take
-      values_in_pairs(scores, G, n, v + j0 * stride, stride, Dv, out.values, rows);
+      values_in_pairs(scores, G, n, v + j0 * v_stride, v_stride, Dv, out.values, rows);
       return;
     }
   }
@@ -240,13 +240,13 @@ void attend_chunk(const float* q, int64_t G, int64_t Dk, const T* k, const T* v,
   std::fill(out.values, out.values + G * Dv, 0.f);
   for (int64_t j = 0; j < n; j += blocked ? 8 : 1) {
     if (!blocked) {
-      widen(v + (j0 + j) * stride, rows, Dv);
+      widen(v + (j0 + j) * v_stride, rows, Dv);
       for (int64_t g = 0; g < G; ++g) add_scaled(scores[g * n + j], rows, out.values + g * Dv, Dv);
       continue;
     }
 #if defined(LLMCLI_INT_DOT_AVX2)
     const int64_t count = std::min<int64_t>(8, n - j);
-    widen_rows(v + (j0 + j) * stride, stride, count, Dv, rows);
+    widen_rows(v + (j0 + j) * v_stride, v_stride, count, Dv, rows);
     float weights[8] = {};
     for (int64_t g = 0; g < G; ++g) {
       std::copy(scores + g * n + j, scores + g * n + j + count, weights);
@@ -301,4 +301,46 @@ void attend_in_chunks(int64_t streams, int64_t G, int64_t Dk, int64_t Dv, int64_
       for (float& x : merged) x /= sum;
       store(s, g, merged.data());
     }
+}
+
+// One new token's attention where the model's own code has already rotated the query and written the cache (the
+// models' `one_query_attention_eager`: original Qwen's float32 RoPE, partial RoPE, the hybrids' gated attention):
+// q [B, H, 1, Dk]; k [B, KV, n, Dk] and v [B, KV, n, Dv], views of a cache with any strides but a last of 1 (query
+// head h uses kv head h / (H / KV)); all n keys are seen. Scores (q . k) * scale in float32, softmaxed, the values'
+// weighted sum rounded to the dtype: [B, H, 1, Dv] (a bfloat16 cache with AVX512-BF16: the weights rounded to
+// bfloat16 for that sum, as in decode_attention). The eager path's float32 products took 17 ms a layer of
+// Qwen-7B's heads at 4,001 keys, widening the whole cache to float32 first.
+at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& k, const at::Tensor& v, double scale) {
+  TORCH_CHECK(query.device().is_cpu() && query.dim() == 4 && query.size(2) == 1,
+              "one_query_attention: q must be [B, H, 1, D]");
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.size(0) == query.size(0) && v.size(0) == query.size(0) &&
+                  k.size(1) > 0 && v.size(1) == k.size(1) && query.size(1) % k.size(1) == 0 &&
+                  v.size(2) == k.size(2) && k.size(2) > 0 && k.size(3) == query.size(3),
+              "one_query_attention: k and v must be [B, KV, n, D] with n > 0 and KV dividing q's heads");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.scalar_type() == query.scalar_type() &&
+                  v.scalar_type() == query.scalar_type(),
+              "one_query_attention: k and v must be in q's dtype with their last dim contiguous");
+  const at::Tensor q = query.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), Dk = q.size(3), KV = k.size(1), n = k.size(2), Dv = v.size(3);
+  const int64_t G = H / KV;
+  at::Tensor out = at::empty({B, H, 1, Dv}, q.options());
+  LLMCLI_DISPATCH_FLOATS(q.scalar_type(), "one_query_attention", [&] {
+    std::vector<float> queries(B * H * Dk);  // exact: the dtype's values widened
+    widen(q.const_data_ptr<scalar_t>(), queries.data(), B * H * Dk);
+    const scalar_t* kp = k.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    auto chunk = [&](int64_t s, int64_t j0, int64_t j1, const ChunkSums& sums, float* scratch) {  // s: b * KV + kvh
+      const int64_t b = s / KV, h = s % KV;
+      attend_chunk(queries.data() + s * G * Dk, G, Dk, kp + b * k.stride(0) + h * k.stride(1), k.stride(2),
+                   vp + b * v.stride(0) + h * v.stride(1), v.stride(2), Dv, j0, j1, static_cast<float>(scale), sums,
+                   scratch);
+    };
+    auto store = [&](int64_t s, int64_t g, const float* values) {
+      scalar_t* o = op + (s * G + g) * Dv;
+      for (int64_t i = 0; i < Dv; ++i) o[i] = static_cast<scalar_t>(values[i]);
+    };
+    attend_in_chunks(B * KV, G, Dk, Dv, 0, n, chunk, store);
+  });
+  return out;
 }

@@ -191,7 +191,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
     }
     const int64_t stride = B * KV * D;  // from one key's row of a sequence's kv head to the next key's
     auto chunk = [&](int64_t s, int64_t j0, int64_t j1, const ChunkSums& sums, float* scratch) {  // s: b * KV + kvh
-      attend_chunk(queries.data() + s * group * D, group, D, kc + s * D, vc + s * D, stride, D, j0, j1,
+      attend_chunk(queries.data() + s * group * D, group, D, kc + s * D, stride, vc + s * D, stride, D, j0, j1,
                    static_cast<float>(scale), sums, scratch);
     };
     auto store = [&](int64_t s, int64_t g, const float* values) {  // head kvh * group + g of sequence b
@@ -263,8 +263,8 @@ void mla_decode_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor
   // Every head of a sequence over its cache rows at once (a row's first R values are the latent the values mix).
   auto chunk = [&](int64_t b, int64_t j0, int64_t j1, const ChunkSums& sums, float* scratch) {
     const scalar_t* rows = cache_p + b * row;
-    attend_chunk(queries.data() + b * H * row, H, row, rows, rows, B * row, R, j0, j1, static_cast<float>(scale), sums,
-                 scratch);
+    attend_chunk(queries.data() + b * H * row, H, row, rows, B * row, rows, B * row, R, j0, j1, static_cast<float>(scale),
+                 sums, scratch);
   };
   auto store = [&](int64_t b, int64_t h, const float* values) {
     float* m = mixed.data() + (b * H + h) * R;
@@ -452,6 +452,7 @@ TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
         "int heads, int window, float scale) -> Tensor");
   m.def("mla_decode(Tensor q, Tensor kv, Tensor norm, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
         "int position, Tensor wkv_b, int v_dim, float scale, bool interleaved) -> Tensor");
+  m.def("one_query_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("int_swiglu(Tensor x, Tensor gate_up, Tensor gate_up_scales, Tensor down, Tensor down_scales, "
         "Tensor? experts=None, Tensor? weights=None) -> Tensor");
   m.def("route(Tensor x, Tensor weight, Tensor? bias, int top_k, int method, int n_group, int topk_group, "
@@ -462,6 +463,7 @@ TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) {
   m.impl("zero_centred_rms_norm", &zero_centred_rms_norm);
   m.impl("decode_attention", &decode_attention);
   m.impl("mla_decode", &mla_decode);
+  m.impl("one_query_attention", &one_query_attention);
   m.impl("route", &route);
   m.impl("int_swiglu", &int_swiglu);
 }

@@ -1,0 +1,144 @@
+"""The one-query attention op (`one_query_attention`, kernels/attention_chunks.cpp) behind the models' eager decode
+step where the model's own code rotates the query and writes the cache: original Qwen in bfloat16 (float32 RoPE),
+partial RoPE, Qwen3-Next / Qwen3.5 gated attention. The op against a float64 reference on awkward shapes and cache
+views, and whole models against their torch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmcli.backends import decode_ops
+from llmcli.backends.decode_ops import OneQueryAttention, OneQueryGatedAttention
+from llmcli.loader import load_model
+
+pytestmark = pytest.mark.skipif(not decode_ops.available(), reason="llmcli's CPU kernels could not be built here")
+
+
+def cache_views(keys: int, kv: int, dk: int, dv: int, dtype, first: int = 0):
+    """k and v as a model's cache hands them over: [B, KV, n, D] views of [L, B, KV, D] storage (rows past the
+    written ones, and before `first`, outside the view)."""
+    length = keys + 5
+    k = torch.randn(length, 2, kv, dk).to(dtype).permute(1, 2, 0, 3)
+    v = torch.randn(length, 2, kv, dv).to(dtype).permute(1, 2, 0, 3)
+    return k[:, :, first:keys], v[:, :, first:keys]
+
+
+def float64_attention(q, k, v, scale: float) -> torch.Tensor:
+    """[B, H, 1, Dv]: query head h over kv head h / (H / KV)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (x.double().repeat_interleave(group, dim=1) for x in (k, v))
+    return ((q.double() @ k.transpose(-1, -2)) * scale).softmax(dim=-1) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("heads", "kv", "dk", "dv", "keys", "first"), [
+    (8, 1, 64, 64, 334, 0),  # one GQA group over several chunks
+    (6, 3, 20, 20, 70, 0),  # a head size off the 8 lanes
+    (4, 4, 32, 48, 1, 0),  # one key; values wider than keys
+    (16, 2, 256, 256, 97, 40),  # Qwen3.5's head size, a window's last keys
+])
+def test_op_against_float64(kernel_build, dtype, heads, kv, dk, dv, keys, first):
+    """In every build this CPU runs, on four threads (whatever the machine has), q a strided [B, H, 1, D] view."""
+    torch.manual_seed(3)
+    k, v = cache_views(keys, kv, dk, dv, dtype, first)
+    q = torch.randn(2, 1, heads, dk).to(dtype).transpose(1, 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with torch.inference_mode():
+            out = kernel_build.one_query_attention(q, k, v, 0.3)
+    finally:
+        torch.set_num_threads(threads)
+    expected = float64_attention(q, k, v, 0.3)
+    assert out.shape == (2, heads, 1, dv) and out.dtype == dtype and out.is_contiguous()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_op_rejects_what_it_cannot_take():
+    q = torch.randn(1, 6, 1, 8)
+    k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8)
+    with pytest.raises(RuntimeError, match="KV dividing"):
+        torch.ops.llmcli.one_query_attention(q, k, v, 1.0)
+    with pytest.raises(RuntimeError, match="n > 0"):
+        torch.ops.llmcli.one_query_attention(q, k[:1, :2, :0], v[:1, :2, :0], 1.0)
+    with pytest.raises(RuntimeError, match="q's dtype"):
+        torch.ops.llmcli.one_query_attention(q, k[:, :2].bfloat16(), v[:, :2], 1.0)
+    with pytest.raises(RuntimeError, match="last dim contiguous"):
+        torch.ops.llmcli.one_query_attention(q, torch.randn(1, 2, 8, 5).transpose(2, 3), v[:, :2], 1.0)
+
+
+class Counted:
+    """`decode_ops.attended_by_op` as it is, counting the calls the op answered."""
+
+    def __init__(self):
+        self.calls = 0
+        self.real = decode_ops.attended_by_op
+
+    def __call__(self, *args):
+        out = self.real(*args)
+        self.calls += out is not None
+        return out
+
+
+def decode(runner, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    from tests.test_decode_ops import decode as decode_steps
+
+    return decode_steps(runner, prompt, steps)
+
+
+def assert_decodes_like_the_torch_path(fused, plain, dtype: str, vocab: int, monkeypatch) -> None:
+    """After a 300-token prompt: float32 the same tokens and logits within 1e-4; bfloat16 (whose rounding of the
+    weights for the values' sum differs) the first tokens and their logits within 5%. The op answered each step."""
+    counted = Counted()
+    monkeypatch.setattr(decode_ops, "attended_by_op", counted)
+    prompt = [(7 * i) % (vocab - 12) + 3 for i in range(300)]
+    tokens, logits = decode(fused, prompt, 4)
+    assert counted.calls >= 4
+    monkeypatch.undo()
+    plain_tokens, plain_logits = decode(plain, prompt, 4)
+    scale = plain_logits.abs().max().item()
+    if dtype == "float32":
+        assert tokens == plain_tokens
+        assert (logits - plain_logits).abs().max().item() < 1e-4 * scale
+    else:
+        assert tokens[:2] == plain_tokens[:2]
+        assert (logits[:2] - plain_logits[:2]).abs().max().item() < 0.05 * scale
+
+
+@pytest.mark.parametrize(("dtype", "overrides"), [
+    ("bfloat16", {}),  # float32 RoPE in a bfloat16 model: the fused decode op does not take it
+    ("float32", {"rotary_pct": 0.5}),  # partial RoPE
+])
+def test_original_qwen_decodes_like_its_torch_path(tmp_path, monkeypatch, dtype, overrides):
+    """LogN and dynamic NTK act far past the tiny checkpoint's 16-token training length; layer windows of 3 and 5
+    keys (the op sees the window's last keys) beside a full layer."""
+    from tests.test_qwen1 import VOCAB, qwen1_tensors, random_weights, write_qwen1
+
+    path = write_qwen1(tmp_path / "qwen1", qwen1_tensors(random_weights()), **overrides)
+    runners = []
+    for fused_decode in (True, False):
+        loaded = load_model("tiny-qwen1", path, device="cpu", dtype=dtype, fused_decode=fused_decode)
+        loaded.model.set_attention_options(windows=[3, 5, None])
+        runners.append(loaded.runner)
+    assert any(isinstance(m, OneQueryAttention) for m in runners[0].model.modules())
+    assert not any(isinstance(m, OneQueryAttention) for m in runners[1].model.modules())
+    assert_decodes_like_the_torch_path(*runners, dtype, VOCAB - 208, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_qwen3_5_decodes_like_its_torch_path(tmp_path, monkeypatch, dtype):
+    """The gated full-attention layers (one in four) of a tiny Qwen3.5, and in float32 transformers' logits over
+    the whole sequence as well."""
+    from tests.test_decode_ops import assert_long_context_decodes_alike
+    from tests.test_qwen_hybrid import build_reference
+
+    reference = build_reference("qwen3_5", tmp_path)
+    fused = load_model("qwen3_5", tmp_path, device="cpu", dtype=dtype).runner
+    plain = load_model("qwen3_5", tmp_path, device="cpu", dtype=dtype, fused_decode=False).runner
+    assert any(isinstance(m, OneQueryGatedAttention) for m in fused.model.modules())
+    vocab = reference.config.get_text_config().vocab_size
+    assert_decodes_like_the_torch_path(fused, plain, dtype, vocab, monkeypatch)
+    if dtype == "float32":
+        assert_long_context_decodes_alike(fused, plain, reference, vocab)
