@@ -4,7 +4,10 @@ same cache, timed in turns in one process. Microseconds a layer (median of the r
 rate at which the op went through the bytes it must read (the cache's rows; for MLA also kv_b's weight): far below
 the memory's bandwidth, the op is bound by its arithmetic.
 
-    python benchmarks/decode_attention.py [--keys 37,501,4001] [--rounds 7] [--threads N]
+    python benchmarks/decode_attention.py [--keys 37,501,4001] [--rounds 7] [--threads N] [--cold]
+
+Without --cold the loop calls an op on the same cache again and again, which then stays in the CPU's caches (L3);
+in a decode step the layer's weights have pushed it out, and --cold reads 128 MB before each call to do the same.
 
 The third group is `one_query_attention`, the op behind the models' own eager step (original Qwen's float32 RoPE,
 Qwen3-Next / Qwen3.5 gated attention: the model rotates the query and writes the cache), against what those models
@@ -33,11 +36,22 @@ ONE_QUERY = {"Qwen-7B (original)": (32, 32, 128), "Qwen3.5-0.8B (gated)": (8, 2,
              "Qwen3-Next-80B (gated)": (16, 2, 256)}  # query heads, kv heads, head size
 
 
+FLUSH: list[torch.Tensor] = []  # with --cold: 128 MB read before each call, as a step's weights pass between layers
+
+
 def timed(fn, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
+    if not FLUSH:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls
+    spent = 0.0
+    for _ in range(min(calls, 12)):
+        FLUSH[0].sum()
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / calls
+        spent += time.perf_counter() - start
+    return spent / min(calls, 12)
 
 
 def compare(name: str, ours, theirs, rounds: int, calls: int, nbytes: int) -> None:
@@ -115,13 +129,18 @@ def main() -> None:
     parser.add_argument("--keys", default="37,501,4001", help="cached keys, comma-separated")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cold", action="store_true",
+                        help="read 128 MB before each call (the cache out of the CPU's caches, as in a decode step)")
     args = parser.parse_args()
+    if args.cold:
+        FLUSH.append(torch.ones(32 * 2**20))
     if args.threads:
         torch.set_num_threads(args.threads)
     built, note = cpu_kernels.load_once()
     if not built:
         raise SystemExit(f"llmcli's CPU kernels are not built here: {note}")
-    print(f"{torch.get_num_threads()} threads; us a layer, median of {args.rounds} rounds\n")
+    where = "a cache just pushed out of the CPU's caches" if args.cold else "a cache the loop keeps in the CPU's caches"
+    print(f"{torch.get_num_threads()} threads; us a layer, median of {args.rounds} rounds; {where}\n")
     print("| shape | keys | llmcli op | torch | speed-up | MB read | op GB/s |\n|---|---|---|---|---|---|---|")
     with torch.inference_mode():
         for keys in (int(k) for k in args.keys.split(",")):
