@@ -63,10 +63,11 @@ def test_zero_centred_rms_norm_rounds_like_the_torch_path(dtype):
 
 
 def torch_decode_attention(qkv, cos, sin, k_cache, v_cache, position, heads, window, scale):
-    """The reference: torch ops, RoPE in the dtype as the model rotates, then float64 attention."""
+    """The reference: torch ops, RoPE in cos's dtype as the model rotates (rounded to the dtype after), then float64
+    attention."""
     b, _, d = qkv.shape
     kv = (qkv.shape[1] - heads) // 2
-    qk = rotate(qkv[:, :heads + kv], cos, sin)
+    qk = rotate(qkv[:, :heads + kv].to(cos.dtype), cos, sin).to(qkv.dtype)
     k_cache[position], v_cache[position] = qk[:, heads:], qkv[:, heads + kv:]
     first = max(0, position - window + 1) if window else 0
     keys = k_cache[first:position + 1].double().permute(1, 2, 0, 3)  # [B, KV, n, D]
@@ -76,13 +77,16 @@ def torch_decode_attention(qkv, cos, sin, k_cache, v_cache, position, heads, win
     return (probs @ values).reshape(b, heads * d)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("dtype", "rope_dtype"), [
+    (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32), (torch.float16, torch.float32),  # original Qwen rotates in float32
+])
 @pytest.mark.parametrize("window", [0, 5])
-def test_decode_attention_op_against_torch(dtype, window):
+def test_decode_attention_op_against_torch(dtype, rope_dtype, window):
     torch.manual_seed(1)
     batch, heads, kv, d, length, position = 2, 6, 2, 32, 20, 13
     qkv = torch.randn(batch, heads + 2 * kv, d).to(dtype)
-    cos, sin = torch.randn(d).to(dtype), torch.randn(d).to(dtype)
+    cos, sin = torch.randn(d).to(rope_dtype), torch.randn(d).to(rope_dtype)
     caches = [torch.randn(length, batch, kv, d).to(dtype) for _ in range(2)]
     theirs = [c.clone() for c in caches]
     with torch.inference_mode():
@@ -90,7 +94,7 @@ def test_decode_attention_op_against_torch(dtype, window):
         expected = torch_decode_attention(qkv, cos, sin, theirs[0], theirs[1], position, heads, window, 0.3)
     assert torch.equal(caches[0], theirs[0]) and torch.equal(caches[1], theirs[1])  # rotated keys, bit for bit
     assert out.dtype == dtype and out.shape == (batch, heads * d)
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3}.get(dtype, 1e-2)
     torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
 
 

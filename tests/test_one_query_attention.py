@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmcli.backends import decode_ops
-from llmcli.backends.decode_ops import OneQueryAttention, OneQueryGatedAttention
+from llmcli.backends.decode_ops import FusedQwenLayer, OneQueryAttention, OneQueryGatedAttention
 from llmcli.loader import load_model
 
 pytestmark = pytest.mark.skipif(not decode_ops.available(), reason="llmcli's CPU kernels could not be built here")
@@ -88,14 +88,16 @@ def decode(runner, prompt: list[int], steps: int) -> tuple[list[int], torch.Tens
     return decode_steps(runner, prompt, steps)
 
 
-def assert_decodes_like_the_torch_path(fused, plain, dtype: str, vocab: int, monkeypatch) -> None:
+def assert_decodes_like_the_torch_path(fused, plain, dtype: str, vocab: int, monkeypatch, op_calls: bool = True
+                                       ) -> None:
     """After a 300-token prompt: float32 the same tokens and logits within 1e-4; bfloat16 (whose rounding of the
-    weights for the values' sum differs) the first tokens and their logits within 5%. The op answered each step."""
+    weights for the values' sum differs) the first tokens and their logits within 5%. The one-query op answered
+    each step (`op_calls`), or never did: the fused ops took every step."""
     counted = Counted()
     monkeypatch.setattr(decode_ops, "attended_by_op", counted)
     prompt = [(7 * i) % (vocab - 12) + 3 for i in range(300)]
     tokens, logits = decode(fused, prompt, 4)
-    assert counted.calls >= 4
+    assert counted.calls >= 4 if op_calls else counted.calls == 0
     monkeypatch.undo()
     plain_tokens, plain_logits = decode(plain, prompt, 4)
     scale = plain_logits.abs().max().item()
@@ -108,12 +110,13 @@ def assert_decodes_like_the_torch_path(fused, plain, dtype: str, vocab: int, mon
 
 
 @pytest.mark.parametrize(("dtype", "overrides"), [
-    ("bfloat16", {}),  # float32 RoPE in a bfloat16 model: the fused decode op does not take it
-    ("float32", {"rotary_pct": 0.5}),  # partial RoPE
+    ("bfloat16", {}),  # float32 RoPE in a bfloat16 model: the fused layer op rotates in float32 as the model does
+    ("float32", {"rotary_pct": 0.5}),  # partial RoPE: the one-query op
+    ("bfloat16", {"rotary_pct": 0.5}),
 ])
 def test_original_qwen_decodes_like_its_torch_path(tmp_path, monkeypatch, dtype, overrides):
     """LogN and dynamic NTK act far past the tiny checkpoint's 16-token training length; layer windows of 3 and 5
-    keys (the op sees the window's last keys) beside a full layer."""
+    keys (the ops see the window's last keys) beside a full layer."""
     from tests.test_qwen1 import VOCAB, qwen1_tensors, random_weights, write_qwen1
 
     path = write_qwen1(tmp_path / "qwen1", qwen1_tensors(random_weights()), **overrides)
@@ -122,9 +125,11 @@ def test_original_qwen_decodes_like_its_torch_path(tmp_path, monkeypatch, dtype,
         loaded = load_model("tiny-qwen1", path, device="cpu", dtype=dtype, fused_decode=fused_decode)
         loaded.model.set_attention_options(windows=[3, 5, None])
         runners.append(loaded.runner)
+    partial = "rotary_pct" in overrides
+    layer_op = any(isinstance(m, FusedQwenLayer) for m in runners[0].model.modules())
     assert any(isinstance(m, OneQueryAttention) for m in runners[0].model.modules())
-    assert not any(isinstance(m, OneQueryAttention) for m in runners[1].model.modules())
-    assert_decodes_like_the_torch_path(*runners, dtype, VOCAB - 208, monkeypatch)
+    assert layer_op == (not partial) and not any(isinstance(m, OneQueryAttention) for m in runners[1].model.modules())
+    assert_decodes_like_the_torch_path(*runners, dtype, VOCAB - 208, monkeypatch, op_calls=partial)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -142,3 +147,20 @@ def test_qwen3_5_decodes_like_its_torch_path(tmp_path, monkeypatch, dtype):
     assert_decodes_like_the_torch_path(fused, plain, dtype, vocab, monkeypatch)
     if dtype == "float32":
         assert_long_context_decodes_alike(fused, plain, reference, vocab)
+
+
+def test_original_qwen_records_attention_probabilities_beside_the_fused_op(tmp_path):
+    """bfloat16 with float32 RoPE: the recorded probabilities are the torch path's, and the step's logits those of a
+    step without a recorder."""
+    from tests.test_decode_ops import Probs, step
+    from tests.test_qwen1 import qwen1_tensors, random_weights, write_qwen1
+
+    path = write_qwen1(tmp_path / "qwen1", qwen1_tensors(random_weights()))
+    fused, plain = (load_model("tiny-qwen1", path, device="cpu", dtype="bfloat16", fused_decode=f).runner
+                    for f in (True, False))
+    fused_probs, torch_probs = Probs(), Probs()
+    assert torch.equal(step(fused, fused_probs), step(fused))
+    step(plain, torch_probs)
+    assert len(fused_probs.seen) == len(torch_probs.seen) > 0
+    for a, b in zip(fused_probs.seen, torch_probs.seen, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

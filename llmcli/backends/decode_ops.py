@@ -12,8 +12,8 @@ fused op where it applies (CPU, not compiling; attention: one new token, plain R
 run the model's own code otherwise; a recorder that asks for attention probabilities gets them computed beside
 the op, so that tracing does not change the logits. The ops round like the
 torch code they replace, except that sums are added in another order (last-bit differences).
-Where the model's own code must rotate the query and write the cache (original Qwen's float32 RoPE, partial
-RoPE, the hybrids' gated attention), only the attention over the cache is an op (`attended_by_op`).
+Where the model's own code must rotate the query and write the cache (partial RoPE, the hybrids' gated attention),
+only the attention over the cache is an op (`attended_by_op`).
 Where every product of a layer runs in llmcli's CPU kernels (the integer kernels, or bfloat16 panels), the whole
 layer is one op (kernels/decode_layer.cpp: the same ops called from C++, bit for bit): the Python between the ops
 was about a tenth of a step.
@@ -41,7 +41,7 @@ from llmcli.models.hooks import ATTN_PROBS, AttentionWeights, RouterChoice, asks
 from llmcli.models.layers import RMSNorm, SwiGLU, head_probs
 from llmcli.models.qwen import Attention, DecoderLayer
 from llmcli.models.qwen_moe import SharedExpertGate, SparseMoeBlock, TopKRouter
-from llmcli.models.rope import rotate, rotate_pairs
+from llmcli.models.rope import rotate_pairs
 
 
 def eager_cpu(x: torch.Tensor) -> bool:
@@ -78,8 +78,8 @@ def attended_by_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 
 class OneQueryAttention(Attention):
-    """Qwen attention whose eager one-token step runs the model's own projections, RoPE (original Qwen's in
-    float32, or partial) and cache write, then `attended_by_op`."""
+    """Qwen attention whose eager one-token step runs the model's own projections, RoPE (partial, or wherever the
+    fused op does not apply) and cache write, then `attended_by_op`."""
 
     def attend_one_query(self, q, k, v, mask, scale) -> torch.Tensor:
         if mask is not None and self.window is not None:  # one query's window mask: the last `window` keys
@@ -110,16 +110,16 @@ class FusedDecodeAttention(OneQueryAttention):
         out = torch.ops.llmcli.decode_attention(qkv.contiguous(), cos.reshape(-1), sin.reshape(-1), layer_cache.k,
                                                 layer_cache.v, span.start, h, self.window or 0, scale)
         if asks(recorder, ATTN_PROBS):  # beside the op, as the torch path records them beside its kernel
-            q = rotate(qkv[:, :h], cos, sin).unsqueeze(2)  # the op's rotation, bit for bit
+            q = self._rope(qkv[:, :h], cos, sin).unsqueeze(2)  # the op's rotation, bit for bit
             keys = layer_cache.k[:span.start + 1].permute(1, 2, 0, 3)
             probs = head_probs(q, keys, scale, span.start, self.window)
             recorder.record(self.index, ATTN_PROBS, AttentionWeights(probs, span.start))
         return self.o_proj(out.view(b, 1, h * d))
 
     def _fits(self, x, cos, layer_cache, span, q_scale, recorder) -> bool:
-        """Per call (what `install` could not know): an eager CPU step of one token, RoPE in the model's dtype
-        (original Qwen rotates in float32), a contiguous cache of that dtype with room for the token."""
-        return (eager_cpu(x) and x.shape[1] == 1 and not span.static and cos.dtype == x.dtype
+        """Per call (what `install` could not know): an eager CPU step of one token, RoPE in the model's dtype or
+        in float32 (original Qwen), a contiguous cache of the model's dtype with room for the token."""
+        return (eager_cpu(x) and x.shape[1] == 1 and not span.static and cos.dtype in (x.dtype, torch.float32)
                 and (q_scale is None or isinstance(q_scale, float)) and isinstance(layer_cache, KVLayerCache)
                 and layer_cache.k.dtype == x.dtype and layer_cache.k.is_contiguous()
                 and layer_cache.v.is_contiguous() and span.start < layer_cache.k.shape[0])

@@ -141,10 +141,52 @@ at::Tensor zero_centred_rms_norm(const at::Tensor& x, const at::Tensor& weight, 
   return rms_norm_as(x, weight, eps, true);
 }
 
+// decode_attention's work: RoPE in cos_t (qkv's dtype, or float32), each product and the sum rounded to it.
+template <typename scalar_t, typename cos_t>
+void decode_attention_impl(const at::Tensor& qkv, const cos_t* cp, const cos_t* sp, at::Tensor& k_cache,
+                           at::Tensor& v_cache, int64_t position, int64_t heads, int64_t first, int64_t keys,
+                           double scale, at::Tensor& out) {
+  const int64_t B = qkv.size(0), D = qkv.size(2), KV = (qkv.size(1) - heads) / 2;
+  const int64_t group = heads / KV, half = D / 2;
+  const scalar_t* in = qkv.const_data_ptr<scalar_t>();
+  scalar_t* kc = k_cache.data_ptr<scalar_t>();
+  scalar_t* vc = v_cache.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  auto rotate = [&](const scalar_t* x, int64_t i) {  // element i of the rotated row x, rounded like torch
+    const float straight = rounded<cos_t>(static_cast<float>(x[i]) * static_cast<float>(cp[i]));
+    const float swapped = rounded<cos_t>(static_cast<float>(x[(i + half) % D]) * static_cast<float>(sp[i]));
+    return rounded<cos_t>(straight + swapped);  // and rounded to scalar_t by the caller
+  };
+  for (int64_t b = 0; b < B; ++b)  // the new key (rotated) and value into the caches
+    for (int64_t h = 0; h < KV; ++h) {
+      const scalar_t* k = in + (b * (heads + 2 * KV) + heads + h) * D;
+      const scalar_t* v = in + (b * (heads + 2 * KV) + heads + KV + h) * D;
+      scalar_t* kd = kc + ((position * B + b) * KV + h) * D;
+      scalar_t* vd = vc + ((position * B + b) * KV + h) * D;
+      for (int64_t i = 0; i < D; ++i) kd[i] = static_cast<scalar_t>(rotate(k, i)), vd[i] = v[i];
+    }
+  std::vector<float> queries(B * heads * D);  // rotated and rounded like the cache's keys, a group's heads in turn
+  for (int64_t bh = 0; bh < B * heads; ++bh) {
+    const scalar_t* x = in + ((bh / heads) * (heads + 2 * KV) + bh % heads) * D;
+    for (int64_t i = 0; i < D; ++i) queries[bh * D + i] = rounded<scalar_t>(rotate(x, i));
+  }
+  const int64_t stride = B * KV * D;  // from one key's row of a sequence's kv head to the next key's
+  auto chunk = [&](int64_t s, int64_t j0, int64_t j1, const ChunkSums& sums, float* scratch) {  // s: b * KV + kvh
+    attend_chunk(queries.data() + s * group * D, group, D, kc + s * D, stride, vc + s * D, stride, D, j0, j1,
+                 static_cast<float>(scale), sums, scratch);
+  };
+  auto store = [&](int64_t s, int64_t g, const float* values) {  // head kvh * group + g of sequence b
+    scalar_t* o = op + (s * group + g) * D;
+    for (int64_t i = 0; i < D; ++i) o[i] = static_cast<scalar_t>(values[i]);
+  };
+  attend_in_chunks(B * KV, group, D, D, first, keys, chunk, store);
+}
+
 // One new token's attention per sequence, from the fused q/k/v projection's output:
 //   qkv [B, H + 2KV, D] (q heads, k heads, v heads); cos, sin [D] (sin with rotate_half's sign folded in);
 //   k_cache, v_cache [L, B, KV, D], written at `position`; keys max(0, position - window + 1)..position seen
-//   (window 0: all). q and k are rotated like x * cos + roll(x, D/2) * sin in the dtype; scores are
+//   (window 0: all). q and k are rotated like x * cos + roll(x, D/2) * sin in cos's dtype (qkv's, or float32 as
+//   original Qwen rotates, then rounded to qkv's); scores are
 //   (q . k) * scale in float32, softmaxed, and the values' weighted sum is rounded to the dtype: [B, H * D]
 //   (a bfloat16 cache on a CPU with AVX512-BF16: the softmax's weights are rounded to bfloat16 for that sum).
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
@@ -157,48 +199,20 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
     TORCH_CHECK(cache->is_contiguous() && cache->dim() == 4 && cache->size(0) == L && cache->size(1) == B &&
                     cache->size(2) == KV && cache->size(3) == D && cache->scalar_type() == qkv.scalar_type(),
                 "decode_attention: caches must be [L, B, KV, D] in qkv's dtype");
+  const bool float_rope = cos.scalar_type() == at::kFloat;  // original Qwen rotates in float32 whatever its dtype
   for (const at::Tensor* t : {&cos, &sin})
-    TORCH_CHECK(t->is_contiguous() && t->numel() == D && t->scalar_type() == qkv.scalar_type(),
-                "decode_attention: cos and sin must be [D] in qkv's dtype");
+    TORCH_CHECK(t->is_contiguous() && t->numel() == D && t->scalar_type() == (float_rope ? at::kFloat : qkv.scalar_type()),
+                "decode_attention: cos and sin must be [D] in qkv's dtype or both in float32");
   TORCH_CHECK(position >= 0 && position < L, "decode_attention: position ", position, " outside the cache of ", L);
   const int64_t first = window > 0 ? std::max<int64_t>(0, position - window + 1) : 0, keys = position + 1 - first;
-  const int64_t group = heads / KV, half = D / 2;
   at::Tensor out = at::empty({B, heads * D}, qkv.options());
   LLMCLI_DISPATCH_FLOATS(qkv.scalar_type(), "decode_attention", [&] {
-    const scalar_t* in = qkv.const_data_ptr<scalar_t>();
-    const scalar_t* cp = cos.const_data_ptr<scalar_t>();
-    const scalar_t* sp = sin.const_data_ptr<scalar_t>();
-    scalar_t* kc = k_cache.data_ptr<scalar_t>();
-    scalar_t* vc = v_cache.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    auto rotate = [&](const scalar_t* x, int64_t i) {  // element i of the rotated row x, rounded like torch
-      const float straight = rounded<scalar_t>(static_cast<float>(x[i]) * static_cast<float>(cp[i]));
-      const float swapped = rounded<scalar_t>(static_cast<float>(x[(i + half) % D]) * static_cast<float>(sp[i]));
-      return straight + swapped;  // rounded by the caller's store
-    };
-    for (int64_t b = 0; b < B; ++b)  // the new key (rotated) and value into the caches
-      for (int64_t h = 0; h < KV; ++h) {
-        const scalar_t* k = in + (b * (heads + 2 * KV) + heads + h) * D;
-        const scalar_t* v = in + (b * (heads + 2 * KV) + heads + KV + h) * D;
-        scalar_t* kd = kc + ((position * B + b) * KV + h) * D;
-        scalar_t* vd = vc + ((position * B + b) * KV + h) * D;
-        for (int64_t i = 0; i < D; ++i) kd[i] = static_cast<scalar_t>(rotate(k, i)), vd[i] = v[i];
-      }
-    std::vector<float> queries(B * heads * D);  // rotated and rounded like the cache's keys, a group's heads in turn
-    for (int64_t bh = 0; bh < B * heads; ++bh) {
-      const scalar_t* x = in + ((bh / heads) * (heads + 2 * KV) + bh % heads) * D;
-      for (int64_t i = 0; i < D; ++i) queries[bh * D + i] = rounded<scalar_t>(rotate(x, i));
-    }
-    const int64_t stride = B * KV * D;  // from one key's row of a sequence's kv head to the next key's
-    auto chunk = [&](int64_t s, int64_t j0, int64_t j1, const ChunkSums& sums, float* scratch) {  // s: b * KV + kvh
-      attend_chunk(queries.data() + s * group * D, group, D, kc + s * D, stride, vc + s * D, stride, D, j0, j1,
-                   static_cast<float>(scale), sums, scratch);
-    };
-    auto store = [&](int64_t s, int64_t g, const float* values) {  // head kvh * group + g of sequence b
-      scalar_t* o = op + (s * group + g) * D;
-      for (int64_t i = 0; i < D; ++i) o[i] = static_cast<scalar_t>(values[i]);
-    };
-    attend_in_chunks(B * KV, group, D, D, first, keys, chunk, store);
+    if (float_rope)
+      decode_attention_impl<scalar_t>(qkv, cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), k_cache, v_cache,
+                                      position, heads, first, keys, scale, out);
+    else
+      decode_attention_impl<scalar_t>(qkv, cos.const_data_ptr<scalar_t>(), sin.const_data_ptr<scalar_t>(), k_cache,
+                                      v_cache, position, heads, first, keys, scale, out);
   });
   return out;
 }
