@@ -11,6 +11,7 @@ import torch
 from llmcli.backends import decode_ops
 from llmcli.backends.decode_ops import FusedQwenLayer, OneQueryAttention, OneQueryGatedAttention
 from llmcli.loader import load_model
+from llmcli.models.cache import StaticView
 
 pytestmark = pytest.mark.skipif(not decode_ops.available(), reason="llmcli's CPU kernels could not be built here")
 
@@ -56,6 +57,30 @@ def test_op_against_float64(kernel_build, dtype, heads, kv, dk, dv, keys, first)
     torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window", [0, 50])
+def test_op_with_rows_at_their_own_positions(kernel_build, dtype, window):
+    """`ends`: row b sees keys [max(0, ends[b] - window), ends[b]) (a static step of rows at their own positions),
+    some rows' keys ending chunks before the others'."""
+    torch.manual_seed(4)
+    heads, kv, d, keys, ends = 6, 2, 64, 334, [5, 334, 100]
+    k = torch.randn(keys + 5, 3, kv, d).to(dtype).permute(1, 2, 0, 3)[:, :, :keys]
+    v = torch.randn(keys + 5, 3, kv, d).to(dtype).permute(1, 2, 0, 3)[:, :, :keys]
+    q = torch.randn(3, 1, heads, d).to(dtype).transpose(1, 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with torch.inference_mode():
+            out = kernel_build.one_query_attention(q, k, v, 0.3, torch.tensor(ends), window)
+    finally:
+        torch.set_num_threads(threads)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for b, end in enumerate(ends):
+        first = max(0, end - window) if window else 0
+        expected = float64_attention(q[b:b + 1], k[b:b + 1, :, first:end], v[b:b + 1, :, first:end], 0.3)
+        torch.testing.assert_close(out[b:b + 1].double(), expected, rtol=tolerance, atol=tolerance)
+
+
 def test_op_rejects_what_it_cannot_take():
     q = torch.randn(1, 6, 1, 8)
     k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8)
@@ -65,6 +90,12 @@ def test_op_rejects_what_it_cannot_take():
         torch.ops.llmcli.one_query_attention(q, k[:1, :2, :0], v[:1, :2, :0], 1.0)
     with pytest.raises(RuntimeError, match="q's dtype"):
         torch.ops.llmcli.one_query_attention(q, k[:, :2].bfloat16(), v[:, :2], 1.0)
+    with pytest.raises(RuntimeError, match="outside 1..5"):
+        torch.ops.llmcli.one_query_attention(q, k[:, :2], v[:, :2], 1.0, torch.tensor([6]))
+    with pytest.raises(RuntimeError, match="outside 1..5"):
+        torch.ops.llmcli.one_query_attention(q, k[:, :2], v[:, :2], 1.0, torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="ends must be"):
+        torch.ops.llmcli.one_query_attention(q, k[:, :2], v[:, :2], 1.0, torch.tensor([3, 4]))
     with pytest.raises(RuntimeError, match="last dim contiguous"):
         torch.ops.llmcli.one_query_attention(q, torch.randn(1, 2, 8, 5).transpose(2, 3), v[:, :2], 1.0)
 
@@ -164,3 +195,33 @@ def test_original_qwen_records_attention_probabilities_beside_the_fused_op(tmp_p
     assert len(fused_probs.seen) == len(torch_probs.seen) > 0
     for a, b in zip(fused_probs.seen, torch_probs.seen, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["qwen2-sliding", "qwen3"])
+def test_a_batch_of_rows_at_their_own_positions_steps_like_the_torch_path(tmp_path, monkeypatch, name):
+    """The server's step: three rows prefilled alone (prompts of 40, 300 and 120 tokens), then one static step of
+    all three at their own positions; float32 logits within 1e-4 of the torch path's (a sliding window of 16 in
+    qwen2-sliding)."""
+    from tests.test_qwen_parity import CASES as PARITY
+    from tests.test_qwen_parity import build_reference
+
+    kind, overrides = PARITY[name]
+    vocab = build_reference(kind, overrides, tmp_path).config.vocab_size
+    prompts = [[(5 * i + r) % (vocab - 12) + 3 for i in range(length)] for r, length in enumerate((40, 300, 120))]
+    logits = []
+    counted = Counted()
+    for fused_decode in (True, False):
+        runner = load_model(name, tmp_path, device="cpu", dtype="float32", fused_decode=fused_decode).runner
+        cache = runner.make_cache(3, 320)
+        with torch.inference_mode():
+            for row, prompt in enumerate(prompts):
+                runner(torch.tensor([prompt]), cache.row_cache(row), last_only=True)
+            positions = torch.tensor([[len(p)] for p in prompts])
+            if fused_decode:
+                monkeypatch.setattr(decode_ops, "attended_by_op", counted)
+            view = StaticView(cache, int(positions.max()) + 1, rows=3)
+            logits.append(runner.model(torch.tensor([[7], [8], [9]]), positions, view)[:, -1].float())
+            monkeypatch.undo()
+    assert counted.calls > 0
+    scale = logits[1].abs().max().item()
+    assert (logits[0] - logits[1]).abs().max().item() < 1e-4 * scale

@@ -117,6 +117,11 @@ class Attention(FusesProjections, nn.Module):
         backends may run it as one op."""
         return one_query_attention_eager(q, k, v, mask, scale)
 
+    def attend_static(self, q, k, v, mask, scale, positions) -> torch.Tensor:
+        """A static step's attention over every cache row, `mask` built from `positions` ([T], or [B, T] per row)
+        and this layer's window; the backends may run an eager CPU step as one op."""
+        return one_query_attention(q, k, v, mask, scale)
+
     def forward(self, x, cos, sin, layer_cache: KVLayerCache, span: Span, q_scale=None, recorder=None
                 ) -> torch.Tensor:
         """`sin` sign-folded (`rope.fold_sign`); `q_scale` (LogN): a float for one eager query (folded into
@@ -133,8 +138,8 @@ class Attention(FusesProjections, nn.Module):
             probs = head_probs(q, k, scale, span.start, self.window)
             recorder.record(self.index, ATTN_PROBS, AttentionWeights(probs, span.start))
         mask, causal = attention_mask(span, t, k.shape[2], self.window, x.device)
-        if span.static:  # a compiled decode step over the whole static cache
-            out = one_query_attention(q, k, v, mask, scale)
+        if span.static:  # a decode step over the whole static cache (compiled, or a batch of rows at their positions)
+            out = self.attend_static(q, k, v, mask, scale, span.positions)
         elif t == 1 and x.device.type == "cpu":  # an eager decode step: [B, H, 1, D] is [B, 1, H * D]
             return self.o_proj(self.attend_one_query(q, k, v, mask, scale).view(b, 1, -1))
         else:

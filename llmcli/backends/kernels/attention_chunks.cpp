@@ -299,19 +299,27 @@ inline std::pair<int64_t, int64_t> key_chunks(int64_t keys, int64_t streams, int
 }
 
 // Every stream's chunks, in parallel, then merged: out(s, g) [Dv] = the softmax-weighted values of query g of stream
-// s. `chunk(s, j0, j1, sums, scratch)` runs attend_chunk for stream s; `store(s, g, values)` takes the merged row.
-template <typename Chunk, typename Store>
-void attend_in_chunks(int64_t streams, int64_t G, int64_t Dk, int64_t Dv, int64_t first, int64_t keys, Chunk chunk,
+// s over its keys [first, first + keys) (`range(s)`: (first, keys), keys >= 1, at most `most` keys). `chunk(s, j0, j1,
+// sums, scratch)` runs attend_chunk for stream s; `store(s, g, values)` takes the merged row. A stream with fewer keys
+// than others leaves its last chunks empty.
+template <typename Range, typename Chunk, typename Store>
+void attend_in_ranges(int64_t streams, int64_t G, int64_t Dk, int64_t Dv, int64_t most, Range range, Chunk chunk,
                       Store store) {
-  const auto [chunks, per_chunk] = key_chunks(keys, streams, G * (Dk + Dv));
+  const auto [chunks, per_chunk] = key_chunks(most, streams, G * (Dk + Dv));
   const int64_t tasks = streams * chunks;
-  std::vector<float> largest(tasks * G), total(tasks * G), values(tasks * G * Dv);
+  std::vector<float> largest(tasks * G), total(tasks * G), values(tasks * G * Dv);  // zeros: an empty chunk's sums
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(G * per_chunk + 8 * std::max(Dk, Dv));
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t s = t / chunks, j0 = first + (t % chunks) * per_chunk;
+      const int64_t s = t / chunks;
+      const auto [first, keys] = range(s);
+      const int64_t j0 = first + (t % chunks) * per_chunk, j1 = std::min(first + keys, j0 + per_chunk);
+      if (j0 >= j1) {
+        std::fill(largest.begin() + t * G, largest.begin() + (t + 1) * G, -std::numeric_limits<float>::infinity());
+        continue;
+      }
       const ChunkSums sums{largest.data() + t * G, total.data() + t * G, values.data() + t * G * Dv};
-      chunk(s, j0, std::min(first + keys, j0 + per_chunk), sums, scratch.data());
+      chunk(s, j0, j1, sums, scratch.data());
     }
   });
   std::vector<float> merged(Dv);
@@ -331,14 +339,24 @@ void attend_in_chunks(int64_t streams, int64_t G, int64_t Dk, int64_t Dv, int64_
     }
 }
 
+// attend_in_ranges where every stream sees keys [first, first + keys).
+template <typename Chunk, typename Store>
+void attend_in_chunks(int64_t streams, int64_t G, int64_t Dk, int64_t Dv, int64_t first, int64_t keys, Chunk chunk,
+                      Store store) {
+  attend_in_ranges(streams, G, Dk, Dv, keys, [&](int64_t) { return std::pair<int64_t, int64_t>{first, keys}; }, chunk,
+                   store);
+}
+
 // One new token's attention where the model's own code has already rotated the query and written the cache (the
 // models' `one_query_attention_eager`: original Qwen's float32 RoPE, partial RoPE, the hybrids' gated attention):
 // q [B, H, 1, Dk]; k [B, KV, n, Dk] and v [B, KV, n, Dv], views of a cache with any strides but a last of 1 (query
-// head h uses kv head h / (H / KV)); all n keys are seen. Scores (q . k) * scale in float32, softmaxed, the values'
+// head h uses kv head h / (H / KV)); all n keys are seen, or with `ends` [B] row b's keys
+// [max(0, ends[b] - window), ends[b]) (window 0: from 0): a batch whose rows sit at their own positions. Scores (q . k) * scale in float32, softmaxed, the values'
 // weighted sum rounded to the dtype: [B, H, 1, Dv] (a bfloat16 cache with AVX512-BF16: the weights rounded to
 // bfloat16 for that sum, as in decode_attention). The eager path's float32 products took 17 ms a layer of
 // Qwen-7B's heads at 4,001 keys, widening the whole cache to float32 first.
-at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& k, const at::Tensor& v, double scale) {
+at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& k, const at::Tensor& v, double scale,
+                               const std::optional<at::Tensor>& ends, int64_t window) {
   TORCH_CHECK(query.device().is_cpu() && query.dim() == 4 && query.size(2) == 1,
               "one_query_attention: q must be [B, H, 1, D]");
   TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.size(0) == query.size(0) && v.size(0) == query.size(0) &&
@@ -351,6 +369,16 @@ at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& k, con
   const at::Tensor q = query.contiguous();
   const int64_t B = q.size(0), H = q.size(1), Dk = q.size(3), KV = k.size(1), n = k.size(2), Dv = v.size(3);
   const int64_t G = H / KV;
+  std::vector<int64_t> last(B, n);  // row b sees keys [max(0, last[b] - window), last[b])
+  if (ends.has_value()) {
+    TORCH_CHECK(ends->dim() == 1 && ends->size(0) == B && ends->scalar_type() == at::kLong,
+                "one_query_attention: ends must be [B] int64");
+    const at::Tensor e = ends->contiguous();
+    std::copy(e.const_data_ptr<int64_t>(), e.const_data_ptr<int64_t>() + B, last.begin());
+    for (const int64_t end : last)
+      TORCH_CHECK(end >= 1 && end <= n, "one_query_attention: a row's keys end at ", end, ", outside 1..", n);
+  }
+  TORCH_CHECK(window >= 0, "one_query_attention: window must be >= 0 (0: none)");
   at::Tensor out = at::empty({B, H, 1, Dv}, q.options());
   LLMCLI_DISPATCH_FLOATS(q.scalar_type(), "one_query_attention", [&] {
     std::vector<float> queries(B * H * Dk);  // exact: the dtype's values widened
@@ -368,7 +396,11 @@ at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& k, con
       scalar_t* o = op + (s * G + g) * Dv;
       for (int64_t i = 0; i < Dv; ++i) o[i] = static_cast<scalar_t>(values[i]);
     };
-    attend_in_chunks(B * KV, G, Dk, Dv, 0, n, chunk, store);
+    auto range = [&](int64_t s) {  // stream s: kv head s % KV of row s / KV
+      const int64_t end = last[s / KV], first = window > 0 ? std::max<int64_t>(0, end - window) : 0;
+      return std::pair<int64_t, int64_t>{first, end - first};
+    };
+    attend_in_ranges(B * KV, G, Dk, Dv, n, range, chunk, store);
   });
   return out;
 }

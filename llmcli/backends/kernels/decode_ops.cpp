@@ -466,7 +466,7 @@ TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
         "int heads, int window, float scale) -> Tensor");
   m.def("mla_decode(Tensor q, Tensor kv, Tensor norm, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
         "int position, Tensor wkv_b, int v_dim, float scale, bool interleaved) -> Tensor");
-  m.def("one_query_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("one_query_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? ends=None, int window=0) -> Tensor");
   m.def("int_swiglu(Tensor x, Tensor gate_up, Tensor gate_up_scales, Tensor down, Tensor down_scales, "
         "Tensor? experts=None, Tensor? weights=None) -> Tensor");
   m.def("route(Tensor x, Tensor weight, Tensor? bias, int top_k, int method, int n_group, int topk_group, "
