@@ -83,8 +83,12 @@ def attended_by_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         return torch.ops.llmcli.one_query_attention(q, k, v, scale)
     if positions.shape[-1] != 1 or positions.device.type != "cpu":
         return None
-    ends = (positions.reshape(-1) + 1).to(torch.long).expand(q.shape[0]).contiguous()
-    return torch.ops.llmcli.one_query_attention(q, k, v, scale, ends, window or 0)
+    return torch.ops.llmcli.one_query_attention(q, k, v, scale, row_ends(positions, q.shape[0]), window or 0)
+
+
+def row_ends(positions: torch.Tensor, batch: int) -> torch.Tensor:
+    """A static step's positions ([1], or [B, 1] per row) as the keys each row sees: [B] int64, position + 1."""
+    return (positions.reshape(-1) + 1).to(torch.long).expand(batch).contiguous()
 
 
 class OneQueryAttention(Attention):
@@ -170,6 +174,19 @@ class FusedMLAttention(MLAttention):
             probs = self.absorbed_probs(q_nope, q_pe, layer_cache.kv[:span.start + 1].transpose(0, 1), span.start)
             recorder.record(self.index, ATTN_PROBS, AttentionWeights(probs, span.start))
         return self.o_proj(out.view(b, 1, -1))
+
+    def _absorbed_static(self, q_nope, q_pe, latent, positions, selected=None) -> torch.Tensor:
+        """A static step in eager (the server's batch of rows at their own positions) as one op after the model's
+        cache write: the torch form multiplies and sums over every cache row, masked (`mla_attend`: each row's
+        keys only)."""
+        weight = self.kv_b_proj.weight
+        if (selected is None and eager_cpu(q_nope) and q_nope.dtype in ONE_QUERY_DTYPES and q_nope.shape[2] == 1
+                and positions.shape[-1] == 1 and positions.device.type == "cpu" and latent.dtype == q_nope.dtype
+                and latent.stride(-1) == 1 and isinstance(weight, torch.Tensor) and weight.is_contiguous()
+                and weight.dtype in (q_nope.dtype, torch.float32)):
+            return torch.ops.llmcli.mla_attend(q_nope, q_pe, latent, weight, self.v_dim, self.softmax_scale,
+                                               row_ends(positions, q_nope.shape[0]))
+        return super()._absorbed_static(q_nope, q_pe, latent, positions, selected)
 
     def _fits(self, x, cos, layer_cache, span) -> bool:
         """An eager CPU step of one token, cos/sin of one position in the model's dtype, a contiguous latent

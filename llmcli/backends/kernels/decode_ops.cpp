@@ -217,6 +217,50 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   return out;
 }
 
+// The absorbed attention of B sequences' H heads after the cache write: each head's query in the latent space
+// (q_nope W_UK rounded to the dtype: q_nope of head bh at q_nope + bh * q_stride; then its rotated q_pe, which
+// `rope_part(bh, y)` puts in y [rope]), over its sequence's latent rows (row j of sequence b at cache + b * batch_stride
+// + j * key_stride; `range(b)`: its first key and count, at most `most`), the mixed latent rounded to the dtype and
+// through W_UV: op [B, H * v].
+template <typename scalar_t, typename weight_t, typename Rope, typename Range>
+void absorbed_attention(int64_t B, int64_t H, int64_t R, int64_t rope, int64_t nope, int64_t v_dim,
+                        const scalar_t* q_nope, int64_t q_stride, Rope rope_part, const scalar_t* cache,
+                        int64_t batch_stride, int64_t key_stride, int64_t most, Range range, const weight_t* wp,
+                        double scale, scalar_t* op) {
+  const int64_t row = R + rope;
+  std::vector<float> queries(B * H * row), mixed(B * H * R);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>((nope + v_dim) * R, 1));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const scalar_t* qh = q_nope + bh * q_stride;
+      const weight_t* w = wp + (bh % H) * (nope + v_dim) * R;  // W_UK [nope, rank], then W_UV [v, rank]
+      float* query = queries.data() + bh * row;
+      std::fill(query, query + R, 0.f);
+      for (int64_t n = 0; n < nope; ++n) add_scaled(static_cast<float>(qh[n]), w + n * R, query, R);
+      for (int64_t r = 0; r < R; ++r) query[r] = rounded<scalar_t>(query[r]);
+      rope_part(bh, query + R);
+    }
+  });
+  // Every head of a sequence over its cache rows at once (a row's first R values are the latent the values mix).
+  auto chunk = [&](int64_t b, int64_t j0, int64_t j1, const ChunkSums& sums, float* scratch) {
+    const scalar_t* rows = cache + b * batch_stride;
+    attend_chunk(queries.data() + b * H * row, H, row, rows, key_stride, rows, key_stride, R, j0, j1,
+                 static_cast<float>(scale), sums, scratch);
+  };
+  auto store = [&](int64_t b, int64_t h, const float* values) {
+    float* m = mixed.data() + (b * H + h) * R;
+    for (int64_t r = 0; r < R; ++r) m[r] = rounded<scalar_t>(values[r]);
+  };
+  attend_in_ranges(B, H, row, R, most, range, chunk, store);
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {  // the mixed latent through W_UV
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const weight_t* w = wp + ((bh % H) * (nope + v_dim) + nope) * R;
+      for (int64_t i = 0; i < v_dim; ++i)
+        op[bh * v_dim + i] = static_cast<scalar_t>(dot_float(mixed.data() + bh * R, w + i * R, R));
+    }
+  });
+}
+
 // One new token's absorbed Multi-head Latent Attention (DeepSeek) per sequence, from the layer's projections:
 //   q [B, H, nope + rope] (q_b_proj's output), kv [B, rank + rope] (kv_a's output: c_kv, then k_pe), both not yet
 //   normalised or rotated; norm [rank] (kv_a_layernorm's weight, eps); cos, sin [rope / 2] (one per rotated
@@ -260,38 +304,10 @@ void mla_decode_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor
     rotate(c_kv + R, rotated.data());
     for (int64_t i = 0; i < rope; ++i) dst[R + i] = static_cast<scalar_t>(rotated[i]);
   }
-  // Each head's query in the latent space: q_nope W_UK rounded to the dtype, then its rotated q_pe.
-  std::vector<float> queries(B * H * row), mixed(B * H * R);
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>((nope + v_dim) * R, 1));
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const scalar_t* qh = qp + bh * (nope + rope);
-      const weight_t* w = wp + (bh % H) * (nope + v_dim) * R;  // W_UK [nope, rank], then W_UV [v, rank]
-      float* query = queries.data() + bh * row;
-      std::fill(query, query + R, 0.f);
-      for (int64_t n = 0; n < nope; ++n) add_scaled(static_cast<float>(qh[n]), w + n * R, query, R);
-      for (int64_t r = 0; r < R; ++r) query[r] = rounded<scalar_t>(query[r]);
-      rotate(qh + nope, query + R);
-    }
-  });
-  // Every head of a sequence over its cache rows at once (a row's first R values are the latent the values mix).
-  auto chunk = [&](int64_t b, int64_t j0, int64_t j1, const ChunkSums& sums, float* scratch) {
-    const scalar_t* rows = cache_p + b * row;
-    attend_chunk(queries.data() + b * H * row, H, row, rows, B * row, rows, B * row, R, j0, j1, static_cast<float>(scale),
-                 sums, scratch);
-  };
-  auto store = [&](int64_t b, int64_t h, const float* values) {
-    float* m = mixed.data() + (b * H + h) * R;
-    for (int64_t r = 0; r < R; ++r) m[r] = rounded<scalar_t>(values[r]);
-  };
-  attend_in_chunks(B, H, row, R, 0, keys, chunk, store);
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {  // the mixed latent through W_UV
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const weight_t* w = wp + ((bh % H) * (nope + v_dim) + nope) * R;
-      for (int64_t i = 0; i < v_dim; ++i)
-        op[bh * v_dim + i] = static_cast<scalar_t>(dot_float(mixed.data() + bh * R, w + i * R, R));
-    }
-  });
+  auto rope_part = [&](int64_t bh, float* y) { rotate(qp + bh * (nope + rope) + nope, y); };
+  auto range = [&](int64_t) { return std::pair<int64_t, int64_t>{0, keys}; };
+  absorbed_attention<scalar_t, weight_t>(B, H, R, rope, nope, v_dim, qp, nope + rope, rope_part, cache_p, row, B * row,
+                                         keys, range, wp, scale, op);
 }
 
 at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& norm, double eps,
@@ -321,6 +337,42 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tenso
     else
       mla_decode_impl<scalar_t, scalar_t>(q, kv, norm, eps, cos, sin, cache, position, wkv_b, v_dim, scale,
                                           interleaved, out);
+  });
+  return out;
+}
+
+// MLAttention's absorbed static step (a batch of sequences at their own positions, the model's code having written
+// the cache): q_nope [B, H, 1, nope], q_pe [B, H, 1, rope] (rotated), latent [B, L, rank + rope] (a view of the cache:
+// any strides but a last of 1), wkv_b as mla_decode's; sequence b attends to latent rows [0, ends[b]). [B, H, v].
+at::Tensor mla_attend(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& latent, const at::Tensor& wkv_b,
+                      int64_t v_dim, double scale, const at::Tensor& ends) {
+  TORCH_CHECK(q_nope.device().is_cpu() && q_nope.dim() == 4 && q_nope.size(2) == 1 && q_pe.dim() == 4 &&
+                  q_pe.sizes().slice(0, 3) == q_nope.sizes().slice(0, 3) && q_pe.scalar_type() == q_nope.scalar_type(),
+              "mla_attend: q_nope and q_pe must be [B, H, 1, nope] and [B, H, 1, rope] in one dtype");
+  const int64_t B = q_nope.size(0), H = q_nope.size(1), nope = q_nope.size(3), rope = q_pe.size(3);
+  TORCH_CHECK(latent.dim() == 3 && latent.size(0) == B && latent.size(2) > rope && latent.stride(2) == 1 &&
+                  latent.scalar_type() == q_nope.scalar_type(),
+              "mla_attend: latent must be [B, L, rank + rope] in q's dtype, its last dim contiguous");
+  const int64_t R = latent.size(2) - rope, L = latent.size(1);
+  TORCH_CHECK(wkv_b.is_contiguous() && wkv_b.numel() == H * (nope + v_dim) * R &&
+                  (wkv_b.scalar_type() == at::kFloat || wkv_b.scalar_type() == q_nope.scalar_type()),
+              "mla_attend: wkv_b must be [H, nope + v, rank], float32 or q's dtype");
+  TORCH_CHECK(ends.dim() == 1 && ends.size(0) == B && ends.scalar_type() == at::kLong, "mla_attend: ends must be [B] int64");
+  const at::Tensor e = ends.contiguous(), qn = q_nope.contiguous(), qr = q_pe.contiguous();
+  const std::vector<int64_t> last(e.const_data_ptr<int64_t>(), e.const_data_ptr<int64_t>() + B);
+  for (const int64_t end : last) TORCH_CHECK(end >= 1 && end <= L, "mla_attend: a row's keys end at ", end, ", outside 1..", L);
+  at::Tensor out = at::empty({B, H, 1, v_dim}, q_nope.options());
+  LLMCLI_DISPATCH_FLOATS(q_nope.scalar_type(), "mla_attend", [&] {
+    const scalar_t* pe = qr.const_data_ptr<scalar_t>();
+    auto rope_part = [&](int64_t bh, float* y) { widen(pe + bh * rope, y, rope); };
+    auto range = [&](int64_t b) { return std::pair<int64_t, int64_t>{0, last[b]}; };
+    auto run = [&](const auto* wp) {
+      absorbed_attention<scalar_t>(B, H, R, rope, nope, v_dim, qn.const_data_ptr<scalar_t>(), nope, rope_part,
+                                   latent.const_data_ptr<scalar_t>(), latent.stride(0), latent.stride(1), L, range, wp,
+                                   scale, out.data_ptr<scalar_t>());
+    };
+    if (wkv_b.scalar_type() == at::kFloat) run(wkv_b.const_data_ptr<float>());
+    else run(wkv_b.const_data_ptr<scalar_t>());
   });
   return out;
 }
@@ -466,6 +518,7 @@ TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
         "int heads, int window, float scale) -> Tensor");
   m.def("mla_decode(Tensor q, Tensor kv, Tensor norm, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
         "int position, Tensor wkv_b, int v_dim, float scale, bool interleaved) -> Tensor");
+  m.def("mla_attend(Tensor q_nope, Tensor q_pe, Tensor latent, Tensor wkv_b, int v_dim, float scale, Tensor ends) -> Tensor");
   m.def("one_query_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? ends=None, int window=0) -> Tensor");
   m.def("int_swiglu(Tensor x, Tensor gate_up, Tensor gate_up_scales, Tensor down, Tensor down_scales, "
         "Tensor? experts=None, Tensor? weights=None) -> Tensor");
@@ -478,6 +531,7 @@ TORCH_LIBRARY_IMPL(LLMCLI_OPS_NAMESPACE, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("mla_decode", &mla_decode);
   m.impl("one_query_attention", &one_query_attention);
+  m.impl("mla_attend", &mla_attend);
   m.impl("route", &route);
   m.impl("int_swiglu", &int_swiglu);
 }
