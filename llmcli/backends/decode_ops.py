@@ -181,7 +181,8 @@ class FusedMLAttention(MLAttention):
         keys only)."""
         weight = self.kv_b_proj.weight
         if (selected is None and eager_cpu(q_nope) and q_nope.dtype in ONE_QUERY_DTYPES and q_nope.shape[2] == 1
-                and positions.shape[-1] == 1 and positions.device.type == "cpu" and latent.dtype == q_nope.dtype
+                and positions.shape[-1] == 1 and positions.device.type == "cpu" and q_pe.dtype == q_nope.dtype
+                and latent.dtype == q_nope.dtype
                 and latent.stride(-1) == 1 and isinstance(weight, torch.Tensor) and weight.is_contiguous()
                 and weight.dtype in (q_nope.dtype, torch.float32)):
             return torch.ops.llmcli.mla_attend(q_nope, q_pe, latent, weight, self.v_dim, self.softmax_scale,
