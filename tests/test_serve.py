@@ -385,13 +385,24 @@ def test_per_row_positions_step_matches_rows_run_alone(name):
             torch.testing.assert_close(batched[row], expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek"])
-def test_engine_joins_and_leaves_keep_greedy_tokens(name, monkeypatch):
+def engine_case(name: str, tmp_path):
+    """A demo model, or a tiny Qwen3.5 (DeltaNet layers: a recurrent state per row) built here."""
+    if name != "tiny-qwen3_5":
+        resolved = hub.resolve(name)
+        return load_model(resolved.name, resolved.path, device="cpu")
+    from tests.test_qwen_hybrid import build_reference
+
+    build_reference("qwen3_5", tmp_path)
+    return load_model(name, tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek", "tiny-qwen3_5"])
+def test_engine_joins_and_leaves_keep_greedy_tokens(name, monkeypatch, tmp_path):
     """Three rows for six requests of different lengths: requests queue, join while others decode (their
-    prompts prefilled in chunks of 4 tokens) and leave at different steps (rows move)."""
+    prompts prefilled in chunks of 4 tokens, a recurrent state kept from the steps of the others) and leave at
+    different steps (rows move, a new sequence's state starts empty)."""
     monkeypatch.setattr(batcher, "PREFILL_CHUNK", 4)
-    resolved = hub.resolve(name)
-    loaded = load_model(resolved.name, resolved.path, device="cpu")
+    loaded = engine_case(name, tmp_path)
     tok = loaded.tokenizer
     prompts = [tok.encode(f"Request {i}: " + "the cache " * i) for i in range(6)]
     lengths = [4, 11, 6, 13, 3, 8]

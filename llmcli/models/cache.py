@@ -86,9 +86,14 @@ class Cache:
         return Cache([layer.rows_view(row, row + 1) for layer in self.layers], self.max_len)
 
     def copy_row(self, source: int, target: int, length: int) -> None:
-        """Copy the first `length` tokens of batch row `source` to row `target` (storage is [max_len, B, ...])."""
-        for t in self.tensors():
-            t[:length, target] = t[:length, source]
+        """Copy the first `length` tokens of batch row `source` to row `target` (storage is [max_len, B, ...]), and
+        its per-sequence state where a layer keeps one ([B, ...]: a recurrent layer's)."""
+        for layer in self.layers:
+            for t in layer.tensors():
+                if layer.per_token:
+                    t[:length, target] = t[:length, source]
+                else:
+                    t[target] = t[source]
 
     def bytes_per_token(self) -> int:
         """Bytes stored per token, summed over layers."""

@@ -28,6 +28,12 @@ class RecurrentLayerCache:
     def prefix_view(self, length: int) -> RecurrentLayerCache:
         return self  # the state is the same whatever the length
 
+    def rows_view(self, first: int, end: int, length: int | None = None) -> RecurrentLayerCache:
+        """Batch rows first..end-1 (writes land in this cache); `length` means nothing to a state."""
+        view = object.__new__(RecurrentLayerCache)
+        view.conv, view.state = self.conv[first:end], self.state[first:end]
+        return view
+
     def tensors(self) -> list[torch.Tensor]:
         return [self.conv, self.state]
 
@@ -51,6 +57,10 @@ class HybridCache(Cache):
         self.recurrent = [layer for layer in layers if isinstance(layer, RecurrentLayerCache)]
         self.snapshots: dict[int, list[torch.Tensor]] = {}  # length -> copies of the recurrent tensors
         self.writing = False  # a forward call began and has not finished: the states are half updated
+
+    def row_cache(self, row: int) -> HybridCache:
+        """An empty cache over batch row `row` (writes land in this cache), with its own snapshots."""
+        return HybridCache([layer.rows_view(row, row + 1) for layer in self.layers], self.max_len)
 
     def begin(self) -> None:
         """A forward call starts writing the states (its `advance` ends that)."""

@@ -199,6 +199,8 @@ class Engine:
         ids = seq.request.prompt_ids
         chunk = ids[seq.prefilled:seq.prefilled + PREFILL_CHUNK]
         cache = self.cache.row_cache(row)
+        if seq.prefilled == 0:
+            cache.reset()  # a recurrent state (Qwen3-Next, Qwen3.5) still holds the row's last sequence
         cache.length = seq.prefilled  # a row cache starts empty; continue where the last chunk ended
         logits = self.runner(torch.tensor([chunk], device=self.device), cache, last_only=True)
         seq.prefilled += len(chunk)
@@ -218,7 +220,10 @@ class Engine:
         ids = torch.tensor(tokens, device=self.device)[:, None]
         pos = torch.tensor(positions, device=self.device)[:, None]
         view = StaticView(self.cache, max(positions) + 1, rows=n)
+        kept = self._states_of([row for row, seq in enumerate(self.rows) if seq.next_token is None or not seq.decoding])
         logits = self.runner.model(ids, pos, view)
+        for tensor, saved in kept:  # a dummy token is overwritten in a key cache, but folded into a state: undone
+            tensor.copy_(saved)
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, n)
         for row in reversed(range(n)):  # reversed: a finished row takes the last row's place
@@ -227,6 +232,11 @@ class Engine:
                 seq.length += 1
                 seq.next_token = None
                 self._take(row, logits[row, -1])
+
+    def _states_of(self, rows: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The per-sequence states (layers without rows per position) of these batch rows: (row's tensor, a copy)."""
+        return [(tensor[row], tensor[row].clone()) for layer in self.cache.layers if not layer.per_token
+                for tensor in layer.tensors() for row in rows]
 
     def _take(self, row: int, logits: torch.Tensor) -> None:
         """Sample row `row`'s next token from its logits, stream it, and end the sequence if it is done."""
