@@ -396,6 +396,18 @@ def engine_case(name: str, tmp_path):
     return load_model(name, tmp_path, device="cpu")
 
 
+def test_a_model_the_server_cannot_batch_is_refused_at_start(tmp_path):
+    """DeepSeek-V3.2's indexer takes no rows at their own positions: `llmcli serve` says so in one line and exits,
+    where every request used to fail."""
+    from tests.test_deepseek_v32 import build_reference
+
+    build_reference(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "llmcli", "serve", str(tmp_path), "--port", "0", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "DeepSeek-V3.2 is not served here yet" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek", "tiny-qwen3_5"])
 def test_engine_joins_and_leaves_keep_greedy_tokens(name, monkeypatch, tmp_path):
     """Three rows for six requests of different lengths: requests queue, join while others decode (their

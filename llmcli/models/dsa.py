@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.config_deepseek import IndexerSettings
+from llmcli.errors import LlmcliError
 from llmcli.models.cache import LatentLayerCache, Span
 from llmcli.models.rope import rotate_pairs
 
@@ -103,6 +104,10 @@ class IndexedLatentCache(LatentLayerCache):
         view = object.__new__(IndexedLatentCache)
         view.kv_lora_rank, view.kv, view.index_keys = self.kv_lora_rank, self.kv[:length], self.index_keys[:length]
         return view
+
+    def rows_view(self, first: int, end: int, length: int | None = None) -> IndexedLatentCache:
+        raise LlmcliError("DeepSeek-V3.2 is not served here yet: the server steps rows at their own positions, "
+                          "which its indexer does not take (use generate or chat)")
 
     def update_index(self, span: Span, keys: torch.Tensor) -> torch.Tensor:
         """Store the span's indexer keys [B, T, head_dim]; return the keys scored against, [B, n, head_dim]."""

@@ -100,4 +100,5 @@ class V4Cache(Cache):
                           "compiled step cannot take (drop --compile)")
 
     def row_cache(self, row: int):
-        raise LlmcliError("DeepSeek-V4 serves one sequence at a time here (no continuous batching)")
+        raise LlmcliError("DeepSeek-V4 is not served here yet: the server steps rows of one batch cache, which its "
+                          "compressed cache does not split into (use generate or chat)")

@@ -107,6 +107,7 @@ class Engine:
         self.device = runner.device
         with torch.inference_mode():
             self.cache = runner.make_cache(max_batch, max_context)
+        self.cache.row_cache(0)  # a model whose cache does not split into rows says so now, not at each request
         runner.model.derived_tensors()  # what a static step reads besides the weights, built now
         self.rows: list[Sequence] = []  # row i of the cache belongs to rows[i]
         self.waiting: collections.deque[Request] = collections.deque()
