@@ -243,6 +243,12 @@ def test_attention_probabilities_are_recorded_beside_the_op(case, dtype):
 
     fused = load_model(name, path, device="cpu", dtype=dtype).runner
     plain = load_model(name, path, device="cpu", dtype=dtype, fused_decode=False).runner
+    assert_probabilities_recorded_beside_the_op(fused, plain)
+
+
+def assert_probabilities_recorded_beside_the_op(fused, plain) -> None:
+    """One decode step with a recorder: the torch path's probabilities (within 1e-3), and the logits of the step
+    without one."""
     fused_probs, torch_probs = Probs(), Probs()
     assert torch.equal(step(fused, fused_probs), step(fused))
     step(plain, torch_probs)

@@ -183,18 +183,13 @@ def test_qwen3_5_decodes_like_its_torch_path(tmp_path, monkeypatch, dtype):
 def test_original_qwen_records_attention_probabilities_beside_the_fused_op(tmp_path):
     """bfloat16 with float32 RoPE: the recorded probabilities are the torch path's, and the step's logits those of a
     step without a recorder."""
-    from tests.test_decode_ops import Probs, step
+    from tests.test_decode_ops import assert_probabilities_recorded_beside_the_op
     from tests.test_qwen1 import qwen1_tensors, random_weights, write_qwen1
 
     path = write_qwen1(tmp_path / "qwen1", qwen1_tensors(random_weights()))
     fused, plain = (load_model("tiny-qwen1", path, device="cpu", dtype="bfloat16", fused_decode=f).runner
                     for f in (True, False))
-    fused_probs, torch_probs = Probs(), Probs()
-    assert torch.equal(step(fused, fused_probs), step(fused))
-    step(plain, torch_probs)
-    assert len(fused_probs.seen) == len(torch_probs.seen) > 0
-    for a, b in zip(fused_probs.seen, torch_probs.seen, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    assert_probabilities_recorded_beside_the_op(fused, plain)
 
 
 @pytest.mark.parametrize("name", ["qwen2-sliding", "qwen3"])
