@@ -348,13 +348,13 @@ void attend_in_chunks(int64_t streams, int64_t G, int64_t Dk, int64_t Dv, int64_
 }
 
 // One new token's attention where the model's own code has already rotated the query and written the cache (the
-// models' `one_query_attention_eager`: original Qwen's float32 RoPE, partial RoPE, the hybrids' gated attention):
+// models' `one_query_attention_eager`: partial RoPE, the hybrids' gated attention; and the server's static steps):
 // q [B, H, 1, Dk]; k [B, KV, n, Dk] and v [B, KV, n, Dv], views of a cache with any strides but a last of 1 (query
 // head h uses kv head h / (H / KV)); all n keys are seen, or with `ends` [B] row b's keys
-// [max(0, ends[b] - window), ends[b]) (window 0: from 0): a batch whose rows sit at their own positions. Scores (q . k) * scale in float32, softmaxed, the values'
-// weighted sum rounded to the dtype: [B, H, 1, Dv] (a bfloat16 cache with AVX512-BF16: the weights rounded to
-// bfloat16 for that sum, as in decode_attention). The eager path's float32 products took 17 ms a layer of
-// Qwen-7B's heads at 4,001 keys, widening the whole cache to float32 first.
+// [max(0, ends[b] - window), ends[b]) (window 0: from 0), a batch whose rows sit at their own positions. Scores
+// (q . k) * scale in float32, softmaxed, the values' weighted sum rounded to the dtype: [B, H, 1, Dv] (a bfloat16
+// cache with AVX512-BF16: the weights rounded to bfloat16 for that sum, as in decode_attention). The eager path's
+// float32 products took 17 ms a layer of Qwen-7B's heads at 4,001 keys, widening the whole cache to float32 first.
 at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& k, const at::Tensor& v, double scale,
                                const std::optional<at::Tensor>& ends, int64_t window) {
   TORCH_CHECK(query.device().is_cpu() && query.dim() == 4 && query.size(2) == 1,

@@ -201,7 +201,8 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
                 "decode_attention: caches must be [L, B, KV, D] in qkv's dtype");
   const bool float_rope = cos.scalar_type() == at::kFloat;  // original Qwen rotates in float32 whatever its dtype
   for (const at::Tensor* t : {&cos, &sin})
-    TORCH_CHECK(t->is_contiguous() && t->numel() == D && t->scalar_type() == (float_rope ? at::kFloat : qkv.scalar_type()),
+    TORCH_CHECK(t->is_contiguous() && t->numel() == D &&
+                    t->scalar_type() == (float_rope ? at::kFloat : qkv.scalar_type()),
                 "decode_attention: cos and sin must be [D] in qkv's dtype or both in float32");
   TORCH_CHECK(position >= 0 && position < L, "decode_attention: position ", position, " outside the cache of ", L);
   const int64_t first = window > 0 ? std::max<int64_t>(0, position - window + 1) : 0, keys = position + 1 - first;
@@ -219,9 +220,9 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
 
 // The absorbed attention of B sequences' H heads after the cache write: each head's query in the latent space
 // (q_nope W_UK rounded to the dtype: q_nope of head bh at q_nope + bh * q_stride; then its rotated q_pe, which
-// `rope_part(bh, y)` puts in y [rope]), over its sequence's latent rows (row j of sequence b at cache + b * batch_stride
-// + j * key_stride; `range(b)`: its first key and count, at most `most`), the mixed latent rounded to the dtype and
-// through W_UV: op [B, H * v].
+// `rope_part(bh, y)` puts in y [rope]), over its sequence's latent rows (row j of sequence b at
+// cache + b * batch_stride + j * key_stride; `range(b)`: its first key and count, at most `most`), the mixed latent
+// rounded to the dtype and through W_UV: op [B, H * v].
 template <typename scalar_t, typename weight_t, typename Rope, typename Range>
 void absorbed_attention(int64_t B, int64_t H, int64_t R, int64_t rope, int64_t nope, int64_t v_dim,
                         const scalar_t* q_nope, int64_t q_stride, Rope rope_part, const scalar_t* cache,
@@ -344,8 +345,8 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tenso
 // MLAttention's absorbed static step (a batch of sequences at their own positions, the model's code having written
 // the cache): q_nope [B, H, 1, nope], q_pe [B, H, 1, rope] (rotated), latent [B, L, rank + rope] (a view of the cache:
 // any strides but a last of 1), wkv_b as mla_decode's; sequence b attends to latent rows [0, ends[b]). [B, H, v].
-at::Tensor mla_attend(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& latent, const at::Tensor& wkv_b,
-                      int64_t v_dim, double scale, const at::Tensor& ends) {
+at::Tensor mla_attend(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& latent,
+                      const at::Tensor& wkv_b, int64_t v_dim, double scale, const at::Tensor& ends) {
   TORCH_CHECK(q_nope.device().is_cpu() && q_nope.dim() == 4 && q_nope.size(2) == 1 && q_pe.dim() == 4 &&
                   q_pe.sizes().slice(0, 3) == q_nope.sizes().slice(0, 3) && q_pe.scalar_type() == q_nope.scalar_type(),
               "mla_attend: q_nope and q_pe must be [B, H, 1, nope] and [B, H, 1, rope] in one dtype");
@@ -357,10 +358,12 @@ at::Tensor mla_attend(const at::Tensor& q_nope, const at::Tensor& q_pe, const at
   TORCH_CHECK(wkv_b.is_contiguous() && wkv_b.numel() == H * (nope + v_dim) * R &&
                   (wkv_b.scalar_type() == at::kFloat || wkv_b.scalar_type() == q_nope.scalar_type()),
               "mla_attend: wkv_b must be [H, nope + v, rank], float32 or q's dtype");
-  TORCH_CHECK(ends.dim() == 1 && ends.size(0) == B && ends.scalar_type() == at::kLong, "mla_attend: ends must be [B] int64");
+  TORCH_CHECK(ends.dim() == 1 && ends.size(0) == B && ends.scalar_type() == at::kLong,
+              "mla_attend: ends must be [B] int64");
   const at::Tensor e = ends.contiguous(), qn = q_nope.contiguous(), qr = q_pe.contiguous();
   const std::vector<int64_t> last(e.const_data_ptr<int64_t>(), e.const_data_ptr<int64_t>() + B);
-  for (const int64_t end : last) TORCH_CHECK(end >= 1 && end <= L, "mla_attend: a row's keys end at ", end, ", outside 1..", L);
+  for (const int64_t end : last)
+    TORCH_CHECK(end >= 1 && end <= L, "mla_attend: a row's keys end at ", end, ", outside 1..", L);
   at::Tensor out = at::empty({B, H, 1, v_dim}, q_nope.options());
   LLMCLI_DISPATCH_FLOATS(q_nope.scalar_type(), "mla_attend", [&] {
     const scalar_t* pe = qr.const_data_ptr<scalar_t>();
@@ -518,7 +521,8 @@ TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
         "int heads, int window, float scale) -> Tensor");
   m.def("mla_decode(Tensor q, Tensor kv, Tensor norm, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
         "int position, Tensor wkv_b, int v_dim, float scale, bool interleaved) -> Tensor");
-  m.def("mla_attend(Tensor q_nope, Tensor q_pe, Tensor latent, Tensor wkv_b, int v_dim, float scale, Tensor ends) -> Tensor");
+  m.def("mla_attend(Tensor q_nope, Tensor q_pe, Tensor latent, Tensor wkv_b, int v_dim, float scale, "
+        "Tensor ends) -> Tensor");
   m.def("one_query_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? ends=None, int window=0) -> Tensor");
   m.def("int_swiglu(Tensor x, Tensor gate_up, Tensor gate_up_scales, Tensor down, Tensor down_scales, "
         "Tensor? experts=None, Tensor? weights=None) -> Tensor");
