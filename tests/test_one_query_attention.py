@@ -192,16 +192,21 @@ def test_original_qwen_records_attention_probabilities_beside_the_fused_op(tmp_p
     assert_probabilities_recorded_beside_the_op(fused, plain)
 
 
-@pytest.mark.parametrize("name", ["qwen2-sliding", "qwen3"])
+@pytest.mark.parametrize("name", ["qwen2-sliding", "qwen3", "qwen3_5"])
 def test_a_batch_of_rows_at_their_own_positions_steps_like_the_torch_path(tmp_path, monkeypatch, name):
     """The server's step: three rows prefilled alone (prompts of 40, 300 and 120 tokens), then one static step of
     all three at their own positions; float32 logits within 1e-4 of the torch path's (a sliding window of 16 in
-    qwen2-sliding)."""
+    qwen2-sliding; gated attention beside DeltaNet layers in qwen3_5)."""
     from tests.test_qwen_parity import CASES as PARITY
     from tests.test_qwen_parity import build_reference
 
-    kind, overrides = PARITY[name]
-    vocab = build_reference(kind, overrides, tmp_path).config.vocab_size
+    if name == "qwen3_5":
+        from tests.test_qwen_hybrid import build_reference as build_hybrid
+
+        vocab = build_hybrid(name, tmp_path).config.get_text_config().vocab_size
+    else:
+        kind, overrides = PARITY[name]
+        vocab = build_reference(kind, overrides, tmp_path).config.vocab_size
     prompts = [[(5 * i + r) % (vocab - 12) + 3 for i in range(length)] for r, length in enumerate((40, 300, 120))]
     logits = []
     counted = Counted()

@@ -107,11 +107,16 @@ class OneQueryAttention(Attention):
 
 
 class OneQueryGatedAttention(GatedAttention):
-    """Qwen3-Next / Qwen3.5 gated attention, its eager one-token attention as `attended_by_op`."""
+    """Qwen3-Next / Qwen3.5 gated attention, its eager one-token attention (and the server's static steps) as
+    `attended_by_op`."""
 
     def attend_one_query(self, q, k, v, mask) -> torch.Tensor:
         out = attended_by_op(q, k, v, None) if mask is None else None
         return super().attend_one_query(q, k, v, mask) if out is None else out
+
+    def attend_static(self, q, k, v, mask, positions) -> torch.Tensor:
+        out = attended_by_op(q, k, v, None, positions)
+        return super().attend_static(q, k, v, mask, positions) if out is None else out
 
 
 class FusedDecodeAttention(OneQueryAttention):

@@ -65,10 +65,15 @@ class GatedAttention(FusesProjections, nn.Module):
         one op."""
         return one_query_attention_eager(q, k, v, mask, None)
 
+    def attend_static(self, q, k, v, mask, positions) -> torch.Tensor:
+        """A static step's attention over every cache row, `mask` built from `positions` ([T], or [B, T] per row);
+        the backends may run an eager CPU step as one op."""
+        return one_query_attention(q, k, v, mask, None)
+
     def _attend(self, q, k, v, span: Span, t: int) -> torch.Tensor:
         mask, causal = attention_mask(span, t, k.shape[2], None, q.device)
-        if span.static:  # a compiled decode step over the whole static cache
-            return one_query_attention(q, k, v, mask, None)
+        if span.static:  # a decode step over the whole static cache (compiled, or a batch of rows at their positions)
+            return self.attend_static(q, k, v, mask, span.positions)
         if t == 1 and q.device.type == "cpu":  # an eager decode step
             return self.attend_one_query(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
