@@ -211,7 +211,8 @@ class Engine:
 
     def _decode_step(self) -> None:
         """One token for every row whose next token is known (rows 0..n-1; a row still prefilling is fed
-        a dummy token at a position past its prompt, which its own prefill later overwrites)."""
+        a dummy token at a position past its prompt, which its own prefill later overwrites, and its recurrent
+        state, if the model keeps one, is put back after the step)."""
         n = len(self.rows)
         tokens, positions = [], []
         for seq in self.rows:
@@ -221,7 +222,8 @@ class Engine:
         ids = torch.tensor(tokens, device=self.device)[:, None]
         pos = torch.tensor(positions, device=self.device)[:, None]
         view = StaticView(self.cache, max(positions) + 1, rows=n)
-        kept = self._states_of([row for row, seq in enumerate(self.rows) if seq.next_token is None or not seq.decoding])
+        kept = self._states_of([row for row, seq in enumerate(self.rows)  # rows fed a dummy, past their first chunk
+                                if (seq.next_token is None or not seq.decoding) and seq.prefilled > 0])
         logits = self.runner.model(ids, pos, view)
         for tensor, saved in kept:  # a dummy token is overwritten in a key cache, but folded into a state: undone
             tensor.copy_(saved)
