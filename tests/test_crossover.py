@@ -163,6 +163,9 @@ def test_a_run_measures_once_and_says_so(tmp_path, monkeypatch):
 
     monkeypatch.setattr(crossover, "LADDER", (16, 48))
     monkeypatch.setattr(crossover, "cache_home", lambda: tmp_path)  # the kernels' home stays: no second build
+    # an idle machine at both loads: a figure measured busy is measured again once the machine is idle, which
+    # other work on a shared machine could otherwise trigger between the two loads
+    monkeypatch.setattr("llmcli.openmp.busy_cores", lambda: 0.0)
     path = ensure_demo("demo-qwen")
     first = load_model("demo", path, device="cpu", dtype="bfloat16", crossover="measured")
     assert any("many-row products" in note and "bf16: the kernel" in note for note in first.notes), first.notes
