@@ -11,7 +11,6 @@ from llmcli.backends import decode_ops
 from llmcli.backends.decode_ops import FusedMLAttention, FusedRouter, FusedStackedExperts, FusedSwiGLU
 from llmcli.backends.experts import StackedExperts
 from llmcli.loader import load_model
-from llmcli.models.cache import StaticView
 from llmcli.models.layers import SwiGLU
 from tests.test_decode_ops import Probs, assert_long_context_decodes_alike, decode, step
 
@@ -134,7 +133,8 @@ def test_mla_op_over_a_long_context_against_float64(kernel_build, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_mla_attend_with_rows_at_their_own_positions_against_float64(kernel_build, dtype):
     """The static step's op: queries already rotated, the latent rows a [B, L, rank + rope] view of the cache, row b
-    seeing rows [0, ends[b]) (some ending chunks before the others), four threads, in each build this CPU runs."""
+    seeing rows up to its position (some ending chunks before the others), four threads, in each build this CPU
+    runs."""
     torch.manual_seed(5)
     heads, rank, rope, nope, v_dim, scale, ends = 8, 64, 32, 16, 16, 0.2, [7, 300, 120]
     q_nope = torch.randn(3, heads, 1, nope).to(dtype)
@@ -144,7 +144,8 @@ def test_mla_attend_with_rows_at_their_own_positions_against_float64(kernel_buil
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        out = kernel_build.mla_attend(q_nope, q_pe, cache.transpose(0, 1), wkv_b, v_dim, scale, torch.tensor(ends))
+        out = kernel_build.mla_attend(q_nope, q_pe, cache.transpose(0, 1), wkv_b, v_dim, scale,
+                                      torch.tensor(ends)[:, None] - 1)
     finally:
         torch.set_num_threads(threads)
     assert out.shape == (3, heads, 1, v_dim) and out.dtype == dtype
@@ -170,28 +171,19 @@ def counted(op, calls: list):
 
 
 def test_mla_batch_rows_at_their_own_positions_step_like_the_torch_path(mla_case, monkeypatch):
-    """The server's step: three rows prefilled alone (40, 300 and 120 tokens), one static step of all three at
-    their own positions: float32 logits within 1e-4 of the torch path's, the step through `mla_attend`."""
+    """The server's step (prompts of 40, 300 and 120 tokens), each layer through `mla_attend`."""
+    from tests.test_one_query_attention import assert_server_step_alike, server_prompts, server_step
+
     name, path, reference = mla_case
-    vocab = reference.config.vocab_size
-    prompts = [[(5 * i + r) % (vocab - 12) + 3 for i in range(length)] for r, length in enumerate((40, 300, 120))]
-    calls, logits = [], []
-    for fused_decode in (True, False):
-        runner = load_model(name, path, device="cpu", dtype="float32", fused_decode=fused_decode).runner
-        runner.model.derived_tensors()  # as the server's engine does before its static steps
-        cache = runner.make_cache(3, 320)
-        with torch.inference_mode():
-            for row, prompt in enumerate(prompts):
-                runner(torch.tensor([prompt]), cache.row_cache(row), last_only=True)
-            positions = torch.tensor([[len(p)] for p in prompts])
-            view = StaticView(cache, int(positions.max()) + 1, rows=3)
-            if fused_decode:
-                monkeypatch.setattr(torch.ops.llmcli, "mla_attend", counted(torch.ops.llmcli.mla_attend, calls))
-            logits.append(runner.model(torch.tensor([[7], [8], [9]]), positions, view)[:, -1].float())
-            monkeypatch.undo()
+    prompts = server_prompts(reference.config.vocab_size)
+    calls = []
+    fused_runner = load_model(name, path, device="cpu", dtype="float32").runner
+    monkeypatch.setattr(torch.ops.llmcli, "mla_attend", counted(torch.ops.llmcli.mla_attend, calls))
+    fused = server_step(fused_runner, prompts)
+    monkeypatch.undo()
     assert len(calls) == reference.config.num_hidden_layers
-    scale = logits[1].abs().max().item()
-    assert (logits[0] - logits[1]).abs().max().item() < 1e-4 * scale
+    plain = server_step(load_model(name, path, device="cpu", dtype="float32", fused_decode=False).runner, prompts)
+    assert_server_step_alike(fused, plain, reference, prompts)
 
 
 def test_mla_op_rejects_bad_shapes():

@@ -12,6 +12,7 @@ from llmcli.backends import decode_ops
 from llmcli.backends.decode_ops import FusedQwenLayer, OneQueryAttention, OneQueryGatedAttention
 from llmcli.loader import load_model
 from llmcli.models.cache import StaticView
+from tests.test_decode_ops import decode
 
 pytestmark = pytest.mark.skipif(not decode_ops.available(), reason="llmcli's CPU kernels could not be built here")
 
@@ -60,8 +61,8 @@ def test_op_against_float64(kernel_build, dtype, heads, kv, dk, dv, keys, first)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("window", [0, 50])
 def test_op_with_rows_at_their_own_positions(kernel_build, dtype, window):
-    """`ends`: row b sees keys [max(0, ends[b] - window), ends[b]) (a static step of rows at their own positions),
-    some rows' keys ending chunks before the others'."""
+    """`positions`: row b sees keys up to positions[b], the last `window` of them (a static step of rows at their own
+    positions), some rows' keys ending chunks before the others'."""
     torch.manual_seed(4)
     heads, kv, d, keys, ends = 6, 2, 64, 334, [5, 334, 100]
     k = torch.randn(keys + 5, 3, kv, d).to(dtype).permute(1, 2, 0, 3)[:, :, :keys]
@@ -71,7 +72,7 @@ def test_op_with_rows_at_their_own_positions(kernel_build, dtype, window):
     torch.set_num_threads(4)
     try:
         with torch.inference_mode():
-            out = kernel_build.one_query_attention(q, k, v, 0.3, torch.tensor(ends), window)
+            out = kernel_build.one_query_attention(q, k, v, 0.3, torch.tensor(ends)[:, None] - 1, window)
     finally:
         torch.set_num_threads(threads)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
@@ -90,11 +91,11 @@ def test_op_rejects_what_it_cannot_take():
         torch.ops.llmcli.one_query_attention(q, k[:1, :2, :0], v[:1, :2, :0], 1.0)
     with pytest.raises(RuntimeError, match="q's dtype"):
         torch.ops.llmcli.one_query_attention(q, k[:, :2].bfloat16(), v[:, :2], 1.0)
-    with pytest.raises(RuntimeError, match="outside 1..5"):
-        torch.ops.llmcli.one_query_attention(q, k[:, :2], v[:, :2], 1.0, torch.tensor([6]))
-    with pytest.raises(RuntimeError, match="outside 1..5"):
-        torch.ops.llmcli.one_query_attention(q, k[:, :2], v[:, :2], 1.0, torch.tensor([0]))
-    with pytest.raises(RuntimeError, match="ends must be"):
+    with pytest.raises(RuntimeError, match="position 5 is outside 0..4"):
+        torch.ops.llmcli.one_query_attention(q, k[:, :2], v[:, :2], 1.0, torch.tensor([5]))
+    with pytest.raises(RuntimeError, match="position -1 is outside 0..4"):
+        torch.ops.llmcli.one_query_attention(q, k[:, :2], v[:, :2], 1.0, torch.tensor([-1]))
+    with pytest.raises(RuntimeError, match="one per row or one for all"):
         torch.ops.llmcli.one_query_attention(q, k[:, :2], v[:, :2], 1.0, torch.tensor([3, 4]))
     with pytest.raises(RuntimeError, match="last dim contiguous"):
         torch.ops.llmcli.one_query_attention(q, torch.randn(1, 2, 8, 5).transpose(2, 3), v[:, :2], 1.0)
@@ -107,16 +108,10 @@ class Counted:
         self.calls = 0
         self.real = decode_ops.attended_by_op
 
-    def __call__(self, *args):
-        out = self.real(*args)
+    def __call__(self, *args, **kwargs):
+        out = self.real(*args, **kwargs)
         self.calls += out is not None
         return out
-
-
-def decode(runner, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
-    from tests.test_decode_ops import decode as decode_steps
-
-    return decode_steps(runner, prompt, steps)
 
 
 def assert_decodes_like_the_torch_path(fused, plain, dtype: str, vocab: int, monkeypatch, op_calls: bool = True
@@ -192,36 +187,55 @@ def test_original_qwen_records_attention_probabilities_beside_the_fused_op(tmp_p
     assert_probabilities_recorded_beside_the_op(fused, plain)
 
 
+SERVER_TOKENS = [7, 8, 9]  # each row's new token in the server's step
+
+
+def server_prompts(vocab: int) -> list[list[int]]:
+    return [[(5 * i + r) % (vocab - 12) + 3 for i in range(n)] for r, n in enumerate((40, 300, 120))]
+
+
+def server_step(runner, prompts: list[list[int]]) -> torch.Tensor:
+    """The server's step: each prompt prefilled alone into its row of one batch cache, then one static step of all
+    rows at their own positions: float32 logits [rows, vocab]."""
+    runner.model.derived_tensors()  # as the server's engine does before its static steps
+    cache = runner.make_cache(len(prompts), 320)
+    with torch.inference_mode():
+        for row, prompt in enumerate(prompts):
+            runner(torch.tensor([prompt]), cache.row_cache(row), last_only=True)
+        positions = torch.tensor([[len(p)] for p in prompts])
+        view = StaticView(cache, int(positions.max()) + 1, rows=len(prompts))
+        return runner.model(torch.tensor([[t] for t in SERVER_TOKENS]), positions, view)[:, -1].float()
+
+
+def assert_server_step_alike(fused: torch.Tensor, plain: torch.Tensor, reference, prompts) -> None:
+    """float32 logits within 1e-4 of llmcli's torch path, and of transformers' model over each row's whole sequence."""
+    scale = plain.abs().max().item()
+    assert (fused - plain).abs().max().item() < 1e-4 * scale
+    with torch.inference_mode():
+        for row, prompt in enumerate(prompts):
+            theirs = reference(torch.tensor([prompt + [SERVER_TOKENS[row]]])).logits[0, -1].float()
+            assert (fused[row] - theirs).abs().max().item() < 1e-4 * scale
+
+
 @pytest.mark.parametrize("name", ["qwen2-sliding", "qwen3", "qwen3_5"])
 def test_a_batch_of_rows_at_their_own_positions_steps_like_the_torch_path(tmp_path, monkeypatch, name):
-    """The server's step: three rows prefilled alone (prompts of 40, 300 and 120 tokens), then one static step of
-    all three at their own positions; float32 logits within 1e-4 of the torch path's (a sliding window of 16 in
-    qwen2-sliding; gated attention beside DeltaNet layers in qwen3_5)."""
+    """The server's step (prompts of 40, 300 and 120 tokens) through the one-query op: a sliding window of 16 in
+    qwen2-sliding, gated attention beside DeltaNet layers in qwen3_5."""
     from tests.test_qwen_parity import CASES as PARITY
     from tests.test_qwen_parity import build_reference
 
     if name == "qwen3_5":
         from tests.test_qwen_hybrid import build_reference as build_hybrid
 
-        vocab = build_hybrid(name, tmp_path).config.get_text_config().vocab_size
+        reference = build_hybrid(name, tmp_path)
     else:
         kind, overrides = PARITY[name]
-        vocab = build_reference(kind, overrides, tmp_path).config.vocab_size
-    prompts = [[(5 * i + r) % (vocab - 12) + 3 for i in range(length)] for r, length in enumerate((40, 300, 120))]
-    logits = []
+        reference = build_reference(kind, overrides, tmp_path)
+    prompts = server_prompts(reference.config.get_text_config().vocab_size)
     counted = Counted()
-    for fused_decode in (True, False):
-        runner = load_model(name, tmp_path, device="cpu", dtype="float32", fused_decode=fused_decode).runner
-        cache = runner.make_cache(3, 320)
-        with torch.inference_mode():
-            for row, prompt in enumerate(prompts):
-                runner(torch.tensor([prompt]), cache.row_cache(row), last_only=True)
-            positions = torch.tensor([[len(p)] for p in prompts])
-            if fused_decode:
-                monkeypatch.setattr(decode_ops, "attended_by_op", counted)
-            view = StaticView(cache, int(positions.max()) + 1, rows=3)
-            logits.append(runner.model(torch.tensor([[7], [8], [9]]), positions, view)[:, -1].float())
-            monkeypatch.undo()
+    monkeypatch.setattr(decode_ops, "attended_by_op", counted)
+    fused = server_step(load_model(name, tmp_path, device="cpu", dtype="float32").runner, prompts)
+    monkeypatch.undo()
     assert counted.calls > 0
-    scale = logits[1].abs().max().item()
-    assert (logits[0] - logits[1]).abs().max().item() < 1e-4 * scale
+    plain = server_step(load_model(name, tmp_path, device="cpu", dtype="float32", fused_decode=False).runner, prompts)
+    assert_server_step_alike(fused, plain, reference, prompts)

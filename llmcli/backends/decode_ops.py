@@ -70,25 +70,23 @@ ONE_QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def attended_by_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
                    positions: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor | None:
     """The models' eager one-query attention as one op, or None where it does not apply: q rotated, the cache
-    written; every key of the views k and v seen (`one_query_attention_eager`), or with `positions` ([1] or [B, 1],
-    a static step) each row's keys up to its position, the last `window` of them. The float32 products took 17 ms a
-    layer of Qwen-7B's heads at 4,001 keys, the op 3.5 (widened once per kv head, keys shared out over the threads);
-    a static step's multiply-and-sum over the whole cache 8.9 ms a layer for 4 rows of the 0.5B shape at 2,048, the
-    op 0.3."""
+    written; the last `window` (None: all) of the keys of the views k and v (`one_query_attention_eager`), or with
+    `positions` ([1] or [B, 1] int64, a static step) of each row's keys up to its position. The float32 products
+    took 17 ms a layer of Qwen-7B's heads at 4,001 keys, the op 3.5 (widened once per kv head, keys shared out over
+    the threads); a static step's multiply-and-sum over the whole cache 8.9 ms a layer for 4 rows of the 0.5B shape
+    at 2,048, the op 0.3."""
     if not (eager_cpu(q) and q.dtype in ONE_QUERY_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
             and k.stride(-1) == 1 and v.stride(-1) == 1 and k.shape[2] > 0):
         return None
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if positions is None:
-        return torch.ops.llmcli.one_query_attention(q, k, v, scale)
-    if positions.shape[-1] != 1 or positions.device.type != "cpu":
+    if positions is not None and not one_position_a_row(positions):
         return None
-    return torch.ops.llmcli.one_query_attention(q, k, v, scale, row_ends(positions, q.shape[0]), window or 0)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.ops.llmcli.one_query_attention(q, k, v, scale, positions, window or 0)
 
 
-def row_ends(positions: torch.Tensor, batch: int) -> torch.Tensor:
-    """A static step's positions ([1], or [B, 1] per row) as the keys each row sees: [B] int64, position + 1."""
-    return (positions.reshape(-1) + 1).to(torch.long).expand(batch).contiguous()
+def one_position_a_row(positions: torch.Tensor) -> bool:
+    """A static step's positions the ops take as they are: int64 on the CPU, [1] or [B, 1] (one new token)."""
+    return positions.dtype == torch.long and positions.device.type == "cpu" and positions.shape[-1] == 1
 
 
 class OneQueryAttention(Attention):
@@ -96,9 +94,7 @@ class OneQueryAttention(Attention):
     fused op does not apply) and cache write, then `attended_by_op`."""
 
     def attend_one_query(self, q, k, v, mask, scale) -> torch.Tensor:
-        if mask is not None and self.window is not None:  # one query's window mask: the last `window` keys
-            mask, k, v = None, k[:, :, -self.window:], v[:, :, -self.window:]
-        out = attended_by_op(q, k, v, scale) if mask is None else None
+        out = attended_by_op(q, k, v, scale, window=self.window)  # one query's mask: this layer's window, if any
         return super().attend_one_query(q, k, v, mask, scale) if out is None else out
 
     def attend_static(self, q, k, v, mask, scale, positions) -> torch.Tensor:
@@ -186,12 +182,12 @@ class FusedMLAttention(MLAttention):
         keys only)."""
         weight = self.kv_b_proj.weight
         if (selected is None and eager_cpu(q_nope) and q_nope.dtype in ONE_QUERY_DTYPES and q_nope.shape[2] == 1
-                and positions.shape[-1] == 1 and positions.device.type == "cpu" and q_pe.dtype == q_nope.dtype
+                and one_position_a_row(positions) and q_pe.dtype == q_nope.dtype
                 and latent.dtype == q_nope.dtype
                 and latent.stride(-1) == 1 and isinstance(weight, torch.Tensor) and weight.is_contiguous()
                 and weight.dtype in (q_nope.dtype, torch.float32)):
             return torch.ops.llmcli.mla_attend(q_nope, q_pe, latent, weight, self.v_dim, self.softmax_scale,
-                                               row_ends(positions, q_nope.shape[0]))
+                                               positions)
         return super()._absorbed_static(q_nope, q_pe, latent, positions, selected)
 
     def _fits(self, x, cos, layer_cache, span) -> bool:

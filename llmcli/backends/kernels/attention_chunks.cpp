@@ -339,6 +339,21 @@ void attend_in_ranges(int64_t streams, int64_t G, int64_t Dk, int64_t Dv, int64_
     }
 }
 
+// A static step's positions (int64: one per row of B, or one for all) as the keys each row sees, position + 1,
+// each within 1..n (`op` names the caller in errors).
+inline std::vector<int64_t> row_ends(const at::Tensor& positions, int64_t B, int64_t n, const char* op) {
+  TORCH_CHECK(positions.scalar_type() == at::kLong && (positions.numel() == B || positions.numel() == 1), op,
+              ": positions must be int64, one per row or one for all");
+  const at::Tensor p = positions.reshape({-1}).contiguous();
+  const int64_t* at = p.const_data_ptr<int64_t>();
+  std::vector<int64_t> ends(B);
+  for (int64_t b = 0; b < B; ++b) {
+    ends[b] = at[p.numel() == 1 ? 0 : b] + 1;
+    TORCH_CHECK(ends[b] >= 1 && ends[b] <= n, op, ": a row's position ", ends[b] - 1, " is outside 0..", n - 1);
+  }
+  return ends;
+}
+
 // attend_in_ranges where every stream sees keys [first, first + keys).
 template <typename Chunk, typename Store>
 void attend_in_chunks(int64_t streams, int64_t G, int64_t Dk, int64_t Dv, int64_t first, int64_t keys, Chunk chunk,
@@ -350,13 +365,13 @@ void attend_in_chunks(int64_t streams, int64_t G, int64_t Dk, int64_t Dv, int64_
 // One new token's attention where the model's own code has already rotated the query and written the cache (the
 // models' `one_query_attention_eager`: partial RoPE, the hybrids' gated attention; and the server's static steps):
 // q [B, H, 1, Dk]; k [B, KV, n, Dk] and v [B, KV, n, Dv], views of a cache with any strides but a last of 1 (query
-// head h uses kv head h / (H / KV)); all n keys are seen, or with `ends` [B] row b's keys
-// [max(0, ends[b] - window), ends[b]) (window 0: from 0), a batch whose rows sit at their own positions. Scores
+// head h uses kv head h / (H / KV)); row b sees keys [max(0, e - window), e) (window 0: from 0) with e = n, or with
+// `positions` (a static step: the rows at their own positions, see row_ends) e = positions[b] + 1. Scores
 // (q . k) * scale in float32, softmaxed, the values' weighted sum rounded to the dtype: [B, H, 1, Dv] (a bfloat16
 // cache with AVX512-BF16: the weights rounded to bfloat16 for that sum, as in decode_attention). The eager path's
 // float32 products took 17 ms a layer of Qwen-7B's heads at 4,001 keys, widening the whole cache to float32 first.
 at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& k, const at::Tensor& v, double scale,
-                               const std::optional<at::Tensor>& ends, int64_t window) {
+                               const std::optional<at::Tensor>& positions, int64_t window) {
   TORCH_CHECK(query.device().is_cpu() && query.dim() == 4 && query.size(2) == 1,
               "one_query_attention: q must be [B, H, 1, D]");
   TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.size(0) == query.size(0) && v.size(0) == query.size(0) &&
@@ -369,15 +384,9 @@ at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& k, con
   const at::Tensor q = query.contiguous();
   const int64_t B = q.size(0), H = q.size(1), Dk = q.size(3), KV = k.size(1), n = k.size(2), Dv = v.size(3);
   const int64_t G = H / KV;
-  std::vector<int64_t> last(B, n);  // row b sees keys [max(0, last[b] - window), last[b])
-  if (ends.has_value()) {
-    TORCH_CHECK(ends->dim() == 1 && ends->size(0) == B && ends->scalar_type() == at::kLong,
-                "one_query_attention: ends must be [B] int64");
-    const at::Tensor e = ends->contiguous();
-    std::copy(e.const_data_ptr<int64_t>(), e.const_data_ptr<int64_t>() + B, last.begin());
-    for (const int64_t end : last)
-      TORCH_CHECK(end >= 1 && end <= n, "one_query_attention: a row's keys end at ", end, ", outside 1..", n);
-  }
+  // row b sees keys [max(0, last[b] - window), last[b])
+  const std::vector<int64_t> last =
+      positions.has_value() ? row_ends(*positions, B, n, "one_query_attention") : std::vector<int64_t>(B, n);
   TORCH_CHECK(window >= 0, "one_query_attention: window must be >= 0 (0: none)");
   at::Tensor out = at::empty({B, H, 1, Dv}, q.options());
   LLMCLI_DISPATCH_FLOATS(q.scalar_type(), "one_query_attention", [&] {

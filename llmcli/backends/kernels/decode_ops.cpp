@@ -344,9 +344,10 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tenso
 
 // MLAttention's absorbed static step (a batch of sequences at their own positions, the model's code having written
 // the cache): q_nope [B, H, 1, nope], q_pe [B, H, 1, rope] (rotated), latent [B, L, rank + rope] (a view of the cache:
-// any strides but a last of 1), wkv_b as mla_decode's; sequence b attends to latent rows [0, ends[b]). [B, H, v].
+// any strides but a last of 1), wkv_b as mla_decode's; sequence b attends to latent rows 0..positions[b] (one
+// position per row, or one for all; int64). [B, H, v].
 at::Tensor mla_attend(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& latent,
-                      const at::Tensor& wkv_b, int64_t v_dim, double scale, const at::Tensor& ends) {
+                      const at::Tensor& wkv_b, int64_t v_dim, double scale, const at::Tensor& positions) {
   TORCH_CHECK(q_nope.device().is_cpu() && q_nope.dim() == 4 && q_nope.size(2) == 1 && q_pe.dim() == 4 &&
                   q_pe.sizes().slice(0, 3) == q_nope.sizes().slice(0, 3) && q_pe.scalar_type() == q_nope.scalar_type(),
               "mla_attend: q_nope and q_pe must be [B, H, 1, nope] and [B, H, 1, rope] in one dtype");
@@ -358,12 +359,8 @@ at::Tensor mla_attend(const at::Tensor& q_nope, const at::Tensor& q_pe, const at
   TORCH_CHECK(wkv_b.is_contiguous() && wkv_b.numel() == H * (nope + v_dim) * R &&
                   (wkv_b.scalar_type() == at::kFloat || wkv_b.scalar_type() == q_nope.scalar_type()),
               "mla_attend: wkv_b must be [H, nope + v, rank], float32 or q's dtype");
-  TORCH_CHECK(ends.dim() == 1 && ends.size(0) == B && ends.scalar_type() == at::kLong,
-              "mla_attend: ends must be [B] int64");
-  const at::Tensor e = ends.contiguous(), qn = q_nope.contiguous(), qr = q_pe.contiguous();
-  const std::vector<int64_t> last(e.const_data_ptr<int64_t>(), e.const_data_ptr<int64_t>() + B);
-  for (const int64_t end : last)
-    TORCH_CHECK(end >= 1 && end <= L, "mla_attend: a row's keys end at ", end, ", outside 1..", L);
+  const std::vector<int64_t> last = row_ends(positions, B, L, "mla_attend");
+  const at::Tensor qn = q_nope.contiguous(), qr = q_pe.contiguous();
   at::Tensor out = at::empty({B, H, 1, v_dim}, q_nope.options());
   LLMCLI_DISPATCH_FLOATS(q_nope.scalar_type(), "mla_attend", [&] {
     const scalar_t* pe = qr.const_data_ptr<scalar_t>();
@@ -522,8 +519,9 @@ TORCH_LIBRARY_FRAGMENT(LLMCLI_OPS_NAMESPACE, m) {
   m.def("mla_decode(Tensor q, Tensor kv, Tensor norm, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
         "int position, Tensor wkv_b, int v_dim, float scale, bool interleaved) -> Tensor");
   m.def("mla_attend(Tensor q_nope, Tensor q_pe, Tensor latent, Tensor wkv_b, int v_dim, float scale, "
-        "Tensor ends) -> Tensor");
-  m.def("one_query_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? ends=None, int window=0) -> Tensor");
+        "Tensor positions) -> Tensor");
+  m.def("one_query_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? positions=None, int window=0) "
+        "-> Tensor");
   m.def("int_swiglu(Tensor x, Tensor gate_up, Tensor gate_up_scales, Tensor down, Tensor down_scales, "
         "Tensor? experts=None, Tensor? weights=None) -> Tensor");
   m.def("route(Tensor x, Tensor weight, Tensor? bias, int top_k, int method, int n_group, int topk_group, "
