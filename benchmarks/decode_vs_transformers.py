@@ -108,7 +108,7 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         rows = run(dtype, path, args, bandwidth)
         for row in rows:
-            bound = bandwidth / row.decode_bytes_per_step
+            bound = bandwidth / row.decode_read_bytes_per_step
             p, d, t = row.prefill_tokens_per_s, row.decode_tokens_per_s, row.ttft_s
             print(f"{dtype:9} {row.backend:13} {p.mean:9.1f} ± {p.std:5.1f} {d.mean:7.2f} ± {d.std:5.2f} "
                   f"{best_decode(row):11.2f} {t.mean * 1000:8.1f} ± {t.std * 1000:6.1f} "

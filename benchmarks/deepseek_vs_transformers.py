@@ -123,7 +123,7 @@ def main() -> None:
     print(f"{'backend':13} {'prefill tok/s':>17} {'decode tok/s':>15} {'TTFT ms':>15} {'BW use':>7} "
           f"{'BW bound tok/s':>15}")
     for row in rows:
-        bound = bandwidth / row.decode_bytes_per_step
+        bound = bandwidth / row.decode_read_bytes_per_step
         p, d, t = row.prefill_tokens_per_s, row.decode_tokens_per_s, row.ttft_s
         print(f"{row.backend:13} {p.mean:9.1f} ± {p.std:5.1f} {d.mean:7.2f} ± {d.std:5.2f} "
               f"{t.mean * 1000:7.1f} ± {t.std * 1000:5.1f} {100 * row.bandwidth_fraction:6.0f}% {bound:15.1f}")

@@ -25,6 +25,7 @@ from torch import nn
 from llmcli import machine
 from llmcli.backends.linear import label_of
 from llmcli.backends.runner import Runner, as_runner
+from llmcli.cache_reads import mean_step_cache_bytes
 from llmcli.errors import LlmcliError
 from llmcli.generate import synchronize
 from llmcli.models.hooks import ROUTER
@@ -281,12 +282,13 @@ class BenchRow:
     workload: Workload
     runs: list[RunTiming]
     weights_bytes: int
-    decode_bytes_per_step: int
+    decode_bytes_per_step: int  # weights
     bandwidth_bytes_per_s: float
     peak_memory_bytes: int
     run_memory_bytes: int | None
     peak_memory_method: str
     active_experts: float | None = None
+    decode_cache_bytes_per_step: float = 0.0  # the batch's sequences' caches, mean over the run's steps
     ratio: dict | None = None  # llmcli / transformers, on llmcli rows when compared
     ranks: dict | None = None  # --tp/--ep: every rank's figures (`gather_ranks`)
 
@@ -334,13 +336,18 @@ class BenchRow:
         }
 
     @property
+    def decode_read_bytes_per_step(self) -> float:
+        """What a decode step reads: the weights and the caches."""
+        return self.decode_bytes_per_step + self.decode_cache_bytes_per_step
+
+    @property
     def bandwidth_fraction(self) -> float | None:
-        """Weight bytes read per second while decoding, as a fraction of the measured bandwidth."""
+        """Bytes read per second while decoding (weights and cache), as a fraction of the measured bandwidth."""
         w = self.workload
         if w.decode_steps == 0 or not self.bandwidth_bytes_per_s:
             return None
         steps_per_s = self.decode_tokens_per_s.mean / w.batch
-        return self.decode_bytes_per_step * steps_per_s / self.bandwidth_bytes_per_s
+        return self.decode_read_bytes_per_step * steps_per_s / self.bandwidth_bytes_per_s
 
     def as_dict(self) -> dict:
         w = self.workload
@@ -358,6 +365,7 @@ class BenchRow:
             "peak_memory_method": self.peak_memory_method,
             "weights_bytes": self.weights_bytes,
             "decode_weight_bytes_per_token": self.decode_bytes_per_step / w.batch,
+            "decode_cache_bytes_per_token": self.decode_cache_bytes_per_step / w.batch,
             "bandwidth_fraction": self.bandwidth_fraction,
             "runs": [{"prefill_s": r.prefill_s, "decode_s": r.decode_s,
                       "generated_tokens": r.generated_tokens} for r in self.runs],
@@ -425,6 +433,7 @@ def run_bench(llmcli: LlmcliBackend, settings: BenchSettings, bandwidth: float,
             if active is None:
                 active = float(min(cfg.n_routed_experts, w.batch * cfg.num_experts_per_tok))
         step_bytes = decode_weight_bytes(model, w.batch, active)
+        cache_bytes = w.batch * mean_step_cache_bytes(model, w.prompt_tokens, w.decode_steps)
         timings: dict[str, list[RunTiming]] = {b.name: [] for b in backends}
         peaks: dict[str, list[tuple[int, int | None]]] = {b.name: [] for b in backends}
         for i in range(settings.repeat):
@@ -441,7 +450,7 @@ def run_bench(llmcli: LlmcliBackend, settings: BenchSettings, bandwidth: float,
                 decode_bytes_per_step=step_bytes, bandwidth_bytes_per_s=bandwidth,
                 peak_memory_bytes=max(p for p, _ in peaks[b.name]),
                 run_memory_bytes=max(added) if added else None, peak_memory_method=memory.method,
-                active_experts=active,
+                active_experts=active, decode_cache_bytes_per_step=cache_bytes,
             ))
         if reference is not None:
             mine, theirs = rows[-2], rows[-1]
@@ -538,8 +547,8 @@ CSV_COLUMNS = [
     "model", "device", "dtype", "backend", "batch", "prompt_tokens", "gen_tokens",
     "prefill_tokens_per_s_mean", "prefill_tokens_per_s_std", "decode_tokens_per_s_mean", "decode_tokens_per_s_std",
     "ttft_s_mean", "ttft_s_std", "peak_memory_bytes", "run_memory_bytes", "weights_bytes",
-    "decode_weight_bytes_per_token", "bandwidth_fraction", "prefill_ratio_vs_transformers",
-    "decode_ratio_vs_transformers",
+    "decode_weight_bytes_per_token", "decode_cache_bytes_per_token", "bandwidth_fraction",
+    "prefill_ratio_vs_transformers", "decode_ratio_vs_transformers",
 ]
 
 

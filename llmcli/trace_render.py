@@ -31,7 +31,8 @@ ATTENTION_COLUMNS = {
     "kv_lora_rank": "latent", "q_lora_rank": "q latent", "qk_rope_head_dim": "rope dim",
     "cache_bytes_per_token": "cache B/tok", "v_head_dim": "v dim", "rope_interleaved": "interleaved RoPE",
     "rotary_dim": "rot dim", "output_gate": "gate", "value_head_dim": "v dim", "conv_kernel": "conv",
-    "state_bytes_per_sequence": "state B/seq",
+    "state_bytes_per_sequence": "state B/seq", "window_bytes_per_token": "window B/tok",
+    "index_bytes_per_entry": "index B/entry",
 }
 
 

@@ -263,7 +263,9 @@ class DeepseekV4ForCausalLM(CausalLM):
             "yarn_factor": cfg.rope_scaling.factor if rate and cfg.rope_scaling.type == "yarn" else None,
             "rope_scale": 1.0, "logn_scale": None, "ntk_alpha": None, "compress_rate": rate or None,
             "index_topk": s.index_topk if kind == "compressed_sparse_attention" else None,
-            "cache_bytes_per_token": grows * element, "sinks": True, "o_groups": s.o_groups,
+            "cache_bytes_per_token": grows * element, "window_bytes_per_token": cfg.head_dim * element,
+            "index_bytes_per_entry": s.index_head_dim * element if kind == "compressed_sparse_attention" else None,
+            "sinks": True, "o_groups": s.o_groups,
             "routing": "hash" if s.mlp_layer_types[index] == HASH else "learned",  # the layer's MoE
         }
         if cache is not None and rate:
