@@ -365,6 +365,25 @@ def test_static_step_matches_eager_step(v32, model, prefix):
         assert (got - expected).abs().max().item() <= 1e-5
 
 
+def test_server_step_of_rows_at_their_own_positions(v32):
+    """The server's step: prompts of 40, 300 and 120 tokens (all well past index_topk) prefilled alone into their
+    rows, then one static step with each row at its own position, its indexer keys written, scored and selected
+    there. Against llmcli's plain path and transformers' model over each row's whole sequence; dense MLA on the same
+    weights gives every row other logits, so the selection is in effect."""
+    from tests.test_one_query_attention import assert_server_step_alike, server_prompts, server_step
+
+    reference, path = v32
+    prompts = server_prompts(TINY["vocab_size"])
+    assert min(len(p) for p in prompts) > 4 * TOPK
+    fused = server_step(load_model("v32", path, device="cpu", dtype="float32").runner, prompts)
+    plain_runner = load_model("v32", path, device="cpu", dtype="float32", fused_decode=False).runner
+    plain = server_step(plain_runner, prompts)
+    assert_server_step_alike(fused, plain, reference, prompts)
+    plain_runner.model.set_sparse_mode("dense")
+    dense = server_step(plain_runner, prompts)
+    assert (dense - plain).abs().amax(dim=-1).min() > 1e-2
+
+
 def test_checkpoint_without_template_chats_in_the_v32_format(v32, tmp_path, run_cli):
     """DeepSeek-V3.2's repo has no chat template (its format is a Python file llmcli never runs): generate
     --chat and chat render with llmcli's own copy of the format, and show says so."""

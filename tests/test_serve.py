@@ -19,6 +19,7 @@ import torch
 import uvicorn
 
 from llmcli import hub
+from llmcli.config_deepseek import indexer_settings
 from llmcli.generate import Generation, SamplingParams
 from llmcli.loader import load_model
 from llmcli.serve import batcher
@@ -386,37 +387,46 @@ def test_per_row_positions_step_matches_rows_run_alone(name):
 
 
 def engine_case(name: str, tmp_path):
-    """A demo model, or a tiny Qwen3.5 (DeltaNet layers: a recurrent state per row) built here."""
-    if name != "tiny-qwen3_5":
+    """A demo model, or one built here: a tiny Qwen3.5 (DeltaNet layers: a recurrent state per row) or DeepSeek-V3.2
+    (sparse attention: each row's indexer keys, index_topk 8)."""
+    if name == "tiny-qwen3_5":
+        from tests.test_qwen_hybrid import build_reference
+
+        build_reference("qwen3_5", tmp_path)
+    elif name == "tiny-v32":
+        from tests.test_deepseek_v32 import build_reference
+
+        build_reference(tmp_path)
+    else:
         resolved = hub.resolve(name)
         return load_model(resolved.name, resolved.path, device="cpu")
-    from tests.test_qwen_hybrid import build_reference
-
-    build_reference("qwen3_5", tmp_path)
     return load_model(name, tmp_path, device="cpu")
 
 
 def test_a_model_the_server_cannot_batch_is_refused_at_start(tmp_path):
-    """DeepSeek-V3.2's indexer takes no rows at their own positions: `llmcli serve` says so in one line and exits,
-    where every request used to fail."""
-    from tests.test_deepseek_v32 import build_reference
+    """DeepSeek-V4's compressed cache does not split into rows: `llmcli serve` says so in one line and exits, where
+    every request would fail."""
+    from tests.test_deepseek_v4 import build_reference
 
     build_reference(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "llmcli", "serve", str(tmp_path), "--port", "0", "--device", "cpu"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "DeepSeek-V3.2 is not served here yet" in proc.stderr and "Traceback" not in proc.stderr
+    assert "DeepSeek-V4 is not served here yet" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek", "tiny-qwen3_5"])
+@pytest.mark.parametrize("name", ["demo-qwen", "demo-deepseek", "tiny-qwen3_5", "tiny-v32"])
 def test_engine_joins_and_leaves_keep_greedy_tokens(name, monkeypatch, tmp_path):
     """Three rows for six requests of different lengths: requests queue, join while others decode (their
     prompts prefilled in chunks of 4 tokens, a recurrent state kept from the steps of the others) and leave at
-    different steps (rows move, a new sequence's state starts empty)."""
+    different steps (rows move, a new sequence's state starts empty). DeepSeek-V3.2's prompts are longer than its
+    index_topk: every row's step selects among its keys."""
     monkeypatch.setattr(batcher, "PREFILL_CHUNK", 4)
     loaded = engine_case(name, tmp_path)
     tok = loaded.tokenizer
     prompts = [tok.encode(f"Request {i}: " + "the cache " * i) for i in range(6)]
+    if loaded.config.family == "deepseek_v32":
+        assert min(len(p) for p in prompts) > indexer_settings(loaded.config).topk
     lengths = [4, 11, 6, 13, 3, 8]
     alone = [greedy(loaded, p, n).result.token_ids for p, n in zip(prompts, lengths, strict=True)]
     engine = Engine(loaded.runner, tok, max_batch=3, max_context=128, max_queue=16)

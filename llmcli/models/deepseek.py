@@ -244,7 +244,7 @@ class IndexedMLAttention(MLAttention):
         if self.mode == "dense":
             return self.output(self.attend(q_nope, q_pe, latent, span, absorbed))
         if span.static:  # rows past the position may fill the selection of an early position: mask them
-            valid = indices[:, 0] <= span.positions[:, None]
+            valid = indices[:, 0] <= span.positions[..., :1]  # [B, k]: the first query's, [1] or per row [B, 1]
             return self.output(self.attend(q_nope, q_pe, latent, span, absorbed, selected=(indices[:, 0], valid)))
         if self.mode == "sparse" and absorbed and t == 1 and total > self.indexer.topk:
             q = self.absorbed_query(q_nope, q_pe)[:, 0]  # [B, H, rank + rope]
@@ -255,10 +255,11 @@ class IndexedMLAttention(MLAttention):
 
     @staticmethod
     def _visible(span: Span, t: int, total: int) -> torch.Tensor | None:
-        """[T, total] keys each query may see (None: all of them, a decode step over its cache)."""
+        """[T, total] keys each query may see, [B, T, total] where each row has its own positions (None: all of
+        them, a decode step over its cache)."""
         device = span.positions.device
         if span.static:
-            return torch.arange(total, device=device)[None, :] <= span.positions[:, None]
+            return torch.arange(total, device=device) <= span.positions[..., None]
         return None if t == 1 else causal_mask(span.start, t, total, device)
 
     def _record(self, recorder, q_nope, q_pe, latent, visible, indices, scores) -> None:
@@ -267,7 +268,7 @@ class IndexedMLAttention(MLAttention):
         q = self.absorbed_query(q_nope, q_pe).view(b, h, t, -1).float()
         logits = torch.matmul(q, latent.float()[:, None].transpose(-1, -2)) * self.softmax_scale
         if visible is not None:
-            logits = logits.masked_fill(~visible, float("-inf"))
+            logits = logits.masked_fill(~visible.unsqueeze(-3), float("-inf"))  # the same for every head
             scores = scores.masked_fill(~visible, float("-inf"))
         valid = torch.ones_like(indices, dtype=torch.bool) if visible is None else visible.expand(
             b, -1, -1).gather(-1, indices)

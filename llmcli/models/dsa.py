@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.config_deepseek import IndexerSettings
-from llmcli.errors import LlmcliError
 from llmcli.models.cache import LatentLayerCache, Span
 from llmcli.models.rope import rotate_pairs
 
@@ -45,7 +44,7 @@ class Indexer(nn.Module):
 
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, hidden] (the attention input) -> one key per token [B, T, head_dim]."""
-        return self._rotate(self.k_norm(self.wk(x)), cos, sin)
+        return self._rotate(self.k_norm(self.wk(x)), per_token(cos), per_token(sin))
 
     def scores(self, x: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                keys: torch.Tensor) -> torch.Tensor:
@@ -53,7 +52,8 @@ class Indexer(nn.Module):
         S cached keys [B, S, head_dim]: sum over heads of w[t, h] * relu(q[t, h] . k[s] / sqrt(head_dim)).
         Computed in blocks of queries so that the [T, heads, S] products never exist whole."""
         b, t, _ = x.shape
-        q = self._rotate(self.wq_b(c_q).view(b, t, self.heads, self.head_dim), cos[:, None], sin[:, None])
+        q = self.wq_b(c_q).view(b, t, self.heads, self.head_dim)
+        q = self._rotate(q, per_token(cos).unsqueeze(-2), per_token(sin).unsqueeze(-2))  # one angle for all heads
         weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.heads ** -0.5  # [B, T, heads]
         k = keys.float().transpose(1, 2)[:, None]  # [B, 1, head_dim, S]
         scale = self.head_dim ** -0.5
@@ -65,17 +65,23 @@ class Indexer(nn.Module):
         return torch.cat(out, dim=1)
 
 
+def per_token(cos: torch.Tensor) -> torch.Tensor:
+    """The model's cos or sin in the indexer's token-major layout: [T, d] as it is; per-row positions' [B, 1, T, d]
+    (shaped for MLA's [B, H, T, .] heads, `rope.per_row`) -> [B, T, d]."""
+    return cos[:, 0] if cos.dim() == 4 else cos
+
+
 def select(scores: torch.Tensor, visible: torch.Tensor | None, topk: int) -> torch.Tensor:
-    """Indices [B, T, min(topk, S)] of each query's best-scored keys. `visible` [T, S] (or None: all) hides
-    keys a query must not see; where fewer than topk are visible, hidden ones fill the rest (callers mask
-    them, as transformers' causal mask does)."""
+    """Indices [B, T, min(topk, S)] of each query's best-scored keys. `visible` [T, S], or [B, T, S] where each
+    row has its own positions (None: all), hides keys a query must not see; where fewer than topk are visible,
+    hidden ones fill the rest (callers mask them, as transformers' causal mask does)."""
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     return scores.topk(min(topk, scores.shape[-1]), dim=-1).indices
 
 
 def selection_mask(indices: torch.Tensor, visible: torch.Tensor | None, total: int) -> torch.Tensor:
-    """Boolean [B, T, total]: key s is attended by query t when selected and visible."""
+    """Boolean [B, T, total]: key s is attended by query t when selected and visible (as in `select`)."""
     b, t, _ = indices.shape
     chosen = torch.zeros(b, t, total, dtype=torch.bool, device=indices.device).scatter_(-1, indices, True)
     return chosen if visible is None else chosen & visible
@@ -106,13 +112,19 @@ class IndexedLatentCache(LatentLayerCache):
         return view
 
     def rows_view(self, first: int, end: int, length: int | None = None) -> IndexedLatentCache:
-        raise LlmcliError("DeepSeek-V3.2 is not served here yet: the server steps rows at their own positions, "
-                          "which its indexer does not take (use generate or chat)")
+        view = object.__new__(IndexedLatentCache)
+        view.kv_lora_rank, view.kv = self.kv_lora_rank, self.kv[:length, first:end]
+        view.index_keys = self.index_keys[:length, first:end]
+        return view
 
     def update_index(self, span: Span, keys: torch.Tensor) -> torch.Tensor:
         """Store the span's indexer keys [B, T, head_dim]; return the keys scored against, [B, n, head_dim]."""
         if span.static:
-            self.index_keys.index_copy_(0, span.positions, keys.transpose(0, 1))
+            if span.positions.dim() == 2:  # per-row positions: row b writes at its own positions[b]
+                rows = torch.arange(keys.shape[0], device=keys.device)
+                self.index_keys[span.positions.T, rows] = keys.transpose(0, 1)
+            else:
+                self.index_keys.index_copy_(0, span.positions, keys.transpose(0, 1))
             return self.index_keys.transpose(0, 1)
         end = span.start + keys.shape[1]
         self.index_keys[span.start:end] = keys.transpose(0, 1)
