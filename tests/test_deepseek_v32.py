@@ -368,17 +368,27 @@ def test_static_step_matches_eager_step(v32, model, prefix):
 def test_server_step_of_rows_at_their_own_positions(v32):
     """The server's step: prompts of 40, 300 and 120 tokens (all well past index_topk) prefilled alone into their
     rows, then one static step with each row at its own position, its indexer keys written, scored and selected
-    there. Against llmcli's plain path and transformers' model over each row's whole sequence; dense MLA on the same
-    weights gives every row other logits, so the selection is in effect."""
-    from tests.test_one_query_attention import assert_server_step_alike, server_prompts, server_step
+    there. Against llmcli's plain path and transformers' model over each row's whole sequence (logits, and each
+    row's cached indexer keys); dense MLA on the same weights gives every row other logits: the selection counts."""
+    from tests.test_one_query_attention import SERVER_TOKENS, assert_server_step_alike, server_prompts, server_step
 
     reference, path = v32
     prompts = server_prompts(TINY["vocab_size"])
     assert min(len(p) for p in prompts) > 4 * TOPK
-    fused = server_step(load_model("v32", path, device="cpu", dtype="float32").runner, prompts)
+    fused_runner = load_model("v32", path, device="cpu", dtype="float32").runner
+    cache = fused_runner.make_cache(len(prompts), 320)
+    fused = server_step(fused_runner, prompts, cache)
     plain_runner = load_model("v32", path, device="cpu", dtype="float32", fused_decode=False).runner
     plain = server_step(plain_runner, prompts)
     assert_server_step_alike(fused, plain, reference, prompts)
+    for row, prompt in enumerate(prompts):  # the step's key at the row's own position, nothing past it
+        ids = prompt + [SERVER_TOKENS[row]]
+        theirs = transformers.DynamicCache(config=reference.config)
+        with torch.inference_mode():
+            reference(torch.tensor([ids]), cache=theirs, use_cache=True)
+        for ours, hf in zip(cache.layers, theirs.layers, strict=True):
+            assert (ours.index_keys[: len(ids), row] - hf.indexer_keys[0]).abs().max() <= 1e-5
+            assert ours.index_keys[len(ids):, row].abs().max() == 0
     plain_runner.model.set_sparse_mode("dense")
     dense = server_step(plain_runner, prompts)
     assert (dense - plain).abs().amax(dim=-1).min() > 1e-2

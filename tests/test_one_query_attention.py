@@ -194,11 +194,12 @@ def server_prompts(vocab: int) -> list[list[int]]:
     return [[(5 * i + r) % (vocab - 12) + 3 for i in range(n)] for r, n in enumerate((40, 300, 120))]
 
 
-def server_step(runner, prompts: list[list[int]]) -> torch.Tensor:
-    """The server's step: each prompt prefilled alone into its row of one batch cache, then one static step of all
-    rows at their own positions: float32 logits [rows, vocab]."""
+def server_step(runner, prompts: list[list[int]], cache=None) -> torch.Tensor:
+    """The server's step: each prompt prefilled alone into its row of one batch cache (`cache`, for a test that looks
+    into it after, or a new one), then one static step of all rows at their own positions: float32 logits [rows,
+    vocab]."""
     runner.model.derived_tensors()  # as the server's engine does before its static steps
-    cache = runner.make_cache(len(prompts), 320)
+    cache = runner.make_cache(len(prompts), 320) if cache is None else cache
     with torch.inference_mode():
         for row, prompt in enumerate(prompts):
             runner(torch.tensor([prompt]), cache.row_cache(row), last_only=True)
