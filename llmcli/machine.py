@@ -79,7 +79,8 @@ def huge_pages(mode_file: Path = THP_MODE, asks=torch_asks_for_huge_pages) -> tu
         if not (variable == "1" if asked is None else asked):
             return False, (f"torch does not ask for them (mode: {mode}; THP_MEM_ALLOC_ENABLE is {variable or 'unset'}, "
                            "and torch reads it at its first allocation): 4 KiB pages")
-    return True, f"2 MiB pages for buffers of 2 MiB and more (transparent huge pages, mode: {mode})"
+    return True, (f"2 MiB pages for the weights (one aligned buffer) and buffers of 2 MiB and more (transparent huge "
+                  f"pages, mode: {mode})")
 
 
 # -- peak memory ---------------------------------------------------------------------------------

@@ -189,6 +189,7 @@ def test_int8_runs_and_stays_close(case, run_cli):
 def test_show_weight_bytes_equal_the_loaded_model(case, run_cli, monkeypatch):
     """`show` predicts from headers alone what loading holds, also with int8 (router and shared-expert gate
     stay in the model's dtype)."""
+    from llmcli.backends.int8 import weight_bytes
     from llmcli.backends.linear import prepacking_available
 
     name, _, path = case
@@ -202,10 +203,10 @@ def test_show_weight_bytes_equal_the_loaded_model(case, run_cli, monkeypatch):
     assert code == 0, err
     sizes = json.loads(out)["weight_bytes"]
     for key, model in (("float32", models[None]), ("int8", models["int8"])):
-        # Bytes of each storage once: stacked experts' weights are views into one stack per projection.
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in
-                    list(model.parameters()) + [b for n, b in model.named_buffers() if n != "inv_freq"]}
-        assert sizes[key] == sum(storages.values()), key
+        # Memory that several tensors view counted once: stacked experts' weights are views into one stack per
+        # projection, and every weight views the weight arena's buffer.
+        rotary = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("inv_freq"))
+        assert sizes[key] == weight_bytes(model) - rotary, key
 
 
 def test_trace_shows_router_choices(case, run_cli, tmp_path):

@@ -158,16 +158,21 @@ def bf16_matmul_is_fast() -> bool:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the memory that parameters and buffers hold: tensors that share storage (a tied head,
-    experts viewing into a stack) are counted once, by their storage."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    """Bytes of the memory that parameters and buffers hold: memory that several tensors view (a tied head, experts
+    viewing into a stack, every weight in the weight arena's one storage) is counted once, by the byte ranges the
+    tensors cover."""
+    ranges, opaque = [], 0
+    for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
         try:
-            storage = t.untyped_storage()
-            key, size = storage.data_ptr(), storage.nbytes()
-        except (RuntimeError, NotImplementedError):  # opaque layouts (oneDNN-prepacked) have no storage
-            key, size = id(t), t.numel() * t.element_size()
-        if key not in seen:
-            seen.add(key)
-            total += size
+            start = t.data_ptr()
+        except (RuntimeError, NotImplementedError):  # opaque layouts (oneDNN-prepacked): no data pointer, never shared
+            opaque += t.numel() * t.element_size()
+            continue
+        if t.numel():  # the elements' span: a strided view covers its first to its last element
+            last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+            ranges.append((start, start + (last + 1) * t.element_size()))
+    total, reached = opaque, 0
+    for start, end in sorted(ranges):
+        total += max(0, end - max(start, reached))
+        reached = max(reached, end)
     return total

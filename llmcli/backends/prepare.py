@@ -23,7 +23,7 @@ import re
 import torch
 from torch import nn
 
-from llmcli.backends import bf16_kernel, crossover, decode_ops, int4, int8_kernel, int_dot
+from llmcli.backends import bf16_kernel, crossover, decode_ops, int4, int8_kernel, int_dot, weight_arena
 from llmcli.backends.compile import CompiledDecode
 from llmcli.backends.experts import StackedExperts, in_kernel_blocks
 from llmcli.backends.grouped_experts import GroupedExperts, can_group
@@ -380,6 +380,8 @@ class Preparation:
             float32_logits(self.model)
             if self.device.type == "cpu" and not self.options.compile:
                 self.notes += crossover.apply(self.model, self.dtype, self.options.crossover)
+            if self.device.type == "cpu" and weight_arena.wanted():
+                weight_arena.move_into_arena(self.model)
         self.model.eval()
 
     def groups_experts(self) -> bool:
