@@ -4,7 +4,8 @@ torch asks Linux for 2 MiB pages for each buffer of 2 MiB and more (llmcli/__ini
 aligned 2 MiB inside a buffer, and the weights' buffers were not aligned: of a Qwen2.5-0.5B int4 layer's gate_up
 codes (4.4 MB) one page was huge, of its down codes (2.2 MB) none, and no scales or small matrix got any. Moved back
 to back into one aligned buffer, every weight byte is read through 2 MiB pages: decode steps of the Qwen2.5-0.5B
-shape 1.09-1.23x faster in int8, 1.09-1.14x in int4, 1.03-1.09x in bfloat16 (README: huge pages).
+shape 1.08-1.33x faster in int8, 1.02-1.17x in int4, 1.03-1.13x in bfloat16 over four sittings, other shapes 1.03-1.07x
+(README: huge pages).
 
 Each storage is copied and every tensor on it re-pointed in place (`set_`, views' bases included), so the modules,
 tied weights and views keep their tensors. A storage is copied in slices, each slice's old pages handed back to the
