@@ -46,17 +46,20 @@ def _v4_layer_bytes(info: dict, context: int) -> float:
     return read
 
 
+def _layer_facts(model) -> list[dict]:
+    return [model.attention_info(i) for i in range(model.config.num_layers)]
+
+
 def step_cache_bytes(model, context: int) -> float:
     """Bytes a decode step at `context` tokens reads from one sequence's cache, summed over the layers."""
-    infos = [model.attention_info(i) for i in range(model.config.num_layers)]
-    return sum(layer_step_bytes(info, context) for info in infos)
+    return sum(layer_step_bytes(info, context) for info in _layer_facts(model))
 
 
 def mean_step_cache_bytes(model, prompt_tokens: int, steps: int) -> float:
     """The mean over a run's decode steps (step i attends to prompt_tokens + i tokens), per sequence."""
     if steps < 1:
         return 0.0
-    infos = [model.attention_info(i) for i in range(model.config.num_layers)]
+    infos = _layer_facts(model)
     count = min(steps, MAX_SAMPLES)
     contexts = [prompt_tokens + 1 + round(i * (steps - 1) / max(1, count - 1)) for i in range(count)]
     return sum(layer_step_bytes(info, c) for c in contexts for info in infos) / count

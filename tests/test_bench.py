@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from llmcli import bench, machine
-from llmcli.cache_reads import mean_step_cache_bytes
 from llmcli.config import ModelConfig, config_from_dict
 from llmcli.demo import ensure_demo
 from llmcli.errors import LlmcliError
@@ -77,13 +76,16 @@ def test_demo_bench_json_fields_and_consistency(run_cli, tmp_path):
     results = data["results"]
     assert [(r["prompt_tokens"], r["gen_tokens"], r["batch"]) for r in results] == [(8, 5, 1), (16, 5, 1)]
     demo = load_model("demo-qwen", ensure_demo("demo-qwen"), device="cpu", dtype="float32").model
+    assert all(layer.self_attn.window is None for layer in demo.model.layers)
     for result in results:
         assert RESULT_FIELDS <= set(result)
         assert result["backend"] == "llmcli" and len(result["runs"]) == 2
         assert_consistent(result)
         # Bandwidth use is the bytes a step reads (weights, and the cache at the steps' mean context) x steps per
         # second / measured bandwidth.
-        cache = mean_step_cache_bytes(demo, result["prompt_tokens"], 4)
+        # The demo's layers attend to every key: the 4 steps read prompt + 1 .. prompt + 4 keys' rows, 2.5 past the
+        # prompt on average.
+        cache = demo.make_cache(1, 1).bytes_per_token() * (result["prompt_tokens"] + 2.5)
         assert result["decode_cache_bytes_per_token"] == pytest.approx(cache) and cache > 0
         expected = ((result["decode_weight_bytes_per_token"] + cache) * result["decode_tokens_per_s"]["mean"]
                     / data["env"]["memory_bandwidth_bytes_per_s"])

@@ -66,7 +66,7 @@ def _tensors_in(value, out: list[torch.Tensor]) -> None:
 
 def weight_tensors(model: nn.Module) -> dict[int, list[torch.Tensor]]:
     """Every CPU tensor the modules hold (parameters, buffers, and tensors kept as attributes, e.g. an op's
-    gathered arguments), grouped by the storage they view, largest storages first."""
+    gathered arguments), grouped by the storage they view."""
     found: list[torch.Tensor] = []
     for module in model.modules():
         for value in (*module._parameters.values(), *module._buffers.values(), *vars(module).values()):
@@ -80,7 +80,7 @@ def weight_tensors(model: nn.Module) -> dict[int, list[torch.Tensor]]:
         storage = t.untyped_storage()
         if storage.nbytes() >= MIN_BYTES:
             groups.setdefault(storage.data_ptr(), []).append(t)
-    return dict(sorted(groups.items(), key=lambda item: -item[1][0].untyped_storage().nbytes()))
+    return groups
 
 
 def huge_buffer(nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:

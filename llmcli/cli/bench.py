@@ -112,7 +112,7 @@ def header_lines(report, active_note: str | None) -> list[str]:
     bw = env["memory_bandwidth_bytes_per_s"]
     first = report.rows[0] if report.rows else None
     per_token = f" | decode reads {human_bytes(first.decode_bytes_per_step / first.workload.batch)} of weights" \
-        f" + {cache_reads(report.rows)} of cache/token" if first else ""
+        f" + {cache_per_token(report.rows)} of cache/token" if first else ""
     lines = [
         f"model {report.model} | {report.parameters / 1e6:.1f}M parameters, "
         f"weights {human_bytes(report.weights_bytes)}{per_token}",
@@ -138,7 +138,7 @@ def header_lines(report, active_note: str | None) -> list[str]:
     return lines
 
 
-def cache_reads(rows) -> str:
+def cache_per_token(rows) -> str:
     """The cache bytes a decode step reads per sequence: one figure, or the range over the tests' contexts."""
     low, high = (f(row.decode_cache_bytes_per_step / row.workload.batch for row in rows) for f in (min, max))
     return human_bytes(low) if human_bytes(low) == human_bytes(high) else f"{human_bytes(low)}-{human_bytes(high)}"

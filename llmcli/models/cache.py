@@ -82,8 +82,8 @@ class Cache:
         return [t for layer in self.layers for t in layer.tensors()]
 
     def row_cache(self, row: int) -> Cache:
-        """An empty cache over batch row `row` of this one's storage (writes land in this cache)."""
-        return Cache([layer.rows_view(row, row + 1) for layer in self.layers], self.max_len)
+        """An empty cache of this kind over batch row `row` of this one's storage (writes land in this cache)."""
+        return type(self)([layer.rows_view(row, row + 1) for layer in self.layers], self.max_len)
 
     def copy_row(self, source: int, target: int, length: int) -> None:
         """Copy the first `length` tokens of batch row `source` to row `target` (storage is [max_len, B, ...]), and
@@ -184,12 +184,12 @@ class LatentLayerCache:
         self.kv = torch.zeros(max_len, batch, kv_lora_rank + rope_dim, dtype=dtype, device=device)
 
     def prefix_view(self, length: int) -> LatentLayerCache:
-        view = object.__new__(LatentLayerCache)
+        view = object.__new__(type(self))  # a subclass's view adds its own tensors
         view.kv_lora_rank, view.kv = self.kv_lora_rank, self.kv[:length]
         return view
 
     def rows_view(self, first: int, end: int, length: int | None = None) -> LatentLayerCache:
-        view = object.__new__(LatentLayerCache)
+        view = object.__new__(type(self))
         view.kv_lora_rank, view.kv = self.kv_lora_rank, self.kv[:length, first:end]
         return view
 

@@ -107,13 +107,12 @@ class IndexedLatentCache(LatentLayerCache):
         self.index_keys = torch.zeros(max_len, batch, index_dim, dtype=dtype, device=device)
 
     def prefix_view(self, length: int) -> IndexedLatentCache:
-        view = object.__new__(IndexedLatentCache)
-        view.kv_lora_rank, view.kv, view.index_keys = self.kv_lora_rank, self.kv[:length], self.index_keys[:length]
+        view = super().prefix_view(length)
+        view.index_keys = self.index_keys[:length]
         return view
 
     def rows_view(self, first: int, end: int, length: int | None = None) -> IndexedLatentCache:
-        view = object.__new__(IndexedLatentCache)
-        view.kv_lora_rank, view.kv = self.kv_lora_rank, self.kv[:length, first:end]
+        view = super().rows_view(first, end, length)
         view.index_keys = self.index_keys[:length, first:end]
         return view
 

@@ -58,10 +58,6 @@ class HybridCache(Cache):
         self.snapshots: dict[int, list[torch.Tensor]] = {}  # length -> copies of the recurrent tensors
         self.writing = False  # a forward call began and has not finished: the states are half updated
 
-    def row_cache(self, row: int) -> HybridCache:
-        """An empty cache over batch row `row` (writes land in this cache), with its own snapshots."""
-        return HybridCache([layer.rows_view(row, row + 1) for layer in self.layers], self.max_len)
-
     def begin(self) -> None:
         """A forward call starts writing the states (its `advance` ends that)."""
         self.writing = True

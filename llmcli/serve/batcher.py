@@ -108,6 +108,8 @@ class Engine:
         with torch.inference_mode():
             self.cache = runner.make_cache(max_batch, max_context)
         self.cache.row_cache(0)  # a model whose cache does not split into rows says so now, not at each request
+        # per-sequence states (a recurrent layer's; layers without rows per position), which a dummy token changes
+        self.states = [t for layer in self.cache.layers if not layer.per_token for t in layer.tensors()]
         runner.model.derived_tensors()  # what a static step reads besides the weights, built now
         self.rows: list[Sequence] = []  # row i of the cache belongs to rows[i]
         self.waiting: collections.deque[Request] = collections.deque()
@@ -237,9 +239,8 @@ class Engine:
                 self._take(row, logits[row, -1])
 
     def _states_of(self, rows: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The per-sequence states (layers without rows per position) of these batch rows: (row's tensor, a copy)."""
-        return [(tensor[row], tensor[row].clone()) for layer in self.cache.layers if not layer.per_token
-                for tensor in layer.tensors() for row in rows]
+        """The per-sequence states of these batch rows: (the row's tensor, a copy); none where the model keeps none."""
+        return [(tensor[row], tensor[row].clone()) for tensor in self.states for row in rows]
 
     def _take(self, row: int, logits: torch.Tensor) -> None:
         """Sample row `row`'s next token from its logits, stream it, and end the sequence if it is done."""
